@@ -1,0 +1,48 @@
+"""midway: a TCP proxy.  Every client connection gets its own upstream connection;
+bytes flow both ways unchanged, in order, and nothing is lost.
+
+Quick use from Python::
+
+    import midway
+
+    async with midway.Proxy("127.0.0.1:0", "127.0.0.1:6379") as proxy:
+        host, port = proxy.address          # connect your client here
+
+and from a synchronous test: ``with midway.BackgroundProxy(...) as proxy: ...``.
+"""
+
+__version__ = "0.1.0"
+
+from .api import Proxy, proxy_config
+from .chain.base import Attachment, ConnectionInfo, Element, Output, Stage
+from .config.load import config_from_dict, load_config
+from .config.schema import Config, ProxyConfig, ServerConfig
+from .core.observer import CloseReason, CloseRecord
+from .errors import ConfigError, ListenError, MidwayError, Rejected, UpstreamError
+from .runtime import Runtime
+from .testing import BackgroundProxy
+
+__all__ = [
+    "__version__",
+    "Proxy",
+    "BackgroundProxy",
+    "proxy_config",
+    "Runtime",
+    "Config",
+    "ProxyConfig",
+    "ServerConfig",
+    "load_config",
+    "config_from_dict",
+    "Element",
+    "Stage",
+    "Attachment",
+    "Output",
+    "ConnectionInfo",
+    "CloseReason",
+    "CloseRecord",
+    "MidwayError",
+    "ConfigError",
+    "ListenError",
+    "UpstreamError",
+    "Rejected",
+]

@@ -1,0 +1,121 @@
+"""The library API: run a proxy inside your own asyncio program or test.
+
+Example::
+
+    import asyncio, midway
+
+    async def main():
+        async with midway.Proxy("127.0.0.1:0", "127.0.0.1:6379") as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            ...
+
+For plain (synchronous) tests, :class:`midway.BackgroundProxy` runs the same proxy
+on an event loop in a background thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+from .chain.base import Element
+from .config.load import config_from_dict
+from .config.schema import ProxyConfig
+from .core.observer import Observer
+from .errors import MidwayError
+from .runtime import Runtime
+from .session import ProxyService
+
+__all__ = ["Proxy", "proxy_config"]
+
+
+def proxy_config(listen: str | Sequence[str], upstreams: str | Sequence[str],
+                 name: str = "default", **options: Any) -> ProxyConfig:
+    """Build and validate one :class:`ProxyConfig` from Python values, with the
+    same checks (and messages) as the TOML file.  ``options`` are the fields of
+    :class:`~midway.config.schema.ProxyConfig`, e.g. ``idle_timeout_s=30``."""
+    table: dict[str, Any] = {
+        "listen": [listen] if isinstance(listen, str) else list(listen),
+        "upstreams": [upstreams] if isinstance(upstreams, str) else list(upstreams),
+        **options,
+    }
+    config = config_from_dict({"proxy": {name: table}})
+    return config.proxies[0]
+
+
+class Proxy:
+    """One proxy, started by ``async with`` and stopped (connections closed) on exit.
+
+    ``listen`` may use port 0; the bound address is :attr:`address`.  Keyword
+    options are :class:`~midway.config.schema.ProxyConfig` fields."""
+
+    def __init__(
+        self,
+        listen: str | Sequence[str] = "127.0.0.1:0",
+        upstreams: str | Sequence[str] = (),
+        *,
+        name: str = "default",
+        elements: Iterable[Element] = (),
+        observers: Iterable[Observer] = (),
+        **options: Any,
+    ) -> None:
+        self.config = proxy_config(listen, upstreams, name, **options)
+        self._elements = list(elements)
+        self._observers = list(observers)
+        self.runtime: Runtime | None = None
+
+    async def start(self) -> None:
+        from .config.schema import Config
+
+        self.runtime = Runtime(Config(proxies=(self.config,)), observers=self._observers,
+                               elements={self.config.name: self._elements})
+        await self.runtime.start()
+
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop accepting, wait up to ``drain_timeout_s`` for connections to end,
+        then close them."""
+        if self.runtime is not None:
+            await self.runtime.shutdown(drain_timeout_s)
+            self.runtime = None
+
+    async def __aenter__(self) -> Proxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    @property
+    def service(self) -> ProxyService:
+        if self.runtime is None:
+            raise MidwayError("the proxy is not running")
+        return self.runtime.services[self.config.name]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the first listener, with the real port."""
+        sock = self.service.listeners[0].sock
+        host, port = sock.getsockname()[:2]
+        return str(host), int(port)
+
+    @property
+    def host(self) -> str:
+        return self.address[0]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def connections(self) -> int:
+        """Connections open right now (connecting or relaying)."""
+        return self.service.active
+
+    def add_element(self, element: Element, index: int | None = None) -> None:
+        """Attach a chain element, to open connections too."""
+        self.service.add_element(element, index)
+
+    def remove_element(self, element: Element) -> None:
+        self.service.remove_element(element)

@@ -1,0 +1,177 @@
+"""The chain element protocol: how hooks, dumps, captures and toxics see the bytes.
+
+Theory of operation
+-------------------
+A proxy holds an ordered list of :class:`Element` objects: shared, long-lived
+settings (a latency toxic's 200 ms, a hook's module).  When a connection opens, each
+element is asked to :meth:`Element.attach` to it and may return an
+:class:`Attachment`: per-connection state, with at most one :class:`Stage` per
+direction.  ``upstream`` is client → server and ``downstream`` is server → client, as
+in Toxiproxy.  An element that does not apply to this connection (toxicity, a
+condition) returns ``None`` and costs that connection nothing.
+
+Each direction of a connection runs its stages in the proxy's element order.  A stage
+receives a chunk in :meth:`Stage.data` and passes bytes on with ``await
+out.send(...)``: unchanged, changed, split, delayed, or not at all.  ``out.send``
+waits while the next stage or the socket is full, so back-pressure reaches the
+reader and memory stays bounded.  The relay feeds one chunk at a time through a
+direction's chain, in order; a stage may ``await`` (sleep, call async user code) and
+order is still kept.
+
+With no stage in a direction, that direction never enters this machinery: bytes take
+the relay's fast path, and the chain costs nothing.
+
+Elements can be added to and removed from a live proxy; open connections follow.  A
+stage being removed has its pending :meth:`Output.sleep` cut short (it returns
+``False``) and then :meth:`Stage.flush` is called so it can pass on anything it holds:
+no byte is lost, duplicated or reordered.
+
+Ownership: the relay owns the sockets.  A stage never touches them; it acts only
+through its :class:`Output`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+__all__ = [
+    "UPSTREAM",
+    "DOWNSTREAM",
+    "DIRECTIONS",
+    "Direction",
+    "ConnectionInfo",
+    "Output",
+    "Stage",
+    "Attachment",
+    "Element",
+]
+
+Direction = Literal["upstream", "downstream"]
+UPSTREAM: Direction = "upstream"
+"""Client → server bytes (Toxiproxy's name for this direction)."""
+DOWNSTREAM: Direction = "downstream"
+"""Server → client bytes."""
+DIRECTIONS: tuple[Direction, Direction] = (UPSTREAM, DOWNSTREAM)
+
+
+@dataclass
+class ConnectionInfo:
+    """What an element may know about one connection.  Filled in by the relay;
+    ``upstream`` is set once the upstream is connected."""
+
+    id: int
+    """Process-unique connection number, starting at 1."""
+    proxy: str
+    """Name of the proxy that accepted it."""
+    client: str
+    """The client's address as text (``1.2.3.4:5678``, ``[::1]:5678`` or ``unix:...``)."""
+    listener: str
+    """The local address that accepted it."""
+    upstream: str | None = None
+    """The upstream address it is connected to (``host:port`` as configured, resolved)."""
+    client_addr: tuple[str, int] | None = None
+    """The client's (host, port) for IP connections; ``None`` for unix sockets."""
+    local_addr: tuple[str, int] | None = None
+    """The listener-side (host, port) of this connection for IP connections."""
+    upstream_addr: tuple[str, int] | None = None
+    """The remote (host, port) actually connected upstream, for IP connections."""
+    upstream_local_addr: tuple[str, int] | None = None
+    """midway's own (host, port) on the upstream connection, for IP connections."""
+    started_at: float = 0.0
+    """Wall-clock (``time.time()``) time the connection was accepted."""
+    sequence: int = 0
+    """1-based count of connections this proxy has accepted, this one included
+    (for conditions such as "only the first N connections")."""
+    extra: dict[str, object] = field(default_factory=dict)
+    """Free space for elements to share per-connection facts."""
+
+
+class Output(Protocol):
+    """What a stage uses to act: given to every :meth:`Stage.data` call."""
+
+    @property
+    def direction(self) -> Direction:
+        """Which direction this output belongs to."""
+
+    @property
+    def info(self) -> ConnectionInfo:
+        """The connection."""
+
+    @property
+    def received_at(self) -> float:
+        """Clock time at which the chunk now being processed was read from its socket."""
+
+    def now(self) -> float:
+        """The connection's clock (monotonic seconds)."""
+
+    async def sleep(self, seconds: float) -> bool:
+        """Wait; return ``True`` when the full time passed, ``False`` when cut short
+        because this stage is being removed or the connection is closing."""
+
+    async def send(self, data: bytes) -> None:
+        """Pass bytes on to the next stage (or the socket).  Waits for room."""
+
+    async def send_eof(self) -> None:
+        """Pass a half-close (FIN) on.  Nothing may be sent in this direction after."""
+
+    async def reply(self, data: bytes) -> None:
+        """Send bytes the other way, back to the side this direction reads from,
+        straight to its socket (it does not pass through the other direction's chain)."""
+
+    def close(self, reason: str = "closed by element") -> None:
+        """Close the whole connection gracefully (FIN both ways)."""
+
+    def reset(self, reason: str = "reset by element") -> None:
+        """Abort the whole connection: both sockets get a TCP RST."""
+
+
+class Stage:
+    """Per-connection, per-direction processing.  The defaults pass everything on
+    unchanged, so a subclass overrides only what it changes."""
+
+    async def data(self, data: bytes, out: Output) -> None:
+        """One chunk arrived (any size ≥ 1 byte; TCP boundaries are not messages)."""
+        await out.send(data)
+
+    async def eof(self, out: Output) -> None:
+        """The reading side half-closed.  Default: pass the FIN on."""
+        await out.send_eof()
+
+    async def flush(self, out: Output) -> None:
+        """This stage is being removed from a live connection: pass on anything held
+        back (default: nothing held)."""
+
+    def close(self) -> None:
+        """The connection is over.  Release resources; no more calls follow."""
+
+
+@dataclass
+class Attachment:
+    """One element's per-connection state: up to one stage per direction, and
+    optional callbacks around the connection's life."""
+
+    upstream: Stage | None = None
+    downstream: Stage | None = None
+    on_open: Callable[[ConnectionInfo], Awaitable[None]] | None = None
+    """Awaited once the upstream is connected, before any byte is relayed.  Raise
+    :class:`midway.errors.Rejected` (or anything) to refuse the connection."""
+    on_close: Callable[[ConnectionInfo, str], None] | None = None
+    """Called once when the connection ends, with the close reason."""
+
+    def stage(self, direction: Direction) -> Stage | None:
+        return self.upstream if direction == UPSTREAM else self.downstream
+
+
+class Element(abc.ABC):
+    """Shared, proxy-wide settings of one chain element."""
+
+    name: str = ""
+    """Unique within a proxy (a toxic's name, a hook's ``module:attr``)."""
+
+    @abc.abstractmethod
+    def attach(self, info: ConnectionInfo) -> Attachment | None:
+        """Make this element's state for a new (or already open) connection, or
+        ``None`` if it does not apply to this one.  Must not block or do I/O."""

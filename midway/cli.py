@@ -1,0 +1,195 @@
+"""The command line: ``midway LISTEN UPSTREAM [UPSTREAM ...] [options]`` or
+``midway --config FILE``.
+
+Flags are generated from the configuration schema, so the command line, the TOML
+keys and the reference documentation cannot drift apart.  Only this module turns
+errors into exit codes: 0 after a clean stop, 1 when serving could not start (a
+listener could not bind), 2 for a bad command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config.load import config_from_dict, load_config
+from .config.schema import Config, ProxyConfig, ServerConfig, options_of
+from .errors import ConfigError, ListenError
+from .runtime import Runtime
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("midway")
+
+EXIT_OK, EXIT_START_FAILED, EXIT_USAGE = 0, 1, 2
+
+_USAGE = "midway LISTEN UPSTREAM [UPSTREAM ...] [options]\n       midway --config FILE [--check]"
+_EPILOG = """addresses: host:port, [ipv6]:port, :port (every interface) or unix:/path.
+examples:
+  midway 127.0.0.1:8080 127.0.0.1:80
+  midway [::]:6380 redis.internal:6379
+  midway :8000 10.0.0.5:8000 10.0.0.6:8000      (round-robin)
+  midway --config midway.toml"""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _help(info: Any, default: Any) -> str:
+    text = info.doc
+    if info.choices:
+        text += f" One of: {', '.join(info.choices)}."
+    if isinstance(default, bool):
+        text += f" Default: {'on' if default else 'off'}."
+    elif default != "":
+        unit = f" {info.unit}" if info.unit else ""
+        text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}."
+    if info.zero:
+        text += f" 0: {info.zero}."
+    return text.replace("%", "%%")
+
+
+def _add_schema_flags(group: argparse._ArgumentGroup, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for field, info in options_of(cls):
+        if not info.cli:
+            continue
+        kind = hints[field.name]
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS,
+                                  "help": _help(info, field.default)}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = info.metavar or ("|".join(info.choices) if info.choices else None)
+        group.add_argument(_flag(field.name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="midway", usage=_USAGE, epilog=_EPILOG,
+        description="A TCP proxy: every client connection gets its own upstream connection.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("addresses", nargs="*", metavar="LISTEN UPSTREAM",
+                        help="where to listen, then one or more upstreams")
+    parser.add_argument("-c", "--config", metavar="FILE", help="read proxies from a TOML file")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration and exit (0 when valid)")
+    parser.add_argument("--version", action="version", version=f"midway {__version__}")
+    _add_schema_flags(parser.add_argument_group("proxy options (quick form)"), ProxyConfig)
+    _add_schema_flags(parser.add_argument_group("server options"), ServerConfig)
+    return parser
+
+
+def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    proxy_keys = {f.name for f, _ in options_of(ProxyConfig)}
+    server_keys = {f.name for f, info in options_of(ServerConfig) if info.cli}
+    given = vars(args)
+    proxy = {k: given[k] for k in proxy_keys if k in given}
+    server = {k: given[k] for k in server_keys if k in given}
+    return proxy, server
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the configuration from parsed arguments (raises ConfigError)."""
+    proxy_opts, server_opts = _split(args)
+    if args.config:
+        if args.addresses:
+            raise ConfigError("", "give either LISTEN UPSTREAM addresses or --config, not both")
+        if proxy_opts:
+            flags = ", ".join(_flag(k) for k in sorted(proxy_opts))
+            raise ConfigError("", f"{flags}: with --config, set proxy options in the file "
+                                  "(a [defaults] table applies to every proxy)")
+        config = load_config(args.config)
+        if server_opts:
+            import dataclasses
+            server = dataclasses.replace(config.server, **server_opts)
+            config = dataclasses.replace(config, server=server)
+        return config
+    if len(args.addresses) < 2:
+        raise ConfigError("", "need a LISTEN address and at least one UPSTREAM "
+                              "(e.g. midway 127.0.0.1:8080 127.0.0.1:80), or --config FILE")
+    listen, *upstreams = args.addresses
+    table = {"listen": [listen], "upstreams": upstreams, **proxy_opts}
+    try:
+        return config_from_dict({"server": server_opts, "proxy": {"default": table}})
+    except ConfigError as exc:
+        raise _as_cli_error(exc, listen, upstreams) from exc
+
+
+def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str]) -> ConfigError:
+    """Name the flag or argument the user typed instead of a config key path."""
+    key = exc.path.rsplit(".", 1)[-1]
+    if key.startswith("listen"):
+        return ConfigError("", f"LISTEN {listen!r}: {exc.message}")
+    if key.startswith("upstreams"):
+        index = int(key[key.find("[") + 1:-1]) if "[" in key else 0
+        return ConfigError("", f"UPSTREAM {upstreams[index]!r}: {exc.message}")
+    return ConfigError("", f"{_flag(key)}: {exc.message}")
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s midway %(levelname)s %(message)s",
+                                           "%Y-%m-%dT%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; drain; return an exit code."""
+    runtime = Runtime(config)
+    try:
+        await runtime.start()
+    except (ListenError, ConfigError) as exc:
+        log.error("%s", exc)
+        return EXIT_START_FAILED
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signame: str) -> None:
+        if not stop.is_set():
+            log.info("%s: stopping (send it again to close every connection at once)", signame)
+            stop.set()
+        else:
+            log.info("%s again: closing every connection now", signame)
+            runtime.close_all()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await stop.wait()
+    await runtime.shutdown()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"midway: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check:
+        names = ", ".join(p.name for p in config.proxies) or "none"
+        print(f"midway: configuration OK ({len(config.proxies)} proxies: {names})")
+        return EXIT_OK
+    if not config.proxies:
+        print("midway: the configuration defines no proxy ([proxy.NAME] tables)", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(config.server.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return EXIT_OK

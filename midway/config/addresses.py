@@ -1,0 +1,90 @@
+"""Listen and upstream addresses: ``host:port``, ``[v6addr]:port``, ``:port`` and
+``unix:/path``, parsed once at configuration time."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ..errors import AddressError
+
+__all__ = ["Address", "parse_address", "format_sockaddr"]
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed address.  ``path`` is set for unix sockets, ``host``/``port``
+    otherwise; ``host == ""`` means every interface (listeners only)."""
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def is_ip_literal(self) -> bool:
+        """True when ``host`` is an IP address, so no name lookup is needed."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, *, listen: bool) -> Address:
+    """Parse ``text``; ``listen`` allows port 0 and an empty host (all interfaces).
+
+    Raises :class:`AddressError` with a message that says what is wrong."""
+    if not isinstance(text, str):
+        raise AddressError(f"expected an address string, got {type(text).__name__}")
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path:
+            raise AddressError("unix: address needs a path, e.g. unix:/run/midway.sock")
+        return Address(path=path)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1:].startswith(":"):
+            raise AddressError(f"{text!r}: expected [ipv6-address]:port")
+        host, port_text = text[1:end], text[end + 2:]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise AddressError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise AddressError(f"{text!r}: expected host:port, [ipv6]:port, :port or unix:/path")
+        if ":" in host:
+            raise AddressError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:{port_text}")
+    if not port_text.isdigit():
+        raise AddressError(f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    low = 0 if listen else 1
+    if not low <= port <= 65535:
+        raise AddressError(f"{text!r}: port must be between {low} and 65535")
+    if not host and not listen:
+        raise AddressError(f"{text!r}: an upstream needs a host, e.g. 127.0.0.1:{port}")
+    return Address(host=host, port=port)
+
+
+def format_sockaddr(addr: object) -> str:
+    """Text for a socket address as returned by ``accept``/``getpeername``."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(addr, (str, bytes)):
+        path = addr.decode(errors="replace") if isinstance(addr, bytes) else addr
+        return f"unix:{path}" if path else "unix:"
+    return str(addr)

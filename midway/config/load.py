@@ -1,0 +1,195 @@
+"""Turn TOML (or the equivalent dictionaries built by the command line) into a
+validated :class:`~midway.config.schema.Config`.
+
+Everything is checked before anything binds: unknown keys (with the closest valid
+key suggested), wrong types, out-of-range values, duplicate names and listeners that
+would conflict.  Errors are :class:`~midway.errors.ConfigError` naming the key path,
+e.g. ``proxy.redis.upstreams[1]``.
+
+File layout::
+
+    [server]                 # process-wide (ServerConfig)
+    max_connections = 0
+
+    [defaults]               # inherited by every proxy (ProxyConfig options)
+    connect_timeout_s = 3
+
+    [proxy.redis]            # one table per named proxy
+    listen = "127.0.0.1:6380"            # a string or a list of strings
+    upstreams = ["10.0.0.5:6379", "10.0.0.6:6379"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import AddressError, ConfigError
+from .addresses import Address, parse_address
+from .schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
+
+__all__ = ["load_config", "config_from_dict", "build_options"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TOP_KEYS = ("server", "defaults", "proxy")
+_PROXY_ONLY_KEYS = ("listen", "upstreams")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML configuration file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
+    return config_from_dict(data)
+
+
+def _unknown(key: str, valid: typing.Iterable[str], path: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(_join(path, key), f"unknown key{hint}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _table(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected a table, got {type(value).__name__}")
+    return value
+
+
+def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
+    """Check one option value against its declared type and limits."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected a whole number, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(path, f"expected a finite number, got {value!r}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        if info.choices and value not in info.choices:
+            choices = ", ".join(info.choices)
+            raise ConfigError(path, f"{value!r} is not one of: {choices}")
+        return value
+    if info.minimum is not None and value < info.minimum:
+        raise ConfigError(path, f"must be at least {info.minimum:g}, got {value!r}")
+    if info.maximum is not None and value > info.maximum:
+        raise ConfigError(path, f"must be at most {info.maximum:g}, got {value!r}")
+    return value
+
+
+def build_options(cls: type, table: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Validate the option keys of ``table`` against schema class ``cls``."""
+    hints = typing.get_type_hints(cls)
+    opts = {f.name: info for f, info in options_of(cls)}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in opts:
+            raise _unknown(key, opts, path)
+        out[key] = _coerce(value, hints[key], opts[key], _join(path, key))
+    return out
+
+
+def _addresses(value: Any, path: str, *, listen: bool) -> tuple[Address, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(path, "expected an address or a non-empty list of addresses")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse_address(item, listen=listen))
+        except AddressError as exc:
+            raise ConfigError(f"{path}[{i}]" if not isinstance(value, str) else path,
+                              str(exc)) from exc
+    return tuple(out)
+
+
+def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> ProxyConfig:
+    path = f"proxy.{name}"
+    if not _NAME_RE.match(name):
+        raise ConfigError(path, "a proxy name is 1-64 letters, digits, '_', '.' or '-'")
+    opts = {f.name for f, _ in options_of(ProxyConfig)}
+    kwargs: dict[str, Any] = dict(defaults)
+    rest = {}
+    for key, value in table.items():
+        if key in _PROXY_ONLY_KEYS:
+            continue
+        if key not in opts:
+            raise _unknown(key, [*_PROXY_ONLY_KEYS, *opts], path)
+        rest[key] = value
+    kwargs.update(build_options(ProxyConfig, rest, path))
+    for key in _PROXY_ONLY_KEYS:
+        if key not in table:
+            raise ConfigError(_join(path, key), "missing (required)")
+    kwargs["listen"] = _addresses(table["listen"], f"{path}.listen", listen=True)
+    kwargs["upstreams"] = _addresses(table["upstreams"], f"{path}.upstreams", listen=False)
+    return ProxyConfig(name=name, **kwargs)
+
+
+def _conflict(a: Address, b: Address) -> bool:
+    if a.is_unix or b.is_unix:
+        return a.path == b.path
+    if a.port != b.port or a.port == 0:
+        return False
+    wildcard = ("", "0.0.0.0", "::")
+    return a.host == b.host or a.host in wildcard or b.host in wildcard
+
+
+def _check_listeners(proxies: list[ProxyConfig]) -> None:
+    seen: list[tuple[str, Address]] = []
+    for p in proxies:
+        for i, addr in enumerate(p.listen):
+            for where, other in seen:
+                if _conflict(addr, other):
+                    raise ConfigError(
+                        f"proxy.{p.name}.listen[{i}]",
+                        f"{addr} conflicts with {other} already used by {where}",
+                    )
+            seen.append((f"proxy.{p.name}", addr))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Validate a parsed TOML document (or an equivalent dictionary)."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _unknown(key, _TOP_KEYS, "")
+    server = ServerConfig(**build_options(ServerConfig, _table(data.get("server", {}), "server"), "server"))
+    defaults_table = _table(data.get("defaults", {}), "defaults")
+    for key in _PROXY_ONLY_KEYS:
+        if key in defaults_table:
+            raise ConfigError(f"defaults.{key}", "belongs in each [proxy.NAME] table")
+    defaults = build_options(ProxyConfig, defaults_table, "defaults")
+    proxies_table = _table(data.get("proxy", {}), "proxy")
+    proxies = [
+        _proxy(name, _table(table, f"proxy.{name}"), defaults)
+        for name, table in proxies_table.items()
+    ]
+    # TOML itself rejects a table defined twice, so names are unique here; a dict
+    # built by code is unique by construction too.
+    _check_listeners(proxies)
+    return Config(server=server, proxies=tuple(proxies))
+
+
+def replace_options(config: ProxyConfig, **changes: Any) -> ProxyConfig:
+    """A copy of ``config`` with validated option changes (used by the library API)."""
+    return dataclasses.replace(config, **build_options(ProxyConfig, changes, f"proxy.{config.name}"))

@@ -1,0 +1,182 @@
+"""Listening sockets and the accept loop.
+
+The accept loop is a readiness callback that accepts up to :data:`ACCEPT_BATCH`
+connections per wake-up.  It asks a gate before each accept, so a proxy at its
+connection limit stops accepting and clients wait in the kernel's listen queue (as
+HAProxy does at maxconn) instead of being accepted and dropped.
+
+Running out of descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is
+survivable: the loop logs (at most once a second), stops accepting for
+:data:`RESOURCE_BACKOFF_S`, and tries again; anything it does not understand is
+logged and accepting goes on, so a listener never dies nor spins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+from ..config.addresses import Address
+from ..errors import ListenError, describe_oserror
+
+__all__ = ["Listener", "open_listening_socket", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S"]
+
+log = logging.getLogger("midway")
+
+ACCEPT_BATCH = 64
+"""Connections accepted per wake-up: HAProxy's tune.maxaccept default."""
+RESOURCE_BACKOFF_S = 0.1
+"""Pause after EMFILE/ENFILE/ENOBUFS/ENOMEM: trio's serve_listeners back-off."""
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The connection died in the queue; just take the next one.
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+
+
+def open_listening_socket(address: Address, backlog: int) -> socket.socket:
+    """Bind and listen on ``address``; raises :class:`ListenError` naming it."""
+    try:
+        if address.is_unix:
+            assert address.path is not None
+            _remove_stale_unix_socket(address.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(address.path)
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
+        elif address.host in ("", "::") and socket.has_dualstack_ipv6():
+            sock = socket.create_server(("::", address.port), family=socket.AF_INET6,
+                                        backlog=backlog, dualstack_ipv6=True)
+        elif address.host == "":
+            sock = socket.create_server(("0.0.0.0", address.port), backlog=backlog)
+        else:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.create_server(sockaddr, family=family, backlog=backlog)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {address}: cannot resolve {address.host!r} "
+                          f"({exc.strerror})") from exc
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {address}: {describe_oserror(exc)}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """Remove a unix socket file left by a process that is gone (connect refused)."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+class Listener:
+    """Accepts connections on one socket and hands each to ``on_accept``.
+
+    ``can_accept()`` is asked before each accept; when it says no, the listener
+    pauses itself and the owner calls :meth:`resume` once there is room."""
+
+    def __init__(
+        self,
+        address: Address,
+        sock: socket.socket,
+        on_accept: Callable[[socket.socket, object], None],
+        can_accept: Callable[[], bool],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.address = address
+        self.sock = sock
+        self.loop = loop or asyncio.get_running_loop()
+        self._on_accept = on_accept
+        self._can_accept = can_accept
+        self._reading = False
+        self._backoff: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._last_complaint = 0.0
+
+    @property
+    def bound(self) -> str:
+        """The actual bound address (with the real port when 0 was asked)."""
+        name = self.sock.getsockname()
+        if self.address.is_unix:
+            return str(self.address)
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return 0 if self.address.is_unix else int(self.sock.getsockname()[1])
+
+    def resume(self) -> None:
+        """Start (or restart) accepting, unless closed, backing off or gated."""
+        if self._closed or self._reading or self._backoff is not None:
+            return
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._reading = True
+
+    def pause(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.sock.fileno())
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if not self._can_accept():
+                self.pause()
+                return
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                self._complain(exc)
+                self.pause()
+                self._backoff = self.loop.call_later(RESOURCE_BACKOFF_S, self._end_backoff)
+                return
+            self._on_accept(conn, addr)
+
+    def _complain(self, exc: OSError) -> None:
+        now = self.loop.time()
+        if now - self._last_complaint >= 1.0:
+            self._last_complaint = now
+            what = "out of resources" if exc.errno in _RESOURCE_ERRNOS else "accept failed"
+            log.warning("listener %s: %s (%s); pausing accepts for %.0f ms", self.bound, what,
+                        describe_oserror(exc), RESOURCE_BACKOFF_S * 1000)
+
+    def _end_backoff(self) -> None:
+        self._backoff = None
+        self.resume()
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (removing a unix socket's file)."""
+        if self._closed:
+            return
+        self.pause()
+        self._closed = True
+        if self._backoff is not None:
+            self._backoff.cancel()
+        self.sock.close()
+        if self.address.is_unix and self.address.path:
+            try:
+                os.unlink(self.address.path)
+            except OSError:
+                pass

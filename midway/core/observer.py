@@ -1,0 +1,101 @@
+"""What the relay reports about connections, and who listens.
+
+An :class:`Observer` is told when a connection opens and, once, when it closes, with a
+:class:`CloseRecord`.  Access logs (and later metrics) are observers; the relay never
+knows which ones exist.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from typing import IO, Protocol
+
+__all__ = ["CloseReason", "CloseRecord", "Observer", "AccessLog"]
+
+log = logging.getLogger("midway")
+
+
+class CloseReason(enum.StrEnum):
+    """Why a connection ended (the ``reason`` field of the access log)."""
+
+    EOF = "eof"
+    """Both sides finished normally (FIN each way)."""
+    RESET = "reset"
+    """One side reset (RST) or failed; the other side was reset in turn."""
+    IDLE_TIMEOUT = "idle_timeout"
+    HALF_CLOSE_TIMEOUT = "half_close_timeout"
+    CONNECT_FAILED = "connect_failed"
+    """No upstream could be reached; the client was closed."""
+    SHUTDOWN = "shutdown"
+    """midway was stopping and the drain timeout passed (or the proxy was removed)."""
+    REJECTED = "rejected"
+    """A chain element refused the connection."""
+    ELEMENT = "element"
+    """A chain element (a toxic, a hook) closed or reset the connection."""
+    ERROR = "error"
+    """A chain element raised; see the log for its traceback."""
+
+
+@dataclass
+class CloseRecord:
+    """One finished connection, as written to the access log."""
+
+    proxy: str
+    id: int
+    client: str
+    listener: str
+    upstream: str | None
+    connect_time_s: float | None
+    """Time to connect upstream (name lookup included); ``None`` when it failed."""
+    bytes_up: int
+    """Client → upstream bytes relayed."""
+    bytes_down: int
+    """Upstream → client bytes relayed."""
+    duration_s: float
+    first_close: str
+    """Which side ended first: ``client``, ``upstream`` or ``proxy``."""
+    reason: str
+    detail: str
+    path: str
+    """How the bytes moved: ``splice``, ``copy``, ``chain`` or ``none``."""
+    started_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+class Observer(Protocol):
+    def connection_closed(self, record: CloseRecord) -> None: ...
+
+
+class AccessLog:
+    """Writes one JSON line per finished connection to a file or standard output.
+
+    Each line is written and flushed as the connection closes.  A write error is
+    logged once and the access log stops; the proxy goes on."""
+
+    def __init__(self, target: str) -> None:
+        self._file: IO[str]
+        if target == "-":
+            self._file, self._owned = sys.stdout, False
+        else:
+            self._file, self._owned = open(target, "a", encoding="utf-8"), True
+        self._broken = False
+
+    def connection_closed(self, record: CloseRecord) -> None:
+        if self._broken:
+            return
+        try:
+            self._file.write(record.to_json() + "\n")
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            self._broken = True
+            log.error("access log: cannot write (%s); access logging stopped", exc)
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()

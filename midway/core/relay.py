@@ -1,0 +1,594 @@
+"""The relay: moves bytes both ways between two connected sockets.
+
+Theory of operation
+-------------------
+A :class:`Relay` owns two connected, non-blocking sockets (client and upstream) and
+runs two independent directions over them, ``upstream`` (client → server) and
+``downstream`` (server → client).  Each direction is a :class:`_Flow` that reads one
+socket and writes the other through a :class:`_Sender`.
+
+Everything is driven by readiness callbacks on the event loop (``add_reader`` /
+``add_writer``); there is no task per connection and no per-connection buffer while
+a connection is idle.  A direction is in one of two modes:
+
+* **fast**: no chain stage in this direction.  On readable, ``recv_into`` a shared
+  buffer and ``send`` it straight on.  What the kernel does not take is copied into
+  the sender's buffer, reading stops, and it resumes once the sender has drained:
+  at most one read (:data:`READ_SIZE`) is held per direction, and a slow reader
+  slows the sender through TCP's own flow control.  On Linux the fast path may use
+  ``splice`` (see :mod:`midway.core.splice`) so bytes never enter Python at all.
+* **chain**: stages are attached.  A reader callback queues chunks (bounded by
+  :data:`CHAIN_QUEUE_HIGH` bytes; reading pauses above it) and a pump task feeds
+  them, one at a time and in order, through the stages (see
+  :mod:`midway.chain.base`); the last stage's output goes to the sender.
+
+A direction switches between modes while live, between two chunks, without losing
+or reordering a byte: the sender is a FIFO shared by both modes.
+
+End of stream: EOF on a socket is passed on as ``shutdown(SHUT_WR)`` once everything
+before it is written (half-close); the other direction goes on.  When both
+directions have ended the sockets are closed.  An error on either socket (reset,
+broken pipe) aborts the whole connection, resetting the other side with an RST.
+Idle and half-close deadlines come from :class:`~midway.core.timers.ConnectionTimers`
+with a single timer per connection.
+
+Ownership: the relay closes both sockets exactly once, then calls ``on_close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ..errors import describe_oserror
+from .observer import CloseReason
+from .timers import ConnectionTimers
+
+if TYPE_CHECKING:
+    from ..chain.base import ConnectionInfo, Direction, Stage
+
+__all__ = ["Relay", "READ_SIZE", "CHAIN_QUEUE_HIGH", "StageList", "close_socket", "socket_options"]
+
+log = logging.getLogger("midway")
+
+READ_SIZE = 65536
+"""Bytes per read: 64 KiB, the largest TCP window without scaling and the size
+HAProxy's and nginx's default buffers round up to for bulk transfers."""
+
+CHAIN_QUEUE_HIGH = 1 << 20
+"""Bytes a chained direction may read ahead of its stages (1 MiB): enough to keep a
+latency toxic pipelined at ~40 Mbit/s per 200 ms, like Toxiproxy's buffered
+channels, while bounding memory.  Reading resumes below half of it."""
+CHAIN_QUEUE_LOW = CHAIN_QUEUE_HIGH // 2
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+# One read buffer for every fast-mode direction: data is sent on before the
+# callback returns, and any remainder is copied, so sharing is safe and an idle
+# connection holds no buffer at all.
+_BUFFER = bytearray(READ_SIZE)
+_VIEW = memoryview(_BUFFER)
+
+StageList = Sequence[tuple[object, "Stage"]]
+"""A direction's chain: (element key, stage) pairs in order."""
+
+CLIENT, UPSTREAM_SIDE, PROXY = "client", "upstream", "proxy"
+
+
+class _Sender:
+    """Writes to one socket in order, keeping what the kernel does not take yet."""
+
+    __slots__ = ("relay", "loop", "sock", "fd", "side", "buf", "waiters", "on_drained",
+                 "fin_pending", "fin_sent")
+
+    def __init__(self, relay: Relay, sock: socket.socket, side: str) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.side = side
+        self.buf = bytearray()
+        self.waiters: list[asyncio.Future[None]] = []
+        self.on_drained: Callable[[], None] | None = None
+        self.fin_pending = False
+        self.fin_sent = False
+
+    def write(self, data: bytes | memoryview) -> bool:
+        """Send or buffer ``data``; ``True`` when it all went to the kernel."""
+        if self.buf:
+            self.buf += data
+            return False
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.relay._failed(self.side, exc)
+            return False
+        if sent == len(data):
+            return True
+        self.buf += data[sent:]
+        self.loop.add_writer(self.fd, self._on_writable)
+        return False
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self.buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.relay._failed(self.side, exc)
+            return
+        del self.buf[:sent]
+        if self.buf:
+            return
+        self.loop.remove_writer(self.fd)
+        if self.fin_pending:
+            self._shutdown()
+        callback, self.on_drained = self.on_drained, None
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        if callback is not None and not self.relay.closed:
+            callback()
+
+    async def drain(self) -> None:
+        """Wait until everything written so far has gone to the kernel."""
+        if self.buf:
+            fut = self.loop.create_future()
+            self.waiters.append(fut)
+            await fut
+
+    def send_eof(self) -> None:
+        """Half-close this socket once everything before it is written."""
+        if self.fin_sent or self.fin_pending:
+            return
+        if self.buf:
+            self.fin_pending = True
+        else:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.fin_pending = False
+        self.fin_sent = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is already gone; its reader will see it
+        self.relay._direction_ended(self)
+
+    def stop(self) -> None:
+        if self.buf:
+            self.loop.remove_writer(self.fd)
+        self.buf = bytearray()
+        for fut in self.waiters:
+            if not fut.done():
+                fut.cancel()
+        self.waiters = []
+        self.on_drained = None
+
+
+class _Out:
+    """The :class:`~midway.chain.base.Output` handed to the stage at ``index``."""
+
+    __slots__ = ("flow", "index", "direction", "info", "interrupted", "_sleepers")
+
+    def __init__(self, flow: _Flow, index: int) -> None:
+        self.flow = flow
+        self.index = index
+        self.direction: Direction = flow.name
+        self.info: ConnectionInfo = flow.relay.info
+        self.interrupted = False
+        self._sleepers: set[asyncio.Future[bool]] = set()
+
+    @property
+    def received_at(self) -> float:
+        return self.flow.received_at
+
+    def now(self) -> float:
+        return self.flow.loop.time()
+
+    async def sleep(self, seconds: float) -> bool:
+        if self.interrupted or self.flow.relay.closed:
+            return False
+        loop = self.flow.loop
+        fut: asyncio.Future[bool] = loop.create_future()
+        handle = loop.call_later(max(seconds, 0.0), _resolve, fut, True)
+        self._sleepers.add(fut)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            self._sleepers.discard(fut)
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        for fut in self._sleepers:
+            _resolve(fut, False)
+
+    async def send(self, data: bytes) -> None:
+        if data:
+            await self.flow._data_from(self.index + 1, data)
+
+    async def send_eof(self) -> None:
+        await self.flow._eof_from(self.index + 1)
+
+    async def reply(self, data: bytes) -> None:
+        sender = self.flow.reverse_sender
+        if data and not sender.fin_sent and not self.flow.relay.closed:
+            if not sender.write(data):
+                await sender.drain()
+
+    def close(self, reason: str = "closed by element") -> None:
+        self.flow.relay.close(CloseReason.ELEMENT, reason, PROXY)
+
+    def reset(self, reason: str = "reset by element") -> None:
+        self.flow.relay.abort(CloseReason.ELEMENT, reason, PROXY)
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+class _Flow:
+    """One direction of a relay: reads ``src``, writes through ``sender``."""
+
+    __slots__ = ("relay", "loop", "name", "src", "src_fd", "src_side", "sender",
+                 "reverse_sender", "bytes", "reading", "eof", "chained", "stages", "wanted",
+                 "outs", "queue", "queued", "pump", "wake", "received_at", "fast_reader")
+
+    def __init__(self, relay: Relay, name: Direction, src: socket.socket, src_side: str,
+                 sender: _Sender, reverse_sender: _Sender) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.name = name
+        self.src = src
+        self.src_fd = src.fileno()
+        self.src_side = src_side
+        self.sender = sender
+        self.reverse_sender = reverse_sender
+        self.bytes = 0
+        self.reading = False
+        self.eof = False
+        self.chained = False
+        self.stages: list[tuple[object, Stage]] = []
+        self.wanted: list[tuple[object, Stage]] = self.stages
+        self.outs: list[_Out] = []
+        self.queue: deque[tuple[bytes | None, float]] = deque()
+        self.queued = 0
+        self.pump: asyncio.Task[None] | None = None
+        self.wake: asyncio.Event | None = None
+        self.received_at = 0.0
+        self.fast_reader: Callable[[], None] = self._on_readable
+
+    # -- fast mode -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.wanted:
+            self._enter_chain()
+        else:
+            self._read(self.fast_reader)
+
+    def _read(self, callback: Callable[[], None]) -> None:
+        if not self.eof and not self.relay.closed:
+            self.loop.add_reader(self.src_fd, callback)
+            self.reading = True
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.src_fd)
+            self.reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.src.recv_into(_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.relay._failed(self.src_side, exc)
+            return
+        if n == 0:
+            self._stop_reading()
+            self.eof = True
+            self.relay._saw_end(self.src_side)
+            self.sender.send_eof()
+            return
+        self.bytes += n
+        relay = self.relay
+        relay.timers.last_activity = self.loop.time()
+        if not self.sender.write(_VIEW[:n]) and not relay.closed:
+            self._stop_reading()
+            self.sender.on_drained = self._resume
+
+    def _resume(self) -> None:
+        if not self.chained:
+            self._read(self.fast_reader)
+
+    # -- chain mode ------------------------------------------------------------
+
+    def set_stages(self, stages: StageList) -> None:
+        """Make ``stages`` this direction's chain (applied between two chunks)."""
+        wanted = list(stages)
+        keep = {id(stage) for _, stage in wanted}
+        for out, (_, stage) in zip(self.outs, self.stages, strict=True):
+            if id(stage) not in keep:
+                out.interrupt()
+        self.wanted = wanted
+        if self.relay.started and not self.chained and wanted:
+            self._enter_chain()
+        elif self.wake is not None:
+            self.wake.set()
+
+    def _enter_chain(self) -> None:
+        self.chained = True
+        self.relay.path = "chain"
+        self._stop_reading()
+        self.sender.on_drained = None
+        self.wake = asyncio.Event()
+        self._read(self._on_readable_chain)
+        self.pump = self.loop.create_task(self._pump())
+
+    def _leave_chain(self) -> None:
+        self.chained = False
+        self.pump = None
+        self.wake = None
+        self.outs = []
+        self._stop_reading()
+        if self.sender.buf:
+            self.sender.on_drained = self._resume
+        else:
+            self._read(self.fast_reader)
+
+    def _on_readable_chain(self) -> None:
+        try:
+            data = self.src.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.relay._failed(self.src_side, exc)
+            return
+        now = self.loop.time()
+        self.relay.timers.last_activity = now
+        if not data:
+            self._stop_reading()
+            self.eof = True
+            self.relay._saw_end(self.src_side)
+            self.queue.append((None, now))
+        else:
+            self.bytes += len(data)
+            self.queue.append((data, now))
+            self.queued += len(data)
+            if self.queued >= CHAIN_QUEUE_HIGH:
+                self._stop_reading()
+        assert self.wake is not None
+        self.wake.set()
+
+    async def _pump(self) -> None:
+        assert self.wake is not None
+        try:
+            while True:
+                if self.wanted is not self.stages:
+                    await self._apply_changes()
+                if not self.queue:
+                    if not self.stages:
+                        self._leave_chain()
+                        return
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
+                data, self.received_at = self.queue.popleft()
+                if data is None:
+                    await self._eof_from(0)
+                    continue
+                self.queued -= len(data)
+                if not self.reading and not self.eof and self.queued <= CHAIN_QUEUE_LOW:
+                    self._read(self._on_readable_chain)
+                await self._data_from(0, data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a stage (user code) failed: this connection only
+            self.relay._stage_failed(self.name, exc)
+
+    async def _apply_changes(self) -> None:
+        wanted = self.wanted
+        keep = {id(stage) for _, stage in wanted}
+        for out, (_, stage) in zip(list(self.outs), list(self.stages), strict=True):
+            if id(stage) not in keep:
+                out.interrupt()
+                await stage.flush(out)
+                stage.close()
+        self.stages = wanted
+        self.outs = [_Out(self, i) for i in range(len(wanted))]
+
+    async def _data_from(self, index: int, data: bytes) -> None:
+        if index < len(self.stages):
+            await self.stages[index][1].data(data, self.outs[index])
+        elif not self.sender.fin_sent and not self.sender.fin_pending:
+            if not self.sender.write(data):
+                await self.sender.drain()
+
+    async def _eof_from(self, index: int) -> None:
+        if index < len(self.stages):
+            await self.stages[index][1].eof(self.outs[index])
+        else:
+            self.sender.send_eof()
+
+    def stop(self) -> None:
+        self._stop_reading()
+        if self.pump is not None:
+            self.pump.cancel()
+            self.pump = None
+        for out in self.outs:
+            out.interrupt()
+        for _, stage in self.stages:
+            try:
+                stage.close()
+            except Exception:
+                log.exception("conn %d: a %s stage failed to close", self.relay.info.id, self.name)
+        self.stages = []
+
+
+class Relay:
+    """Relays bytes between ``client`` and ``upstream`` (connected, non-blocking).
+
+    ``on_close(relay)`` is called exactly once, after both sockets are closed; by
+    then ``reason``, ``detail``, ``first_close`` and the byte counts are final."""
+
+    def __init__(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        info: ConnectionInfo,
+        *,
+        idle_timeout_s: float,
+        half_close_timeout_s: float,
+        on_close: Callable[[Relay], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.client = client
+        self.upstream = upstream
+        self.info = info
+        self.on_close = on_close
+        self.timers = ConnectionTimers(idle_timeout_s, half_close_timeout_s, self.loop.time())
+        self.closed = False
+        self.started = False
+        self.reason: CloseReason | None = None
+        self.detail = ""
+        self.first_close: str | None = None
+        self.path = "copy"
+        self.connect_time_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._ended = 0
+        to_upstream = _Sender(self, upstream, UPSTREAM_SIDE)
+        to_client = _Sender(self, client, CLIENT)
+        self.up = _Flow(self, "upstream", client, CLIENT, to_upstream, to_client)
+        self.down = _Flow(self, "downstream", upstream, UPSTREAM_SIDE, to_client, to_upstream)
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.bytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.bytes
+
+    def flow(self, direction: str) -> _Flow:
+        return self.up if direction == "upstream" else self.down
+
+    def set_stages(self, direction: str, stages: StageList) -> None:
+        """Replace a direction's chain, live: removed stages are flushed first."""
+        if not self.closed:
+            self.flow(direction).set_stages(stages)
+
+    def start(self) -> None:
+        """Begin relaying.  Call once."""
+        self.started = True
+        self.up.start()
+        self.down.start()
+        self._arm()
+
+    def close(self, reason: CloseReason, detail: str = "", side: str = PROXY) -> None:
+        """Close both sockets now (FIN; unsent data is dropped)."""
+        self._finish(reason, detail, side, reset=False)
+
+    def abort(self, reason: CloseReason, detail: str = "", side: str = PROXY) -> None:
+        """Reset both sockets (RST) now."""
+        self._finish(reason, detail, side, reset=True)
+
+    # -- events from flows and senders ---------------------------------------
+
+    def _saw_end(self, side: str) -> None:
+        if self.first_close is None:
+            self.first_close = side
+
+    def _direction_ended(self, sender: _Sender) -> None:
+        self._ended += 1
+        if self._ended == 2:
+            self.close(CloseReason.EOF, "", self.first_close or PROXY)
+        else:
+            self.timers.half_closed(self.loop.time())
+            self._arm()
+
+    def _failed(self, side: str, exc: OSError) -> None:
+        if not self.closed:
+            self.abort(CloseReason.RESET, f"{side}: {describe_oserror(exc)}", side)
+
+    def _stage_failed(self, direction: str, exc: Exception) -> None:
+        if self.closed:
+            return
+        log.error("conn %d (%s): %s chain element failed; closing this connection",
+                  self.info.id, self.info.proxy, direction, exc_info=exc)
+        self.abort(CloseReason.ERROR, f"{direction} element raised {type(exc).__name__}: {exc}",
+                   PROXY)
+
+    # -- timers -----------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.timers.next_deadline()
+        if deadline is not None and not self.closed:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        reason = self.timers.expired(self.loop.time())
+        if reason is None:
+            self._arm()
+        else:
+            self.close(reason, "", PROXY)
+
+    # -- the end ----------------------------------------------------------
+
+    def _finish(self, reason: CloseReason, detail: str, side: str, *, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self.detail = detail
+        if self.first_close is None:
+            self.first_close = side
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for flow in (self.up, self.down):
+            flow.stop()
+            flow.sender.stop()
+        for sock in (self.client, self.upstream):
+            close_socket(sock, reset=reset)
+        self.on_close(self)
+
+
+def close_socket(sock: socket.socket, *, reset: bool = False) -> None:
+    """Close ``sock``, with an RST when ``reset`` (SO_LINGER 0)."""
+    if reset:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def socket_options(sock: socket.socket, nodelay: bool) -> None:
+    """Apply per-connection socket options (non-blocking; TCP_NODELAY if asked)."""
+    sock.setblocking(False)
+    if nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+

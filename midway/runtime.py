@@ -1,0 +1,222 @@
+"""The runtime: every proxy of a process, the process-wide limits, the observers,
+and the lifecycle (start → serve → drain → stop).
+
+Proxies can be added, changed and removed while the runtime serves; that is what
+the admin API and a configuration reload build on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import resource
+from collections.abc import Iterable
+
+from .chain.base import Element
+from .config.schema import Config, ProxyConfig, ServerConfig
+from .core.observer import AccessLog, CloseReason, CloseRecord, Observer
+from .errors import ConfigError, ListenError
+from .session import ProxyService
+
+__all__ = ["Runtime", "auto_max_connections"]
+
+log = logging.getLogger("midway")
+
+_FD_RESERVE = 64
+"""Descriptors kept back from the automatic connection limit for listeners, logs,
+pipes and the event loop itself."""
+_MIN_AUTO_CONNECTIONS = 16
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as HAProxy does at start);
+    returns the soft limit in force afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def auto_max_connections(open_files: int) -> int:
+    """Each relayed connection holds two descriptors (client and upstream)."""
+    return max(_MIN_AUTO_CONNECTIONS, (open_files - _FD_RESERVE) // 2)
+
+
+class Runtime:
+    """Runs the proxies of a :class:`~midway.config.schema.Config`.
+
+    ``elements`` maps a proxy name to its initial chain elements.  Observers get a
+    :class:`~midway.core.observer.CloseRecord` for every finished connection."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        observers: Iterable[Observer] = (),
+        elements: dict[str, list[Element]] | None = None,
+    ) -> None:
+        self.config = config
+        self.services: dict[str, ProxyService] = {}
+        self.observers: list[Observer] = list(observers)
+        self._initial_elements = elements or {}
+        self._ids = itertools.count(1)
+        self.active = 0
+        self.max_connections = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._access_log: AccessLog | None = None
+        self.started = False
+        self.stopping = False
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.config.server
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every listener, then start accepting.  All or nothing: on a
+        :class:`ListenError` nothing is left bound."""
+        if self.server.max_connections:
+            self.max_connections = self.server.max_connections
+        else:
+            self.max_connections = auto_max_connections(raise_open_file_limit())
+        if self.server.access_log:
+            try:
+                self._access_log = AccessLog(self.server.access_log)
+            except OSError as exc:
+                raise ConfigError("server.access_log",
+                                  f"cannot open {self.server.access_log}: {exc.strerror}") from exc
+            self.observers.append(self._access_log)
+        services = [
+            ProxyService(p, self, self._initial_elements.get(p.name, ())) for p in self.config.proxies
+        ]
+        try:
+            for service in services:
+                service.bind()
+                self.services[service.name] = service
+        except ListenError:
+            for service in services:
+                service.close_listeners()
+            self.services.clear()
+            raise
+        for service in services:
+            service.start_accepting()
+        self.started = True
+
+    async def shutdown(self, drain_timeout_s: float | None = None) -> None:
+        """Stop accepting, let open connections finish for up to
+        ``drain_timeout_s`` (default: the configured one), then close the rest."""
+        if drain_timeout_s is None:
+            drain_timeout_s = self.server.drain_timeout_s
+        self.stopping = True
+        for service in self.services.values():
+            service.close_listeners()
+        if self.active and drain_timeout_s > 0:
+            log.info("draining %d connection(s) for up to %g s", self.active, drain_timeout_s)
+            try:
+                async with asyncio.timeout(drain_timeout_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.info("drain timeout: closing %d connection(s)", self.active)
+        self.close_all()
+        # Connections still dialing finish their cancellation on the next turns.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self._access_log is not None:
+            self._access_log.close()
+            self.observers.remove(self._access_log)
+            self._access_log = None
+
+    def close_all(self) -> None:
+        """Close every open connection of every proxy now."""
+        for service in self.services.values():
+            service.close_connections(CloseReason.SHUTDOWN)
+
+    # -- proxies, live -------------------------------------------------------
+
+    def add_proxy(self, config: ProxyConfig, elements: Iterable[Element] = ()) -> ProxyService:
+        """Bind and start a new proxy.  Raises :class:`ConfigError` for a duplicate
+        name or conflicting listener, :class:`ListenError` if it cannot bind."""
+        if config.name in self.services:
+            raise ConfigError(f"proxy.{config.name}", "a proxy with this name already exists")
+        service = ProxyService(config, self, elements)
+        service.bind()
+        self.services[config.name] = service
+        if not self.stopping:
+            service.start_accepting()
+        return service
+
+    def remove_proxy(self, name: str, *, close_connections: bool = True) -> None:
+        """Stop a proxy's listeners and (by default) close its connections."""
+        service = self.services.pop(name)
+        service.close_listeners()
+        if close_connections:
+            service.close_connections(CloseReason.SHUTDOWN)
+
+    def update_proxy(self, config: ProxyConfig) -> ProxyService:
+        """Change a live proxy.  Open connections keep going; new ones use the new
+        settings.  Listeners are rebound only if the listen addresses changed."""
+        service = self.services[config.name]
+        if config.listen != service.config.listen:
+            previous = service.config
+            service.close_listeners()
+            service.config = config
+            try:
+                service.bind()
+            except ListenError:
+                service.config = previous
+                service.bind()
+                service.start_accepting()
+                raise
+            service.start_accepting()
+        service.reconfigure(config)
+        return service
+
+    def enable_proxy(self, name: str, enabled: bool) -> None:
+        """Start or stop a proxy's listening (Toxiproxy's ``enabled``); disabling
+        also closes its connections, as Toxiproxy does."""
+        service = self.services[name]
+        if enabled == service.enabled:
+            return
+        service.enabled = enabled
+        if enabled:
+            service.bind()
+            service.start_accepting()
+        else:
+            service.close_listeners()
+            service.close_connections(CloseReason.SHUTDOWN)
+
+    # -- accounting, called by services ---------------------------------------
+
+    def next_connection_id(self) -> int:
+        return next(self._ids)
+
+    def has_room(self) -> bool:
+        return self.active < self.max_connections
+
+    def connection_opened(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def connection_closed(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+        if not self.stopping:
+            for service in self.services.values():
+                service.room_changed()
+
+    def report(self, record: CloseRecord) -> None:
+        for observer in self.observers:
+            try:
+                observer.connection_closed(record)
+            except Exception:
+                log.exception("an observer failed on connection %d", record.id)

@@ -1,0 +1,110 @@
+"""Helpers for tests: a proxy on a background thread, for synchronous code.
+
+Example (plain pytest, no asyncio)::
+
+    from midway import BackgroundProxy
+
+    def test_through_proxy(redis_port):
+        with BackgroundProxy("127.0.0.1:0", f"127.0.0.1:{redis_port}") as proxy:
+            client = redis.Redis(*proxy.address)
+            assert client.ping()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .api import Proxy
+from .errors import MidwayError
+
+__all__ = ["BackgroundProxy"]
+
+T = TypeVar("T")
+
+_START_TIMEOUT_S = 10.0
+
+
+class BackgroundProxy:
+    """Runs a :class:`~midway.api.Proxy` on its own event loop in a daemon thread.
+
+    Arguments are those of :class:`~midway.api.Proxy`.  :meth:`start` returns once
+    the proxy listens (or raises what starting raised); :meth:`stop` closes every
+    connection and joins the thread."""
+
+    def __init__(self, listen: str | Sequence[str] = "127.0.0.1:0",
+                 upstreams: str | Sequence[str] = (), **kwargs: Any) -> None:
+        self.proxy = Proxy(listen, upstreams, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BackgroundProxy:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self.proxy.start())
+            except BaseException as exc:  # handed to the caller of start()
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self.proxy.stop())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="midway-proxy", daemon=True)
+        self._thread.start()
+        if not ready.wait(_START_TIMEOUT_S):
+            raise MidwayError("the background proxy did not start in time")
+        if failure:
+            self._thread.join()
+            raise failure[0]
+        return self
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the proxy's loop and return its result (thread-safe)."""
+        async def wrapper() -> T:
+            return fn()
+        return self.run(wrapper())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the proxy's loop and wait for its result."""
+        if self._loop is None:
+            raise MidwayError("the background proxy is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_START_TIMEOUT_S)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(_START_TIMEOUT_S)
+            self._loop = None
+            self._thread = None
+
+    def __enter__(self) -> BackgroundProxy:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.call(lambda: self.proxy.address)
+
+    @property
+    def host(self) -> str:
+        return self.address[0]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
