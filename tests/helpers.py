@@ -1,0 +1,166 @@
+"""Shared test helpers: loopback servers, a proxy subprocess, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    """Run ``coro`` on a fresh event loop, failing (not hanging) after ``timeout``."""
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def serve(handler: Handler = echo_handler, host: str = "127.0.0.1"):
+    """A loopback TCP server on a free port; yields the port."""
+    server = await asyncio.start_server(handler, host, 0, backlog=4096)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def read_exactly(reader: asyncio.StreamReader, n: int, timeout: float = 10.0) -> bytes:
+    return await asyncio.wait_for(reader.readexactly(n), timeout)
+
+
+async def read_to_eof(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes:
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+class ProxyProcess:
+    """``python -m midway ARGS`` as a child process; knows its listening port."""
+
+    def __init__(self, *args: str, preexec: Callable[[], None] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "midway", *self.args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=preexec, env={**os.environ, **(env or {})},
+        )
+        self.stderr_lines: list[str] = []
+        self.port = self._wait_listening()
+        self._reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._reader.start()
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in iter(self.proc.stderr.readline, b""):
+            self.stderr_lines.append(raw.decode(errors="replace"))
+
+    def _wait_listening(self, timeout: float = 15.0) -> int:
+        assert self.proc.stderr is not None
+        os.set_blocking(self.proc.stderr.fileno(), True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline().decode(errors="replace")
+            if not line:
+                raise AssertionError(f"midway exited early: {''.join(self.stderr_lines)}")
+            self.stderr_lines.append(line)
+            match = re.search(r"listening on \[?[^\s\]]*\]?:(\d+)", line)
+            if match:
+                return int(match.group(1))
+        raise AssertionError("midway did not start listening in time")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr_text(self) -> str:
+        """Everything written to stderr so far (all of it once the process ended)."""
+        if self.proc.poll() is not None:
+            self._reader.join(5)
+        return "".join(self.stderr_lines)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextlib.contextmanager
+def proxy_process(*args: str, **kwargs: Any) -> Iterator[ProxyProcess]:
+    proc = ProxyProcess(*args, **kwargs)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
