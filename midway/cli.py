@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config.load import config_from_dict, load_config
+from .config.load import build_options, config_from_dict, load_config
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
 from .runtime import Runtime
@@ -111,9 +112,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                   "(a [defaults] table applies to every proxy)")
         config = load_config(args.config)
         if server_opts:
-            import dataclasses
-            server = dataclasses.replace(config.server, **server_opts)
-            config = dataclasses.replace(config, server=server)
+            try:
+                checked = build_options(ServerConfig, server_opts, "server")
+            except ConfigError as exc:
+                raise ConfigError("", f"{_flag(exc.path.rsplit('.', 1)[-1])}: {exc.message}") from exc
+            config = dataclasses.replace(config, server=dataclasses.replace(config.server, **checked))
         return config
     if len(args.addresses) < 2:
         raise ConfigError("", "need a LISTEN address and at least one UPSTREAM "
@@ -129,11 +132,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str]) -> ConfigError:
     """Name the flag or argument the user typed instead of a config key path."""
     key = exc.path.rsplit(".", 1)[-1]
-    if key.startswith("listen"):
-        return ConfigError("", f"LISTEN {listen!r}: {exc.message}")
-    if key.startswith("upstreams"):
+    if key.startswith(("listen", "upstreams")):
         index = int(key[key.find("[") + 1:-1]) if "[" in key else 0
-        return ConfigError("", f"UPSTREAM {upstreams[index]!r}: {exc.message}")
+        what, value = ("LISTEN", listen) if key.startswith("listen") else ("UPSTREAM", upstreams[index])
+        message = exc.message
+        if not message.startswith(repr(value)):
+            message = f"{value!r}: {message}"
+        return ConfigError("", f"{what} {message}")
     return ConfigError("", f"{_flag(key)}: {exc.message}")
 
 
@@ -149,11 +154,6 @@ def _setup_logging(level: str) -> None:
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; drain; return an exit code."""
     runtime = Runtime(config)
-    try:
-        await runtime.start()
-    except (ListenError, ConfigError) as exc:
-        log.error("%s", exc)
-        return EXIT_START_FAILED
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -165,8 +165,14 @@ async def serve(config: Config) -> int:
             log.info("%s again: closing every connection now", signame)
             runtime.close_all()
 
+    # Handlers first: a signal that arrives as soon as we listen still drains.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await runtime.start()
+    except (ListenError, ConfigError) as exc:
+        log.error("%s", exc)
+        return EXIT_START_FAILED
     await stop.wait()
     await runtime.shutdown()
     log.info("stopped")
@@ -181,13 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"midway: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.check:
-        names = ", ".join(p.name for p in config.proxies) or "none"
-        print(f"midway: configuration OK ({len(config.proxies)} proxies: {names})")
-        return EXIT_OK
     if not config.proxies:
         print("midway: the configuration defines no proxy ([proxy.NAME] tables)", file=sys.stderr)
         return EXIT_USAGE
+    if args.check:
+        names = ", ".join(p.name for p in config.proxies)
+        print(f"midway: configuration OK ({len(config.proxies)} proxies: {names})")
+        return EXIT_OK
     _setup_logging(config.server.log_level)
     try:
         return asyncio.run(serve(config))

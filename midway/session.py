@@ -177,6 +177,7 @@ class ProxyService:
             idle_timeout_s=config.idle_timeout_s,
             half_close_timeout_s=config.half_close_timeout_s,
             on_close=self._relay_closed,
+            splice=config.splice,
         )
         relay.connect_time_s = connect_time
         self.live[relay] = attached

@@ -122,7 +122,8 @@ class Output(Protocol):
         straight to its socket (it does not pass through the other direction's chain)."""
 
     def close(self, reason: str = "closed by element") -> None:
-        """Close the whole connection gracefully (FIN both ways)."""
+        """Close the whole connection gracefully: reading stops both ways, bytes
+        already passed on are still delivered, then FIN both ways."""
 
     def reset(self, reason: str = "reset by element") -> None:
         """Abort the whole connection: both sockets get a TCP RST."""
@@ -131,6 +132,11 @@ class Output(Protocol):
 class Stage:
     """Per-connection, per-direction processing.  The defaults pass everything on
     unchanged, so a subclass overrides only what it changes."""
+
+    def start(self, out: Output) -> None:
+        """Called once when the stage is installed in a live direction, before any
+        data: the place to arm timers that must run even if no byte ever arrives
+        (start them as tasks; ``out.sleep`` is cut short when the stage is removed)."""
 
     async def data(self, data: bytes, out: Output) -> None:
         """One chunk arrived (any size ≥ 1 byte; TCP boundaries are not messages)."""

@@ -68,7 +68,7 @@ def parse_address(text: str, *, listen: bool) -> Address:
             raise AddressError(f"{text!r}: expected host:port, [ipv6]:port, :port or unix:/path")
         if ":" in host:
             raise AddressError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:{port_text}")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise AddressError(f"{text!r}: port {port_text!r} is not a number")
     port = int(port_text)
     low = 0 if listen else 1

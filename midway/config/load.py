@@ -50,6 +50,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid TOML: not UTF-8 text ({exc.reason} "
+                              f"at byte {exc.start})") from exc
     return config_from_dict(data)
 
 
@@ -146,10 +149,20 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     return ProxyConfig(name=name, **kwargs)
 
 
+def _families(address: Address) -> set[str]:
+    """Address families a listener occupies ("" and "::" listen dual-stack)."""
+    if address.host in ("", "::"):
+        return {"v4", "v6"}
+    if address.is_ip_literal:
+        return {"v6"} if ":" in address.host else {"v4"}
+    return {"v4", "v6"}  # a host name: it may resolve to either
+
+
 def _conflict(a: Address, b: Address) -> bool:
+    """Whether two listeners cannot both bind (same port, overlapping addresses)."""
     if a.is_unix or b.is_unix:
         return a.path == b.path
-    if a.port != b.port or a.port == 0:
+    if a.port != b.port or a.port == 0 or not _families(a) & _families(b):
         return False
     wildcard = ("", "0.0.0.0", "::")
     return a.host == b.host or a.host in wildcard or b.host in wildcard

@@ -110,6 +110,12 @@ class ProxyConfig:
         "Set TCP_NODELAY on both sockets so small writes are not delayed by Nagle's "
         "algorithm (what HAProxy and Envoy do).",
     )
+    splice: bool = option(
+        True,
+        "Move bytes with zero-copy splice(2) through pooled pipes when no chain "
+        "element is attached (Linux; elsewhere, or when off, bytes are copied through "
+        "a 64 KiB buffer).",
+    )
     balance: str = option(
         "round_robin",
         "How to choose an upstream for each connection.  On a connect failure the "

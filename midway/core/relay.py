@@ -38,7 +38,9 @@ Ownership: the relay closes both sockets exactly once, then calls ``on_close``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 import struct
 from collections import deque
@@ -46,6 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import describe_oserror
+from . import splice as _splice
 from .observer import CloseReason
 from .timers import ConnectionTimers
 
@@ -67,6 +70,8 @@ channels, while bounding memory.  Reading resumes below half of it."""
 CHAIN_QUEUE_LOW = CHAIN_QUEUE_HIGH // 2
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# splice(2) refuses this pair of descriptors: copy instead.
+_NO_SPLICE_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 # One read buffer for every fast-mode direction: data is sent on before the
 # callback returns, and any remainder is copied, so sharing is safe and an idle
@@ -98,7 +103,7 @@ class _Sender:
         self.fin_pending = False
         self.fin_sent = False
 
-    def write(self, data: bytes | memoryview) -> bool:
+    def write(self, data: bytes | bytearray | memoryview) -> bool:
         """Send or buffer ``data``; ``True`` when it all went to the kernel."""
         if self.buf:
             self.buf += data
@@ -226,7 +231,7 @@ class _Out:
                 await sender.drain()
 
     def close(self, reason: str = "closed by element") -> None:
-        self.flow.relay.close(CloseReason.ELEMENT, reason, PROXY)
+        self.flow.relay.close_after_flush(CloseReason.ELEMENT, reason)
 
     def reset(self, reason: str = "reset by element") -> None:
         self.flow.relay.abort(CloseReason.ELEMENT, reason, PROXY)
@@ -242,7 +247,8 @@ class _Flow:
 
     __slots__ = ("relay", "loop", "name", "src", "src_fd", "src_side", "sender",
                  "reverse_sender", "bytes", "reading", "eof", "chained", "stages", "wanted",
-                 "outs", "queue", "queued", "pump", "wake", "received_at", "fast_reader")
+                 "outs", "queue", "queued", "pump", "wake", "received_at", "fast_reader",
+                 "pipe", "in_pipe", "writing", "dst_fd")
 
     def __init__(self, relay: Relay, name: Direction, src: socket.socket, src_side: str,
                  sender: _Sender, reverse_sender: _Sender) -> None:
@@ -267,10 +273,16 @@ class _Flow:
         self.wake: asyncio.Event | None = None
         self.received_at = 0.0
         self.fast_reader: Callable[[], None] = self._on_readable
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0
+        self.writing = False
+        self.dst_fd = sender.fd
 
     # -- fast mode -------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, splice: bool) -> None:
+        if splice:
+            self.fast_reader = self._on_readable_splice
         if self.wanted:
             self._enter_chain()
         else:
@@ -311,6 +323,105 @@ class _Flow:
         if not self.chained:
             self._read(self.fast_reader)
 
+    # -- fast mode, zero-copy (see midway.core.splice) ---------------------------
+
+    def _on_readable_splice(self) -> None:
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = _splice.pipes.acquire()
+            if pipe is None:  # no descriptor for a pipe right now: copy this read
+                self._on_readable()
+                return
+        try:
+            n = _splice.splice(self.src_fd, pipe[1], _splice.PIPE_SIZE, _splice.FLAGS)  # type: ignore[misc]
+        except (BlockingIOError, InterruptedError):
+            self._release_pipe()
+            return
+        except OSError as exc:
+            self._release_pipe()
+            if exc.errno in _NO_SPLICE_ERRNOS:
+                self.use_copy()
+                return
+            self.relay._failed(self.src_side, exc)
+            return
+        if n == 0:
+            self._release_pipe()
+            self._stop_reading()
+            self.eof = True
+            self.relay._saw_end(self.src_side)
+            self.sender.send_eof()
+            return
+        self.bytes += n
+        self.relay.timers.last_activity = self.loop.time()
+        self.in_pipe = n
+        self._splice_out()
+
+    def _splice_out(self) -> None:
+        pipe = self.pipe
+        assert pipe is not None
+        while self.in_pipe:
+            try:
+                sent = _splice.splice(pipe[0], self.dst_fd, self.in_pipe, _splice.FLAGS)  # type: ignore[misc]
+            except (BlockingIOError, InterruptedError):
+                self._stop_reading()
+                if not self.writing:
+                    self.loop.add_writer(self.dst_fd, self._splice_out)
+                    self.writing = True
+                return
+            except OSError as exc:
+                if exc.errno in _NO_SPLICE_ERRNOS:
+                    self.use_copy()
+                    return
+                self.relay._failed(self.sender.side, exc)
+                return
+            self.in_pipe -= sent
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+        self._release_pipe()
+        if not self.reading and not self.relay.closed:
+            self._read(self.fast_reader)
+
+    def _release_pipe(self) -> None:
+        pipe, self.pipe = self.pipe, None
+        if pipe is not None:
+            if self.in_pipe:
+                _splice.pipes.discard(pipe)
+                self.in_pipe = 0
+            else:
+                _splice.pipes.release(pipe)
+
+    def use_copy(self) -> None:
+        """Leave the zero-copy path for good: bytes already in the pipe go to the
+        sender first, so order is kept."""
+        if self.fast_reader == self._on_readable:
+            return
+        was_reading = self.reading
+        self._stop_reading()
+        self.fast_reader = self._on_readable
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+        if self.pipe is not None and self.in_pipe:
+            held = bytearray()
+            while len(held) < self.in_pipe:
+                try:
+                    chunk = os.read(self.pipe[0], self.in_pipe - len(held))
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                held += chunk
+            self.in_pipe = 0
+            self.sender.write(held)
+        self._release_pipe()
+        if self.relay.closed or self.chained or self.eof:
+            return
+        if self.sender.buf:
+            self.sender.on_drained = self._resume
+        elif was_reading or self.relay.started:
+            self._read(self.fast_reader)
+
     # -- chain mode ------------------------------------------------------------
 
     def set_stages(self, stages: StageList) -> None:
@@ -327,6 +438,7 @@ class _Flow:
             self.wake.set()
 
     def _enter_chain(self) -> None:
+        self.use_copy()
         self.chained = True
         self.relay.path = "chain"
         self._stop_reading()
@@ -399,6 +511,7 @@ class _Flow:
     async def _apply_changes(self) -> None:
         wanted = self.wanted
         keep = {id(stage) for _, stage in wanted}
+        old = {id(stage) for _, stage in self.stages}
         for out, (_, stage) in zip(list(self.outs), list(self.stages), strict=True):
             if id(stage) not in keep:
                 out.interrupt()
@@ -406,6 +519,9 @@ class _Flow:
                 stage.close()
         self.stages = wanted
         self.outs = [_Out(self, i) for i in range(len(wanted))]
+        for out, (_, stage) in zip(self.outs, wanted, strict=True):
+            if id(stage) not in old:
+                stage.start(out)
 
     async def _data_from(self, index: int, data: bytes) -> None:
         if index < len(self.stages):
@@ -422,6 +538,10 @@ class _Flow:
 
     def stop(self) -> None:
         self._stop_reading()
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+        self._release_pipe()
         if self.pump is not None:
             self.pump.cancel()
             self.pump = None
@@ -450,6 +570,7 @@ class Relay:
         idle_timeout_s: float,
         half_close_timeout_s: float,
         on_close: Callable[[Relay], None],
+        splice: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
@@ -463,8 +584,10 @@ class Relay:
         self.reason: CloseReason | None = None
         self.detail = ""
         self.first_close: str | None = None
-        self.path = "copy"
+        self.splice = splice and _splice.AVAILABLE
+        self.path = "splice" if self.splice else "copy"
         self.connect_time_s = 0.0
+        self._closing: tuple[CloseReason, str] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ended = 0
         to_upstream = _Sender(self, upstream, UPSTREAM_SIDE)
@@ -486,15 +609,26 @@ class Relay:
         return self.up if direction == "upstream" else self.down
 
     def set_stages(self, direction: str, stages: StageList) -> None:
-        """Replace a direction's chain, live: removed stages are flushed first."""
-        if not self.closed:
-            self.flow(direction).set_stages(stages)
+        """Replace a direction's chain, live: removed stages are flushed first.
+
+        A connection with any stage leaves the zero-copy path in both directions
+        (a stage may ``reply`` into the other direction's socket, which must then
+        be written in order through its sender)."""
+        if self.closed:
+            return
+        if stages and self.path == "splice":
+            self.path = "copy"
+            if self.started:
+                self.up.use_copy()
+                self.down.use_copy()
+            self.splice = False
+        self.flow(direction).set_stages(stages)
 
     def start(self) -> None:
         """Begin relaying.  Call once."""
         self.started = True
-        self.up.start()
-        self.down.start()
+        self.up.start(self.splice)
+        self.down.start(self.splice)
         self._arm()
 
     def close(self, reason: CloseReason, detail: str = "", side: str = PROXY) -> None:
@@ -505,6 +639,24 @@ class Relay:
         """Reset both sockets (RST) now."""
         self._finish(reason, detail, side, reset=True)
 
+    def close_after_flush(self, reason: CloseReason, detail: str = "") -> None:
+        """Stop reading both ways, deliver what was already passed to the senders,
+        then FIN both ways and close (bounded by the half-close timeout)."""
+        if self.closed or self._closing is not None:
+            return
+        self._closing = (reason, detail)
+        if self.first_close is None:
+            self.first_close = PROXY
+        self.timers.half_closed(self.loop.time())
+        self._arm()
+        current = asyncio.current_task()
+        for flow in (self.up, self.down):
+            flow._stop_reading()
+            flow.eof = True
+            if flow.pump is not None and flow.pump is not current:
+                flow.pump.cancel()
+            flow.sender.send_eof()
+
     # -- events from flows and senders ---------------------------------------
 
     def _saw_end(self, side: str) -> None:
@@ -514,7 +666,8 @@ class Relay:
     def _direction_ended(self, sender: _Sender) -> None:
         self._ended += 1
         if self._ended == 2:
-            self.close(CloseReason.EOF, "", self.first_close or PROXY)
+            reason, detail = self._closing or (CloseReason.EOF, "")
+            self.close(reason, detail, self.first_close or PROXY)
         else:
             self.timers.half_closed(self.loop.time())
             self._arm()

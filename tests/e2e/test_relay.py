@@ -331,7 +331,7 @@ def test_connect_then_close_leaves_no_descriptor_behind() -> None:
             w.close()
             await asyncio.sleep(0.2)
             before = fd_count()
-            for batch in range(20):
+            for _ in range(20):
                 conns = [await asyncio.open_connection(*proxy.address) for _ in range(100)]
                 for _, writer in conns:
                     writer.close()

@@ -1,0 +1,96 @@
+"""``slicer``: cut each chunk into smaller pieces, optionally pausing between them.
+
+Toxiproxy semantics (``toxics/slicer.go``): a chunk of ``n`` bytes is split
+recursively: if ``n - average_size <= size_variation`` it is one piece; otherwise
+it is cut at ``n/2 + r`` with ``r`` drawn uniformly from ``[-size_variation,
+size_variation)`` and both halves are split the same way (left first, so pieces
+come out in order).  Every piece is therefore at most ``average_size +
+size_variation`` bytes.  After each piece (the last one included) the toxic waits
+``delay`` microseconds.  Slicing never changes the bytes, only where TCP segments
+may end.
+
+Attributes: ``average_size`` (bytes, default 0), ``size_variation`` (bytes,
+default 0), ``delay`` (µs, default 0).
+
+Deliberate difference: Toxiproxy accepts ``average_size`` 0 and ``size_variation >=
+average_size`` and then panics or loops when data arrives (Go's ``rand.Intn(0)``, a
+negative slice bound).  midway rejects both when the toxic is made: ``average_size``
+must be at least 1 and ``size_variation`` smaller than it, which guarantees every
+piece is at least one byte.  ``size_variation`` 0 cuts exactly in halves.
+
+Removal: the rest of the chunk is sent at once, in one piece.  Memory: one chunk
+held, plus its list of cut points (about ``n / average_size`` integers).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from midway.chain.base import Output
+from midway.chain.toxics.base import Attributes, Toxic, ToxicError, ToxicStage, attribute
+
+__all__ = ["SlicerAttributes", "SlicerToxic", "SlicerStage", "slice_points"]
+
+
+@dataclass(frozen=True)
+class SlicerAttributes(Attributes):
+    toxic_type = "slicer"
+
+    average_size: int = attribute(0, "bytes", "average size of a piece", minimum=1)
+    size_variation: int = attribute(0, "bytes", "± variation of a piece; below average_size")
+    delay: int = attribute(0, "microseconds", "wait after each piece")
+
+    def check(self) -> None:
+        if self.size_variation >= self.average_size:
+            raise ToxicError(
+                "attributes.size_variation",
+                f"must be smaller than average_size ({self.average_size}),"
+                f" got {self.size_variation}",
+            )
+
+
+def slice_points(size: int, average: int, variation: int, rng: random.Random) -> list[int]:
+    """The end offset of every piece of a ``size``-byte chunk, in order (the last is
+    ``size``).  Same recursion and random draws as Toxiproxy's ``chunk()``."""
+    ends: list[int] = []
+
+    def split(start: int, end: int) -> None:
+        if (end - start) - average <= variation:
+            ends.append(end)
+            return
+        mid = start + (end - start) // 2
+        if variation > 0:
+            mid += rng.randrange(2 * variation) - variation
+        split(start, mid)
+        split(mid, end)
+
+    if size > 0:
+        split(0, size)
+    return ends
+
+
+class SlicerStage(ToxicStage[SlicerAttributes]):
+    async def data(self, data: bytes, out: Output) -> None:
+        if self.bypass:
+            await out.send(data)
+            return
+        attrs = self.attributes
+        start = 0
+        for end in slice_points(
+            len(data), attrs.average_size, attrs.size_variation, self.toxic.rng
+        ):
+            await out.send(data[start:end])
+            start = end
+            if not await self.pause(out, attrs.delay / 1_000_000):
+                break
+        if start < len(data):
+            await out.send(data[start:])
+
+
+class SlicerToxic(Toxic[SlicerAttributes]):
+    type = "slicer"
+    attributes_class = SlicerAttributes
+
+    def make_stage(self) -> SlicerStage:
+        return SlicerStage(self)

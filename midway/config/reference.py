@@ -1,0 +1,195 @@
+"""The configuration reference, ``docs/configuration.md``, generated from the schema.
+
+Every option row comes from an :func:`~midway.config.schema.option` declaration, so
+the reference cannot promise what the loader and the command line do not do.  Only
+``listen`` and ``upstreams`` are described by hand here: they are required keys of
+each proxy, not options with a default.
+
+Regenerate the file with::
+
+    python -m midway.config.reference > docs/configuration.md
+
+``tests/unit/test_config_reference.py`` fails when the file and the schema disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import MISSING, Field
+from typing import Any
+
+from .schema import OptionInfo, ProxyConfig, ServerConfig, options_of
+
+__all__ = ["render_reference", "EXAMPLE_TOML"]
+
+REGENERATE = "python -m midway.config.reference > docs/configuration.md"
+
+EXAMPLE_TOML = """\
+[server]
+drain_timeout_s = 10
+access_log = "-"                  # one JSON line per connection on standard output
+
+[defaults]                        # every proxy inherits these
+connect_timeout_s = 3
+idle_timeout_s = 600
+
+[proxy.redis]
+listen = "127.0.0.1:6380"
+upstreams = ["10.0.0.5:6379", "10.0.0.6:6379"]   # round-robin
+
+[proxy.web]
+listen = [":8080", "unix:/run/midway/web.sock"]
+upstreams = "127.0.0.1:8000"
+idle_timeout_s = 0                # overrides [defaults]: never close an idle connection
+"""
+"""The example shown in the reference; the tests load it, so it stays valid."""
+
+# Written by hand: these two keys are not `option()` fields (they have no default).
+_REQUIRED_PROXY_KEYS = (
+    ("listen", "`LISTEN` (1st argument)", "address, or list of addresses",
+     "Where to accept clients: `host:port`, `[v6]:port`, `:port` (every interface) "
+     "or `unix:/path`.  Port 0 picks a free port.  No two listeners, in any proxy, "
+     "may share an address (`:6380` conflicts with `127.0.0.1:6380`)."),
+    ("upstreams", "`UPSTREAM ...` (further arguments)", "address, or list of addresses",
+     "Where to forward each connection: `host:port`, `[v6]:port` or `unix:/path` "
+     "(port 1-65535, host required).  Several are used as `balance` says; a name is "
+     "looked up on every connection, so DNS changes are followed."),
+)
+
+_NO_FLAG = "—"
+
+
+def _flag(name: str) -> str:
+    # The same rule as midway.cli._flag; the reference test checks every flag
+    # listed here against `midway --help`, so the two cannot drift apart.
+    return "--" + name.replace("_", "-")
+
+
+def _cell(text: str) -> str:
+    """Make ``text`` safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _type(kind: Any, info: OptionInfo) -> str:
+    if kind is bool:
+        return "boolean"
+    if kind is str:
+        if info.choices:
+            return "one of " + ", ".join(f"`{c}`" for c in info.choices)
+        return "string"
+    name = "integer" if kind is int else "number"
+    low, high = info.minimum, info.maximum
+    if low is not None and high is not None:
+        return f"{name}, {_number(low)}-{_number(high)}"
+    if low is not None:
+        return f"{name}, ≥ {_number(low)}"
+    if high is not None:
+        return f"{name}, ≤ {_number(high)}"
+    return name
+
+
+def _default(f: Field[Any], info: OptionInfo) -> str:
+    value = f.default
+    assert value is not MISSING, f"option {f.name} has no default"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    text = f"`{_number(value)}`"
+    return f"{text} {info.unit}" if info.unit else text
+
+
+def _meaning(kind: Any, info: OptionInfo) -> str:
+    parts = [info.doc.strip()]
+    if info.zero:
+        if kind is str:
+            parts.append("**Empty:** " + info.zero.removeprefix("(empty) ") + ".")
+        else:
+            parts.append(f"**0:** {info.zero}.")
+    if info.provenance:
+        parts.append(f"*Default from:* {info.provenance}.")
+    return " ".join(parts)
+
+
+def _option_rows(cls: type) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f, info in options_of(cls):
+        kind = hints[f.name]
+        if not info.cli:
+            flag = _NO_FLAG
+        elif kind is bool:  # argparse.BooleanOptionalAction adds the --no- form
+            flag = f"`{_flag(f.name)}`, `{_flag('no_' + f.name)}`"
+        else:
+            flag = f"`{_flag(f.name)}`"
+        cells = [f"`{f.name}`", flag, _type(kind, info), _default(f, info), _meaning(kind, info)]
+        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return rows
+
+
+_TABLE_HEAD = [
+    "| Key | Command-line flag | Type | Default | Meaning |",
+    "|---|---|---|---|---|",
+]
+
+
+def render_reference() -> str:
+    """The whole of ``docs/configuration.md`` as a string (ends with one newline)."""
+    proxy_required = [
+        "| " + " | ".join(_cell(c) for c in (f"`{key}`", flag, kind, "required", text)) + " |"
+        for key, flag, kind, text in _REQUIRED_PROXY_KEYS
+    ]
+    lines = [
+        "<!-- Generated from midway/config/schema.py by midway/config/reference.py: do not",
+        f"     edit by hand.  Regenerate with: {REGENERATE} -->",
+        "",
+        "# Configuration reference",
+        "",
+        "midway reads a TOML file (`midway --config FILE`) or, for a single proxy, the",
+        "command line (`midway LISTEN UPSTREAM [UPSTREAM ...] [options]`).  Both are",
+        "checked in full before anything binds; `midway --config FILE --check` only",
+        "checks.  An error names the key path, e.g. `proxy.redis.upstreams[1]`, and an",
+        "unknown key comes with the closest valid one.",
+        "",
+        "Units are part of the key names (`_s` is seconds); a number of seconds may have",
+        "a fraction.",
+        "",
+        "## `[server]`: the whole process",
+        "",
+        *_TABLE_HEAD,
+        *_option_rows(ServerConfig),
+        "",
+        "## `[defaults]` and `[proxy.NAME]`: each proxy",
+        "",
+        "Each `[proxy.NAME]` table is one proxy.  NAME is 1-64 letters, digits, `_`, `.`",
+        "or `-`, starting with a letter or digit.  `[defaults]` takes the same options",
+        "(not `listen` or `upstreams`) and every proxy inherits them unless it sets its",
+        "own.",
+        "",
+        *_TABLE_HEAD,
+        *proxy_required,
+        *_option_rows(ProxyConfig),
+        "",
+        "## Command line",
+        "",
+        "The proxy flags above configure the one proxy of the quick form; with",
+        "`--config`, set them in the file instead (`[defaults]` applies them to every",
+        "proxy).  The `[server]` flags work in both forms and override the file.  A key",
+        "marked — has no flag.",
+        "",
+        "## Example",
+        "",
+        "```toml",
+        *EXAMPLE_TOML.splitlines(),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_reference())

@@ -1,0 +1,88 @@
+"""Zero-copy support: ``os.splice`` through pooled pipes (Linux).
+
+The relay's fast path moves bytes socket → pipe → socket with ``splice(2)``, so
+they never enter Python: the interpreter only reacts to readiness.  A pipe is
+borrowed from :class:`PipePool` when data arrives and returned as soon as it is
+empty again, as HAProxy does, so an idle connection holds no pipe and no extra
+descriptors.  If no pipe can be made (out of descriptors) the relay copies that
+read through user space instead; if the kernel refuses splice for a socket type,
+that direction falls back to copying for good.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+
+__all__ = ["AVAILABLE", "PIPE_SIZE", "FLAGS", "PipePool", "pipes", "splice"]
+
+AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
+"""Whether this platform can splice at all."""
+
+PIPE_SIZE = 1 << 20
+"""Bytes one pipe may hold (F_SETPIPE_SZ): 1 MiB, Linux's default
+/proc/sys/fs/pipe-max-size.  Bigger pipes mean fewer splice calls (and Python
+callbacks) per megabyte; the pages are only used while data is in flight.  If the
+kernel refuses it, the pipe keeps the 64 KiB default."""
+
+MAX_IDLE_PIPES = 64
+"""Empty pipes kept for reuse; more are closed when returned (HAProxy keeps a
+similar small cache of free pipes)."""
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+splice = getattr(os, "splice", None)
+
+
+class PipePool:
+    """Empty, non-blocking pipes ready to borrow."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = MAX_IDLE_PIPES) -> None:
+        self.size = size
+        self.keep = keep
+        self._idle: list[tuple[int, int]] = []
+        self.created = 0
+
+    def acquire(self) -> tuple[int, int] | None:
+        """An empty pipe (read fd, write fd), or ``None`` if none can be made."""
+        if self._idle:
+            return self._idle.pop()
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass  # keep the default size
+        self.created += 1
+        return r, w
+
+    def release(self, pipe: tuple[int, int]) -> None:
+        """Give back an empty pipe."""
+        if len(self._idle) < self.keep:
+            self._idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        """Close a pipe (one that may still hold data)."""
+        for fd in pipe:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def clear(self) -> None:
+        while self._idle:
+            self.discard(self._idle.pop())
+
+
+pipes = PipePool()
+"""The process-wide pool."""

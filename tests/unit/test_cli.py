@@ -1,0 +1,353 @@
+"""``python -m midway`` as a user runs it: exit codes (0 clean, 1 could not start,
+2 bad command line or configuration) and one-line messages without tracebacks."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+import midway
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 20
+EXIT_OK, EXIT_START_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def midway_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "midway", *args]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(midway_cmd(*args), cwd=REPO, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def assert_one_clean_line(stderr: str) -> str:
+    """The user sees exactly one line, and no Python internals."""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+GOOD_TOML = """
+[proxy.redis]
+listen = "127.0.0.1:0"
+upstreams = ["127.0.0.1:6379"]
+
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = "127.0.0.1:8000"
+"""
+
+
+@pytest.fixture
+def good_config(tmp_path: Path) -> Path:
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD_TOML)
+    return path
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port some other socket is already listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+# --- exit 2: bad command line or configuration --------------------------------
+
+
+def test_no_arguments_says_what_is_needed() -> None:
+    result = run()
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert "need a LISTEN address and at least one UPSTREAM" in line
+    assert "--config FILE" in line
+
+
+def test_listen_without_upstream() -> None:
+    result = run("127.0.0.1:0")
+    assert result.returncode == EXIT_USAGE
+    assert "at least one UPSTREAM" in assert_one_clean_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("upstreams", "bad", "words"),
+    [
+        (["127.0.0.1:80", "nohost"], "nohost", "expected host:port"),
+        (["127.0.0.1:0"], "127.0.0.1:0", "port must be between 1 and 65535"),
+        (["10.0.0.1:80", "10.0.0.2:80", ":80"], ":80", "an upstream needs a host"),
+    ],
+)
+def test_bad_upstream_is_named(upstreams: list[str], bad: str, words: str) -> None:
+    result = run("127.0.0.1:0", *upstreams)
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert f"UPSTREAM {bad!r}" in line
+    assert words in line
+
+
+def test_bad_listen_is_named() -> None:
+    result = run("127.0.0.1:http", "127.0.0.1:80")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert "LISTEN '127.0.0.1:http'" in line and "is not a number" in line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--idle-timeout-s", "-1", "must be at least 0"),
+        ("--connect-timeout-s", "nan", "expected a finite number"),
+        ("--backlog", "0", "must be at least 1"),
+        ("--balance", "random", "'random' is not one of: round_robin"),
+        ("--drain-timeout-s", "-5", "must be at least 0"),
+        ("--log-level", "loud", "is not one of: debug, info, warning, error"),
+    ],
+)
+def test_bad_flag_value_names_the_flag(flag: str, value: str, words: str) -> None:
+    result = run(flag, value, "127.0.0.1:0", "127.0.0.1:80")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line.startswith(f"midway: {flag}: ")
+    assert words in line
+
+
+def test_flag_value_of_the_wrong_type_is_a_usage_error() -> None:
+    result = run("--idle-timeout-s", "soon", "127.0.0.1:0", "127.0.0.1:80")
+    assert result.returncode == EXIT_USAGE
+    assert "Traceback" not in result.stderr
+    assert "--idle-timeout-s" in result.stderr and "'soon'" in result.stderr
+
+
+def test_config_typo_names_key_path_and_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text('[proxy.redis]\nlisten = ":0"\nupstreams = "h:1"\nidel_timeout_s = 5\n')
+    result = run("--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert "proxy.redis.idel_timeout_s" in line
+    assert "did you mean 'idle_timeout_s'?" in line
+
+
+def test_config_with_a_proxy_flag_is_refused(good_config: Path) -> None:
+    result = run("--config", str(good_config), "--idle-timeout-s", "5")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert "--idle-timeout-s" in line and "[defaults]" in line
+
+
+def test_config_with_addresses_is_refused(good_config: Path) -> None:
+    result = run("--config", str(good_config), "127.0.0.1:0", "127.0.0.1:80")
+    assert result.returncode == EXIT_USAGE
+    assert "not both" in assert_one_clean_line(result.stderr)
+
+
+def test_config_file_missing(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    result = run("--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert str(path) in line and "No such file or directory" in line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--drain-timeout-s", "-1"), ("--log-level", "loud")]
+)
+def test_config_with_a_bad_server_flag_is_refused(
+    good_config: Path, flag: str, value: str
+) -> None:
+    result = run("--config", str(good_config), flag, value, "--check")
+    assert result.returncode == EXIT_USAGE
+    assert flag in assert_one_clean_line(result.stderr)
+
+
+# --- --check ------------------------------------------------------------------------
+
+
+def test_check_good_config(good_config: Path) -> None:
+    result = run("--check", "--config", str(good_config))
+    assert result.returncode == EXIT_OK
+    assert "configuration OK" in result.stdout
+    assert "redis" in result.stdout and "web" in result.stdout
+    assert result.stderr == ""
+
+
+def test_check_quick_form() -> None:
+    result = run("--check", "127.0.0.1:0", "127.0.0.1:80", "--idle-timeout-s", "0")
+    assert result.returncode == EXIT_OK
+    assert "configuration OK" in result.stdout
+
+
+def test_check_does_not_bind(busy_port: int) -> None:
+    # The port is taken, but --check only validates: it must still say OK.
+    result = run("--check", f"127.0.0.1:{busy_port}", "127.0.0.1:80")
+    assert result.returncode == EXIT_OK
+
+
+def test_check_conflicting_config(tmp_path: Path) -> None:
+    path = tmp_path / "conflict.toml"
+    path.write_text('[proxy.a]\nlisten = ":6380"\nupstreams = "h:1"\n'
+                    '[proxy.b]\nlisten = "127.0.0.1:6380"\nupstreams = "h:1"\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert "proxy.b.listen[0]" in line and "conflicts with :6380" in line
+    assert "configuration OK" not in result.stdout
+
+
+# --- exit 1: serving could not start ----------------------------------------------
+
+
+def test_listen_address_in_use(busy_port: int) -> None:
+    result = run(f"127.0.0.1:{busy_port}", "127.0.0.1:80")
+    assert result.returncode == EXIT_START_FAILED
+    line = assert_one_clean_line(result.stderr)
+    assert f"127.0.0.1:{busy_port}" in line
+    assert "address already in use" in line
+
+
+def test_listen_address_in_use_from_config_file(tmp_path: Path, busy_port: int) -> None:
+    path = tmp_path / "busy.toml"
+    path.write_text(f'[proxy.a]\nlisten = ["127.0.0.1:0", "127.0.0.1:{busy_port}"]\n'
+                    'upstreams = "127.0.0.1:80"\n')
+    result = run("--config", str(path))
+    assert result.returncode == EXIT_START_FAILED
+    line = assert_one_clean_line(result.stderr)
+    assert f"127.0.0.1:{busy_port}" in line and "address already in use" in line
+
+
+def test_unresolvable_listen_host() -> None:
+    result = run("no-such-host.invalid:0", "127.0.0.1:80")
+    assert result.returncode == EXIT_START_FAILED
+    line = assert_one_clean_line(result.stderr)
+    assert "no-such-host.invalid" in line
+    assert "cannot resolve" in line
+
+
+# --- exit 0 ------------------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == EXIT_OK
+    assert result.stdout.strip() == f"midway {midway.__version__}"
+
+
+def test_help_lists_usage_and_exits_0() -> None:
+    result = run("--help")
+    assert result.returncode == EXIT_OK
+    assert "midway LISTEN UPSTREAM" in result.stdout
+    assert "--config FILE" in result.stdout
+
+
+class _LineReader:
+    """Collects a pipe's lines on a thread, so waiting for one can have a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, deadline: float) -> str:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r} before the deadline; got {self.seen!r}")
+
+    def rest(self, timeout: float) -> str:
+        """Everything after the lines already seen, once the pipe has closed."""
+        self._thread.join(timeout)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+
+@pytest.fixture
+def upstream() -> Iterator[socket.socket]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.settimeout(TIMEOUT_S)
+        yield sock
+
+
+def _start(*args: str) -> tuple[subprocess.Popen[str], _LineReader, int]:
+    """Start midway; return it, its stderr lines and the port it announced."""
+    proc = subprocess.Popen(midway_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    stderr = _LineReader(proc.stderr)
+    try:
+        listening = stderr.wait_for("listening on 127.0.0.1:", time.monotonic() + TIMEOUT_S)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, stderr, int(listening.split("listening on 127.0.0.1:", 1)[1].split(",", 1)[0])
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_relays_then_stops_cleanly_on_signal(signame: str, upstream: socket.socket) -> None:
+    up_port = upstream.getsockname()[1]
+    proc, stderr, port = _start("127.0.0.1:0", f"127.0.0.1:{up_port}", "--drain-timeout-s", "1")
+    try:
+        assert port != 0  # the log shows the port the kernel picked
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as client:
+            client.sendall(b"ping")
+            conn, _ = upstream.accept()
+            with conn:
+                conn.settimeout(TIMEOUT_S)
+                assert conn.recv(16) == b"ping"
+                conn.sendall(b"pong")
+                assert client.recv(16) == b"pong"
+        # Bytes went through, so the event loop is serving (and its signal handlers
+        # are installed): the signal must now lead to a clean stop.
+        proc.send_signal(getattr(signal, signame))
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    log = stderr.rest(timeout=TIMEOUT_S)
+    assert proc.returncode == EXIT_OK
+    assert "Traceback" not in log
+    assert f"{signame}: stopping" in log
+    assert log.rstrip().endswith("stopped")
+
+
+def test_sigterm_right_after_listening_still_stops_cleanly() -> None:
+    proc, stderr, _ = _start("127.0.0.1:0", "127.0.0.1:9")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    assert proc.returncode == EXIT_OK
+    assert stderr.rest(timeout=TIMEOUT_S).rstrip().endswith("stopped")
