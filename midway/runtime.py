@@ -14,6 +14,7 @@ import resource
 from collections.abc import Iterable
 
 from .chain.base import Element
+from .chain.registry import build_elements
 from .config.schema import Config, ProxyConfig, ServerConfig
 from .core.observer import AccessLog, CloseReason, CloseRecord, Observer
 from .errors import ConfigError, ListenError
@@ -96,7 +97,8 @@ class Runtime:
                                   f"cannot open {self.server.access_log}: {exc.strerror}") from exc
             self.observers.append(self._access_log)
         services = [
-            ProxyService(p, self, self._initial_elements.get(p.name, ())) for p in self.config.proxies
+            ProxyService(p, self, [*build_elements(p), *self._initial_elements.get(p.name, ())])
+            for p in self.config.proxies
         ]
         try:
             for service in services:
@@ -147,7 +149,7 @@ class Runtime:
         name or conflicting listener, :class:`ListenError` if it cannot bind."""
         if config.name in self.services:
             raise ConfigError(f"proxy.{config.name}", "a proxy with this name already exists")
-        service = ProxyService(config, self, elements)
+        service = ProxyService(config, self, [*build_elements(config), *elements])
         service.bind()
         self.services[config.name] = service
         if not self.stopping:
