@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -24,6 +24,7 @@ from .config.load import build_options, config_from_dict, load_config
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
 from .runtime import Runtime
+from .workers import run_supervisor, worker_count
 
 __all__ = ["main", "build_parser"]
 
@@ -58,6 +59,14 @@ def _help(info: Any, default: Any) -> str:
     return text.replace("%", "%%")
 
 
+def _with_words(kind: Any, words: dict[str, Any]) -> Any:
+    """An argparse type that also accepts the option's words (e.g. ``auto``)."""
+    def convert(text: str) -> Any:
+        return words[text] if text in words else kind(text)
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def _add_schema_flags(group: argparse._ArgumentGroup, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for field, info in options_of(cls):
@@ -69,7 +78,7 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _with_words(kind, dict(info.words)) if info.words else kind
             kwargs["metavar"] = info.metavar or ("|".join(info.choices) if info.choices else None)
         group.add_argument(_flag(field.name), **kwargs)
 
@@ -196,6 +205,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     _setup_logging(config.server.log_level)
     try:
-        return asyncio.run(serve(config))
+        factory = loop_factory(config.server.loop)
+    except ConfigError as exc:
+        print(f"midway: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def serve_here(config: Config) -> int:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(serve(config))
+
+    try:
+        workers = worker_count(config.server.workers)
+        if workers > 1:
+            return run_supervisor(config, workers, serve_here)
+        return serve_here(config)
+    except (ListenError, ConfigError) as exc:
+        log.error("%s", exc)
+        return EXIT_START_FAILED if isinstance(exc, ListenError) else EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run on: ``None`` means the standard library's."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigError("", "--loop uvloop: uvloop is not installed "
+                                  "(pip install 'midway[fast]')") from None
+        return None
+    return uvloop.new_event_loop

@@ -75,6 +75,8 @@ class Runtime:
         self._access_log: AccessLog | None = None
         self.started = False
         self.stopping = False
+        self.reuse_port = config.server.workers != 1
+        """Bind with SO_REUSEPORT: other worker processes share the listeners."""
 
     @property
     def server(self) -> ServerConfig:

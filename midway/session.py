@@ -71,7 +71,8 @@ class ProxyService:
         socks = []
         try:
             for address in self.config.listen:
-                socks.append((address, open_listening_socket(address, self.config.backlog)))
+                socks.append((address, open_listening_socket(
+                    address, self.config.backlog, reuse_port=self.runtime.reuse_port)))
         except ListenError:
             for _, sock in socks:
                 sock.close()

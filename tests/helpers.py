@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,11 +21,39 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
+@dataclass
+class Mode:
+    """How the proxy under test moves bytes: ``path`` is ``splice`` or ``copy``;
+    ``loop`` is ``asyncio`` or ``uvloop``.  tests/e2e/conftest.py runs every
+    end-to-end test in each mode."""
+
+    path: str = "splice"
+    loop: str = "asyncio"
+
+    def loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
+        if self.loop == "uvloop":
+            import uvloop
+            return uvloop.new_event_loop
+        return None
+
+    def cli_args(self, args: list[str]) -> list[str]:
+        """Flags that select this mode for a ``python -m midway`` child."""
+        extra = ["--loop", self.loop]
+        if self.path == "copy" and "--config" not in args:
+            extra.append("--no-splice")
+        return extra
+
+
+MODE = Mode()
+
+
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    """Run ``coro`` on a fresh event loop, failing (not hanging) after ``timeout``."""
+    """Run ``coro`` on a fresh event loop (of the current :data:`MODE`), failing
+    (not hanging) after ``timeout``."""
     async def bounded() -> T:
         return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
+    with asyncio.Runner(loop_factory=MODE.loop_factory()) as runner:
+        return runner.run(bounded())
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -75,6 +104,7 @@ class ProxyProcess:
     def __init__(self, *args: str, preexec: Callable[[], None] | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.args = list(args)
+        self.args += MODE.cli_args(self.args)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "midway", *self.args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

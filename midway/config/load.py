@@ -74,6 +74,8 @@ def _table(value: Any, path: str) -> Mapping[str, Any]:
 
 def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
     """Check one option value against its declared type and limits."""
+    if isinstance(value, str) and value in dict(info.words):
+        return dict(info.words)[value]
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {value!r}")

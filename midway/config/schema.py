@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOOPS = ("auto", "asyncio", "uvloop")
 BALANCERS = ("round_robin",)
 
 
@@ -50,6 +51,8 @@ class OptionInfo:
     cli: bool = True
     """Whether the quick command line offers it as a flag."""
     metavar: str = ""
+    words: tuple[tuple[str, Any], ...] = ()
+    """Words accepted in place of a value, e.g. ``(("auto", 0),)``."""
 
 
 def option(default: Any, doc: str, **info: Any) -> Any:
@@ -160,6 +163,20 @@ class ServerConfig:
     log_level: str = option(
         "info", "Least severity of the log lines written to standard error.",
         choices=LOG_LEVELS,
+    )
+    loop: str = option(
+        "auto",
+        "Event loop: uvloop (faster; pip install 'midway[fast]'), the standard "
+        "library's asyncio, or auto (uvloop when installed).",
+        choices=LOOPS,
+    )
+    workers: int = option(
+        1,
+        "Worker processes, each serving every listener through SO_REUSEPORT so the "
+        "kernel spreads connections across them.  A supervisor restarts a crashed "
+        "worker, forwards signals and drains them all on shutdown.",
+        zero="one worker per CPU ('auto' means the same)", minimum=0, maximum=1024,
+        metavar="N|auto", words=(("auto", 0),),
     )
 
 

@@ -37,8 +37,10 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 
 
-def open_listening_socket(address: Address, backlog: int) -> socket.socket:
-    """Bind and listen on ``address``; raises :class:`ListenError` naming it."""
+def open_listening_socket(address: Address, backlog: int, *,
+                          reuse_port: bool = False) -> socket.socket:
+    """Bind and listen on ``address``; raises :class:`ListenError` naming it.
+    ``reuse_port`` sets SO_REUSEPORT so several workers can share the address."""
     try:
         if address.is_unix:
             assert address.path is not None
@@ -52,14 +54,17 @@ def open_listening_socket(address: Address, backlog: int) -> socket.socket:
                 raise
         elif address.host in ("", "::") and socket.has_dualstack_ipv6():
             sock = socket.create_server(("::", address.port), family=socket.AF_INET6,
-                                        backlog=backlog, dualstack_ipv6=True)
+                                        backlog=backlog, dualstack_ipv6=True,
+                                        reuse_port=reuse_port)
         elif address.host == "":
-            sock = socket.create_server(("0.0.0.0", address.port), backlog=backlog)
+            sock = socket.create_server(("0.0.0.0", address.port), backlog=backlog,
+                                        reuse_port=reuse_port)
         else:
             infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
             family, _, _, _, sockaddr = infos[0]
-            sock = socket.create_server(sockaddr, family=family, backlog=backlog)
+            sock = socket.create_server(sockaddr, family=family, backlog=backlog,
+                                        reuse_port=reuse_port)
     except socket.gaierror as exc:
         raise ListenError(f"cannot listen on {address}: cannot resolve {address.host!r} "
                           f"({exc.strerror})") from exc

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from .. import helpers
 from ..helpers import free_port, proxy_process, wait_until
 
 
@@ -185,6 +186,7 @@ max_connections = {server_limit}
 listen = "127.0.0.1:0"
 upstreams = ["127.0.0.1:{echo.port}"]
 backlog = 512
+splice = {"true" if helpers.MODE.path == "splice" else "false"}
 """)
     with proxy_process("--config", str(config), preexec=_low_nofile) as proxy:
         storm = []

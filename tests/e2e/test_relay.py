@@ -14,6 +14,7 @@ import pytest
 import midway
 from midway.core.observer import CloseRecord
 
+from .. import helpers
 from ..helpers import echo_handler, fd_count, read_exactly, read_to_eof, run, serve
 
 
@@ -135,6 +136,8 @@ def test_client_half_close_then_upstream_answers() -> None:
             (record,) = await records.wait()
             assert record.reason == "eof"
             assert record.first_close == "client"
+            # With no element attached the fast path ran: splice where available.
+            assert record.path == helpers.MODE.path
             assert (record.bytes_up, record.bytes_down) == (5000, 5010)
 
     run(main())
