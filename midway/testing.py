@@ -80,6 +80,7 @@ class BackgroundProxy:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the proxy's loop and wait for its result."""
         if self._loop is None:
+            coro.close()
             raise MidwayError("the background proxy is not running")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_START_TIMEOUT_S)
 

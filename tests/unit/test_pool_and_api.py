@@ -1,0 +1,62 @@
+"""Upstream order (round-robin with failover) and the public API surface."""
+
+import pytest
+
+import midway
+from midway.config.addresses import parse_address
+from midway.upstream.pool import UpstreamPool
+
+
+def test_round_robin_rotates_the_start_and_offers_every_upstream() -> None:
+    ups = [parse_address(f"10.0.0.{i}:80", listen=False) for i in range(3)]
+    pool = UpstreamPool(ups)
+    orders = [pool.candidates() for _ in range(4)]
+    assert [o[0] for o in orders] == [ups[0], ups[1], ups[2], ups[0]]
+    for order in orders:  # failover tries all of them, each once
+        assert sorted(map(str, order)) == sorted(map(str, ups))
+
+
+def test_pool_needs_an_upstream() -> None:
+    with pytest.raises(ValueError):
+        UpstreamPool([])
+
+
+def test_public_api_is_explicit() -> None:
+    assert sorted(midway.__all__) == sorted([
+        "__version__", "Proxy", "BackgroundProxy", "proxy_config", "Runtime", "Config",
+        "ProxyConfig", "ServerConfig", "load_config", "config_from_dict", "Element", "Stage",
+        "Attachment", "Output", "ConnectionInfo", "CloseReason", "CloseRecord", "MidwayError",
+        "ConfigError", "ListenError", "UpstreamError", "Rejected",
+    ])
+    for name in midway.__all__:
+        assert hasattr(midway, name), name
+
+
+def test_background_proxy_for_synchronous_tests() -> None:
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(conn.recv(100))
+
+    threading.Thread(target=echo_once, daemon=True).start()
+    with midway.BackgroundProxy("127.0.0.1:0", f"127.0.0.1:{server.getsockname()[1]}") as proxy:
+        address = proxy.address
+        with socket.create_connection(address, timeout=5) as client:
+            client.sendall(b"sync")
+            assert client.recv(100) == b"sync"
+    server.close()
+    with pytest.raises(OSError):
+        socket.create_connection(address, timeout=1)
+
+
+def test_background_proxy_start_errors_reach_the_caller() -> None:
+    taken = __import__("socket").create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    with pytest.raises(midway.ListenError, match="address already in use"):
+        midway.BackgroundProxy(f"127.0.0.1:{port}", "127.0.0.1:9").start()
+    taken.close()
