@@ -15,20 +15,22 @@ connections.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
-from .config.addresses import format_sockaddr
+from .config.addresses import Address, format_sockaddr
 from .config.schema import ProxyConfig
 from .core.listener import Listener, open_listening_socket
 from .core.observer import CloseReason, CloseRecord
-from .core.relay import Relay, close_socket, socket_options
-from .errors import ListenError, Rejected, UpstreamError
+from .core.relay import Relay, close_socket
+from .errors import ListenError, Rejected, UpstreamError, describe_oserror
 from .upstream.dial import dial
 from .upstream.pool import UpstreamPool
 
@@ -53,7 +55,7 @@ class ProxyService:
         self.listeners: list[Listener] = []
         self.elements: list[Element] = list(elements)
         self.live: dict[Relay, Attached] = {}
-        self._dialing: set[asyncio.Task[None]] = set()
+        self._connecting: set[_Connecting] = set()
         self.accepted = 0
         self.active = 0
         self.accepting = False
@@ -117,64 +119,91 @@ class ProxyService:
 
     # -- connections ---------------------------------------------------------
 
-    def _on_accept(self, client: socket.socket, addr: object) -> None:
+    def _on_accept(self, client: socket.socket, addr: object, listener: Listener) -> None:
         self.accepted += 1
         self.active += 1
         self.runtime.connection_opened()
-        task = asyncio.get_running_loop().create_task(
-            self._start_session(client, addr, self.accepted))
-        self._dialing.add(task)
-        task.add_done_callback(self._dialing.discard)
-
-    async def _start_session(self, client: socket.socket, addr: object, sequence: int) -> None:
-        loop = asyncio.get_running_loop()
         config = self.config
+        local = listener.local or _ip_pair(_sockname(client))
         info = ConnectionInfo(
             id=self.runtime.next_connection_id(),
             proxy=self.name,
             client=format_sockaddr(addr),
-            listener=format_sockaddr(_sockname(client)),
+            listener=format_sockaddr(local) if local else listener.bound,
             started_at=time.time(),
-            sequence=sequence,
+            sequence=self.accepted,
             client_addr=_ip_pair(addr),
-            local_addr=_ip_pair(_sockname(client)),
+            local_addr=local,
         )
-        started = loop.time()
-        upstream: socket.socket | None = None
+        client.setblocking(False)
+        if config.tcp_nodelay and info.client_addr is not None:
+            _nodelay(client)
+        connecting = _Connecting(self, client, info, self.pool.candidates())
+        self._connecting.add(connecting)
+        connecting.next()
+
+    def _connected(self, connecting: _Connecting, upstream: socket.socket,
+                   address: Address) -> None:
+        """An upstream accepted: attach the elements, run their ``on_open``, relay."""
+        info = connecting.info
+        info.upstream = str(address)
+        if not address.is_unix:
+            info.upstream_addr = (address.host, address.port) if address.is_ip_literal \
+                else _ip_pair(_peername(upstream))
+            info.upstream_local_addr = _ip_pair(_sockname(upstream))
+            if self.config.tcp_nodelay:
+                _nodelay(upstream)
+        connect_time = asyncio.get_running_loop().time() - connecting.started
         try:
-            socket_options(client, config.tcp_nodelay)
-            upstream = await self._dial_any(info)
-            if upstream is None:
-                self._not_relayed(client, info, started, CloseReason.CONNECT_FAILED,
-                                  "no upstream reachable")
-                return
-            socket_options(upstream, config.tcp_nodelay)
-            connect_time = loop.time() - started
             attached = self._attach_all(info)
-            for attachment in attached.values():
-                if attachment.on_open is not None:
-                    await attachment.on_open(info)
+        except Exception as exc:
+            self._element_failed(connecting, upstream, exc)
+            return
+        opens = [a.on_open for a in attached.values() if a.on_open is not None]
+        if opens:
+            connecting.task = asyncio.get_running_loop().create_task(
+                self._open_then_relay(connecting, upstream, attached, opens, connect_time))
+        else:
+            self._relay(connecting, upstream, attached, connect_time)
+
+    async def _open_then_relay(self, connecting: _Connecting, upstream: socket.socket,
+                               attached: Attached, opens: list[Any],
+                               connect_time: float) -> None:
+        info = connecting.info
+        try:
+            for on_open in opens:
+                await on_open(info)
         except asyncio.CancelledError:
-            if upstream is not None:
-                close_socket(upstream)
-            self._not_relayed(client, info, started, CloseReason.SHUTDOWN, "stopped while connecting")
+            close_socket(upstream)
             raise
         except Rejected as exc:
-            assert upstream is not None
             close_socket(upstream)
             log.info("conn %d (%s): rejected: %s", info.id, self.name, exc)
-            self._not_relayed(client, info, started, CloseReason.REJECTED, str(exc))
+            self._connecting.discard(connecting)
+            self._not_relayed(connecting, CloseReason.REJECTED, str(exc))
             return
         except Exception as exc:
-            if upstream is not None:
-                close_socket(upstream)
-            log.error("conn %d (%s): a chain element failed on open; closing this connection",
-                      info.id, self.name, exc_info=exc)
-            self._not_relayed(client, info, started, CloseReason.ERROR,
-                              f"on_open raised {type(exc).__name__}: {exc}")
+            self._element_failed(connecting, upstream, exc)
             return
+        connecting.task = None
+        self._relay(connecting, upstream, attached, connect_time)
+
+    def _element_failed(self, connecting: _Connecting, upstream: socket.socket,
+                        exc: Exception) -> None:
+        info = connecting.info
+        close_socket(upstream)
+        log.error("conn %d (%s): a chain element failed on open; closing this connection",
+                  info.id, self.name, exc_info=exc)
+        self._connecting.discard(connecting)
+        self._not_relayed(connecting, CloseReason.ERROR,
+                          f"on_open raised {type(exc).__name__}: {exc}")
+
+    def _relay(self, connecting: _Connecting, upstream: socket.socket, attached: Attached,
+               connect_time: float) -> None:
+        self._connecting.discard(connecting)
+        config = self.config
         relay = Relay(
-            client, upstream, info,
+            connecting.client, upstream, connecting.info,
             idle_timeout_s=config.idle_timeout_s,
             half_close_timeout_s=config.half_close_timeout_s,
             on_close=self._relay_closed,
@@ -182,27 +211,19 @@ class ProxyService:
         )
         relay.connect_time_s = connect_time
         self.live[relay] = attached
-        for direction in DIRECTIONS:
-            stages = _stages(self.elements, attached, direction)
-            if stages:
-                relay.set_stages(direction, stages)
+        if attached:
+            for direction in DIRECTIONS:
+                stages = _stages(self.elements, attached, direction)
+                if stages:
+                    relay.set_stages(direction, stages)
         relay.start()
 
-    async def _dial_any(self, info: ConnectionInfo) -> socket.socket | None:
-        failures = []
-        for candidate in self.pool.candidates():
-            try:
-                sock = await dial(candidate, self.config.connect_timeout_s)
-            except UpstreamError as exc:
-                failures.append(str(exc))
-                continue
-            info.upstream = str(candidate)
-            info.upstream_addr = _ip_pair(_peername(sock))
-            info.upstream_local_addr = _ip_pair(_sockname(sock))
-            return sock
+    def _connect_failed(self, connecting: _Connecting) -> None:
+        info = connecting.info
+        self._connecting.discard(connecting)
         log.warning("conn %d (%s) from %s: no upstream reachable: %s", info.id, self.name,
-                    info.client, "; ".join(failures))
-        return None
+                    info.client, "; ".join(connecting.failures))
+        self._not_relayed(connecting, CloseReason.CONNECT_FAILED, "no upstream reachable")
 
     def _attach_all(self, info: ConnectionInfo) -> Attached:
         attached: Attached = {}
@@ -212,37 +233,44 @@ class ProxyService:
                 attached[element] = attachment
         return attached
 
-    def _not_relayed(self, client: socket.socket, info: ConnectionInfo, started: float,
-                     reason: CloseReason, detail: str) -> None:
-        close_socket(client)
-        duration = asyncio.get_running_loop().time() - started
-        self._report(CloseRecord(
-            proxy=self.name, id=info.id, client=info.client, listener=info.listener,
-            upstream=info.upstream, connect_time_s=None, bytes_up=0, bytes_down=0,
-            duration_s=round(duration, 6), first_close="proxy", reason=reason.value,
-            detail=detail, path="none", started_at=info.started_at,
-        ))
+    def _not_relayed(self, connecting: _Connecting, reason: CloseReason, detail: str) -> None:
+        info = connecting.info
+        close_socket(connecting.client)
+        if self.runtime.observers:
+            duration = asyncio.get_running_loop().time() - connecting.started
+            self._report(CloseRecord(
+                proxy=self.name, id=info.id, client=info.client, listener=info.listener,
+                upstream=info.upstream, connect_time_s=None, bytes_up=0, bytes_down=0,
+                duration_s=round(duration, 6), first_close="proxy", reason=reason.value,
+                detail=detail, path="none", started_at=info.started_at,
+            ))
         self._slot_freed()
 
     def _relay_closed(self, relay: Relay) -> None:
         attached = self.live.pop(relay, {})
         info = relay.info
         reason = relay.reason.value if relay.reason else CloseReason.EOF.value
+        info.first_close = relay.first_close or "proxy"
+        info.close_detail = relay.detail
+        # The relay resets the sockets for these reasons, and for an element's
+        # Output.reset, which it does not yet tell apart from Output.close.
+        info.reset = relay.reason in (CloseReason.RESET, CloseReason.ERROR)
         for attachment in attached.values():
             if attachment.on_close is not None:
                 try:
                     attachment.on_close(info, reason)
                 except Exception:
                     log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
-        duration = time.time() - info.started_at
-        self._report(CloseRecord(
-            proxy=self.name, id=info.id, client=info.client, listener=info.listener,
-            upstream=info.upstream,
-            connect_time_s=round(relay.connect_time_s, 6),
-            bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
-            duration_s=round(duration, 6), first_close=relay.first_close or "proxy",
-            reason=reason, detail=relay.detail, path=relay.path, started_at=info.started_at,
-        ))
+        if self.runtime.observers:
+            duration = time.time() - info.started_at
+            self._report(CloseRecord(
+                proxy=self.name, id=info.id, client=info.client, listener=info.listener,
+                upstream=info.upstream,
+                connect_time_s=round(relay.connect_time_s, 6),
+                bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
+                duration_s=round(duration, 6), first_close=relay.first_close or "proxy",
+                reason=reason, detail=relay.detail, path=relay.path, started_at=info.started_at,
+            ))
         if relay.reason in (CloseReason.RESET, CloseReason.ERROR):
             log.debug("conn %d (%s): %s %s", info.id, self.name, reason, relay.detail)
         self._slot_freed()
@@ -257,11 +285,13 @@ class ProxyService:
     # -- live changes ------------------------------------------------------
 
     def add_element(self, element: Element, index: int | None = None) -> None:
-        """Add a chain element, to new connections and to every open one."""
+        """Add a chain element, to new connections and to every open one.  With no
+        ``index`` it goes last, but before elements that keep the last place."""
         if index is None:
-            self.elements.append(element)
-        else:
-            self.elements.insert(index, element)
+            index = len(self.elements)
+            while index and self.elements[index - 1].keep_last:
+                index -= 1
+        self.elements.insert(index, element)
         for relay, attached in list(self.live.items()):
             attachment = element.attach(relay.info)
             if attachment is not None:
@@ -298,8 +328,8 @@ class ProxyService:
 
     def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
         """Close every open connection now, and cancel those still connecting."""
-        for task in list(self._dialing):
-            task.cancel()
+        for connecting in list(self._connecting):
+            connecting.cancel()
         for relay in list(self.live):
             relay.close(reason, "proxy stopping")
 
@@ -314,6 +344,125 @@ def _stages(elements: list[Element], attached: Attached,
             if stage is not None:
                 out.append((element, stage))
     return out
+
+
+class _Connecting:
+    """Dials the upstreams in order for one accepted client.
+
+    IP-literal upstreams are dialled by readiness callbacks alone (a non-blocking
+    ``connect`` and a timer: no task, no future), the common case kept cheap; host
+    names and unix sockets go through :func:`~midway.upstream.dial.dial` in a task.
+    The connect timeout applies to each upstream in turn."""
+
+    __slots__ = ("service", "loop", "client", "info", "started", "candidates", "failures",
+                 "sock", "address", "timer", "task", "cancelled")
+
+    def __init__(self, service: ProxyService, client: socket.socket, info: ConnectionInfo,
+                 candidates: list[Address]) -> None:
+        self.service = service
+        self.loop = asyncio.get_running_loop()
+        self.client = client
+        self.info = info
+        self.started = self.loop.time()
+        self.candidates = candidates
+        self.failures: list[str] = []
+        self.sock: socket.socket | None = None
+        self.address: Address | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.cancelled = False
+
+    def next(self) -> None:
+        """Try the next upstream, or report that none could be reached."""
+        timeout = self.service.config.connect_timeout_s
+        while self.candidates:
+            address = self.candidates.pop(0)
+            if not address.is_ip_literal:
+                self.task = self.loop.create_task(self._dial_task(address))
+                return
+            try:
+                sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET,
+                                     _NONBLOCKING_STREAM)
+            except OSError as exc:  # out of descriptors
+                self.failures.append(f"{address}: {describe_oserror(exc)}")
+                continue
+            err = sock.connect_ex((address.host, address.port))
+            if err == 0:
+                self.service._connected(self, sock, address)
+                return
+            if err == errno.EINPROGRESS:
+                self.sock, self.address = sock, address
+                self.loop.add_writer(sock.fileno(), self._on_writable)
+                if timeout > 0:
+                    self.timer = self.loop.call_later(timeout, self._on_timeout)
+                return
+            sock.close()
+            self.failures.append(f"{address}: {describe_oserror(OSError(err, os.strerror(err)))}")
+        self.service._connect_failed(self)
+
+    def _take(self) -> tuple[socket.socket, Address]:
+        sock, address = self.sock, self.address
+        assert sock is not None and address is not None
+        self.loop.remove_writer(sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.sock = self.address = None
+        return sock, address
+
+    def _on_writable(self) -> None:
+        sock, address = self._take()
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            self.failures.append(f"{address}: {describe_oserror(OSError(err, os.strerror(err)))}")
+            self.next()
+        else:
+            self.service._connected(self, sock, address)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        sock, address = self._take()
+        sock.close()
+        self.failures.append(
+            f"{address}: connect timed out after {self.service.config.connect_timeout_s:g} s")
+        self.next()
+
+    async def _dial_task(self, address: Address) -> None:
+        try:
+            sock = await dial(address, self.service.config.connect_timeout_s)
+        except UpstreamError as exc:
+            self.task = None
+            self.failures.append(str(exc))
+            self.next()
+            return
+        self.task = None
+        self.service._connected(self, sock, address)
+
+    def cancel(self) -> None:
+        """Stop connecting (shutdown): close what is open and report it."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self.sock is not None:
+            sock, _ = self._take()
+            sock.close()
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.service._connecting.discard(self)
+        self.service._not_relayed(self, CloseReason.SHUTDOWN, "stopped while connecting")
+
+
+# One syscall for a non-blocking socket where the platform allows it.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def _nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
 
 
 def _sockname(sock: socket.socket) -> object:

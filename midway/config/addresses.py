@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ class Address:
     def is_unix(self) -> bool:
         return self.path is not None
 
-    @property
+    @functools.cached_property
     def is_ip_literal(self) -> bool:
         """True when ``host`` is an IP address, so no name lookup is needed."""
         try:

@@ -102,7 +102,7 @@ class Listener:
         self,
         address: Address,
         sock: socket.socket,
-        on_accept: Callable[[socket.socket, object], None],
+        on_accept: Callable[[socket.socket, object, Listener], None],
         can_accept: Callable[[], bool],
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -115,6 +115,11 @@ class Listener:
         self._backoff: asyncio.TimerHandle | None = None
         self._closed = False
         self._last_complaint = 0.0
+        name = sock.getsockname()
+        wildcard = address.is_unix or address.host in ("", "0.0.0.0", "::")
+        self.local: tuple[str, int] | None = None if wildcard else (str(name[0]), int(name[1]))
+        """The (host, port) every connection accepted here has locally, when the
+        listener is bound to one address (``None``: ask each connection)."""
 
     @property
     def bound(self) -> str:
@@ -157,7 +162,7 @@ class Listener:
                 self.pause()
                 self._backoff = self.loop.call_later(RESOURCE_BACKOFF_S, self._end_backoff)
                 return
-            self._on_accept(conn, addr)
+            self._on_accept(conn, addr, self)
 
     def _complain(self, exc: OSError) -> None:
         now = self.loop.time()

@@ -79,6 +79,10 @@ _NO_SPLICE_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 _BUFFER = bytearray(READ_SIZE)
 _VIEW = memoryview(_BUFFER)
 
+_NO_QUEUE: deque[tuple[bytes | None, float]] = deque(maxlen=0)
+"""Shared stand-in for the chain queue of a direction that never chained: an idle
+connection should not carry two empty deques (≈600 bytes each)."""
+
 StageList = Sequence[tuple[object, "Stage"]]
 """A direction's chain: (element key, stage) pairs in order."""
 
@@ -248,7 +252,7 @@ class _Flow:
     __slots__ = ("relay", "loop", "name", "src", "src_fd", "src_side", "sender",
                  "reverse_sender", "bytes", "reading", "eof", "chained", "stages", "wanted",
                  "outs", "queue", "queued", "pump", "wake", "received_at", "fast_reader",
-                 "pipe", "in_pipe", "writing", "dst_fd")
+                 "pipe", "in_pipe", "writing", "dst_fd", "can_splice")
 
     def __init__(self, relay: Relay, name: Direction, src: socket.socket, src_side: str,
                  sender: _Sender, reverse_sender: _Sender) -> None:
@@ -267,7 +271,7 @@ class _Flow:
         self.stages: list[tuple[object, Stage]] = []
         self.wanted: list[tuple[object, Stage]] = self.stages
         self.outs: list[_Out] = []
-        self.queue: deque[tuple[bytes | None, float]] = deque()
+        self.queue: deque[tuple[bytes | None, float]] = _NO_QUEUE  # made on entering chain mode
         self.queued = 0
         self.pump: asyncio.Task[None] | None = None
         self.wake: asyncio.Event | None = None
@@ -277,12 +281,12 @@ class _Flow:
         self.in_pipe = 0
         self.writing = False
         self.dst_fd = sender.fd
+        self.can_splice = False
 
     # -- fast mode -------------------------------------------------------------
 
     def start(self, splice: bool) -> None:
-        if splice:
-            self.fast_reader = self._on_readable_splice
+        self.can_splice = splice
         if self.wanted:
             self._enter_chain()
         else:
@@ -315,9 +319,18 @@ class _Flow:
         self.bytes += n
         relay = self.relay
         relay.timers.last_activity = self.loop.time()
-        if not self.sender.write(_VIEW[:n]) and not relay.closed:
-            self._stop_reading()
-            self.sender.on_drained = self._resume
+        if not self.sender.write(_VIEW[:n]):
+            if not relay.closed:
+                self._stop_reading()
+                self.sender.on_drained = self._resume
+        elif n == READ_SIZE and self.can_splice and not self.chained:
+            # A full read: bulk data.  From now on let the kernel move it (as
+            # HAProxy's splice-auto does); small exchanges stay on plain copies,
+            # which cost fewer system calls per message.
+            self.fast_reader = self._on_readable_splice
+            self.loop.add_reader(self.src_fd, self.fast_reader)
+            if relay.path == "copy":
+                relay.path = "splice"
 
     def _resume(self) -> None:
         if not self.chained:
@@ -333,13 +346,14 @@ class _Flow:
                 self._on_readable()
                 return
         try:
-            n = _splice.splice(self.src_fd, pipe[1], _splice.PIPE_SIZE, _splice.FLAGS)  # type: ignore[misc]
+            n = _splice.splice(self.src_fd, pipe[1], _splice.PIPE_SIZE, flags=_splice.FLAGS)  # type: ignore[misc]
         except (BlockingIOError, InterruptedError):
             self._release_pipe()
             return
         except OSError as exc:
             self._release_pipe()
             if exc.errno in _NO_SPLICE_ERRNOS:
+                self.can_splice = False
                 self.use_copy()
                 return
             self.relay._failed(self.src_side, exc)
@@ -361,7 +375,7 @@ class _Flow:
         assert pipe is not None
         while self.in_pipe:
             try:
-                sent = _splice.splice(pipe[0], self.dst_fd, self.in_pipe, _splice.FLAGS)  # type: ignore[misc]
+                sent = _splice.splice(pipe[0], self.dst_fd, self.in_pipe, flags=_splice.FLAGS)  # type: ignore[misc]
             except (BlockingIOError, InterruptedError):
                 self._stop_reading()
                 if not self.writing:
@@ -370,6 +384,7 @@ class _Flow:
                 return
             except OSError as exc:
                 if exc.errno in _NO_SPLICE_ERRNOS:
+                    self.can_splice = False
                     self.use_copy()
                     return
                 self.relay._failed(self.sender.side, exc)
@@ -399,6 +414,8 @@ class _Flow:
         was_reading = self.reading
         self._stop_reading()
         self.fast_reader = self._on_readable
+        if self.relay.path == "splice":
+            self.relay.path = "copy"
         if self.writing:
             self.loop.remove_writer(self.dst_fd)
             self.writing = False
@@ -444,6 +461,8 @@ class _Flow:
         self._stop_reading()
         self.sender.on_drained = None
         self.wake = asyncio.Event()
+        if self.queue is _NO_QUEUE:
+            self.queue = deque()
         self._read(self._on_readable_chain)
         self.pump = self.loop.create_task(self._pump())
 
@@ -585,7 +604,9 @@ class Relay:
         self.detail = ""
         self.first_close: str | None = None
         self.splice = splice and _splice.AVAILABLE
-        self.path = "splice" if self.splice else "copy"
+        self.path = "copy"
+        """``copy`` (fast path, bytes through a buffer), ``splice`` (fast path that
+        moved bulk data zero-copy) or ``chain`` (elements attached)."""
         self.connect_time_s = 0.0
         self._closing: tuple[CloseReason, str] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -616,12 +637,12 @@ class Relay:
         be written in order through its sender)."""
         if self.closed:
             return
-        if stages and self.path == "splice":
-            self.path = "copy"
-            if self.started:
-                self.up.use_copy()
-                self.down.use_copy()
+        if stages and self.splice:
             self.splice = False
+            for flow in (self.up, self.down):
+                flow.can_splice = False
+                if self.started:
+                    flow.use_copy()
         self.flow(direction).set_stages(stages)
 
     def start(self) -> None:

@@ -25,6 +25,8 @@ class UpstreamPool:
     def candidates(self) -> list[Address]:
         """Every upstream, in the order to try them for one new connection."""
         n = len(self.upstreams)
+        if n == 1:
+            return [self.upstreams[0]]
         start = self._next % n
         self._next = start + 1
         return [self.upstreams[(start + i) % n] for i in range(n)]
