@@ -470,3 +470,38 @@ def test_live_add_and_remove_proxy() -> None:
                 await asyncio.open_connection(host, int(p))
 
     run(main())
+
+
+def test_process_wide_limit_spans_proxies() -> None:
+    from midway.config.schema import Config, ServerConfig
+
+    async def main() -> None:
+        async with serve() as port:
+            config = Config(server=ServerConfig(max_connections=2), proxies=(
+                midway.proxy_config("127.0.0.1:0", f"127.0.0.1:{port}", "a"),
+                midway.proxy_config("127.0.0.1:0", f"127.0.0.1:{port}", "b"),
+            ))
+            runtime = midway.Runtime(config)
+            await runtime.start()
+            try:
+                def addr(name: str) -> tuple[str, int]:
+                    host, _, p = runtime.services[name].addresses[0].rpartition(":")
+                    return host, int(p)
+
+                held = [await asyncio.open_connection(*addr("a")) for _ in range(2)]
+                for reader, writer in held:
+                    writer.write(b"a")
+                    assert await read_exactly(reader, 1) == b"a"
+                # Proxy b has no limit of its own, but the process is full.
+                reader, writer = await asyncio.open_connection(*addr("b"))
+                writer.write(b"b")
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(reader.readexactly(1), 0.5)
+                held[0][1].close()
+                assert await read_exactly(reader, 1, timeout=5) == b"b"
+                writer.close()
+                held[1][1].close()
+            finally:
+                await runtime.shutdown(0)
+
+    run(main())
