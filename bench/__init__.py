@@ -1,0 +1,1 @@
+"""midway's benchmark suite: `python bench/run.py --help`."""
