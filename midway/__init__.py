@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 from .api import Proxy, proxy_config
 from .chain.base import Attachment, ConnectionInfo, Element, Output, Stage
+from .chain.toxics import ToxicError
+from .chain.toxics.live import ToxicExists, ToxicHandle, ToxicNotFound
 from .config.load import config_from_dict, load_config
 from .config.schema import Config, ProxyConfig, ServerConfig
 from .core.observer import CloseReason, CloseRecord
@@ -45,4 +47,8 @@ __all__ = [
     "ListenError",
     "UpstreamError",
     "Rejected",
+    "ToxicHandle",
+    "ToxicError",
+    "ToxicExists",
+    "ToxicNotFound",
 ]

@@ -20,8 +20,11 @@ from types import TracebackType
 from typing import Any
 
 from .chain.base import Element
+from .chain.toxics import Toxic, make_toxic
+from .chain.toxics.live import ToxicHandle, add_toxic, list_toxics, reset_toxics
 from .config.load import config_from_dict
 from .config.schema import ProxyConfig
+from .core.clock import LoopClock
 from .core.observer import Observer
 from .errors import MidwayError
 from .runtime import Runtime
@@ -95,9 +98,13 @@ class Proxy:
 
     @property
     def address(self) -> tuple[str, int]:
-        """(host, port) of the first listener, with the real port."""
-        sock = self.service.listeners[0].sock
-        host, port = sock.getsockname()[:2]
+        """(host, port) of the first listener, with the real port (also while
+        disabled: it comes back on the same port)."""
+        service = self.service
+        if not service.listeners:
+            first = service.config.listen[0]
+            return first.host, first.port
+        host, port = service.listeners[0].sock.getsockname()[:2]
         return str(host), int(port)
 
     @property
@@ -119,3 +126,51 @@ class Proxy:
 
     def remove_element(self, element: Element) -> None:
         self.service.remove_element(element)
+
+    # -- fault injection (Toxiproxy's toxics; see docs/faults.md) ---------------
+
+    def add_toxic(self, type: str, *, name: str | None = None, stream: str = "downstream",
+                  toxicity: float = 1.0, conditions: dict[str, Any] | None = None,
+                  **attributes: Any) -> ToxicHandle:
+        """Add a toxic, live: open connections get it too.  ``attributes`` are the
+        toxic's (``latency=200``, ``rate=100``...), with Toxiproxy's names, units
+        and defaults; ``name`` defaults to ``TYPE_STREAM``.  Returns a handle to
+        remove or update it, usable as a context manager::
+
+            with proxy.add_toxic("latency", latency=200, stream="downstream"):
+                ...
+
+        Raises :class:`~midway.chain.toxics.ToxicError` (a ``ValueError``) for a
+        bad setting and :class:`~midway.chain.toxics.live.ToxicExists` when the
+        name is taken."""
+        toxic = make_toxic(type, name=name, stream=stream, toxicity=toxicity,
+                           attributes=attributes, conditions=conditions, clock=LoopClock())
+        return ToxicHandle(self.service, add_toxic(self.service, toxic))
+
+    @property
+    def toxics(self) -> list[Toxic[Any]]:
+        """The proxy's toxics, in Toxiproxy's order (upstream ones first)."""
+        return list_toxics(self.service)
+
+    @property
+    def enabled(self) -> bool:
+        return self.service.enabled
+
+    def disable(self) -> None:
+        """Take the proxy down: stop listening and close its connections (Toxiproxy's
+        ``enabled = false``).  :meth:`enable` brings it back on the same address."""
+        self._runtime.enable_proxy(self.config.name, False)
+
+    def enable(self) -> None:
+        self._runtime.enable_proxy(self.config.name, True)
+
+    def reset(self) -> None:
+        """Enable the proxy and remove every toxic (Toxiproxy's ``POST /reset``)."""
+        self.enable()
+        reset_toxics(self.service)
+
+    @property
+    def _runtime(self) -> Runtime:
+        if self.runtime is None:
+            raise MidwayError("the proxy is not running")
+        return self.runtime

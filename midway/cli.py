@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config.load import build_options, config_from_dict, load_config
+from .chain.registry import check_elements
+from .chain.toxics.config import toxic_table_from_spec
+from .config.load import build_options, check_admin, config_from_dict, load_config
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
 from .runtime import Runtime
@@ -32,28 +34,40 @@ log = logging.getLogger("midway")
 
 EXIT_OK, EXIT_START_FAILED, EXIT_USAGE = 0, 1, 2
 
-_USAGE = "midway LISTEN UPSTREAM [UPSTREAM ...] [options]\n       midway --config FILE [--check]"
+_USAGE = ("midway LISTEN UPSTREAM [UPSTREAM ...] [options]\n       midway --config FILE [--check]"
+          "\n       midway --admin HOST:PORT          (like toxiproxy-server)")
 _EPILOG = """addresses: host:port, [ipv6]:port, :port (every interface) or unix:/path.
 examples:
   midway 127.0.0.1:8080 127.0.0.1:80
   midway [::]:6380 redis.internal:6379
   midway :8000 10.0.0.5:8000 10.0.0.6:8000      (round-robin)
+  midway 127.0.0.1:6380 127.0.0.1:6379 --toxic latency:latency=100,jitter=10
+  midway --admin 127.0.0.1:8474                 (Toxiproxy's HTTP API)
   midway --config midway.toml"""
 
 
+_FLAG_NAMES = {f.name: info.flag for cls in (ProxyConfig, ServerConfig)
+               for f, info in options_of(cls) if info.flag}
+"""Options whose flag is not named after the key (``hooks`` → ``--hook``)."""
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The flag of option ``name`` (an index such as ``hooks[1]`` is ignored)."""
+    key = name.partition("[")[0]
+    return "--" + _FLAG_NAMES.get(key, key).replace("_", "-")
 
 
 def _help(info: Any, default: Any) -> str:
     text = info.doc
     if info.choices:
         text += f" One of: {', '.join(info.choices)}."
+    if info.const is not None:
+        text += f" Given alone: {info.const}."
     if isinstance(default, bool):
         text += f" Default: {'on' if default else 'off'}."
-    elif default != "":
+    elif default not in ("", ()):
         unit = f" {info.unit}" if info.unit else ""
-        text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}."
+        text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}{unit}."
     if info.zero:
         text += f" 0: {info.zero}."
     return text.replace("%", "%%")
@@ -77,9 +91,15 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type) -> None:
                                   "help": _help(info, field.default)}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:  # a list: the flag once per item
+            kwargs["action"] = "append"
+            kwargs["metavar"] = info.metavar or None
         else:
             kwargs["type"] = _with_words(kind, dict(info.words)) if info.words else kind
             kwargs["metavar"] = info.metavar or ("|".join(info.choices) if info.choices else None)
+            if info.const is not None:
+                kwargs["nargs"] = "?"
+                kwargs["const"] = info.const
         group.add_argument(_flag(field.name), **kwargs)
 
 
@@ -95,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit (0 when valid)")
     parser.add_argument("--version", action="version", version=f"midway {__version__}")
-    _add_schema_flags(parser.add_argument_group("proxy options (quick form)"), ProxyConfig)
+    proxy_group = parser.add_argument_group("proxy options (quick form)")
+    _add_schema_flags(proxy_group, ProxyConfig)
+    proxy_group.add_argument(
+        "--toxic", action="append", metavar="SPEC", default=argparse.SUPPRESS,
+        help="Inject a fault, e.g. 'latency:latency=100,jitter=10,stream=downstream' "
+             "(TYPE:KEY=VALUE,...; repeatable; see docs/faults.md).")
     _add_schema_flags(parser.add_argument_group("server options"), ServerConfig)
     return parser
 
@@ -112,9 +137,13 @@ def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the configuration from parsed arguments (raises ConfigError)."""
     proxy_opts, server_opts = _split(args)
+    toxics: list[str] = getattr(args, "toxic", [])
     if args.config:
         if args.addresses:
             raise ConfigError("", "give either LISTEN UPSTREAM addresses or --config, not both")
+        if toxics:
+            raise ConfigError("", "--toxic: with --config, declare toxics in the file "
+                                  "([[proxy.NAME.toxics]] tables)")
         if proxy_opts:
             flags = ", ".join(_flag(k) for k in sorted(proxy_opts))
             raise ConfigError("", f"{flags}: with --config, set proxy options in the file "
@@ -126,20 +155,41 @@ def config_from_args(args: argparse.Namespace) -> Config:
             except ConfigError as exc:
                 raise ConfigError("", f"{_flag(exc.path.rsplit('.', 1)[-1])}: {exc.message}") from exc
             config = dataclasses.replace(config, server=dataclasses.replace(config.server, **checked))
+            try:
+                check_admin(config.server)
+            except ConfigError as exc:
+                raise ConfigError("", f"--admin: {exc.message}") from exc
         return config
+    if not args.addresses and server_opts.get("admin"):
+        # toxiproxy-server mode: no proxy yet, the admin API creates them.
+        if proxy_opts or toxics:
+            flags = ", ".join(_flag(k) for k in sorted(proxy_opts)) or "--toxic"
+            raise ConfigError("", f"{flags}: needs LISTEN UPSTREAM (with --admin alone, "
+                                  "create proxies through the API)")
+        try:
+            return config_from_dict({"server": server_opts})
+        except ConfigError as exc:
+            raise _as_cli_error(exc, "", []) from exc
     if len(args.addresses) < 2:
         raise ConfigError("", "need a LISTEN address and at least one UPSTREAM "
                               "(e.g. midway 127.0.0.1:8080 127.0.0.1:80), or --config FILE")
     listen, *upstreams = args.addresses
     table = {"listen": [listen], "upstreams": upstreams, **proxy_opts}
+    if toxics:
+        table["toxics"] = [toxic_table_from_spec(spec) for spec in toxics]
     try:
         return config_from_dict({"server": server_opts, "proxy": {"default": table}})
     except ConfigError as exc:
-        raise _as_cli_error(exc, listen, upstreams) from exc
+        raise _as_cli_error(exc, listen, upstreams, toxics) from exc
 
 
-def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str]) -> ConfigError:
+def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str],
+                  toxics: Sequence[str] = ()) -> ConfigError:
     """Name the flag or argument the user typed instead of a config key path."""
+    if ".toxics[" in exc.path:  # proxy.default.toxics[N].attributes.latency
+        index_text, _, key = exc.path.split(".toxics[", 1)[1].partition("]")
+        spec = toxics[int(index_text)]
+        return ConfigError("", f"--toxic {spec!r}: {key.lstrip('.')}: {exc.message}")
     key = exc.path.rsplit(".", 1)[-1]
     if key.startswith(("listen", "upstreams")):
         index = int(key[key.find("[") + 1:-1]) if "[" in key else 0
@@ -193,14 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
+        for proxy in config.proxies:  # hooks import, output directories exist
+            try:
+                check_elements(proxy, config.server.workers)
+            except ConfigError as exc:
+                if args.config:
+                    raise
+                raise _as_cli_error(exc, "", []) from exc
     except ConfigError as exc:
         print(f"midway: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not config.proxies:
+    if not config.proxies and not config.server.admin:
         print("midway: the configuration defines no proxy ([proxy.NAME] tables)", file=sys.stderr)
         return EXIT_USAGE
     if args.check:
-        names = ", ".join(p.name for p in config.proxies)
+        names = ", ".join(p.name for p in config.proxies) or "none yet; admin API"
         print(f"midway: configuration OK ({len(config.proxies)} proxies: {names})")
         return EXIT_OK
     _setup_logging(config.server.log_level)

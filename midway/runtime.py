@@ -8,17 +8,23 @@ the admin API and a configuration reload build on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import resource
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .chain.base import Element
 from .chain.registry import build_elements
+from .config.addresses import Address
 from .config.schema import Config, ProxyConfig, ServerConfig
 from .core.observer import AccessLog, CloseReason, CloseRecord, Observer
 from .errors import ConfigError, ListenError
 from .session import ProxyService
+
+if TYPE_CHECKING:
+    from .admin.server import AdminServer
 
 __all__ = ["Runtime", "auto_max_connections"]
 
@@ -77,6 +83,9 @@ class Runtime:
         self.stopping = False
         self.reuse_port = config.server.workers != 1
         """Bind with SO_REUSEPORT: other worker processes share the listeners."""
+        self.admin: AdminServer | None = None
+        """The admin HTTP API, when ``server.admin`` is set (see :mod:`midway.admin`)."""
+        self._timelines: dict[str, asyncio.Task[None]] = {}
 
     @property
     def server(self) -> ServerConfig:
@@ -105,14 +114,23 @@ class Runtime:
         try:
             for service in services:
                 service.bind()
+                _pin_ports(service)
                 self.services[service.name] = service
+            if self.server.admin:
+                from .admin.server import AdminServer
+
+                admin = AdminServer(self, self.server.admin)
+                admin.start()
+                self.admin = admin
         except ListenError:
             for service in services:
                 service.close_listeners()
+                _close_elements(service)
             self.services.clear()
             raise
         for service in services:
             service.start_accepting()
+            self._start_timeline(service)
         self.started = True
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
@@ -121,6 +139,12 @@ class Runtime:
         if drain_timeout_s is None:
             drain_timeout_s = self.server.drain_timeout_s
         self.stopping = True
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        for task in self._timelines.values():
+            task.cancel()
+        self._timelines.clear()
         for service in self.services.values():
             service.close_listeners()
         if self.active and drain_timeout_s > 0:
@@ -138,6 +162,8 @@ class Runtime:
             self._access_log.close()
             self.observers.remove(self._access_log)
             self._access_log = None
+        for service in self.services.values():
+            _close_elements(service)
 
     def close_all(self) -> None:
         """Close every open connection of every proxy now."""
@@ -146,30 +172,43 @@ class Runtime:
 
     # -- proxies, live -------------------------------------------------------
 
-    def add_proxy(self, config: ProxyConfig, elements: Iterable[Element] = ()) -> ProxyService:
-        """Bind and start a new proxy.  Raises :class:`ConfigError` for a duplicate
-        name or conflicting listener, :class:`ListenError` if it cannot bind."""
+    def add_proxy(self, config: ProxyConfig, elements: Iterable[Element] = (), *,
+                  enabled: bool = True) -> ProxyService:
+        """Bind and start a new proxy (or, with ``enabled=False``, only register it:
+        see :meth:`enable_proxy`).  Raises :class:`ConfigError` for a duplicate
+        name, :class:`ListenError` if it cannot bind."""
         if config.name in self.services:
             raise ConfigError(f"proxy.{config.name}", "a proxy with this name already exists")
         service = ProxyService(config, self, [*build_elements(config), *elements])
-        service.bind()
+        if enabled:
+            service.bind()
+            _pin_ports(service)
+        else:
+            service.enabled = False
         self.services[config.name] = service
-        if not self.stopping:
+        if enabled and not self.stopping:
             service.start_accepting()
+        self._start_timeline(service)
         return service
 
     def remove_proxy(self, name: str, *, close_connections: bool = True) -> None:
         """Stop a proxy's listeners and (by default) close its connections."""
         service = self.services.pop(name)
+        timeline = self._timelines.pop(name, None)
+        if timeline is not None:
+            timeline.cancel()
         service.close_listeners()
         if close_connections:
             service.close_connections(CloseReason.SHUTDOWN)
+            _close_elements(service)
 
     def update_proxy(self, config: ProxyConfig) -> ProxyService:
         """Change a live proxy.  Open connections keep going; new ones use the new
         settings.  Listeners are rebound only if the listen addresses changed."""
         service = self.services[config.name]
-        if config.listen != service.config.listen:
+        config = dataclasses.replace(
+            config, listen=_keep_ports(config.listen, service.config.listen))
+        if config.listen != service.config.listen and service.enabled:
             previous = service.config
             service.close_listeners()
             service.config = config
@@ -180,7 +219,9 @@ class Runtime:
                 service.bind()
                 service.start_accepting()
                 raise
+            _pin_ports(service)
             service.start_accepting()
+            config = dataclasses.replace(config, listen=service.config.listen)
         service.reconfigure(config)
         return service
 
@@ -190,13 +231,27 @@ class Runtime:
         service = self.services[name]
         if enabled == service.enabled:
             return
-        service.enabled = enabled
         if enabled:
             service.bind()
-            service.start_accepting()
+            _pin_ports(service)
+            service.enabled = True
+            if not self.stopping:
+                service.start_accepting()
         else:
+            service.enabled = False
             service.close_listeners()
             service.close_connections(CloseReason.SHUTDOWN)
+
+    def _start_timeline(self, service: ProxyService) -> None:
+        """Play the proxy's timed toxics (``at_s``/``until_s``), if it has any."""
+        specs = service.config.toxics
+        if not any(spec.at_s > 0 or spec.until_s is not None for spec in specs):
+            return
+        from .timeline import Timeline
+
+        timeline = Timeline(service, specs, proxy=service.name)
+        self._timelines[service.name] = asyncio.get_running_loop().create_task(
+            timeline.run(), name=f"midway timeline {service.name}")
 
     # -- accounting, called by services ---------------------------------------
 
@@ -224,3 +279,35 @@ class Runtime:
                 observer.connection_closed(record)
             except Exception:
                 log.exception("an observer failed on connection %d", record.id)
+
+
+def _close_elements(service: ProxyService) -> None:
+    """Let the proxy's elements release their files and threads (dump, pcap)."""
+    for element in service.elements:
+        try:
+            element.close()
+        except Exception:
+            log.exception("%s: chain element %s failed to close", service.name, element.name)
+
+
+def _pin_ports(service: ProxyService) -> None:
+    """Write the real port of each listener asked on port 0 into the proxy's
+    configuration, so that a proxy disabled and enabled again comes back on the
+    same port (as Toxiproxy's does) and reports where it listens."""
+    listen = tuple(
+        dataclasses.replace(address, port=listener.port)
+        if address.port == 0 and not address.is_unix else address
+        for address, listener in zip(service.config.listen, service.listeners, strict=False)
+    )
+    if listen != service.config.listen:
+        service.config = dataclasses.replace(service.config, listen=listen)
+
+
+def _keep_ports(new: tuple[Address, ...], current: tuple[Address, ...]) -> tuple[Address, ...]:
+    """Port 0 ("any port") in a changed configuration keeps the port already in use."""
+    if len(new) != len(current):
+        return new
+    return tuple(
+        old if address.port == 0 and not address.is_unix and address.host == old.host else address
+        for address, old in zip(new, current, strict=True)
+    )

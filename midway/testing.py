@@ -19,6 +19,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .api import Proxy
+from .chain.toxics import Toxic
+from .chain.toxics.live import ToxicHandle
 from .errors import MidwayError
 
 __all__ = ["BackgroundProxy"]
@@ -109,3 +111,29 @@ class BackgroundProxy:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    # -- fault injection: Proxy's methods, run on the proxy's loop ---------------
+
+    def add_toxic(self, type: str, **kwargs: Any) -> ToxicHandle:
+        """:meth:`Proxy.add_toxic <midway.Proxy.add_toxic>`, thread-safe; the
+        handle's ``remove``/``update`` are thread-safe too::
+
+            with proxy.add_toxic("timeout", timeout=0):
+                ...                          # nothing gets through
+        """
+        handle = self.call(lambda: self.proxy.add_toxic(type, **kwargs))
+        handle.runner = self.call
+        return handle
+
+    @property
+    def toxics(self) -> list[Toxic[Any]]:
+        return self.call(lambda: self.proxy.toxics)
+
+    def disable(self) -> None:
+        self.call(self.proxy.disable)
+
+    def enable(self) -> None:
+        self.call(self.proxy.enable)
+
+    def reset(self) -> None:
+        self.call(self.proxy.reset)

@@ -87,6 +87,15 @@ class ConnectionInfo:
     (for conditions such as "only the first N connections")."""
     extra: dict[str, object] = field(default_factory=dict)
     """Free space for elements to share per-connection facts."""
+    first_close: str | None = None
+    """Set when the connection has ended, before any ``on_close`` callback runs:
+    which side ended it first (``client``, ``upstream`` or ``proxy``)."""
+    close_detail: str = ""
+    """Set when the connection has ended: what the close reason alone does not
+    say (``client: connection reset by peer``, a toxic's or a hook's message)."""
+    reset: bool = False
+    """Set when the connection has ended: ``True`` when its sockets were aborted
+    with a TCP RST rather than closed with a FIN."""
 
 
 class Output(Protocol):
@@ -177,7 +186,17 @@ class Element(abc.ABC):
     name: str = ""
     """Unique within a proxy (a toxic's name, a hook's ``module:attr``)."""
 
+    keep_last: bool = False
+    """Stay at the end of the chain: an element added later without a position
+    goes before this one (a capture of the bytes as they leave the proxy)."""
+
     @abc.abstractmethod
     def attach(self, info: ConnectionInfo) -> Attachment | None:
         """Make this element's state for a new (or already open) connection, or
         ``None`` if it does not apply to this one.  Must not block or do I/O."""
+
+    def close(self) -> None:
+        """The proxy holding this element has stopped and its connections have
+        ended: release what the element shares (files, threads).  Called once by
+        the runtime; the default holds nothing."""
+        return None

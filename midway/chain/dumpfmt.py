@@ -234,6 +234,21 @@ class DumpFormatter:
         )
         return self._paint([line], _SGR_EVENT)
 
+    def half_closed(self, conn_id: int, direction: Direction, t: float) -> str:
+        """The sending side of ``direction`` ended its stream (a FIN): nothing more
+        flows that way; the other direction may go on."""
+        line = f"{format_timestamp(t, self.tz)} #{conn_id} {_ARROW[direction]} end of stream (FIN)"
+        return self._paint([line], _SGR_BY_DIRECTION[direction])
+
+    def dropped(self, t: float, chunks: int, nbytes: int) -> str:
+        """The dump's output fell behind and skipped ``chunks`` chunks carrying
+        ``nbytes`` bytes of traffic (the traffic itself was relayed)."""
+        line = (
+            f"{format_timestamp(t, self.tz)} dump output fell behind: {_plural(chunks, 'chunk')}"
+            f" ({_plural(nbytes, 'byte')} of traffic) not shown"
+        )
+        return self._paint([line], _SGR_EVENT)
+
     def closed(
         self,
         conn_id: int,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import re
 import tomllib
 import typing
@@ -30,15 +31,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..chain.toxics.config import parse_toxic_tables
 from ..errors import AddressError, ConfigError
 from .addresses import Address, parse_address
 from .schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
 
-__all__ = ["load_config", "config_from_dict", "build_options"]
+__all__ = ["load_config", "config_from_dict", "build_options", "check_admin"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
+_PROXY_LISTS = ("toxics",)
+"""Per-proxy keys holding a list of tables, each checked by its own parser."""
 
 
 def load_config(path: str | Path) -> Config:
@@ -76,6 +80,14 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
     """Check one option value against its declared type and limits."""
     if isinstance(value, str) and value in dict(info.words):
         return dict(info.words)[value]
+    if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a string or a list of them
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(path, f"expected a string or a list of strings, got {value!r}")
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{path}[{i}]", f"expected a non-empty string, got {item!r}")
+        return tuple(items)
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {value!r}")
@@ -137,10 +149,10 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     kwargs: dict[str, Any] = dict(defaults)
     rest = {}
     for key, value in table.items():
-        if key in _PROXY_ONLY_KEYS:
+        if key in _PROXY_ONLY_KEYS or key in _PROXY_LISTS:
             continue
         if key not in opts:
-            raise _unknown(key, [*_PROXY_ONLY_KEYS, *opts], path)
+            raise _unknown(key, [*_PROXY_ONLY_KEYS, *_PROXY_LISTS, *opts], path)
         rest[key] = value
     kwargs.update(build_options(ProxyConfig, rest, path))
     for key in _PROXY_ONLY_KEYS:
@@ -148,6 +160,8 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
             raise ConfigError(_join(path, key), "missing (required)")
     kwargs["listen"] = _addresses(table["listen"], f"{path}.listen", listen=True)
     kwargs["upstreams"] = _addresses(table["upstreams"], f"{path}.upstreams", listen=False)
+    if "toxics" in table:
+        kwargs["toxics"] = parse_toxic_tables(table["toxics"], f"{path}.toxics")
     return ProxyConfig(name=name, **kwargs)
 
 
@@ -183,14 +197,45 @@ def _check_listeners(proxies: list[ProxyConfig]) -> None:
             seen.append((f"proxy.{p.name}", addr))
 
 
+def check_admin(server: ServerConfig) -> None:
+    """The admin API has no authentication: loopback only, unless told otherwise.
+    Raises :class:`ConfigError` for ``server.admin``."""
+    if not server.admin:
+        return
+    try:
+        address = parse_address(server.admin, listen=True)
+    except AddressError as exc:
+        raise ConfigError("server.admin", str(exc)) from exc
+    if address.is_unix:
+        raise ConfigError("server.admin", "the admin API listens on TCP: give host:port")
+    if not server.admin_allow_remote and not _is_loopback(address.host):
+        raise ConfigError("server.admin", f"{server.admin!r} is not a loopback address and the "
+                                          "admin API has no authentication; set "
+                                          "admin_allow_remote (--admin-allow-remote) to "
+                                          "serve it there anyway")
+    if server.workers != 1:
+        raise ConfigError("server.admin", "the admin API needs workers = 1 (it changes the "
+                                          "proxies of one process)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Validate a parsed TOML document (or an equivalent dictionary)."""
     for key in data:
         if key not in _TOP_KEYS:
             raise _unknown(key, _TOP_KEYS, "")
     server = ServerConfig(**build_options(ServerConfig, _table(data.get("server", {}), "server"), "server"))
+    check_admin(server)
     defaults_table = _table(data.get("defaults", {}), "defaults")
-    for key in _PROXY_ONLY_KEYS:
+    for key in (*_PROXY_ONLY_KEYS, *_PROXY_LISTS):
         if key in defaults_table:
             raise ConfigError(f"defaults.{key}", "belongs in each [proxy.NAME] table")
     defaults = build_options(ProxyConfig, defaults_table, "defaults")

@@ -57,6 +57,16 @@ _REQUIRED_PROXY_KEYS = (
      "looked up on every connection, so DNS changes are followed."),
 )
 
+# Written by hand too: a list of tables, checked by midway.chain.toxics.config.
+_PROXY_TABLE_KEYS = (
+    ("`toxics`", "`--toxic` (repeatable)", "list of tables", "`[]`",
+     "Fault injection: Toxiproxy's toxics (`[[proxy.NAME.toxics]]` with `type`, "
+     "`name`, `stream`, `toxicity`, `attributes`, midway's `conditions`) and, for "
+     "reproducible scenarios, `at_s`/`until_s`: seconds after the proxy starts when "
+     "the toxic is added and removed.  On the command line, "
+     "`--toxic 'latency:latency=100,jitter=10'`.  See docs/faults.md."),
+)
+
 _NO_FLAG = "—"
 
 
@@ -78,6 +88,8 @@ def _number(value: float) -> str:
 def _type(kind: Any, info: OptionInfo) -> str:
     if kind is bool:
         return "boolean"
+    if typing.get_origin(kind) is tuple:
+        return "string, or list of strings"
     if kind is str:
         if info.choices:
             return "one of " + ", ".join(f"`{c}`" for c in info.choices)
@@ -100,12 +112,16 @@ def _default(f: Field[Any], info: OptionInfo) -> str:
         return "`true`" if value else "`false`"
     if isinstance(value, str):
         return f'`"{value}"`'
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(f'"{v}"' for v in value) + "]`"
     text = f"`{_number(value)}`"
     return f"{text} {info.unit}" if info.unit else text
 
 
 def _meaning(kind: Any, info: OptionInfo) -> str:
     parts = [info.doc.strip()]
+    if info.const is not None:
+        parts.append(f"**Flag alone:** `{info.const}`.")
     if info.zero:
         if kind is str:
             parts.append("**Empty:** " + info.zero.removeprefix("(empty) ") + ".")
@@ -125,6 +141,8 @@ def _option_rows(cls: type) -> list[str]:
             flag = _NO_FLAG
         elif kind is bool:  # argparse.BooleanOptionalAction adds the --no- form
             flag = f"`{_flag(f.name)}`, `{_flag('no_' + f.name)}`"
+        elif info.flag:  # a flag named apart from its key (hooks: --hook)
+            flag = f"`{_flag(info.flag)}`"
         else:
             flag = f"`{_flag(f.name)}`"
         cells = [f"`{f.name}`", flag, _type(kind, info), _default(f, info), _meaning(kind, info)]
@@ -168,12 +186,13 @@ def render_reference() -> str:
         "",
         "Each `[proxy.NAME]` table is one proxy.  NAME is 1-64 letters, digits, `_`, `.`",
         "or `-`, starting with a letter or digit.  `[defaults]` takes the same options",
-        "(not `listen` or `upstreams`) and every proxy inherits them unless it sets its",
-        "own.",
+        "(not `listen`, `upstreams` or `toxics`) and every proxy inherits them unless it",
+        "sets its own.",
         "",
         *_TABLE_HEAD,
         *proxy_required,
         *_option_rows(ProxyConfig),
+        *("| " + " | ".join(_cell(c) for c in row) + " |" for row in _PROXY_TABLE_KEYS),
         "",
         "## Command line",
         "",

@@ -24,15 +24,18 @@ __all__ = [
     "OptionInfo",
     "ProxyConfig",
     "ServerConfig",
+    "ToxicSpec",
     "Config",
     "options_of",
     "LOG_LEVELS",
     "BALANCERS",
+    "DUMP_MODES",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("auto", "asyncio", "uvloop")
 BALANCERS = ("round_robin",)
+DUMP_MODES = ("off", "text", "hex", "auto")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,11 @@ class OptionInfo:
     metavar: str = ""
     words: tuple[tuple[str, Any], ...] = ()
     """Words accepted in place of a value, e.g. ``(("auto", 0),)``."""
+    flag: str = ""
+    """The command-line flag's name when it is not the key's (``hook`` for
+    ``hooks``: a list option's flag is repeated, once per item)."""
+    const: Any = None
+    """The value a flag given without one means (``--dump`` alone is ``auto``)."""
 
 
 def option(default: Any, doc: str, **info: Any) -> Any:
@@ -69,6 +77,26 @@ def options_of(cls: type) -> list[tuple[dataclasses.Field[Any], OptionInfo]]:
 
 
 @dataclass(frozen=True)
+class ToxicSpec:
+    """One toxic of a ``[[proxy.NAME.toxics]]`` table (or a ``--toxic`` flag), already
+    validated.  Fields mirror Toxiproxy's toxic JSON, plus midway's conditions and
+    timeline; mappings are kept as sorted (key, value) pairs so the configuration
+    stays immutable."""
+
+    type: str
+    name: str
+    """Unique within the proxy while active; defaults to ``TYPE_STREAM`` as in Toxiproxy."""
+    stream: str = "downstream"
+    toxicity: float = 1.0
+    attributes: tuple[tuple[str, Any], ...] = ()
+    conditions: tuple[tuple[str, Any], ...] = ()
+    at_s: float = 0.0
+    """Seconds after the proxy starts when the toxic is added (0: from the start)."""
+    until_s: float | None = None
+    """Seconds after the proxy starts when the toxic is removed (``None``: never)."""
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """One named proxy: where it listens, where it forwards, and how."""
 
@@ -78,6 +106,9 @@ class ProxyConfig:
     every interface, ``unix:/path``).  Port 0 picks a free port."""
     upstreams: tuple[Address, ...] = ()
     """Where to forward each connection; several are used round-robin."""
+    toxics: tuple[ToxicSpec, ...] = ()
+    """Toxics (fault injection) declared for this proxy, optionally on a timeline;
+    see docs/faults.md.  Checked by :mod:`midway.chain.toxics.config`."""
 
     connect_timeout_s: float = option(
         5.0,
@@ -132,6 +163,55 @@ class ProxyConfig:
         provenance="nginx's default listen backlog on Linux",
         minimum=1, maximum=65535, metavar="N",
     )
+    # Seeing and changing traffic (docs/inspection.md).
+    dump: str = option(
+        "off",
+        "Print both directions of every connection as they flow: printable data as "
+        "text, binary as hexdump -C, auto choosing per chunk; with open, end-of-stream "
+        "and close lines.  Coloured on a terminal.  When the output cannot keep up, "
+        "chunks are counted instead of shown; the traffic is never slowed.",
+        choices=DUMP_MODES, const="auto",
+    )
+    dump_file: str = option(
+        "",
+        "Write the dump to this file (appending) instead of standard output; given "
+        "alone, it turns the dump on in auto mode.",
+        zero="(empty) standard output", metavar="PATH",
+    )
+    dump_max_bytes: int = option(
+        4096,
+        "Bytes of each chunk the dump shows; the rest are counted, not shown.",
+        unit="bytes", zero="show every byte", minimum=0, metavar="BYTES",
+        provenance="one page: 256 lines of hexdump -C",
+    )
+    pcap: str = option(
+        "",
+        "Record every connection to this pcap file for Wireshark or tshark: both TCP "
+        "legs (client to midway, midway to upstream) with their real addresses, "
+        "handshake, FIN and RST.  An existing file is replaced (with rotation on, it "
+        "becomes PATH.1).",
+        zero="(empty) no capture", metavar="PATH",
+    )
+    pcap_max_bytes: int = option(
+        0,
+        "Rotate the capture when it would grow past this size: PATH is renamed "
+        "PATH.1 (PATH.1 to PATH.2, and so on) and a new PATH begins.  Must be at "
+        "least 40 (one header and one packet record) when not 0.",
+        unit="bytes", zero="one file, never rotated", minimum=0, metavar="BYTES",
+    )
+    pcap_keep: int = option(
+        4,
+        "Rotated capture files kept (PATH.1 ... PATH.N); older ones are deleted.",
+        zero="keep none: a full capture starts over", minimum=0, metavar="N",
+        provenance="the 'rotate 4' of Debian's logrotate.conf",
+    )
+    hooks: tuple[str, ...] = option(
+        (),
+        "Python hooks that see and change the data, as MODULE:ATTR (or FILE.py:ATTR), "
+        "chained in order; see docs/inspection.md.  On the command line, repeat "
+        "--hook once per hook.",
+        flag="hook", metavar="MODULE:ATTR",
+    )
 
 
 @dataclass(frozen=True)
@@ -177,6 +257,19 @@ class ServerConfig:
         "worker, forwards signals and drains them all on shutdown.",
         zero="one worker per CPU ('auto' means the same)", minimum=0, maximum=1024,
         metavar="N|auto", words=(("auto", 0),),
+    )
+    admin: str = option(
+        "",
+        "Serve the admin HTTP API, compatible with Toxiproxy 2.x (create proxies, add "
+        "and remove toxics), on this host:port.  With no proxies configured, midway "
+        "then behaves like toxiproxy-server.  Only a loopback address is accepted "
+        "unless admin_allow_remote is set; needs workers = 1.",
+        zero="(empty) no admin API", metavar="HOST:PORT",
+    )
+    admin_allow_remote: bool = option(
+        False,
+        "Allow the admin API on a non-loopback address.  The API has no "
+        "authentication: whoever reaches it can reconfigure and stop every proxy.",
     )
 
 

@@ -69,6 +69,7 @@ EXPECTED_ATTRIBUTES = {
     "slicer": {"average_size": 1, "size_variation": 0, "delay": 0},
     "limit_data": {"bytes": 0},
     "blackhole": {},
+    "noop": {},
 }
 
 

@@ -104,12 +104,14 @@ def test_every_option_is_documented(
         assert default.endswith(info.unit)
     if typing.get_type_hints(cls)[f.name] is bool:
         assert default == ("`true`" if f.default else "`false`")
+    elif isinstance(f.default, tuple):
+        assert default == "`[" + ", ".join(f'"{v}"' for v in f.default) + "]`"
     else:
         assert repr(f.default).strip("'").removesuffix(".0") in default
     for choice in info.choices:
         assert f"`{choice}`" in kind
     if info.cli:
-        assert cli_flag.startswith(f"`{flag(f.name)}`")
+        assert cli_flag.startswith(f"`{flag(info.flag or f.name)}`")
     else:
         assert cli_flag == "—"
 

@@ -26,6 +26,7 @@ from midway.chain.toxics.base import Attributes, Conditions, Toxic, ToxicError, 
 from midway.chain.toxics.blackhole import BlackholeToxic
 from midway.chain.toxics.latency import LatencyToxic
 from midway.chain.toxics.limit_data import LimitDataToxic
+from midway.chain.toxics.noop import NoopToxic
 from midway.chain.toxics.reset_peer import ResetPeerToxic
 from midway.chain.toxics.slicer import SlicerToxic
 from midway.chain.toxics.slow_close import SlowCloseToxic
@@ -48,6 +49,7 @@ __all__ = [
     "SlicerToxic",
     "LimitDataToxic",
     "BlackholeToxic",
+    "NoopToxic",
 ]
 
 TOXICS: dict[str, type[Toxic[Any]]] = {
@@ -61,6 +63,7 @@ TOXICS: dict[str, type[Toxic[Any]]] = {
         SlicerToxic,
         LimitDataToxic,
         BlackholeToxic,
+        NoopToxic,
     )
 }
 """Every toxic type by its Toxiproxy name (``blackhole`` is midway's own)."""

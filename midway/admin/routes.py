@@ -1,0 +1,484 @@
+"""Toxiproxy 2.x's HTTP API over a midway :class:`~midway.runtime.Runtime`: the
+routes, with no networking (the HTTP server is :mod:`midway.admin.server`).
+
+Theory of operation
+-------------------
+:meth:`ToxiproxyAPI.handle` takes one parsed request (method, path, User-Agent,
+body bytes) and returns a :class:`Response`.  It runs on the runtime's event loop
+thread, where every proxy lives, so a request sees and changes the proxies
+atomically.  Every change is validated in full before anything is touched: a bad
+body or attribute answers Toxiproxy's error and changes nothing.
+
+The shapes, defaults and status codes are Toxiproxy's (``api.go``,
+``proxy_collection.go``, ``toxic_collection.go`` of Shopify/toxiproxy v2):
+
+* a proxy is ``{"name", "listen", "upstream", "enabled", "toxics": [...]}``; a
+  toxic is ``{"name", "type", "stream", "toxicity", "attributes"}``; an error is
+  ``{"error": "...", "status": N}``;
+* ``POST /proxies`` answers 201, a taken name 409 ``proxy already exists``, a
+  missing name or upstream 400 ``missing required field: name``; an address that
+  cannot be bound 500 with the reason;
+* a toxic's name defaults to ``<type>_<stream>``, its stream to ``downstream``, its
+  toxicity to 1; a taken name is 409 ``toxic already exists``, an unknown type 400
+  ``invalid toxic type``, a bad stream 400 ``stream was invalid, ...``;
+* ``POST /populate`` checks every proxy first, keeps those whose listen and
+  upstream are unchanged (and their toxics), replaces the others, answers 201
+  ``{"proxies": [...]}``, and on failure changes nothing;
+* ``POST /reset`` enables every proxy and removes every toxic (204);
+* ``DELETE`` answers 204; a missing proxy or toxic 404; ``GET /version`` answers
+  ``{"version": "..."}``; a browser (User-Agent ``Mozilla/...``) gets 403, as
+  Toxiproxy guards against cross-site requests to a local API.
+
+Deliberate differences are listed in docs/faults.md ("Admin API").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from .. import __version__
+from ..chain.toxics import TOXICS, Toxic, ToxicError, make_toxic
+from ..chain.toxics.live import (
+    ToxicExists,
+    ToxicNotFound,
+    add_toxic,
+    get_toxic,
+    list_toxics,
+    remove_toxic,
+    reset_toxics,
+    update_toxic,
+)
+from ..config.load import config_from_dict
+from ..config.schema import ProxyConfig
+from ..errors import ConfigError, ListenError
+from ..runtime import Runtime
+from ..session import ProxyService
+
+__all__ = ["ToxiproxyAPI", "Response", "TOXIPROXY_API_VERSION"]
+
+TOXIPROXY_API_VERSION = "2.12.0"
+"""The Toxiproxy release whose HTTP API this implements, reported by ``/version``
+(clients use it to tell a 2.x server from a 1.x one)."""
+
+DEFAULT_LISTEN = "127.0.0.1:0"
+"""Where a proxy created without ``listen`` listens.  Toxiproxy binds every
+interface on a random port; midway stays on loopback."""
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+
+# Toxiproxy's error messages (api.go), word for word.
+BAD_BODY = "bad request body"
+MISSING_FIELD = "missing required field"
+PROXY_NOT_FOUND = "proxy not found"
+PROXY_EXISTS = "proxy already exists"
+INVALID_STREAM = "stream was invalid, can be either upstream or downstream"
+INVALID_TYPE = "invalid toxic type"
+TOXIC_EXISTS = "toxic already exists"
+TOXIC_NOT_FOUND = "toxic not found"
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = JSON
+
+
+class ApiError(Exception):
+    """An error answered as Toxiproxy's ``{"error": message, "status": status}``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+class ToxiproxyAPI:
+    """The routes.  Holds only what Toxiproxy reports but midway's configuration
+    does not keep: the ``listen`` and ``upstream`` text each proxy was created with."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._listen_text: dict[str, str] = {}
+        self._upstream_text: dict[str, str] = {}
+        self._last_bound: dict[str, str] = {}
+        # (path shape, method) -> handler; "*" stands for one path segment.
+        self._routes: dict[tuple[tuple[str, ...], str], Handler] = {
+            (("version",), "GET"): self.version,
+            (("reset",), "POST"): self.reset,
+            (("populate",), "POST"): self.populate,
+            (("proxies",), "GET"): self.proxy_index,
+            (("proxies",), "POST"): self.proxy_create,
+            (("proxies", "*"), "GET"): self.proxy_show,
+            (("proxies", "*"), "POST"): self.proxy_update,
+            (("proxies", "*"), "PATCH"): self.proxy_update,
+            (("proxies", "*"), "DELETE"): self.proxy_delete,
+            (("proxies", "*", "toxics"), "GET"): self.toxic_index,
+            (("proxies", "*", "toxics"), "POST"): self.toxic_create,
+            (("proxies", "*", "toxics", "*"), "GET"): self.toxic_show,
+            (("proxies", "*", "toxics", "*"), "POST"): self.toxic_update,
+            (("proxies", "*", "toxics", "*"), "PATCH"): self.toxic_update,
+            (("proxies", "*", "toxics", "*"), "DELETE"): self.toxic_delete,
+        }
+        self._shapes = {shape for shape, _ in self._routes}
+
+    async def handle(self, method: str, path: str, body: bytes = b"",
+                     user_agent: str = "") -> Response:
+        """Answer one request.  Never raises for a bad request."""
+        if user_agent.startswith("Mozilla/"):
+            return Response(403, b"User agent not allowed\n", TEXT)
+        segments = [unquote(s) for s in path.split("?", 1)[0].split("/")[1:]]
+        shape = tuple("*" if i % 2 and s and segments[0] == "proxies" else s
+                      for i, s in enumerate(segments))
+        if "" in segments or shape not in self._shapes:
+            return Response(404, b"404 page not found\n", TEXT)
+        handler = self._routes.get((shape, method))
+        if handler is None:
+            return Response(405, b"", TEXT)
+        args = [s for s, k in zip(segments, shape, strict=True) if k == "*"]
+        try:
+            return await handler(*args, body=body)
+        except ApiError as exc:
+            return _error(exc.message, exc.status)
+
+    # -- proxies -------------------------------------------------------------
+
+    async def version(self, body: bytes) -> Response:
+        text = json.dumps({"version": TOXIPROXY_API_VERSION, "midway": __version__})
+        return Response(200, (text + "\n").encode(), "application/json;charset=utf-8")
+
+    async def proxy_index(self, body: bytes) -> Response:
+        services = self.runtime.services
+        return _json(200, {name: self._proxy_json(s) for name, s in services.items()})
+
+    async def proxy_show(self, name: str, body: bytes) -> Response:
+        return _json(200, self._proxy_json(self._service(name)))
+
+    async def proxy_create(self, body: bytes) -> Response:
+        fields = _proxy_fields(_object(body))
+        name, listen, upstream = fields["name"], fields["listen"], fields["upstream"]
+        if not name:
+            raise ApiError(f"{MISSING_FIELD}: name", 400)
+        if not upstream:
+            raise ApiError(f"{MISSING_FIELD}: upstream", 400)
+        config = _proxy_config(name, listen or DEFAULT_LISTEN, upstream)
+        if name in self.runtime.services:
+            raise ApiError(PROXY_EXISTS, 409)
+        enabled = True if fields["enabled"] is None else fields["enabled"]
+        service = self._add(config, listen or DEFAULT_LISTEN, upstream, enabled)
+        return _json(201, self._proxy_json(service))
+
+    async def proxy_update(self, name: str, body: bytes) -> Response:
+        service = self._service(name)
+        fields = _proxy_fields(_object(body))
+        listen, upstream = fields["listen"], fields["upstream"]
+        enabled = service.enabled if fields["enabled"] is None else fields["enabled"]
+        moved = (listen is not None and listen not in self._listen_forms(service)) or (
+            upstream is not None and upstream != self._upstream(service))
+        if moved:
+            # Toxiproxy restarts the proxy: its connections are dropped.
+            listen = listen if listen is not None else self._listen(service)
+            upstream = upstream if upstream is not None else self._upstream(service)
+            config = _proxy_config(name, listen, upstream, base=service.config)
+            try:
+                self.runtime.update_proxy(config)
+            except ListenError as exc:
+                raise ApiError(str(exc), 500) from exc
+            service.close_connections()
+            self._forget(name)
+            self._listen_text[name], self._upstream_text[name] = listen, upstream
+        if enabled != service.enabled:
+            try:
+                self.runtime.enable_proxy(name, enabled)
+            except ListenError as exc:
+                raise ApiError(str(exc), 500) from exc
+        return _json(200, self._proxy_json(service))
+
+    async def proxy_delete(self, name: str, body: bytes) -> Response:
+        self._service(name)
+        self.runtime.remove_proxy(name)
+        self._forget(name)
+        return Response(204)
+
+    async def populate(self, body: bytes) -> Response:
+        try:
+            services = self._populate(self._populate_plans(body))
+        except ApiError as exc:
+            # Toxiproxy answers a failed populate with the error and the proxies
+            # field together.
+            return _json(exc.status, {"error": exc.message, "status": exc.status,
+                                      "proxies": []})
+        return _json(201, {"proxies": [self._proxy_json(s) for s in services]})
+
+    def _populate_plans(self, body: bytes) -> list[tuple[ProxyConfig, str, str, bool]]:
+        """Check every proxy of a populate request before anything changes."""
+        items = _parse(body)
+        if not isinstance(items, list):
+            raise ApiError(f"{BAD_BODY}: expected a JSON array of proxies", 400)
+        plans: list[tuple[ProxyConfig, str, str, bool]] = []
+        names: set[str] = set()
+        for i, item in enumerate(items, 1):
+            if not isinstance(item, Mapping):
+                raise ApiError(f"{BAD_BODY}: proxy {i} is not a JSON object", 400)
+            fields = _proxy_fields(item)
+            name, listen, upstream = fields["name"], fields["listen"], fields["upstream"]
+            if not name:
+                raise ApiError(f"{MISSING_FIELD}: name at proxy {i}", 400)
+            if not upstream:
+                raise ApiError(f"{MISSING_FIELD}: upstream at proxy {i}", 400)
+            if name in names:
+                raise ApiError(f"{BAD_BODY}: duplicate proxy name {name!r}", 400)
+            names.add(name)
+            listen = listen or DEFAULT_LISTEN
+            enabled = True if fields["enabled"] is None else fields["enabled"]
+            plans.append((_proxy_config(name, listen, upstream), listen, upstream, enabled))
+        return plans
+
+    def _populate(self, plans: list[tuple[ProxyConfig, str, str, bool]]) -> list[ProxyService]:
+        """Apply checked plans; on a failure, undo what was done and raise."""
+        runtime = self.runtime
+        removed: list[tuple[ProxyService, str | None, str | None]] = []
+        added: list[str] = []
+        result: list[ProxyService] = []
+        try:
+            for config, listen, upstream, enabled in plans:
+                existing = runtime.services.get(config.name)
+                if existing is not None and listen in self._listen_forms(existing) \
+                        and upstream == self._upstream(existing):
+                    result.append(existing)
+                    continue
+                if existing is not None:
+                    runtime.remove_proxy(config.name)
+                    removed.append((existing, self._listen_text.get(config.name),
+                                    self._upstream_text.get(config.name)))
+                    self._forget(config.name)
+                result.append(self._add(config, listen, upstream, enabled))
+                added.append(config.name)
+        except ApiError:
+            for name in added:
+                runtime.remove_proxy(name)
+                self._forget(name)
+            for service, listen_text, upstream_text in removed:
+                self._restore(service, listen_text, upstream_text)
+            raise
+        return result
+
+    def _restore(self, service: ProxyService, listen: str | None, upstream: str | None) -> None:
+        """Put back a proxy that populate replaced, with its toxics (best effort:
+        its connections were already closed)."""
+        name = service.name
+        config = dataclasses.replace(service.config, toxics=())
+        toxics = list_toxics(service)
+        try:
+            self.runtime.add_proxy(config, toxics, enabled=service.enabled)
+        except ListenError:
+            self.runtime.add_proxy(config, toxics, enabled=False)
+        if listen is not None:
+            self._listen_text[name] = listen
+        if upstream is not None:
+            self._upstream_text[name] = upstream
+
+    async def reset(self, body: bytes) -> Response:
+        for name, service in list(self.runtime.services.items()):
+            if not service.enabled:
+                try:
+                    self.runtime.enable_proxy(name, True)
+                except ListenError as exc:
+                    raise ApiError(str(exc), 500) from exc
+            reset_toxics(service)
+        return Response(204)
+
+    # -- toxics --------------------------------------------------------------
+
+    async def toxic_index(self, proxy: str, body: bytes) -> Response:
+        return _json(200, [_toxic_json(t) for t in list_toxics(self._service(proxy))])
+
+    async def toxic_show(self, proxy: str, toxic: str, body: bytes) -> Response:
+        service = self._service(proxy)
+        try:
+            return _json(200, _toxic_json(get_toxic(service, toxic)))
+        except ToxicNotFound:
+            raise ApiError(TOXIC_NOT_FOUND, 404) from None
+
+    async def toxic_create(self, proxy: str, body: bytes) -> Response:
+        service = self._service(proxy)
+        data = _object(body)
+        stream = data.get("stream", "downstream")
+        if stream is None or stream == "":
+            stream = "downstream"
+        if stream not in ("upstream", "downstream"):
+            raise ApiError(INVALID_STREAM, 400)
+        kind = data.get("type")
+        name = data.get("name") or f"{kind}_{stream}"
+        if not isinstance(name, str):
+            raise ApiError(f"{BAD_BODY}: name: expected a string, got {name!r}", 400)
+        if not isinstance(kind, str) or kind not in TOXICS:
+            raise ApiError(INVALID_TYPE, 400)
+        if any(element.name == name for element in service.elements):
+            raise ApiError(TOXIC_EXISTS, 409)
+        toxicity = data.get("toxicity", 1.0)
+        try:
+            toxic = make_toxic(kind, name=name, stream=stream,
+                               toxicity=1.0 if toxicity is None else toxicity,
+                               attributes=data.get("attributes") or {},
+                               conditions=data.get("conditions"))
+        except ToxicError as exc:
+            raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
+        try:
+            add_toxic(service, toxic)
+        except ToxicExists:
+            raise ApiError(TOXIC_EXISTS, 409) from None
+        return _json(200, _toxic_json(toxic))
+
+    async def toxic_update(self, proxy: str, toxic: str, body: bytes) -> Response:
+        service = self._service(proxy)
+        try:
+            get_toxic(service, toxic)
+        except ToxicNotFound:
+            raise ApiError(TOXIC_NOT_FOUND, 404) from None
+        data = _object(body)
+        attributes = data.get("attributes")
+        if attributes is not None and not isinstance(attributes, Mapping):
+            raise ApiError(f"{BAD_BODY}: attributes: expected an object", 400)
+        try:
+            updated = update_toxic(service, toxic, toxicity=data.get("toxicity"),
+                                   attributes=attributes)
+        except ToxicError as exc:
+            raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
+        return _json(200, _toxic_json(updated))
+
+    async def toxic_delete(self, proxy: str, toxic: str, body: bytes) -> Response:
+        service = self._service(proxy)
+        try:
+            remove_toxic(service, toxic)
+        except ToxicNotFound:
+            raise ApiError(TOXIC_NOT_FOUND, 404) from None
+        return Response(204)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _service(self, name: str) -> ProxyService:
+        service = self.runtime.services.get(name)
+        if service is None:
+            raise ApiError(PROXY_NOT_FOUND, 404)
+        return service
+
+    def _forget(self, name: str) -> None:
+        for texts in (self._listen_text, self._upstream_text, self._last_bound):
+            texts.pop(name, None)
+
+    def _add(self, config: ProxyConfig, listen: str, upstream: str,
+             enabled: bool) -> ProxyService:
+        try:
+            service = self.runtime.add_proxy(config, enabled=enabled)
+        except ListenError as exc:
+            raise ApiError(str(exc), 500) from exc
+        self._listen_text[config.name] = listen
+        self._upstream_text[config.name] = upstream
+        return service
+
+    def _listen(self, service: ProxyService) -> str:
+        """Where the proxy listens: the bound address (real port) while enabled or
+        once it has been, else the address it was given (as Toxiproxy reports it)."""
+        if service.enabled and service.listeners:
+            bound = self._last_bound[service.name] = ",".join(service.addresses)
+            return bound
+        text = self._last_bound.get(service.name) or self._listen_text.get(service.name)
+        return text if text is not None else ",".join(str(a) for a in service.config.listen)
+
+    def _listen_forms(self, service: ProxyService) -> set[str]:
+        """Every text that names the proxy's current listen address."""
+        forms = {self._listen(service), ",".join(str(a) for a in service.config.listen)}
+        forms.discard("")
+        text = self._listen_text.get(service.name)
+        if text is not None:
+            forms.add(text)
+        return forms
+
+    def _upstream(self, service: ProxyService) -> str:
+        text = self._upstream_text.get(service.name)
+        return text if text is not None else ",".join(str(u) for u in service.config.upstreams)
+
+    def _proxy_json(self, service: ProxyService) -> dict[str, Any]:
+        return {
+            "name": service.name,
+            "listen": self._listen(service),
+            "upstream": self._upstream(service),
+            "enabled": service.enabled,
+            "toxics": [_toxic_json(t) for t in list_toxics(service)],
+        }
+
+
+def _toxic_json(toxic: Toxic[Any]) -> dict[str, Any]:
+    data = toxic.to_json()
+    conditions = toxic.conditions.to_json()
+    if conditions:  # midway's own; absent unless set, so strict clients see Toxiproxy's shape
+        data["conditions"] = conditions
+    return data
+
+
+def _json(status: int, value: Any) -> Response:
+    return Response(status, json.dumps(value, separators=(",", ":")).encode())
+
+
+def _error(message: str, status: int) -> Response:
+    return _json(status, {"error": message, "status": status})
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ApiError(f"{BAD_BODY}: not UTF-8 text", 400) from None
+    except ValueError as exc:
+        raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
+
+
+def _object(body: bytes) -> Mapping[str, Any]:
+    data = _parse(body)
+    if not isinstance(data, Mapping):
+        raise ApiError(f"{BAD_BODY}: expected a JSON object", 400)
+    return data
+
+
+def _proxy_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The proxy fields of a request body, type-checked (absent: ``None``)."""
+    out: dict[str, Any] = {}
+    for key in ("name", "listen", "upstream"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(f"{BAD_BODY}: {key}: expected a string, got {value!r}", 400)
+        out[key] = value
+    enabled = data.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ApiError(f"{BAD_BODY}: enabled: expected true or false, got {enabled!r}", 400)
+    out["enabled"] = enabled
+    return out
+
+
+def _proxy_config(name: str, listen: str, upstream: str,
+                  base: ProxyConfig | None = None) -> ProxyConfig:
+    """Validate a proxy's name and addresses (comma-separated lists allowed)."""
+    table = {"listen": [a.strip() for a in listen.split(",")],
+             "upstreams": [a.strip() for a in upstream.split(",")]}
+    try:
+        config = config_from_dict({"proxy": {name: table}}).proxies[0]
+    except ConfigError as exc:
+        key = exc.path.removeprefix(f"proxy.{name}").lstrip(".") or "name"
+        raise ApiError(f"{BAD_BODY}: {key}: {exc.message}", 400) from None
+    if base is not None:
+        config = dataclasses.replace(base, listen=config.listen, upstreams=config.upstreams)
+    return config

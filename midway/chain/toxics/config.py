@@ -1,0 +1,182 @@
+"""Toxics declared in the configuration: ``[[proxy.NAME.toxics]]`` tables and
+``--toxic`` flags, validated up front into :class:`~midway.config.schema.ToxicSpec`.
+
+TOML::
+
+    [[proxy.redis.toxics]]
+    type = "latency"                      # required: a Toxiproxy toxic type
+    name = "slow_replies"                 # default: TYPE_STREAM, as in Toxiproxy
+    stream = "downstream"                 # or "upstream" (client -> server)
+    toxicity = 1.0                        # share of connections it applies to
+    attributes = { latency = 100, jitter = 10 }
+    conditions = { first_n = 3 }          # midway's own, see Conditions
+    at_s = 5                              # timeline: added 5 s after the proxy starts
+    until_s = 20                          # ... and removed at 20 s
+
+Command line (one flag per toxic, repeatable)::
+
+    --toxic 'latency:latency=100,jitter=10,stream=downstream'
+
+``KEY=VALUE`` pairs after ``TYPE:`` set ``name``, ``stream``, ``toxicity``,
+``at_s``, ``until_s``, a condition (``client_cidr`` may be repeated, ``first_n``,
+``every_nth``, ``after_s``), or else an attribute.
+
+Every toxic is built once through :func:`~midway.chain.toxics.make_toxic` while the
+configuration loads, so a bad one is a :class:`~midway.errors.ConfigError` naming
+its key, e.g. ``proxy.redis.toxics[0].attributes.latency``, before anything binds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ...config.schema import ProxyConfig, ToxicSpec
+from ...errors import ConfigError
+from . import make_toxic
+from .base import Conditions, Toxic, ToxicError
+
+__all__ = [
+    "TABLE_KEYS",
+    "parse_toxic_tables",
+    "toxic_table_from_spec",
+    "build_toxic",
+    "static_toxics",
+]
+
+TABLE_KEYS = ("type", "name", "stream", "toxicity", "attributes", "conditions", "at_s", "until_s")
+"""The keys of one ``[[proxy.NAME.toxics]]`` table."""
+
+_SPEC_FIELDS = {"name": str, "stream": str, "toxicity": float, "at_s": float, "until_s": float}
+_SPEC_CONDITIONS = {"first_n": int, "every_nth": int, "after_s": float}
+
+
+def parse_toxic_tables(value: Any, path: str) -> tuple[ToxicSpec, ...]:
+    """Validate a proxy's ``toxics`` list (TOML array of tables).  Names must be
+    unique among toxics that can be active at the same time."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ConfigError(path, "expected a list of tables, e.g. [[proxy.NAME.toxics]]")
+    specs = [parse_toxic_table(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    for j, spec in enumerate(specs):
+        for i, other in enumerate(specs[:j]):
+            if other.name == spec.name and _overlap(other, spec):
+                raise ConfigError(
+                    f"{path}[{j}].name",
+                    f"{spec.name!r} is already the name of toxics[{i}] while both are "
+                    "active (name one of them, or make their at_s..until_s windows apart)")
+    return tuple(specs)
+
+
+def parse_toxic_table(table: Any, path: str) -> ToxicSpec:
+    """Validate one toxic table; see the module doc for its keys."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(path, f"expected a table, got {type(table).__name__}")
+    for key in table:
+        if key not in TABLE_KEYS:
+            close = difflib.get_close_matches(str(key), TABLE_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path}.{key}", f"unknown key{hint}")
+    if "type" not in table:
+        raise ConfigError(f"{path}.type", "missing (required)")
+    at_s = _seconds(table.get("at_s", 0.0), f"{path}.at_s")
+    until_s = None
+    if "until_s" in table:
+        until_s = _seconds(table["until_s"], f"{path}.until_s")
+        if until_s <= at_s:
+            raise ConfigError(f"{path}.until_s", f"must be after at_s ({at_s:g} s), got {until_s:g}")
+    try:
+        toxic = make_toxic(
+            table["type"], name=table.get("name"), stream=table.get("stream", "downstream"),
+            toxicity=table.get("toxicity", 1.0), attributes=table.get("attributes"),
+            conditions=table.get("conditions"),
+        )
+    except ToxicError as exc:
+        raise ConfigError(f"{path}.{exc.field}", exc.message) from exc
+    return ToxicSpec(
+        type=toxic.type, name=toxic.name, stream=toxic.stream, toxicity=toxic.toxicity,
+        attributes=tuple(sorted(toxic.attributes.to_json().items())),
+        conditions=tuple(sorted(_frozen(toxic.conditions.to_json()).items())),
+        at_s=at_s, until_s=until_s,
+    )
+
+
+def toxic_table_from_spec(text: str) -> dict[str, Any]:
+    """Turn a ``--toxic TYPE[:KEY=VALUE,...]`` flag into the equivalent TOML table
+    (validated later with the rest of the configuration).  Numbers are converted;
+    anything else is kept as text for the validation to judge.  Raises
+    :class:`ConfigError` (empty path) for a malformed flag."""
+    kind, _, rest = text.partition(":")
+    kind = kind.strip()
+    if not kind:
+        raise ConfigError("", f"--toxic {text!r}: expected TYPE[:KEY=VALUE,...], "
+                              "e.g. latency:latency=100,jitter=10")
+    table: dict[str, Any] = {"type": kind}
+    attributes: dict[str, Any] = {}
+    conditions: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise ConfigError("", f"--toxic {text!r}: {item!r} is not KEY=VALUE")
+        if key == "client_cidr":
+            conditions.setdefault(key, []).append(raw)
+            continue
+        if key in table or key in attributes or key in conditions:
+            raise ConfigError("", f"--toxic {text!r}: {key} is given twice")
+        if key in _SPEC_FIELDS:
+            table[key] = _number(raw) if _SPEC_FIELDS[key] is float else raw
+        elif key in _SPEC_CONDITIONS:
+            conditions[key] = _number(raw)
+        else:
+            attributes[key] = _number(raw)
+    if attributes:
+        table["attributes"] = attributes
+    if conditions:
+        table["conditions"] = conditions
+    return table
+
+
+def build_toxic(spec: ToxicSpec, **kwargs: Any) -> Toxic[Any]:
+    """A fresh toxic element for ``spec`` (already validated, so this does not
+    fail).  ``kwargs`` go to :func:`make_toxic` (``rng``, ``clock``)."""
+    return make_toxic(
+        spec.type, name=spec.name, stream=spec.stream, toxicity=spec.toxicity,
+        attributes=dict(spec.attributes), conditions=Conditions.from_mapping(dict(spec.conditions)),
+        **kwargs,
+    )
+
+
+def static_toxics(config: ProxyConfig) -> list[Toxic[Any]]:
+    """The toxics present from the proxy's start (``at_s`` = 0), in file order;
+    the timeline (:mod:`midway.timeline`) adds the later ones and removes any with
+    ``until_s``."""
+    return [build_toxic(spec) for spec in config.toxics if spec.at_s == 0]
+
+
+def _seconds(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, f"expected a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(path, f"must be finite and not negative, got {value!r}")
+    return float(value)
+
+
+def _overlap(a: ToxicSpec, b: ToxicSpec) -> bool:
+    a_end = math.inf if a.until_s is None else a.until_s
+    b_end = math.inf if b.until_s is None else b.until_s
+    return a.at_s < b_end and b.at_s < a_end
+
+
+def _frozen(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -1,0 +1,430 @@
+"""Every route and error code of the admin API over raw HTTP, against Toxiproxy 2.x's
+documented behaviour (api.go, proxy_collection.go, toxic_collection.go, README)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from .conftest import Admin, EchoServer, Reply, port_of, refused, round_trip
+
+pytestmark = pytest.mark.timeout(60)
+
+PROXY_KEYS = {"name", "listen", "upstream", "enabled", "toxics"}
+TOXIC_KEYS = {"name", "type", "stream", "toxicity", "attributes"}
+
+
+def create(admin: Admin, name: str, upstream: str, **fields: object) -> dict[str, object]:
+    reply = admin.post("/proxies", {"name": name, "upstream": upstream,
+                                    "listen": "127.0.0.1:0", **fields})
+    assert reply.status == 201, reply.body
+    proxy: dict[str, object] = reply.json
+    return proxy
+
+
+def error(reply: Reply, status: int, message: str) -> None:
+    assert reply.status == status, reply.body
+    assert reply.json == {"error": message, "status": status}
+
+
+# -- server --------------------------------------------------------------------
+
+
+def test_version_is_toxiproxy_2_json(admin: Admin) -> None:
+    reply = admin.get("/version")
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert reply.json["version"].startswith("2.")
+
+
+def test_no_proxies_at_start_like_toxiproxy_server(admin: Admin) -> None:
+    reply = admin.get("/proxies")
+    assert (reply.status, reply.json) == (200, {})
+    assert reply.headers["Content-Type"] == "application/json"
+
+
+def test_unknown_route_404_wrong_method_405(admin: Admin) -> None:
+    assert admin.get("/nope").status == 404
+    assert admin.get("/proxies/").status == 404
+    assert admin.request("PUT", "/proxies").status == 405
+    assert admin.request("GET", "/reset").status == 405
+    assert admin.request("DELETE", "/proxies").status == 405
+
+
+def test_browsers_are_refused(admin: Admin) -> None:
+    reply = admin.request("GET", "/proxies",
+                          headers={"User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"})
+    assert reply.status == 403
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(admin: Admin) -> None:
+    conn = http.client.HTTPConnection(admin.host, admin.port, timeout=5)
+    try:
+        for _ in range(3):
+            conn.request("GET", "/version")
+            response = conn.getresponse()
+            assert response.status == 200
+            response.read()
+    finally:
+        conn.close()
+
+
+def test_chunked_and_oversized_bodies_are_refused(admin: Admin) -> None:
+    conn = http.client.HTTPConnection(admin.host, admin.port, timeout=5)
+    try:
+        conn.request("POST", "/proxies", body=iter([b'{"name":"x"}']),
+                     headers={"Transfer-Encoding": "chunked"})
+        assert conn.getresponse().status == 411
+    finally:
+        conn.close()
+    with socket.create_connection((admin.host, admin.port), timeout=5) as raw:
+        raw.sendall(b"POST /proxies HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413 ")
+    assert admin.get("/proxies").json == {}
+
+
+# -- proxies -------------------------------------------------------------------
+
+
+def test_create_proxy_reports_real_port_and_relays(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "redis", echo.address)
+    assert set(proxy) == PROXY_KEYS
+    assert proxy["name"] == "redis" and proxy["upstream"] == echo.address
+    assert proxy["enabled"] is True and proxy["toxics"] == []
+    listen = str(proxy["listen"])
+    assert listen.startswith("127.0.0.1:") and port_of(listen) > 0
+    assert round_trip(port_of(listen), b"hello") == b"hello"
+    assert admin.get("/proxies").json == {"redis": proxy}
+    assert admin.get("/proxies/redis").json == proxy
+
+
+def test_create_without_listen_picks_a_loopback_port(admin: Admin, echo: EchoServer) -> None:
+    reply = admin.post("/proxies", {"name": "nolisten", "upstream": echo.address})
+    assert reply.status == 201
+    assert reply.json["listen"].startswith("127.0.0.1:")
+    assert round_trip(port_of(reply.json["listen"])) == b"ping"
+
+
+def test_create_disabled_proxy_does_not_listen(admin: Admin, echo: EchoServer) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    reply = admin.post("/proxies", {"name": "off", "upstream": echo.address,
+                                    "listen": f"localhost:{port}", "enabled": False})
+    assert reply.status == 201
+    assert reply.json["enabled"] is False
+    assert reply.json["listen"] == f"localhost:{port}"
+    assert refused(port)
+
+
+def test_create_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "taken", echo.address)
+    before = admin.get("/proxies").json
+    error(admin.post("/proxies", {"name": "taken", "upstream": echo.address}),
+          409, "proxy already exists")
+    error(admin.post("/proxies", {"upstream": echo.address}), 400,
+          "missing required field: name")
+    error(admin.post("/proxies", {"name": "x"}), 400, "missing required field: upstream")
+    for bad in (b"{not json", b"[1, 2]", b"", b'{"name": "x", "upstream": "h:1", "enabled": "yes"}',
+                b'{"name": 5, "upstream": "h:1"}'):
+        reply = admin.post("/proxies", raw=bad)
+        assert reply.status == 400, bad
+        assert reply.json["error"].startswith("bad request body"), reply.json
+    reply = admin.post("/proxies", {"name": "x", "upstream": "no-port"})
+    assert reply.status == 400 and "upstream" in reply.json["error"]
+    assert admin.get("/proxies").json == before
+
+
+def test_create_on_a_busy_port_is_500_and_adds_nothing(admin: Admin, echo: EchoServer) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        reply = admin.post("/proxies", {"name": "clash", "upstream": echo.address,
+                                        "listen": f"127.0.0.1:{port}"})
+        assert reply.status == 500
+        assert "address already in use" in reply.json["error"]
+    assert admin.get("/proxies").json == {}
+
+
+def test_show_update_delete_missing_proxy_404(admin: Admin) -> None:
+    for reply in (admin.get("/proxies/ghost"), admin.post("/proxies/ghost", {"enabled": False}),
+                  admin.delete("/proxies/ghost"), admin.get("/proxies/ghost/toxics"),
+                  admin.post("/proxies/ghost/toxics", {"type": "latency"})):
+        error(reply, 404, "proxy not found")
+
+
+def test_disable_drops_connections_and_enable_returns_on_same_port(
+        admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "flaky", echo.address)
+    port = port_of(str(proxy["listen"]))
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client.sendall(b"x")
+    assert client.recv(1) == b"x"
+    reply = admin.post("/proxies/flaky", {"enabled": False})
+    assert reply.status == 200 and reply.json["enabled"] is False
+    assert reply.json["listen"] == proxy["listen"]
+    assert client.recv(1) == b""  # Toxiproxy closes the proxy's connections
+    client.close()
+    assert refused(port)
+    reply = admin.request("PATCH", "/proxies/flaky", {"enabled": True})
+    assert reply.status == 200 and reply.json["enabled"] is True
+    assert reply.json["listen"] == proxy["listen"]
+    assert round_trip(port) == b"ping"
+
+
+def test_changing_upstream_restarts_the_proxy(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "mover", "127.0.0.1:1")
+    port = port_of(str(proxy["listen"]))
+    assert round_trip(port) == b""  # nothing listens on port 1
+    reply = admin.post("/proxies/mover", {"upstream": echo.address})
+    assert reply.status == 200 and reply.json["upstream"] == echo.address
+    assert reply.json["listen"] == proxy["listen"]
+    assert round_trip(port) == b"ping"
+
+
+def test_update_with_bad_body_changes_nothing(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "steady", echo.address)
+    for bad in (b"{", b'{"enabled": 1}', b'{"upstream": "nope"}'):
+        assert admin.post("/proxies/steady", raw=bad).status == 400
+    assert admin.get("/proxies/steady").json == proxy
+
+
+def test_delete_proxy_stops_listening(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "gone", echo.address)
+    reply = admin.delete("/proxies/gone")
+    assert (reply.status, reply.body) == (204, b"")
+    assert refused(port_of(str(proxy["listen"])))
+    error(admin.delete("/proxies/gone"), 404, "proxy not found")
+
+
+# -- toxics --------------------------------------------------------------------
+
+
+def test_toxic_defaults_follow_toxiproxy(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "p", echo.address)
+    assert admin.get("/proxies/p/toxics").json == []
+    reply = admin.post("/proxies/p/toxics", {"type": "latency"})
+    assert reply.status == 200
+    assert reply.json == {"name": "latency_downstream", "type": "latency",
+                          "stream": "downstream", "toxicity": 1.0,
+                          "attributes": {"latency": 0, "jitter": 0}}
+    reply = admin.post("/proxies/p/toxics", {"type": "latency", "stream": "upstream",
+                                             "toxicity": 0.5, "attributes": {"latency": 7}})
+    assert reply.json["name"] == "latency_upstream" and reply.json["toxicity"] == 0.5
+    # Toxiproxy lists upstream toxics first.
+    names = [t["name"] for t in admin.get("/proxies/p/toxics").json]
+    assert names == ["latency_upstream", "latency_downstream"]
+    shown = admin.get("/proxies/p/toxics/latency_upstream")
+    assert shown.status == 200 and set(shown.json) == TOXIC_KEYS
+    assert shown.json["attributes"] == {"latency": 7, "jitter": 0}
+    assert [t["name"] for t in admin.get("/proxies/p").json["toxics"]] == names
+
+
+def test_every_toxic_type_can_be_added(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "all", echo.address)
+    for kind in ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer",
+                 "limit_data", "noop"):
+        # A slicer needs average_size >= 1 (Toxiproxy's 0 default panics on data).
+        attributes = {"average_size": 100} if kind == "slicer" else {}
+        reply = admin.post("/proxies/all/toxics", {"type": kind, "name": kind,
+                                                   "attributes": attributes})
+        assert reply.status == 200, (kind, reply.body)
+        assert reply.json["type"] == kind
+
+
+def test_toxic_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "q", echo.address)
+    assert admin.post("/proxies/q/toxics", {"type": "latency", "name": "x"}).status == 200
+    before = admin.get("/proxies/q/toxics").json
+    error(admin.post("/proxies/q/toxics", {"type": "slow_close", "name": "x"}),
+          409, "toxic already exists")
+    error(admin.post("/proxies/q/toxics", {"type": "latency", "name": "x", "stream": "upstream"}),
+          409, "toxic already exists")
+    error(admin.post("/proxies/q/toxics", {"type": "walrus"}), 400, "invalid toxic type")
+    error(admin.post("/proxies/q/toxics", {"type": "latency", "stream": "sideways"}), 400,
+          "stream was invalid, can be either upstream or downstream")
+    for body in ({"type": "latency", "attributes": {"latency": "slow"}},
+                 {"type": "latency", "attributes": {"latency": 1.5}},
+                 {"type": "latency", "attributes": {"latency": -1}},
+                 {"type": "latency", "attributes": {"latence": 1}},
+                 {"type": "latency", "toxicity": 2},
+                 {"type": "latency", "conditions": {"first_n": 0}}):
+        reply = admin.post("/proxies/q/toxics", body)
+        assert reply.status == 400, body
+        assert reply.json["error"].startswith("bad request body"), reply.json
+    assert admin.post("/proxies/q/toxics", raw=b"{oops").status == 400
+    assert admin.get("/proxies/q/toxics").json == before
+
+
+def test_update_toxic_merges_attributes(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "u", echo.address)
+    admin.post("/proxies/u/toxics", {"type": "latency", "attributes": {"latency": 100,
+                                                                       "jitter": 10}})
+    reply = admin.request("PATCH", "/proxies/u/toxics/latency_downstream",
+                          {"attributes": {"latency": 1000}, "toxicity": 0.5})
+    assert reply.status == 200
+    assert reply.json["attributes"] == {"latency": 1000, "jitter": 10}
+    assert reply.json["toxicity"] == 0.5
+    reply = admin.post("/proxies/u/toxics/latency_downstream", {"attributes": {"latency": 500}})
+    assert reply.json["attributes"] == {"latency": 500, "jitter": 10}
+    assert reply.json["toxicity"] == 0.5
+    before = admin.get("/proxies/u/toxics").json
+    for bad in ({"attributes": {"latency": -5}}, {"attributes": {"nope": 1}},
+                {"toxicity": "all"}, {"attributes": [1]}):
+        assert admin.post("/proxies/u/toxics/latency_downstream", bad).status == 400, bad
+    assert admin.get("/proxies/u/toxics").json == before
+    error(admin.post("/proxies/u/toxics/ghost", {"toxicity": 1}), 404, "toxic not found")
+
+
+def test_show_and_delete_toxic(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "d", echo.address)
+    admin.post("/proxies/d/toxics", {"type": "timeout", "name": "t"})
+    assert admin.get("/proxies/d/toxics/t").json["type"] == "timeout"
+    reply = admin.delete("/proxies/d/toxics/t")
+    assert (reply.status, reply.body) == (204, b"")
+    error(admin.get("/proxies/d/toxics/t"), 404, "toxic not found")
+    error(admin.delete("/proxies/d/toxics/t"), 404, "toxic not found")
+    error(admin.get("/proxies/ghost/toxics/t"), 404, "proxy not found")
+
+
+def test_latency_toxic_through_the_api_delays_replies(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "slow", echo.address)
+    port = port_of(str(proxy["listen"]))
+    admin.post("/proxies/slow/toxics", {"type": "latency", "attributes": {"latency": 200}})
+    started = time.monotonic()
+    assert round_trip(port) == b"ping"
+    assert time.monotonic() - started >= 0.2
+    admin.delete("/proxies/slow/toxics/latency_downstream")
+    started = time.monotonic()
+    assert round_trip(port) == b"ping"
+    assert time.monotonic() - started < 0.2
+
+
+def test_conditions_are_a_midway_extension(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "c", echo.address)
+    reply = admin.post("/proxies/c/toxics", {"type": "latency",
+                                             "conditions": {"first_n": 1}})
+    assert reply.status == 200
+    assert reply.json["conditions"] == {"first_n": 1}
+
+
+# -- populate and reset ----------------------------------------------------------
+
+
+def test_populate_creates_keeps_and_replaces(admin: Admin, echo: EchoServer) -> None:
+    reply = admin.post("/populate", [
+        {"name": "one", "listen": "127.0.0.1:0", "upstream": echo.address},
+        {"name": "two", "listen": "127.0.0.1:0", "upstream": echo.address, "enabled": False},
+    ])
+    assert reply.status == 201, reply.body
+    proxies = reply.json["proxies"]
+    assert [p["name"] for p in proxies] == ["one", "two"]
+    assert [p["enabled"] for p in proxies] == [True, False]
+    admin.post("/proxies/one/toxics", {"type": "latency"})
+    # The same again: "one" is left as it is, toxics and port included.
+    again = admin.post("/populate", [{"name": "one", "listen": "127.0.0.1:0",
+                                      "upstream": echo.address}]).json["proxies"]
+    assert again[0]["listen"] == proxies[0]["listen"]
+    assert [t["name"] for t in again[0]["toxics"]] == ["latency_downstream"]
+    # A different upstream replaces it (Toxiproxy makes a new proxy: no toxics).
+    replaced = admin.post("/populate", [{"name": "one", "listen": "127.0.0.1:0",
+                                         "upstream": "127.0.0.1:1"}]).json["proxies"]
+    assert replaced[0]["upstream"] == "127.0.0.1:1" and replaced[0]["toxics"] == []
+    assert set(admin.get("/proxies").json) == {"one", "two"}
+
+
+def test_populate_checks_everything_first(admin: Admin, echo: EchoServer) -> None:
+    reply = admin.post("/populate", [{"name": "a", "upstream": echo.address},
+                                     {"listen": "127.0.0.1:0"}])
+    assert reply.status == 400
+    assert reply.json["error"] == "missing required field: name at proxy 2"
+    reply = admin.post("/populate", [{"name": "a", "upstream": echo.address},
+                                     {"name": "b"}])
+    assert reply.json["error"] == "missing required field: upstream at proxy 2"
+    for bad in (b"{", b'{"name": "a"}', b'[{"name": "a", "upstream": "h:1"}, 3]',
+                b'[{"name": "a", "upstream": "bad"}]'):
+        assert admin.post("/populate", raw=bad).status == 400, bad
+    assert admin.get("/proxies").json == {}
+
+
+def test_failed_populate_puts_everything_back(admin: Admin, echo: EchoServer) -> None:
+    keep = create(admin, "keep", echo.address)
+    admin.post("/proxies/keep/toxics", {"type": "latency", "attributes": {"latency": 5}})
+    before = admin.get("/proxies").json
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        reply = admin.post("/populate", [
+            {"name": "keep", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1"},
+            {"name": "new", "listen": f"127.0.0.1:{port}", "upstream": echo.address},
+        ])
+        assert reply.status == 500
+        assert reply.json["proxies"] == []
+    assert admin.get("/proxies").json == before
+    assert round_trip(port_of(str(keep["listen"]))) == b"ping"
+
+
+def test_reset_enables_every_proxy_and_removes_every_toxic(
+        admin: Admin, echo: EchoServer) -> None:
+    first = create(admin, "r1", echo.address)
+    create(admin, "r2", echo.address)
+    admin.post("/proxies/r1/toxics", {"type": "timeout"})
+    admin.post("/proxies/r2/toxics", {"type": "latency", "stream": "upstream"})
+    admin.post("/proxies/r1", {"enabled": False})
+    reply = admin.post("/reset")
+    assert (reply.status, reply.body) == (204, b"")
+    proxies = admin.get("/proxies").json
+    assert all(p["enabled"] and p["toxics"] == [] for p in proxies.values())
+    assert round_trip(port_of(str(first["listen"]))) == b"ping"
+
+
+def test_toxics_toggled_over_http_mid_transfer_keep_the_stream_intact(
+        admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "busy", echo.address)
+    blob = random.Random(3).randbytes(16 << 20)
+    client = socket.create_connection(("127.0.0.1", port_of(str(proxy["listen"]))), timeout=30)
+
+    def send() -> None:
+        view = memoryview(blob)
+        for i in range(0, len(blob), 128 * 1024):
+            client.sendall(view[i:i + 128 * 1024])
+            time.sleep(0.005)
+        client.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    received = hashlib.sha256()
+    total = 0
+    toxics = [{"type": "latency", "attributes": {"latency": 2}},
+              {"type": "slicer", "stream": "upstream", "attributes": {"average_size": 5000}},
+              {"type": "bandwidth", "attributes": {"rate": 100_000}}]
+    changes = 0
+    client.settimeout(0.02)
+    while True:
+        try:
+            chunk = client.recv(1 << 20)
+        except TimeoutError:
+            chunk = None
+        if chunk == b"":
+            break
+        if chunk:
+            received.update(chunk)
+            total += len(chunk)
+        if sender.is_alive():
+            toxic = toxics[changes % len(toxics)]
+            name = f"{toxic['type']}_{toxic.get('stream', 'downstream')}"
+            if admin.get(f"/proxies/busy/toxics/{name}").status == 200:
+                assert admin.delete(f"/proxies/busy/toxics/{name}").status == 204
+            else:
+                assert admin.post("/proxies/busy/toxics", toxic).status == 200
+            changes += 1
+        elif changes and admin.get("/proxies/busy/toxics").json:
+            assert admin.post("/reset").status == 204
+    client.close()
+    assert changes > 20
+    assert total == len(blob)
+    assert received.hexdigest() == hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,300 @@
+"""Toxics end to end, over real loopback sockets: tolerant timing checks (a 200 ms
+latency toxic adds at least 200 ms to a round trip; bandwidth stays within 20 % of
+its rate over a few MiB), whole-stream integrity while toxics come and go on an
+open connection, bounded memory under every toxic, and toxics from the command
+line and from a TOML timeline."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import midway
+
+from .. import helpers
+from ..helpers import proxy_process, read_exactly, run, serve
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def one_mode_only() -> None:
+    """For tests where the data path cannot matter (a toxic always takes the
+    buffered path) and that run a subprocess: once, not once per mode."""
+    if (helpers.MODE.path, helpers.MODE.loop) != ("splice", "asyncio"):
+        pytest.skip("mode-independent; runs in the splice-asyncio mode only")
+
+
+def clock_slack() -> float:
+    """uvloop's clock (libuv's uv_now) has millisecond resolution and is read once
+    per loop turn, so a delay measured on it can end up to ~2 ms early in real time;
+    asyncio's clock is exact.  (A relay-side fix is proposed in the hand-off.)"""
+    return 0.002 if helpers.MODE.loop == "uvloop" else 0.0
+
+
+async def rtt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+    started = time.monotonic()
+    writer.write(b"ping")
+    await writer.drain()
+    assert await read_exactly(reader, 4) == b"ping"
+    return time.monotonic() - started
+
+
+def test_latency_toxic_adds_its_delay_to_open_and_new_connections() -> None:
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            assert await rtt(reader, writer) < 0.1
+            with proxy.add_toxic("latency", latency=200, stream="downstream") as handle:
+                slow = await rtt(reader, writer)
+                assert 0.2 - clock_slack() <= slow < 0.2 + 0.3, slow
+                reader2, writer2 = await asyncio.open_connection(*proxy.address)
+                assert 0.2 - clock_slack() <= await rtt(reader2, writer2) < 0.5
+                handle.update(latency=400)
+                assert 0.4 - clock_slack() <= await rtt(reader, writer) < 0.7
+            assert await rtt(reader, writer) < 0.1
+            assert proxy.toxics == []
+            for w in (writer, writer2):
+                w.close()
+
+    run(main())
+
+
+def test_bandwidth_toxic_within_20_percent_of_its_rate() -> None:
+    size = 3 << 20
+    blob = os.urandom(size)
+    rate_kb = 2000  # Toxiproxy's KB/s: 1000 bytes
+
+    async def send_blob(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(blob)
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with serve(send_blob) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            proxy.add_toxic("bandwidth", rate=rate_kb)
+            started = time.monotonic()
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            got = await asyncio.wait_for(reader.read(), 30)
+            elapsed = time.monotonic() - started
+            writer.close()
+            assert got == blob
+            expected = size / (rate_kb * 1000)
+            assert expected * 0.8 <= elapsed <= expected * 1.2, (elapsed, expected)
+
+    run(main())
+
+
+def test_toxics_added_and_removed_mid_transfer_keep_the_stream_intact() -> None:
+    """Toxics come and go on a connection moving 24 MiB each way through an echo
+    server: the sha256 of everything that comes back is that of what was sent."""
+    size = 24 << 20
+    blob = random.Random(7).randbytes(size)
+    toxics = [
+        ("latency", {"latency": 3, "jitter": 2}),
+        ("bandwidth", {"rate": 200_000}),
+        ("slicer", {"average_size": 8192, "size_variation": 2000}),
+        ("latency", {"latency": 1, "stream": "upstream", "name": "up"}),
+        ("slow_close", {"delay": 5}),
+    ]
+
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+
+            async def send() -> None:
+                view = memoryview(blob)
+                for i in range(0, size, 256 * 1024):
+                    writer.write(view[i:i + 256 * 1024])
+                    await writer.drain()
+                    await asyncio.sleep(0.01)  # spread over ~1 s: many changes land mid-stream
+                writer.write_eof()
+
+            async def churn() -> int:
+                rng = random.Random(1)
+                handles: dict[int, object] = {}
+                changes = 0
+                while not sender.done():
+                    await asyncio.sleep(rng.uniform(0.005, 0.03))
+                    i = rng.randrange(len(toxics))
+                    if i in handles:
+                        handles.pop(i).remove()  # type: ignore[attr-defined]
+                    else:
+                        kind, attributes = toxics[i]
+                        handles[i] = proxy.add_toxic(kind, **attributes)
+                    changes += 1
+                for handle in handles.values():
+                    handle.remove()  # type: ignore[attr-defined]
+                return changes
+
+            sender = asyncio.create_task(send())
+            churner = asyncio.create_task(churn())
+            digest = hashlib.sha256()
+            total = 0
+            while chunk := await reader.read(1 << 20):
+                digest.update(chunk)
+                total += len(chunk)
+            await sender
+            assert await churner > 20
+            assert total == size
+            assert digest.hexdigest() == hashlib.sha256(blob).hexdigest()
+            writer.close()
+
+    run(main(), timeout=100)
+
+
+def test_background_proxy_toxic_makes_a_blocking_client_time_out() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    threading.Thread(target=answer, daemon=True).start()
+    with midway.BackgroundProxy("127.0.0.1:0", f"127.0.0.1:{server.getsockname()[1]}") as proxy:
+        with proxy.add_toxic("timeout", timeout=0):
+            with socket.create_connection(proxy.address, timeout=0.3) as client:
+                client.sendall(b"hello")
+                with pytest.raises(TimeoutError):
+                    client.recv(5)
+        assert proxy.toxics == []
+        with socket.create_connection(proxy.address, timeout=5) as client:
+            client.sendall(b"hello")
+            assert client.recv(5) == b"hello"
+        proxy.disable()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(proxy.address, timeout=2)
+        proxy.add_toxic("latency", latency=50)
+        proxy.reset()
+        assert proxy.toxics == []
+        with socket.create_connection(proxy.address, timeout=5) as client:
+            client.sendall(b"back")
+            assert client.recv(4) == b"back"
+    server.close()
+
+
+# -- in a midway process: memory, --toxic, timeline -----------------------------
+
+
+@pytest.fixture
+def flood() -> Iterator[tuple[int, list[int]]]:
+    """An upstream that sends as fast as it may; yields (port, [bytes sent])."""
+    one_mode_only()
+    sent = [0]
+    stop = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def pump() -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:  # closed before anyone connected
+            return
+        conn.settimeout(0.2)
+        chunk = b"x" * 65536
+        while not stop.is_set():
+            try:
+                sent[0] += conn.send(chunk)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        conn.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+    yield server.getsockname()[1], sent
+    stop.set()
+    server.close()
+
+
+@pytest.mark.parametrize("spec", [
+    "latency:latency=100,jitter=20",
+    "bandwidth:rate=100000",
+    "slicer:average_size=1000,size_variation=200,delay=10",
+    "slow_close:delay=1000",
+    "limit_data:bytes=1000000000000",
+    "reset_peer:timeout=600000",
+    "timeout:timeout=0",
+    "blackhole",
+])
+def test_memory_stays_bounded_under_every_toxic(spec: str, flood: tuple[int, list[int]]) -> None:
+    """The upstream floods; the client does not read.  Whatever the toxic, the
+    proxy holds a bounded amount (its chain queue and one chunk per stage): its
+    memory stays flat while the flood goes on."""
+    port, sent = flood
+    with proxy_process("127.0.0.1:0", f"127.0.0.1:{port}", "--toxic", spec) as proxy:
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        time.sleep(0.5)
+        base = proxy.rss_kib()
+        before = sent[0]
+        time.sleep(1.5)
+        grown = proxy.rss_kib() - base
+        assert proxy.proc.poll() is None
+        assert grown < 8 * 1024, f"{spec}: proxy RSS grew by {grown} KiB"
+        if not spec.startswith("timeout"):  # the timeout toxic reads and drops
+            assert sent[0] - before < 4 << 20, f"{spec}: the upstream was not slowed down"
+        client.close()
+
+
+def test_toxic_flag_on_the_command_line() -> None:
+    one_mode_only()
+
+    async def main() -> None:
+        async with serve() as port:
+            with proxy_process("127.0.0.1:0", f"127.0.0.1:{port}",
+                               "--toxic", "latency:latency=150,stream=upstream") as proxy:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                assert 0.15 <= await rtt(reader, writer) < 0.5
+                writer.close()
+
+    run(main())
+
+
+def test_toml_timeline_adds_then_removes_a_toxic(tmp_path: Path) -> None:
+    """At 1 s a 300 ms latency toxic arrives; at 2.5 s it goes.  One open connection
+    sees all three phases."""
+    one_mode_only()
+
+    async def main() -> None:
+        async with serve() as port:
+            config = tmp_path / "scenario.toml"
+            config.write_text(f"""
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = "127.0.0.1:{port}"
+
+[[proxy.web.toxics]]
+type = "latency"
+attributes = {{ latency = 300 }}
+at_s = 1.0
+until_s = 2.5
+""")
+            with proxy_process("--config", str(config)) as proxy:
+                started = time.monotonic()
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                assert await rtt(reader, writer) < 0.3
+                await asyncio.sleep(max(0.0, 1.4 - (time.monotonic() - started)))
+                assert 0.3 <= await rtt(reader, writer) < 0.8
+                await asyncio.sleep(max(0.0, 2.9 - (time.monotonic() - started)))
+                assert await rtt(reader, writer) < 0.3
+                writer.close()
+                log = proxy.stderr_text()
+                assert "timeline at 1 s: added latency toxic 'latency_downstream'" in log
+                assert "timeline at 2.5 s: removed toxic 'latency_downstream'" in log
+
+    run(main())

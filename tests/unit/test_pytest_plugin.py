@@ -1,0 +1,69 @@
+"""The ``midway_proxy`` fixture, as a user meets it: pytest finds it through the
+``pytest11`` entry point of the installed package, and the README's example test
+passes with it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_example() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Fault injection"):]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the Fault injection section has no python example"
+    return match.group(1)
+
+
+def run_pytest(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_example.py").write_text(source)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def installed() -> None:
+    plugins = importlib.metadata.entry_points(group="pytest11")
+    if not any(ep.value == "midway.pytest_plugin" for ep in plugins):
+        pytest.skip("midway is not installed (pip install -e .): no pytest11 entry point")
+
+
+def test_readme_example_passes(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, readme_example())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_fixture_stops_its_proxies_at_teardown(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, """
+import socket
+
+import pytest
+
+seen = []
+
+
+def test_one(midway_proxy):
+    proxy = midway_proxy("127.0.0.1:1")
+    other = midway_proxy(["127.0.0.1:1", "127.0.0.1:2"], listen="127.0.0.1:0",
+                         idle_timeout_s=5)
+    seen.extend([proxy.address, other.address])
+    assert proxy.port != other.port
+
+
+def test_two():
+    for address in seen:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=2)
+""")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
