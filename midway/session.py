@@ -159,6 +159,7 @@ class ProxyService:
         except Exception as exc:
             self._element_failed(connecting, upstream, exc)
             return
+        connecting.attached = attached
         opens = [a.on_open for a in attached.values() if a.on_open is not None]
         if opens:
             connecting.task = asyncio.get_running_loop().create_task(
@@ -236,6 +237,15 @@ class ProxyService:
     def _not_relayed(self, connecting: _Connecting, reason: CloseReason, detail: str) -> None:
         info = connecting.info
         close_socket(connecting.client)
+        info.first_close = "proxy"
+        info.close_detail = detail
+        # Elements attached before the refusal get their on_close too.
+        for attachment in connecting.attached.values():
+            if attachment.on_close is not None:
+                try:
+                    attachment.on_close(info, reason.value)
+                except Exception:
+                    log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
         if self.runtime.observers:
             duration = asyncio.get_running_loop().time() - connecting.started
             self._report(CloseRecord(
@@ -254,7 +264,7 @@ class ProxyService:
         info.close_detail = relay.detail
         # The relay resets the sockets for these reasons, and for an element's
         # Output.reset, which it does not yet tell apart from Output.close.
-        info.reset = relay.reason in (CloseReason.RESET, CloseReason.ERROR)
+        info.reset = relay.reset
         for attachment in attached.values():
             if attachment.on_close is not None:
                 try:
@@ -355,7 +365,7 @@ class _Connecting:
     The connect timeout applies to each upstream in turn."""
 
     __slots__ = ("service", "loop", "client", "info", "started", "candidates", "failures",
-                 "sock", "address", "timer", "task", "cancelled")
+                 "sock", "address", "timer", "task", "cancelled", "attached")
 
     def __init__(self, service: ProxyService, client: socket.socket, info: ConnectionInfo,
                  candidates: list[Address]) -> None:
@@ -371,6 +381,7 @@ class _Connecting:
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.cancelled = False
+        self.attached: Attached = {}
 
     def next(self) -> None:
         """Try the next upstream, or report that none could be reached."""

@@ -70,6 +70,10 @@ channels, while bounding memory.  Reading resumes below half of it."""
 CHAIN_QUEUE_LOW = CHAIN_QUEUE_HIGH // 2
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_COARSE_TIMER_SLACK_S = 0.001
+"""uvloop's clock (libuv's uv_now) has millisecond resolution and is read once per
+loop turn, so a timer may fire up to ~1 ms early in real time; element sleeps
+(latency toxics) are padded by that much so that "200 ms" is never less."""
 # splice(2) refuses this pair of descriptors: copy instead.
 _NO_SPLICE_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
@@ -208,7 +212,8 @@ class _Out:
             return False
         loop = self.flow.loop
         fut: asyncio.Future[bool] = loop.create_future()
-        handle = loop.call_later(max(seconds, 0.0), _resolve, fut, True)
+        handle = loop.call_later(max(seconds, 0.0) + self.flow.relay.timer_slack,
+                                 _resolve, fut, True)
         self._sleepers.add(fut)
         try:
             return await fut
@@ -536,9 +541,18 @@ class _Flow:
                 out.interrupt()
                 await stage.flush(out)
                 stage.close()
+        # Stages that stay keep their Output (a background task of theirs may hold
+        # it); only its position changes.
+        kept = {id(stage): out for out, (_, stage) in zip(self.outs, self.stages, strict=True)}
         self.stages = wanted
-        self.outs = [_Out(self, i) for i in range(len(wanted))]
-        for out, (_, stage) in zip(self.outs, wanted, strict=True):
+        outs = []
+        for index, (_, stage) in enumerate(wanted):
+            previous = kept.get(id(stage))
+            out = previous if previous is not None and not previous.interrupted else _Out(self, index)
+            out.index = index
+            outs.append(out)
+        self.outs = outs
+        for out, (_, stage) in zip(outs, wanted, strict=True):
             if id(stage) not in old:
                 stage.start(out)
 
@@ -608,6 +622,9 @@ class Relay:
         """``copy`` (fast path, bytes through a buffer), ``splice`` (fast path that
         moved bulk data zero-copy) or ``chain`` (elements attached)."""
         self.connect_time_s = 0.0
+        self.reset = False
+        """Whether the connection ended with an RST (set when it closes)."""
+        self.timer_slack = 0.0 if isinstance(self.loop, asyncio.BaseEventLoop) else _COARSE_TIMER_SLACK_S
         self._closing: tuple[CloseReason, str] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ended = 0
@@ -731,6 +748,7 @@ class Relay:
         self.closed = True
         self.reason = reason
         self.detail = detail
+        self.reset = reset
         if self.first_close is None:
             self.first_close = side
         if self._timer is not None:

@@ -200,3 +200,105 @@ def test_reply_goes_back_to_the_sender() -> None:
             writer.close()
 
     run(main())
+
+
+def test_close_facts_reach_on_close() -> None:
+    """on_close sees whether the connection ended with a reset, also when an
+    element (not a socket) reset it; and elements attached to a connection that a
+    later element refuses get their on_close too."""
+    closed: list[tuple[str, bool, str]] = []
+
+    class Resetter(Stage):
+        async def data(self, data: bytes, out: Output) -> None:
+            if data == b"reset":
+                out.reset("asked to")
+            else:
+                await out.send(data)
+
+    def watcher(name: str) -> SimpleElement:
+        def on_close(info: ConnectionInfo, reason: str) -> None:
+            closed.append((name, info.reset, reason))
+        element = SimpleElement(name, make_up=Resetter)
+        original = element.attach
+
+        def attach(info: ConnectionInfo) -> Attachment:
+            attachment = original(info)
+            attachment.on_close = on_close
+            return attachment
+        element.attach = attach  # type: ignore[method-assign]
+        return element
+
+    async def refuse_third(info: ConnectionInfo) -> None:
+        if info.sequence == 3:
+            raise Rejected("third")
+
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}",
+                elements=[watcher("w"), SimpleElement("gate", on_open=refuse_third)]) as proxy:
+            r, w = await asyncio.open_connection(*proxy.address)
+            w.write(b"hello")
+            assert await read_exactly(r, 5) == b"hello"
+            w.write_eof()
+            assert await read_to_eof(r) == b""
+            w.close()
+            r, w = await asyncio.open_connection(*proxy.address)
+            w.write(b"reset")
+            try:
+                await read_to_eof(r, timeout=2)
+            except ConnectionResetError:
+                pass
+            w.close()
+            r, w = await asyncio.open_connection(*proxy.address)
+            assert await read_to_eof(r, timeout=2) == b""
+            w.close()
+            async with asyncio.timeout(5):
+                while len(closed) < 3:
+                    await asyncio.sleep(0.01)
+        assert closed == [("w", False, "eof"), ("w", True, "element"), ("w", False, "rejected")]
+
+    run(main())
+
+
+def test_background_sender_keeps_its_place_when_an_element_is_inserted_before_it() -> None:
+    """A stage's background task holds its Output; inserting an element in front
+    of that stage must not make the task's bytes skip or repeat a stage."""
+    class Ticker(Stage):
+        """Sends b'tick' downstream-side (onward) from a task, every few ms."""
+
+        def start(self, out: Output) -> None:
+            async def tick() -> None:
+                for _ in range(40):
+                    if not await out.sleep(0.005):
+                        return
+                    await out.send(b"t")
+            self.task = asyncio.get_running_loop().create_task(tick())
+
+        async def data(self, data: bytes, out: Output) -> None:
+            await out.send(b"<" + data + b">")
+
+        def close(self) -> None:
+            self.task.cancel()
+
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}",
+                elements=[SimpleElement("ticker", make_up=Ticker)]) as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            writer.write(b"x")
+            assert await read_exactly(reader, 3) == b"<x>"
+            await asyncio.sleep(0.05)
+            # Upper before the ticker: the ticker's bytes must not pass through it.
+            proxy.add_element(SimpleElement("upper", make_up=Upper), index=0)
+            await asyncio.sleep(0.3)
+            writer.write(b"y")
+            got = b""
+            async with asyncio.timeout(5):
+                while b"<Y>" not in got:
+                    got += await reader.read(100)
+            # Ticks go straight on from the ticker's place; data passes both stages.
+            assert b"<t>" not in got, got
+            assert got.replace(b"<Y>", b"").strip(b"t") == b"", got
+            writer.close()
+
+    run(main())
