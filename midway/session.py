@@ -157,11 +157,13 @@ class ProxyService:
         try:
             attached = self._attach_all(info)
         except Exception as exc:
+            connecting.release_writer()
             self._element_failed(connecting, upstream, exc)
             return
         connecting.attached = attached
         opens = [a.on_open for a in attached.values() if a.on_open is not None]
         if opens:
+            connecting.release_writer()
             connecting.task = asyncio.get_running_loop().create_task(
                 self._open_then_relay(connecting, upstream, attached, opens, connect_time))
         else:
@@ -218,6 +220,7 @@ class ProxyService:
                 if stages:
                     relay.set_stages(direction, stages)
         relay.start()
+        connecting.release_writer()
 
     def _connect_failed(self, connecting: _Connecting) -> None:
         info = connecting.info
@@ -422,14 +425,29 @@ class _Connecting:
         return sock, address
 
     def _on_writable(self) -> None:
-        sock, address = self._take()
+        sock, address = self.sock, self.address
+        assert sock is not None and address is not None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self._take()
             sock.close()
             self.failures.append(f"{address}: {describe_oserror(OSError(err, os.strerror(err)))}")
             self.next()
-        else:
-            self.service._connected(self, sock, address)
+            return
+        # Connected.  The writer stays registered until the relay has added its
+        # reader on the same socket (release_writer): with uvloop, dropping the
+        # last watcher of a descriptor and adding a new one costs several system
+        # calls per connection.
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.service._connected(self, sock, address)
+
+    def release_writer(self) -> None:
+        """Stop watching the connecting socket (idempotent)."""
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock.fileno())
+            self.sock = self.address = None
 
     def _on_timeout(self) -> None:
         self.timer = None

@@ -170,10 +170,13 @@ class _Sender:
     def _shutdown(self) -> None:
         self.fin_pending = False
         self.fin_sent = True
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is already gone; its reader will see it
+        if not self.relay._ended:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer is already gone; its reader will see it
+        # else the other direction has ended too: both sockets were read to EOF and
+        # are closed right away, and close() sends this FIN without a shutdown call.
         self.relay._direction_ended(self)
 
     def stop(self) -> None:
