@@ -43,9 +43,12 @@ class PipePool:
         self.keep = keep
         self._idle: list[tuple[int, int]] = []
         self.created = 0
+        self.lent = 0
+        """Pipes handed out so far (a cheap counter for tests and statistics)."""
 
     def acquire(self) -> tuple[int, int] | None:
         """An empty pipe (read fd, write fd), or ``None`` if none can be made."""
+        self.lent += 1
         if self._idle:
             return self._idle.pop()
         try:

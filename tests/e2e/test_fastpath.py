@@ -12,6 +12,7 @@ import midway
 from midway.chain.base import Attachment, ConnectionInfo, Element, Output, Stage
 from midway.core import splice
 
+from .. import helpers
 from ..helpers import fd_count, proxy_process, run, serve, wait_until
 
 
@@ -61,7 +62,11 @@ def test_leaving_the_fast_path_mid_transfer_keeps_256_mib_intact() -> None:
                 received.update(chunk)
                 total += len(chunk)
                 if not attached and total > size // 3:
-                    proxy.add_element(tap)  # the live switch, with bytes in flight
+                    (relay,) = proxy.service.live
+                    # Bulk data was on the zero-copy path (where enabled) ...
+                    assert relay.path == ("splice" if helpers.MODE.path == "splice" else "copy")
+                    proxy.add_element(tap)  # ... and leaves it with bytes in flight
+                    assert relay.path == "chain"
                     attached = True
             await sender
             writer.close()
@@ -81,14 +86,19 @@ def test_pipes_are_returned_to_the_pool() -> None:
             await asyncio.sleep(0.1)
             before = fd_count()
 
+            payload = os.urandom(1 << 20)
+            lent = splice.pipes.lent
+
             async def one() -> None:
                 reader, writer = await asyncio.open_connection(*proxy.address)
-                writer.write(os.urandom(100_000))
-                await reader.readexactly(100_000)
+                writer.write(payload)
+                assert await reader.readexactly(len(payload)) == payload
                 writer.close()
 
             for _ in range(10):
                 await asyncio.gather(*(one() for _ in range(200)))
+            if helpers.MODE.path == "splice":
+                assert splice.pipes.lent > lent, "bulk data took the splice path"
             async with asyncio.timeout(10):
                 while proxy.connections:
                     await asyncio.sleep(0.05)
