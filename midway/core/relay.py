@@ -319,9 +319,7 @@ class _Flow:
             self.relay._failed(self.src_side, exc)
             return
         if n == 0:
-            self._stop_reading()
-            self.eof = True
-            self.relay._saw_end(self.src_side)
+            self._src_ended()
             self.sender.send_eof()
             return
         self.bytes += n
@@ -339,6 +337,12 @@ class _Flow:
             self.loop.add_reader(self.src_fd, self.fast_reader)
             if relay.path == "copy":
                 relay.path = "splice"
+
+    def _src_ended(self) -> None:
+        """The source sent FIN: stop reading it for good."""
+        self._stop_reading()
+        self.eof = True
+        self.relay._saw_end(self.src_side)
 
     def _resume(self) -> None:
         if not self.chained:
@@ -368,9 +372,7 @@ class _Flow:
             return
         if n == 0:
             self._release_pipe()
-            self._stop_reading()
-            self.eof = True
-            self.relay._saw_end(self.src_side)
+            self._src_ended()
             self.sender.send_eof()
             return
         self.bytes += n
@@ -496,9 +498,7 @@ class _Flow:
         now = self.loop.time()
         self.relay.timers.last_activity = now
         if not data:
-            self._stop_reading()
-            self.eof = True
-            self.relay._saw_end(self.src_side)
+            self._src_ended()
             self.queue.append((None, now))
         else:
             self.bytes += len(data)
