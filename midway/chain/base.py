@@ -111,7 +111,13 @@ class Output(Protocol):
 
     @property
     def received_at(self) -> float:
-        """Clock time at which the chunk now being processed was read from its socket."""
+        """Clock time at which the chunk now being processed was read from its socket
+        (or, after a stage that delayed it, the time that stage released it)."""
+
+    @received_at.setter
+    def received_at(self, value: float) -> None:
+        """A stage that holds a chunk back moves its stamp forward by the time it
+        held it (as Toxiproxy's latency toxic does), so that later delays add up."""
 
     def now(self) -> float:
         """The connection's clock (monotonic seconds)."""

@@ -207,6 +207,10 @@ class _Out:
     def received_at(self) -> float:
         return self.flow.received_at
 
+    @received_at.setter
+    def received_at(self, value: float) -> None:
+        self.flow.received_at = value
+
     def now(self) -> float:
         return self.flow.loop.time()
 

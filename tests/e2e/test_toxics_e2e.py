@@ -68,6 +68,19 @@ def test_latency_toxic_adds_its_delay_to_open_and_new_connections() -> None:
     run(main())
 
 
+def test_stacked_latency_toxics_add_up_as_in_toxiproxy() -> None:
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            with proxy.add_toxic("latency", name="first", latency=150), \
+                    proxy.add_toxic("latency", name="second", latency=150):
+                slow = await rtt(reader, writer)
+                assert 0.3 - clock_slack() <= slow < 0.3 + 0.3, slow
+            writer.close()
+
+    run(main())
+
+
 def test_bandwidth_toxic_within_20_percent_of_its_rate() -> None:
     size = 3 << 20
     blob = os.urandom(size)

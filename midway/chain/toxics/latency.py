@@ -14,9 +14,9 @@ Attributes: ``latency`` (ms, default 0), ``jitter`` (ms, default 0).
 Removal: a chunk being delayed is sent at once (Toxiproxy: "don't drop any data on
 the floor").  Memory: one chunk held.
 
-Known difference: Toxiproxy re-stamps a delayed chunk, so two latency toxics on one
-stream add up.  Here each measures from the read time, so the larger wins, unless
-the relay stamps ``received_at`` per stage.
+Stacking: like Toxiproxy, a delayed chunk is re-stamped with the time it was
+released (``out.received_at`` moves forward by the sleep), so two latency toxics on
+one stream add up.
 """
 
 from __future__ import annotations
@@ -48,7 +48,11 @@ class LatencyStage(ToxicStage[LatencyAttributes]):
 
     async def data(self, data: bytes, out: Output) -> None:
         if not self.bypass:
-            await self.pause(out, out.received_at + self.delay_s() - out.now())
+            sleep = out.received_at + self.delay_s() - out.now()
+            if await self.pause(out, sleep) and sleep > 0:
+                # Re-stamp, as Toxiproxy does (c.Timestamp.Add(sleep)): a second
+                # latency toxic on the stream then adds its delay to this one's.
+                out.received_at += sleep
         await out.send(data)
 
 
