@@ -57,7 +57,7 @@ DOWNSTREAM: Direction = "downstream"
 DIRECTIONS: tuple[Direction, Direction] = (UPSTREAM, DOWNSTREAM)
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnectionInfo:
     """What an element may know about one connection.  Filled in by the relay;
     ``upstream`` is set once the upstream is connected."""
