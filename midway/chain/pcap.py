@@ -196,45 +196,33 @@ def _safely(action: Callable[..., None], *args: object) -> None:
         log.debug("pcap: %s", exc)
 
 
-class _Head(Element):
-    def __init__(self, capture: PcapCapture, name: str) -> None:
+class _CaptureElement(Element):
+    """One of the capture's two chain positions.  The head sees what each peer
+    sent (client leg upstream, upstream leg downstream); the tail, kept last in the
+    chain, sees what midway sends on (the other leg of each direction)."""
+
+    def __init__(self, capture: PcapCapture, name: str, *, head: bool) -> None:
         self.name = name
         self.capture = capture
+        self.head = head
+        self.keep_last = not head
 
     def attach(self, info: ConnectionInfo) -> Attachment | None:
         capture = self.capture
         legs = capture._legs(info)
         if legs is None:
             return None
+        head = self.head
+        up_leg, down_leg = (CLIENT_LEG, UPSTREAM_LEG) if head else (UPSTREAM_LEG, CLIENT_LEG)
         return Attachment(
-            upstream=_Tap(capture, legs, CLIENT_LEG, True, head=True),
-            downstream=_Tap(capture, legs, UPSTREAM_LEG, False, head=True),
-            on_close=lambda info, reason: capture._finish(legs),
+            upstream=_Tap(capture, legs, up_leg, True, head=head),
+            downstream=_Tap(capture, legs, down_leg, False, head=head),
+            on_close=(lambda info, reason: capture._finish(legs)) if head else None,
         )
 
     def close(self) -> None:
-        self.capture.close()
-
-
-class _Tail(Element):
-    keep_last = True
-
-    def __init__(self, capture: PcapCapture, name: str) -> None:
-        self.name = name
-        self.capture = capture
-
-    def attach(self, info: ConnectionInfo) -> Attachment | None:
-        capture = self.capture
-        legs = capture._legs(info)
-        if legs is None:
-            return None
-        return Attachment(
-            upstream=_Tap(capture, legs, UPSTREAM_LEG, True, head=False),
-            downstream=_Tap(capture, legs, CLIENT_LEG, False, head=False),
-        )
-
-    def close(self) -> None:
-        self.capture.close()
+        if self.head:
+            self.capture.close()
 
 
 class PcapCapture:
@@ -250,8 +238,8 @@ class PcapCapture:
         self.wall = wall
         self.rng = rng if rng is not None else random.Random()
         self._key = f"midway.pcap.{id(self)}"
-        self.head: Element = _Head(self, name)
-        self.tail: Element = _Tail(self, f"{name} (tail)")
+        self.head: Element = _CaptureElement(self, name, head=True)
+        self.tail: Element = _CaptureElement(self, f"{name} (tail)", head=False)
         self._closed = False
 
     @classmethod
