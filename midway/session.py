@@ -21,7 +21,6 @@ import os
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
@@ -336,7 +335,7 @@ class ProxyService:
     def reconfigure(self, config: ProxyConfig) -> None:
         """Use new settings and upstreams for new connections.  Listen addresses
         must be rebound by the runtime (see :meth:`Runtime.update_proxy`)."""
-        self.config = replace(config, listen=config.listen)
+        self.config = config
         self.pool = UpstreamPool(config.upstreams, config.balance)
 
     def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN) -> None:

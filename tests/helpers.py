@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -82,6 +83,65 @@ async def serve(handler: Handler = echo_handler, host: str = "127.0.0.1"):
         server.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 2)
+
+
+async def send_blob(writer: asyncio.StreamWriter, blob: bytes, piece: int = 1 << 20,
+                    pause_s: float = 0.0) -> None:
+    """Write ``blob`` in ``piece``-sized writes (honouring back-pressure, optionally
+    pausing between them), then half-close."""
+    view = memoryview(blob)
+    for i in range(0, len(blob), piece):
+        writer.write(view[i:i + piece])
+        await writer.drain()
+        if pause_s:
+            await asyncio.sleep(pause_s)
+    writer.write_eof()
+
+
+async def sha256_to_eof(reader: asyncio.StreamReader) -> tuple[str, int]:
+    """Read to EOF; the sha256 hex digest of what came and how many bytes."""
+    digest = hashlib.sha256()
+    total = 0
+    while chunk := await reader.read(1 << 20):
+        digest.update(chunk)
+        total += len(chunk)
+    return digest.hexdigest(), total
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def flooding_upstream() -> Iterator[tuple[int, list[int]]]:
+    """An upstream that sends ``x`` bytes as fast as it may to its first client;
+    yields (port, [bytes sent so far])."""
+    sent = [0]
+    stop = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def pump() -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:  # closed before anyone connected
+            return
+        conn.settimeout(0.2)
+        chunk = b"x" * 65536
+        while not stop.is_set():
+            try:
+                sent[0] += conn.send(chunk)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        conn.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        yield int(server.getsockname()[1]), sent
+    finally:
+        stop.set()
+        server.close()
 
 
 def free_port() -> int:

@@ -21,7 +21,6 @@ File layout::
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import ipaddress
 import re
@@ -248,8 +247,3 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     # built by code is unique by construction too.
     _check_listeners(proxies)
     return Config(server=server, proxies=tuple(proxies))
-
-
-def replace_options(config: ProxyConfig, **changes: Any) -> ProxyConfig:
-    """A copy of ``config`` with validated option changes (used by the library API)."""
-    return dataclasses.replace(config, **build_options(ProxyConfig, changes, f"proxy.{config.name}"))

@@ -55,7 +55,7 @@ from .timers import ConnectionTimers
 if TYPE_CHECKING:
     from ..chain.base import ConnectionInfo, Direction, Stage
 
-__all__ = ["Relay", "READ_SIZE", "CHAIN_QUEUE_HIGH", "StageList", "close_socket", "socket_options"]
+__all__ = ["Relay", "READ_SIZE", "CHAIN_QUEUE_HIGH", "StageList", "close_socket"]
 
 log = logging.getLogger("midway")
 
@@ -780,14 +780,3 @@ def close_socket(sock: socket.socket, *, reset: bool = False) -> None:
         sock.close()
     except OSError:
         pass
-
-
-def socket_options(sock: socket.socket, nodelay: bool) -> None:
-    """Apply per-connection socket options (non-blocking; TCP_NODELAY if asked)."""
-    sock.setblocking(False)
-    if nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-

@@ -4,7 +4,6 @@ failing elements close one connection only, ``on_open`` can reject."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 
@@ -12,7 +11,7 @@ import midway
 from midway.chain.base import Attachment, ConnectionInfo, Element, Output, Stage
 from midway.errors import Rejected
 
-from ..helpers import read_exactly, read_to_eof, run, serve
+from ..helpers import read_exactly, read_to_eof, run, send_blob, serve, sha256, sha256_to_eof
 
 
 class Jumble(Stage):
@@ -63,13 +62,6 @@ def test_elements_added_and_removed_mid_transfer_lose_nothing() -> None:
         async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
 
-            async def send() -> None:
-                view = memoryview(blob)
-                for i in range(0, size, 256 * 1024):
-                    writer.write(view[i:i + 256 * 1024])
-                    await writer.drain()
-                writer.write_eof()
-
             async def toggle() -> None:
                 elements = [JumbleElement(seed) for seed in range(3)]
                 for round_ in range(12):
@@ -83,17 +75,13 @@ def test_elements_added_and_removed_mid_transfer_lose_nothing() -> None:
                     proxy.remove_element(element)
                 assert sum(e.attached for e in elements) > 0
 
-            sender = asyncio.create_task(send())
+            sender = asyncio.create_task(send_blob(writer, blob, piece=256 * 1024))
             toggler = asyncio.create_task(toggle())
-            digest = hashlib.sha256()
-            total = 0
-            while chunk := await reader.read(1 << 20):
-                digest.update(chunk)
-                total += len(chunk)
+            digest, total = await sha256_to_eof(reader)
             await sender
             await toggler
             assert total == size
-            assert digest.hexdigest() == hashlib.sha256(blob).hexdigest()
+            assert digest == sha256(blob)
             writer.close()
 
     run(main(), timeout=120)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from .. import helpers
-from ..helpers import free_port, proxy_process, wait_until
+from ..helpers import flooding_upstream, free_port, proxy_process, wait_until
 
 
 class EchoServer:
@@ -124,26 +124,8 @@ def test_second_signal_exits_at_once(echo: EchoServer) -> None:
 def test_slow_reader_keeps_proxy_memory_bounded() -> None:
     """The upstream floods; the client does not read.  The proxy must not buffer the
     flood: its memory stays flat and the upstream is slowed down by TCP."""
-    sent = [0]
-    stop = threading.Event()
-    flood_server = socket.create_server(("127.0.0.1", 0))
-
-    def flood() -> None:
-        conn, _ = flood_server.accept()
-        conn.settimeout(0.2)
-        chunk = b"x" * 65536
-        while not stop.is_set():
-            try:
-                sent[0] += conn.send(chunk)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        conn.close()
-
-    threading.Thread(target=flood, daemon=True).start()
-    port = flood_server.getsockname()[1]
-    with proxy_process("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+    with flooding_upstream() as (port, sent), \
+            proxy_process("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
         base = proxy.rss_kib()
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -162,9 +144,7 @@ def test_slow_reader_keeps_proxy_memory_bounded() -> None:
             data = client.recv(1 << 20)
             assert data and set(data) == {ord("x")}
             got += len(data)
-        stop.set()
         client.close()
-    flood_server.close()
 
 
 def _low_nofile() -> None:

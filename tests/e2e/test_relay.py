@@ -15,7 +15,17 @@ import midway
 from midway.core.observer import CloseRecord
 
 from .. import helpers
-from ..helpers import echo_handler, fd_count, read_exactly, read_to_eof, run, serve
+from ..helpers import (
+    echo_handler,
+    fd_count,
+    read_exactly,
+    read_to_eof,
+    run,
+    send_blob,
+    serve,
+    sha256,
+    sha256_to_eof,
+)
 
 
 class Records:
@@ -47,18 +57,10 @@ def test_bytes_both_ways_intact(size: int) -> None:
     up_blob, down_blob = os.urandom(size) if size < 1 << 20 else _blob(size, 1), _blob(size, 2)
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async def send() -> None:
-            view = memoryview(down_blob)
-            for i in range(0, size, 1 << 20):
-                writer.write(view[i:i + (1 << 20)])
-                await writer.drain()
-            writer.write_eof()
-        sender = asyncio.create_task(send())
-        digest = hashlib.sha256()
-        while chunk := await reader.read(1 << 20):
-            digest.update(chunk)
+        sender = asyncio.create_task(send_blob(writer, down_blob))
+        digest, _ = await sha256_to_eof(reader)
         await sender
-        received_up.append(digest.hexdigest())
+        received_up.append(digest)
         writer.close()
 
     received_up: list[str] = []
@@ -68,28 +70,17 @@ def test_bytes_both_ways_intact(size: int) -> None:
         async with serve(upstream) as port, midway.Proxy(
                 "127.0.0.1:0", f"127.0.0.1:{port}", observers=[records]) as proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
-
-            async def send() -> None:
-                view = memoryview(up_blob)
-                for i in range(0, size, 1 << 20):
-                    writer.write(view[i:i + (1 << 20)])
-                    await writer.drain()
-                writer.write_eof()
-            sender = asyncio.create_task(send())
-            digest = hashlib.sha256()
-            total = 0
-            while chunk := await reader.read(1 << 20):
-                digest.update(chunk)
-                total += len(chunk)
+            sender = asyncio.create_task(send_blob(writer, up_blob))
+            digest, total = await sha256_to_eof(reader)
             await sender
             writer.close()
             assert total == size
-            assert digest.hexdigest() == hashlib.sha256(down_blob).hexdigest()
+            assert digest == sha256(down_blob)
             for _ in range(200):
                 if received_up:
                     break
                 await asyncio.sleep(0.01)
-            assert received_up == [hashlib.sha256(up_blob).hexdigest()]
+            assert received_up == [sha256(up_blob)]
             (record,) = await records.wait()
             assert (record.bytes_up, record.bytes_down) == (size, size)
             if size >= 1 << 20:  # bulk: the zero-copy path took over where enabled

@@ -7,7 +7,6 @@ line and from a TOML timeline."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 import socket
@@ -21,7 +20,16 @@ import pytest
 import midway
 
 from .. import helpers
-from ..helpers import proxy_process, read_exactly, run, serve
+from ..helpers import (
+    flooding_upstream,
+    proxy_process,
+    read_exactly,
+    run,
+    send_blob,
+    serve,
+    sha256,
+    sha256_to_eof,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,14 +132,6 @@ def test_toxics_added_and_removed_mid_transfer_keep_the_stream_intact() -> None:
         async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
 
-            async def send() -> None:
-                view = memoryview(blob)
-                for i in range(0, size, 256 * 1024):
-                    writer.write(view[i:i + 256 * 1024])
-                    await writer.drain()
-                    await asyncio.sleep(0.01)  # spread over ~1 s: many changes land mid-stream
-                writer.write_eof()
-
             async def churn() -> int:
                 rng = random.Random(1)
                 handles: dict[int, object] = {}
@@ -149,17 +149,14 @@ def test_toxics_added_and_removed_mid_transfer_keep_the_stream_intact() -> None:
                     handle.remove()  # type: ignore[attr-defined]
                 return changes
 
-            sender = asyncio.create_task(send())
+            # Spread over ~1 s, so that many changes land mid-stream.
+            sender = asyncio.create_task(send_blob(writer, blob, piece=256 * 1024, pause_s=0.01))
             churner = asyncio.create_task(churn())
-            digest = hashlib.sha256()
-            total = 0
-            while chunk := await reader.read(1 << 20):
-                digest.update(chunk)
-                total += len(chunk)
+            digest, total = await sha256_to_eof(reader)
             await sender
             assert await churner > 20
             assert total == size
-            assert digest.hexdigest() == hashlib.sha256(blob).hexdigest()
+            assert digest == sha256(blob)
             writer.close()
 
     run(main(), timeout=100)
@@ -208,30 +205,8 @@ def test_background_proxy_toxic_makes_a_blocking_client_time_out() -> None:
 def flood() -> Iterator[tuple[int, list[int]]]:
     """An upstream that sends as fast as it may; yields (port, [bytes sent])."""
     one_mode_only()
-    sent = [0]
-    stop = threading.Event()
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def pump() -> None:
-        try:
-            conn, _ = server.accept()
-        except OSError:  # closed before anyone connected
-            return
-        conn.settimeout(0.2)
-        chunk = b"x" * 65536
-        while not stop.is_set():
-            try:
-                sent[0] += conn.send(chunk)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        conn.close()
-
-    threading.Thread(target=pump, daemon=True).start()
-    yield server.getsockname()[1], sent
-    stop.set()
-    server.close()
+    with flooding_upstream() as upstream:
+        yield upstream
 
 
 @pytest.mark.parametrize("spec", [
