@@ -1,0 +1,86 @@
+"""The I/O of active health checks: one check (connect, send, read until the
+expected bytes, all within ``timeout_s``) and the loop that runs checks for one
+upstream on a jittered schedule.
+
+A check is a coroutine on the event loop using only loop primitives
+(``sock_connect`` through :func:`~.dial.dial`, ``sock_sendall``, ``sock_recv``), so it
+never blocks the loop; what the reply means is decided by the sans-I/O
+:class:`~.expect.ExpectMatcher`.  The owner (the proxy service, once wired) starts
+one :func:`run_checks` task per upstream while ``interval_s`` > 0 and cancels it on
+reconfigure or stop; cancelling closes the check's socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from ..config.addresses import Address
+from ..core.clock import Clock
+from ..errors import UpstreamError, describe_oserror
+from .dial import dial
+from .expect import ExpectMatcher, Verdict
+from .health import CheckSchedule, HealthMachine, HealthSettings
+
+__all__ = ["check_once", "run_checks", "Check", "READ_SIZE"]
+
+READ_SIZE = 4096
+"""Bytes asked of each read of a check reply: a reply worth checking is short, and
+the matcher bounds what is kept anyway."""
+
+Check = Callable[[Address, HealthSettings], Awaitable[str | None]]
+"""``check(address, settings)`` → None when it passed, else why it failed."""
+
+
+async def check_once(address: Address, settings: HealthSettings) -> str | None:
+    """Run one check of ``address``: None if it passed, else the reason in a few
+    words (``connection refused``, ``connect timed out after 2 s``, ``closed before
+    sending b'+PONG' (no reply)``).  Never raises for a network failure."""
+    loop = asyncio.get_running_loop()
+    matcher = ExpectMatcher(settings.expect)
+    connected = False
+    try:
+        async with asyncio.timeout(settings.timeout_s):
+            sock = await dial(address, 0)  # the timeout above covers connecting too
+            connected = True
+            try:
+                if settings.send:
+                    await loop.sock_sendall(sock, settings.send)
+                while matcher.verdict is Verdict.NEED_MORE:
+                    data = await loop.sock_recv(sock, READ_SIZE)
+                    if data:
+                        matcher.feed(data)
+                    else:
+                        matcher.eof()
+            finally:
+                sock.close()
+    except TimeoutError:
+        if not connected:
+            return f"connect timed out after {settings.timeout_s:g} s"
+        matcher.timed_out()
+    except UpstreamError as exc:
+        # The dialer's message starts with the address, which the log line names already.
+        return str(exc).removeprefix(f"{address}: ")
+    except OSError as exc:  # send or receive failed, e.g. reset by the upstream
+        return describe_oserror(exc)
+    return None if matcher.verdict is Verdict.PASS else matcher.reason
+
+
+async def run_checks(
+    address: Address,
+    health: HealthMachine,
+    schedule: CheckSchedule,
+    clock: Clock,
+    check: Check = check_once,
+) -> None:
+    """Check ``address`` forever, feeding ``health``: the first check after
+    ``schedule.first_delay()``, each next one ``schedule.next_delay()`` after the
+    previous ended.  Runs until cancelled."""
+    await clock.sleep(schedule.first_delay())
+    while True:
+        reason = await check(address, health.settings)
+        if reason is None:
+            health.check_passed()
+        else:
+            health.check_failed(reason)
+        await clock.sleep(schedule.next_delay())

@@ -1,0 +1,229 @@
+"""The live state of one proxy's upstreams: what the balancer reads, what the
+session reports back, and what survives a reconfigure.
+
+Theory of operation
+-------------------
+A proposal for the pool of issue 9, written as a new module that the refactor can
+adopt in place of ``pool.UpstreamPool``.
+
+* :class:`UpstreamSpec` is one configured upstream (address, weight, backup): data.
+* :class:`UpstreamState` is its live state: active connections, counters, and its
+  :class:`~.health.HealthMachine`.  It is what a balancer orders (it keeps the
+  :class:`~.balancers.UpstreamView` contract) and what the session reports to:
+  ``connect_failed(reason)`` after a failed dial, ``connected()`` once dialled, and
+  ``closed()`` when that connection ends.
+* :class:`UpstreamSet` holds the states of one proxy, its balancer and its health
+  settings.  ``order(key)`` gives the upstreams to try for one connection.
+  ``reconfigure(...)`` applies a new configuration *keeping state by address*: an
+  upstream whose address stays keeps its health, counters and active connections
+  (new weight and backup flag applied); a new address starts fresh (up, as in
+  HAProxy); a removed one is dropped from the set, while connections already open
+  to it keep their own reference and report to it harmlessly.  The balancer keeps
+  its rotation when ``balance`` does not change.
+
+A session holds the :class:`UpstreamState` it dialled, never an index, so a
+reconfigure in the middle of a connection cannot misattribute its close.
+
+Ownership: one :class:`UpstreamSet` per proxy per worker, used from the event
+loop's thread only (no locks).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config.addresses import Address
+from .balancers import DEFAULT_BALANCE, MAX_WEIGHT, Balancer, create
+from .health import HealthChange, HealthMachine, HealthSettings, log_change
+
+__all__ = ["UpstreamSpec", "UpstreamState", "UpstreamSet", "RESET_BEFORE_RESPONSE"]
+
+log = logging.getLogger("midway")
+
+RESET_BEFORE_RESPONSE = "reset before its first byte"
+"""The passive-health reason for a connection the upstream reset before replying."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One configured upstream."""
+
+    address: Address
+    weight: int = 1
+    """0-256 (HAProxy's range); 0 = drained: no new connections, open ones go on."""
+    backup: bool = False
+    """Takes connections only while no non-backup upstream is up."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight <= MAX_WEIGHT:
+            raise ValueError(f"weight: must be 0-{MAX_WEIGHT}")
+
+
+class UpstreamState:
+    """The live state of one upstream of one proxy."""
+
+    __slots__ = ("address", "weight", "backup", "active", "connects", "connect_failures",
+                 "health", "_feedback")
+
+    def __init__(self, spec: UpstreamSpec, health: HealthMachine,
+                 feedback: Callable[[Address], None]) -> None:
+        self.address = spec.address
+        self.weight = spec.weight
+        self.backup = spec.backup
+        self.active = 0
+        """Connections open to this upstream now."""
+        self.connects = 0
+        """Successful connects since this state was created."""
+        self.connect_failures = 0
+        self.health = health
+        self._feedback = feedback
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+    def connect_failed(self, reason: str) -> None:
+        """A dial to this upstream failed (``reason`` as logged, e.g. ``connection
+        refused``); counts towards passive ejection."""
+        self.connect_failures += 1
+        self._feedback(self.address)
+        self.health.connect_failed(reason)
+
+    def connected(self) -> None:
+        """A dial succeeded: one more active connection, until :meth:`closed`."""
+        self.connects += 1
+        self.active += 1
+
+    def closed(self, *, reset_before_response: bool = False) -> None:
+        """A connection :meth:`connected` earlier has ended.  With
+        ``reset_before_response`` (the upstream reset it before sending a byte)
+        it counts towards passive ejection; any other end clears the count."""
+        if self.active > 0:
+            self.active -= 1
+        if reset_before_response:
+            self.health.connect_failed(RESET_BEFORE_RESPONSE)
+        else:
+            self.health.connection_ok()
+
+    def apply(self, spec: UpstreamSpec) -> None:
+        self.weight = spec.weight
+        self.backup = spec.backup
+
+    def snapshot(self) -> dict[str, Any]:
+        """For the admin API's ``upstreams`` list."""
+        last = self.health.last_check
+        return {
+            "address": str(self.address),
+            "weight": self.weight,
+            "backup": self.backup,
+            "state": "up" if self.up else "down",
+            "active": self.active,
+            "connects": self.connects,
+            "connect_failures": self.connect_failures,
+            "last_check": None if last is None else
+            {"at": last[0], "passed": last[1], "reason": last[2]},
+        }
+
+
+class UpstreamSet:
+    """Every upstream of one proxy, its balancer and its health settings.
+
+    ``now`` is the monotonic clock for ejection timers, ``rng`` the random source of
+    the balancers that draw, ``on_change`` receives every health change (default:
+    logged)."""
+
+    __slots__ = ("proxy", "balance", "balancer", "health", "upstreams", "_now", "_rng",
+                 "_on_change", "_said_all_down")
+
+    def __init__(
+        self,
+        proxy: str,
+        specs: Sequence[UpstreamSpec],
+        *,
+        balance: str = DEFAULT_BALANCE,
+        health: HealthSettings | None = None,
+        now: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        on_change: Callable[[HealthChange], None] = log_change,
+    ) -> None:
+        self.proxy = proxy
+        self._now = now
+        self._rng = rng
+        self._on_change = on_change
+        self._said_all_down = False
+        self.balance = balance
+        self.balancer: Balancer = create(balance, rng=rng)
+        self.health = health if health is not None else HealthSettings()
+        self.upstreams: tuple[UpstreamState, ...] = ()
+        _check(specs)
+        self._apply(specs, {})
+
+    def order(self, key: str, retries: int | None = None) -> list[UpstreamState]:
+        """The upstreams to try for one new connection from client IP ``key``: the
+        balancer's pick first, then at most ``retries`` others (None = every
+        eligible upstream once).  Empty when every upstream is down or drained:
+        the caller closes the client with ``no_upstream``; that is logged once per
+        outage here, not per connection."""
+        found = self.balancer.order(self.upstreams, key)
+        if not found:
+            if not self._said_all_down:
+                self._said_all_down = True
+                log.warning("proxy %s: no upstream is up; new clients are closed (no_upstream)",
+                            self.proxy)
+            return found
+        if self._said_all_down:
+            self._said_all_down = False
+            log.info("proxy %s: an upstream is up again", self.proxy)
+        return found if retries is None else found[: retries + 1]
+
+    def reconfigure(self, specs: Sequence[UpstreamSpec], *, balance: str | None = None,
+                    health: HealthSettings | None = None) -> None:
+        """Apply a new configuration, keeping each kept address's state.  Raises
+        :class:`ValueError` (and changes nothing) for an empty or duplicated list."""
+        _check(specs)
+        if balance is not None and balance != self.balance:
+            self.balancer = create(balance, rng=self._rng)
+            self.balance = balance
+        if health is not None and health != self.health:
+            self.health = health
+            for u in self.upstreams:
+                u.health.replace_settings(health)
+        self._apply(specs, {u.address: u for u in self.upstreams})
+
+    def checked(self) -> list[UpstreamState]:
+        """The upstreams an active checker should probe (all, when checks are on)."""
+        return list(self.upstreams) if self.health.active else []
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [u.snapshot() for u in self.upstreams]
+
+    def _apply(self, specs: Iterable[UpstreamSpec], old: dict[Address, UpstreamState]) -> None:
+        states = []
+        for spec in specs:
+            state = old.get(spec.address)
+            if state is None:
+                label = f"upstream {spec.address} of proxy {self.proxy}"
+                machine = HealthMachine(self.health, label, self._now, self._on_change)
+                state = UpstreamState(spec, machine, self._feedback)
+            else:
+                state.apply(spec)
+            states.append(state)
+        self.upstreams = tuple(states)
+
+    def _feedback(self, address: Address) -> None:
+        self.balancer.connect_failed(address)
+
+
+def _check(specs: Sequence[UpstreamSpec]) -> None:
+    if not specs:
+        raise ValueError("a proxy needs at least one upstream")
+    seen: set[Address] = set()
+    for spec in specs:
+        if spec.address in seen:
+            raise ValueError(f"upstream {spec.address} is listed twice")
+        seen.add(spec.address)
