@@ -443,6 +443,8 @@ def _parse(body: bytes) -> Any:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise ApiError(f"{BAD_BODY}: not UTF-8 text", 400) from None
+    except RecursionError:  # [[[[...]]]]: the decoder recurses once per level
+        raise ApiError(f"{BAD_BODY}: nested too deeply", 400) from None
     except ValueError as exc:
         raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
 
