@@ -184,23 +184,26 @@ class ToxiproxyAPI:
         enabled = service.enabled if fields["enabled"] is None else fields["enabled"]
         moved = (listen is not None and listen not in self._listen_forms(service)) or (
             upstream is not None and upstream != self._upstream(service))
-        if moved:
-            # Toxiproxy restarts the proxy: its connections are dropped.
-            listen = listen if listen is not None else self._listen(service)
-            upstream = upstream if upstream is not None else self._upstream(service)
-            config = _proxy_config(name, listen, upstream, base=service.config)
-            try:
-                self.runtime.update_proxy(config)
-            except ListenError as exc:
-                raise ApiError(str(exc), 500) from exc
-            service.close_connections()
-            self._forget(name)
-            self._listen_text[name], self._upstream_text[name] = listen, upstream
-        if enabled != service.enabled:
-            try:
-                self.runtime.enable_proxy(name, enabled)
-            except ListenError as exc:
-                raise ApiError(str(exc), 500) from exc
+        if not moved:
+            if enabled != service.enabled:
+                try:
+                    self.runtime.enable_proxy(name, enabled)
+                except ListenError as exc:
+                    raise ApiError(str(exc), 500) from exc
+            return _json(200, self._proxy_json(service))
+        # Toxiproxy restarts the proxy: its connections are dropped.  The move and
+        # the enabling are one step: if the new address cannot be bound, nothing
+        # changed (Toxiproxy would keep the new address on the disabled proxy).
+        listen = listen if listen is not None else self._listen(service)
+        upstream = upstream if upstream is not None else self._upstream(service)
+        config = _proxy_config(name, listen, upstream, base=service.config)
+        try:
+            self.runtime.update_proxy(config, enabled=enabled)
+        except ListenError as exc:
+            raise ApiError(str(exc), 500) from exc
+        service.close_connections()
+        self._forget(name)
+        self._listen_text[name], self._upstream_text[name] = listen, upstream
         return _json(200, self._proxy_json(service))
 
     async def proxy_delete(self, name: str, body: bytes) -> Response:
@@ -288,12 +291,13 @@ class ToxiproxyAPI:
             self._upstream_text[name] = upstream
 
     async def reset(self, body: bytes) -> Response:
-        for name, service in list(self.runtime.services.items()):
-            if not service.enabled:
-                try:
-                    self.runtime.enable_proxy(name, True)
-                except ListenError as exc:
-                    raise ApiError(str(exc), 500) from exc
+        """Every proxy enabled, then every toxic removed: if a proxy cannot be
+        bound, nothing changed (Toxiproxy stops half way)."""
+        try:
+            self.runtime.enable_proxies(list(self.runtime.services))
+        except ListenError as exc:
+            raise ApiError(str(exc), 500) from exc
+        for service in self.runtime.services.values():
             reset_toxics(service)
         return Response(204)
 

@@ -194,6 +194,43 @@ def test_update_with_bad_body_changes_nothing(admin: Admin, echo: EchoServer) ->
     assert admin.get("/proxies/steady").json == proxy
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_enabling_on_a_busy_listen_is_500_and_changes_nothing(
+        admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "idle", echo.address, enabled=False)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        for method in ("PATCH", "POST"):
+            reply = admin.request(method, "/proxies/idle",
+                                  {"listen": f"127.0.0.1:{port}", "enabled": True})
+            assert reply.status == 500, reply.body
+            assert reply.json["status"] == 500
+            assert f"127.0.0.1:{port}" in reply.json["error"]
+            assert "address already in use" in reply.json["error"]
+            assert admin.get("/proxies/idle").json == proxy
+    reply = admin.request("PATCH", "/proxies/idle", {"enabled": True})
+    assert reply.status == 200 and reply.json["enabled"] is True
+    assert round_trip(port_of(reply.json["listen"])) == b"ping"
+
+
+def test_moving_onto_a_busy_listen_is_500_and_keeps_serving(
+        admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "live", echo.address)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        reply = admin.request("PATCH", "/proxies/live", {"listen": f"127.0.0.1:{port}",
+                                                         "upstream": "127.0.0.1:1"})
+        assert reply.status == 500 and "address already in use" in reply.json["error"]
+    assert admin.get("/proxies/live").json == proxy
+    assert round_trip(port_of(str(proxy["listen"]))) == b"ping"
+
+
 def test_delete_proxy_stops_listening(admin: Admin, echo: EchoServer) -> None:
     proxy = create(admin, "gone", echo.address)
     reply = admin.delete("/proxies/gone")
@@ -380,6 +417,29 @@ def test_reset_enables_every_proxy_and_removes_every_toxic(
     proxies = admin.get("/proxies").json
     assert all(p["enabled"] and p["toxics"] == [] for p in proxies.values())
     assert round_trip(port_of(str(first["listen"]))) == b"ping"
+
+
+def test_reset_that_cannot_bind_a_proxy_changes_nothing(
+        admin: Admin, echo: EchoServer) -> None:
+    """Every disabled proxy must bind before anything changes: the first is not
+    left enabled, no toxic is removed."""
+    create(admin, "first", echo.address, enabled=False)
+    port = free_port()
+    create(admin, "second", echo.address, enabled=False, listen=f"127.0.0.1:{port}")
+    admin.post("/proxies/first/toxics", {"type": "latency"})
+    admin.post("/proxies/second/toxics", {"type": "timeout"})
+    before = admin.get("/proxies").json
+    with socket.create_server(("127.0.0.1", port)):
+        reply = admin.post("/reset")
+        after = admin.get("/proxies").json
+    assert reply.status == 500, reply.body
+    assert after == before
+    assert reply.json["error"].startswith("second: ")
+    assert "address already in use" in reply.json["error"]
+    assert admin.post("/reset").status == 204
+    proxies = admin.get("/proxies").json
+    assert all(p["enabled"] and p["toxics"] == [] for p in proxies.values())
+    assert round_trip(port) == b"ping"
 
 
 def test_toxics_toggled_over_http_mid_transfer_keep_the_stream_intact(
