@@ -83,6 +83,13 @@ TOXIC_EXISTS = "toxic already exists"
 TOXIC_NOT_FOUND = "toxic not found"
 
 
+PROXY_FIELDS = ("name", "listen", "upstream", "enabled", "toxics")
+"""What a proxy body may hold: Toxiproxy's proxy JSON (``toxics`` is its output
+field, accepted and ignored so that a proxy read back can be sent again)."""
+TOXIC_FIELDS = ("name", "type", "stream", "toxicity", "attributes", "conditions")
+"""What a toxic body may hold: Toxiproxy's toxic JSON, plus midway's ``conditions``."""
+
+
 @dataclass
 class Response:
     status: int
@@ -164,7 +171,7 @@ class ToxiproxyAPI:
         return _json(200, self._proxy_json(self._service(name)))
 
     async def proxy_create(self, body: bytes) -> Response:
-        fields = _proxy_fields(_object(body))
+        fields = _proxy_fields(_object(body, PROXY_FIELDS))
         name, listen, upstream = fields["name"], fields["listen"], fields["upstream"]
         if not name:
             raise ApiError(f"{MISSING_FIELD}: name", 400)
@@ -179,7 +186,7 @@ class ToxiproxyAPI:
 
     async def proxy_update(self, name: str, body: bytes) -> Response:
         service = self._service(name)
-        fields = _proxy_fields(_object(body))
+        fields = _proxy_fields(_object(body, PROXY_FIELDS))
         listen, upstream = fields["listen"], fields["upstream"]
         enabled = service.enabled if fields["enabled"] is None else fields["enabled"]
         moved = (listen is not None and listen not in self._listen_forms(service)) or (
@@ -232,6 +239,7 @@ class ToxiproxyAPI:
         for i, item in enumerate(items, 1):
             if not isinstance(item, Mapping):
                 raise ApiError(f"{BAD_BODY}: proxy {i} is not a JSON object", 400)
+            _known_fields(item, PROXY_FIELDS, f" at proxy {i}")
             fields = _proxy_fields(item)
             name, listen, upstream = fields["name"], fields["listen"], fields["upstream"]
             if not name:
@@ -315,7 +323,7 @@ class ToxiproxyAPI:
 
     async def toxic_create(self, proxy: str, body: bytes) -> Response:
         service = self._service(proxy)
-        data = _object(body)
+        data = _object(body, TOXIC_FIELDS)
         stream = data.get("stream", "downstream")
         if stream is None or stream == "":
             stream = "downstream"
@@ -349,7 +357,7 @@ class ToxiproxyAPI:
             get_toxic(service, toxic)
         except ToxicNotFound:
             raise ApiError(TOXIC_NOT_FOUND, 404) from None
-        data = _object(body)
+        data = _object(body, TOXIC_FIELDS)
         attributes = data.get("attributes")
         if attributes is not None and not isinstance(attributes, Mapping):
             raise ApiError(f"{BAD_BODY}: attributes: expected an object", 400)
@@ -453,11 +461,21 @@ def _parse(body: bytes) -> Any:
         raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
 
 
-def _object(body: bytes) -> Mapping[str, Any]:
+def _object(body: bytes, known: tuple[str, ...]) -> Mapping[str, Any]:
     data = _parse(body)
     if not isinstance(data, Mapping):
         raise ApiError(f"{BAD_BODY}: expected a JSON object", 400)
+    _known_fields(data, known)
     return data
+
+
+def _known_fields(data: Mapping[str, Any], known: tuple[str, ...], where: str = "") -> None:
+    """Refuse a field midway would ignore (a typo such as ``enable`` would
+    otherwise answer 200 and change nothing; Toxiproxy ignores it silently)."""
+    for key in data:
+        if key not in known:
+            raise ApiError(f"{BAD_BODY}: unknown field {key!r}{where} "
+                           f"(known: {', '.join(known)})", 400)
 
 
 def _proxy_fields(data: Mapping[str, Any]) -> dict[str, Any]:

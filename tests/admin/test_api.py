@@ -151,6 +151,39 @@ def test_create_on_a_busy_port_is_500_and_adds_nothing(admin: Admin, echo: EchoS
     assert admin.get("/proxies").json == {}
 
 
+BAD_PROXY_NAMES = ("a/b", "x" * 65, "a\nb", "a b", "a?b", "../etc", "-x")
+
+
+def test_proxy_names_are_bounded_and_never_break_a_url(admin: Admin, echo: EchoServer) -> None:
+    for name in BAD_PROXY_NAMES:
+        reply = admin.post("/proxies", {"name": name, "upstream": echo.address})
+        assert reply.status == 400, (name, reply.body)
+        assert reply.json["error"] == (
+            "bad request body: name: a proxy name is 1-64 letters, digits, '_', '.' or '-'")
+        reply = admin.post("/populate", [{"name": name, "upstream": echo.address}])
+        assert reply.status == 400, (name, reply.body)
+    create(admin, "x" * 64, echo.address)
+    assert list(admin.get("/proxies").json) == ["x" * 64]
+
+
+def test_unknown_fields_are_400_not_ignored(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "typo", echo.address)
+    reply = admin.request("PATCH", "/proxies/typo", {"enable": False})
+    error(reply, 400, "bad request body: unknown field 'enable' "
+                      "(known: name, listen, upstream, enabled, toxics)")
+    reply = admin.post("/proxies", {"name": "t2", "upstream": echo.address, "lisen": "x"})
+    assert reply.status == 400 and "unknown field 'lisen'" in reply.json["error"]
+    reply = admin.post("/populate", [{"name": "t3", "upstream": echo.address, "up": 1}])
+    assert reply.status == 400
+    assert "unknown field 'up' at proxy 1" in reply.json["error"]
+    reply = admin.post("/proxies/typo/toxics", {"type": "latency", "atributes": {}})
+    assert reply.status == 400 and "unknown field 'atributes'" in reply.json["error"]
+    # What Toxiproxy sends back may be sent again, toxics included.
+    assert admin.post("/proxies/typo", proxy).status == 200
+    assert admin.get("/proxies/typo").json == proxy
+    assert set(admin.get("/proxies").json) == {"typo"}
+
+
 def test_show_update_delete_missing_proxy_404(admin: Admin) -> None:
     for reply in (admin.get("/proxies/ghost"), admin.post("/proxies/ghost", {"enabled": False}),
                   admin.delete("/proxies/ghost"), admin.get("/proxies/ghost/toxics"),
@@ -296,6 +329,20 @@ def test_toxic_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
         assert reply.json["error"].startswith("bad request body"), reply.json
     assert admin.post("/proxies/q/toxics", raw=b"{oops").status == 400
     assert admin.get("/proxies/q/toxics").json == before
+
+
+def test_toxic_names_are_bounded_and_never_break_a_url(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "n", echo.address)
+    for name in ("a/b", "x" * 65, "a\nb", "a b", "a\tb", "a?b", "a#b", "a%2Fb", "\x7f"):
+        reply = admin.post("/proxies/n/toxics", {"type": "latency", "name": name})
+        assert reply.status == 400, (name, reply.body)
+        assert reply.json["error"].startswith(
+            "bad request body: name: a toxic name is 1-64 characters, without spaces, "
+            "control characters, '/', '?', '#' or '%'"), reply.json
+    assert admin.get("/proxies/n/toxics").json == []
+    for name in ("x" * 64, "slow:replies", "Über-latenz"):
+        assert admin.post("/proxies/n/toxics", {"type": "latency", "name": name}).status == 200
+    assert admin.get("/proxies/n/toxics/slow:replies").status == 200
 
 
 def test_update_toxic_merges_attributes(admin: Admin, echo: EchoServer) -> None:
