@@ -7,7 +7,10 @@ Theory of operation
 body bytes) and returns a :class:`Response`.  It runs on the runtime's event loop
 thread, where every proxy lives, so a request sees and changes the proxies
 atomically.  Every change is validated in full before anything is touched: a bad
-body or attribute answers Toxiproxy's error and changes nothing.
+body or attribute answers Toxiproxy's error and changes nothing.  What can fail
+only when applied (binding an address) is undone on failure: a move and an
+enable are one runtime step, ``/reset`` binds every disabled proxy before it
+removes a toxic, ``/populate`` puts back what it replaced.
 
 The shapes, defaults and status codes are Toxiproxy's (``api.go``,
 ``proxy_collection.go``, ``toxic_collection.go`` of Shopify/toxiproxy v2):
@@ -24,7 +27,8 @@ The shapes, defaults and status codes are Toxiproxy's (``api.go``,
 * ``POST /populate`` checks every proxy first, keeps those whose listen and
   upstream are unchanged (and their toxics), replaces the others, answers 201
   ``{"proxies": [...]}``, and on failure changes nothing;
-* ``POST /reset`` enables every proxy and removes every toxic (204);
+* ``POST /reset`` enables every proxy and removes every toxic (204), or if a
+  proxy cannot be bound answers 500 naming it and changes nothing;
 * ``DELETE`` answers 204; a missing proxy or toxic 404; ``GET /version`` answers
   ``{"version": "..."}``; a browser (User-Agent ``Mozilla/...``) gets 403, as
   Toxiproxy guards against cross-site requests to a local API.
