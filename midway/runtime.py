@@ -202,13 +202,20 @@ class Runtime:
             service.close_connections(CloseReason.SHUTDOWN)
             _close_elements(service)
 
-    def update_proxy(self, config: ProxyConfig) -> ProxyService:
-        """Change a live proxy.  Open connections keep going; new ones use the new
-        settings.  Listeners are rebound only if the listen addresses changed."""
+    def update_proxy(self, config: ProxyConfig, *, enabled: bool | None = None) -> ProxyService:
+        """Change a live proxy, and (with ``enabled``) start or stop its listening
+        in the same step.  Open connections keep going; new ones use the new
+        settings.  Listeners are rebound only if the listen addresses changed or
+        the proxy is being enabled.  All or nothing: on a :class:`ListenError`
+        the proxy is as it was (listening where it was, if it was)."""
         service = self.services[config.name]
         config = dataclasses.replace(
             config, listen=_keep_ports(config.listen, service.config.listen))
-        if config.listen != service.config.listen and service.enabled:
+        enable = service.enabled if enabled is None else enabled
+        if not enable:
+            self.enable_proxy(config.name, False)
+        elif not service.enabled or config.listen != service.config.listen:
+            was_listening = service.enabled
             previous = service.config
             service.close_listeners()
             service.config = config
@@ -216,18 +223,32 @@ class Runtime:
                 service.bind()
             except ListenError:
                 service.config = previous
-                service.bind()
-                service.start_accepting()
+                if was_listening:
+                    self._listen_again(service)
                 raise
             _pin_ports(service)
-            service.start_accepting()
+            service.enabled = True
+            if not self.stopping:
+                service.start_accepting()
             config = dataclasses.replace(config, listen=service.config.listen)
         service.reconfigure(config)
         return service
 
+    def _listen_again(self, service: ProxyService) -> None:
+        """Rebind a proxy's previous listeners after a failed move; should even
+        that fail (another process took the port meanwhile), it ends disabled."""
+        try:
+            service.bind()
+        except ListenError as exc:
+            service.enabled = False
+            log.error("%s: disabled: cannot listen again where it was: %s", service.name, exc)
+            return
+        service.start_accepting()
+
     def enable_proxy(self, name: str, enabled: bool) -> None:
         """Start or stop a proxy's listening (Toxiproxy's ``enabled``); disabling
-        also closes its connections, as Toxiproxy does."""
+        also closes its connections, as Toxiproxy does.  Raises
+        :class:`ListenError` (nothing changed) if it cannot bind."""
         service = self.services[name]
         if enabled == service.enabled:
             return
@@ -241,6 +262,29 @@ class Runtime:
             service.enabled = False
             service.close_listeners()
             service.close_connections(CloseReason.SHUTDOWN)
+
+    def enable_proxies(self, names: Iterable[str]) -> None:
+        """Enable several proxies, all or nothing (Toxiproxy's reset): if one
+        cannot bind, those enabled here are disabled again, as they were, and a
+        :class:`ListenError` naming the proxy is raised."""
+        done: list[tuple[ProxyService, ProxyConfig]] = []
+        try:
+            for name in names:
+                service = self.services[name]
+                if not service.enabled:
+                    previous = service.config
+                    try:
+                        self.enable_proxy(name, True)
+                    except ListenError as exc:
+                        raise ListenError(f"{name}: {exc}") from exc
+                    done.append((service, previous))
+        except ListenError:
+            # Nothing was accepted meanwhile: this runs on the loop, in one step.
+            for service, previous in done:
+                service.enabled = False
+                service.close_listeners()
+                service.config = previous
+            raise
 
     def _start_timeline(self, service: ProxyService) -> None:
         """Play the proxy's timed toxics (``at_s``/``until_s``), if it has any."""

@@ -7,7 +7,10 @@ Theory of operation
 body bytes) and returns a :class:`Response`.  It runs on the runtime's event loop
 thread, where every proxy lives, so a request sees and changes the proxies
 atomically.  Every change is validated in full before anything is touched: a bad
-body or attribute answers Toxiproxy's error and changes nothing.
+body or attribute answers Toxiproxy's error and changes nothing.  What can fail
+only when applied (binding an address) is undone on failure: a move and an
+enable are one runtime step, ``/reset`` binds every disabled proxy before it
+removes a toxic, ``/populate`` puts back what it replaced.
 
 The shapes, defaults and status codes are Toxiproxy's (``api.go``,
 ``proxy_collection.go``, ``toxic_collection.go`` of Shopify/toxiproxy v2):
@@ -24,7 +27,8 @@ The shapes, defaults and status codes are Toxiproxy's (``api.go``,
 * ``POST /populate`` checks every proxy first, keeps those whose listen and
   upstream are unchanged (and their toxics), replaces the others, answers 201
   ``{"proxies": [...]}``, and on failure changes nothing;
-* ``POST /reset`` enables every proxy and removes every toxic (204);
+* ``POST /reset`` enables every proxy and removes every toxic (204), or if a
+  proxy cannot be bound answers 500 naming it and changes nothing;
 * ``DELETE`` answers 204; a missing proxy or toxic 404; ``GET /version`` answers
   ``{"version": "..."}``; a browser (User-Agent ``Mozilla/...``) gets 403, as
   Toxiproxy guards against cross-site requests to a local API.
@@ -81,6 +85,13 @@ INVALID_STREAM = "stream was invalid, can be either upstream or downstream"
 INVALID_TYPE = "invalid toxic type"
 TOXIC_EXISTS = "toxic already exists"
 TOXIC_NOT_FOUND = "toxic not found"
+
+
+PROXY_FIELDS = ("name", "listen", "upstream", "enabled", "toxics")
+"""What a proxy body may hold: Toxiproxy's proxy JSON (``toxics`` is its output
+field, accepted and ignored so that a proxy read back can be sent again)."""
+TOXIC_FIELDS = ("name", "type", "stream", "toxicity", "attributes", "conditions")
+"""What a toxic body may hold: Toxiproxy's toxic JSON, plus midway's ``conditions``."""
 
 
 @dataclass
@@ -164,7 +175,7 @@ class ToxiproxyAPI:
         return _json(200, self._proxy_json(self._service(name)))
 
     async def proxy_create(self, body: bytes) -> Response:
-        fields = _proxy_fields(_object(body))
+        fields = _proxy_fields(_object(body, PROXY_FIELDS))
         name, listen, upstream = fields["name"], fields["listen"], fields["upstream"]
         if not name:
             raise ApiError(f"{MISSING_FIELD}: name", 400)
@@ -179,28 +190,31 @@ class ToxiproxyAPI:
 
     async def proxy_update(self, name: str, body: bytes) -> Response:
         service = self._service(name)
-        fields = _proxy_fields(_object(body))
+        fields = _proxy_fields(_object(body, PROXY_FIELDS))
         listen, upstream = fields["listen"], fields["upstream"]
         enabled = service.enabled if fields["enabled"] is None else fields["enabled"]
         moved = (listen is not None and listen not in self._listen_forms(service)) or (
             upstream is not None and upstream != self._upstream(service))
-        if moved:
-            # Toxiproxy restarts the proxy: its connections are dropped.
-            listen = listen if listen is not None else self._listen(service)
-            upstream = upstream if upstream is not None else self._upstream(service)
-            config = _proxy_config(name, listen, upstream, base=service.config)
-            try:
-                self.runtime.update_proxy(config)
-            except ListenError as exc:
-                raise ApiError(str(exc), 500) from exc
-            service.close_connections()
-            self._forget(name)
-            self._listen_text[name], self._upstream_text[name] = listen, upstream
-        if enabled != service.enabled:
-            try:
-                self.runtime.enable_proxy(name, enabled)
-            except ListenError as exc:
-                raise ApiError(str(exc), 500) from exc
+        if not moved:
+            if enabled != service.enabled:
+                try:
+                    self.runtime.enable_proxy(name, enabled)
+                except ListenError as exc:
+                    raise ApiError(str(exc), 500) from exc
+            return _json(200, self._proxy_json(service))
+        # Toxiproxy restarts the proxy: its connections are dropped.  The move and
+        # the enabling are one step: if the new address cannot be bound, nothing
+        # changed (Toxiproxy would keep the new address on the disabled proxy).
+        listen = listen if listen is not None else self._listen(service)
+        upstream = upstream if upstream is not None else self._upstream(service)
+        config = _proxy_config(name, listen, upstream, base=service.config)
+        try:
+            self.runtime.update_proxy(config, enabled=enabled)
+        except ListenError as exc:
+            raise ApiError(str(exc), 500) from exc
+        service.close_connections()
+        self._forget(name)
+        self._listen_text[name], self._upstream_text[name] = listen, upstream
         return _json(200, self._proxy_json(service))
 
     async def proxy_delete(self, name: str, body: bytes) -> Response:
@@ -229,6 +243,7 @@ class ToxiproxyAPI:
         for i, item in enumerate(items, 1):
             if not isinstance(item, Mapping):
                 raise ApiError(f"{BAD_BODY}: proxy {i} is not a JSON object", 400)
+            _known_fields(item, PROXY_FIELDS, f" at proxy {i}")
             fields = _proxy_fields(item)
             name, listen, upstream = fields["name"], fields["listen"], fields["upstream"]
             if not name:
@@ -288,12 +303,13 @@ class ToxiproxyAPI:
             self._upstream_text[name] = upstream
 
     async def reset(self, body: bytes) -> Response:
-        for name, service in list(self.runtime.services.items()):
-            if not service.enabled:
-                try:
-                    self.runtime.enable_proxy(name, True)
-                except ListenError as exc:
-                    raise ApiError(str(exc), 500) from exc
+        """Every proxy enabled, then every toxic removed: if a proxy cannot be
+        bound, nothing changed (Toxiproxy stops half way)."""
+        try:
+            self.runtime.enable_proxies(list(self.runtime.services))
+        except ListenError as exc:
+            raise ApiError(str(exc), 500) from exc
+        for service in self.runtime.services.values():
             reset_toxics(service)
         return Response(204)
 
@@ -311,7 +327,7 @@ class ToxiproxyAPI:
 
     async def toxic_create(self, proxy: str, body: bytes) -> Response:
         service = self._service(proxy)
-        data = _object(body)
+        data = _object(body, TOXIC_FIELDS)
         stream = data.get("stream", "downstream")
         if stream is None or stream == "":
             stream = "downstream"
@@ -345,7 +361,7 @@ class ToxiproxyAPI:
             get_toxic(service, toxic)
         except ToxicNotFound:
             raise ApiError(TOXIC_NOT_FOUND, 404) from None
-        data = _object(body)
+        data = _object(body, TOXIC_FIELDS)
         attributes = data.get("attributes")
         if attributes is not None and not isinstance(attributes, Mapping):
             raise ApiError(f"{BAD_BODY}: attributes: expected an object", 400)
@@ -443,15 +459,27 @@ def _parse(body: bytes) -> Any:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise ApiError(f"{BAD_BODY}: not UTF-8 text", 400) from None
+    except RecursionError:  # [[[[...]]]]: the decoder recurses once per level
+        raise ApiError(f"{BAD_BODY}: nested too deeply", 400) from None
     except ValueError as exc:
         raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
 
 
-def _object(body: bytes) -> Mapping[str, Any]:
+def _object(body: bytes, known: tuple[str, ...]) -> Mapping[str, Any]:
     data = _parse(body)
     if not isinstance(data, Mapping):
         raise ApiError(f"{BAD_BODY}: expected a JSON object", 400)
+    _known_fields(data, known)
     return data
+
+
+def _known_fields(data: Mapping[str, Any], known: tuple[str, ...], where: str = "") -> None:
+    """Refuse a field midway would ignore (a typo such as ``enable`` would
+    otherwise answer 200 and change nothing; Toxiproxy ignores it silently)."""
+    for key in data:
+        if key not in known:
+            raise ApiError(f"{BAD_BODY}: unknown field {key!r}{where} "
+                           f"(known: {', '.join(known)})", 400)
 
 
 def _proxy_fields(data: Mapping[str, Any]) -> dict[str, Any]:

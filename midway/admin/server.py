@@ -9,44 +9,80 @@ proxies are only ever touched from their own loop and no lock is needed.  The
 admin traffic is a handful of requests in a test run; the data path never waits
 for it.
 
-Limits (named constants below): a request body must be sent with Content-Length
-(chunked bodies get 411) and be at most :data:`MAX_BODY` bytes; an idle
-keep-alive connection is closed after :data:`IDLE_TIMEOUT_S`; a route that does
-not answer within :data:`ROUTE_TIMEOUT_S` gets 503, as Toxiproxy's own timeout
-handler does.
+Limits (named constants below), so that a burst of clients is served and a slow
+or hostile one costs a bounded share:
+
+* the listen queue is the proxies' (:data:`BACKLOG`), not socketserver's 5, so
+  a burst of connects is not dropped (each drop costs the client a 1 s SYN
+  retransmit);
+* at most :data:`MAX_CONNECTIONS` connections are served at once (a thread
+  each); past that a new connection is answered 503 and closed at once;
+* a request (line, headers and body) must arrive within :data:`REQUEST_TIMEOUT_S`
+  of its first byte, however the client dribbles it (slowloris), or the
+  connection is dropped; an idle keep-alive connection is closed after
+  :data:`IDLE_TIMEOUT_S`;
+* a body must be sent with Content-Length (chunked bodies get 411) and be at
+  most :data:`MAX_BODY` bytes (413); http.server caps a request or header line
+  at 64 KiB (414, 431) and a request at 100 headers (431);
+* a route that does not answer within :data:`ROUTE_TIMEOUT_S` gets 503, as
+  Toxiproxy's own timeout handler does.
+
+Every error is a JSON ``{"error", "status"}`` body, and what a peer does
+(resetting, leaving before its answer, timing out) is logged at debug level,
+never as a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import socket
 import socketserver
+import sys
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from ..config.addresses import parse_address
+from ..config.schema import ProxyConfig
 from ..errors import ListenError, describe_oserror
 from .routes import Response, ToxiproxyAPI
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-__all__ = ["AdminServer", "MAX_BODY", "IDLE_TIMEOUT_S", "ROUTE_TIMEOUT_S"]
+__all__ = ["AdminServer", "BACKLOG", "MAX_BODY", "MAX_CONNECTIONS", "IDLE_TIMEOUT_S",
+           "REQUEST_TIMEOUT_S", "ROUTE_TIMEOUT_S"]
 
 log = logging.getLogger("midway")
 
+BACKLOG: int = ProxyConfig.backlog
+"""Length of the admin listener's accept queue: the proxies' default (511,
+nginx's); socketserver's own 5 dropped connects from a burst of 200 clients."""
+MAX_CONNECTIONS = 256
+"""Admin connections served at once, one thread each; a connection past it gets
+503 and is closed.  Toxiproxy has no cap (a goroutine each); a test suite's
+clients need a handful, 256 leaves room for bursts while bounding threads."""
 MAX_BODY = 1 << 20
 """Largest request body (1 MiB): a populate of thousands of proxies fits."""
+REQUEST_TIMEOUT_S = 10.0
+"""A request must be read whole (line, headers, body) within this long of its
+first byte, or the connection is dropped.  Admin clients on loopback send a
+request in one write; a deadline for the whole request, not per read, is what
+stops a client that sends a byte now and then (nginx's client_header_timeout is
+60 s per read; Apache's mod_reqtimeout gives headers 20-40 s in all)."""
 IDLE_TIMEOUT_S = 60.0
 """Idle keep-alive connections are closed after this long (Toxiproxy's IdleTimeout)."""
 ROUTE_TIMEOUT_S = 25.0
 """A route that takes longer answers 503 (Toxiproxy's TimeoutHandler: 25 s)."""
 _POLL_S = 0.2
 """How often the accept loop checks for shutdown (bounds how long stop() waits)."""
+_REFUSED_LOG_EVERY_S = 10.0
+"""At most one warning this often while connections are refused at the cap."""
 
 
 class AdminServer:
@@ -106,13 +142,60 @@ class AdminServer:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = BACKLOG
 
     def __init__(self, sockaddr: Any, family: int, api: ToxiproxyAPI,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.address_family = family
         self.api = api
         self.loop = loop
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refused_logged_at = -_REFUSED_LOG_EVERY_S
         super().__init__(sockaddr, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Called by the accept loop: serve on a thread of its own if there is a
+        slot, else answer 503 without blocking and close."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSED_LOG_EVERY_S:
+            self._refused_logged_at = now
+            log.warning("admin API: %d connections already open: refusing new ones (503)",
+                        MAX_CONNECTIONS)
+        body = _error_body(f"too many admin connections (at most {MAX_CONNECTIONS})", 503)
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.setblocking(False)  # the accept loop must never wait on a client
+            request.send(head + body)  # a fresh socket's send buffer takes it whole
+        except OSError as exc:
+            log.debug("admin API: %s: cannot send the 503: %s", client_address, exc)
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """What a peer does (resets, leaves before its answer, times out) is not
+        an error of ours: debug level.  Anything else is a bug: logged with its
+        traceback through logging (socketserver would print it to stderr)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("admin API: %s: %s", client_address, exc)
+        else:
+            log.error("admin API: request from %s failed", client_address, exc_info=exc)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look up our own name (socket.getfqdn), which
@@ -121,11 +204,69 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket as the raw stream under the handler's ``rfile``: each read
+    waits at most what is left of :attr:`deadline` (or :data:`IDLE_TIMEOUT_S`
+    when none is set), so a whole request shares one deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is None:
+            self._sock.settimeout(IDLE_TIMEOUT_S)
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"request not complete within {REQUEST_TIMEOUT_S:g} s")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT_S
     server_version = "midway-admin"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by one that keeps the request's deadline
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = self._buffered = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """Wait (up to the idle timeout) for a request to begin, then give it
+        :data:`REQUEST_TIMEOUT_S` to arrive whole (http.server closes the
+        connection on the timeout)."""
+        self._reader.deadline = None
+        try:
+            begun = self._buffered.peek(1)
+        except TimeoutError:
+            log.debug("admin API: %s: idle keep-alive connection closed",
+                      self.address_string())
+            begun = b""
+        if not begun:
+            self.close_connection = True
+            return
+        self._reader.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        super().handle_one_request()
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own errors (malformed request line, headers too long or
+        too many, unknown method) as JSON, like every other error."""
+        self.close_connection = True  # what follows a malformed request is unknown
+        # A request line too bad to parse leaves http.server assuming HTTP/0.9,
+        # which has no status line: answer with one.
+        self.request_version = self.protocol_version
+        if message is None:
+            message = self.responses.get(code, ("error", ""))[0]
+        self._send(Response(code, _error_body(message, code)))
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._dispatch()
@@ -142,9 +283,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
-            self._send(Response(413 if length > 0 else 400,
-                                _error_body("bad Content-Length", 413 if length > 0 else 400)))
+            self.close_connection = True  # the body is not read
+            if length > MAX_BODY:
+                self._send(Response(413, _error_body(
+                    f"request body larger than {MAX_BODY} bytes", 413)))
+            else:
+                self._send(Response(400, _error_body("bad Content-Length", 400)))
             return
         body = self.rfile.read(length) if length else b""
         coro = self.server.api.handle(self.command, self.path, body,
@@ -166,10 +310,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(response)
 
     def _send(self, response: Response) -> None:
+        # The answer gets a timeout of its own, not what is left of the request's.
+        self.connection.settimeout(REQUEST_TIMEOUT_S)
         self.send_response(response.status)
         if response.status != 204:  # RFC 9110: a 204 has neither
             self.send_header("Content-Type", response.content_type)
             self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD" and response.body:
             self.wfile.write(response.body)

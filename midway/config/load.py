@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -33,11 +32,17 @@ from typing import Any
 from ..chain.toxics.config import parse_toxic_tables
 from ..errors import AddressError, ConfigError
 from .addresses import Address, parse_address
-from .schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
+from .schema import (
+    Config,
+    OptionInfo,
+    ProxyConfig,
+    ServerConfig,
+    options_of,
+    proxy_name_problem,
+)
 
 __all__ = ["load_config", "config_from_dict", "build_options", "check_admin"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
 _PROXY_LISTS = ("toxics",)
@@ -142,8 +147,9 @@ def _addresses(value: Any, path: str, *, listen: bool) -> tuple[Address, ...]:
 
 def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> ProxyConfig:
     path = f"proxy.{name}"
-    if not _NAME_RE.match(name):
-        raise ConfigError(path, "a proxy name is 1-64 letters, digits, '_', '.' or '-'")
+    problem = proxy_name_problem(name)
+    if problem is not None:
+        raise ConfigError(path, problem)
     opts = {f.name for f, _ in options_of(ProxyConfig)}
     kwargs: dict[str, Any] = dict(defaults)
     rest = {}

@@ -14,6 +14,7 @@ it is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +31,46 @@ __all__ = [
     "LOG_LEVELS",
     "BALANCERS",
     "DUMP_MODES",
+    "NAME_MAX_LEN",
+    "proxy_name_problem",
+    "toxic_name_problem",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("auto", "asyncio", "uvloop")
 BALANCERS = ("round_robin",)
 DUMP_MODES = ("off", "text", "hex", "auto")
+
+# -- names -------------------------------------------------------------------
+# Proxy and toxic names are path segments of the admin API
+# (/proxies/NAME/toxics/NAME) and words of log lines, wherever they come from
+# (config file, command line, admin API, library).
+
+NAME_MAX_LEN = 64
+"""Longest proxy or toxic name, in characters: enough for any descriptive name,
+short enough for a log column and a URL (Toxiproxy sets no limit)."""
+_PROXY_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX_LEN - 1}}}")
+_TOXIC_NAME_FORBIDDEN = frozenset("/?#%")
+"""Characters that end or change a URL path segment when a client does not quote
+them (toxiproxy-python does not)."""
+
+
+def proxy_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a proxy, or ``None`` if it can."""
+    if _PROXY_NAME_RE.fullmatch(name):
+        return None
+    return f"a proxy name is 1-{NAME_MAX_LEN} letters, digits, '_', '.' or '-'"
+
+
+def toxic_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a toxic, or ``None`` if it can.  Looser than a
+    proxy name, as Toxiproxy's users may have named toxics freely, but never
+    what breaks a URL or a log line."""
+    if 1 <= len(name) <= NAME_MAX_LEN and name.isprintable() and not any(
+            c.isspace() or c in _TOXIC_NAME_FORBIDDEN for c in name):
+        return None
+    return (f"a toxic name is 1-{NAME_MAX_LEN} characters, without spaces, control "
+            "characters, '/', '?', '#' or '%'")
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,39 @@ def test_create_on_a_busy_port_is_500_and_adds_nothing(admin: Admin, echo: EchoS
     assert admin.get("/proxies").json == {}
 
 
+BAD_PROXY_NAMES = ("a/b", "x" * 65, "a\nb", "a b", "a?b", "../etc", "-x")
+
+
+def test_proxy_names_are_bounded_and_never_break_a_url(admin: Admin, echo: EchoServer) -> None:
+    for name in BAD_PROXY_NAMES:
+        reply = admin.post("/proxies", {"name": name, "upstream": echo.address})
+        assert reply.status == 400, (name, reply.body)
+        assert reply.json["error"] == (
+            "bad request body: name: a proxy name is 1-64 letters, digits, '_', '.' or '-'")
+        reply = admin.post("/populate", [{"name": name, "upstream": echo.address}])
+        assert reply.status == 400, (name, reply.body)
+    create(admin, "x" * 64, echo.address)
+    assert list(admin.get("/proxies").json) == ["x" * 64]
+
+
+def test_unknown_fields_are_400_not_ignored(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "typo", echo.address)
+    reply = admin.request("PATCH", "/proxies/typo", {"enable": False})
+    error(reply, 400, "bad request body: unknown field 'enable' "
+                      "(known: name, listen, upstream, enabled, toxics)")
+    reply = admin.post("/proxies", {"name": "t2", "upstream": echo.address, "lisen": "x"})
+    assert reply.status == 400 and "unknown field 'lisen'" in reply.json["error"]
+    reply = admin.post("/populate", [{"name": "t3", "upstream": echo.address, "up": 1}])
+    assert reply.status == 400
+    assert "unknown field 'up' at proxy 1" in reply.json["error"]
+    reply = admin.post("/proxies/typo/toxics", {"type": "latency", "atributes": {}})
+    assert reply.status == 400 and "unknown field 'atributes'" in reply.json["error"]
+    # What Toxiproxy sends back may be sent again, toxics included.
+    assert admin.post("/proxies/typo", proxy).status == 200
+    assert admin.get("/proxies/typo").json == proxy
+    assert set(admin.get("/proxies").json) == {"typo"}
+
+
 def test_show_update_delete_missing_proxy_404(admin: Admin) -> None:
     for reply in (admin.get("/proxies/ghost"), admin.post("/proxies/ghost", {"enabled": False}),
                   admin.delete("/proxies/ghost"), admin.get("/proxies/ghost/toxics"),
@@ -192,6 +225,43 @@ def test_update_with_bad_body_changes_nothing(admin: Admin, echo: EchoServer) ->
     for bad in (b"{", b'{"enabled": 1}', b'{"upstream": "nope"}'):
         assert admin.post("/proxies/steady", raw=bad).status == 400
     assert admin.get("/proxies/steady").json == proxy
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_enabling_on_a_busy_listen_is_500_and_changes_nothing(
+        admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "idle", echo.address, enabled=False)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        for method in ("PATCH", "POST"):
+            reply = admin.request(method, "/proxies/idle",
+                                  {"listen": f"127.0.0.1:{port}", "enabled": True})
+            assert reply.status == 500, reply.body
+            assert reply.json["status"] == 500
+            assert f"127.0.0.1:{port}" in reply.json["error"]
+            assert "address already in use" in reply.json["error"]
+            assert admin.get("/proxies/idle").json == proxy
+    reply = admin.request("PATCH", "/proxies/idle", {"enabled": True})
+    assert reply.status == 200 and reply.json["enabled"] is True
+    assert round_trip(port_of(reply.json["listen"])) == b"ping"
+
+
+def test_moving_onto_a_busy_listen_is_500_and_keeps_serving(
+        admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "live", echo.address)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        reply = admin.request("PATCH", "/proxies/live", {"listen": f"127.0.0.1:{port}",
+                                                         "upstream": "127.0.0.1:1"})
+        assert reply.status == 500 and "address already in use" in reply.json["error"]
+    assert admin.get("/proxies/live").json == proxy
+    assert round_trip(port_of(str(proxy["listen"]))) == b"ping"
 
 
 def test_delete_proxy_stops_listening(admin: Admin, echo: EchoServer) -> None:
@@ -259,6 +329,20 @@ def test_toxic_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
         assert reply.json["error"].startswith("bad request body"), reply.json
     assert admin.post("/proxies/q/toxics", raw=b"{oops").status == 400
     assert admin.get("/proxies/q/toxics").json == before
+
+
+def test_toxic_names_are_bounded_and_never_break_a_url(admin: Admin, echo: EchoServer) -> None:
+    create(admin, "n", echo.address)
+    for name in ("a/b", "x" * 65, "a\nb", "a b", "a\tb", "a?b", "a#b", "a%2Fb", "\x7f"):
+        reply = admin.post("/proxies/n/toxics", {"type": "latency", "name": name})
+        assert reply.status == 400, (name, reply.body)
+        assert reply.json["error"].startswith(
+            "bad request body: name: a toxic name is 1-64 characters, without spaces, "
+            "control characters, '/', '?', '#' or '%'"), reply.json
+    assert admin.get("/proxies/n/toxics").json == []
+    for name in ("x" * 64, "slow:replies", "Über-latenz"):
+        assert admin.post("/proxies/n/toxics", {"type": "latency", "name": name}).status == 200
+    assert admin.get("/proxies/n/toxics/slow:replies").status == 200
 
 
 def test_update_toxic_merges_attributes(admin: Admin, echo: EchoServer) -> None:
@@ -380,6 +464,29 @@ def test_reset_enables_every_proxy_and_removes_every_toxic(
     proxies = admin.get("/proxies").json
     assert all(p["enabled"] and p["toxics"] == [] for p in proxies.values())
     assert round_trip(port_of(str(first["listen"]))) == b"ping"
+
+
+def test_reset_that_cannot_bind_a_proxy_changes_nothing(
+        admin: Admin, echo: EchoServer) -> None:
+    """Every disabled proxy must bind before anything changes: the first is not
+    left enabled, no toxic is removed."""
+    create(admin, "first", echo.address, enabled=False)
+    port = free_port()
+    create(admin, "second", echo.address, enabled=False, listen=f"127.0.0.1:{port}")
+    admin.post("/proxies/first/toxics", {"type": "latency"})
+    admin.post("/proxies/second/toxics", {"type": "timeout"})
+    before = admin.get("/proxies").json
+    with socket.create_server(("127.0.0.1", port)):
+        reply = admin.post("/reset")
+        after = admin.get("/proxies").json
+    assert reply.status == 500, reply.body
+    assert after == before
+    assert reply.json["error"].startswith("second: ")
+    assert "address already in use" in reply.json["error"]
+    assert admin.post("/reset").status == 204
+    proxies = admin.get("/proxies").json
+    assert all(p["enabled"] and p["toxics"] == [] for p in proxies.values())
+    assert round_trip(port) == b"ping"
 
 
 def test_toxics_toggled_over_http_mid_transfer_keep_the_stream_intact(

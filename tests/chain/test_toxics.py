@@ -142,7 +142,7 @@ def test_default_name_follows_toxiproxy() -> None:
         ({"type": "latency", "toxicity": -0.1}, "toxicity", "0 to 1"),
         ({"type": "latency", "toxicity": float("nan")}, "toxicity", "0 to 1"),
         ({"type": "latency", "toxicity": "1"}, "toxicity", "0 to 1"),
-        ({"type": "latency", "name": ""}, "name", "non-empty"),
+        ({"type": "latency", "name": ""}, "name", "a toxic name is 1-64"),
         ({"type": "latency", "conditions": {"first_n": 0}}, "conditions.first_n", "at least 1"),
         ({"type": "latency", "conditions": {"every_nth": 2.0}}, "conditions.every_nth", "integer"),
         ({"type": "latency", "conditions": {"after_s": -1}}, "conditions.after_s", "negative"),

@@ -105,6 +105,9 @@ def test_only_toxics_present_from_the_start_are_built_with_the_proxy() -> None:
     ({"type": "latency", "at_s": 5, "until_s": 5}, "proxy.p.toxics[0].until_s", "after at_s"),
     ({"type": "latency", "until_s": "soon"}, "proxy.p.toxics[0].until_s", "seconds"),
     ("latency", "proxy.p.toxics[0]", "table"),
+    ({"type": "latency", "name": "a/b"}, "proxy.p.toxics[0].name", "a toxic name is 1-64"),
+    ({"type": "latency", "name": "x" * 65}, "proxy.p.toxics[0].name", "got 65 characters"),
+    ({"type": "latency", "name": "log\nline"}, "proxy.p.toxics[0].name", "control characters"),
 ])
 def test_bad_toml_toxic_names_its_key(toxic: Any, path: str, words: str) -> None:
     exc = config_error(toxic)
@@ -169,6 +172,9 @@ def test_cli_toxic_errors_name_the_flag() -> None:
     assert result.stderr.strip() == (
         "midway: --toxic 'latency:latency=lots': attributes.latency: must be an integer "
         "(milliseconds), got 'lots'")
+    result = run_cli("127.0.0.1:0", "127.0.0.1:1", "--toxic", "latency:name=a/b", "--check")
+    assert result.returncode == 2
+    assert "--toxic 'latency:name=a/b': name: a toxic name is 1-64" in result.stderr
     result = run_cli("127.0.0.1:0", "127.0.0.1:1", "--toxic", "latency:latency=5",
                      "--toxic", "slicer:average_size=10,delay=1", "--check")
     assert result.returncode == 0, result.stderr

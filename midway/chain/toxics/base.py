@@ -60,6 +60,7 @@ from midway.chain.base import (
     Output,
     Stage,
 )
+from midway.config.schema import NAME_MAX_LEN, toxic_name_problem
 from midway.core.clock import Clock
 from midway.errors import MidwayError
 
@@ -294,8 +295,13 @@ class Toxic(Element, Generic[A]):
             raise ToxicError("stream", f'must be "upstream" or "downstream", got {stream!r}')
         if not _is_number(toxicity) or not 0.0 <= toxicity <= 1.0:
             raise ToxicError("toxicity", f"must be a number from 0 to 1, got {toxicity!r}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ToxicError("name", f"must be a non-empty string, got {name!r}")
+        if name is not None:
+            if not isinstance(name, str):
+                raise ToxicError("name", f"must be a string, got {name!r}")
+            problem = toxic_name_problem(name)
+            if problem is not None:
+                got = repr(name) if len(name) <= NAME_MAX_LEN else f"{len(name)} characters"
+                raise ToxicError("name", f"{problem}, got {got}")
         if attributes is None:
             attributes = self.attributes_class()  # type: ignore[assignment]
         if not isinstance(attributes, self.attributes_class):
