@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,8 @@ from ..runtime import Runtime
 from ..session import ProxyService
 
 __all__ = ["ToxiproxyAPI", "Response", "TOXIPROXY_API_VERSION"]
+
+log = logging.getLogger("midway")
 
 TOXIPROXY_API_VERSION = "2.12.0"
 """The Toxiproxy release whose HTTP API this implements, reported by ``/version``
@@ -474,12 +477,20 @@ def _object(body: bytes, known: tuple[str, ...]) -> Mapping[str, Any]:
 
 
 def _known_fields(data: Mapping[str, Any], known: tuple[str, ...], where: str = "") -> None:
-    """Refuse a field midway would ignore (a typo such as ``enable`` would
-    otherwise answer 200 and change nothing; Toxiproxy ignores it silently)."""
+    """Ignore a field midway does not know, as Toxiproxy does (its clients may send
+    fields of newer versions), but say so: a typo such as ``enable`` would otherwise
+    answer 200 and change nothing without a word.  Logged once per field name."""
     for key in data:
-        if key not in known:
-            raise ApiError(f"{BAD_BODY}: unknown field {key!r}{where} "
-                           f"(known: {', '.join(known)})", 400)
+        if key not in known and key not in _WARNED_FIELDS \
+                and len(_WARNED_FIELDS) < _MAX_WARNED_FIELDS:
+            _WARNED_FIELDS.add(str(key))
+            log.warning("admin API: ignoring unknown field %r%s (known: %s)", key, where,
+                        ", ".join(known))
+
+
+_WARNED_FIELDS: set[str] = set()
+_MAX_WARNED_FIELDS = 256
+"""Bound on the remembered names, so a client sending random keys cannot grow it."""
 
 
 def _proxy_fields(data: Mapping[str, Any]) -> dict[str, Any]:
