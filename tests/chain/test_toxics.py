@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -773,3 +774,32 @@ def test_a_stage_holds_at_most_one_chunk(type_name: str, attrs: dict[str, int]) 
     worst = run(main())
     if type_name != "slow_close":
         assert worst > 0  # the sampling did see data held
+
+
+def test_slicer_lets_the_loop_run_between_pieces(real_slices: float) -> None:
+    """64 KiB cut into single bytes: other tasks still run every few ms."""
+    stage = stage_of(toxic("slicer", average_size=1))
+    chunk = bytes(range(256)) * 256
+
+    async def main() -> FakeOutput:
+        out = FakeOutput()
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.sleep(0)
+        await stage.data(chunk, out)
+        ticker.cancel()
+        assert len(gaps) > 5
+        assert max(gaps) < 0.05, max(gaps)
+        return out
+
+    out = run(main())
+    assert out.sent == chunk and len(out.sends) == len(chunk)
