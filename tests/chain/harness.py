@@ -13,14 +13,16 @@ the call in progress, ``flush``, then pass later chunks straight on).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable
+import contextlib
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from midway.chain.base import ConnectionInfo, Direction, Stage
 from midway.core.clock import FakeClock
 
-__all__ = ["Event", "FakeOutput", "Feeder", "run_stage", "run", "make_info", "EOF"]
+__all__ = ["Event", "FakeOutput", "Feeder", "run_stage", "run", "make_info", "EOF", "loop_gaps"]
 
 T = TypeVar("T")
 
@@ -33,6 +35,28 @@ Script = Iterable[tuple[float, bytes | None]]
 def run(coro: Coroutine[Any, Any, T], timeout_s: float = 10.0) -> T:
     """Run a test coroutine with a bound on its (real) running time."""
     return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+@contextlib.asynccontextmanager
+async def loop_gaps() -> AsyncIterator[list[float]]:
+    """While the block runs, a task that does nothing but yield records the real
+    time (seconds) between its turns: how long other work held the loop."""
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0)
+    try:
+        yield gaps
+    finally:
+        ticker.cancel()
 
 
 def make_info(

@@ -22,7 +22,7 @@ from midway.chain.base import Attachment
 from midway.chain.hooks import HookContext, HookElement, HookError, load_hook
 from midway.errors import ConfigError, Rejected
 
-from .harness import FakeOutput, make_info, run
+from .harness import FakeOutput, loop_gaps, make_info, run
 
 
 class Conn:
@@ -704,20 +704,8 @@ def test_a_framed_hook_lets_the_loop_run_between_messages(real_slices: float) ->
 
     async def main() -> None:
         conn = Conn(HookElement(DropAll, "t:DropAll"))
-        gaps: list[float] = []
-
-        async def tick() -> None:
-            last = time.perf_counter()
-            while True:
-                await asyncio.sleep(0)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        ticker = asyncio.ensure_future(tick())
-        await asyncio.sleep(0)
-        await conn.feed("upstream", bytes(1 << 16))
-        ticker.cancel()
+        async with loop_gaps() as gaps:
+            await conn.feed("upstream", bytes(1 << 16))
         assert len(gaps) > 50
         assert max(gaps) < 0.1, max(gaps)
 

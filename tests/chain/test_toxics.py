@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ from midway.chain.toxics.slicer import slice_points
 from midway.core.clock import FakeClock
 from midway.errors import MidwayError
 
-from .harness import EOF, FakeOutput, Feeder, make_info, run, run_stage
+from .harness import EOF, FakeOutput, Feeder, loop_gaps, make_info, run, run_stage
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -783,20 +782,8 @@ def test_slicer_lets_the_loop_run_between_pieces(real_slices: float) -> None:
 
     async def main() -> FakeOutput:
         out = FakeOutput()
-        gaps: list[float] = []
-
-        async def tick() -> None:
-            last = time.perf_counter()
-            while True:
-                await asyncio.sleep(0)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        ticker = asyncio.ensure_future(tick())
-        await asyncio.sleep(0)
-        await stage.data(chunk, out)
-        ticker.cancel()
+        async with loop_gaps() as gaps:
+            await stage.data(chunk, out)
         assert len(gaps) > 5
         assert max(gaps) < 0.05, max(gaps)
         return out
