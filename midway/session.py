@@ -172,30 +172,37 @@ class ProxyService:
                                attached: Attached, opens: list[Any],
                                connect_time: float) -> None:
         info = connecting.info
+        watch = _ResetWatch(connecting.client)
         try:
             for on_open in opens:
                 await on_open(info)
         except asyncio.CancelledError:
             close_socket(upstream)
-            raise
+            if watch.reset is None:
+                raise  # stopping (connecting.cancel() reports it)
+            self._connecting.discard(connecting)
+            self._not_relayed(connecting, CloseReason.RESET, f"client: {watch.reset}")
+            return
         except Rejected as exc:
             close_socket(upstream)
             log.info("conn %d (%s): rejected: %s", info.id, self.name, exc)
             self._connecting.discard(connecting)
             self._not_relayed(connecting, CloseReason.REJECTED, str(exc))
             return
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # one connection only
             self._element_failed(connecting, upstream, exc)
             return
+        finally:
+            watch.stop()
         connecting.task = None
         self._relay(connecting, upstream, attached, connect_time)
 
     def _element_failed(self, connecting: _Connecting, upstream: socket.socket,
-                        exc: Exception) -> None:
+                        exc: BaseException) -> None:
         info = connecting.info
         close_socket(upstream)
-        log.error("conn %d (%s): a chain element failed on open; closing this connection",
-                  info.id, self.name, exc_info=exc)
+        log.error("conn %d (%s): a chain element failed on open (%s); closing this "
+                  "connection", info.id, self.name, exc, exc_info=exc)
         self._connecting.discard(connecting)
         self._not_relayed(connecting, CloseReason.ERROR,
                           f"on_open raised {type(exc).__name__}: {exc}")
@@ -480,6 +487,40 @@ class _Connecting:
             self.task = None
         self.service._connecting.discard(self)
         self.service._not_relayed(self, CloseReason.SHUTDOWN, "stopped while connecting")
+
+
+class _ResetWatch:
+    """While ``on_open`` callbacks run, watch the client for a reset and cancel
+    the task running them if one comes (they would otherwise run to their bound
+    for a client that is gone).  Data or a FIN from the client ends the watch: a
+    reader is level-triggered, and a half-closed client may still want the
+    answer, so both wait for the relay, which passes them on."""
+
+    __slots__ = ("loop", "sock", "fd", "task", "reset")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.task = asyncio.current_task()
+        self.reset: str | None = None
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.reset = describe_oserror(exc)
+            if self.task is not None:
+                self.task.cancel()
+        self.stop()
+
+    def stop(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            self.fd = -1
 
 
 # One syscall for a non-blocking socket where the platform allows it.

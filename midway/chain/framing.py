@@ -155,15 +155,20 @@ class LineFramer(Framer):
             stream = data  # common case: nothing held, no copy
         messages: list[bytes] = []
         start = 0
-        while True:
-            i = stream.find(delim, max(start, search_from))
-            if i < 0:
-                break
-            end = i + len(delim)
-            if end - start > limit:
-                raise FrameTooLarge(end - start, limit, messages)
-            messages.append(bytes(stream[start:end]))
-            start = end
+        # Messages are cut from a bytes chunk by slicing (one copy each, none for a
+        # chunk that is exactly one message) and from the buffer through a view
+        # (one copy each, not a bytearray slice and then bytes of it).
+        with memoryview(stream) as view:
+            cut = stream if stream is data else view
+            while True:
+                i = stream.find(delim, max(start, search_from))
+                if i < 0:
+                    break
+                end = i + len(delim)
+                if end - start > limit:
+                    raise FrameTooLarge(end - start, limit, messages)
+                messages.append(bytes(cut[start:end]))
+                start = end
         # An unfinished message needs at least one more byte: reject it now if
         # it can no longer fit, so the buffer never exceeds max_size - 1 bytes.
         if len(stream) - start >= limit:
@@ -241,7 +246,10 @@ class LengthPrefixFramer(Framer):
                 elif n - pos >= psize:
                     self._need = self._total_size(view[pos : pos + psize], messages)
                     if n - pos >= self._need:  # whole message at hand: no copy into buf
-                        messages.append(bytes(view[pos : pos + self._need]))
+                        if pos == 0 and n == self._need and type(data) is bytes:
+                            messages.append(data)  # the chunk is the message: no copy
+                        else:
+                            messages.append(bytes(view[pos : pos + self._need]))
                         pos += self._need
                         self._need = None
                         continue

@@ -57,25 +57,48 @@ are waiting there.
 
 A hook that raises closes its connection only: the error and traceback are
 logged once, with the hook's name, and the proxy goes on serving the others.
-Import errors and bad ``framing`` are :class:`~midway.errors.ConfigError` at
-startup, naming the hook.
+That holds for every exception, ``SystemExit``, ``KeyboardInterrupt`` and a
+``CancelledError`` the hook raised itself included (the relay cancelling a call,
+when the connection closes, is told apart by ``Task.cancelling()``).  Import
+errors and bad ``framing`` are :class:`~midway.errors.ConfigError` at startup,
+naming the hook.
+
+What a hook may cost
+--------------------
+Every connection of a process shares one event loop.  A plain (sync) callback
+runs on it: it must be fast, because while it runs no other connection moves.
+Each sync call is timed (two clock reads) and one that holds the loop for more
+than :data:`HOOK_SLOW_CALL_S` gets a warning naming the hook (at most one per
+hook per :data:`HOOK_SLOW_WARNING_INTERVAL_S`).  A hook that declares
+``blocking = True`` has its sync callbacks run in a thread pool of
+:data:`HOOK_THREADS` threads shared by the process: the connection's direction
+waits for the call (order is kept, and the two directions of one connection
+never call it at once), the others go on.  Its actions (``ctx.send_to_*``,
+``ctx.close``, ``ctx.reset``) may be called from that thread.  Async callbacks
+always run on the loop and must not block.  ``on_connect`` and an async
+``on_close`` are bounded by :data:`HOOK_CALLBACK_TIMEOUT_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import importlib
 import importlib.util
 import inspect
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from ..core.cooperate import cooperate
 from ..errors import ConfigError, MidwayError, Rejected
 from .base import (
     DIRECTIONS,
@@ -91,8 +114,12 @@ from .base import (
 from .framing import DEFAULT_MAX_SIZE, Framer, FramingError, make_framer
 
 __all__ = [
+    "HOOK_CALLBACK_TIMEOUT_S",
     "HOOK_CLOSE_TIMEOUT_S",
     "HOOK_PENDING_MAX",
+    "HOOK_SLOW_CALL_S",
+    "HOOK_SLOW_WARNING_INTERVAL_S",
+    "HOOK_THREADS",
     "HookContext",
     "HookElement",
     "HookError",
@@ -105,11 +132,51 @@ HOOK_PENDING_MAX = 1 << 20
 """Injected bytes that may wait for one direction before the injecting callback
 waits too (1 MiB, the relay's read-ahead bound per chained direction)."""
 
-HOOK_CLOSE_TIMEOUT_S = 10.0
-"""How long an async ``on_close`` may run; it is cancelled after, or when the
-proxy stops, whichever is first."""
+HOOK_CALLBACK_TIMEOUT_S = 10.0
+"""How long ``on_connect`` and an async ``on_close`` may run.  An ``on_connect``
+still running after it closes its connection (reason ``error``, logged); an
+``on_close`` is cancelled after it, or when the proxy stops, whichever is first.
+10 s: HAProxy's ``timeout connect`` in its documentation's examples; a
+connection-time check taking longer has failed in all but name."""
+HOOK_CLOSE_TIMEOUT_S = HOOK_CALLBACK_TIMEOUT_S
+"""The same bound, under its earlier name."""
+
+HOOK_SLOW_CALL_S = 0.1
+"""A sync callback holding the event loop longer than this (100 ms) is reported:
+asyncio's debug mode calls a callback slow at the same mark
+(``loop.slow_callback_duration``)."""
+
+HOOK_SLOW_WARNING_INTERVAL_S = 60.0
+"""At most one slow-callback warning per hook per minute: a hook slow on every
+message would otherwise log on every message."""
+
+HOOK_THREADS = min(32, (os.cpu_count() or 1) + 4)
+"""Threads running the sync callbacks of hooks marked ``blocking = True``, shared
+by every such hook of the process: the standard library's default for an I/O-bound
+``ThreadPoolExecutor`` (Python 3.8+).  Calls beyond it wait their turn; each
+waiting call holds back only its own connection's direction."""
 
 _METHODS = ("on_connect", "on_data", "on_close")
+
+_pool_lock = threading.Lock()
+_pool_instance: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread pool of blocking hooks, made on first use (so after a fork)."""
+    global _pool_instance
+    with _pool_lock:
+        if _pool_instance is None:
+            _pool_instance = concurrent.futures.ThreadPoolExecutor(
+                HOOK_THREADS, thread_name_prefix="midway-hook")
+        return _pool_instance
+
+
+def _cancelled_by_us() -> bool:
+    """In an ``except CancelledError``: was the running task itself cancelled (the
+    relay closing), rather than user code raising ``CancelledError``?"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class HookError(MidwayError):
@@ -246,7 +313,14 @@ class HookElement(Element):
             self.function = None
         self.has = frozenset(has)
         self.framing, self.max_frame_size = _framers(target, self.spec, path)
+        blocking = getattr(target, "blocking", False)
+        if not isinstance(blocking, bool):
+            raise ConfigError(path, f"hook {self.spec!r}: blocking must be True or False, "
+                                    f"not {blocking!r}")
+        self.blocking = blocking
+        """Run sync callbacks in the thread pool (see the module doc)."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slow_warned_at = -HOOK_SLOW_WARNING_INTERVAL_S
 
     def attach(self, info: ConnectionInfo) -> Attachment:
         ctx = HookContext(self, info)
@@ -259,15 +333,30 @@ class HookElement(Element):
             on_close=ctx._on_close,
         )
 
-    def _spawn(self, coro: Awaitable[None], what: str) -> None:
+    def _slow(self, name: str, seconds: float) -> None:
+        now = time.monotonic()
+        if now - self._slow_warned_at < HOOK_SLOW_WARNING_INTERVAL_S:
+            return
+        self._slow_warned_at = now
+        log.warning("hook %s: a call to %s held the event loop for %.2f s, and every "
+                    "connection of this process waited; make it async, or mark the hook "
+                    "blocking = True to run its sync callbacks in a thread pool (this "
+                    "warning: at most once a minute per hook)", self.spec, name, seconds)
+
+    def _spawn(self, coro: Awaitable[object], what: str) -> None:
         async def bounded() -> None:
+            timeout = HOOK_CALLBACK_TIMEOUT_S
             try:
-                async with asyncio.timeout(HOOK_CLOSE_TIMEOUT_S):
+                async with asyncio.timeout(timeout):
                     await coro
             except TimeoutError:
                 log.error("hook %s: %s still running after %g s; cancelled",
-                          self.spec, what, HOOK_CLOSE_TIMEOUT_S)
-            except Exception as exc:
+                          self.spec, what, timeout)
+            except asyncio.CancelledError as exc:
+                if _cancelled_by_us():
+                    raise
+                log.error("hook %s raised in %s", self.spec, what, exc_info=exc)
+            except BaseException as exc:  # SystemExit too: one callback, not the process
                 log.error("hook %s raised in %s", self.spec, what, exc_info=exc)
 
         task = asyncio.get_running_loop().create_task(bounded())
@@ -295,6 +384,11 @@ class HookContext:
         self._stages: dict[Direction, _HookStage] = {}
         self._ended = False
         self._refusal: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop, for actions called from a pool thread (blocking hooks)."""
+        self._loop_thread = 0
+        self._pool_turn: asyncio.Lock | None = None
+        """One pool call of this connection at a time (blocking hooks)."""
 
     # -- facts -------------------------------------------------------------
 
@@ -357,8 +451,24 @@ class HookContext:
         if stage is None:
             raise RuntimeError(f"hook {self._element.spec} has no on_data, so it cannot "
                                "send data; define on_data to get a place in the data path")
-        stage.inject(bytes(data))
+        # bytes is kept as it is (no copy); a mutable buffer is copied once, since
+        # the hook may change it after this call.
+        data = bytes(data)
+        if not self._from_pool(self._inject, stage, data):
+            self._inject(stage, data)
+
+    @staticmethod
+    def _inject(stage: _HookStage, data: bytes) -> None:
+        stage.inject(data)
         stage.kick()
+
+    def _from_pool(self, action: Callable[..., None], *args: object) -> bool:
+        """Called from a blocking hook's pool thread: hand ``action`` to the loop
+        (in call order, before the call's own result is handled) and say so."""
+        if self._loop is None or threading.get_ident() == self._loop_thread:
+            return False
+        self._loop.call_soon_threadsafe(action, *args)
+        return True
 
     def close(self, reason: str = "closed by hook") -> None:
         """Close the connection gracefully: what was already sent on is
@@ -377,6 +487,8 @@ class HookContext:
             await stage.drained()
 
     def _end(self, reason: str, *, reset: bool) -> None:
+        if self._from_pool(functools.partial(self._end, reason, reset=reset)):
+            return
         out = next((s.out for s in self._stages.values() if s.out is not None), None)
         if out is None:
             self._refusal = reason
@@ -406,19 +518,50 @@ class HookContext:
         method = self._method(name)
         if method is None:
             return None
+        element = self._element
         try:
-            result = method(*args)
+            if element.blocking and not inspect.iscoroutinefunction(method):
+                result = await self._in_pool(method, args)
+            else:
+                started = time.perf_counter()
+                result = method(*args)
+                held = time.perf_counter() - started
+                if held > HOOK_SLOW_CALL_S:
+                    element._slow(name, held)
             if inspect.isawaitable(result):
                 result = await result
             return result
         except (HookError, Rejected):
             raise
-        except Exception as exc:
-            raise HookError(f"hook {self._element.spec} raised in {name}: "
-                            f"{type(exc).__name__}: {exc}") from exc
+        except asyncio.CancelledError as exc:
+            if _cancelled_by_us():
+                raise
+            raise self._failure(name, exc) from exc
+        except BaseException as exc:  # SystemExit too: this connection, not the process
+            raise self._failure(name, exc) from exc
+
+    def _failure(self, name: str, exc: BaseException) -> HookError:
+        return HookError(f"hook {self._element.spec} raised in {name}: "
+                         f"{type(exc).__name__}: {exc}")
+
+    async def _in_pool(self, method: Callable[..., Any], args: tuple[object, ...]) -> object:
+        """Run a blocking hook's sync callback in the pool; wait for it here."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+            self._pool_turn = asyncio.Lock()
+        assert self._pool_turn is not None
+        async with self._pool_turn:
+            return await self._loop.run_in_executor(_pool(), functools.partial(method, *args))
 
     async def _on_open(self, info: ConnectionInfo) -> None:
-        await self._call("on_connect", self)
+        timeout = HOOK_CALLBACK_TIMEOUT_S
+        try:
+            async with asyncio.timeout(timeout):
+                await self._call("on_connect", self)
+        except TimeoutError:  # ours: the hook's own errors arrive as HookError
+            raise HookError(f"hook {self._element.spec}: on_connect still running after "
+                            f"{timeout:g} s; closing the connection") from None
         if self._refusal is not None:
             raise Rejected(f"hook {self._element.spec}: {self._refusal}")
 
@@ -430,16 +573,25 @@ class HookContext:
             stage.close()
         if "on_close" not in self._element.has:
             return
+        element = self._element
         try:
             method = self._method("on_close")
             assert method is not None
+            if element.blocking and not inspect.iscoroutinefunction(method):
+                element._spawn(self._in_pool(method, (self, reason)),
+                               f"on_close of conn {info.id}")
+                return
+            started = time.perf_counter()
             result = method(self, reason)
-        except Exception as exc:
+            held = time.perf_counter() - started
+            if held > HOOK_SLOW_CALL_S:
+                element._slow("on_close", held)
+        except BaseException as exc:  # SystemExit too: one callback, not the process
             log.error("conn %d (%s): hook %s raised in on_close", info.id, info.proxy,
-                      self._element.spec, exc_info=exc)
+                      element.spec, exc_info=exc)
             return
         if inspect.isawaitable(result):
-            self._element._spawn(result, f"on_close of conn {info.id}")
+            element._spawn(result, f"on_close of conn {info.id}")
 
 
 def _chunks(result: object, original: bytes, spec: str) -> list[bytes]:
@@ -510,6 +662,7 @@ class _HookStage(Stage):
             return
         for message in messages:
             await self._deliver(message, out)
+            await cooperate()  # many small messages in one chunk: let others run
 
     async def eof(self, out: Output) -> None:
         self.out = out
@@ -586,15 +739,20 @@ class _HookStage(Stage):
             async with self.lock:
                 if self.out is not None:
                     await self._send_pending(self.out)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a later element failed: this connection only
-            log.error("conn %d (%s): sending data injected by hook %s failed; resetting",
-                      self.ctx.id, self.ctx.proxy, self.ctx._element.spec, exc_info=exc)
-            if self.out is not None:
-                self.out.reset(f"hook {self.ctx._element.spec}: injection failed")
+        except asyncio.CancelledError as exc:
+            if _cancelled_by_us():
+                raise
+            self._injection_failed(exc)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            self._injection_failed(exc)  # a later element failed: this connection only
         finally:
             self._wake_drained()
+
+    def _injection_failed(self, exc: BaseException) -> None:
+        log.error("conn %d (%s): sending data injected by hook %s failed; resetting",
+                  self.ctx.id, self.ctx.proxy, self.ctx._element.spec, exc_info=exc)
+        if self.out is not None:
+            self.out.reset(f"hook {self.ctx._element.spec}: injection failed")
 
     async def _send_pending(self, out: Output) -> None:
         """Send what was injected, in order (the caller holds ``lock``)."""

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import describe_oserror
 from . import splice as _splice
+from .cooperate import cooperate
 from .observer import CloseReason
 from .timers import ConnectionTimers
 
@@ -68,6 +69,12 @@ CHAIN_QUEUE_HIGH = 1 << 20
 latency toxic pipelined at ~40 Mbit/s per 200 ms, like Toxiproxy's buffered
 channels, while bounding memory.  Reading resumes below half of it."""
 CHAIN_QUEUE_LOW = CHAIN_QUEUE_HIGH // 2
+
+WRITE_PIECE = 1 << 18
+"""A chunk larger than this (256 KiB) leaves the chain for the socket in pieces of
+this size, each one written (or buffered) once the previous one has gone to the
+kernel: the sender's buffer then holds at most one piece, not a copy of a hook's
+64 MiB injection, and other connections get the loop between pieces."""
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _COARSE_TIMER_SLACK_S = 0.001
@@ -235,6 +242,7 @@ class _Out:
 
     async def send(self, data: bytes) -> None:
         if data:
+            await cooperate()  # an element sending many pieces lets the others run
             await self.flow._data_from(self.index + 1, data)
 
     async def send_eof(self) -> None:
@@ -534,9 +542,14 @@ class _Flow:
                 if not self.reading and not self.eof and self.queued <= CHAIN_QUEUE_LOW:
                     self._read(self._on_readable_chain)
                 await self._data_from(0, data)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a stage (user code) failed: this connection only
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the relay stopping this pump
+            self.relay._stage_failed(self.name, exc)  # raised by a stage's own code
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # A stage (user code) failed, even with an exception meant to end the
+            # process: this connection only.
             self.relay._stage_failed(self.name, exc)
 
     async def _apply_changes(self) -> None:
@@ -567,8 +580,22 @@ class _Flow:
         if index < len(self.stages):
             await self.stages[index][1].data(data, self.outs[index])
         elif not self.sender.fin_sent and not self.sender.fin_pending:
-            if not self.sender.write(data):
+            if len(data) > WRITE_PIECE:
+                await self._write_pieces(data)
+            elif not self.sender.write(data):
                 await self.sender.drain()
+
+    async def _write_pieces(self, data: bytes) -> None:
+        """Write a large chunk a piece at a time (see :data:`WRITE_PIECE`)."""
+        sender = self.sender
+        with memoryview(data) as view:
+            for start in range(0, len(view), WRITE_PIECE):
+                if self.relay.closed:
+                    return
+                if not sender.write(view[start:start + WRITE_PIECE]):
+                    await sender.drain()
+                else:
+                    await cooperate()
 
     async def _eof_from(self, index: int) -> None:
         if index < len(self.stages):
@@ -721,7 +748,7 @@ class Relay:
         if not self.closed:
             self.abort(CloseReason.RESET, f"{side}: {describe_oserror(exc)}", side)
 
-    def _stage_failed(self, direction: str, exc: Exception) -> None:
+    def _stage_failed(self, direction: str, exc: BaseException) -> None:
         if self.closed:
             return
         log.error("conn %d (%s): %s chain element failed; closing this connection",

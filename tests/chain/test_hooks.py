@@ -9,17 +9,20 @@ import random
 import struct
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from midway.chain import hooks
 from midway.chain.base import Attachment
 from midway.chain.hooks import HookContext, HookElement, HookError, load_hook
 from midway.errors import ConfigError, Rejected
 
-from .harness import FakeOutput, make_info, run
+from .harness import FakeOutput, loop_gaps, make_info, run
 
 
 class Conn:
@@ -562,3 +565,148 @@ def test_load_errors_are_config_errors_naming_the_hook(
     assert caught.value.path == "proxy.p.hooks[2]"
     assert f"hook {spec!r}" in caught.value.message
     assert message in caught.value.message
+
+
+# --- what a hook may cost: base exceptions, blocking hooks, bounds, yields --------
+
+
+class Raiser:
+    raising: BaseException = SystemExit(1)
+
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes:
+        raise Raiser.raising
+
+
+@pytest.mark.parametrize("raised", [SystemExit(1), KeyboardInterrupt(), asyncio.CancelledError()])
+def test_base_exceptions_from_a_hook_are_hook_errors(raised: BaseException) -> None:
+    Raiser.raising = raised
+
+    async def main() -> None:
+        conn = Conn(HookElement(Raiser, "t:Raiser"))
+        with pytest.raises(HookError, match=f"t:Raiser raised in on_data: "
+                                            f"{type(raised).__name__}") as caught:
+            await conn.feed("upstream", b"x")
+        assert caught.value.__cause__ is raised
+
+    run(main())
+
+
+def test_cancelling_a_hook_call_is_a_cancellation_not_a_hook_error() -> None:
+    class Waits:
+        async def on_data(self, direction: str, data: bytes, ctx: HookContext) -> None:
+            await asyncio.Event().wait()
+
+    async def main() -> None:
+        conn = Conn(HookElement(Waits, "t:Waits"))
+        task = asyncio.ensure_future(conn.feed("upstream", b"x"))
+        await settle()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+
+
+def test_on_connect_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hooks, "HOOK_CALLBACK_TIMEOUT_S", 0.05)
+
+    class Forever:
+        async def on_connect(self, ctx: HookContext) -> None:
+            await asyncio.Event().wait()
+
+    async def main() -> None:
+        conn = Conn(HookElement(Forever, "t:Forever"))
+        with pytest.raises(HookError, match="t:Forever: on_connect still running after 0.05 s"):
+            await conn.open()
+
+    run(main())
+
+
+class InThread:
+    blocking = True
+    threads: list[int] = []
+    running = 0
+    overlapped = False
+
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes:
+        InThread.running += 1
+        InThread.overlapped |= InThread.running > 1
+        InThread.threads.append(threading.get_ident())
+        time.sleep(0.02)
+        ctx.send(direction, b"<")  # from the pool thread
+        InThread.running -= 1
+        return data.upper()
+
+
+def test_a_blocking_hook_runs_in_the_pool_in_order_one_call_at_a_time() -> None:
+    InThread.threads, InThread.running, InThread.overlapped = [], 0, False
+
+    async def main() -> None:
+        conn = Conn(HookElement(InThread, "t:InThread"))
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.gather(conn.feed("upstream", b"a", b"b"), conn.feed("downstream", b"c"))
+        ticker.cancel()
+        assert conn.up.sent == b"<A<B" and conn.down.sent == b"<C"
+        assert ticks > 10  # the loop ran while the hook slept (60 ms)
+        assert threading.get_ident() not in InThread.threads
+        assert not InThread.overlapped  # the two directions took turns
+
+    run(main())
+
+
+def test_blocking_must_be_true_or_false() -> None:
+    class Odd:
+        blocking = "yes"
+
+        def on_data(self, direction: str, data: bytes, ctx: HookContext) -> None: ...
+
+    with pytest.raises(ConfigError, match="blocking must be True or False, not 'yes'"):
+        HookElement(Odd, "t:Odd")
+
+
+def test_a_slow_sync_hook_gets_one_warning_naming_it() -> None:
+    class Slow:
+        def on_data(self, direction: str, data: bytes, ctx: HookContext) -> None:
+            time.sleep(hooks.HOOK_SLOW_CALL_S + 0.01)
+
+    async def main() -> None:
+        conn = Conn(HookElement(Slow, "t:Slow"))
+        await conn.feed("upstream", b"x", b"y")
+
+    handler = Records()
+    logger = logging.getLogger("midway")
+    logger.addHandler(handler)
+    try:
+        run(main())
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in handler.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("hook t:Slow: a call to on_data held the event loop for 0.1")
+    assert "blocking = True" in warnings[0]
+
+
+def test_a_framed_hook_lets_the_loop_run_between_messages(real_slices: float) -> None:
+    class DropAll:
+        framing = "fixed:16"
+
+        def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes:
+            time.sleep(0.0001)  # 4096 messages of ≥ 0.1 ms: ≥ 0.4 s in one chunk
+            return b""
+
+    async def main() -> None:
+        conn = Conn(HookElement(DropAll, "t:DropAll"))
+        async with loop_gaps() as gaps:
+            await conn.feed("upstream", bytes(1 << 16))
+        assert len(gaps) > 50
+        assert max(gaps) < 0.1, max(gaps)
+
+    run(main())

@@ -17,7 +17,7 @@ from midway.chain.toxics.slicer import slice_points
 from midway.core.clock import FakeClock
 from midway.errors import MidwayError
 
-from .harness import EOF, FakeOutput, Feeder, make_info, run, run_stage
+from .harness import EOF, FakeOutput, Feeder, loop_gaps, make_info, run, run_stage
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -596,7 +596,7 @@ def test_reset_peer_removal_cancels_the_reset_and_loses_nothing() -> None:
 def test_slice_points_bounds_and_order(average: int, variation: int) -> None:
     rng = random.Random(average * 100 + variation)
     for size in [1, 2, average, average + variation, average + variation + 1, 1000, 4096]:
-        ends = slice_points(size, average, variation, rng)
+        ends = list(slice_points(size, average, variation, rng))
         sizes = [b - a for a, b in zip([0, *ends], ends, strict=False)]
         assert ends[-1] == size
         assert all(1 <= s <= average + variation for s in sizes), (size, sizes)
@@ -605,14 +605,14 @@ def test_slice_points_bounds_and_order(average: int, variation: int) -> None:
 
 
 def test_slice_points_is_deterministic_for_a_seed() -> None:
-    a = slice_points(5000, 20, 10, random.Random(9))
-    assert a == slice_points(5000, 20, 10, random.Random(9))
-    assert a != slice_points(5000, 20, 10, random.Random(10))
+    a = list(slice_points(5000, 20, 10, random.Random(9)))
+    assert a == list(slice_points(5000, 20, 10, random.Random(9)))
+    assert a != list(slice_points(5000, 20, 10, random.Random(10)))
 
 
 def test_slice_points_without_variation_halves() -> None:
-    assert slice_points(16, 4, 0, random.Random(0)) == [4, 8, 12, 16]
-    assert slice_points(0, 4, 0, random.Random(0)) == []
+    assert list(slice_points(16, 4, 0, random.Random(0))) == [4, 8, 12, 16]
+    assert list(slice_points(0, 4, 0, random.Random(0))) == []
 
 
 def test_slicer_reassembles_and_respects_bounds() -> None:
@@ -773,3 +773,20 @@ def test_a_stage_holds_at_most_one_chunk(type_name: str, attrs: dict[str, int]) 
     worst = run(main())
     if type_name != "slow_close":
         assert worst > 0  # the sampling did see data held
+
+
+def test_slicer_lets_the_loop_run_between_pieces(real_slices: float) -> None:
+    """64 KiB cut into single bytes: other tasks still run every few ms."""
+    stage = stage_of(toxic("slicer", average_size=1))
+    chunk = bytes(range(256)) * 256
+
+    async def main() -> FakeOutput:
+        out = FakeOutput()
+        async with loop_gaps() as gaps:
+            await stage.data(chunk, out)
+        assert len(gaps) > 5
+        assert max(gaps) < 0.05, max(gaps)
+        return out
+
+    out = run(main())
+    assert out.sent == chunk and len(out.sends) == len(chunk)
