@@ -7,9 +7,10 @@ runs two independent directions over them, ``upstream`` (client → server) and
 ``downstream`` (server → client).  Each direction is a :class:`_Flow` that reads one
 socket and writes the other through a :class:`_Sender`.
 
-Everything is driven by readiness callbacks on the event loop (``add_reader`` /
-``add_writer``); there is no task per connection and no per-connection buffer while
-a connection is idle.  A direction is in one of two modes:
+Everything is driven by readiness callbacks from the loop's relay poller
+(:mod:`midway.core.poller`: one epoll per loop, which also delivers a reset on a
+socket nobody is reading); there is no task per connection and no per-connection
+buffer while a connection is idle.  A direction is in one of two modes:
 
 * **fast**: no chain stage in this direction.  On readable, ``recv_into`` a shared
   buffer and ``send`` it straight on.  What the kernel does not take is copied into
@@ -29,6 +30,9 @@ End of stream: EOF on a socket is passed on as ``shutdown(SHUT_WR)`` once everyt
 before it is written (half-close); the other direction goes on.  When both
 directions have ended the sockets are closed.  An error on either socket (reset,
 broken pipe) aborts the whole connection, resetting the other side with an RST.
+When midway ends a connection itself (:meth:`Relay.close`: a timeout, a drain, an
+admin command) a socket whose incoming direction is cut short gets an RST, a quiet
+one a FIN (docs/guarantees.md).
 Idle and half-close deadlines come from :class:`~midway.core.timers.ConnectionTimers`
 with a single timer per connection.
 
