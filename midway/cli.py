@@ -222,7 +222,7 @@ async def serve(config: Config) -> int:
             stop.set()
         else:
             log.info("%s again: closing every connection now", signame)
-            runtime.close_all()
+            runtime.close_all(f"second {signame}")
 
     # Handlers first: a signal that arrives as soon as we listen still drains.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -135,7 +135,8 @@ class Runtime:
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, let open connections finish for up to
-        ``drain_timeout_s`` (default: the configured one), then close the rest."""
+        ``drain_timeout_s`` (default: the configured one), then end the rest
+        (:meth:`close_all`: a reset for any still moving data)."""
         if drain_timeout_s is None:
             drain_timeout_s = self.server.drain_timeout_s
         self.stopping = True
@@ -154,7 +155,7 @@ class Runtime:
                     await self._idle.wait()
             except TimeoutError:
                 log.info("drain timeout: closing %d connection(s)", self.active)
-        self.close_all()
+        self.close_all("drain timeout" if self.active and drain_timeout_s > 0 else "proxy stopping")
         # Connections still dialing finish their cancellation on the next turns.
         for _ in range(3):
             await asyncio.sleep(0)
@@ -165,10 +166,13 @@ class Runtime:
         for service in self.services.values():
             _close_elements(service)
 
-    def close_all(self) -> None:
-        """Close every open connection of every proxy now."""
+    def close_all(self, detail: str = "proxy stopping") -> None:
+        """End every open connection of every proxy now, with the reason
+        ``shutdown``: a connection with nothing in flight gets a FIN, one cut in
+        the middle of a transfer a reset (see :meth:`Relay.close
+        <midway.core.relay.Relay.close>` and docs/guarantees.md)."""
         for service in self.services.values():
-            service.close_connections(CloseReason.SHUTDOWN)
+            service.close_connections(CloseReason.SHUTDOWN, detail)
 
     # -- proxies, live -------------------------------------------------------
 

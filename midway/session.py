@@ -28,6 +28,7 @@ from .config.addresses import Address, format_sockaddr
 from .config.schema import ProxyConfig
 from .core.listener import Listener, open_listening_socket
 from .core.observer import CloseReason, CloseRecord
+from .core.poller import poller_for
 from .core.relay import Relay, close_socket
 from .errors import ListenError, Rejected, UpstreamError, describe_oserror
 from .upstream.dial import dial
@@ -152,17 +153,15 @@ class ProxyService:
             info.upstream_local_addr = _ip_pair(_sockname(upstream))
             if self.config.tcp_nodelay:
                 _nodelay(upstream)
-        connect_time = asyncio.get_running_loop().time() - connecting.started
+        connect_time = connecting.loop.time() - connecting.started
         try:
             attached = self._attach_all(info)
         except Exception as exc:
-            connecting.release_writer()
             self._element_failed(connecting, upstream, exc)
             return
         connecting.attached = attached
         opens = [a.on_open for a in attached.values() if a.on_open is not None]
         if opens:
-            connecting.release_writer()
             connecting.task = asyncio.get_running_loop().create_task(
                 self._open_then_relay(connecting, upstream, attached, opens, connect_time))
         else:
@@ -177,14 +176,14 @@ class ProxyService:
             for on_open in opens:
                 await on_open(info)
         except asyncio.CancelledError:
-            close_socket(upstream)
+            connecting.discard(upstream)
             if watch.reset is None:
                 raise  # stopping (connecting.cancel() reports it)
             self._connecting.discard(connecting)
             self._not_relayed(connecting, CloseReason.RESET, f"client: {watch.reset}")
             return
         except Rejected as exc:
-            close_socket(upstream)
+            connecting.discard(upstream)
             log.info("conn %d (%s): rejected: %s", info.id, self.name, exc)
             self._connecting.discard(connecting)
             self._not_relayed(connecting, CloseReason.REJECTED, str(exc))
@@ -200,7 +199,7 @@ class ProxyService:
     def _element_failed(self, connecting: _Connecting, upstream: socket.socket,
                         exc: BaseException) -> None:
         info = connecting.info
-        close_socket(upstream)
+        connecting.discard(upstream)
         log.error("conn %d (%s): a chain element failed on open (%s); closing this "
                   "connection", info.id, self.name, exc, exc_info=exc)
         self._connecting.discard(connecting)
@@ -217,6 +216,7 @@ class ProxyService:
             half_close_timeout_s=config.half_close_timeout_s,
             on_close=self._relay_closed,
             splice=config.splice,
+            loop=connecting.loop,
         )
         relay.connect_time_s = connect_time
         self.live[relay] = attached
@@ -226,7 +226,6 @@ class ProxyService:
                 if stages:
                     relay.set_stages(direction, stages)
         relay.start()
-        connecting.release_writer()
 
     def _connect_failed(self, connecting: _Connecting) -> None:
         info = connecting.info
@@ -243,10 +242,17 @@ class ProxyService:
                 attached[element] = attachment
         return attached
 
-    def _not_relayed(self, connecting: _Connecting, reason: CloseReason, detail: str) -> None:
+    def _not_relayed(self, connecting: _Connecting, reason: CloseReason, detail: str,
+                     first_close: str = "proxy") -> None:
+        """Close a client that never reached the relay.  With a FIN (the client
+        sent nothing that was lost: midway read nothing from it), except after an
+        upstream reset, which the client gets as a reset too."""
         info = connecting.info
-        close_socket(connecting.client)
-        info.first_close = "proxy"
+        reset = reason is CloseReason.RESET
+        connecting.poller.forget(connecting.client.fileno())
+        close_socket(connecting.client, reset=reset)
+        info.first_close = first_close
+        info.reset = reset
         info.close_detail = detail
         # Elements attached before the refusal get their on_close too.
         for attachment in connecting.attached.values():
@@ -260,7 +266,7 @@ class ProxyService:
             self._report(CloseRecord(
                 proxy=self.name, id=info.id, client=info.client, listener=info.listener,
                 upstream=info.upstream, connect_time_s=None, bytes_up=0, bytes_down=0,
-                duration_s=round(duration, 6), first_close="proxy", reason=reason.value,
+                duration_s=round(duration, 6), first_close=first_close, reason=reason.value,
                 detail=detail, path="none", started_at=info.started_at,
             ))
         self._slot_freed()
@@ -345,12 +351,14 @@ class ProxyService:
         self.config = config
         self.pool = UpstreamPool(config.upstreams, config.balance)
 
-    def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
-        """Close every open connection now, and cancel those still connecting."""
+    def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN,
+                          detail: str = "proxy stopping") -> None:
+        """End every open connection now (a FIN where nothing is in flight, else a
+        reset: see :meth:`Relay.close`), and cancel those still connecting."""
         for connecting in list(self._connecting):
             connecting.cancel()
         for relay in list(self.live):
-            relay.close(reason, "proxy stopping")
+            relay.close(reason, detail)
 
 
 def _stages(elements: list[Element], attached: Attached,
@@ -369,17 +377,24 @@ class _Connecting:
     """Dials the upstreams in order for one accepted client.
 
     IP-literal upstreams are dialled by readiness callbacks alone (a non-blocking
-    ``connect`` and a timer: no task, no future), the common case kept cheap; host
-    names and unix sockets go through :func:`~midway.upstream.dial.dial` in a task.
-    The connect timeout applies to each upstream in turn."""
+    ``connect``, a writer on the relay's poller and a timer: no task, no future),
+    the common case kept cheap; host names and unix sockets go through
+    :func:`~midway.upstream.dial.dial` in a task.  The connect timeout applies to
+    each upstream in turn.
 
-    __slots__ = ("service", "loop", "client", "info", "started", "candidates", "failures",
-                 "sock", "address", "timer", "task", "cancelled", "attached")
+    The connected socket is handed over still registered on the poller: removing
+    the writer only updates its table, and the relay's first ``add_reader`` turns
+    the kernel's interest from writable to readable in one ``epoll_ctl`` (see
+    :mod:`midway.core.poller`)."""
+
+    __slots__ = ("service", "loop", "poller", "client", "info", "started", "candidates",
+                 "failures", "sock", "address", "timer", "task", "cancelled", "attached")
 
     def __init__(self, service: ProxyService, client: socket.socket, info: ConnectionInfo,
                  candidates: list[Address]) -> None:
         self.service = service
         self.loop = asyncio.get_running_loop()
+        self.poller = poller_for(self.loop)
         self.client = client
         self.info = info
         self.started = self.loop.time()
@@ -412,7 +427,7 @@ class _Connecting:
                 return
             if err == errno.EINPROGRESS:
                 self.sock, self.address = sock, address
-                self.loop.add_writer(sock.fileno(), self._on_writable)
+                self.poller.add_writer(sock.fileno(), self._on_writable)
                 if timeout > 0:
                     self.timer = self.loop.call_later(timeout, self._on_timeout)
                 return
@@ -423,7 +438,7 @@ class _Connecting:
     def _take(self) -> tuple[socket.socket, Address]:
         sock, address = self.sock, self.address
         assert sock is not None and address is not None
-        self.loop.remove_writer(sock.fileno())
+        self.poller.remove_writer(sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -431,34 +446,35 @@ class _Connecting:
         return sock, address
 
     def _on_writable(self) -> None:
-        sock, address = self.sock, self.address
-        assert sock is not None and address is not None
+        sock, address = self._take()
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err in _RESET_AFTER_CONNECT:
+            # The upstream accepted, then reset before the relay began: reading
+            # SO_ERROR consumed the error (a later recv would return 0, a clean
+            # end), so pass the reset on here.  Not a connect failure: trying the
+            # next upstream would replay a connection this one already took.
+            self.discard(sock)
+            self.service._connecting.discard(self)
+            self.service._not_relayed(self, CloseReason.RESET,
+                                      f"upstream: {describe_oserror(OSError(err, os.strerror(err)))}",
+                                      "upstream")
+            return
         if err:
-            self._take()
-            sock.close()
+            self.discard(sock)
             self.failures.append(f"{address}: {describe_oserror(OSError(err, os.strerror(err)))}")
             self.next()
             return
-        # Connected.  The writer stays registered until the relay has added its
-        # reader on the same socket (release_writer): with uvloop, dropping the
-        # last watcher of a descriptor and adding a new one costs several system
-        # calls per connection.
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.service._connected(self, sock, address)
 
-    def release_writer(self) -> None:
-        """Stop watching the connecting socket (idempotent)."""
-        if self.sock is not None:
-            self.loop.remove_writer(self.sock.fileno())
-            self.sock = self.address = None
+    def discard(self, sock: socket.socket) -> None:
+        """Close an upstream socket that will not be relayed."""
+        self.poller.forget(sock.fileno())
+        close_socket(sock)
 
     def _on_timeout(self) -> None:
         self.timer = None
         sock, address = self._take()
-        sock.close()
+        self.discard(sock)
         self.failures.append(
             f"{address}: connect timed out after {self.service.config.connect_timeout_s:g} s")
         self.next()
@@ -481,7 +497,7 @@ class _Connecting:
         self.cancelled = True
         if self.sock is not None:
             sock, _ = self._take()
-            sock.close()
+            self.discard(sock)
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -496,15 +512,18 @@ class _ResetWatch:
     reader is level-triggered, and a half-closed client may still want the
     answer, so both wait for the relay, which passes them on."""
 
-    __slots__ = ("loop", "sock", "fd", "task", "reset")
+    __slots__ = ("poller", "sock", "fd", "task", "reset")
 
     def __init__(self, sock: socket.socket) -> None:
-        self.loop = asyncio.get_running_loop()
+        # On the relay's poller, not the loop: uvloop would miss a reset that
+        # comes with data (see midway.core.poller), and the relay reuses the
+        # registration.
+        self.poller = poller_for(asyncio.get_running_loop())
         self.sock = sock
         self.fd = sock.fileno()
         self.task = asyncio.current_task()
         self.reset: str | None = None
-        self.loop.add_reader(self.fd, self._on_readable)
+        self.poller.add_reader(self.fd, self._on_readable)
 
     def _on_readable(self) -> None:
         try:
@@ -519,9 +538,13 @@ class _ResetWatch:
 
     def stop(self) -> None:
         if self.fd >= 0:
-            self.loop.remove_reader(self.fd)
+            self.poller.remove_reader(self.fd)
             self.fd = -1
 
+
+_RESET_AFTER_CONNECT = frozenset({errno.ECONNRESET, errno.EPIPE})
+"""``SO_ERROR`` values of a connection that was established and then reset (a
+refused connect is ECONNREFUSED)."""
 
 # One syscall for a non-blocking socket where the platform allows it.
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)

@@ -31,7 +31,8 @@ class CloseReason(enum.StrEnum):
     CONNECT_FAILED = "connect_failed"
     """No upstream could be reached; the client was closed."""
     SHUTDOWN = "shutdown"
-    """midway was stopping and the drain timeout passed (or the proxy was removed)."""
+    """midway was stopping and the drain timeout passed, a second signal came, or the
+    proxy was removed or disabled; a connection cut mid-transfer was reset."""
     REJECTED = "rejected"
     """A chain element refused the connection."""
     ELEMENT = "element"

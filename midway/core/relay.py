@@ -7,9 +7,10 @@ runs two independent directions over them, ``upstream`` (client → server) and
 ``downstream`` (server → client).  Each direction is a :class:`_Flow` that reads one
 socket and writes the other through a :class:`_Sender`.
 
-Everything is driven by readiness callbacks on the event loop (``add_reader`` /
-``add_writer``); there is no task per connection and no per-connection buffer while
-a connection is idle.  A direction is in one of two modes:
+Everything is driven by readiness callbacks from the loop's relay poller
+(:mod:`midway.core.poller`: one epoll per loop, which also delivers a reset on a
+socket nobody is reading); there is no task per connection and no per-connection
+buffer while a connection is idle.  A direction is in one of two modes:
 
 * **fast**: no chain stage in this direction.  On readable, ``recv_into`` a shared
   buffer and ``send`` it straight on.  What the kernel does not take is copied into
@@ -29,6 +30,9 @@ End of stream: EOF on a socket is passed on as ``shutdown(SHUT_WR)`` once everyt
 before it is written (half-close); the other direction goes on.  When both
 directions have ended the sockets are closed.  An error on either socket (reset,
 broken pipe) aborts the whole connection, resetting the other side with an RST.
+When midway ends a connection itself (:meth:`Relay.close`: a timeout, a drain, an
+admin command) a socket whose incoming direction is cut short gets an RST, a quiet
+one a FIN (docs/guarantees.md).
 Idle and half-close deadlines come from :class:`~midway.core.timers.ConnectionTimers`
 with a single timer per connection.
 
@@ -39,10 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import socket
 import struct
+import termios
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -51,6 +57,7 @@ from ..errors import describe_oserror
 from . import splice as _splice
 from .cooperate import cooperate
 from .observer import CloseReason
+from .poller import poller_for
 from .timers import ConnectionTimers
 
 if TYPE_CHECKING:
@@ -99,16 +106,23 @@ StageList = Sequence[tuple[object, "Stage"]]
 
 CLIENT, UPSTREAM_SIDE, PROXY = "client", "upstream", "proxy"
 
+FLOWING_S = 1.0
+"""A connection that read a byte this recently is a transfer in progress: cut by
+midway (drain, signal, admin), it is reset, not closed with a FIN.  One second is
+the promptness midway promises for resets; a keep-alive connection between
+requests is quiet for far longer."""
+
 
 class _Sender:
     """Writes to one socket in order, keeping what the kernel does not take yet."""
 
-    __slots__ = ("relay", "loop", "sock", "fd", "side", "buf", "waiters", "on_drained",
+    __slots__ = ("relay", "loop", "poller", "sock", "fd", "side", "buf", "waiters", "on_drained",
                  "fin_pending", "fin_sent")
 
     def __init__(self, relay: Relay, sock: socket.socket, side: str) -> None:
         self.relay = relay
         self.loop = relay.loop
+        self.poller = relay.poller
         self.sock = sock
         self.fd = sock.fileno()
         self.side = side
@@ -133,7 +147,7 @@ class _Sender:
         if sent == len(data):
             return True
         self.buf += data[sent:]
-        self.loop.add_writer(self.fd, self._on_writable)
+        self.poller.add_writer(self.fd, self._on_writable)
         return False
 
     def _on_writable(self) -> None:
@@ -147,7 +161,7 @@ class _Sender:
         del self.buf[:sent]
         if self.buf:
             return
-        self.loop.remove_writer(self.fd)
+        self.poller.remove_writer(self.fd)
         if self.fin_pending:
             self._shutdown()
         callback, self.on_drained = self.on_drained, None
@@ -188,7 +202,7 @@ class _Sender:
 
     def stop(self) -> None:
         if self.buf:
-            self.loop.remove_writer(self.fd)
+            self.poller.remove_writer(self.fd)
         self.buf = bytearray()
         for fut in self.waiters:
             if not fut.done():
@@ -269,15 +283,16 @@ def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
 class _Flow:
     """One direction of a relay: reads ``src``, writes through ``sender``."""
 
-    __slots__ = ("relay", "loop", "name", "src", "src_fd", "src_side", "sender",
+    __slots__ = ("relay", "loop", "poller", "name", "src", "src_fd", "src_side", "sender",
                  "reverse_sender", "bytes", "reading", "eof", "chained", "stages", "wanted",
                  "outs", "queue", "queued", "pump", "wake", "received_at", "fast_reader",
-                 "pipe", "in_pipe", "writing", "dst_fd", "can_splice")
+                 "pipe", "in_pipe", "writing", "dst_fd", "can_splice", "read_at")
 
     def __init__(self, relay: Relay, name: Direction, src: socket.socket, src_side: str,
                  sender: _Sender, reverse_sender: _Sender) -> None:
         self.relay = relay
         self.loop = relay.loop
+        self.poller = relay.poller
         self.name = name
         self.src = src
         self.src_fd = src.fileno()
@@ -302,6 +317,8 @@ class _Flow:
         self.writing = False
         self.dst_fd = sender.fd
         self.can_splice = False
+        self.read_at = 0.0
+        """When this direction last read a byte (loop time)."""
 
     # -- fast mode -------------------------------------------------------------
 
@@ -314,12 +331,12 @@ class _Flow:
 
     def _read(self, callback: Callable[[], None]) -> None:
         if not self.eof and not self.relay.closed:
-            self.loop.add_reader(self.src_fd, callback)
+            self.poller.add_reader(self.src_fd, callback)
             self.reading = True
 
     def _stop_reading(self) -> None:
         if self.reading:
-            self.loop.remove_reader(self.src_fd)
+            self.poller.remove_reader(self.src_fd)
             self.reading = False
 
     def _on_readable(self) -> None:
@@ -336,7 +353,7 @@ class _Flow:
             return
         self.bytes += n
         relay = self.relay
-        relay.timers.last_activity = self.loop.time()
+        relay.timers.last_activity = self.read_at = self.loop.time()
         if not self.sender.write(_VIEW[:n]):
             if not relay.closed:
                 self._stop_reading()
@@ -346,7 +363,7 @@ class _Flow:
             # HAProxy's splice-auto does); small exchanges stay on plain copies,
             # which cost fewer system calls per message.
             self.fast_reader = self._on_readable_splice
-            self.loop.add_reader(self.src_fd, self.fast_reader)
+            self.poller.add_reader(self.src_fd, self.fast_reader)
             if relay.path == "copy":
                 relay.path = "splice"
 
@@ -388,7 +405,7 @@ class _Flow:
             self.sender.send_eof()
             return
         self.bytes += n
-        self.relay.timers.last_activity = self.loop.time()
+        self.relay.timers.last_activity = self.read_at = self.loop.time()
         self.in_pipe = n
         self._splice_out()
 
@@ -401,7 +418,7 @@ class _Flow:
             except (BlockingIOError, InterruptedError):
                 self._stop_reading()
                 if not self.writing:
-                    self.loop.add_writer(self.dst_fd, self._splice_out)
+                    self.poller.add_writer(self.dst_fd, self._splice_out)
                     self.writing = True
                 return
             except OSError as exc:
@@ -413,7 +430,7 @@ class _Flow:
                 return
             self.in_pipe -= sent
         if self.writing:
-            self.loop.remove_writer(self.dst_fd)
+            self.poller.remove_writer(self.dst_fd)
             self.writing = False
         self._release_pipe()
         if not self.reading and not self.relay.closed:
@@ -439,7 +456,7 @@ class _Flow:
         if self.relay.path == "splice":
             self.relay.path = "copy"
         if self.writing:
-            self.loop.remove_writer(self.dst_fd)
+            self.poller.remove_writer(self.dst_fd)
             self.writing = False
         if self.pipe is not None and self.in_pipe:
             held = bytearray()
@@ -514,6 +531,7 @@ class _Flow:
             self.queue.append((None, now))
         else:
             self.bytes += len(data)
+            self.read_at = now
             self.queue.append((data, now))
             self.queued += len(data)
             if self.queued >= CHAIN_QUEUE_HIGH:
@@ -603,10 +621,26 @@ class _Flow:
         else:
             self.sender.send_eof()
 
+    def cut_short(self, now: float, quiet_s: float) -> bool:
+        """Whether ending the connection now would cut this direction short: bytes
+        read and not yet given to the kernel for the peer (a sender's buffer, a
+        pipe, the chain's queue or stages), bytes the source sent that midway has
+        not read, or a transfer in progress (a byte read in the last ``quiet_s``
+        and no end of stream yet).  Its destination must then get a reset."""
+        if self.sender.fin_sent:
+            return False  # ended: every byte delivered and the FIN passed on
+        if self.sender.buf or self.in_pipe or self.queued:
+            return True
+        if self.wake is not None and self.wake.is_set():
+            return True  # the pump is busy with a chunk (it clears it to wait)
+        if self.eof:
+            return False
+        return (self.bytes > 0 and now - self.read_at < quiet_s) or _unread(self.src_fd) > 0
+
     def stop(self) -> None:
         self._stop_reading()
         if self.writing:
-            self.loop.remove_writer(self.dst_fd)
+            self.poller.remove_writer(self.dst_fd)
             self.writing = False
         self._release_pipe()
         if self.pump is not None:
@@ -641,6 +675,7 @@ class Relay:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.poller = poller_for(self.loop)
         self.client = client
         self.upstream = upstream
         self.info = info
@@ -699,17 +734,38 @@ class Relay:
     def start(self) -> None:
         """Begin relaying.  Call once."""
         self.started = True
+        # A reset on a socket nobody reads or writes (reading paused for
+        # back-pressure, or a side already half-closed) is seen at once too.
+        self.poller.watch(self.up.src_fd, self._client_failed)
+        self.poller.watch(self.down.src_fd, self._upstream_failed)
         self.up.start(self.splice)
         self.down.start(self.splice)
         self._arm()
 
-    def close(self, reason: CloseReason, detail: str = "", side: str = PROXY) -> None:
-        """Close both sockets now (FIN; unsent data is dropped)."""
-        self._finish(reason, detail, side, reset=False)
+    def close(self, reason: CloseReason, detail: str = "", *,
+              quiet_s: float | None = None) -> None:
+        """End the connection now, on midway's own initiative (a drain cut short, a
+        second signal, a timeout, an admin command).
+
+        Each socket gets a FIN, as at a clean stop, unless the direction into it
+        is cut short (:meth:`_Flow.cut_short`: bytes held or unread, or a byte
+        read in the last ``quiet_s``, default :data:`FLOWING_S`, with no end of
+        stream yet); then it is reset, so that no peer mistakes a cut stream for a
+        complete one (docs/guarantees.md)."""
+        if self.closed:
+            return
+        if quiet_s is None:
+            quiet_s = FLOWING_S
+        now = self.loop.time()
+        # Each socket is reset if the direction into it is cut short (the other
+        # may still end cleanly: a finished response keeps its FIN).
+        self._finish(reason, detail, PROXY,
+                     reset_upstream=self.up.cut_short(now, quiet_s),
+                     reset_client=self.down.cut_short(now, quiet_s))
 
     def abort(self, reason: CloseReason, detail: str = "", side: str = PROXY) -> None:
         """Reset both sockets (RST) now."""
-        self._finish(reason, detail, side, reset=True)
+        self._finish(reason, detail, side, reset_client=True, reset_upstream=True)
 
     def close_after_flush(self, reason: CloseReason, detail: str = "") -> None:
         """Stop reading both ways, deliver what was already passed to the senders,
@@ -737,9 +793,9 @@ class Relay:
 
     def _direction_ended(self, sender: _Sender) -> None:
         self._ended += 1
-        if self._ended == 2:
+        if self._ended == 2:  # every byte delivered and both FINs passed on
             reason, detail = self._closing or (CloseReason.EOF, "")
-            self.close(reason, detail, self.first_close or PROXY)
+            self._finish(reason, detail, self.first_close or PROXY)
         else:
             self.timers.half_closed(self.loop.time())
             self._arm()
@@ -747,6 +803,12 @@ class Relay:
     def _failed(self, side: str, exc: OSError) -> None:
         if not self.closed:
             self.abort(CloseReason.RESET, f"{side}: {describe_oserror(exc)}", side)
+
+    def _client_failed(self, exc: OSError) -> None:
+        self._failed(CLIENT, exc)
+
+    def _upstream_failed(self, exc: OSError) -> None:
+        self._failed(UPSTREAM_SIDE, exc)
 
     def _stage_failed(self, direction: str, exc: BaseException) -> None:
         if self.closed:
@@ -771,29 +833,47 @@ class Relay:
         reason = self.timers.expired(self.loop.time())
         if reason is None:
             self._arm()
+        elif reason is CloseReason.IDLE_TIMEOUT:
+            self.close(reason, quiet_s=0.0)  # quiet by definition: reset only if data is held
         else:
-            self.close(reason, "", PROXY)
+            self.close(reason)
 
     # -- the end ----------------------------------------------------------
 
-    def _finish(self, reason: CloseReason, detail: str, side: str, *, reset: bool) -> None:
+    def _finish(self, reason: CloseReason, detail: str, side: str, *,
+                reset_client: bool = False, reset_upstream: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
         self.reason = reason
         self.detail = detail
-        self.reset = reset
+        self.reset = reset_client or reset_upstream
         if self.first_close is None:
             self.first_close = side
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # Before the descriptors are closed (and their numbers reused): the flows'
+        # remove_reader/remove_writer below then cost nothing.
+        self.poller.forget(self.up.src_fd)
+        self.poller.forget(self.down.src_fd)
         for flow in (self.up, self.down):
             flow.stop()
             flow.sender.stop()
-        for sock in (self.client, self.upstream):
-            close_socket(sock, reset=reset)
+        close_socket(self.client, reset=reset_client)
+        close_socket(self.upstream, reset=reset_upstream)
         self.on_close(self)
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in socket ``fd``'s receive queue (FIONREAD, i.e. SIOCINQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, _INT_ZERO))[0]
+    except OSError:
+        return 0
+
+
+_INT_ZERO = struct.pack("i", 0)
 
 
 def close_socket(sock: socket.socket, *, reset: bool = False) -> None:

@@ -204,7 +204,12 @@ def test_disable_drops_connections_and_enable_returns_on_same_port(
     reply = admin.post("/proxies/flaky", {"enabled": False})
     assert reply.status == 200 and reply.json["enabled"] is False
     assert reply.json["listen"] == proxy["listen"]
-    assert client.recv(1) == b""  # Toxiproxy closes the proxy's connections
+    # Toxiproxy closes the proxy's connections: this one was just used, so midway
+    # resets it rather than fake a clean end (docs/guarantees.md); idle, a FIN.
+    try:
+        assert client.recv(1) == b""
+    except ConnectionResetError:
+        pass
     client.close()
     assert refused(port)
     reply = admin.request("PATCH", "/proxies/flaky", {"enabled": True})

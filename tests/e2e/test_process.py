@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from midway.core.relay import FLOWING_S
+
 from .. import helpers
 from ..helpers import flooding_upstream, free_port, proxy_process, wait_until
 
@@ -98,6 +100,7 @@ def test_drain_timeout_closes_lingering_connections(echo: EchoServer) -> None:
         held = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         held.sendall(b"x")
         assert held.recv(1) == b"x"
+        time.sleep(FLOWING_S + 0.1)  # idle, everything delivered: a FIN (a cut transfer: reset)
         start = time.monotonic()
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(timeout=10) == 0
