@@ -1,0 +1,158 @@
+"""The metrics reference, ``docs/metrics.md``, generated from :data:`~.table.METRICS`.
+
+The prose (what the byte counters mean, how workers are summed, a scrape
+configuration) is written here by hand; every metric's row, buckets and the list
+of close reasons come from the table and :class:`~midway.core.observer.CloseReason`,
+so the reference cannot promise a metric the exposition does not write.
+
+Regenerate the file with::
+
+    python -m midway.metrics.reference > docs/metrics.md
+
+``tests/unit/test_metrics_reference.py`` fails when the file and the table disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..core.observer import CloseReason
+from .exposition import CONTENT_TYPE
+from .table import METRICS, Kind, MetricSpec
+
+__all__ = ["render_reference", "REGENERATE", "SCRAPE_CONFIG"]
+
+REGENERATE = "python -m midway.metrics.reference > docs/metrics.md"
+
+SCRAPE_CONFIG = """\
+scrape_configs:
+  - job_name: midway
+    metrics_path: /metrics
+    scrape_interval: 15s
+    static_configs:
+      - targets: ["127.0.0.1:8474"]       # midway --admin 127.0.0.1:8474
+"""
+"""A Prometheus ``prometheus.yml`` fragment; the tests check it is valid YAML-ish
+text naming the admin API's default address."""
+
+_INTRO = f"""\
+# Metrics
+
+midway counts its connections for Prometheus.  `GET /metrics` on the admin API
+(`midway --admin 127.0.0.1:8474`, or `[server] admin`) answers in Prometheus's
+text format, version 0.0.4 (`Content-Type: {CONTENT_TYPE}`).  Every metric
+is declared once, in `midway/metrics/table.py`; this page, the output and the
+tests come from that table.
+
+> Status: the metrics layer (`midway/metrics/`) is built and tested; serving it on
+> `GET /metrics` and collecting the workers' snapshots are being wired in (issue 12).
+> The byte counters take the access log's `bytes_up` and `bytes_down`, which count
+> bytes read until issue 15 makes them count bytes delivered; the two differ only
+> when a toxic or hook drops bytes or a close cuts a transfer short.
+
+## How counting works
+
+Metrics are an observer of connection events, like the access log: a connection
+is counted when it is accepted, each failed attempt to reach an upstream when it
+fails, and everything else (close reason, bytes, durations) when it closes, from
+the same record the access log writes.  The relay never calls into metrics, so
+counting costs nothing per byte and a few dictionary updates per connection.
+Counters therefore agree exactly with the access log: after a known load,
+`midway_closes_total` summed over reasons is the number of access-log lines, and
+`midway_bytes_total` is the sum of their `bytes_up` and `bytes_down`, plus the
+bytes of connections still open (added at each scrape).
+
+## What the byte counters mean
+
+`midway_bytes_total` counts bytes **delivered**: written to the receiving side,
+as the access log's `bytes_up` and `bytes_down` do.
+
+- `direction="upstream"`: from the client to the server (Toxiproxy's name for this
+  stream); `bytes_up` in the access log.
+- `direction="downstream"`: from the server to the client; `bytes_down`.
+
+Bytes that midway read but did not deliver (dropped by a toxic such as
+`limit_data` or by a hook, or still buffered when a connection was cut) are not
+in this counter.  A connection still open contributes the bytes delivered so
+far, so a long download shows up while it runs, and the counter never goes back
+when that connection closes.
+
+## Workers
+
+With `workers = N`, each worker process counts its own connections and the
+supervisor adds them up before answering `/metrics`: counters and histograms
+are summed, and so is `midway_connections_active`.  `midway_upstream_up` is
+different: each worker judges an upstream's health on its own (its own checks,
+its own passive ejections), so the workers may briefly disagree.  `/metrics`
+shows the **lowest** value over the workers that know the upstream: `1` means
+every worker sends it traffic, `0` means at least one does not.  This keeps the
+metric 0 or 1, so an alert on `midway_upstream_up == 0` fires as soon as any
+share of the traffic avoids an upstream.
+
+Counters start at zero when midway starts; a restarted worker starts again from
+zero, which Prometheus's `rate()` and `increase()` treat as a counter reset.
+
+## Scraping
+
+```yaml
+{SCRAPE_CONFIG.rstrip()}
+```
+
+Some queries:
+
+- throughput per proxy and direction: `rate(midway_bytes_total[1m])`
+- new connections per second: `rate(midway_connections_total[1m])`
+- resets as a share of closes: `sum by (proxy) (rate(midway_closes_total{{reason="reset"}}[5m])) / sum by (proxy) (rate(midway_closes_total[5m]))`
+- 99th percentile connect time: `histogram_quantile(0.99, rate(midway_connect_seconds_bucket[5m]))`
+- a failing upstream: `rate(midway_connect_failures_total[5m]) > 0`
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _labels(spec: MetricSpec) -> str:
+    return ", ".join(f"`{label}`" for label in spec.labels) or "—"
+
+
+def _bounds(spec: MetricSpec) -> str:
+    return ", ".join(f"{bound:g}" for bound in spec.buckets) + ", +Inf"
+
+
+def render_reference() -> str:
+    """The whole of ``docs/metrics.md`` as a string (ends with one newline)."""
+    lines = [
+        "<!-- Generated from midway/metrics/table.py by midway/metrics/reference.py: do not",
+        f"     edit by hand.  Regenerate with: {REGENERATE} -->",
+        "",
+        *_INTRO.splitlines(),
+        "",
+        "## Reference",
+        "",
+        "| Metric | Type | Labels | Across workers | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in METRICS:
+        meaning = " ".join(part for part in (spec.help, spec.notes) if part)
+        cells = [f"`{spec.name}`", spec.kind.value, _labels(spec), spec.merge.value, meaning]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    lines += ["", "### Histogram buckets", ""]
+    for spec in METRICS:
+        if spec.kind is Kind.HISTOGRAM:
+            lines += [
+                f"`{spec.name}`, upper bounds in seconds: {_bounds(spec)}.",
+                f"*Why:* {spec.provenance}",
+                "",
+            ]
+    lines += [
+        "### Close reasons",
+        "",
+        "The values of `reason` in `midway_closes_total`, as in the access log:",
+        ", ".join(f"`{reason.value}`" for reason in CloseReason) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_reference())
