@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import statistics
 import struct
 import sys
 import textwrap
@@ -707,6 +708,8 @@ def test_a_framed_hook_lets_the_loop_run_between_messages(real_slices: float) ->
         async with loop_gaps() as gaps:
             await conn.feed("upstream", bytes(1 << 16))
         assert len(gaps) > 50
-        assert max(gaps) < 0.1, max(gaps)
+        # The median, not the maximum: a loaded machine may preempt the whole
+        # process now and then, which no yielding can prevent.
+        assert statistics.median(gaps) < 0.02, gaps
 
     run(main())

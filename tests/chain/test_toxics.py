@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -785,7 +786,9 @@ def test_slicer_lets_the_loop_run_between_pieces(real_slices: float) -> None:
         async with loop_gaps() as gaps:
             await stage.data(chunk, out)
         assert len(gaps) > 5
-        assert max(gaps) < 0.05, max(gaps)
+        # The median, not the maximum: a loaded machine may preempt the whole
+        # process now and then, which no yielding can prevent.
+        assert statistics.median(gaps) < 0.01, gaps
         return out
 
     out = run(main())
