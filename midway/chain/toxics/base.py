@@ -52,6 +52,7 @@ import ipaddress
 import logging
 import math
 import random
+import re
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -67,6 +68,8 @@ from midway.chain.base import (
     Output,
     Stage,
 )
+from midway.chain.toxics.match import StreamMatcher, compile_pattern
+from midway.chain.toxics.trigger import MatchGate, MatchWatch, Trigger
 from midway.core.clock import Clock
 from midway.errors import MidwayError
 
@@ -202,8 +205,18 @@ class Conditions:
     after_s: float = 0.0
     """Seconds after the toxic's creation before it takes effect, checked per chunk
     (earlier chunks pass unchanged).  0: at once."""
+    match: str | None = None
+    """A regular expression over bytes (the string encoded as UTF-8): the toxic
+    applies on a connection from the first byte of its first match on (see
+    :mod:`midway.chain.toxics.trigger`).  ``None``: from the start."""
+    match_stream: Direction | None = None
+    """The stream searched for ``match``.  ``None``: the toxic's own."""
+    for_s: float = 0.0
+    """With ``match``: seconds after the match when the toxic stops applying,
+    checked per chunk.  0: for the rest of the connection."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("client_cidr", "first_n", "every_nth", "after_s")
+    KEYS: ClassVar[tuple[str, ...]] = ("client_cidr", "first_n", "every_nth", "after_s",
+                                       "match", "match_stream", "for_s")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, object] | None) -> Conditions:
@@ -219,11 +232,24 @@ class Conditions:
                     f"conditions.{key}",
                     f"unknown condition (known: {', '.join(cls.KEYS)})",
                 )
+        match = _parse_match(raw.get("match"))
+        for_s = _parse_seconds("for_s", raw.get("for_s", 0.0))
+        match_stream = raw.get("match_stream")
+        if match_stream is not None and match_stream not in DIRECTIONS:
+            raise ToxicError("conditions.match_stream",
+                             f'must be "upstream" or "downstream", got {match_stream!r}')
+        if match is None and (for_s or match_stream is not None):
+            key = "for_s" if for_s else "match_stream"
+            raise ToxicError(f"conditions.{key}", "needs a match condition")
         return cls(
             client_cidr=_parse_cidrs(raw.get("client_cidr", ())),
             first_n=_parse_count("first_n", raw.get("first_n")),
             every_nth=_parse_count("every_nth", raw.get("every_nth")),
-            after_s=_parse_after(raw.get("after_s", 0.0)),
+            after_s=_parse_seconds("after_s", raw.get("after_s", 0.0)),
+            match=match,
+            match_stream=UPSTREAM if match_stream == UPSTREAM else
+            DOWNSTREAM if match_stream == DOWNSTREAM else None,
+            for_s=for_s,
         )
 
     def matches(self, info: ConnectionInfo) -> bool:
@@ -247,6 +273,12 @@ class Conditions:
             out["every_nth"] = self.every_nth
         if self.after_s:
             out["after_s"] = self.after_s
+        if self.match is not None:
+            out["match"] = self.match
+        if self.match_stream is not None:
+            out["match_stream"] = self.match_stream
+        if self.for_s:
+            out["for_s"] = self.for_s
         return out
 
 
@@ -273,13 +305,25 @@ def _parse_count(key: str, raw: object) -> int | None:
     return raw
 
 
-def _parse_after(raw: object) -> float:
+def _parse_seconds(key: str, raw: object) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise ToxicError("conditions.after_s", f"must be a number of seconds, got {raw!r}")
+        raise ToxicError(f"conditions.{key}", f"must be a number of seconds, got {raw!r}")
     value = float(raw)
     if not math.isfinite(value) or value < 0:
-        raise ToxicError("conditions.after_s", f"must be finite and not negative, got {raw!r}")
+        raise ToxicError(f"conditions.{key}", f"must be finite and not negative, got {raw!r}")
     return value
+
+
+def _parse_match(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw:
+        raise ToxicError("conditions.match", f"must be a non-empty regular expression, got {raw!r}")
+    try:
+        compile_pattern(raw)
+    except re.error as exc:
+        raise ToxicError("conditions.match", f"not a regular expression: {exc}") from exc
+    return raw
 
 
 def _fresh_seed() -> int:
@@ -342,6 +386,7 @@ class Toxic(Element, Generic[A]):
         self.toxicity = float(toxicity)
         self.attributes: A = attributes
         self.conditions = conditions
+        self.pattern = None if conditions.match is None else compile_pattern(conditions.match)
         if seed is not None and not _is_int(seed):
             raise ToxicError("seed", f"must be an integer, got {seed!r}")
         self.rng = rng
@@ -378,9 +423,17 @@ class Toxic(Element, Generic[A]):
         inner = self.make_stage()
         inner.rng = rng
         stage: Stage = AfterGate(inner, self) if self.conditions.after_s > 0 else inner
+        watch: Stage | None = None
+        if self.pattern is not None:
+            trigger = Trigger()
+            own = self.conditions.match_stream in (None, self.stream)
+            stage = MatchGate(stage, StreamMatcher(self.pattern) if own else None, trigger,
+                              self.conditions.for_s)
+            if not own:
+                watch = MatchWatch(StreamMatcher(self.pattern), trigger)
         if self.stream == UPSTREAM:
-            return Attachment(upstream=stage)
-        return Attachment(downstream=stage)
+            return Attachment(upstream=stage, downstream=watch)
+        return Attachment(downstream=stage, upstream=watch)
 
     @abc.abstractmethod
     def make_stage(self) -> ToxicStage[A]:
@@ -450,7 +503,7 @@ class AfterGate(Stage):
     """Passes chunks unchanged until the toxic is ``after_s`` old, then hands every
     call to the toxic's stage (it stays active: the clock is monotonic)."""
 
-    def __init__(self, inner: ToxicStage[Any], toxic: Toxic[Any]) -> None:
+    def __init__(self, inner: Stage, toxic: Toxic[Any]) -> None:
         self.inner = inner
         self.toxic = toxic
         self.active = False

@@ -20,7 +20,8 @@ Command line (one flag per toxic, repeatable)::
 
 ``KEY=VALUE`` pairs after ``TYPE:`` set an attribute of the toxic type, else
 ``name``, ``stream``, ``toxicity``, ``seed``, ``at_s``, ``until_s``, else a condition
-(``client_cidr`` may be repeated, ``first_n``, ``every_nth``, ``after_s``); any
+(``client_cidr`` may be repeated, ``first_n``, ``every_nth``, ``after_s``,
+``match`` (kept as text; it cannot contain a comma), ``match_stream``, ``for_s``); any
 other key is an (unknown) attribute, for the validation to report.  The
 attribute comes first because ``limit_time``'s ``after_s`` attribute shares its
 name with the condition; that one toxic type cannot take the condition from a
@@ -58,7 +59,8 @@ TABLE_KEYS = ("type", "name", "stream", "toxicity", "attributes", "conditions", 
 
 _SPEC_FIELDS = {"name": str, "stream": str, "toxicity": float, "seed": int, "at_s": float,
                 "until_s": float}
-_SPEC_CONDITIONS = {"first_n": int, "every_nth": int, "after_s": float}
+_SPEC_CONDITIONS = {"first_n": int, "every_nth": int, "after_s": float, "match": str,
+                    "match_stream": str, "for_s": float}
 
 
 def parse_toxic_tables(value: Any, path: str, *, seed: int = 0) -> tuple[ToxicSpec, ...]:
@@ -147,7 +149,7 @@ def toxic_table_from_spec(text: str) -> dict[str, Any]:
         elif key in _SPEC_FIELDS:
             table[key] = raw if _SPEC_FIELDS[key] is str else _number(raw)
         elif key in _SPEC_CONDITIONS:
-            conditions[key] = _number(raw)
+            conditions[key] = raw if _SPEC_CONDITIONS[key] is str else _number(raw)
         else:
             attributes[key] = _number(raw)
     if attributes:
