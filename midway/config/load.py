@@ -166,7 +166,8 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     kwargs["listen"] = _addresses(table["listen"], f"{path}.listen", listen=True)
     kwargs["upstreams"] = _addresses(table["upstreams"], f"{path}.upstreams", listen=False)
     if "toxics" in table:
-        kwargs["toxics"] = parse_toxic_tables(table["toxics"], f"{path}.toxics")
+        kwargs["toxics"] = parse_toxic_tables(table["toxics"], f"{path}.toxics",
+                                              seed=kwargs.get("seed", 0))
     return ProxyConfig(name=name, **kwargs)
 
 

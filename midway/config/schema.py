@@ -129,6 +129,8 @@ class ToxicSpec:
     """Seconds after the proxy starts when the toxic is added (0: from the start)."""
     until_s: float | None = None
     """Seconds after the proxy starts when the toxic is removed (``None``: never)."""
+    seed: int | None = None
+    """The toxic's random seed: its own, else the proxy's (``None``: drawn and logged)."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,14 @@ class ProxyConfig:
         "Rotated capture files kept (PATH.1 ... PATH.N); older ones are deleted.",
         zero="keep none: a full capture starts over", minimum=0, metavar="N",
         provenance="the 'rotate 4' of Debian's logrotate.conf",
+    )
+    seed: int = option(
+        0,
+        "Seed of the toxics' random draws (toxicity, jitter, slice sizes, corrupted "
+        "bytes): the same seed and connection order repeat a run exactly.  A toxic's "
+        "own seed takes precedence; see docs/faults.md.",
+        zero="no seed: each toxic draws one and logs it on its first connection",
+        minimum=0, metavar="N",
     )
     hooks: tuple[str, ...] = option(
         (),

@@ -71,6 +71,9 @@ EXPECTED_ATTRIBUTES = {
     "limit_data": {"bytes": 0},
     "blackhole": {},
     "noop": {},
+    "limit_time": {"after_s": 0.0},
+    "stall": {"stall_s": 0.0},
+    "corrupt": {"probability": 0.0},
 }
 
 
@@ -724,6 +727,7 @@ LOSSLESS = [
     ("slow_close", {"delay": 300}),
     ("blackhole", {}),
     ("reset_peer", {"timeout": 100_000}),
+    ("stall", {"stall_s": 3}),
 ]
 
 

@@ -24,12 +24,15 @@ from midway.chain.base import DOWNSTREAM
 from midway.chain.toxics.bandwidth import BandwidthToxic
 from midway.chain.toxics.base import Attributes, Conditions, Toxic, ToxicError, ToxicStage
 from midway.chain.toxics.blackhole import BlackholeToxic
+from midway.chain.toxics.corrupt import CorruptToxic
 from midway.chain.toxics.latency import LatencyToxic
 from midway.chain.toxics.limit_data import LimitDataToxic
+from midway.chain.toxics.limit_time import LimitTimeToxic
 from midway.chain.toxics.noop import NoopToxic
 from midway.chain.toxics.reset_peer import ResetPeerToxic
 from midway.chain.toxics.slicer import SlicerToxic
 from midway.chain.toxics.slow_close import SlowCloseToxic
+from midway.chain.toxics.stall import StallToxic
 from midway.chain.toxics.timeout import TimeoutToxic
 from midway.core.clock import Clock
 
@@ -50,6 +53,9 @@ __all__ = [
     "LimitDataToxic",
     "BlackholeToxic",
     "NoopToxic",
+    "LimitTimeToxic",
+    "StallToxic",
+    "CorruptToxic",
 ]
 
 TOXICS: dict[str, type[Toxic[Any]]] = {
@@ -64,9 +70,13 @@ TOXICS: dict[str, type[Toxic[Any]]] = {
         LimitDataToxic,
         BlackholeToxic,
         NoopToxic,
+        LimitTimeToxic,
+        StallToxic,
+        CorruptToxic,
     )
 }
-"""Every toxic type by its Toxiproxy name (``blackhole`` is midway's own)."""
+"""Every toxic type by its Toxiproxy name (``blackhole``, ``limit_time``,
+``stall`` and ``corrupt`` are midway's own)."""
 
 
 def make_toxic(
@@ -79,6 +89,7 @@ def make_toxic(
     conditions: Conditions | Mapping[str, object] | None = None,
     rng: random.Random | None = None,
     clock: Clock | None = None,
+    seed: int | None = None,
 ) -> Toxic[Any]:
     """Build and validate a toxic from Toxiproxy-style fields.
 
@@ -86,13 +97,16 @@ def make_toxic(
     ``"upstream"`` (client → server) or ``"downstream"`` (the default);
     ``toxicity`` is the probability, from 0 to 1, that it applies to a connection;
     missing ``attributes`` take Toxiproxy's defaults.  ``conditions`` are midway's
-    (see :class:`Conditions`).  ``rng`` draws toxicity and jitter (inject a seeded
-    one for repeatable tests); ``clock`` lets ``after_s`` count from now (see
-    :mod:`midway.chain.toxics.base`).
+    (see :class:`Conditions`).  ``seed`` makes every random draw (toxicity,
+    jitter, slice sizes, corrupted bytes) repeat from run to run: each connection
+    gets its own generator derived from (seed, name, connection sequence number);
+    without one a seed is drawn and logged on the first connection.  ``rng``, if
+    given, is used as is for every connection instead (a fixed source for tests).
+    ``clock`` lets ``after_s`` count from now (see :mod:`midway.chain.toxics.base`).
 
     Raises :class:`ToxicError` (a ``ValueError``) whose ``field`` names the
     offending setting: ``type``, ``name``, ``stream``, ``toxicity``,
-    ``attributes.<name>`` or ``conditions.<name>``.
+    ``attributes.<name>``, ``conditions.<name>`` or ``seed``.
     """
     cls = TOXICS.get(type) if isinstance(type, str) else None
     if cls is None:
@@ -106,4 +120,5 @@ def make_toxic(
         conditions=conditions,
         rng=rng,
         clock=clock,
+        seed=seed,
     )

@@ -9,9 +9,15 @@ Toxiproxy's attribute names, units and defaults).  midway adds ``conditions``.
 
 When a connection opens (or the toxic is added to a live one), :meth:`Toxic.attach`
 decides once whether the toxic applies to it: first the conditions (client CIDR,
-first N connections, every Nth connection), then one toxicity draw from the injected
-random source (``rng.random() < toxicity``, as Toxiproxy's
-``rand.Float32() < toxicity``).  If it applies, the attachment carries one
+first N connections, every Nth connection), then one toxicity draw from the
+connection's random source (``rng.random() < toxicity``, as Toxiproxy's
+``rand.Float32() < toxicity``).  That source is a generator of the connection's own,
+seeded from (seed, toxic name, connection sequence number), and the stage draws
+from it too (jitter, slice sizes, corrupted bytes): with the same seed and the same
+connection order a run repeats exactly, however the traffic's timing interleaves
+the connections.  A toxic given no seed draws one and logs it on its first
+connection, so a failing run can be replayed; an injected ``rng`` is used as is,
+shared by every connection (for tests).  If it applies, the attachment carries one
 :class:`ToxicStage` on the toxic's stream and nothing on the other, so the other
 direction keeps the relay's fast path.
 
@@ -43,8 +49,10 @@ import abc
 import asyncio
 import builtins
 import ipaddress
+import logging
 import math
 import random
+import re
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -60,6 +68,8 @@ from midway.chain.base import (
     Output,
     Stage,
 )
+from midway.chain.toxics.match import StreamMatcher, compile_pattern
+from midway.chain.toxics.trigger import MatchGate, MatchWatch, Trigger
 from midway.config.schema import NAME_MAX_LEN, toxic_name_problem
 from midway.core.clock import Clock
 from midway.errors import MidwayError
@@ -79,6 +89,13 @@ __all__ = [
 HOLD_S = 3600.0
 """How long one wait of a stage that holds data "forever" lasts (blackhole,
 bandwidth rate 0); it simply waits again, until cut short."""
+
+SEED_RANGE = 2**32
+"""Drawn seeds are from 1 to below this: ten digits at most in a log line, and as
+many distinct runs as anyone replays (never 0, which a proxy's ``seed`` option
+reads as "no seed")."""
+
+log = logging.getLogger("midway")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -101,16 +118,21 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def attribute(default: int, unit: str, doc: str, *, minimum: int = 0) -> Any:
-    """Declare one toxic attribute: an integer in ``unit`` (Toxiproxy's attributes
-    are all JSON integers), at least ``minimum``."""
-    return field(default=default, metadata={"unit": unit, "doc": doc, "minimum": minimum})
+def attribute(default: float, unit: str, doc: str, *, minimum: float = 0,
+              maximum: float | None = None, kind: builtins.type = int) -> Any:
+    """Declare one toxic attribute in ``unit``, from ``minimum`` to ``maximum``.
+    ``kind`` is ``int`` (Toxiproxy's attributes are all JSON integers) or, for
+    midway's own toxics, ``float`` (a number: integers are accepted too)."""
+    return field(default=default, metadata={
+        "unit": unit, "doc": doc, "minimum": minimum, "maximum": maximum, "kind": kind,
+    })
 
 
 @dataclass(frozen=True)
 class Attributes:
     """Base of each toxic's attribute dataclass.  Construction validates: every
-    field is an ``int`` (not ``bool``) no smaller than its minimum."""
+    field is an ``int`` (not ``bool``), or a finite number for a ``float``
+    attribute, within its bounds."""
 
     toxic_type: ClassVar[str] = ""
 
@@ -119,7 +141,13 @@ class Attributes:
             value = getattr(self, f.name)
             unit = f.metadata.get("unit", "")
             minimum = f.metadata.get("minimum", 0)
-            if not _is_int(value):
+            maximum = f.metadata.get("maximum")
+            if f.metadata.get("kind", int) is float:
+                if not _is_number(value) or not math.isfinite(value):
+                    raise ToxicError(
+                        f"attributes.{f.name}", f"must be a number ({unit}), got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+            elif not _is_int(value):
                 raise ToxicError(
                     f"attributes.{f.name}",
                     f"must be an integer ({unit}), got {value!r}",
@@ -127,6 +155,9 @@ class Attributes:
             if value < minimum:
                 need = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
                 raise ToxicError(f"attributes.{f.name}", f"{need} ({unit}), got {value!r}")
+            if maximum is not None and value > maximum:
+                raise ToxicError(
+                    f"attributes.{f.name}", f"must be at most {maximum:g} ({unit}), got {value!r}")
         self.check()
 
     def check(self) -> None:
@@ -153,7 +184,7 @@ class Attributes:
             kwargs[key] = value
         return cls(**kwargs)
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, float]:
         """Every attribute, defaults included, under Toxiproxy's names."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -175,8 +206,18 @@ class Conditions:
     after_s: float = 0.0
     """Seconds after the toxic's creation before it takes effect, checked per chunk
     (earlier chunks pass unchanged).  0: at once."""
+    match: str | None = None
+    """A regular expression over bytes (the string encoded as UTF-8): the toxic
+    applies on a connection from the first byte of its first match on (see
+    :mod:`midway.chain.toxics.trigger`).  ``None``: from the start."""
+    match_stream: Direction | None = None
+    """The stream searched for ``match``.  ``None``: the toxic's own."""
+    for_s: float = 0.0
+    """With ``match``: seconds after the match when the toxic stops applying,
+    checked per chunk.  0: for the rest of the connection."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("client_cidr", "first_n", "every_nth", "after_s")
+    KEYS: ClassVar[tuple[str, ...]] = ("client_cidr", "first_n", "every_nth", "after_s",
+                                       "match", "match_stream", "for_s")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, object] | None) -> Conditions:
@@ -192,11 +233,24 @@ class Conditions:
                     f"conditions.{key}",
                     f"unknown condition (known: {', '.join(cls.KEYS)})",
                 )
+        match = _parse_match(raw.get("match"))
+        for_s = _parse_seconds("for_s", raw.get("for_s", 0.0))
+        match_stream = raw.get("match_stream")
+        if match_stream is not None and match_stream not in DIRECTIONS:
+            raise ToxicError("conditions.match_stream",
+                             f'must be "upstream" or "downstream", got {match_stream!r}')
+        if match is None and (for_s or match_stream is not None):
+            key = "for_s" if for_s else "match_stream"
+            raise ToxicError(f"conditions.{key}", "needs a match condition")
         return cls(
             client_cidr=_parse_cidrs(raw.get("client_cidr", ())),
             first_n=_parse_count("first_n", raw.get("first_n")),
             every_nth=_parse_count("every_nth", raw.get("every_nth")),
-            after_s=_parse_after(raw.get("after_s", 0.0)),
+            after_s=_parse_seconds("after_s", raw.get("after_s", 0.0)),
+            match=match,
+            match_stream=UPSTREAM if match_stream == UPSTREAM else
+            DOWNSTREAM if match_stream == DOWNSTREAM else None,
+            for_s=for_s,
         )
 
     def matches(self, info: ConnectionInfo) -> bool:
@@ -220,6 +274,12 @@ class Conditions:
             out["every_nth"] = self.every_nth
         if self.after_s:
             out["after_s"] = self.after_s
+        if self.match is not None:
+            out["match"] = self.match
+        if self.match_stream is not None:
+            out["match_stream"] = self.match_stream
+        if self.for_s:
+            out["for_s"] = self.for_s
         return out
 
 
@@ -246,13 +306,31 @@ def _parse_count(key: str, raw: object) -> int | None:
     return raw
 
 
-def _parse_after(raw: object) -> float:
+def _parse_seconds(key: str, raw: object) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise ToxicError("conditions.after_s", f"must be a number of seconds, got {raw!r}")
+        raise ToxicError(f"conditions.{key}", f"must be a number of seconds, got {raw!r}")
     value = float(raw)
     if not math.isfinite(value) or value < 0:
-        raise ToxicError("conditions.after_s", f"must be finite and not negative, got {raw!r}")
+        raise ToxicError(f"conditions.{key}", f"must be finite and not negative, got {raw!r}")
     return value
+
+
+def _parse_match(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw:
+        raise ToxicError("conditions.match", f"must be a non-empty regular expression, got {raw!r}")
+    try:
+        compile_pattern(raw)
+    except re.error as exc:
+        raise ToxicError("conditions.match", f"not a regular expression: {exc}") from exc
+    return raw
+
+
+def _fresh_seed() -> int:
+    """A seed for a toxic given none, from the operating system (an injected
+    ``rng`` is left untouched), in a range that is easy to copy from a log line."""
+    return random.SystemRandom().randrange(1, SEED_RANGE)
 
 
 def _client_in(addr: tuple[str, int] | None, nets: tuple[Network, ...]) -> bool:
@@ -290,6 +368,7 @@ class Toxic(Element, Generic[A]):
         conditions: Conditions | Mapping[str, object] | None = None,
         rng: random.Random | None = None,
         clock: Clock | None = None,
+        seed: int | None = None,
     ) -> None:
         if stream not in DIRECTIONS:
             raise ToxicError("stream", f'must be "upstream" or "downstream", got {stream!r}')
@@ -313,21 +392,54 @@ class Toxic(Element, Generic[A]):
         self.toxicity = float(toxicity)
         self.attributes: A = attributes
         self.conditions = conditions
-        self.rng = rng if rng is not None else random.Random()
+        self.pattern = None if conditions.match is None else compile_pattern(conditions.match)
+        if seed is not None and not _is_int(seed):
+            raise ToxicError("seed", f"must be an integer, got {seed!r}")
+        self.rng = rng
+        """An injected random source shared by every connection (tests); ``None``:
+        each connection gets its own generator derived from :attr:`seed`."""
+        self.seed_given = seed is not None
+        self.seed: int = seed if seed is not None else _fresh_seed()
+        """The seed in use (given, or drawn and logged on the first connection)."""
+        self._seed_logged = self.seed_given or rng is not None
         self.created_at: float | None = clock.now() if clock is not None else None
         """Creation time on the relay's clock; ``None`` until first needed if no
         clock was given (see the module doc)."""
 
+    def connection_rng(self, sequence: int) -> random.Random:
+        """The random source of connection number ``sequence``: the injected
+        ``rng`` if there is one, else a generator seeded from (seed, name,
+        sequence), so a connection's draws depend on nothing but those three."""
+        if self.rng is not None:
+            return self.rng
+        # A str seed is hashed with SHA-512 (random.seed version 2): the same in
+        # every process, unlike hash(), which PYTHONHASHSEED randomises.
+        return random.Random(f"midway:{self.seed}:{self.name}:{sequence}")
+
     def attach(self, info: ConnectionInfo) -> Attachment | None:
         if not self.conditions.matches(info):
             return None
-        if not self.rng.random() < self.toxicity:
+        if not self._seed_logged:
+            self._seed_logged = True
+            log.info("toxic %r: random seed %d (give seed = %d to replay this run)",
+                     self.name, self.seed, self.seed)
+        rng = self.connection_rng(info.sequence)
+        if not rng.random() < self.toxicity:
             return None
         inner = self.make_stage()
+        inner.rng = rng
         stage: Stage = AfterGate(inner, self) if self.conditions.after_s > 0 else inner
+        watch: Stage | None = None
+        if self.pattern is not None:
+            trigger = Trigger()
+            own = self.conditions.match_stream in (None, self.stream)
+            stage = MatchGate(stage, StreamMatcher(self.pattern) if own else None, trigger,
+                              self.conditions.for_s)
+            if not own:
+                watch = MatchWatch(StreamMatcher(self.pattern), trigger)
         if self.stream == UPSTREAM:
-            return Attachment(upstream=stage)
-        return Attachment(downstream=stage)
+            return Attachment(upstream=stage, downstream=watch)
+        return Attachment(downstream=stage, upstream=watch)
 
     @abc.abstractmethod
     def make_stage(self) -> ToxicStage[A]:
@@ -365,6 +477,8 @@ class ToxicStage(Stage, Generic[A]):
     def __init__(self, toxic: Toxic[A]) -> None:
         self.toxic = toxic
         self.attributes: A = toxic.attributes
+        self.rng: random.Random = toxic.connection_rng(0)
+        """This connection's random source (set by :meth:`Toxic.attach`)."""
         self.bypass = False
         """Set once a wait was cut short (removal, or the connection closing): from
         then on the stage passes everything straight on and never waits again."""
@@ -395,7 +509,7 @@ class AfterGate(Stage):
     """Passes chunks unchanged until the toxic is ``after_s`` old, then hands every
     call to the toxic's stage (it stays active: the clock is monotonic)."""
 
-    def __init__(self, inner: ToxicStage[Any], toxic: Toxic[Any]) -> None:
+    def __init__(self, inner: Stage, toxic: Toxic[Any]) -> None:
         self.inner = inner
         self.toxic = toxic
         self.active = False

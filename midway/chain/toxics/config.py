@@ -10,6 +10,7 @@ TOML::
     toxicity = 1.0                        # share of connections it applies to
     attributes = { latency = 100, jitter = 10 }
     conditions = { first_n = 3 }          # midway's own, see Conditions
+    seed = 42                             # repeatable draws (default: the proxy's seed)
     at_s = 5                              # timeline: added 5 s after the proxy starts
     until_s = 20                          # ... and removed at 20 s
 
@@ -17,9 +18,14 @@ Command line (one flag per toxic, repeatable)::
 
     --toxic 'latency:latency=100,jitter=10,stream=downstream'
 
-``KEY=VALUE`` pairs after ``TYPE:`` set ``name``, ``stream``, ``toxicity``,
-``at_s``, ``until_s``, a condition (``client_cidr`` may be repeated, ``first_n``,
-``every_nth``, ``after_s``), or else an attribute.
+``KEY=VALUE`` pairs after ``TYPE:`` set an attribute of the toxic type, else
+``name``, ``stream``, ``toxicity``, ``seed``, ``at_s``, ``until_s``, else a condition
+(``client_cidr`` may be repeated, ``first_n``, ``every_nth``, ``after_s``,
+``match`` (kept as text; it cannot contain a comma), ``match_stream``, ``for_s``); any
+other key is an (unknown) attribute, for the validation to report.  The
+attribute comes first because ``limit_time``'s ``after_s`` attribute shares its
+name with the condition; that one toxic type cannot take the condition from a
+flag (use a TOML table).
 
 Every toxic is built once through :func:`~midway.chain.toxics.make_toxic` while the
 configuration loads, so a bad one is a :class:`~midway.errors.ConfigError` naming
@@ -31,11 +37,12 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 from ...config.schema import ProxyConfig, ToxicSpec
 from ...errors import ConfigError
-from . import make_toxic
+from . import TOXICS, make_toxic
 from .base import Conditions, Toxic, ToxicError
 
 __all__ = [
@@ -46,19 +53,23 @@ __all__ = [
     "static_toxics",
 ]
 
-TABLE_KEYS = ("type", "name", "stream", "toxicity", "attributes", "conditions", "at_s", "until_s")
+TABLE_KEYS = ("type", "name", "stream", "toxicity", "attributes", "conditions", "seed", "at_s",
+              "until_s")
 """The keys of one ``[[proxy.NAME.toxics]]`` table."""
 
-_SPEC_FIELDS = {"name": str, "stream": str, "toxicity": float, "at_s": float, "until_s": float}
-_SPEC_CONDITIONS = {"first_n": int, "every_nth": int, "after_s": float}
+_SPEC_FIELDS = {"name": str, "stream": str, "toxicity": float, "seed": int, "at_s": float,
+                "until_s": float}
+_SPEC_CONDITIONS = {"first_n": int, "every_nth": int, "after_s": float, "match": str,
+                    "match_stream": str, "for_s": float}
 
 
-def parse_toxic_tables(value: Any, path: str) -> tuple[ToxicSpec, ...]:
+def parse_toxic_tables(value: Any, path: str, *, seed: int = 0) -> tuple[ToxicSpec, ...]:
     """Validate a proxy's ``toxics`` list (TOML array of tables).  Names must be
-    unique among toxics that can be active at the same time."""
+    unique among toxics that can be active at the same time.  ``seed`` is the
+    proxy's (0: none), the seed of each toxic that has none of its own."""
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise ConfigError(path, "expected a list of tables, e.g. [[proxy.NAME.toxics]]")
-    specs = [parse_toxic_table(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    specs = [parse_toxic_table(item, f"{path}[{i}]", seed=seed) for i, item in enumerate(value)]
     for j, spec in enumerate(specs):
         for i, other in enumerate(specs[:j]):
             if other.name == spec.name and _overlap(other, spec):
@@ -69,8 +80,9 @@ def parse_toxic_tables(value: Any, path: str) -> tuple[ToxicSpec, ...]:
     return tuple(specs)
 
 
-def parse_toxic_table(table: Any, path: str) -> ToxicSpec:
-    """Validate one toxic table; see the module doc for its keys."""
+def parse_toxic_table(table: Any, path: str, *, seed: int = 0) -> ToxicSpec:
+    """Validate one toxic table; see the module doc for its keys.  ``seed``: the
+    proxy's (0: none)."""
     if not isinstance(table, Mapping):
         raise ConfigError(path, f"expected a table, got {type(table).__name__}")
     for key in table:
@@ -86,11 +98,15 @@ def parse_toxic_table(table: Any, path: str) -> ToxicSpec:
         until_s = _seconds(table["until_s"], f"{path}.until_s")
         if until_s <= at_s:
             raise ConfigError(f"{path}.until_s", f"must be after at_s ({at_s:g} s), got {until_s:g}")
+    own_seed = table.get("seed")
+    if own_seed is not None and (isinstance(own_seed, bool) or not isinstance(own_seed, int)
+                                 or own_seed < 0):
+        raise ConfigError(f"{path}.seed", f"expected a whole number of at least 0, got {own_seed!r}")
     try:
         toxic = make_toxic(
             table["type"], name=table.get("name"), stream=table.get("stream", "downstream"),
             toxicity=table.get("toxicity", 1.0), attributes=table.get("attributes"),
-            conditions=table.get("conditions"),
+            conditions=table.get("conditions"), seed=own_seed,
         )
     except ToxicError as exc:
         raise ConfigError(f"{path}.{exc.field}", exc.message) from exc
@@ -99,6 +115,7 @@ def parse_toxic_table(table: Any, path: str) -> ToxicSpec:
         attributes=tuple(sorted(toxic.attributes.to_json().items())),
         conditions=tuple(sorted(_frozen(toxic.conditions.to_json()).items())),
         at_s=at_s, until_s=until_s,
+        seed=own_seed if own_seed is not None else (seed or None),
     )
 
 
@@ -113,6 +130,8 @@ def toxic_table_from_spec(text: str) -> dict[str, Any]:
         raise ConfigError("", f"--toxic {text!r}: expected TYPE[:KEY=VALUE,...], "
                               "e.g. latency:latency=100,jitter=10")
     table: dict[str, Any] = {"type": kind}
+    cls = TOXICS.get(kind)
+    own_attributes = {f.name for f in fields(cls.attributes_class)} if cls else set()
     attributes: dict[str, Any] = {}
     conditions: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -125,10 +144,12 @@ def toxic_table_from_spec(text: str) -> dict[str, Any]:
             continue
         if key in table or key in attributes or key in conditions:
             raise ConfigError("", f"--toxic {text!r}: {key} is given twice")
-        if key in _SPEC_FIELDS:
-            table[key] = _number(raw) if _SPEC_FIELDS[key] is float else raw
+        if key in own_attributes:
+            attributes[key] = _number(raw)
+        elif key in _SPEC_FIELDS:
+            table[key] = raw if _SPEC_FIELDS[key] is str else _number(raw)
         elif key in _SPEC_CONDITIONS:
-            conditions[key] = _number(raw)
+            conditions[key] = raw if _SPEC_CONDITIONS[key] is str else _number(raw)
         else:
             attributes[key] = _number(raw)
     if attributes:
@@ -140,11 +161,12 @@ def toxic_table_from_spec(text: str) -> dict[str, Any]:
 
 def build_toxic(spec: ToxicSpec, **kwargs: Any) -> Toxic[Any]:
     """A fresh toxic element for ``spec`` (already validated, so this does not
-    fail).  ``kwargs`` go to :func:`make_toxic` (``rng``, ``clock``)."""
+    fail), seeded with ``spec.seed``.  ``kwargs`` go to :func:`make_toxic`
+    (``rng``, ``clock``)."""
     return make_toxic(
         spec.type, name=spec.name, stream=spec.stream, toxicity=spec.toxicity,
         attributes=dict(spec.attributes), conditions=Conditions.from_mapping(dict(spec.conditions)),
-        **kwargs,
+        seed=spec.seed, **kwargs,
     )
 
 

@@ -43,7 +43,7 @@ class LatencyStage(ToxicStage[LatencyAttributes]):
         delay_ms = self.attributes.latency
         jitter = self.attributes.jitter
         if jitter > 0:
-            delay_ms += self.toxic.rng.randrange(2 * jitter) - jitter
+            delay_ms += self.rng.randrange(2 * jitter) - jitter
         return delay_ms / 1000.0
 
     async def data(self, data: bytes, out: Output) -> None:

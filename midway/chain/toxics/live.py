@@ -113,6 +113,7 @@ def update_toxic(
         old.type, name=old.name, stream=old.stream,
         toxicity=old.toxicity if toxicity is None else toxicity,
         attributes=merged, conditions=old.conditions, rng=old.rng,
+        seed=old.seed,
     )
     # The after_s condition keeps counting from the original creation.
     new.created_at = old.created_at

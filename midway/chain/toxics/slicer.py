@@ -83,7 +83,7 @@ class SlicerStage(ToxicStage[SlicerAttributes]):
         attrs = self.attributes
         start = 0
         for end in slice_points(
-            len(data), attrs.average_size, attrs.size_variation, self.toxic.rng
+            len(data), attrs.average_size, attrs.size_variation, self.rng
         ):
             await out.send(data[start:end])
             start = end
