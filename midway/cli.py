@@ -26,7 +26,7 @@ from .config.load import build_options, check_admin, config_from_dict, load_conf
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
 from .runtime import Runtime
-from .workers import run_supervisor, worker_count
+from .workers import Worker, run_supervisor, worker_count
 
 __all__ = ["main", "build_parser"]
 
@@ -201,20 +201,33 @@ def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str],
     return ConfigError("", f"{_flag(key)}: {exc.message}")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: Worker | None = None) -> None:
+    """Log lines on standard error: ``TIME midway LEVEL MESSAGE``; a worker's
+    say which worker wrote them: ``TIME midway[worker 2, pid 4242] LEVEL ...``."""
+    who = f"midway[worker {worker.number}, pid {worker.pid}]" if worker else "midway"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s midway %(levelname)s %(message)s",
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {who} %(levelname)s %(message)s",
                                            "%Y-%m-%dT%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; drain; return an exit code."""
-    runtime = Runtime(config)
+async def serve(config: Config, worker: Worker | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone);
+    drain; return an exit code."""
+    runtime = Runtime(config, ids=worker.ids if worker else None,
+                      worker=worker.number if worker else 1)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    if worker is not None:
+        def on_supervisor_gone() -> None:
+            loop.remove_reader(worker.parent_fd)
+            if not stop.is_set():
+                log.warning("the supervisor is gone: stopping")
+                stop.set()
+
+        loop.add_reader(worker.parent_fd, on_supervisor_gone)
 
     def on_signal(signame: str) -> None:
         if not stop.is_set():
@@ -267,9 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"midway: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    def serve_here(config: Config) -> int:
+    def serve_here(config: Config, worker: Worker | None = None) -> int:
+        if worker is not None:
+            _setup_logging(config.server.log_level, worker)
         with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(serve(config))
+            return runner.run(serve(config, worker))
 
     try:
         workers = worker_count(config.server.workers)
