@@ -33,6 +33,7 @@ from typing import Any
 from ..chain.toxics.config import parse_toxic_tables
 from ..errors import AddressError, ConfigError
 from .addresses import Address, parse_address
+from .describe import describe_value
 from .schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
 
 __all__ = ["load_config", "config_from_dict", "build_options", "check_admin"]
@@ -71,7 +72,7 @@ def _join(path: str, key: str) -> str:
 
 def _table(value: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected a table, got {type(value).__name__}")
+        raise ConfigError(path, f"expected a table, got {describe_value(value)}")
     return value
 
 
@@ -82,27 +83,27 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
     if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a string or a list of them
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
-            raise ConfigError(path, f"expected a string or a list of strings, got {value!r}")
+            raise ConfigError(path, f"expected a string or a list of strings, got {describe_value(value)}")
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item:
-                raise ConfigError(f"{path}[{i}]", f"expected a non-empty string, got {item!r}")
+                raise ConfigError(f"{path}[{i}]", f"expected a non-empty string, got {describe_value(item)}")
         return tuple(items)
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(path, f"expected true or false, got {value!r}")
+            raise ConfigError(path, f"expected true or false, got {describe_value(value)}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected a whole number, got {value!r}")
+            raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"expected a number, got {value!r}")
+            raise ConfigError(path, f"expected a number, got {describe_value(value)}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(path, f"expected a finite number, got {value!r}")
     elif kind is str:
         if not isinstance(value, str):
-            raise ConfigError(path, f"expected a string, got {value!r}")
+            raise ConfigError(path, f"expected a string, got {describe_value(value)}")
         if info.choices and value not in info.choices:
             choices = ", ".join(info.choices)
             raise ConfigError(path, f"{value!r} is not one of: {choices}")
@@ -129,9 +130,13 @@ def build_options(cls: type, table: Mapping[str, Any], path: str) -> dict[str, A
 def _addresses(value: Any, path: str, *, listen: bool) -> tuple[Address, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise ConfigError(path, "expected an address or a non-empty list of addresses")
+        raise ConfigError(path, "expected an address or a non-empty list of addresses, "
+                                f"got {describe_value(value)}")
     out = []
     for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"{path}[{i}]", f"expected an address string, got "
+                                              f"{describe_value(item)}")
         try:
             out.append(parse_address(item, listen=listen))
         except AddressError as exc:
