@@ -22,13 +22,19 @@ from typing import Any
 from . import __version__
 from .chain.registry import check_elements
 from .chain.toxics.config import toxic_table_from_spec
-from .config.load import build_options, check_admin, config_from_dict, load_config
+from .config.load import (
+    build_options,
+    check_admin,
+    check_server_outputs,
+    config_from_dict,
+    load_config,
+)
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
 from .runtime import Runtime
 from .workers import Worker, run_supervisor, worker_count
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "preflight"]
 
 log = logging.getLogger("midway")
 
@@ -251,34 +257,48 @@ async def serve(config: Config, worker: Worker | None = None) -> int:
     return EXIT_OK
 
 
+def preflight(config: Config, args: argparse.Namespace) -> None:
+    """Everything that would stop a start and can be known without binding,
+    for ``--check`` and a start alike: hooks import, every output file (access
+    log, dump, capture) can be written, the event loop asked for is installed.
+    An error names what the user typed: the flag when it came from the command
+    line, the key when it came from the file.  Raises :class:`ConfigError`."""
+    proxy_flags, server_flags = _split(args)
+    try:
+        check_server_outputs(config.server)
+        for proxy in config.proxies:
+            check_elements(proxy, config.server.workers)
+    except ConfigError as exc:
+        key = exc.path.rsplit(".", 1)[-1]
+        typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
+                 else not args.config)
+        if typed:
+            raise ConfigError("", f"{_flag(key)}: {exc.message}") from exc
+        raise
+    loop_factory(config.server.loop)
+
+
+def _proxies(count: int) -> str:
+    return "1 proxy" if count == 1 else f"{count} proxies"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        for proxy in config.proxies:  # hooks import, output directories exist
-            try:
-                check_elements(proxy, config.server.workers)
-            except ConfigError as exc:
-                if args.config:
-                    raise
-                raise _as_cli_error(exc, "", []) from exc
-    except ConfigError as exc:
-        print(f"midway: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not config.proxies and not config.server.admin:
-        print("midway: the configuration defines no proxy ([proxy.NAME] tables)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.check:
-        names = ", ".join(p.name for p in config.proxies) or "none yet; admin API"
-        print(f"midway: configuration OK ({len(config.proxies)} proxies: {names})")
-        return EXIT_OK
-    _setup_logging(config.server.log_level)
-    try:
+        if not config.proxies and not config.server.admin:
+            raise ConfigError("", "the configuration defines no proxy ([proxy.NAME] tables)")
+        preflight(config, args)
         factory = loop_factory(config.server.loop)
     except ConfigError as exc:
         print(f"midway: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.check:
+        names = ", ".join(p.name for p in config.proxies) or "none yet; admin API"
+        print(f"midway: configuration OK ({_proxies(len(config.proxies))}: {names})")
+        return EXIT_OK
+    _setup_logging(config.server.log_level)
 
     def serve_here(config: Config, worker: Worker | None = None) -> int:
         if worker is not None:

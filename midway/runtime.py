@@ -121,7 +121,10 @@ class Runtime:
         ]
         try:
             for service in services:
-                service.bind()
+                try:
+                    service.bind()
+                except ListenError as exc:  # name the proxy as well as the address
+                    raise ListenError(f"proxy {service.name}: {exc}") from exc
                 _pin_ports(service)
                 self.services[service.name] = service
             if self.server.admin:

@@ -118,7 +118,10 @@ def reserve_ports(config: Config) -> tuple[Config, list[socket.socket]]:
                 if address.is_unix:
                     raise ConfigError(f"proxy.{proxy.name}.listen",
                                       f"{address}: unix-socket listeners need workers = 1")
-                sock = _reserve(address)
+                try:
+                    sock = _reserve(address)
+                except ListenError as exc:
+                    raise ListenError(f"proxy {proxy.name}: {exc}") from exc
                 held.append(sock)
                 listen.append(dataclasses.replace(address, port=sock.getsockname()[1]))
             proxies.append(dataclasses.replace(proxy, listen=tuple(listen)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import tomllib
 import typing
@@ -36,7 +37,8 @@ from .addresses import Address, parse_address
 from .describe import describe_value
 from .schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
 
-__all__ = ["load_config", "config_from_dict", "build_options", "check_admin"]
+__all__ = ["load_config", "config_from_dict", "build_options", "check_admin", "check_writable",
+           "check_server_outputs"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOP_KEYS = ("server", "defaults", "proxy")
@@ -220,6 +222,26 @@ def check_admin(server: ServerConfig) -> None:
     if server.workers != 1:
         raise ConfigError("server.admin", "the admin API needs workers = 1 (it changes the "
                                           "proxies of one process)")
+
+
+def check_writable(path: str, key: str) -> None:
+    """Whether a file midway will open for writing (appending or replacing) can
+    be, checked without creating it: its directory exists and may be written,
+    and it is not itself a directory.  Raises :class:`ConfigError` at ``key``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(key, f"cannot write {path}: no directory {folder}")
+    if os.path.isdir(path):
+        raise ConfigError(key, f"cannot write {path}: it is a directory")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise ConfigError(key, f"cannot write {path}: permission denied")
+
+
+def check_server_outputs(server: ServerConfig) -> None:
+    """The files of ``[server]`` can be opened: the access log.  (Each proxy's
+    files are checked by :func:`midway.chain.registry.check_elements`.)"""
+    if server.access_log and server.access_log != "-":
+        check_writable(server.access_log, "server.access_log")
 
 
 def _is_loopback(host: str) -> bool:

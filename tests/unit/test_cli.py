@@ -198,6 +198,82 @@ def test_check_does_not_bind(busy_port: int) -> None:
     assert result.returncode == EXIT_OK
 
 
+def readme_example_toml() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Configuration file")
+    return text[text.index("```toml\n", start) + 8:text.index("```\n", text.index("```toml\n", start) + 8)]
+
+
+def test_check_fails_on_the_readme_example_whose_log_directory_is_missing(tmp_path: Path) -> None:
+    """The README's own example logs to /var/log/midway/access.log: where that
+    directory does not exist, a start would fail, so --check must too."""
+    example = readme_example_toml()
+    assert 'access_log = "/var/log/midway/access.log"' in example
+    assert not Path("/var/log/midway").exists()  # what this test is about
+    path = tmp_path / "midway.toml"
+    path.write_text(example)
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line == ("midway: server.access_log: cannot write /var/log/midway/access.log: "
+                    "no directory /var/log/midway")
+    assert "configuration OK" not in result.stdout
+    # With the log somewhere that exists, the same example passes.
+    path.write_text(example.replace("/var/log/midway/access.log", str(tmp_path / "a.log")))
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert not (tmp_path / "a.log").exists()  # --check creates nothing
+
+
+@pytest.mark.parametrize("form", ["quick", "config"])
+def test_check_names_the_access_log_flag_the_user_typed(form: str, good_config: Path,
+                                                        tmp_path: Path) -> None:
+    where = ["--config", str(good_config)] if form == "config" else ["127.0.0.1:0", "h:1"]
+    result = run("--check", *where, "--access-log", str(tmp_path / "no" / "a.log"))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line.startswith("midway: --access-log: cannot write "), line
+    assert "server.access_log" not in line
+
+
+def test_check_refuses_an_access_log_that_is_a_directory(tmp_path: Path) -> None:
+    result = run("--check", "127.0.0.1:0", "h:1", "--access-log", str(tmp_path))
+    assert result.returncode == EXIT_USAGE
+    assert "it is a directory" in assert_one_clean_line(result.stderr)
+
+
+@pytest.mark.parametrize(("flag", "key"), [("--pcap", "pcap"), ("--dump-file", "dump_file")])
+def test_check_names_output_flags_on_the_command_line_and_keys_in_a_file(
+        flag: str, key: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "no" / "out")
+    result = run("--check", "127.0.0.1:0", "h:1", flag, missing)
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith(f"midway: {flag}: cannot write ")
+    path = tmp_path / "m.toml"
+    path.write_text(f'[proxy.p]\nlisten = ":0"\nupstreams = "h:1"\n{key} = "{missing}"\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith(f"midway: proxy.p.{key}: cannot write ")
+
+
+def test_check_fails_on_a_hook_that_cannot_be_imported(tmp_path: Path) -> None:
+    result = run("--check", "127.0.0.1:0", "h:1", "--hook", "no_such_module_here:Hook")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line.startswith("midway: --hook: ") and "no_such_module_here" in line
+    path = tmp_path / "m.toml"
+    path.write_text('[proxy.p]\nlisten = ":0"\nupstreams = "h:1"\n'
+                    'hooks = ["examples.rewrite:rewrite", "no_such_module_here:Hook"]\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith("midway: proxy.p.hooks[1]: ")
+
+
+def test_check_says_proxy_or_proxies() -> None:
+    result = run("--check", "127.0.0.1:0", "h:1")
+    assert result.stdout.strip() == "midway: configuration OK (1 proxy: default)"
+
+
 def test_check_conflicting_config(tmp_path: Path) -> None:
     path = tmp_path / "conflict.toml"
     path.write_text('[proxy.a]\nlisten = ":6380"\nupstreams = "h:1"\n'
@@ -228,6 +304,7 @@ def test_listen_address_in_use_from_config_file(tmp_path: Path, busy_port: int) 
     assert result.returncode == EXIT_START_FAILED
     line = assert_one_clean_line(result.stderr)
     assert f"127.0.0.1:{busy_port}" in line and "address already in use" in line
+    assert "proxy a" in line  # which of the file's proxies could not start
 
 
 def test_unresolvable_listen_host() -> None:
