@@ -74,15 +74,26 @@ def _help(info: Any, default: Any) -> str:
     elif default not in ("", ()):
         unit = f" {info.unit}" if info.unit else ""
         text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}{unit}."
-    if info.zero:
+    if info.zero and isinstance(default, str):  # as docs/configuration.md says it
+        text += f" Empty ('', the default): {info.zero.removeprefix('(empty) ')}."
+    elif info.zero:
         text += f" 0: {info.zero}."
     return text.replace("%", "%%")
 
 
 def _with_words(kind: Any, words: dict[str, Any]) -> Any:
-    """An argparse type that also accepts the option's words (e.g. ``auto``)."""
+    """An argparse type that also accepts the option's words (e.g. ``auto``),
+    and says so when given neither."""
     def convert(text: str) -> Any:
-        return words[text] if text in words else kind(text)
+        if text in words:
+            return words[text]
+        try:
+            return kind(text)
+        except ValueError:
+            number = "a whole number" if kind is int else "a number"
+            alternatives = " or ".join(repr(w) for w in words)
+            raise argparse.ArgumentTypeError(
+                f"expected {number} or {alternatives}, got {text!r}") from None
     convert.__name__ = kind.__name__
     return convert
 

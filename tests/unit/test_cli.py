@@ -331,6 +331,56 @@ def test_help_lists_usage_and_exits_0() -> None:
     assert "--config FILE" in result.stdout
 
 
+def _string_options() -> list[tuple[str, str, str]]:
+    """(flag, key, what empty means) of every free-text string option."""
+    import typing
+
+    from midway.cli import _flag
+    from midway.config.schema import ProxyConfig, ServerConfig, options_of
+
+    out = []
+    for cls in (ProxyConfig, ServerConfig):
+        hints = typing.get_type_hints(cls)
+        for field, info in options_of(cls):
+            if hints[field.name] is str and info.cli and not info.choices:
+                out.append((_flag(field.name), field.name, info.zero))
+    return out
+
+
+def _help_of(flag: str) -> str:
+    """The help text of ``flag`` in ``midway --help``, on one line."""
+    text = run("--help").stdout
+    start = text.index(f"\n  {flag} ") + 1
+    end = text.index("\n  -", start + 1)
+    return " ".join(text[start:end].split())
+
+
+@pytest.mark.parametrize(("flag", "key", "zero"), _string_options())
+def test_help_of_a_string_option_says_what_empty_means(flag: str, key: str, zero: str) -> None:
+    """'0:' means nothing for a path (--pcap 0 writes a file named 0): the help
+    says what the empty string means, as docs/configuration.md does."""
+    assert zero.startswith("(empty) "), f"{key}: the schema must say what empty means"
+    text = _help_of(flag)
+    assert " 0:" not in text
+    assert f"Empty ('', the default): {zero.removeprefix('(empty) ')}." in text
+
+
+def test_every_string_option_is_checked_for_its_help() -> None:
+    flags = {flag for flag, _, _ in _string_options()}
+    assert {"--pcap", "--dump-file", "--access-log", "--admin"} <= flags
+
+
+def test_help_of_a_number_option_still_says_what_0_means() -> None:
+    assert "0: never close an idle connection." in _help_of("--idle-timeout-s")
+
+
+def test_a_word_option_given_neither_a_number_nor_its_word_says_both() -> None:
+    result = run("--workers", "two", "127.0.0.1:0", "h:1")
+    assert result.returncode == EXIT_USAGE
+    assert "argument --workers: expected a whole number or 'auto', got 'two'" in result.stderr
+    assert "invalid int value" not in result.stderr
+
+
 class _LineReader:
     """Collects a pipe's lines on a thread, so waiting for one can have a timeout."""
 
