@@ -50,7 +50,7 @@ MODE = Mode()
 
 def needs(what: str, *, apt: str = "", pip: str = "", npm: str = "") -> str:
     """A skip reason, always in the same form: ``needs WHAT (install: COMMAND)``,
-    the command being what .ci/run does to provide it."""
+    the command one that provides it."""
     commands = [f"apt-get install {apt}" if apt else "", f"pip install '{pip}'" if pip else "",
                 f"npm install --prefix .ci/node {npm}" if npm else ""]
     how = "; ".join(c for c in commands if c)

@@ -27,10 +27,10 @@ from midway.chain.pcapfile import (
     internet_checksum,
 )
 
+from ..helpers import needs
+
 TSHARK = shutil.which("tshark")
-needs_tshark = pytest.mark.skipif(
-    TSHARK is None, reason="tshark not installed (Debian package tshark)"
-)
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason=needs("tshark", apt="tshark"))
 T0 = 1714566896.25
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10

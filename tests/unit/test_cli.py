@@ -478,3 +478,14 @@ def test_sigterm_right_after_listening_still_stops_cleanly() -> None:
         _stop(proc)
     assert proc.returncode == EXIT_OK
     assert stderr.rest(timeout=TIMEOUT_S).rstrip().endswith("stopped")
+
+
+def test_the_hook_example_of_the_error_message_exists_and_loads() -> None:
+    result = run("--check", "127.0.0.1:0", "h:1", "--hook", "nocolon")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    example = line.split("e.g. '", 1)[1].split("'", 1)[0]
+    result = run("--check", "127.0.0.1:0", "h:1", "--hook", example)
+    assert result.returncode == EXIT_OK, result.stderr
+    hooks_doc = (REPO / "midway" / "chain" / "hooks.py").read_text().split('"""', 2)[1]
+    assert f"--hook {example}" in hooks_doc

@@ -424,7 +424,7 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.skipif(os.geteuid() == 0, reason="needs a user other than root (root reads files whatever their mode)")
 def test_unreadable_file(tmp_path: Path) -> None:
     path = write(tmp_path, _ONE_PROXY)
     path.chmod(0)
