@@ -22,13 +22,19 @@ from typing import Any
 from . import __version__
 from .chain.registry import check_elements
 from .chain.toxics.config import toxic_table_from_spec
-from .config.load import build_options, check_admin, config_from_dict, load_config
+from .config.load import (
+    build_options,
+    check_admin,
+    check_server_outputs,
+    config_from_dict,
+    load_config,
+)
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
 from .runtime import Runtime
-from .workers import run_supervisor, worker_count
+from .workers import Worker, run_supervisor, worker_count
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "preflight"]
 
 log = logging.getLogger("midway")
 
@@ -68,15 +74,26 @@ def _help(info: Any, default: Any) -> str:
     elif default not in ("", ()):
         unit = f" {info.unit}" if info.unit else ""
         text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}{unit}."
-    if info.zero:
+    if info.zero and isinstance(default, str):  # as docs/configuration.md says it
+        text += f" Empty ('', the default): {info.zero.removeprefix('(empty) ')}."
+    elif info.zero:
         text += f" 0: {info.zero}."
     return text.replace("%", "%%")
 
 
 def _with_words(kind: Any, words: dict[str, Any]) -> Any:
-    """An argparse type that also accepts the option's words (e.g. ``auto``)."""
+    """An argparse type that also accepts the option's words (e.g. ``auto``),
+    and says so when given neither."""
     def convert(text: str) -> Any:
-        return words[text] if text in words else kind(text)
+        if text in words:
+            return words[text]
+        try:
+            return kind(text)
+        except ValueError:
+            number = "a whole number" if kind is int else "a number"
+            alternatives = " or ".join(repr(w) for w in words)
+            raise argparse.ArgumentTypeError(
+                f"expected {number} or {alternatives}, got {text!r}") from None
     convert.__name__ = kind.__name__
     return convert
 
@@ -201,20 +218,33 @@ def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str],
     return ConfigError("", f"{_flag(key)}: {exc.message}")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: Worker | None = None) -> None:
+    """Log lines on standard error: ``TIME midway LEVEL MESSAGE``; a worker's
+    say which worker wrote them: ``TIME midway[worker 2, pid 4242] LEVEL ...``."""
+    who = f"midway[worker {worker.number}, pid {worker.pid}]" if worker else "midway"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s midway %(levelname)s %(message)s",
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {who} %(levelname)s %(message)s",
                                            "%Y-%m-%dT%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; drain; return an exit code."""
-    runtime = Runtime(config)
+async def serve(config: Config, worker: Worker | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone);
+    drain; return an exit code."""
+    runtime = Runtime(config, ids=worker.ids if worker else None,
+                      worker=worker.number if worker else 1)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    if worker is not None:
+        def on_supervisor_gone() -> None:
+            loop.remove_reader(worker.parent_fd)
+            if not stop.is_set():
+                log.warning("the supervisor is gone: stopping")
+                stop.set()
+
+        loop.add_reader(worker.parent_fd, on_supervisor_gone)
 
     def on_signal(signame: str) -> None:
         if not stop.is_set():
@@ -238,38 +268,54 @@ async def serve(config: Config) -> int:
     return EXIT_OK
 
 
+def preflight(config: Config, args: argparse.Namespace) -> None:
+    """Everything that would stop a start and can be known without binding,
+    for ``--check`` and a start alike: hooks import, every output file (access
+    log, dump, capture) can be written, the event loop asked for is installed.
+    An error names what the user typed: the flag when it came from the command
+    line, the key when it came from the file.  Raises :class:`ConfigError`."""
+    proxy_flags, server_flags = _split(args)
+    try:
+        check_server_outputs(config.server)
+        for proxy in config.proxies:
+            check_elements(proxy, config.server.workers)
+    except ConfigError as exc:
+        key = exc.path.rsplit(".", 1)[-1]
+        typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
+                 else not args.config)
+        if typed:
+            raise ConfigError("", f"{_flag(key)}: {exc.message}") from exc
+        raise
+    loop_factory(config.server.loop)
+
+
+def _proxies(count: int) -> str:
+    return "1 proxy" if count == 1 else f"{count} proxies"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        for proxy in config.proxies:  # hooks import, output directories exist
-            try:
-                check_elements(proxy, config.server.workers)
-            except ConfigError as exc:
-                if args.config:
-                    raise
-                raise _as_cli_error(exc, "", []) from exc
-    except ConfigError as exc:
-        print(f"midway: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not config.proxies and not config.server.admin:
-        print("midway: the configuration defines no proxy ([proxy.NAME] tables)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.check:
-        names = ", ".join(p.name for p in config.proxies) or "none yet; admin API"
-        print(f"midway: configuration OK ({len(config.proxies)} proxies: {names})")
-        return EXIT_OK
-    _setup_logging(config.server.log_level)
-    try:
+        if not config.proxies and not config.server.admin:
+            raise ConfigError("", "the configuration defines no proxy ([proxy.NAME] tables)")
+        preflight(config, args)
         factory = loop_factory(config.server.loop)
     except ConfigError as exc:
         print(f"midway: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.check:
+        names = ", ".join(p.name for p in config.proxies) or "none yet; admin API"
+        print(f"midway: configuration OK ({_proxies(len(config.proxies))}: {names})")
+        return EXIT_OK
+    _setup_logging(config.server.log_level)
 
-    def serve_here(config: Config) -> int:
+    def serve_here(config: Config, worker: Worker | None = None) -> int:
+        if worker is not None:
+            _setup_logging(config.server.log_level, worker)
         with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(serve(config))
+            return runner.run(serve(config, worker))
 
     try:
         workers = worker_count(config.server.workers)

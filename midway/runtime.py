@@ -11,8 +11,9 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import resource
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .chain.base import Element
@@ -60,7 +61,10 @@ class Runtime:
     """Runs the proxies of a :class:`~midway.config.schema.Config`.
 
     ``elements`` maps a proxy name to its initial chain elements.  Observers get a
-    :class:`~midway.core.observer.CloseRecord` for every finished connection."""
+    :class:`~midway.core.observer.CloseRecord` for every finished connection.
+    ``ids`` numbers the connections (1, 2, 3, ... by default; a worker's come from
+    :class:`midway.workers.ConnectionIds`, unique across the workers) and
+    ``worker`` is the worker number each record names (1 for a single process)."""
 
     def __init__(
         self,
@@ -68,12 +72,16 @@ class Runtime:
         *,
         observers: Iterable[Observer] = (),
         elements: dict[str, list[Element]] | None = None,
+        ids: Iterator[int] | None = None,
+        worker: int = 1,
     ) -> None:
         self.config = config
         self.services: dict[str, ProxyService] = {}
         self.observers: list[Observer] = list(observers)
         self._initial_elements = elements or {}
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)
+        self.worker = worker
+        self.pid = os.getpid()
         self.active = 0
         self.max_connections = 0
         self._idle = asyncio.Event()
@@ -113,7 +121,10 @@ class Runtime:
         ]
         try:
             for service in services:
-                service.bind()
+                try:
+                    service.bind()
+                except ListenError as exc:  # name the proxy as well as the address
+                    raise ListenError(f"proxy {service.name}: {exc}") from exc
                 _pin_ports(service)
                 self.services[service.name] = service
             if self.server.admin:
@@ -322,6 +333,7 @@ class Runtime:
                 service.room_changed()
 
     def report(self, record: CloseRecord) -> None:
+        record.worker, record.pid = self.worker, self.pid
         for observer in self.observers:
             try:
                 observer.connection_closed(record)

@@ -153,7 +153,7 @@ class ProxyService:
             info.upstream_local_addr = _ip_pair(_sockname(upstream))
             if self.config.tcp_nodelay:
                 _nodelay(upstream)
-        connect_time = connecting.loop.time() - connecting.started
+        connect_time = time.perf_counter() - connecting.started
         try:
             attached = self._attach_all(info)
         except Exception as exc:
@@ -262,7 +262,7 @@ class ProxyService:
                 except Exception:
                     log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
         if self.runtime.observers:
-            duration = asyncio.get_running_loop().time() - connecting.started
+            duration = time.perf_counter() - connecting.started
             self._report(CloseRecord(
                 proxy=self.name, id=info.id, client=info.client, listener=info.listener,
                 upstream=info.upstream, connect_time_s=None, bytes_up=0, bytes_down=0,
@@ -397,7 +397,7 @@ class _Connecting:
         self.poller = poller_for(self.loop)
         self.client = client
         self.info = info
-        self.started = self.loop.time()
+        self.started = time.perf_counter()  # not the loop's: uvloop's counts whole ms
         self.candidates = candidates
         self.failures: list[str] = []
         self.sock: socket.socket | None = None

@@ -48,6 +48,15 @@ class Mode:
 MODE = Mode()
 
 
+def needs(what: str, *, apt: str = "", pip: str = "", npm: str = "") -> str:
+    """A skip reason, always in the same form: ``needs WHAT (install: COMMAND)``,
+    the command one that provides it."""
+    commands = [f"apt-get install {apt}" if apt else "", f"pip install '{pip}'" if pip else "",
+                f"npm install --prefix .ci/node {npm}" if npm else ""]
+    how = "; ".join(c for c in commands if c)
+    return f"needs {what} (install: {how})" if how else f"needs {what}"
+
+
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
     """Run ``coro`` on a fresh event loop (of the current :data:`MODE`), failing
     (not hanging) after ``timeout``."""

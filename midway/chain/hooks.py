@@ -1,6 +1,6 @@
 """Python hooks: a few lines of user code that see and change every connection.
 
-A hook is named ``module:attr`` (``--hook examples.rewrite:Rewrite``, or
+A hook is named ``module:attr`` (``--hook examples.rewrite:rewrite``, or
 ``hooks = [...]`` in TOML; ``path/to/file.py:attr`` loads a file).  The
 attribute is one of:
 
@@ -190,7 +190,7 @@ class HookError(MidwayError):
 def _import_target(spec: str, path: str) -> object:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(path, f"hook {spec!r}: expected MODULE:ATTR, e.g. 'examples.rewrite:Rewrite'")
+        raise ConfigError(path, f"hook {spec!r}: expected MODULE:ATTR, e.g. 'examples.rewrite:rewrite'")
     try:
         if module_name.endswith(".py"):
             module = _import_file(module_name)

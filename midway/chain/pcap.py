@@ -40,9 +40,11 @@ that reset (the peer that did, midway on the other leg); any other close
 gets midway's FIN on each leg where it was not yet written.  Legs on unix
 sockets have no TCP addresses and are not recorded.
 
-The file is written synchronously (buffered, flushed after each chunk so that
-a live ``tail -f | tshark -i -`` keeps up).  A write error is logged once and
-the capture stops; the proxy goes on.  Several proxies naming the same file
+The file is written synchronously and unbuffered, one ``write`` per packet
+record, so that a live ``tail -f | tshark -i -`` keeps up and a write that
+fails (a full disk) leaves the file cut after its last whole record, never in
+the middle of one.  A write error is logged once and the capture stops; the
+proxy goes on.  Several proxies naming the same file
 share one writer.
 """
 
@@ -84,7 +86,9 @@ class CaptureFile:
         if max_bytes > 0:
             self._sink = RotatingPcapFile(path, max_bytes, keep)
         else:
-            self._file = open(path, "wb")  # owned; closed by close()
+            # Unbuffered: each record is one write, so a full disk leaves a capture
+            # cut after a whole record (see PcapWriter), never in the middle of one.
+            self._file = open(path, "wb", buffering=0)  # owned; closed by close()
             self._sink = PcapWriter(self._file)
         self.broken = False
         self.users = 0

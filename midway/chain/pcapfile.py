@@ -49,7 +49,9 @@ Nothing here is thread-safe: one event loop owns a writer and its conversations.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import logging
 import os
 import random
 import struct
@@ -78,6 +80,8 @@ LINKTYPE_RAW = 101
 DEFAULT_SNAPLEN = 262144
 """tcpdump's and libpcap's default snapshot length (MAXIMUM_SNAPLEN, 2**18):
 larger than any packet written here, so nothing is cut short by default."""
+
+log = logging.getLogger("midway")
 
 _GLOBAL_HEADER = struct.Struct("<IHHiIII")
 _RECORD_HEADER = struct.Struct("<IIII")
@@ -140,6 +144,15 @@ class PcapWriter:
     :meth:`write_packet`.  Packets longer than ``snaplen`` are stored cut to
     ``snaplen`` bytes, with their real length in the record header.
 
+    Whole records or nothing: each record (and the global header) goes out in
+    one ``write`` call, repeated while the file takes only part of it (as a raw,
+    unbuffered file does when the disk fills up).  When a write fails part-way
+    (``ENOSPC``, ``EIO``...), the file is truncated back to the end of the last
+    whole record and the error raised, so the capture stays readable, by
+    tshark too, up to that record.  That guarantee needs ``fileobj`` unbuffered
+    (``open(path, "wb", buffering=0)``): a buffered file hides how much of its
+    buffer reached the disk.
+
     The writer does not own ``fileobj``: it never closes it and flushes it only
     when :meth:`flush` is called."""
 
@@ -148,11 +161,41 @@ class PcapWriter:
             raise ValueError(f"snaplen must be between 1 and 2**32 - 1, not {snaplen}")
         self._file = fileobj
         self.snaplen = snaplen
-        self._file.write(
+        try:
+            self._origin: int | None = fileobj.tell()
+        except OSError:  # a pipe: nothing to truncate
+            self._origin = None
+        self.bytes_written = 0
+        """Bytes written to ``fileobj`` so far, the global header included: always
+        a whole number of records."""
+        self._write(
             _GLOBAL_HEADER.pack(PCAP_MAGIC_USEC, *PCAP_VERSION, 0, 0, snaplen, LINKTYPE_RAW)
         )
-        self.bytes_written = GLOBAL_HEADER_SIZE
-        """Bytes written to ``fileobj`` so far, the global header included."""
+
+    def _write(self, record: bytes) -> None:
+        view = memoryview(record)
+        done = 0
+        try:
+            while done < len(record):
+                n = self._file.write(view[done:])
+                if not n:  # None: a non-blocking file that would block
+                    raise BlockingIOError(errno.EAGAIN, "the capture file took no byte")
+                done += n
+        except OSError:
+            self._cut()
+            raise
+        self.bytes_written += len(record)
+
+    def _cut(self) -> None:
+        """Drop a record written in part: back to the last whole one."""
+        if self._origin is None:
+            return
+        end = self._origin + self.bytes_written
+        try:
+            self._file.truncate(end)
+            self._file.seek(end)
+        except OSError as exc:  # a buffered file whose buffer cannot be written
+            log.debug("pcap: cannot truncate the capture to its last whole record: %s", exc)
 
     def record_size(self, packet_len: int) -> int:
         """Bytes that writing a packet of ``packet_len`` bytes adds to the file."""
@@ -161,8 +204,7 @@ class PcapWriter:
     def write_packet(self, t: float, packet: bytes) -> None:
         sec, usec = _timestamp(t)
         stored = packet[: self.snaplen]
-        self._file.write(_RECORD_HEADER.pack(sec, usec, len(stored), len(packet)) + stored)
-        self.bytes_written += RECORD_HEADER_SIZE + len(stored)
+        self._write(_RECORD_HEADER.pack(sec, usec, len(stored), len(packet)) + stored)
 
     def flush(self) -> None:
         self._file.flush()
@@ -206,7 +248,8 @@ class RotatingPcapFile:
         self._writer = self._open()
 
     def _open(self) -> PcapWriter:
-        self._file = open(self.path, "wb")  # owned; closed by close()
+        # Unbuffered, so that a full disk leaves whole records (see PcapWriter).
+        self._file = open(self.path, "wb", buffering=0)  # owned; closed by close()
         return PcapWriter(self._file, self.snaplen)
 
     def _shift(self) -> None:

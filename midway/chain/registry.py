@@ -18,9 +18,9 @@ connections keep the relay's fast path.
 
 from __future__ import annotations
 
-import os
 from typing import cast
 
+from ..config.load import check_writable
 from ..config.schema import ProxyConfig
 from ..errors import ConfigError
 from .base import Element
@@ -43,14 +43,6 @@ def _hooks(config: ProxyConfig) -> list[HookElement]:
     return hooks
 
 
-def _writable_dir(path: str, key: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(key, f"cannot write {path}: no directory {folder}")
-    if os.path.isdir(path):
-        raise ConfigError(key, f"cannot write {path}: it is a directory")
-
-
 def check_elements(config: ProxyConfig, workers: int = 1) -> None:
     """Check what the configuration's elements need, without creating files:
     hooks import and declare a valid framing, output directories exist, and a
@@ -66,13 +58,13 @@ def check_elements(config: ProxyConfig, workers: int = 1) -> None:
 def _check_outputs(config: ProxyConfig) -> None:
     where = f"proxy.{config.name}"
     if config.pcap:
-        _writable_dir(config.pcap, f"{where}.pcap")
+        check_writable(config.pcap, f"{where}.pcap")
         if 0 < config.pcap_max_bytes < MIN_ROTATE_BYTES:
             raise ConfigError(f"{where}.pcap_max_bytes",
                               f"must be 0 (no rotation) or at least {MIN_ROTATE_BYTES}, "
                               f"got {config.pcap_max_bytes}")
     if config.dump_file:
-        _writable_dir(config.dump_file, f"{where}.dump_file")
+        check_writable(config.dump_file, f"{where}.dump_file")
 
 
 def build_elements(config: ProxyConfig) -> list[Element]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from typing import Any
 from ..chain.toxics.config import parse_toxic_tables
 from ..errors import AddressError, ConfigError
 from .addresses import Address, parse_address
+from .describe import describe_value
 from .schema import (
     Config,
     OptionInfo,
@@ -41,7 +43,8 @@ from .schema import (
     proxy_name_problem,
 )
 
-__all__ = ["load_config", "config_from_dict", "build_options", "check_admin"]
+__all__ = ["load_config", "config_from_dict", "build_options", "check_admin", "check_writable",
+           "check_server_outputs"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -76,7 +79,7 @@ def _join(path: str, key: str) -> str:
 
 def _table(value: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected a table, got {type(value).__name__}")
+        raise ConfigError(path, f"expected a table, got {describe_value(value)}")
     return value
 
 
@@ -87,27 +90,27 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
     if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a string or a list of them
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
-            raise ConfigError(path, f"expected a string or a list of strings, got {value!r}")
+            raise ConfigError(path, f"expected a string or a list of strings, got {describe_value(value)}")
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item:
-                raise ConfigError(f"{path}[{i}]", f"expected a non-empty string, got {item!r}")
+                raise ConfigError(f"{path}[{i}]", f"expected a non-empty string, got {describe_value(item)}")
         return tuple(items)
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(path, f"expected true or false, got {value!r}")
+            raise ConfigError(path, f"expected true or false, got {describe_value(value)}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected a whole number, got {value!r}")
+            raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"expected a number, got {value!r}")
+            raise ConfigError(path, f"expected a number, got {describe_value(value)}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(path, f"expected a finite number, got {value!r}")
     elif kind is str:
         if not isinstance(value, str):
-            raise ConfigError(path, f"expected a string, got {value!r}")
+            raise ConfigError(path, f"expected a string, got {describe_value(value)}")
         if info.choices and value not in info.choices:
             choices = ", ".join(info.choices)
             raise ConfigError(path, f"{value!r} is not one of: {choices}")
@@ -134,9 +137,13 @@ def build_options(cls: type, table: Mapping[str, Any], path: str) -> dict[str, A
 def _addresses(value: Any, path: str, *, listen: bool) -> tuple[Address, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise ConfigError(path, "expected an address or a non-empty list of addresses")
+        raise ConfigError(path, "expected an address or a non-empty list of addresses, "
+                                f"got {describe_value(value)}")
     out = []
     for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"{path}[{i}]", f"expected an address string, got "
+                                              f"{describe_value(item)}")
         try:
             out.append(parse_address(item, listen=listen))
         except AddressError as exc:
@@ -222,6 +229,26 @@ def check_admin(server: ServerConfig) -> None:
     if server.workers != 1:
         raise ConfigError("server.admin", "the admin API needs workers = 1 (it changes the "
                                           "proxies of one process)")
+
+
+def check_writable(path: str, key: str) -> None:
+    """Whether a file midway will open for writing (appending or replacing) can
+    be, checked without creating it: its directory exists and may be written,
+    and it is not itself a directory.  Raises :class:`ConfigError` at ``key``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(key, f"cannot write {path}: no directory {folder}")
+    if os.path.isdir(path):
+        raise ConfigError(key, f"cannot write {path}: it is a directory")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise ConfigError(key, f"cannot write {path}: permission denied")
+
+
+def check_server_outputs(server: ServerConfig) -> None:
+    """The files of ``[server]`` can be opened: the access log.  (Each proxy's
+    files are checked by :func:`midway.chain.registry.check_elements`.)"""
+    if server.access_log and server.access_log != "-":
+        check_writable(server.access_log, "server.access_log")
 
 
 def _is_loopback(host: str) -> bool:

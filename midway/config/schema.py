@@ -299,7 +299,8 @@ class ServerConfig:
         1,
         "Worker processes, each serving every listener through SO_REUSEPORT so the "
         "kernel spreads connections across them.  A supervisor restarts a crashed "
-        "worker, forwards signals and drains them all on shutdown.",
+        "worker, forwards signals and drains them all on shutdown; workers whose "
+        "supervisor dies (even by SIGKILL) stop accepting, drain and exit.",
         zero="one worker per CPU ('auto' means the same)", minimum=0, maximum=1024,
         metavar="N|auto", words=(("auto", 0),),
     )

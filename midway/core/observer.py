@@ -47,6 +47,8 @@ class CloseRecord:
 
     proxy: str
     id: int
+    """The connection's number, as in ``conn N`` log lines and ``ctx.id``: unique in
+    the process, across workers too (see :mod:`midway.workers`)."""
     client: str
     listener: str
     upstream: str | None
@@ -64,6 +66,11 @@ class CloseRecord:
     path: str
     """How the bytes moved: ``splice``, ``copy``, ``chain`` or ``none``."""
     started_at: float
+    worker: int = 1
+    """The worker process that served it: 1 to N with ``workers = N``, 1 for a
+    single process.  ``id`` is unique across the workers."""
+    pid: int = 0
+    """That process's id."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import ROOT
+from ..helpers import ROOT, needs
 from .conftest import Admin, EchoServer, port_of, refused, round_trip
 
 pytestmark = pytest.mark.timeout(90)
@@ -28,7 +28,8 @@ def timed_round_trip(port: int) -> float:
 
 
 def test_toxiproxy_python_client(admin: Admin, echo: EchoServer) -> None:
-    toxiproxy = pytest.importorskip("toxiproxy", reason="pip install toxiproxy-python==0.1.1")
+    toxiproxy = pytest.importorskip("toxiproxy", reason=needs("the toxiproxy Python client",
+                                                              pip="toxiproxy-python==0.1.1"))
     server = toxiproxy.Toxiproxy()
     server.update_api_consumer(admin.host, admin.port)
     assert server.running()
@@ -130,7 +131,8 @@ function roundTrip(port) {
 def test_toxiproxy_node_client(admin: Admin, echo: EchoServer, tmp_path: Path) -> None:
     node = shutil.which("node")
     if node is None or not (NODE_MODULES / "toxiproxy-node-client").is_dir():
-        pytest.skip("needs node and `npm install --prefix .ci/node toxiproxy-node-client`")
+        pytest.skip(needs("node and the toxiproxy Node client", apt="nodejs npm",
+                          npm="toxiproxy-node-client@4.1.0"))
     script = tmp_path / "drive.js"
     script.write_text(NODE_SCRIPT)
     result = subprocess.run([node, str(script), admin.url, echo.address], capture_output=True,

@@ -18,6 +18,8 @@ from midway.chain.dumpfmt import (
     looks_like_text,
 )
 
+from ..helpers import needs
+
 T = 1714566896.789  # 2024-05-01 12:34:56.789 UTC
 HEXDUMP = shutil.which("hexdump")
 
@@ -65,7 +67,7 @@ HEX_SAMPLES = [
 ]
 
 
-@pytest.mark.skipif(HEXDUMP is None, reason="hexdump binary not installed (bsdextrautils)")
+@pytest.mark.skipif(HEXDUMP is None, reason=needs("hexdump", apt="bsdextrautils"))
 @pytest.mark.parametrize("data", HEX_SAMPLES, ids=range(len(HEX_SAMPLES)))
 def test_hexdump_matches_the_real_hexdump_C(data: bytes) -> None:
     assert HEXDUMP is not None

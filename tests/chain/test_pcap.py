@@ -3,9 +3,12 @@ and RST from the right side, nothing for legs without addresses, rotation."""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +16,11 @@ import pytest
 from midway.chain.base import ConnectionInfo
 from midway.chain.pcap import PcapCapture
 
+from ..helpers import needs
 from .harness import FakeOutput, run
 
 TSHARK = shutil.which("tshark")
-pytestmark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed (Debian: tshark)")
+pytestmark = pytest.mark.skipif(TSHARK is None, reason=needs("tshark", apt="tshark"))
 
 T0 = 1714566896.0
 CLIENT = ("192.0.2.10", 50123)
@@ -206,3 +210,41 @@ def test_rotation_keeps_every_file_readable(tmp_path: Path) -> None:
     for name in files:
         assert (tmp_path / name).stat().st_size <= 2000
         assert fields(tmp_path / name, "_ws.malformed", "frame.number") == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a real file system that fills up (mounting needs root)."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                            capture_output=True, text=True, timeout=10, check=False)
+    if result.returncode != 0:
+        pytest.skip(needs(f"root, to mount a small tmpfs ({result.stderr.strip()})"))
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], timeout=10, check=False)
+
+
+def test_a_capture_on_a_full_disk_stops_after_a_whole_record(
+        tiny_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tiny_disk / "full.pcap"
+    cap = capture(path)
+
+    async def main() -> None:
+        for i in range(200):  # 200 x 1000 bytes: three times the room
+            conn = Connection(cap, info(client=("192.0.2.10", 50000 + i)))
+            await conn.through("upstream", os.urandom(1000))
+            conn.close("eof")
+
+    with caplog.at_level(logging.ERROR, logger="midway"):
+        run(main())
+    cap.close()
+    assert [r.message for r in caplog.records if "pcap" in r.message] == [
+        f"pcap: cannot write {path} (No space left on device); the capture stopped, "
+        "traffic goes on"]
+    assert path.stat().st_size > 32 * 1024  # it did fill the disk
+    # tshark fails on a file cut in the middle of a packet; this one reads whole.
+    frames = fields(path, "frame", "frame.number")
+    assert len(frames) > 100 and fields(path, "_ws.malformed", "frame.number") == []

@@ -3,6 +3,7 @@ and, when it is installed, by tshark with checksum validation on."""
 
 from __future__ import annotations
 
+import errno
 import io
 import ipaddress
 import os
@@ -26,10 +27,10 @@ from midway.chain.pcapfile import (
     internet_checksum,
 )
 
+from ..helpers import needs
+
 TSHARK = shutil.which("tshark")
-needs_tshark = pytest.mark.skipif(
-    TSHARK is None, reason="tshark not installed (Debian package tshark)"
-)
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason=needs("tshark", apt="tshark"))
 T0 = 1714566896.25
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -332,6 +333,100 @@ def test_rotation_keep_zero_starts_over(tmp_path: Path) -> None:
             conv.data(True, b"x" * 100, T0)
     assert os.listdir(tmp_path) == ["cap.pcap"]
     assert path.stat().st_size <= 1000
+
+
+# --- a full disk -------------------------------------------------------------
+
+
+class FullDisk(io.RawIOBase):
+    """An unbuffered file on a disk with ``room`` bytes free: like write(2), a
+    write takes what fits and returns how much; with no room left it fails with
+    ENOSPC.  Truncating frees the room again."""
+
+    def __init__(self, room: int) -> None:
+        self.data = bytearray()
+        self.room = room
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[no-untyped-def,override]
+        free = self.room - len(self.data)
+        if free <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = bytes(b[:free])
+        self.data[self.pos:self.pos + len(taken)] = taken
+        self.pos += len(taken)
+        return len(taken)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        assert whence == 0
+        self.pos = pos
+        return pos
+
+    def truncate(self, size: int | None = None) -> int:
+        del self.data[self.pos if size is None else size:]
+        return len(self.data)
+
+
+def fill(room: int) -> tuple[FullDisk, OSError]:
+    """Write an HTTP conversation to a disk of ``room`` bytes until it fails;
+    the disk and the error."""
+    disk = FullDisk(room)
+    try:
+        conv = TcpConversation(PcapWriter(disk), ("10.0.0.1", 40000), ("10.0.0.2", 80),
+                               client_isn=1, server_isn=500)
+        conv.open(T0)
+        for i in range(100):
+            conv.data(True, REQUEST, T0 + i)
+            conv.data(False, RESPONSE[: 1000 + 97 * i], T0 + i + 0.5)
+    except OSError as exc:
+        return disk, exc
+    raise AssertionError("the disk never filled up")
+
+
+@pytest.mark.parametrize("room", [20, 30, 500, 4099, 100_000, 300_001])
+def test_a_full_disk_leaves_whole_records_only(room: int) -> None:
+    disk, exc = fill(room)
+    assert exc.errno == errno.ENOSPC
+    data = bytes(disk.data)
+    assert len(data) <= room
+    if room < 24:  # not even the file header fitted: an empty file, not half a header
+        assert data == b""
+        return
+    segs = read_pcap(data)  # every record whole: the reader asserts each length
+    assert len(data) == 24 + sum(16 + 40 + len(s.payload) + len(s.options) for s in segs)
+    check_tcp_consistency(segs)
+    # Not a record more could have fitted: the next one is what failed.
+    assert room - len(data) < 16 + 44 + MAX_SEGMENT
+
+
+def test_a_full_disk_keeps_every_record_before_the_failure() -> None:
+    whole = io.BytesIO()
+    reference = TcpConversation(PcapWriter(whole), ("10.0.0.1", 40000), ("10.0.0.2", 80),
+                                client_isn=1, server_isn=500)
+    reference.open(T0)
+    reference.data(True, REQUEST, T0)
+    room = len(whole.getvalue()) + 30  # the next record cannot fit
+    disk, _ = fill(room)
+    assert bytes(disk.data) == whole.getvalue()
+
+
+@needs_tshark
+def test_tshark_reads_a_capture_cut_by_a_full_disk(tmp_path: Path) -> None:
+    disk, _ = fill(300_001)
+    path = tmp_path / "full.pcap"
+    path.write_bytes(bytes(disk.data))
+    # tshark exits 2 with "cut short in the middle of a packet" otherwise.
+    frames = tshark_fields(path, "frame", "frame.number")
+    assert len(frames) == len(read_pcap(bytes(disk.data)))
 
 
 # --- tshark ------------------------------------------------------------------

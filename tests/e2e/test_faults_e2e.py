@@ -19,14 +19,9 @@ from midway.chain.toxics import make_toxic
 from .. import helpers
 from ..helpers import free_port, proxy_process, read_exactly, run, serve, wait_until
 
-pytestmark = pytest.mark.timeout(120)
-
-
-def one_mode_only() -> None:
-    """A toxic always takes the buffered path and these tests run subprocesses:
-    once, not once per mode."""
-    if (helpers.MODE.path, helpers.MODE.loop) != ("splice", "asyncio"):
-        pytest.skip("mode-independent; runs in the splice-asyncio mode only")
+# A toxic always takes the buffered path and these tests run subprocesses: once,
+# not once per mode.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_mode]
 
 
 def _listening(port: int) -> bool:
@@ -38,9 +33,8 @@ def _listening(port: int) -> bool:
 
 
 @pytest.mark.skipif(not shutil.which("redis-server") or not shutil.which("redis-cli"),
-                    reason="redis-server / redis-cli not installed (apt-get install redis-server)")
+                    reason=helpers.needs("redis-server and redis-cli", apt="redis-server"))
 def test_redis_cli_sees_the_reset_exactly_at_exec(tmp_path: Path) -> None:
-    one_mode_only()
     port = free_port()
     redis = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -122,7 +116,6 @@ def close_to(measured: list[list[float]], schedule: list[list[float]]) -> bool:
 
 
 def test_two_runs_with_the_same_seed_give_identical_delay_sequences() -> None:
-    one_mode_only()
     schedule = expected_delays(42)
     first, second = measured_delays(42), measured_delays(42)
     assert close_to(first, schedule), (first, schedule)

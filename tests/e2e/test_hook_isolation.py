@@ -23,7 +23,6 @@ import midway
 from midway.chain import hooks as hooks_module
 from midway.chain.hooks import HookContext
 
-from .. import helpers
 from ..helpers import (
     ProxyProcess,
     free_port,
@@ -38,12 +37,9 @@ from .test_inspect import Closes, midway_log
 HOOKS = "tests.e2e.test_hook_isolation"
 
 
-@pytest.fixture(autouse=True)
-def chain_only() -> None:
-    """Proxy ``a`` always takes the chain path, so splice or copy cannot matter:
-    run once per event loop."""
-    if helpers.MODE.path == "copy":
-        pytest.skip("the chain path does not depend on splice or copy")
+# Proxy ``a`` always takes the chain path, so splice or copy cannot matter: once
+# per event loop.
+pytestmark = pytest.mark.per_loop
 
 
 # --- hooks (loaded by the child as tests.e2e.test_hook_isolation:NAME) ----------

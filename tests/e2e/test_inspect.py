@@ -27,10 +27,10 @@ from midway.chain.hooks import HookContext
 from midway.core.relay import CHAIN_QUEUE_HIGH, READ_SIZE
 from midway.errors import Rejected
 
-from .. import helpers
 from ..helpers import (
     ROOT,
     free_port,
+    needs,
     proxy_process,
     read_exactly,
     read_to_eof,
@@ -42,18 +42,11 @@ from ..helpers import (
 TSHARK = shutil.which("tshark")
 REDIS = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
-needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed (Debian: tshark)")
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason=needs("tshark", apt="tshark"))
 needs_redis = pytest.mark.skipif(REDIS is None or REDIS_CLI is None,
-                                 reason="redis-server/redis-cli not installed (Debian: redis)")
+                                 reason=needs("redis-server and redis-cli",
+                                              apt="redis-server redis-tools"))
 HOOKS = "tests.e2e.test_inspect"
-
-
-@pytest.fixture
-def chain_only() -> None:
-    """For tests whose connections always take the chain: the splice/copy choice
-    of the fast path cannot matter, so run them once per event loop."""
-    if helpers.MODE.path == "copy":
-        pytest.skip("the chain path does not depend on splice or copy")
 
 
 # --- helpers -------------------------------------------------------------------
@@ -153,7 +146,7 @@ def frame(body: bytes) -> bytes:
     return struct.pack("!H", len(body)) + body
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_hook_sees_whole_messages_however_they_are_cut_and_the_server_gets_the_change() -> None:
     bodies = [b"hello", b"x" * 1000, b"", b"mixed Case \x00\xff", b"last one"]
     stream = b"".join(frame(b) for b in bodies)
@@ -202,7 +195,7 @@ class Filter:
         return data
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_drop_inject_and_reject() -> None:
     recorder = Recorder(reply=b"ok\n")
 
@@ -240,7 +233,7 @@ class Explode:
         return data
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_a_raising_hook_closes_its_connection_only_and_logs_once() -> None:
     async def main() -> None:
         async with serve() as port, midway.Proxy(
@@ -283,7 +276,7 @@ class SlowLines:
         return None
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_an_async_hook_that_sleeps_keeps_order_and_bounded_memory() -> None:
     lines = b"".join(b"%08d some payload to make the line longer\n" % i for i in range(100_000))
     SlowLines.seen, SlowLines.digest = 0, hashlib.sha256()
@@ -357,7 +350,7 @@ class Marker(midway.Element):
         return None
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_elements_added_while_running_go_before_the_capture_tail(tmp_path: Path) -> None:
     async def main() -> None:
         async with serve() as port, midway.Proxy(
@@ -409,7 +402,7 @@ async def http_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     writer.close()
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 @needs_tshark
 def test_pcap_of_an_http_exchange_reads_dissects_and_carries_the_exact_bytes(
         tmp_path: Path) -> None:
@@ -458,7 +451,7 @@ async def reset_after_reading(reader: asyncio.StreamReader, writer: asyncio.Stre
     writer.transport.abort()
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 @needs_tshark
 def test_pcap_records_an_upstream_reset_as_rsts(tmp_path: Path) -> None:
     path = tmp_path / "rst.pcap"
@@ -480,7 +473,7 @@ def test_pcap_records_an_upstream_reset_as_rsts(tmp_path: Path) -> None:
     assert rst_from == sorted([ports["upstream"], ports["listen"]])
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 @needs_tshark
 @needs_redis
 def test_pcap_of_redis_cli_through_the_cli(tmp_path: Path, redis_port: int) -> None:
@@ -507,7 +500,7 @@ def test_pcap_of_redis_cli_through_the_cli(tmp_path: Path, redis_port: int) -> N
 @pytest.fixture
 def redis_port(tmp_path: Path) -> Iterator[int]:
     if REDIS is None:
-        pytest.skip("redis-server not installed")
+        pytest.skip(needs("redis-server", apt="redis-server"))
     port = free_port()
     server = subprocess.Popen(
         [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -583,7 +576,7 @@ def stopped_stdout(proxy: Any) -> str:
     return str(proxy.proc.stdout.read().decode())
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_dump_to_a_pipe_shows_both_directions_without_colour(echo: EchoServer) -> None:
     with proxy_process("127.0.0.1:0", f"127.0.0.1:{echo.port}", "--dump", "text") as proxy:
         assert exchange(proxy.port, b"PING\r\n") == b"PING\r\n"
@@ -604,7 +597,7 @@ def test_dump_to_a_pipe_shows_both_directions_without_colour(echo: EchoServer) -
     assert sum("end of stream (FIN)" in line for line in lines) == 2
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_dump_hex_to_a_file(echo: EchoServer, tmp_path: Path) -> None:
     path = tmp_path / "dump.txt"
     with proxy_process("127.0.0.1:0", f"127.0.0.1:{echo.port}", "--dump", "hex",
@@ -616,7 +609,7 @@ def test_dump_hex_to_a_file(echo: EchoServer, tmp_path: Path) -> None:
                       "00000007\n") == 2
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_a_flood_through_a_dump_nobody_reads_is_relayed_in_full(echo: EchoServer) -> None:
     """The dump's pipe is never read while 64 MiB flow: the proxy keeps relaying
     at full speed and only says, afterwards, how much it did not show."""
@@ -654,7 +647,7 @@ def test_a_flood_through_a_dump_nobody_reads_is_relayed_in_full(echo: EchoServer
 # --- configuration -------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_a_hook_that_cannot_be_imported_stops_the_cli_with_one_clear_line(
         echo: EchoServer) -> None:
     result = subprocess.run(
@@ -666,7 +659,7 @@ def test_a_hook_that_cannot_be_imported_stops_the_cli_with_one_clear_line(
         f"(searched from {ROOT})"]
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_hooks_from_a_toml_file_chain_in_order(tmp_path: Path) -> None:
     recorder = Recorder()
     config = tmp_path / "midway.toml"
@@ -704,7 +697,7 @@ def test_hooks_from_a_toml_file_chain_in_order(tmp_path: Path) -> None:
 # --- the examples ----------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 @needs_redis
 def test_example_redis_logger(redis_port: int) -> None:
     value = "two\r\nlines"
@@ -726,7 +719,7 @@ def test_example_redis_logger(redis_port: int) -> None:
     assert re.search(r"INCR greeting -> -ERR value is not an integer", log_text), log_text
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_example_rewrite() -> None:
     recorder = Recorder(reply=b"hello back\n")
 
@@ -744,7 +737,7 @@ def test_example_rewrite() -> None:
     run(main())
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 @needs_redis
 def test_example_drop_command(redis_port: int) -> None:
     async def main() -> None:
@@ -764,7 +757,7 @@ def test_example_drop_command(redis_port: int) -> None:
     run(main())
 
 
-@pytest.mark.usefixtures("chain_only")
+@pytest.mark.per_loop
 def test_the_examples_are_referenced_from_the_readme_and_run_from_the_root() -> None:
     readme = (ROOT / "README.md").read_text()
     for name, attr in [("redis_logger", "RedisLogger"), ("rewrite", "rewrite"),

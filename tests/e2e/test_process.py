@@ -200,7 +200,8 @@ def _try_roundtrip(port: int) -> bool:
 
 
 @pytest.mark.skipif(not shutil.which("redis-server") or not shutil.which("redis-benchmark"),
-                    reason="redis-server / redis-benchmark not installed (apt-get install redis-server)")
+                    reason=helpers.needs("redis-server and redis-benchmark",
+                                               apt="redis-server"))
 def test_redis_through_the_proxy(tmp_path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     redis = subprocess.Popen(

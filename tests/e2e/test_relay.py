@@ -282,7 +282,7 @@ def test_name_resolved_at_connect_time() -> None:
 
 def test_ipv6_and_unix_sockets(tmp_path) -> None:  # type: ignore[no-untyped-def]
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this host")
+        pytest.skip(helpers.needs("IPv6 on this host"))
 
     async def main() -> None:
         upstream_path = str(tmp_path / "up.sock")

@@ -34,13 +34,6 @@ from ..helpers import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def one_mode_only() -> None:
-    """For tests where the data path cannot matter (a toxic always takes the
-    buffered path) and that run a subprocess: once, not once per mode."""
-    if (helpers.MODE.path, helpers.MODE.loop) != ("splice", "asyncio"):
-        pytest.skip("mode-independent; runs in the splice-asyncio mode only")
-
-
 def clock_slack() -> float:
     """uvloop's clock (libuv's uv_now) has millisecond resolution and is read once
     per loop turn, so a delay measured on it can end up to ~2 ms early in real time;
@@ -204,11 +197,13 @@ def test_background_proxy_toxic_makes_a_blocking_client_time_out() -> None:
 @pytest.fixture
 def flood() -> Iterator[tuple[int, list[int]]]:
     """An upstream that sends as fast as it may; yields (port, [bytes sent])."""
-    one_mode_only()
     with flooding_upstream() as upstream:
         yield upstream
 
 
+# A toxic always takes the buffered path, and these run a midway child process:
+# the data path cannot matter, so once (one_mode), not once per mode.
+@pytest.mark.one_mode
 @pytest.mark.parametrize("spec", [
     "latency:latency=100,jitter=20",
     "bandwidth:rate=100000",
@@ -239,8 +234,8 @@ def test_memory_stays_bounded_under_every_toxic(spec: str, flood: tuple[int, lis
         client.close()
 
 
+@pytest.mark.one_mode
 def test_toxic_flag_on_the_command_line() -> None:
-    one_mode_only()
 
     async def main() -> None:
         async with serve() as port:
@@ -253,10 +248,10 @@ def test_toxic_flag_on_the_command_line() -> None:
     run(main())
 
 
+@pytest.mark.one_mode
 def test_toml_timeline_adds_then_removes_a_toxic(tmp_path: Path) -> None:
     """At 1 s a 300 ms latency toxic arrives; at 2.5 s it goes.  One open connection
     sees all three phases."""
-    one_mode_only()
 
     async def main() -> None:
         async with serve() as port:

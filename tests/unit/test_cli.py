@@ -198,6 +198,82 @@ def test_check_does_not_bind(busy_port: int) -> None:
     assert result.returncode == EXIT_OK
 
 
+def readme_example_toml() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Configuration file")
+    return text[text.index("```toml\n", start) + 8:text.index("```\n", text.index("```toml\n", start) + 8)]
+
+
+def test_check_fails_on_the_readme_example_whose_log_directory_is_missing(tmp_path: Path) -> None:
+    """The README's own example logs to /var/log/midway/access.log: where that
+    directory does not exist, a start would fail, so --check must too."""
+    example = readme_example_toml()
+    assert 'access_log = "/var/log/midway/access.log"' in example
+    assert not Path("/var/log/midway").exists()  # what this test is about
+    path = tmp_path / "midway.toml"
+    path.write_text(example)
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line == ("midway: server.access_log: cannot write /var/log/midway/access.log: "
+                    "no directory /var/log/midway")
+    assert "configuration OK" not in result.stdout
+    # With the log somewhere that exists, the same example passes.
+    path.write_text(example.replace("/var/log/midway/access.log", str(tmp_path / "a.log")))
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert not (tmp_path / "a.log").exists()  # --check creates nothing
+
+
+@pytest.mark.parametrize("form", ["quick", "config"])
+def test_check_names_the_access_log_flag_the_user_typed(form: str, good_config: Path,
+                                                        tmp_path: Path) -> None:
+    where = ["--config", str(good_config)] if form == "config" else ["127.0.0.1:0", "h:1"]
+    result = run("--check", *where, "--access-log", str(tmp_path / "no" / "a.log"))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line.startswith("midway: --access-log: cannot write "), line
+    assert "server.access_log" not in line
+
+
+def test_check_refuses_an_access_log_that_is_a_directory(tmp_path: Path) -> None:
+    result = run("--check", "127.0.0.1:0", "h:1", "--access-log", str(tmp_path))
+    assert result.returncode == EXIT_USAGE
+    assert "it is a directory" in assert_one_clean_line(result.stderr)
+
+
+@pytest.mark.parametrize(("flag", "key"), [("--pcap", "pcap"), ("--dump-file", "dump_file")])
+def test_check_names_output_flags_on_the_command_line_and_keys_in_a_file(
+        flag: str, key: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "no" / "out")
+    result = run("--check", "127.0.0.1:0", "h:1", flag, missing)
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith(f"midway: {flag}: cannot write ")
+    path = tmp_path / "m.toml"
+    path.write_text(f'[proxy.p]\nlisten = ":0"\nupstreams = "h:1"\n{key} = "{missing}"\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith(f"midway: proxy.p.{key}: cannot write ")
+
+
+def test_check_fails_on_a_hook_that_cannot_be_imported(tmp_path: Path) -> None:
+    result = run("--check", "127.0.0.1:0", "h:1", "--hook", "no_such_module_here:Hook")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line.startswith("midway: --hook: ") and "no_such_module_here" in line
+    path = tmp_path / "m.toml"
+    path.write_text('[proxy.p]\nlisten = ":0"\nupstreams = "h:1"\n'
+                    'hooks = ["examples.rewrite:rewrite", "no_such_module_here:Hook"]\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith("midway: proxy.p.hooks[1]: ")
+
+
+def test_check_says_proxy_or_proxies() -> None:
+    result = run("--check", "127.0.0.1:0", "h:1")
+    assert result.stdout.strip() == "midway: configuration OK (1 proxy: default)"
+
+
 def test_check_conflicting_config(tmp_path: Path) -> None:
     path = tmp_path / "conflict.toml"
     path.write_text('[proxy.a]\nlisten = ":6380"\nupstreams = "h:1"\n'
@@ -228,6 +304,7 @@ def test_listen_address_in_use_from_config_file(tmp_path: Path, busy_port: int) 
     assert result.returncode == EXIT_START_FAILED
     line = assert_one_clean_line(result.stderr)
     assert f"127.0.0.1:{busy_port}" in line and "address already in use" in line
+    assert "proxy a" in line  # which of the file's proxies could not start
 
 
 def test_unresolvable_listen_host() -> None:
@@ -252,6 +329,56 @@ def test_help_lists_usage_and_exits_0() -> None:
     assert result.returncode == EXIT_OK
     assert "midway LISTEN UPSTREAM" in result.stdout
     assert "--config FILE" in result.stdout
+
+
+def _string_options() -> list[tuple[str, str, str]]:
+    """(flag, key, what empty means) of every free-text string option."""
+    import typing
+
+    from midway.cli import _flag
+    from midway.config.schema import ProxyConfig, ServerConfig, options_of
+
+    out = []
+    for cls in (ProxyConfig, ServerConfig):
+        hints = typing.get_type_hints(cls)
+        for field, info in options_of(cls):
+            if hints[field.name] is str and info.cli and not info.choices:
+                out.append((_flag(field.name), field.name, info.zero))
+    return out
+
+
+def _help_of(flag: str) -> str:
+    """The help text of ``flag`` in ``midway --help``, on one line."""
+    text = run("--help").stdout
+    start = text.index(f"\n  {flag} ") + 1
+    end = text.index("\n  -", start + 1)
+    return " ".join(text[start:end].split())
+
+
+@pytest.mark.parametrize(("flag", "key", "zero"), _string_options())
+def test_help_of_a_string_option_says_what_empty_means(flag: str, key: str, zero: str) -> None:
+    """'0:' means nothing for a path (--pcap 0 writes a file named 0): the help
+    says what the empty string means, as docs/configuration.md does."""
+    assert zero.startswith("(empty) "), f"{key}: the schema must say what empty means"
+    text = _help_of(flag)
+    assert " 0:" not in text
+    assert f"Empty ('', the default): {zero.removeprefix('(empty) ')}." in text
+
+
+def test_every_string_option_is_checked_for_its_help() -> None:
+    flags = {flag for flag, _, _ in _string_options()}
+    assert {"--pcap", "--dump-file", "--access-log", "--admin"} <= flags
+
+
+def test_help_of_a_number_option_still_says_what_0_means() -> None:
+    assert "0: never close an idle connection." in _help_of("--idle-timeout-s")
+
+
+def test_a_word_option_given_neither_a_number_nor_its_word_says_both() -> None:
+    result = run("--workers", "two", "127.0.0.1:0", "h:1")
+    assert result.returncode == EXIT_USAGE
+    assert "argument --workers: expected a whole number or 'auto', got 'two'" in result.stderr
+    assert "invalid int value" not in result.stderr
 
 
 class _LineReader:
@@ -351,3 +478,14 @@ def test_sigterm_right_after_listening_still_stops_cleanly() -> None:
         _stop(proc)
     assert proc.returncode == EXIT_OK
     assert stderr.rest(timeout=TIMEOUT_S).rstrip().endswith("stopped")
+
+
+def test_the_hook_example_of_the_error_message_exists_and_loads() -> None:
+    result = run("--check", "127.0.0.1:0", "h:1", "--hook", "nocolon")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    example = line.split("e.g. '", 1)[1].split("'", 1)[0]
+    result = run("--check", "127.0.0.1:0", "h:1", "--hook", example)
+    assert result.returncode == EXIT_OK, result.stderr
+    hooks_doc = (REPO / "midway" / "chain" / "hooks.py").read_text().split('"""', 2)[1]
+    assert f"--hook {example}" in hooks_doc

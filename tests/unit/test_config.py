@@ -200,8 +200,20 @@ def test_server_option_in_a_proxy_is_unknown_there(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "path", "words"),
     [
-        ('connect_timeout_s = "5"', "proxy.a.connect_timeout_s", "expected a number, got '5'"),
-        ("idle_timeout_s = true", "proxy.a.idle_timeout_s", "expected a number, got True"),
+        ('connect_timeout_s = "5"', "proxy.a.connect_timeout_s",
+         'expected a number, got the string "5"'),
+        ("idle_timeout_s = true", "proxy.a.idle_timeout_s", "expected a number, got true"),
+        # TOML's other types are named in words, never as Python reprs.
+        ("idle_timeout_s = 1979-05-27T07:32:00", "proxy.a.idle_timeout_s",
+         "expected a number, got a date-time (1979-05-27T07:32:00)"),
+        ("idle_timeout_s = 1979-05-27", "proxy.a.idle_timeout_s",
+         "expected a number, got a date (1979-05-27)"),
+        ("dump_file = 07:32:00", "proxy.a.dump_file",
+         "expected a string, got a time of day (07:32:00)"),
+        ("pcap = {path = 'x'}", "proxy.a.pcap", "expected a string, got a table"),
+        ("backlog = [1, 2]", "proxy.a.backlog", "expected a whole number, got an array"),
+        ("hooks = [1]", "proxy.a.hooks[0]", "expected a non-empty string, got 1"),
+
         ("max_connections = true", "proxy.a.max_connections", "expected a whole number"),
         ("backlog = 128.5", "proxy.a.backlog", "expected a whole number, got 128.5"),
         ("backlog = 128.0", "proxy.a.backlog", "expected a whole number"),
@@ -217,6 +229,16 @@ def test_wrong_type(tmp_path: Path, line: str, path: str, words: str) -> None:
     err = load_error(tmp_path, _ONE_PROXY + line + "\n")
     assert err.path == path
     assert words in str(err)
+
+
+def test_an_address_of_the_wrong_type_is_named_in_words(tmp_path: Path) -> None:
+    err = load_error(tmp_path, '[proxy.a]\nlisten = ":1"\nupstreams = ["h:1", 1979-05-27]\n')
+    assert str(err) == "proxy.a.upstreams[1]: expected an address string, got a date (1979-05-27)"
+    err = load_error(tmp_path, '[proxy.a]\nlisten = {}\nupstreams = "h:1"\n')
+    assert str(err) == ("proxy.a.listen: expected an address or a non-empty list of "
+                        "addresses, got a table")
+    err = load_error(tmp_path, 'server = 1979-05-27T07:32:00Z\n')
+    assert str(err) == "server: expected a table, got a date-time (1979-05-27T07:32:00+00:00)"
 
 
 @pytest.mark.parametrize(
@@ -402,7 +424,7 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.skipif(os.geteuid() == 0, reason="needs a user other than root (root reads files whatever their mode)")
 def test_unreadable_file(tmp_path: Path) -> None:
     path = write(tmp_path, _ONE_PROXY)
     path.chmod(0)

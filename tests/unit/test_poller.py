@@ -16,6 +16,8 @@ import pytest
 from midway.core import poller as poller_module
 from midway.core.poller import Poller, poller_for
 
+from .. import helpers
+
 pytestmark = pytest.mark.skipif(not poller_module.AVAILABLE, reason="needs epoll (Linux)")
 
 LOOPS = ["asyncio", "uvloop"]
@@ -25,7 +27,7 @@ LOOPS = ["asyncio", "uvloop"]
 def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
     if request.param == "uvloop":
         if importlib.util.find_spec("uvloop") is None:
-            pytest.skip("uvloop is not installed")
+            pytest.skip(helpers.needs("uvloop", pip="midway[fast]"))
         import uvloop
         return uvloop.new_event_loop  # type: ignore[no-any-return]
     return asyncio.new_event_loop

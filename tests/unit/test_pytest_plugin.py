@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import needs
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -34,7 +36,7 @@ def run_pytest(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
 def installed() -> None:
     plugins = importlib.metadata.entry_points(group="pytest11")
     if not any(ep.value == "midway.pytest_plugin" for ep in plugins):
-        pytest.skip("midway is not installed (pip install -e .): no pytest11 entry point")
+        pytest.skip(needs("midway installed, for its pytest11 entry point", pip="-e ."))
 
 
 def test_readme_example_passes(tmp_path: Path) -> None:

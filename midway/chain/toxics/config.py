@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
+from ...config.describe import describe_value
 from ...config.schema import ProxyConfig, ToxicSpec
 from ...errors import ConfigError
 from . import TOXICS, make_toxic
@@ -84,7 +85,7 @@ def parse_toxic_table(table: Any, path: str, *, seed: int = 0) -> ToxicSpec:
     """Validate one toxic table; see the module doc for its keys.  ``seed``: the
     proxy's (0: none)."""
     if not isinstance(table, Mapping):
-        raise ConfigError(path, f"expected a table, got {type(table).__name__}")
+        raise ConfigError(path, f"expected a table, got {describe_value(table)}")
     for key in table:
         if key not in TABLE_KEYS:
             close = difflib.get_close_matches(str(key), TABLE_KEYS, n=1)
@@ -179,7 +180,7 @@ def static_toxics(config: ProxyConfig) -> list[Toxic[Any]]:
 
 def _seconds(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(path, f"expected a number of seconds, got {value!r}")
+        raise ConfigError(path, f"expected a number of seconds, got {describe_value(value)}")
     if not math.isfinite(value) or value < 0:
         raise ConfigError(path, f"must be finite and not negative, got {value!r}")
     return float(value)
