@@ -33,7 +33,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ...config.schema import ProxyConfig, ToxicSpec
+from ...config.load import register_list_parser
+from ...config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY, ProxyConfig, ToxicSpec
 from ...errors import ConfigError
 from . import make_toxic
 from .base import Conditions, Toxic, ToxicError
@@ -88,8 +89,8 @@ def parse_toxic_table(table: Any, path: str) -> ToxicSpec:
             raise ConfigError(f"{path}.until_s", f"must be after at_s ({at_s:g} s), got {until_s:g}")
     try:
         toxic = make_toxic(
-            table["type"], name=table.get("name"), stream=table.get("stream", "downstream"),
-            toxicity=table.get("toxicity", 1.0), attributes=table.get("attributes"),
+            table["type"], name=table.get("name"), stream=table.get("stream", DEFAULT_TOXIC_STREAM),
+            toxicity=table.get("toxicity", DEFAULT_TOXICITY), attributes=table.get("attributes"),
             conditions=table.get("conditions"),
         )
     except ToxicError as exc:
@@ -180,3 +181,6 @@ def _number(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+register_list_parser("toxics", parse_toxic_tables)
