@@ -88,14 +88,15 @@ class Info:
 
 
 def make_relay(client: Endpoint, upstream: Endpoint, closed: asyncio.Future[Relay[Any]],
-               **kwargs: Any) -> Relay[Any]:
+               info: Any = None, **kwargs: Any) -> Relay[Any]:
     """A relay between two relay ends that resolves ``closed`` when it ends."""
     def on_close(relay: Relay[Any]) -> None:
         if not closed.done():
             closed.set_result(relay)
     options: dict[str, Any] = {"idle_timeout_s": 60.0, "half_close_timeout_s": 60.0}
     options.update(kwargs)
-    return Relay(client, upstream, Info(), on_close=on_close, **options)
+    return Relay(client, upstream, Info() if info is None else info, on_close=on_close,
+                 **options)
 
 
 def send_all_then_fin(sock: socket.socket, blob: bytes) -> None:
