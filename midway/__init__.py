@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from .api import Proxy, proxy_config
 from .chain.base import Attachment, ConnectionInfo, Element, Output, Stage
 from .chain.toxics import ToxicError
+from .chain.toxics import config as _toxic_config  # noqa: F401  (registers the toxics table parser)
 from .chain.toxics.live import ToxicExists, ToxicHandle, ToxicNotFound
 from .config.load import config_from_dict, load_config
 from .config.schema import Config, ProxyConfig, ServerConfig

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
+from .chain.runner import set_stages
 from .config.addresses import Address, format_sockaddr
 from .config.schema import ProxyConfig
 from .core.listener import Listener, open_listening_socket
@@ -224,7 +225,7 @@ class ProxyService:
             for direction in DIRECTIONS:
                 stages = _stages(self.elements, attached, direction)
                 if stages:
-                    relay.set_stages(direction, stages)
+                    set_stages(relay, direction, stages)
         relay.start()
 
     def _connect_failed(self, connecting: _Connecting) -> None:
@@ -343,7 +344,7 @@ class ProxyService:
 
     def _restage(self, relay: Relay, attached: Attached) -> None:
         for direction in DIRECTIONS:
-            relay.set_stages(direction, _stages(self.elements, attached, direction))
+            set_stages(relay, direction, _stages(self.elements, attached, direction))
 
     def reconfigure(self, config: ProxyConfig) -> None:
         """Use new settings and upstreams for new connections.  Listen addresses

@@ -59,7 +59,7 @@ from ..chain.toxics.live import (
     update_toxic,
 )
 from ..config.load import config_from_dict
-from ..config.schema import ProxyConfig
+from ..config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY, ProxyConfig
 from ..errors import ConfigError, ListenError
 from ..runtime import Runtime
 from ..session import ProxyService
@@ -331,9 +331,9 @@ class ToxiproxyAPI:
     async def toxic_create(self, proxy: str, body: bytes) -> Response:
         service = self._service(proxy)
         data = _object(body, TOXIC_FIELDS)
-        stream = data.get("stream", "downstream")
+        stream = data.get("stream")
         if stream is None or stream == "":
-            stream = "downstream"
+            stream = DEFAULT_TOXIC_STREAM
         if stream not in ("upstream", "downstream"):
             raise ApiError(INVALID_STREAM, 400)
         kind = data.get("type")
@@ -344,10 +344,10 @@ class ToxiproxyAPI:
             raise ApiError(INVALID_TYPE, 400)
         if any(element.name == name for element in service.elements):
             raise ApiError(TOXIC_EXISTS, 409)
-        toxicity = data.get("toxicity", 1.0)
+        toxicity = data.get("toxicity")
         try:
             toxic = make_toxic(kind, name=name, stream=stream,
-                               toxicity=1.0 if toxicity is None else toxicity,
+                               toxicity=DEFAULT_TOXICITY if toxicity is None else toxicity,
                                attributes=data.get("attributes") or {},
                                conditions=data.get("conditions"))
         except ToxicError as exc:

@@ -14,9 +14,9 @@ Each direction of a connection runs its stages in the proxy's element order.  A 
 receives a chunk in :meth:`Stage.data` and passes bytes on with ``await
 out.send(...)``: unchanged, changed, split, delayed, or not at all.  ``out.send``
 waits while the next stage or the socket is full, so back-pressure reaches the
-reader and memory stays bounded.  The relay feeds one chunk at a time through a
-direction's chain, in order; a stage may ``await`` (sleep, call async user code) and
-order is still kept.
+reader and memory stays bounded.  The chain runner (:mod:`midway.chain.runner`)
+feeds one chunk at a time through a direction's chain, in order; a stage may
+``await`` (sleep, call async user code) and order is still kept.
 
 With no stage in a direction, that direction never enters this machinery: bytes take
 the relay's fast path, and the chain costs nothing.

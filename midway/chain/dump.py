@@ -62,7 +62,7 @@ log = logging.getLogger("midway")
 DUMP_QUEUE_CHARS = 1 << 20
 """Characters of formatted dump waiting for a slow output (1 MiB of mostly ASCII
 text): the same bound as the relay's read-ahead per chained direction
-(:data:`midway.core.relay.CHAIN_QUEUE_HIGH`), about fifty fully shown 4 KiB
+(:data:`midway.chain.runner.CHAIN_QUEUE_HIGH`), about fifty fully shown 4 KiB
 chunks in hex.  Past it chunks are counted instead of shown."""
 
 DUMP_CLOSE_TIMEOUT_S = 2.0

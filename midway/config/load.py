@@ -26,11 +26,10 @@ import ipaddress
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..chain.toxics.config import parse_toxic_tables
 from ..errors import AddressError, ConfigError
 from .addresses import Address, parse_address
 from .describe import describe_value
@@ -44,12 +43,29 @@ from .schema import (
 )
 
 __all__ = ["load_config", "config_from_dict", "build_options", "check_admin", "check_writable",
-           "check_server_outputs"]
+           "check_server_outputs", "register_list_parser", "ListParser"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
 _PROXY_LISTS = ("toxics",)
 """Per-proxy keys holding a list of tables, each checked by its own parser."""
+
+ListParser = Callable[[Any, str, Mapping[str, Any]], tuple[Any, ...]]
+"""Validates one per-proxy list of tables (the value, its key path, and the proxy's
+other options, already validated: a toxic inherits the proxy's ``seed``) into the
+:class:`ProxyConfig` field of the same name; raises :class:`ConfigError`."""
+
+_LIST_PARSERS: dict[str, ListParser] = {}
+
+
+def register_list_parser(key: str, parser: ListParser) -> None:
+    """Let the layer that owns a per-proxy list of tables check it: the entries of
+    ``toxics`` are toxic types only the chain knows (``midway.chain.toxics.config``
+    registers its parser when imported, which ``import midway`` does), and
+    ``config/`` imports nothing from ``chain/``."""
+    if key not in _PROXY_LISTS:
+        raise ValueError(f"{key!r} is not a per-proxy list of tables ({', '.join(_PROXY_LISTS)})")
+    _LIST_PARSERS[key] = parser
 
 
 def load_config(path: str | Path) -> Config:
@@ -172,9 +188,12 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
             raise ConfigError(_join(path, key), "missing (required)")
     kwargs["listen"] = _addresses(table["listen"], f"{path}.listen", listen=True)
     kwargs["upstreams"] = _addresses(table["upstreams"], f"{path}.upstreams", listen=False)
-    if "toxics" in table:
-        kwargs["toxics"] = parse_toxic_tables(table["toxics"], f"{path}.toxics",
-                                              seed=kwargs.get("seed", 0))
+    for key in _PROXY_LISTS:
+        if key in table:
+            parser = _LIST_PARSERS.get(key)
+            if parser is None:  # a program that imported midway.config alone
+                raise ConfigError(_join(path, key), "cannot be checked: no parser is registered")
+            kwargs[key] = parser(table[key], _join(path, key), kwargs)
     return ProxyConfig(name=name, **kwargs)
 
 

@@ -111,6 +111,15 @@ def options_of(cls: type) -> list[tuple[dataclasses.Field[Any], OptionInfo]]:
     ]
 
 
+DEFAULT_TOXIC_STREAM = "downstream"
+"""A toxic's direction when none is given: server → client, Toxiproxy's default.
+The one definition, used by the schema, the toxics, ``--toxic`` and the admin API."""
+
+DEFAULT_TOXICITY = 1.0
+"""A toxic's share of connections when none is given: all of them, Toxiproxy's
+default.  The one definition, like :data:`DEFAULT_TOXIC_STREAM`."""
+
+
 @dataclass(frozen=True)
 class ToxicSpec:
     """One toxic of a ``[[proxy.NAME.toxics]]`` table (or a ``--toxic`` flag), already
@@ -121,8 +130,8 @@ class ToxicSpec:
     type: str
     name: str
     """Unique within the proxy while active; defaults to ``TYPE_STREAM`` as in Toxiproxy."""
-    stream: str = "downstream"
-    toxicity: float = 1.0
+    stream: str = DEFAULT_TOXIC_STREAM
+    toxicity: float = DEFAULT_TOXICITY
     attributes: tuple[tuple[str, Any], ...] = ()
     conditions: tuple[tuple[str, Any], ...] = ()
     at_s: float = 0.0

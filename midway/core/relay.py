@@ -1,42 +1,69 @@
-"""The relay: moves bytes both ways between two connected sockets.
+"""The relay: moves bytes both ways between two connected endpoints.
 
 Theory of operation
 -------------------
-A :class:`Relay` owns two connected, non-blocking sockets (client and upstream) and
-runs two independent directions over them, ``upstream`` (client → server) and
-``downstream`` (server → client).  Each direction is a :class:`_Flow` that reads one
-socket and writes the other through a :class:`_Sender`.
+A :class:`Relay` owns two connected, non-blocking endpoints (client and upstream:
+plain sockets or copy-only streams, see :mod:`midway.core.streams`) and runs two
+independent directions over them, ``upstream`` (client → server) and
+``downstream`` (server → client).  Each direction is a :class:`Flow` that reads one
+endpoint and writes the other through a :class:`Sender`.
 
 Everything is driven by readiness callbacks from the loop's relay poller
 (:mod:`midway.core.poller`: one epoll per loop, which also delivers a reset on a
 socket nobody is reading); there is no task per connection and no per-connection
 buffer while a connection is idle.  A direction is in one of two modes:
 
-* **fast**: no chain stage in this direction.  On readable, ``recv_into`` a shared
+* **fast**: no chain in this direction.  On readable, ``recv_into`` a shared
   buffer and ``send`` it straight on.  What the kernel does not take is copied into
   the sender's buffer, reading stops, and it resumes once the sender has drained:
   at most one read (:data:`READ_SIZE`) is held per direction, and a slow reader
-  slows the sender through TCP's own flow control.  On Linux the fast path may use
-  ``splice`` (see :mod:`midway.core.splice`) so bytes never enter Python at all.
-* **chain**: stages are attached.  A reader callback queues chunks (bounded by
-  :data:`CHAIN_QUEUE_HIGH` bytes; reading pauses above it) and a pump task feeds
-  them, one at a time and in order, through the stages (see
-  :mod:`midway.chain.base`); the last stage's output goes to the sender.
+  slows the sender through TCP's own flow control.  On Linux, when both endpoints
+  are plain sockets, the fast path may use ``splice`` (see :mod:`midway.core.splice`)
+  so bytes never enter Python at all.
+* **chained**: a :class:`Chain` is attached (the chain engine,
+  :mod:`midway.chain.runner`, runs the elements; the relay never sees one).  The
+  reader hands each chunk to the chain, which passes what its elements make of it
+  to the direction's sender.
 
 A direction switches between modes while live, between two chunks, without losing
 or reordering a byte: the sender is a FIFO shared by both modes.
 
-End of stream: EOF on a socket is passed on as ``shutdown(SHUT_WR)`` once everything
-before it is written (half-close); the other direction goes on.  When both
-directions have ended the sockets are closed.  An error on either socket (reset,
+End of stream: EOF on an endpoint is passed on as ``shutdown(SHUT_WR)`` once
+everything before it is written (half-close); the other direction goes on.  When
+both directions have ended the endpoints are closed.  An error on either (reset,
 broken pipe) aborts the whole connection, resetting the other side with an RST.
 When midway ends a connection itself (:meth:`Relay.close`: a timeout, a drain, an
-admin command) a socket whose incoming direction is cut short gets an RST, a quiet
-one a FIN (docs/guarantees.md).
+admin command) an endpoint whose incoming direction is cut short gets an RST, a
+quiet one a FIN (docs/guarantees.md).
 Idle and half-close deadlines come from :class:`~midway.core.timers.ConnectionTimers`
 with a single timer per connection.
 
-Ownership: the relay closes both sockets exactly once, then calls ``on_close``.
+Ownership: the relay closes both endpoints exactly once, then calls ``on_close``.
+
+The chain's contract with the relay
+-----------------------------------
+(The same text opens :mod:`midway.chain.runner`, the other side.)  ``core`` knows
+no chain type: what it needs of a chain is the :class:`Chain` protocol below.
+
+* The engine attaches itself to one direction with :meth:`Flow.attach_chain`
+  (before :meth:`Relay.start`, or live).  From the start, or at once if live, the
+  direction is chained: the relay calls :meth:`Chain.begin`, then, for every read,
+  :meth:`Chain.received` (the chunk and the loop time it was read) and at the
+  source's FIN :meth:`Chain.ended`.  The relay has already counted the bytes,
+  stamped the activity and left the zero-copy path in this direction.
+* The engine writes what its elements pass on through the direction's ``sender``
+  (``write``, ``drain``, ``send_eof``; the FIN is its to send) and what they reply
+  through ``reverse_sender``, both FIFOs shared with the fast path.  It applies its
+  own back-pressure with :meth:`Flow.pause_reading` / :meth:`Flow.resume_reading`.
+* It ends the connection only through the relay (:meth:`Relay.close_after_flush`,
+  :meth:`Relay.abort`); :meth:`Relay.copy_only` takes both directions off the
+  zero-copy path for good (an element may reply into the other direction).
+* When it has nothing left to run and nothing queued it calls
+  :meth:`Flow.detach_chain` and the direction is fast again.
+* The relay asks :meth:`Chain.holding` whether ending now would cut bytes short,
+  calls :meth:`Chain.halt` when it closes after a flush (stop feeding elements), and
+  :meth:`Chain.stop` exactly once when it ends (cancel, interrupt, close elements).
+  After that the engine must not touch the relay.
 """
 
 from __future__ import annotations
@@ -44,50 +71,27 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import logging
 import os
 import socket
 import struct
 import termios
-from collections import deque
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import describe_oserror
 from . import splice as _splice
-from .cooperate import cooperate
 from .observer import CloseReason
 from .poller import poller_for
+from .streams import Endpoint, can_splice, pending
 from .timers import ConnectionTimers
 
-if TYPE_CHECKING:
-    from ..chain.base import ConnectionInfo, Direction, Stage
-
-__all__ = ["Relay", "READ_SIZE", "CHAIN_QUEUE_HIGH", "StageList", "close_socket"]
-
-log = logging.getLogger("midway")
+__all__ = ["Relay", "Chain", "Flow", "Sender", "READ_SIZE", "FLOWING_S", "PROXY", "close_socket"]
 
 READ_SIZE = 65536
 """Bytes per read: 64 KiB, the largest TCP window without scaling and the size
 HAProxy's and nginx's default buffers round up to for bulk transfers."""
 
-CHAIN_QUEUE_HIGH = 1 << 20
-"""Bytes a chained direction may read ahead of its stages (1 MiB): enough to keep a
-latency toxic pipelined at ~40 Mbit/s per 200 ms, like Toxiproxy's buffered
-channels, while bounding memory.  Reading resumes below half of it."""
-CHAIN_QUEUE_LOW = CHAIN_QUEUE_HIGH // 2
-
-WRITE_PIECE = 1 << 18
-"""A chunk larger than this (256 KiB) leaves the chain for the socket in pieces of
-this size, each one written (or buffered) once the previous one has gone to the
-kernel: the sender's buffer then holds at most one piece, not a copy of a hook's
-64 MiB injection, and other connections get the loop between pieces."""
-
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_COARSE_TIMER_SLACK_S = 0.001
-"""uvloop's clock (libuv's uv_now) has millisecond resolution and is read once per
-loop turn, so a timer may fire up to ~1 ms early in real time; element sleeps
-(latency toxics) are padded by that much so that "200 ms" is never less."""
 # splice(2) refuses this pair of descriptors: copy instead.
 _NO_SPLICE_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
@@ -97,13 +101,6 @@ _NO_SPLICE_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 _BUFFER = bytearray(READ_SIZE)
 _VIEW = memoryview(_BUFFER)
 
-_NO_QUEUE: deque[tuple[bytes | None, float]] = deque(maxlen=0)
-"""Shared stand-in for the chain queue of a direction that never chained: an idle
-connection should not carry two empty deques (≈600 bytes each)."""
-
-StageList = Sequence[tuple[object, "Stage"]]
-"""A direction's chain: (element key, stage) pairs in order."""
-
 CLIENT, UPSTREAM_SIDE, PROXY = "client", "upstream", "proxy"
 
 FLOWING_S = 1.0
@@ -112,14 +109,40 @@ midway (drain, signal, admin), it is reset, not closed with a FIN.  One second i
 the promptness midway promises for resets; a keep-alive connection between
 requests is quiet for far longer."""
 
+InfoT = TypeVar("InfoT")
+"""What the owner knows about the connection (the relay only carries it)."""
 
-class _Sender:
+
+class Chain(Protocol):
+    """What a chained direction needs of the chain engine (see the contract above)."""
+
+    def begin(self) -> None:
+        """The direction is chained from now on; chunks follow."""
+
+    def received(self, data: bytes, now: float) -> None:
+        """A chunk was read from the source at loop time ``now``."""
+
+    def ended(self, now: float) -> None:
+        """The source sent its FIN at loop time ``now``; nothing follows."""
+
+    def holding(self) -> bool:
+        """Whether bytes were read and not yet given to the sender."""
+
+    def halt(self) -> None:
+        """The relay closes after a flush: stop feeding elements (unless called
+        from the engine's own task, which then ends by itself)."""
+
+    def stop(self) -> None:
+        """The relay has ended: cancel, interrupt and close everything.  Last call."""
+
+
+class Sender:
     """Writes to one socket in order, keeping what the kernel does not take yet."""
 
     __slots__ = ("relay", "loop", "poller", "sock", "fd", "side", "buf", "waiters", "on_drained",
                  "fin_pending", "fin_sent")
 
-    def __init__(self, relay: Relay, sock: socket.socket, side: str) -> None:
+    def __init__(self, relay: Relay[Any], sock: Endpoint, side: str) -> None:
         self.relay = relay
         self.loop = relay.loop
         self.poller = relay.poller
@@ -211,85 +234,15 @@ class _Sender:
         self.on_drained = None
 
 
-class _Out:
-    """The :class:`~midway.chain.base.Output` handed to the stage at ``index``."""
-
-    __slots__ = ("flow", "index", "direction", "info", "interrupted", "_sleepers")
-
-    def __init__(self, flow: _Flow, index: int) -> None:
-        self.flow = flow
-        self.index = index
-        self.direction: Direction = flow.name
-        self.info: ConnectionInfo = flow.relay.info
-        self.interrupted = False
-        self._sleepers: set[asyncio.Future[bool]] = set()
-
-    @property
-    def received_at(self) -> float:
-        return self.flow.received_at
-
-    @received_at.setter
-    def received_at(self, value: float) -> None:
-        self.flow.received_at = value
-
-    def now(self) -> float:
-        return self.flow.loop.time()
-
-    async def sleep(self, seconds: float) -> bool:
-        if self.interrupted or self.flow.relay.closed:
-            return False
-        loop = self.flow.loop
-        fut: asyncio.Future[bool] = loop.create_future()
-        handle = loop.call_later(max(seconds, 0.0) + self.flow.relay.timer_slack,
-                                 _resolve, fut, True)
-        self._sleepers.add(fut)
-        try:
-            return await fut
-        finally:
-            handle.cancel()
-            self._sleepers.discard(fut)
-
-    def interrupt(self) -> None:
-        self.interrupted = True
-        for fut in self._sleepers:
-            _resolve(fut, False)
-
-    async def send(self, data: bytes) -> None:
-        if data:
-            await cooperate()  # an element sending many pieces lets the others run
-            await self.flow._data_from(self.index + 1, data)
-
-    async def send_eof(self) -> None:
-        await self.flow._eof_from(self.index + 1)
-
-    async def reply(self, data: bytes) -> None:
-        sender = self.flow.reverse_sender
-        if data and not sender.fin_sent and not self.flow.relay.closed:
-            if not sender.write(data):
-                await sender.drain()
-
-    def close(self, reason: str = "closed by element") -> None:
-        self.flow.relay.close_after_flush(CloseReason.ELEMENT, reason)
-
-    def reset(self, reason: str = "reset by element") -> None:
-        self.flow.relay.abort(CloseReason.ELEMENT, reason, PROXY)
-
-
-def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-class _Flow:
+class Flow:
     """One direction of a relay: reads ``src``, writes through ``sender``."""
 
     __slots__ = ("relay", "loop", "poller", "name", "src", "src_fd", "src_side", "sender",
-                 "reverse_sender", "bytes", "reading", "eof", "chained", "stages", "wanted",
-                 "outs", "queue", "queued", "pump", "wake", "received_at", "fast_reader",
+                 "reverse_sender", "bytes", "reading", "eof", "chained", "chain", "fast_reader",
                  "pipe", "in_pipe", "writing", "dst_fd", "can_splice", "read_at")
 
-    def __init__(self, relay: Relay, name: Direction, src: socket.socket, src_side: str,
-                 sender: _Sender, reverse_sender: _Sender) -> None:
+    def __init__(self, relay: Relay[Any], name: str, src: Endpoint, src_side: str,
+                 sender: Sender, reverse_sender: Sender) -> None:
         self.relay = relay
         self.loop = relay.loop
         self.poller = relay.poller
@@ -303,14 +256,8 @@ class _Flow:
         self.reading = False
         self.eof = False
         self.chained = False
-        self.stages: list[tuple[object, Stage]] = []
-        self.wanted: list[tuple[object, Stage]] = self.stages
-        self.outs: list[_Out] = []
-        self.queue: deque[tuple[bytes | None, float]] = _NO_QUEUE  # made on entering chain mode
-        self.queued = 0
-        self.pump: asyncio.Task[None] | None = None
-        self.wake: asyncio.Event | None = None
-        self.received_at = 0.0
+        """Whether chunks go to :attr:`chain` (set from the start or on attaching)."""
+        self.chain: Chain | None = None
         self.fast_reader: Callable[[], None] = self._on_readable
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0
@@ -322,12 +269,22 @@ class _Flow:
 
     # -- fast mode -------------------------------------------------------------
 
-    def start(self, splice: bool) -> None:
+    def start(self, splice: bool, prefix: bytes) -> None:
+        """Begin reading; ``prefix`` (bytes read from the source before the relay
+        got it) goes first, as if it were the first read."""
         self.can_splice = splice
-        if self.wanted:
+        if self.chain is not None:
             self._enter_chain()
-        else:
-            self._read(self.fast_reader)
+            if prefix and self.chain is not None:
+                self.bytes += len(prefix)
+                self.chain.received(prefix, self.loop.time())
+            return
+        if prefix:
+            self.bytes += len(prefix)
+            if not self.sender.write(prefix):
+                self.sender.on_drained = self._resume
+                return
+        self._read(self.fast_reader)
 
     def _read(self, callback: Callable[[], None]) -> None:
         if not self.eof and not self.relay.closed:
@@ -478,43 +435,47 @@ class _Flow:
         elif was_reading or self.relay.started:
             self._read(self.fast_reader)
 
-    # -- chain mode ------------------------------------------------------------
+    # -- chained (the engine's side: see "The chain's contract" above) ----------
 
-    def set_stages(self, stages: StageList) -> None:
-        """Make ``stages`` this direction's chain (applied between two chunks)."""
-        wanted = list(stages)
-        keep = {id(stage) for _, stage in wanted}
-        for out, (_, stage) in zip(self.outs, self.stages, strict=True):
-            if id(stage) not in keep:
-                out.interrupt()
-        self.wanted = wanted
-        if self.relay.started and not self.chained and wanted:
+    def attach_chain(self, chain: Chain) -> None:
+        """Give this direction's chunks to ``chain`` from now on (from the start,
+        or between two chunks when live)."""
+        self.chain = chain
+        if self.relay.started and not self.chained:
             self._enter_chain()
-        elif self.wake is not None:
-            self.wake.set()
 
-    def _enter_chain(self) -> None:
-        self.use_copy()
-        self.chained = True
-        self.relay.path = "chain"
-        self._stop_reading()
-        self.sender.on_drained = None
-        self.wake = asyncio.Event()
-        if self.queue is _NO_QUEUE:
-            self.queue = deque()
-        self._read(self._on_readable_chain)
-        self.pump = self.loop.create_task(self._pump())
-
-    def _leave_chain(self) -> None:
+    def detach_chain(self) -> None:
+        """The chain is done (nothing to run, nothing held): fast mode again."""
+        self.chain = None
+        if not self.chained:
+            return
         self.chained = False
-        self.pump = None
-        self.wake = None
-        self.outs = []
         self._stop_reading()
         if self.sender.buf:
             self.sender.on_drained = self._resume
         else:
             self._read(self.fast_reader)
+
+    def pause_reading(self) -> None:
+        """The chain holds enough: stop reading the source (back-pressure)."""
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        """The chain has room again (a no-op after the source's FIN)."""
+        if not self.reading:
+            self._read(self._on_readable_chain)
+
+    def _enter_chain(self) -> None:
+        self.use_copy()
+        if self.relay.closed:
+            return
+        self.chained = True
+        self.relay.path = "chain"
+        self._stop_reading()
+        self.sender.on_drained = None
+        self._read(self._on_readable_chain)
+        assert self.chain is not None
+        self.chain.begin()
 
     def _on_readable_chain(self) -> None:
         try:
@@ -526,116 +487,32 @@ class _Flow:
             return
         now = self.loop.time()
         self.relay.timers.last_activity = now
+        chain = self.chain
+        assert chain is not None
         if not data:
             self._src_ended()
-            self.queue.append((None, now))
+            chain.ended(now)
         else:
             self.bytes += len(data)
             self.read_at = now
-            self.queue.append((data, now))
-            self.queued += len(data)
-            if self.queued >= CHAIN_QUEUE_HIGH:
-                self._stop_reading()
-        assert self.wake is not None
-        self.wake.set()
-
-    async def _pump(self) -> None:
-        assert self.wake is not None
-        try:
-            while True:
-                if self.wanted is not self.stages:
-                    await self._apply_changes()
-                if not self.queue:
-                    if not self.stages:
-                        self._leave_chain()
-                        return
-                    self.wake.clear()
-                    await self.wake.wait()
-                    continue
-                data, self.received_at = self.queue.popleft()
-                if data is None:
-                    await self._eof_from(0)
-                    continue
-                self.queued -= len(data)
-                if not self.reading and not self.eof and self.queued <= CHAIN_QUEUE_LOW:
-                    self._read(self._on_readable_chain)
-                await self._data_from(0, data)
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the relay stopping this pump
-            self.relay._stage_failed(self.name, exc)  # raised by a stage's own code
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            # A stage (user code) failed, even with an exception meant to end the
-            # process: this connection only.
-            self.relay._stage_failed(self.name, exc)
-
-    async def _apply_changes(self) -> None:
-        wanted = self.wanted
-        keep = {id(stage) for _, stage in wanted}
-        old = {id(stage) for _, stage in self.stages}
-        for out, (_, stage) in zip(list(self.outs), list(self.stages), strict=True):
-            if id(stage) not in keep:
-                out.interrupt()
-                await stage.flush(out)
-                stage.close()
-        # Stages that stay keep their Output (a background task of theirs may hold
-        # it); only its position changes.
-        kept = {id(stage): out for out, (_, stage) in zip(self.outs, self.stages, strict=True)}
-        self.stages = wanted
-        outs = []
-        for index, (_, stage) in enumerate(wanted):
-            previous = kept.get(id(stage))
-            out = previous if previous is not None and not previous.interrupted else _Out(self, index)
-            out.index = index
-            outs.append(out)
-        self.outs = outs
-        for out, (_, stage) in zip(outs, wanted, strict=True):
-            if id(stage) not in old:
-                stage.start(out)
-
-    async def _data_from(self, index: int, data: bytes) -> None:
-        if index < len(self.stages):
-            await self.stages[index][1].data(data, self.outs[index])
-        elif not self.sender.fin_sent and not self.sender.fin_pending:
-            if len(data) > WRITE_PIECE:
-                await self._write_pieces(data)
-            elif not self.sender.write(data):
-                await self.sender.drain()
-
-    async def _write_pieces(self, data: bytes) -> None:
-        """Write a large chunk a piece at a time (see :data:`WRITE_PIECE`)."""
-        sender = self.sender
-        with memoryview(data) as view:
-            for start in range(0, len(view), WRITE_PIECE):
-                if self.relay.closed:
-                    return
-                if not sender.write(view[start:start + WRITE_PIECE]):
-                    await sender.drain()
-                else:
-                    await cooperate()
-
-    async def _eof_from(self, index: int) -> None:
-        if index < len(self.stages):
-            await self.stages[index][1].eof(self.outs[index])
-        else:
-            self.sender.send_eof()
+            chain.received(data, now)
 
     def cut_short(self, now: float, quiet_s: float) -> bool:
         """Whether ending the connection now would cut this direction short: bytes
         read and not yet given to the kernel for the peer (a sender's buffer, a
-        pipe, the chain's queue or stages), bytes the source sent that midway has
-        not read, or a transfer in progress (a byte read in the last ``quiet_s``
-        and no end of stream yet).  Its destination must then get a reset."""
+        pipe, the chain), bytes the source sent that midway has not read, or a
+        transfer in progress (a byte read in the last ``quiet_s`` and no end of
+        stream yet).  Its destination must then get a reset."""
         if self.sender.fin_sent:
             return False  # ended: every byte delivered and the FIN passed on
-        if self.sender.buf or self.in_pipe or self.queued:
+        if self.sender.buf or self.in_pipe:
             return True
-        if self.wake is not None and self.wake.is_set():
-            return True  # the pump is busy with a chunk (it clears it to wait)
+        if self.chain is not None and self.chain.holding():
+            return True
         if self.eof:
             return False
-        return (self.bytes > 0 and now - self.read_at < quiet_s) or _unread(self.src_fd) > 0
+        return ((self.bytes > 0 and now - self.read_at < quiet_s)
+                or _unread(self.src_fd) > 0 or pending(self.src) > 0)
 
     def stop(self) -> None:
         self._stop_reading()
@@ -643,36 +520,69 @@ class _Flow:
             self.poller.remove_writer(self.dst_fd)
             self.writing = False
         self._release_pipe()
-        if self.pump is not None:
-            self.pump.cancel()
-            self.pump = None
-        for out in self.outs:
-            out.interrupt()
-        for _, stage in self.stages:
-            try:
-                stage.close()
-            except Exception:
-                log.exception("conn %d: a %s stage failed to close", self.relay.info.id, self.name)
-        self.stages = []
+        if self.chain is not None:
+            self.chain.stop()
 
 
-class Relay:
-    """Relays bytes between ``client`` and ``upstream`` (connected, non-blocking).
+class _StreamFlow(Flow):
+    """A direction whose source is a :class:`~midway.core.streams.Stream`: the same,
+    but bytes a read left decoded inside the stream (``pending()``), which no
+    readiness event will announce, are read on the next loop turn.  Plain sockets
+    use :class:`Flow` and pay nothing for this."""
 
-    ``on_close(relay)`` is called exactly once, after both sockets are closed; by
+    __slots__ = ("reader", "kicked")
+
+    def __init__(self, relay: Relay[Any], name: str, src: Endpoint, src_side: str,
+                 sender: Sender, reverse_sender: Sender) -> None:
+        super().__init__(relay, name, src, src_side, sender, reverse_sender)
+        self.reader: Callable[[], None] = self._on_readable
+        self.kicked = False
+
+    def _read(self, callback: Callable[[], None]) -> None:
+        self.reader = callback
+        super()._read(self._on_stream_readable)
+        self._kick_if_pending()
+
+    def _on_stream_readable(self) -> None:
+        self.reader()
+        self._kick_if_pending()
+
+    def _kick_if_pending(self) -> None:
+        if self.reading and not self.kicked and pending(self.src) > 0:
+            self.kicked = True
+            self.loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self.kicked = False
+        if self.reading:  # not paused, ended or closed meanwhile
+            self._on_stream_readable()
+
+
+class Relay(Generic[InfoT]):
+    """Relays bytes between ``client`` and ``upstream`` (connected, non-blocking
+    endpoints: plain sockets, or streams that can only copy).
+
+    ``client_prefix`` / ``upstream_prefix``: bytes already read from that endpoint
+    before the relay got it (a peeked ClientHello, what followed a PROXY header),
+    relayed first, in order, before anything read later.  ``info`` is the owner's
+    description of the connection; the relay only carries it.
+
+    ``on_close(relay)`` is called exactly once, after both endpoints are closed; by
     then ``reason``, ``detail``, ``first_close`` and the byte counts are final."""
 
     def __init__(
         self,
-        client: socket.socket,
-        upstream: socket.socket,
-        info: ConnectionInfo,
+        client: Endpoint,
+        upstream: Endpoint,
+        info: InfoT,
         *,
         idle_timeout_s: float,
         half_close_timeout_s: float,
-        on_close: Callable[[Relay], None],
+        on_close: Callable[[Relay[InfoT]], None],
         splice: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
+        client_prefix: bytes = b"",
+        upstream_prefix: bytes = b"",
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.poller = poller_for(self.loop)
@@ -686,21 +596,25 @@ class Relay:
         self.reason: CloseReason | None = None
         self.detail = ""
         self.first_close: str | None = None
-        self.splice = splice and _splice.AVAILABLE
+        self.splice = (splice and _splice.AVAILABLE
+                       and can_splice(client) and can_splice(upstream))
+        """Whether the zero-copy path may be taken (both endpoints plain sockets)."""
         self.path = "copy"
         """``copy`` (fast path, bytes through a buffer), ``splice`` (fast path that
         moved bulk data zero-copy) or ``chain`` (elements attached)."""
         self.connect_time_s = 0.0
         self.reset = False
         """Whether the connection ended with an RST (set when it closes)."""
-        self.timer_slack = 0.0 if isinstance(self.loop, asyncio.BaseEventLoop) else _COARSE_TIMER_SLACK_S
+        self._prefixes = (client_prefix, upstream_prefix)
         self._closing: tuple[CloseReason, str] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ended = 0
-        to_upstream = _Sender(self, upstream, UPSTREAM_SIDE)
-        to_client = _Sender(self, client, CLIENT)
-        self.up = _Flow(self, "upstream", client, CLIENT, to_upstream, to_client)
-        self.down = _Flow(self, "downstream", upstream, UPSTREAM_SIDE, to_client, to_upstream)
+        to_upstream = Sender(self, upstream, UPSTREAM_SIDE)
+        to_client = Sender(self, client, CLIENT)
+        up = Flow if can_splice(client) else _StreamFlow
+        down = Flow if can_splice(upstream) else _StreamFlow
+        self.up = up(self, "upstream", client, CLIENT, to_upstream, to_client)
+        self.down = down(self, "downstream", upstream, UPSTREAM_SIDE, to_client, to_upstream)
 
     # -- public ------------------------------------------------------------
 
@@ -712,24 +626,18 @@ class Relay:
     def bytes_down(self) -> int:
         return self.down.bytes
 
-    def flow(self, direction: str) -> _Flow:
+    def flow(self, direction: str) -> Flow:
         return self.up if direction == "upstream" else self.down
 
-    def set_stages(self, direction: str, stages: StageList) -> None:
-        """Replace a direction's chain, live: removed stages are flushed first.
-
-        A connection with any stage leaves the zero-copy path in both directions
-        (a stage may ``reply`` into the other direction's socket, which must then
-        be written in order through its sender)."""
-        if self.closed:
-            return
-        if stages and self.splice:
+    def copy_only(self) -> None:
+        """Leave the zero-copy path in both directions, for good (bytes already in
+        a pipe are delivered first)."""
+        if self.splice:
             self.splice = False
             for flow in (self.up, self.down):
                 flow.can_splice = False
                 if self.started:
                     flow.use_copy()
-        self.flow(direction).set_stages(stages)
 
     def start(self) -> None:
         """Begin relaying.  Call once."""
@@ -738,8 +646,10 @@ class Relay:
         # back-pressure, or a side already half-closed) is seen at once too.
         self.poller.watch(self.up.src_fd, self._client_failed)
         self.poller.watch(self.down.src_fd, self._upstream_failed)
-        self.up.start(self.splice)
-        self.down.start(self.splice)
+        client_prefix, upstream_prefix = self._prefixes
+        self._prefixes = (b"", b"")
+        self.up.start(self.splice, client_prefix)
+        self.down.start(self.splice, upstream_prefix)
         self._arm()
 
     def close(self, reason: CloseReason, detail: str = "", *,
@@ -748,7 +658,7 @@ class Relay:
         second signal, a timeout, an admin command).
 
         Each socket gets a FIN, as at a clean stop, unless the direction into it
-        is cut short (:meth:`_Flow.cut_short`: bytes held or unread, or a byte
+        is cut short (:meth:`Flow.cut_short`: bytes held or unread, or a byte
         read in the last ``quiet_s``, default :data:`FLOWING_S`, with no end of
         stream yet); then it is reset, so that no peer mistakes a cut stream for a
         complete one (docs/guarantees.md)."""
@@ -777,12 +687,11 @@ class Relay:
             self.first_close = PROXY
         self.timers.half_closed(self.loop.time())
         self._arm()
-        current = asyncio.current_task()
         for flow in (self.up, self.down):
             flow._stop_reading()
             flow.eof = True
-            if flow.pump is not None and flow.pump is not current:
-                flow.pump.cancel()
+            if flow.chain is not None:
+                flow.chain.halt()
             flow.sender.send_eof()
 
     # -- events from flows and senders ---------------------------------------
@@ -791,7 +700,7 @@ class Relay:
         if self.first_close is None:
             self.first_close = side
 
-    def _direction_ended(self, sender: _Sender) -> None:
+    def _direction_ended(self, sender: Sender) -> None:
         self._ended += 1
         if self._ended == 2:  # every byte delivered and both FINs passed on
             reason, detail = self._closing or (CloseReason.EOF, "")
@@ -809,14 +718,6 @@ class Relay:
 
     def _upstream_failed(self, exc: OSError) -> None:
         self._failed(UPSTREAM_SIDE, exc)
-
-    def _stage_failed(self, direction: str, exc: BaseException) -> None:
-        if self.closed:
-            return
-        log.error("conn %d (%s): %s chain element failed; closing this connection",
-                  self.info.id, self.info.proxy, direction, exc_info=exc)
-        self.abort(CloseReason.ERROR, f"{direction} element raised {type(exc).__name__}: {exc}",
-                   PROXY)
 
     # -- timers -----------------------------------------------------------
 
@@ -876,7 +777,7 @@ def _unread(fd: int) -> int:
 _INT_ZERO = struct.pack("i", 0)
 
 
-def close_socket(sock: socket.socket, *, reset: bool = False) -> None:
+def close_socket(sock: Endpoint, *, reset: bool = False) -> None:
     """Close ``sock``, with an RST when ``reset`` (SO_LINGER 0)."""
     if reset:
         try:

@@ -20,7 +20,6 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from midway.chain.base import DOWNSTREAM
 from midway.chain.toxics.bandwidth import BandwidthToxic
 from midway.chain.toxics.base import Attributes, Conditions, Toxic, ToxicError, ToxicStage
 from midway.chain.toxics.blackhole import BlackholeToxic
@@ -34,6 +33,7 @@ from midway.chain.toxics.slicer import SlicerToxic
 from midway.chain.toxics.slow_close import SlowCloseToxic
 from midway.chain.toxics.stall import StallToxic
 from midway.chain.toxics.timeout import TimeoutToxic
+from midway.config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY
 from midway.core.clock import Clock
 
 __all__ = [
@@ -83,8 +83,8 @@ def make_toxic(
     type: str,
     *,
     name: str | None = None,
-    stream: str = DOWNSTREAM,
-    toxicity: float = 1.0,
+    stream: str = DEFAULT_TOXIC_STREAM,
+    toxicity: float = DEFAULT_TOXICITY,
     attributes: Mapping[str, object] | None = None,
     conditions: Conditions | Mapping[str, object] | None = None,
     rng: random.Random | None = None,

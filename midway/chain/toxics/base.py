@@ -70,7 +70,12 @@ from midway.chain.base import (
 )
 from midway.chain.toxics.match import StreamMatcher, compile_pattern
 from midway.chain.toxics.trigger import MatchGate, MatchWatch, Trigger
-from midway.config.schema import NAME_MAX_LEN, toxic_name_problem
+from midway.config.schema import (
+    DEFAULT_TOXIC_STREAM,
+    DEFAULT_TOXICITY,
+    NAME_MAX_LEN,
+    toxic_name_problem,
+)
 from midway.core.clock import Clock
 from midway.errors import MidwayError
 
@@ -363,8 +368,8 @@ class Toxic(Element, Generic[A]):
         attributes: A | None = None,
         *,
         name: str | None = None,
-        stream: str = DOWNSTREAM,
-        toxicity: float = 1.0,
+        stream: str = DEFAULT_TOXIC_STREAM,
+        toxicity: float = DEFAULT_TOXICITY,
         conditions: Conditions | Mapping[str, object] | None = None,
         rng: random.Random | None = None,
         clock: Clock | None = None,

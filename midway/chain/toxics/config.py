@@ -41,7 +41,8 @@ from dataclasses import fields
 from typing import Any
 
 from ...config.describe import describe_value
-from ...config.schema import ProxyConfig, ToxicSpec
+from ...config.load import register_list_parser
+from ...config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY, ProxyConfig, ToxicSpec
 from ...errors import ConfigError
 from . import TOXICS, make_toxic
 from .base import Conditions, Toxic, ToxicError
@@ -105,8 +106,8 @@ def parse_toxic_table(table: Any, path: str, *, seed: int = 0) -> ToxicSpec:
         raise ConfigError(f"{path}.seed", f"expected a whole number of at least 0, got {own_seed!r}")
     try:
         toxic = make_toxic(
-            table["type"], name=table.get("name"), stream=table.get("stream", "downstream"),
-            toxicity=table.get("toxicity", 1.0), attributes=table.get("attributes"),
+            table["type"], name=table.get("name"), stream=table.get("stream", DEFAULT_TOXIC_STREAM),
+            toxicity=table.get("toxicity", DEFAULT_TOXICITY), attributes=table.get("attributes"),
             conditions=table.get("conditions"), seed=own_seed,
         )
     except ToxicError as exc:
@@ -203,3 +204,8 @@ def _number(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+register_list_parser(
+    "toxics", lambda value, path, options: parse_toxic_tables(value, path,
+                                                              seed=options.get("seed", 0)))
