@@ -239,6 +239,10 @@ async def serve(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["replay"]:  # a subcommand of its own: midway.replay
+        from .replay import main as replay_main
+        return replay_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
