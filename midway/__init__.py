@@ -22,6 +22,7 @@ from .config.load import config_from_dict, load_config
 from .config.schema import Config, ProxyConfig, ServerConfig
 from .core.observer import CloseReason, CloseRecord
 from .errors import ConfigError, ListenError, MidwayError, Rejected, UpstreamError
+from .replay import BackgroundReplay, Replay
 from .runtime import Runtime
 from .testing import BackgroundProxy
 
@@ -29,6 +30,8 @@ __all__ = [
     "__version__",
     "Proxy",
     "BackgroundProxy",
+    "Replay",
+    "BackgroundReplay",
     "proxy_config",
     "Runtime",
     "Config",

@@ -131,10 +131,12 @@ class Proxy:
 
     def add_toxic(self, type: str, *, name: str | None = None, stream: str = "downstream",
                   toxicity: float = 1.0, conditions: dict[str, Any] | None = None,
-                  **attributes: Any) -> ToxicHandle:
+                  seed: int | None = None, **attributes: Any) -> ToxicHandle:
         """Add a toxic, live: open connections get it too.  ``attributes`` are the
         toxic's (``latency=200``, ``rate=100``...), with Toxiproxy's names, units
-        and defaults; ``name`` defaults to ``TYPE_STREAM``.  Returns a handle to
+        and defaults; ``name`` defaults to ``TYPE_STREAM``.  ``seed`` makes its
+        random draws repeat (see docs/faults.md); ``None``: the proxy's ``seed``
+        option, else one drawn and logged.  Returns a handle to
         remove or update it, usable as a context manager::
 
             with proxy.add_toxic("latency", latency=200, stream="downstream"):
@@ -144,7 +146,8 @@ class Proxy:
         bad setting and :class:`~midway.chain.toxics.live.ToxicExists` when the
         name is taken."""
         toxic = make_toxic(type, name=name, stream=stream, toxicity=toxicity,
-                           attributes=attributes, conditions=conditions, clock=LoopClock())
+                           attributes=attributes, conditions=conditions, clock=LoopClock(),
+                           seed=seed if seed is not None else self.config.seed or None)
         return ToxicHandle(self.service, add_toxic(self.service, toxic))
 
     @property

@@ -294,6 +294,10 @@ def _proxies(count: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["replay"]:  # a subcommand of its own: midway.replay
+        from .replay import main as replay_main
+        return replay_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

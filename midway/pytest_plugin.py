@@ -1,4 +1,4 @@
-"""midway's pytest plugin: the ``midway_proxy`` fixture.
+"""midway's pytest plugin: the ``midway_proxy`` and ``midway_replay`` fixtures.
 
 Installed with midway and registered through the ``pytest11`` entry point, so any
 test can ask for it::
@@ -12,23 +12,38 @@ test can ask for it::
 
 ``midway_proxy(upstream, listen="127.0.0.1:0", **options)`` starts a
 :class:`~midway.BackgroundProxy` (options are those of :class:`~midway.Proxy`)
-and stops it when the test ends.  Importing this module costs only the import of
-pytest; midway itself is imported when the fixture is first used.
+and stops it when the test ends.
+
+``midway_replay(capture, listen="127.0.0.1:0", **options)`` starts a
+:class:`~midway.replay.BackgroundReplay`: a fake upstream answering from a
+capture recorded with ``midway --pcap`` (options: ``loose``, ``timing``,
+``wait_s``; see :mod:`midway.replay`), stopped when the test ends::
+
+    def test_against_the_recording(midway_replay):
+        replay = midway_replay("tests/data/session.pcap")
+        assert fetch(*replay.address) == EXPECTED
+        assert replay.failures == []          # every request matched the recording
+
+Importing this module costs only the import of pytest; midway itself is
+imported when a fixture is first used.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from .replay import BackgroundReplay
     from .testing import BackgroundProxy
 
-__all__ = ["midway_proxy"]
+__all__ = ["midway_proxy", "midway_replay"]
 
 ProxyFactory = Callable[..., "BackgroundProxy"]
+ReplayFactory = Callable[..., "BackgroundReplay"]
 
 
 @pytest.fixture
@@ -48,3 +63,22 @@ def midway_proxy() -> Iterator[ProxyFactory]:
     yield start
     for proxy in reversed(started):
         proxy.stop()
+
+
+@pytest.fixture
+def midway_replay() -> Iterator[ReplayFactory]:
+    """A factory of in-process replays of recorded captures; every replay it
+    started is stopped at teardown."""
+    from .replay import BackgroundReplay
+
+    started: list[BackgroundReplay] = []
+
+    def start(capture: str | os.PathLike[str], listen: str = "127.0.0.1:0",
+              **options: Any) -> BackgroundReplay:
+        replay = BackgroundReplay(capture, listen, **options).start()
+        started.append(replay)
+        return replay
+
+    yield start
+    for replay in reversed(started):
+        replay.stop()

@@ -16,34 +16,46 @@ import asyncio
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 from .api import Proxy
 from .chain.toxics import Toxic
 from .chain.toxics.live import ToxicHandle
 from .errors import MidwayError
 
-__all__ = ["BackgroundProxy"]
+__all__ = ["Background", "BackgroundProxy"]
 
 T = TypeVar("T")
 
 _START_TIMEOUT_S = 10.0
 
 
-class BackgroundProxy:
-    """Runs a :class:`~midway.api.Proxy` on its own event loop in a daemon thread.
+class Service(Protocol):
+    """What :class:`Background` runs: started and stopped on its loop, with an address."""
 
-    Arguments are those of :class:`~midway.api.Proxy`.  :meth:`start` returns once
-    the proxy listens (or raises what starting raised); :meth:`stop` closes every
-    connection and joins the thread."""
+    async def start(self) -> None: ...
 
-    def __init__(self, listen: str | Sequence[str] = "127.0.0.1:0",
-                 upstreams: str | Sequence[str] = (), **kwargs: Any) -> None:
-        self.proxy = Proxy(listen, upstreams, **kwargs)
+    async def stop(self) -> None: ...
+
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+
+S = TypeVar("S", bound=Service)
+
+
+class Background(Generic[S]):
+    """Runs ``service`` (a :class:`~midway.api.Proxy`, a
+    :class:`~midway.replay.Replay`) on its own event loop in a daemon thread.
+    :meth:`start` returns once it listens (or raises what starting raised);
+    :meth:`stop` stops it and joins the thread."""
+
+    def __init__(self, service: S) -> None:
+        self.service = service
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> BackgroundProxy:
+    def start(self) -> Self:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -51,7 +63,7 @@ class BackgroundProxy:
             loop = asyncio.new_event_loop()
             self._loop = loop
             try:
-                loop.run_until_complete(self.proxy.start())
+                loop.run_until_complete(self.service.start())
             except BaseException as exc:  # handed to the caller of start()
                 failure.append(exc)
                 ready.set()
@@ -61,29 +73,30 @@ class BackgroundProxy:
             try:
                 loop.run_forever()
             finally:
-                loop.run_until_complete(self.proxy.stop())
+                loop.run_until_complete(self.service.stop())
                 loop.close()
 
-        self._thread = threading.Thread(target=run, name="midway-proxy", daemon=True)
+        self._thread = threading.Thread(target=run, name=f"midway-{type(self.service).__name__}",
+                                        daemon=True)
         self._thread.start()
         if not ready.wait(_START_TIMEOUT_S):
-            raise MidwayError("the background proxy did not start in time")
+            raise MidwayError(f"the background {type(self.service).__name__} did not start in time")
         if failure:
             self._thread.join()
             raise failure[0]
         return self
 
     def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()`` on the proxy's loop and return its result (thread-safe)."""
+        """Run ``fn()`` on the service's loop and return its result (thread-safe)."""
         async def wrapper() -> T:
             return fn()
         return self.run(wrapper())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the proxy's loop and wait for its result."""
+        """Run a coroutine on the service's loop and wait for its result."""
         if self._loop is None:
             coro.close()
-            raise MidwayError("the background proxy is not running")
+            raise MidwayError(f"the background {type(self.service).__name__} is not running")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_START_TIMEOUT_S)
 
     def stop(self) -> None:
@@ -93,7 +106,7 @@ class BackgroundProxy:
             self._loop = None
             self._thread = None
 
-    def __enter__(self) -> BackgroundProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -102,7 +115,7 @@ class BackgroundProxy:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.call(lambda: self.proxy.address)
+        return self.call(lambda: self.service.address)
 
     @property
     def host(self) -> str:
@@ -111,6 +124,22 @@ class BackgroundProxy:
     @property
     def port(self) -> int:
         return self.address[1]
+
+
+class BackgroundProxy(Background[Proxy]):
+    """Runs a :class:`~midway.api.Proxy` on its own event loop in a daemon thread.
+
+    Arguments are those of :class:`~midway.api.Proxy`.  :meth:`start` returns once
+    the proxy listens (or raises what starting raised); :meth:`stop` closes every
+    connection and joins the thread."""
+
+    def __init__(self, listen: str | Sequence[str] = "127.0.0.1:0",
+                 upstreams: str | Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(Proxy(listen, upstreams, **kwargs))
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.service
 
     # -- fault injection: Proxy's methods, run on the proxy's loop ---------------
 

@@ -93,8 +93,9 @@ TOXIC_NOT_FOUND = "toxic not found"
 PROXY_FIELDS = ("name", "listen", "upstream", "enabled", "toxics")
 """What a proxy body may hold: Toxiproxy's proxy JSON (``toxics`` is its output
 field, accepted and ignored so that a proxy read back can be sent again)."""
-TOXIC_FIELDS = ("name", "type", "stream", "toxicity", "attributes", "conditions")
-"""What a toxic body may hold: Toxiproxy's toxic JSON, plus midway's ``conditions``."""
+TOXIC_FIELDS = ("name", "type", "stream", "toxicity", "attributes", "conditions", "seed")
+"""What a toxic body may hold: Toxiproxy's toxic JSON, plus midway's ``conditions``
+and ``seed`` (default: the proxy's ``seed`` option, else drawn and logged)."""
 
 
 @dataclass
@@ -349,7 +350,8 @@ class ToxiproxyAPI:
             toxic = make_toxic(kind, name=name, stream=stream,
                                toxicity=DEFAULT_TOXICITY if toxicity is None else toxicity,
                                attributes=data.get("attributes") or {},
-                               conditions=data.get("conditions"))
+                               conditions=data.get("conditions"),
+                               seed=_seed(data.get("seed"), service.config.seed))
         except ToxicError as exc:
             raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
         try:
@@ -435,6 +437,16 @@ class ToxiproxyAPI:
             "enabled": service.enabled,
             "toxics": [_toxic_json(t) for t in list_toxics(service)],
         }
+
+
+def _seed(given: object, proxy_seed: int) -> int | None:
+    """A toxic's seed from a body: its own if given, else the proxy's (0: none)."""
+    if given is None:
+        return proxy_seed or None
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+        raise ApiError(f"{BAD_BODY}: seed: expected a whole number of at least 0, got {given!r}",
+                       400)
+    return given
 
 
 def _toxic_json(toxic: Toxic[Any]) -> dict[str, Any]:

@@ -124,7 +124,7 @@ def test_match_with_after_s_and_the_conditions_round_trip() -> None:
     ({"match": "("}, "conditions.match", "not a regular expression"),
     ({"match": ""}, "conditions.match", "non-empty"),
     ({"match": 5}, "conditions.match", "regular expression"),
-    ({"for_s": 1}, "conditions.for_s", "needs a match"),
+    ({"for_s": 1}, "conditions.for_s", "needs a match or message"),
     ({"match_stream": "upstream"}, "conditions.match_stream", "needs a match"),
     ({"match": "a", "match_stream": "up"}, "conditions.match_stream", "upstream"),
     ({"match": "a", "for_s": -1}, "conditions.for_s", "negative"),

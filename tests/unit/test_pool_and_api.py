@@ -27,7 +27,7 @@ def test_public_api_is_explicit() -> None:
         "ProxyConfig", "ServerConfig", "load_config", "config_from_dict", "Element", "Stage",
         "Attachment", "Output", "ConnectionInfo", "CloseReason", "CloseRecord", "MidwayError",
         "ConfigError", "ListenError", "UpstreamError", "Rejected",
-        "ToxicHandle", "ToxicError", "ToxicExists", "ToxicNotFound",
+        "ToxicHandle", "ToxicError", "ToxicExists", "ToxicNotFound", "Replay", "BackgroundReplay",
     ])
     for name in midway.__all__:
         assert hasattr(midway, name), name

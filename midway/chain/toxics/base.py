@@ -68,8 +68,10 @@ from midway.chain.base import (
     Output,
     Stage,
 )
+from midway.chain.framing import make_framer
 from midway.chain.toxics.match import StreamMatcher, compile_pattern
-from midway.chain.toxics.trigger import MatchGate, MatchWatch, Trigger
+from midway.chain.toxics.message import DEFAULT_FRAMING, MessageCounter
+from midway.chain.toxics.trigger import Finder, MatchGate, MatchWatch, Trigger
 from midway.config.schema import (
     DEFAULT_TOXIC_STREAM,
     DEFAULT_TOXICITY,
@@ -217,12 +219,24 @@ class Conditions:
     :mod:`midway.chain.toxics.trigger`).  ``None``: from the start."""
     match_stream: Direction | None = None
     """The stream searched for ``match``.  ``None``: the toxic's own."""
+    message: int | None = None
+    """The toxic applies on a connection from the first byte of its Nth message
+    (from 1) under ``framing`` on ``message_stream`` (see
+    :mod:`midway.chain.toxics.message`).  ``None``: from the start.  Not with
+    ``match``."""
+    message_stream: Direction | None = None
+    """The stream whose messages ``message`` counts.  ``None``: the toxic's own."""
+    framing: str | None = None
+    """With ``message``: how messages are cut, a :func:`~midway.chain.framing.make_framer`
+    spec (``line:\\r\\n``, ``length:4:big``, ``fixed:16``).  ``None``: ``line``
+    (lines ending in ``\\n``, which ``\\r\\n`` lines do too)."""
     for_s: float = 0.0
-    """With ``match``: seconds after the match when the toxic stops applying,
-    checked per chunk.  0: for the rest of the connection."""
+    """With ``match`` or ``message``: seconds after the trigger when the toxic
+    stops applying, checked per chunk.  0: for the rest of the connection."""
 
     KEYS: ClassVar[tuple[str, ...]] = ("client_cidr", "first_n", "every_nth", "after_s",
-                                       "match", "match_stream", "for_s")
+                                       "match", "match_stream", "message", "message_stream",
+                                       "framing", "for_s")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, object] | None) -> Conditions:
@@ -240,21 +254,30 @@ class Conditions:
                 )
         match = _parse_match(raw.get("match"))
         for_s = _parse_seconds("for_s", raw.get("for_s", 0.0))
-        match_stream = raw.get("match_stream")
-        if match_stream is not None and match_stream not in DIRECTIONS:
-            raise ToxicError("conditions.match_stream",
-                             f'must be "upstream" or "downstream", got {match_stream!r}')
-        if match is None and (for_s or match_stream is not None):
-            key = "for_s" if for_s else "match_stream"
-            raise ToxicError(f"conditions.{key}", "needs a match condition")
+        match_stream = _parse_stream("match_stream", raw.get("match_stream"))
+        if match is None and match_stream is not None:
+            raise ToxicError("conditions.match_stream", "needs a match condition")
+        message = _parse_count("message", raw.get("message"))
+        message_stream = _parse_stream("message_stream", raw.get("message_stream"))
+        framing = _parse_framing(raw.get("framing"))
+        if message is None and (message_stream is not None or framing is not None):
+            key = "framing" if framing is not None else "message_stream"
+            raise ToxicError(f"conditions.{key}", "needs a message condition")
+        if match is not None and message is not None:
+            raise ToxicError("conditions.message",
+                             "give match or message, not both (one trigger per toxic)")
+        if match is None and message is None and for_s:
+            raise ToxicError("conditions.for_s", "needs a match or message condition")
         return cls(
             client_cidr=_parse_cidrs(raw.get("client_cidr", ())),
             first_n=_parse_count("first_n", raw.get("first_n")),
             every_nth=_parse_count("every_nth", raw.get("every_nth")),
             after_s=_parse_seconds("after_s", raw.get("after_s", 0.0)),
             match=match,
-            match_stream=UPSTREAM if match_stream == UPSTREAM else
-            DOWNSTREAM if match_stream == DOWNSTREAM else None,
+            match_stream=match_stream,
+            message=message,
+            message_stream=message_stream,
+            framing=framing,
             for_s=for_s,
         )
 
@@ -283,6 +306,12 @@ class Conditions:
             out["match"] = self.match
         if self.match_stream is not None:
             out["match_stream"] = self.match_stream
+        if self.message is not None:
+            out["message"] = self.message
+        if self.message_stream is not None:
+            out["message_stream"] = self.message_stream
+        if self.framing is not None:
+            out["framing"] = self.framing
         if self.for_s:
             out["for_s"] = self.for_s
         return out
@@ -318,6 +347,26 @@ def _parse_seconds(key: str, raw: object) -> float:
     if not math.isfinite(value) or value < 0:
         raise ToxicError(f"conditions.{key}", f"must be finite and not negative, got {raw!r}")
     return value
+
+
+def _parse_stream(key: str, raw: object) -> Direction | None:
+    if raw is None:
+        return None
+    if raw not in DIRECTIONS:
+        raise ToxicError(f"conditions.{key}", f'must be "upstream" or "downstream", got {raw!r}')
+    return UPSTREAM if raw == UPSTREAM else DOWNSTREAM
+
+
+def _parse_framing(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ToxicError("conditions.framing", f"must be a framing spec (a string), got {raw!r}")
+    try:
+        make_framer(raw)
+    except ValueError as exc:
+        raise ToxicError("conditions.framing", str(exc)) from exc
+    return raw
 
 
 def _parse_match(raw: object) -> str | None:
@@ -435,16 +484,27 @@ class Toxic(Element, Generic[A]):
         inner.rng = rng
         stage: Stage = AfterGate(inner, self) if self.conditions.after_s > 0 else inner
         watch: Stage | None = None
-        if self.pattern is not None:
+        finder = self._finder()
+        if finder is not None:
             trigger = Trigger()
-            own = self.conditions.match_stream in (None, self.stream)
-            stage = MatchGate(stage, StreamMatcher(self.pattern) if own else None, trigger,
-                              self.conditions.for_s)
+            c = self.conditions
+            own = (c.match_stream if self.pattern is not None else c.message_stream) \
+                in (None, self.stream)
+            stage = MatchGate(stage, finder if own else None, trigger, c.for_s)
             if not own:
-                watch = MatchWatch(StreamMatcher(self.pattern), trigger)
+                watch = MatchWatch(finder, trigger)
         if self.stream == UPSTREAM:
             return Attachment(upstream=stage, downstream=watch)
         return Attachment(downstream=stage, upstream=watch)
+
+    def _finder(self) -> Finder | None:
+        """A fresh per-connection finder of the ``match`` or ``message`` trigger."""
+        if self.pattern is not None:
+            return StreamMatcher(self.pattern)
+        if self.conditions.message is not None:
+            return MessageCounter(self.conditions.message,
+                                  self.conditions.framing or DEFAULT_FRAMING)
+        return None
 
     @abc.abstractmethod
     def make_stage(self) -> ToxicStage[A]:

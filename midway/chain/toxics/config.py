@@ -21,7 +21,8 @@ Command line (one flag per toxic, repeatable)::
 ``KEY=VALUE`` pairs after ``TYPE:`` set an attribute of the toxic type, else
 ``name``, ``stream``, ``toxicity``, ``seed``, ``at_s``, ``until_s``, else a condition
 (``client_cidr`` may be repeated, ``first_n``, ``every_nth``, ``after_s``,
-``match`` (kept as text; it cannot contain a comma), ``match_stream``, ``for_s``); any
+``match`` (kept as text; it cannot contain a comma), ``match_stream``, ``message``,
+``message_stream``, ``framing`` (text, e.g. ``framing=line:\r\n``), ``for_s``); any
 other key is an (unknown) attribute, for the validation to report.  The
 attribute comes first because ``limit_time``'s ``after_s`` attribute shares its
 name with the condition; that one toxic type cannot take the condition from a
@@ -62,7 +63,8 @@ TABLE_KEYS = ("type", "name", "stream", "toxicity", "attributes", "conditions", 
 _SPEC_FIELDS = {"name": str, "stream": str, "toxicity": float, "seed": int, "at_s": float,
                 "until_s": float}
 _SPEC_CONDITIONS = {"first_n": int, "every_nth": int, "after_s": float, "match": str,
-                    "match_stream": str, "for_s": float}
+                    "match_stream": str, "message": int, "message_stream": str,
+                    "framing": str, "for_s": float}
 
 
 def parse_toxic_tables(value: Any, path: str, *, seed: int = 0) -> tuple[ToxicSpec, ...]:

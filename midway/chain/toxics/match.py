@@ -61,7 +61,7 @@ class StreamMatcher:
     """The first match of ``pattern`` in a byte stream fed chunk by chunk.  Pure:
     no I/O, no clock."""
 
-    __slots__ = ("pattern", "window", "tail", "fed", "start")
+    __slots__ = ("pattern", "window", "tail", "fed", "start", "error")
 
     def __init__(self, pattern: str | bytes | re.Pattern[bytes], window: int = MATCH_WINDOW) -> None:
         if window < 0:
@@ -75,6 +75,8 @@ class StreamMatcher:
         """Bytes fed so far."""
         self.start: int | None = None
         """Stream offset where the match began, once found."""
+        self.error: str | None = None
+        """Always ``None``: a matcher never gives up (see ``Finder``)."""
 
     @property
     def matched(self) -> bool:

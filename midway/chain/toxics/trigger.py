@@ -1,4 +1,5 @@
-"""Content-triggered toxics: the ``match`` condition and its ``for_s`` window.
+"""Content-triggered toxics: the ``match`` and ``message`` conditions and their
+``for_s`` window.
 
 Theory of operation
 -------------------
@@ -23,6 +24,15 @@ next chunk it sees ("every reply after the client sends ``MULTI``").  The
 watched direction then leaves the relay's zero-copy path for as long as the
 toxic is there.
 
+``message`` works the same way with a
+:class:`~midway.chain.toxics.message.MessageCounter` in place of the matcher:
+the trigger is the first byte of the Nth message under the toxic's ``framing``,
+on ``message_stream`` (default: the toxic's own).  On the toxic's own stream the
+toxic applies from that byte on ("reset at the 3rd request": the first two pass
+whole, not one byte of the third); on the other, from the next chunk of the
+toxic's stream after that byte was seen.  Both are finders (:class:`Finder`): anything
+that takes chunks and says where in the chunk the trigger starts.
+
 ``for_s`` (0: for the rest of the connection) ends the toxic that many seconds
 after the trigger.  Like ``after_s`` it is checked when a chunk or the end of
 the stream arrives: the first one after the window ends the toxic's stage as a
@@ -34,10 +44,41 @@ is not cut short by ``for_s``; use ``stall``, which ends by itself.
 
 from __future__ import annotations
 
-from midway.chain.base import Output, Stage
-from midway.chain.toxics.match import StreamMatcher
+import logging
+from typing import Protocol
 
-__all__ = ["Trigger", "MatchGate", "MatchWatch"]
+from midway.chain.base import Output, Stage
+
+__all__ = ["Finder", "Trigger", "MatchGate", "MatchWatch"]
+
+log = logging.getLogger("midway")
+
+
+class Finder(Protocol):
+    """Finds a trigger in a stream fed chunk by chunk
+    (:class:`~midway.chain.toxics.match.StreamMatcher`,
+    :class:`~midway.chain.toxics.message.MessageCounter`)."""
+
+    @property
+    def error(self) -> str | None:
+        """Why the finder gave up for good (the trigger will never come), else ``None``."""
+        ...
+
+    def feed(self, chunk: bytes) -> int | None:
+        """The offset in ``chunk`` where the trigger starts (0: it began in an
+        earlier chunk), or ``None``: not in this chunk, or already reported."""
+        ...
+
+
+def _feed(finder: Finder, data: bytes, out: Output) -> int | None:
+    """``finder.feed(data)``, logging once if that made the finder give up."""
+    if finder.error is not None:
+        return None
+    at = finder.feed(data)
+    if finder.error is not None:
+        log.warning("conn %d: a toxic's %s trigger gives up, so the toxic will not apply: %s",
+                    out.info.id, out.direction, finder.error)
+    return at
 
 
 class Trigger:
@@ -52,24 +93,25 @@ class Trigger:
 class MatchWatch(Stage):
     """Watches the other direction for the match; passes everything on."""
 
-    def __init__(self, matcher: StreamMatcher, trigger: Trigger) -> None:
-        self.matcher = matcher
+    def __init__(self, finder: Finder, trigger: Trigger) -> None:
+        self.finder = finder
         self.trigger = trigger
 
     async def data(self, data: bytes, out: Output) -> None:
-        if not self.trigger.fired and self.matcher.feed(data) is not None:
+        if not self.trigger.fired and _feed(self.finder, data, out) is not None:
             self.trigger.fired = True
         await out.send(data)
 
 
 class MatchGate(Stage):
-    """The toxic's stage behind its ``match`` condition (see the module doc).
-    ``matcher`` is ``None`` when the match is watched on the other direction."""
+    """The toxic's stage behind its ``match`` or ``message`` condition (see the
+    module doc).  ``finder`` is ``None`` when the trigger is watched on the other
+    direction."""
 
-    def __init__(self, inner: Stage, matcher: StreamMatcher | None, trigger: Trigger,
+    def __init__(self, inner: Stage, finder: Finder | None, trigger: Trigger,
                  for_s: float = 0.0) -> None:
         self.inner = inner
-        self.matcher = matcher
+        self.finder = finder
         self.trigger = trigger
         self.for_s = for_s
         self.active_since: float | None = None
@@ -96,8 +138,8 @@ class MatchGate(Stage):
 
     async def data(self, data: bytes, out: Output) -> None:
         if self.active_since is None:
-            if self.matcher is not None:
-                at = self.matcher.feed(data)
+            if self.finder is not None:
+                at = _feed(self.finder, data, out)
                 if at is None:
                     await out.send(data)
                     return
@@ -115,7 +157,7 @@ class MatchGate(Stage):
             await self.inner.data(data, out)
 
     async def eof(self, out: Output) -> None:
-        if self.active_since is None and self.matcher is None and self.trigger.fired:
+        if self.active_since is None and self.finder is None and self.trigger.fired:
             self._activate(out)
         if self.active_since is None or await self._expired(out):
             await out.send_eof()
