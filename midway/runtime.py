@@ -21,7 +21,7 @@ from .config.addresses import Address
 from .config.schema import Config, ProxyConfig, ServerConfig
 from .core.observer import AccessLog, CloseReason, CloseRecord, Observer
 from .errors import ConfigError, ListenError
-from .session import ProxyService
+from .service import ProxyService
 
 if TYPE_CHECKING:
     from .admin.server import AdminServer
