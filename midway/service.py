@@ -1,61 +1,156 @@
-"""One running proxy: its listeners, its upstreams, its chain elements and its live
-connections (the "session" stage of the data flow).
+"""One proxy: its listeners, its upstreams, its layers and chain elements, and the
+phases each of its connections goes through.
 
-For each accepted client a short-lived task dials an upstream (round-robin, next on
-failure), attaches the chain elements, runs their ``on_open`` callbacks and hands
-both sockets to a :class:`~midway.core.relay.Relay`; from then on the connection
-lives on readiness callbacks alone, with no task.
+Theory of operation
+-------------------
+A connection is one :class:`Connection` object, which walks through named phases
+(:class:`Phase`), each a small step with one owner:
+
+========== ==================================================================
+accept     the listener (:mod:`midway.core.listener`) accepts; the service
+           makes the :class:`Connection` and its
+           :class:`~midway.chain.base.ConnectionInfo`; observers hear
+           ``connection_opened``
+admit      limits: the listener asked the gate (:meth:`ProxyService._can_accept`:
+           the proxy's and the process's) before accepting, so a full proxy
+           leaves clients in the kernel's queue.  Allow/deny lists and
+           per-source limits will run here, after accept, on the address.
+inbound    the proxy's inbound layers (:mod:`midway.layers.base`: later a PROXY
+           header, a TLS handshake, a ClientHello peek), in a task: they may read
+           the client, replace its address and set route keys.  Skipped when the
+           proxy has none: then the dial starts at accept, as server-first
+           protocols need, with no task at all (the hot path of connection rate).
+route      pick the upstream set from the route keys (later: SNI routes)
+choose     the balancer's order of upstreams (:class:`~midway.upstream.state.UpstreamSet`)
+dial       :class:`~midway.upstream.dial.Dialer`: each upstream in that order,
+           next on failure, every failure logged (rate-limited), counted in the
+           upstream's state and told to observers; an IP literal by callbacks
+           alone
+outbound   the proxy's outbound layers (later: a PROXY header, TLS origination)
+open       chain elements attach; their ``on_open`` run (in a task, if any)
+relay      bytes that inbound layers read and handed back go to the upstream
+           first; then :class:`~midway.core.relay.Relay` owns both sockets
+closed     one :class:`~midway.core.observer.CloseRecord` for observers, the
+           elements' ``on_close``, the upstream's ``closed`` feedback, the slot
+           freed
+========== ==================================================================
+
+A connection that ends before the relay (no upstream reachable, refused by an
+element or a layer, stopped while connecting) goes to *closed* from where it is,
+through the same one place (:meth:`Connection.finish`).
 
 A :class:`ProxyService` can be changed while live: its elements
-(:meth:`add_element`, :meth:`remove_element`, :meth:`replace_element`) apply to open
-connections too, and :meth:`reconfigure` swaps settings and upstreams for new
-connections.
+(:meth:`~ProxyService.add_element`, :meth:`~ProxyService.remove_element`,
+:meth:`~ProxyService.replace_element`) apply to open connections too, and
+:meth:`~ProxyService.reconfigure` swaps settings and upstreams for new
+connections, keeping each kept upstream's state (active connections, health).
+
+A service talks to what runs it only through :class:`ServiceHost` (connection
+ids, the admission gate, observers, ``reuse_port``), which
+:class:`~midway.runtime.Runtime` is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import enum
 import logging
-import os
 import socket
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
 from .config.addresses import Address, format_sockaddr
 from .config.schema import ProxyConfig
 from .core.listener import Listener, open_listening_socket
-from .core.observer import CloseReason, CloseRecord
+from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
-from .errors import ListenError, Rejected, UpstreamError, describe_oserror
-from .upstream.dial import dial
-from .upstream.pool import UpstreamPool
+from .errors import ListenError, Rejected, describe_oserror
+from .layers.base import InboundLayer, OutboundLayer
+from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
+from .upstream.health import HealthSettings
+from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
-
-__all__ = ["ProxyService"]
+__all__ = ["ProxyService", "ServiceHost", "Connection", "Phase", "FAILURE_LOG_INTERVAL_S"]
 
 log = logging.getLogger("midway")
 
 Attached = dict[Element, Attachment]
 
+FAILURE_LOG_INTERVAL_S = 10.0
+"""A failing upstream is logged when its failure starts or changes kind, then at
+most once per this many seconds (with the count of the ones not logged): a dead
+upstream behind a busy proxy would otherwise log once per connection.  10 s is
+nginx's ``fail_timeout``, the window over which it counts an upstream's failures."""
+
+_NO_HEALTH = HealthSettings(eject_after=0)
+"""The configuration has no health table yet (issue 10): no passive ejection, as
+before the pool kept state."""
+
+
+class ServiceHost(Protocol):
+    """What a :class:`ProxyService` needs from what runs it (a
+    :class:`~midway.runtime.Runtime`)."""
+
+    reuse_port: bool
+    """Bind listeners with SO_REUSEPORT (other workers share them)."""
+    observers: Observers
+    """Told of every connection's opening, connect failures and close."""
+
+    def next_connection_id(self) -> int: ...
+
+    def has_room(self) -> bool:
+        """The process-wide admission gate: may one more connection be accepted?"""
+
+    def connection_opened(self) -> None:
+        """A slot of the process-wide limit was taken (a client was accepted)."""
+
+    def connection_closed(self) -> None:
+        """That slot is free again."""
+
+
+class Phase(enum.StrEnum):
+    """Where a connection is (see the module's theory of operation)."""
+
+    ACCEPT = "accept"
+    ADMIT = "admit"
+    INBOUND = "inbound"
+    ROUTE = "route"
+    CHOOSE = "choose"
+    DIAL = "dial"
+    OUTBOUND = "outbound"
+    OPEN = "open"
+    RELAY = "relay"
+    CLOSED = "closed"
+
 
 class ProxyService:
-    """A named proxy inside a :class:`~midway.runtime.Runtime`."""
+    """A named proxy inside a :class:`ServiceHost` (a :class:`~midway.runtime.Runtime`).
 
-    def __init__(self, config: ProxyConfig, runtime: Runtime,
-                 elements: Iterable[Element] = ()) -> None:
+    ``inbound`` and ``outbound`` are its connection layers (none today from the
+    configuration; see :mod:`midway.layers.base`); ``resolve`` looks up upstream
+    host names (default: the loop's ``getaddrinfo``)."""
+
+    def __init__(self, config: ProxyConfig, host: ServiceHost,
+                 elements: Iterable[Element] = (), *,
+                 inbound: Sequence[InboundLayer] = (),
+                 outbound: Sequence[OutboundLayer] = (),
+                 resolve: Resolver = loop_resolver) -> None:
         self.config = config
-        self.runtime = runtime
-        self.pool = UpstreamPool(config.upstreams, config.balance)
+        self.host = host
+        self.pool = UpstreamSet(config.name, _specs(config), balance=config.balance,
+                                health=_NO_HEALTH, balancer_feedback=False)
+        self.inbound: tuple[InboundLayer, ...] = tuple(inbound)
+        self.outbound: tuple[OutboundLayer, ...] = tuple(outbound)
+        self.resolve = resolve
         self.listeners: list[Listener] = []
         self.elements: list[Element] = list(elements)
-        self.live: dict[Relay, Attached] = {}
-        self._connecting: set[_Connecting] = set()
+        self.live: dict[Relay, Connection] = {}
+        self._connecting: set[Connection] = set()
+        self._failing: dict[Address, _Failing] = {}
+        """Upstreams whose last attempt failed, for rate-limited logging."""
         self.accepted = 0
         self.active = 0
         self.accepting = False
@@ -74,7 +169,7 @@ class ProxyService:
         try:
             for address in self.config.listen:
                 socks.append((address, open_listening_socket(
-                    address, self.config.backlog, reuse_port=self.runtime.reuse_port)))
+                    address, self.config.backlog, reuse_port=self.host.reuse_port)))
         except ListenError:
             for _, sock in socks:
                 sock.close()
@@ -88,7 +183,7 @@ class ProxyService:
         for listener in self.listeners:
             listener.resume()
             log.info("%s: listening on %s, forwarding to %s", self.name, listener.bound,
-                     ", ".join(str(u) for u in self.pool.upstreams))
+                     ", ".join(str(u.address) for u in self.pool.upstreams))
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -108,204 +203,106 @@ class ProxyService:
                 listener.resume()
 
     def _can_accept(self) -> bool:
+        """The admission gate, asked by the listener before each accept."""
         limit = self.config.max_connections
         return (self.accepting and (limit == 0 or self.active < limit)
-                and self.runtime.has_room())
+                and self.host.has_room())
 
     @property
     def addresses(self) -> list[str]:
         """The bound listen addresses (real ports when 0 was configured)."""
         return [listener.bound for listener in self.listeners]
 
-    # -- connections ---------------------------------------------------------
+    # -- the phases: accept, admit, then inbound or straight to the dial ---------
 
     def _on_accept(self, client: socket.socket, addr: object, listener: Listener) -> None:
         self.accepted += 1
         self.active += 1
-        self.runtime.connection_opened()
-        config = self.config
-        local = listener.local or _ip_pair(_sockname(client))
-        info = ConnectionInfo(
-            id=self.runtime.next_connection_id(),
-            proxy=self.name,
-            client=format_sockaddr(addr),
-            listener=format_sockaddr(local) if local else listener.bound,
-            started_at=time.time(),
-            sequence=self.accepted,
-            client_addr=_ip_pair(addr),
-            local_addr=local,
-        )
-        client.setblocking(False)
-        if config.tcp_nodelay and info.client_addr is not None:
-            _nodelay(client)
-        connecting = _Connecting(self, client, info, self.pool.candidates())
-        self._connecting.add(connecting)
-        connecting.next()
-
-    def _connected(self, connecting: _Connecting, upstream: socket.socket,
-                   address: Address) -> None:
-        """An upstream accepted: attach the elements, run their ``on_open``, relay."""
-        info = connecting.info
-        info.upstream = str(address)
-        if not address.is_unix:
-            info.upstream_addr = (address.host, address.port) if address.is_ip_literal \
-                else _ip_pair(_peername(upstream))
-            info.upstream_local_addr = _ip_pair(_sockname(upstream))
-            if self.config.tcp_nodelay:
-                _nodelay(upstream)
-        connect_time = connecting.loop.time() - connecting.started
-        try:
-            attached = self._attach_all(info)
-        except Exception as exc:
-            self._element_failed(connecting, upstream, exc)
-            return
-        connecting.attached = attached
-        opens = [a.on_open for a in attached.values() if a.on_open is not None]
-        if opens:
-            connecting.task = asyncio.get_running_loop().create_task(
-                self._open_then_relay(connecting, upstream, attached, opens, connect_time))
+        self.host.connection_opened()
+        conn = Connection(self, client, addr, listener)
+        self._connecting.add(conn)
+        observers = self.host.observers
+        if observers:
+            observers.connection_opened(conn.info)
+        # admit: the gate ran before accept (limits); nothing else to check yet.
+        if self.inbound:
+            conn.phase = Phase.INBOUND
+            conn.work = conn.loop.create_task(conn.run_inbound())
         else:
-            self._relay(connecting, upstream, attached, connect_time)
+            conn.choose_and_dial()
 
-    async def _open_then_relay(self, connecting: _Connecting, upstream: socket.socket,
-                               attached: Attached, opens: list[Any],
-                               connect_time: float) -> None:
-        info = connecting.info
-        watch = _ResetWatch(connecting.client)
-        try:
-            for on_open in opens:
-                await on_open(info)
-        except asyncio.CancelledError:
-            connecting.discard(upstream)
-            if watch.reset is None:
-                raise  # stopping (connecting.cancel() reports it)
-            self._connecting.discard(connecting)
-            self._not_relayed(connecting, CloseReason.RESET, f"client: {watch.reset}")
-            return
-        except Rejected as exc:
-            connecting.discard(upstream)
-            log.info("conn %d (%s): rejected: %s", info.id, self.name, exc)
-            self._connecting.discard(connecting)
-            self._not_relayed(connecting, CloseReason.REJECTED, str(exc))
-            return
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # one connection only
-            self._element_failed(connecting, upstream, exc)
-            return
-        finally:
-            watch.stop()
-        connecting.task = None
-        self._relay(connecting, upstream, attached, connect_time)
+    # -- dial feedback -------------------------------------------------------
 
-    def _element_failed(self, connecting: _Connecting, upstream: socket.socket,
-                        exc: BaseException) -> None:
-        info = connecting.info
-        connecting.discard(upstream)
-        log.error("conn %d (%s): a chain element failed on open (%s); closing this "
-                  "connection", info.id, self.name, exc, exc_info=exc)
-        self._connecting.discard(connecting)
-        self._not_relayed(connecting, CloseReason.ERROR,
-                          f"on_open raised {type(exc).__name__}: {exc}")
+    def _attempt_failed(self, conn: Connection, target: UpstreamState, failure: DialFailure,
+                        detail: str) -> None:
+        target.connect_failed(detail)
+        observers = self.host.observers
+        if observers:
+            observers.connect_failed(self.name, str(target.address), failure.value, detail)
+        now = conn.loop.time()
+        failing = self._failing.get(target.address)
+        if failing is None or failing.failure is not failure \
+                or now - failing.logged_at >= FAILURE_LOG_INTERVAL_S:
+            more = f" ({failing.unlogged} more since)" if failing and failing.unlogged else ""
+            then = "; trying the next one" if conn.candidates and failure is not DialFailure.RESET else ""
+            log.warning("%s: upstream %s failed: %s (%s)%s%s", self.name, target.address,
+                        detail, failure.value, more, then)
+            self._failing[target.address] = _Failing(failure, now)
+        else:
+            failing.unlogged += 1
 
-    def _relay(self, connecting: _Connecting, upstream: socket.socket, attached: Attached,
-               connect_time: float) -> None:
-        self._connecting.discard(connecting)
-        config = self.config
-        relay = Relay(
-            connecting.client, upstream, connecting.info,
-            idle_timeout_s=config.idle_timeout_s,
-            half_close_timeout_s=config.half_close_timeout_s,
-            on_close=self._relay_closed,
-            splice=config.splice,
-            loop=connecting.loop,
-        )
-        relay.connect_time_s = connect_time
-        self.live[relay] = attached
-        if attached:
-            for direction in DIRECTIONS:
-                stages = _stages(self.elements, attached, direction)
-                if stages:
-                    relay.set_stages(direction, stages)
-        relay.start()
+    def _upstream_recovered(self, target: UpstreamState) -> None:
+        failing = self._failing.pop(target.address, None)
+        if failing is not None:
+            log.info("%s: upstream %s connects again", self.name, target.address)
 
-    def _connect_failed(self, connecting: _Connecting) -> None:
-        info = connecting.info
-        self._connecting.discard(connecting)
-        log.warning("conn %d (%s) from %s: no upstream reachable: %s", info.id, self.name,
-                    info.client, "; ".join(connecting.failures))
-        self._not_relayed(connecting, CloseReason.CONNECT_FAILED, "no upstream reachable")
+    # -- the end: one place for every connection ---------------------------
 
-    def _attach_all(self, info: ConnectionInfo) -> Attached:
-        attached: Attached = {}
-        for element in self.elements:
-            attachment = element.attach(info)
-            if attachment is not None:
-                attached[element] = attachment
-        return attached
-
-    def _not_relayed(self, connecting: _Connecting, reason: CloseReason, detail: str,
-                     first_close: str = "proxy") -> None:
-        """Close a client that never reached the relay.  With a FIN (the client
-        sent nothing that was lost: midway read nothing from it), except after an
-        upstream reset, which the client gets as a reset too."""
-        info = connecting.info
-        reset = reason is CloseReason.RESET
-        connecting.poller.forget(connecting.client.fileno())
-        close_socket(connecting.client, reset=reset)
+    def _closed(self, conn: Connection, reason: CloseReason, detail: str, first_close: str,
+                reset: bool, relay: Relay | None) -> None:
+        """The *closed* phase: fill in how it ended, tell the elements, the
+        upstream's state and the observers, free the slot."""
+        conn.phase = Phase.CLOSED
+        info = conn.info
         info.first_close = first_close
-        info.reset = reset
         info.close_detail = detail
-        # Elements attached before the refusal get their on_close too.
-        for attachment in connecting.attached.values():
+        # The relay resets the sockets for RESET and ERROR, and for an element's
+        # Output.reset, which it does not yet tell apart from Output.close.
+        info.reset = reset
+        for attachment in conn.attached.values():
             if attachment.on_close is not None:
                 try:
                     attachment.on_close(info, reason.value)
                 except Exception:
                     log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
-        if self.runtime.observers:
-            duration = asyncio.get_running_loop().time() - connecting.started
-            self._report(CloseRecord(
-                proxy=self.name, id=info.id, client=info.client, listener=info.listener,
-                upstream=info.upstream, connect_time_s=None, bytes_up=0, bytes_down=0,
-                duration_s=round(duration, 6), first_close=first_close, reason=reason.value,
-                detail=detail, path="none", started_at=info.started_at,
-            ))
-        self._slot_freed()
-
-    def _relay_closed(self, relay: Relay) -> None:
-        attached = self.live.pop(relay, {})
-        info = relay.info
-        reason = relay.reason.value if relay.reason else CloseReason.EOF.value
-        info.first_close = relay.first_close or "proxy"
-        info.close_detail = relay.detail
-        # The relay resets the sockets for these reasons, and for an element's
-        # Output.reset, which it does not yet tell apart from Output.close.
-        info.reset = relay.reset
-        for attachment in attached.values():
-            if attachment.on_close is not None:
-                try:
-                    attachment.on_close(info, reason)
-                except Exception:
-                    log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
-        if self.runtime.observers:
-            duration = time.time() - info.started_at
-            self._report(CloseRecord(
+        if relay is not None:
+            conn.target.closed(reset_before_response=reason is CloseReason.RESET
+                               and first_close == "upstream" and relay.bytes_down == 0)
+        observers = self.host.observers
+        if observers:
+            failures = conn.failures or ()
+            observers.connection_closed(CloseRecord(
                 proxy=self.name, id=info.id, client=info.client, listener=info.listener,
                 upstream=info.upstream,
-                connect_time_s=round(relay.connect_time_s, 6),
-                bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
-                duration_s=round(duration, 6), first_close=relay.first_close or "proxy",
-                reason=reason, detail=relay.detail, path=relay.path, started_at=info.started_at,
+                connect_time_s=None if relay is None else round(relay.connect_time_s, 6),
+                bytes_up=0 if relay is None else relay.bytes_up,
+                bytes_down=0 if relay is None else relay.bytes_down,
+                duration_s=round(time.time() - info.started_at, 6), first_close=first_close,
+                reason=reason.value, detail=detail,
+                path="none" if relay is None else relay.path, started_at=info.started_at,
+                attempts=len(failures) + (info.upstream is not None),
+                failures=tuple({"upstream": str(t.address), "failure": f.value, "detail": d}
+                               for t, f, d in failures),
             ))
-        if relay.reason in (CloseReason.RESET, CloseReason.ERROR):
-            log.debug("conn %d (%s): %s %s", info.id, self.name, reason, relay.detail)
-        self._slot_freed()
-
-    def _report(self, record: CloseRecord) -> None:
-        self.runtime.report(record)
-
-    def _slot_freed(self) -> None:
         self.active -= 1
-        self.runtime.connection_closed()
+        self.host.connection_closed()
+
+    def _relay_closed(self, relay: Relay) -> None:
+        conn = self.live.pop(relay)
+        reason = relay.reason or CloseReason.EOF
+        self._closed(conn, reason, relay.detail, relay.first_close or "proxy", relay.reset, relay)
+        if reason in (CloseReason.RESET, CloseReason.ERROR):
+            log.debug("conn %d (%s): %s %s", conn.info.id, self.name, reason.value, relay.detail)
 
     # -- live changes ------------------------------------------------------
 
@@ -317,48 +314,57 @@ class ProxyService:
             while index and self.elements[index - 1].keep_last:
                 index -= 1
         self.elements.insert(index, element)
-        for relay, attached in list(self.live.items()):
+        for relay, conn in list(self.live.items()):
             attachment = element.attach(relay.info)
             if attachment is not None:
-                attached[element] = attachment
-                self._restage(relay, attached)
+                conn.attached[element] = attachment
+                self._restage(relay, conn.attached)
 
     def remove_element(self, element: Element) -> None:
         """Remove a chain element everywhere; held bytes are flushed, none lost."""
         self.elements.remove(element)
-        for relay, attached in list(self.live.items()):
-            if attached.pop(element, None) is not None:
-                self._restage(relay, attached)
+        for relay, conn in list(self.live.items()):
+            if conn.attached.pop(element, None) is not None:
+                self._restage(relay, conn.attached)
 
     def replace_element(self, old: Element, new: Element) -> None:
         """Swap ``old`` for ``new`` in place (same position), live."""
         index = self.elements.index(old)
         self.elements[index] = new
-        for relay, attached in list(self.live.items()):
-            attached.pop(old, None)
+        for relay, conn in list(self.live.items()):
+            conn.attached.pop(old, None)
             attachment = new.attach(relay.info)
             if attachment is not None:
-                attached[new] = attachment
-            self._restage(relay, attached)
+                conn.attached[new] = attachment
+            self._restage(relay, conn.attached)
 
     def _restage(self, relay: Relay, attached: Attached) -> None:
         for direction in DIRECTIONS:
             relay.set_stages(direction, _stages(self.elements, attached, direction))
 
     def reconfigure(self, config: ProxyConfig) -> None:
-        """Use new settings and upstreams for new connections.  Listen addresses
-        must be rebound by the runtime (see :meth:`Runtime.update_proxy`)."""
+        """Use new settings and upstreams for new connections.  An upstream whose
+        address stays keeps its state (active connections, counters, health).
+        Listen addresses must be rebound by the runtime (see
+        :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
+        self.pool.reconfigure(_specs(config), balance=config.balance)
         self.config = config
-        self.pool = UpstreamPool(config.upstreams, config.balance)
+        kept = {u.address for u in self.pool.upstreams}
+        for address in [a for a in self._failing if a not in kept]:
+            del self._failing[address]
 
     def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN,
                           detail: str = "proxy stopping") -> None:
         """End every open connection now (a FIN where nothing is in flight, else a
-        reset: see :meth:`Relay.close`), and cancel those still connecting."""
-        for connecting in list(self._connecting):
-            connecting.cancel()
+        reset: see :meth:`Relay.close`), and cancel those not yet relaying."""
+        for conn in list(self._connecting):
+            conn.cancel()
         for relay in list(self.live):
             relay.close(reason, detail)
+
+
+def _specs(config: ProxyConfig) -> list[UpstreamSpec]:
+    return [UpstreamSpec(address) for address in config.upstreams]
 
 
 def _stages(elements: list[Element], attached: Attached,
@@ -373,144 +379,339 @@ def _stages(elements: list[Element], attached: Attached,
     return out
 
 
-class _Connecting:
-    """Dials the upstreams in order for one accepted client.
+class _Failing:
+    """The last logged failure of one upstream (rate-limited logging)."""
 
-    IP-literal upstreams are dialled by readiness callbacks alone (a non-blocking
-    ``connect``, a writer on the relay's poller and a timer: no task, no future),
-    the common case kept cheap; host names and unix sockets go through
-    :func:`~midway.upstream.dial.dial` in a task.  The connect timeout applies to
-    each upstream in turn.
+    __slots__ = ("failure", "logged_at", "unlogged")
 
-    The connected socket is handed over still registered on the poller: removing
-    the writer only updates its table, and the relay's first ``add_reader`` turns
-    the kernel's interest from writable to readable in one ``epoll_ctl`` (see
-    :mod:`midway.core.poller`)."""
+    def __init__(self, failure: DialFailure, logged_at: float) -> None:
+        self.failure = failure
+        self.logged_at = logged_at
+        self.unlogged = 0
 
-    __slots__ = ("service", "loop", "poller", "client", "info", "started", "candidates",
-                 "failures", "sock", "address", "timer", "task", "cancelled", "attached")
 
-    def __init__(self, service: ProxyService, client: socket.socket, info: ConnectionInfo,
-                 candidates: list[Address]) -> None:
+_NO_CANDIDATES: list[Any] = []
+"""Shared stand-in once a connection has dialled (never appended to)."""
+
+
+class Connection(Dialer):
+    """One client connection, through its phases (see the module's theory).
+
+    It is the dialer of its own upstream (a :class:`~midway.upstream.dial.Dialer`
+    subclass), so the hot path allocates one object per connection besides its
+    :class:`~midway.chain.base.ConnectionInfo`; it stays, while relaying, as the
+    service's record of the connection (its attachments and its upstream).  To an
+    inbound or outbound layer it is the :class:`~midway.layers.base.LayerConnection`."""
+
+    __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
+                 "pending", "_route", "upstream", "work", "cancelled")
+
+    def __init__(self, service: ProxyService, client: socket.socket, addr: object,
+                 listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve)
         self.service = service
-        self.loop = asyncio.get_running_loop()
-        self.poller = poller_for(self.loop)
         self.client = client
-        self.info = info
-        self.started = self.loop.time()
-        self.candidates = candidates
-        self.failures: list[str] = []
-        self.sock: socket.socket | None = None
-        self.address: Address | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.phase = Phase.ACCEPT
+        self.started = loop.time()
+        local = listener.local or _ip_pair(_sockname(client))
+        self.info = ConnectionInfo(
+            id=service.host.next_connection_id(),
+            proxy=service.name,
+            client=format_sockaddr(addr),
+            listener=format_sockaddr(local) if local else listener.bound,
+            started_at=time.time(),
+            sequence=service.accepted,
+            client_addr=_ip_pair(addr),
+            local_addr=local,
+        )
+        client.setblocking(False)
+        if service.config.tcp_nodelay and self.info.client_addr is not None:
+            _nodelay(client)
+        self.attached: Attached = _NO_ATTACHMENTS
+        self.failures: list[tuple[UpstreamState, DialFailure, str]] | None = None
+        """The failed attempts (made on the first failure)."""
+        self.pending = b""
+        """Client bytes inbound layers handed back, for the upstream first."""
+        self._route: dict[str, str] | None = None
+        self.upstream: socket.socket | None = None
+        self.work: asyncio.Task[None] | None = None
+        """The task of the inbound, outbound or open phase, when one runs."""
         self.cancelled = False
-        self.attached: Attached = {}
 
-    def next(self) -> None:
-        """Try the next upstream, or report that none could be reached."""
-        timeout = self.service.config.connect_timeout_s
-        while self.candidates:
-            address = self.candidates.pop(0)
-            if not address.is_ip_literal:
-                self.task = self.loop.create_task(self._dial_task(address))
-                return
-            try:
-                sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET,
-                                     _NONBLOCKING_STREAM)
-            except OSError as exc:  # out of descriptors
-                self.failures.append(f"{address}: {describe_oserror(exc)}")
-                continue
-            err = sock.connect_ex((address.host, address.port))
-            if err == 0:
-                self.service._connected(self, sock, address)
-                return
-            if err == errno.EINPROGRESS:
-                self.sock, self.address = sock, address
-                self.poller.add_writer(sock.fileno(), self._on_writable)
-                if timeout > 0:
-                    self.timer = self.loop.call_later(timeout, self._on_timeout)
-                return
-            sock.close()
-            self.failures.append(f"{address}: {describe_oserror(OSError(err, os.strerror(err)))}")
-        self.service._connect_failed(self)
+    # -- inbound, route, choose, dial ------------------------------------------
 
-    def _take(self) -> tuple[socket.socket, Address]:
-        sock, address = self.sock, self.address
-        assert sock is not None and address is not None
-        self.poller.remove_writer(sock.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.sock = self.address = None
-        return sock, address
-
-    def _on_writable(self) -> None:
-        sock, address = self._take()
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err in _RESET_AFTER_CONNECT:
-            # The upstream accepted, then reset before the relay began: reading
-            # SO_ERROR consumed the error (a later recv would return 0, a clean
-            # end), so pass the reset on here.  Not a connect failure: trying the
-            # next upstream would replay a connection this one already took.
-            self.discard(sock)
-            self.service._connecting.discard(self)
-            self.service._not_relayed(self, CloseReason.RESET,
-                                      f"upstream: {describe_oserror(OSError(err, os.strerror(err)))}",
-                                      "upstream")
-            return
-        if err:
-            self.discard(sock)
-            self.failures.append(f"{address}: {describe_oserror(OSError(err, os.strerror(err)))}")
-            self.next()
-            return
-        self.service._connected(self, sock, address)
-
-    def discard(self, sock: socket.socket) -> None:
-        """Close an upstream socket that will not be relayed."""
-        self.poller.forget(sock.fileno())
-        close_socket(sock)
-
-    def _on_timeout(self) -> None:
-        self.timer = None
-        sock, address = self._take()
-        self.discard(sock)
-        self.failures.append(
-            f"{address}: connect timed out after {self.service.config.connect_timeout_s:g} s")
-        self.next()
-
-    async def _dial_task(self, address: Address) -> None:
+    async def run_inbound(self) -> None:
+        """The *inbound* phase (in :attr:`work`), then on to *route* and the dial."""
+        layer: InboundLayer | None = None
         try:
-            sock = await dial(address, self.service.config.connect_timeout_s)
-        except UpstreamError as exc:
-            self.task = None
-            self.failures.append(str(exc))
-            self.next()
+            for layer in self.service.inbound:
+                await layer.accept(self)
+        except Exception as exc:
+            self.work = None
+            self._failed_before_dial(layer, exc)
             return
-        self.task = None
-        self.service._connected(self, sock, address)
+        self.work = None
+        self.choose_and_dial()
+
+    def choose_and_dial(self) -> None:
+        """*route* (one upstream set until SNI routes exist), *choose*, *dial*."""
+        service = self.service
+        self.phase = Phase.ROUTE
+        self.phase = Phase.CHOOSE
+        addr = self.info.client_addr
+        self.candidates = service.pool.order(addr[0] if addr is not None else "")
+        self.phase = Phase.DIAL
+        self.dial_next()
+
+    def dial_failed(self, target: UpstreamState, failure: DialFailure, detail: str) -> None:
+        if self.failures is None:
+            self.failures = []
+        self.failures.append((target, failure, detail))
+        self.service._attempt_failed(self, target, failure, detail)
+
+    def dial_given_up(self, failure: DialFailure) -> None:
+        service = self.service
+        info = self.info
+        if failure is DialFailure.RESET:
+            # The upstream reset right after accepting: the client gets a reset too.
+            self.finish(CloseReason.RESET, self.failures[-1][2] if self.failures else "upstream",
+                        "upstream")
+            return
+        failures = self.failures or ()
+        if failure is DialFailure.NO_UPSTREAM and not failures:
+            detail = "no upstream is up"
+        else:
+            detail = "no upstream reachable"
+        log.warning("conn %d (%s) from %s: %s: %s", info.id, service.name, info.client, detail,
+                    "; ".join(f"{t.address}: {d}" for t, _, d in failures) or failure.value)
+        self.finish(CloseReason.CONNECT_FAILED, detail)
+
+    def dial_connected(self, sock: socket.socket, target: UpstreamState) -> None:
+        """The upstream accepted: *outbound* (if any), then *open* and *relay*."""
+        service = self.service
+        self.candidates = _NO_CANDIDATES
+        self.upstream = sock
+        target.connected()
+        if service._failing:
+            service._upstream_recovered(target)
+        info = self.info
+        address = target.address
+        info.upstream = str(address)
+        if not address.is_unix:
+            info.upstream_addr = (address.host, address.port) if address.is_ip_literal \
+                else _ip_pair(_peername(sock))
+            info.upstream_local_addr = _ip_pair(_sockname(sock))
+            if service.config.tcp_nodelay:
+                _nodelay(sock)
+        if service.outbound or self.pending:
+            self.work = self.loop.create_task(self._prepare(None))
+            return
+        self.phase = Phase.OPEN
+        try:
+            attached = self._attach_all()
+        except Exception as exc:
+            self._element_failed(exc)
+            return
+        if any(a.on_open is not None for a in attached.values()):
+            self.work = self.loop.create_task(self._prepare(attached))
+        else:
+            self._relay()
+
+    # -- outbound, open: the phases that may await ---------------------------
+
+    async def _prepare(self, attached: Attached | None) -> None:
+        """*outbound* (when ``attached`` is None), *open*, then the relay."""
+        watch = _ResetWatch(self.client)
+        try:
+            if attached is None:
+                self.phase = Phase.OUTBOUND
+                for layer in self.service.outbound:
+                    await layer.connect(self)
+                self.phase = Phase.OPEN
+                attached = self._attach_all()
+            for attachment in list(attached.values()):
+                if attachment.on_open is not None:
+                    await attachment.on_open(self.info)
+            if self.pending:
+                # Before the relay reads anything more from the client.
+                await self.send_upstream(self.pending)
+                self.pending = b""
+        except asyncio.CancelledError:
+            if watch.reset is None:
+                raise  # stopping (cancel() reports it)
+            self.finish(CloseReason.RESET, f"client: {watch.reset}", "client")
+            return
+        except Rejected as exc:
+            log.info("conn %d (%s): rejected: %s", self.info.id, self.service.name, exc)
+            self.finish(CloseReason.REJECTED, str(exc))
+            return
+        except OSError as exc:  # the upstream failed while an outbound layer wrote
+            self.finish(CloseReason.RESET, f"upstream: {describe_oserror(exc)}", "upstream")
+            return
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # one connection only
+            self._element_failed(exc)
+            return
+        finally:
+            watch.stop()
+        self.work = None
+        self._relay()
+
+    def _attach_all(self) -> Attached:
+        attached: Attached = {}
+        for element in self.service.elements:
+            attachment = element.attach(self.info)
+            if attachment is not None:
+                attached[element] = attachment
+        self.attached = attached
+        return attached
+
+    def _relay(self) -> None:
+        """The *relay* phase: the relay owns both sockets from here."""
+        service = self.service
+        config = service.config
+        upstream = self.upstream
+        assert upstream is not None
+        service._connecting.discard(self)
+        self.phase = Phase.RELAY
+        relay = Relay(
+            self.client, upstream, self.info,
+            idle_timeout_s=config.idle_timeout_s,
+            half_close_timeout_s=config.half_close_timeout_s,
+            on_close=service._relay_closed,
+            splice=config.splice,
+            loop=self.loop,
+        )
+        relay.connect_time_s = self.loop.time() - self.started
+        service.live[relay] = self
+        attached = self.attached
+        if attached:
+            for direction in DIRECTIONS:
+                stages = _stages(service.elements, attached, direction)
+                if stages:
+                    relay.set_stages(direction, stages)
+        relay.start()
+
+    # -- endings before the relay --------------------------------------------
+
+    def _failed_before_dial(self, layer: InboundLayer | None, exc: Exception) -> None:
+        name = getattr(layer, "name", type(layer).__name__)
+        if isinstance(exc, Rejected):
+            log.info("conn %d (%s): rejected by %s: %s", self.info.id, self.service.name, name, exc)
+            self.finish(CloseReason.REJECTED, str(exc))
+        elif isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+            self.finish(CloseReason.RESET, f"client: {describe_oserror(exc)}", "client")
+        else:
+            log.warning("conn %d (%s): inbound layer %s failed (%s); closing this connection",
+                        self.info.id, self.service.name, name, exc,
+                        exc_info=None if isinstance(exc, TimeoutError) else exc)
+            self.finish(CloseReason.ERROR, f"inbound layer {name}: "
+                        f"{describe_oserror(exc) if isinstance(exc, TimeoutError) else exc}")
+
+    def _element_failed(self, exc: BaseException) -> None:
+        log.error("conn %d (%s): a chain element failed on open (%s); closing this "
+                  "connection", self.info.id, self.service.name, exc, exc_info=exc)
+        self.finish(CloseReason.ERROR, f"on_open raised {type(exc).__name__}: {exc}")
+
+    def finish(self, reason: CloseReason, detail: str, first_close: str = "proxy") -> None:
+        """Close a client that never reached the relay.  With a FIN (the client
+        sent nothing that was lost: midway relayed nothing from it), except after a
+        reset, which the client gets as a reset too."""
+        service = self.service
+        service._connecting.discard(self)
+        if self.upstream is not None:
+            self.poller.forget(self.upstream.fileno())
+            close_socket(self.upstream)
+            self.upstream = None
+        reset = reason is CloseReason.RESET
+        self.poller.forget(self.client.fileno())
+        close_socket(self.client, reset=reset)
+        service._closed(self, reason, detail, first_close, reset, None)
 
     def cancel(self) -> None:
-        """Stop connecting (shutdown): close what is open and report it."""
+        """Stop before the relay (shutdown): close what is open and report it."""
         if self.cancelled:
             return
         self.cancelled = True
-        if self.sock is not None:
-            sock, _ = self._take()
-            self.discard(sock)
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
-        self.service._connecting.discard(self)
-        self.service._not_relayed(self, CloseReason.SHUTDOWN, "stopped while connecting")
+        self.cancel_dial()
+        if self.work is not None:
+            self.work.cancel()
+            self.work = None
+        self.finish(CloseReason.SHUTDOWN, "stopped while connecting")
+
+    # -- what a layer may do (midway.layers.base.LayerConnection) ----------------
+
+    @property
+    def route(self) -> dict[str, str]:
+        """Route keys set by inbound layers (made on first use)."""
+        if self._route is None:
+            self._route = {}
+        return self._route
+
+    async def recv_client(self, max_bytes: int) -> bytes:
+        return await self._recv(max_bytes)
+
+    def unread(self, data: bytes) -> None:
+        self.pending += data
+
+    def set_client(self, host: str, port: int) -> None:
+        self.info.client_addr = (host, port)
+        self.info.client = format_sockaddr((host, port))
+
+    def set_local(self, host: str, port: int) -> None:
+        self.info.local_addr = (host, port)
+        self.info.listener = format_sockaddr((host, port))
+
+    async def send_upstream(self, data: bytes) -> None:
+        """Write ``data`` to the upstream, waiting on the poller while its buffer is
+        full (what a layer writes is small: a header, not a stream), bounded by the
+        idle timeout."""
+        sock = self.upstream
+        if sock is None:
+            raise RuntimeError("send_upstream before the upstream is connected")
+        view = memoryview(data)
+        idle = self.service.config.idle_timeout_s
+        async with asyncio.timeout(idle if idle > 0 else None):
+            while view:
+                try:
+                    view = view[sock.send(view):]
+                except (BlockingIOError, InterruptedError):
+                    await self._ready(sock, write=True)
+
+    async def _recv(self, max_bytes: int) -> bytes:
+        while True:
+            try:
+                return self.client.recv(max_bytes)
+            except (BlockingIOError, InterruptedError):
+                await self._ready(self.client, write=False)
+
+    async def _ready(self, sock: socket.socket, *, write: bool) -> None:
+        """Wait until ``sock`` is readable (writable), or failed: the next call on
+        it then raises."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        fd = sock.fileno()
+        (self.poller.add_writer if write else self.poller.add_reader)(fd, ready)
+        try:
+            await fut
+        finally:
+            (self.poller.remove_writer if write else self.poller.remove_reader)(fd)
+
+
+_NO_ATTACHMENTS: Attached = {}
+"""Shared, never written: the attachments of a connection before *open*."""
 
 
 class _ResetWatch:
-    """While ``on_open`` callbacks run, watch the client for a reset and cancel
-    the task running them if one comes (they would otherwise run to their bound
-    for a client that is gone).  Data or a FIN from the client ends the watch: a
-    reader is level-triggered, and a half-closed client may still want the
-    answer, so both wait for the relay, which passes them on."""
+    """While ``on_open`` callbacks (or outbound layers) run, watch the client for a
+    reset and cancel the task running them if one comes (they would otherwise run
+    to their bound for a client that is gone).  Data or a FIN from the client ends
+    the watch: a reader is level-triggered, and a half-closed client may still want
+    the answer, so both wait for the relay, which passes them on."""
 
     __slots__ = ("poller", "sock", "fd", "task", "reset")
 
@@ -540,14 +741,6 @@ class _ResetWatch:
         if self.fd >= 0:
             self.poller.remove_reader(self.fd)
             self.fd = -1
-
-
-_RESET_AFTER_CONNECT = frozenset({errno.ECONNRESET, errno.EPIPE})
-"""``SO_ERROR`` values of a connection that was established and then reset (a
-refused connect is ECONNREFUSED)."""
-
-# One syscall for a non-blocking socket where the platform allows it.
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 def _nodelay(sock: socket.socket) -> None:

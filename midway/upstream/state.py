@@ -135,10 +135,12 @@ class UpstreamSet:
 
     ``now`` is the monotonic clock for ejection timers, ``rng`` the random source of
     the balancers that draw, ``on_change`` receives every health change (default:
-    logged)."""
+    logged).  With ``balancer_feedback`` off a failed connect is not told to the
+    balancer (no slow start after a failure: round-robin keeps its plain rotation,
+    as midway's proxies do until their configuration chooses a policy)."""
 
     __slots__ = ("proxy", "balance", "balancer", "health", "upstreams", "_now", "_rng",
-                 "_on_change", "_said_all_down")
+                 "_on_change", "_said_all_down", "_balancer_feedback")
 
     def __init__(
         self,
@@ -150,8 +152,10 @@ class UpstreamSet:
         now: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_change: Callable[[HealthChange], None] = log_change,
+        balancer_feedback: bool = True,
     ) -> None:
         self.proxy = proxy
+        self._balancer_feedback = balancer_feedback
         self._now = now
         self._rng = rng
         self._on_change = on_change
@@ -216,7 +220,8 @@ class UpstreamSet:
         self.upstreams = tuple(states)
 
     def _feedback(self, address: Address) -> None:
-        self.balancer.connect_failed(address)
+        if self._balancer_feedback:
+            self.balancer.connect_failed(address)
 
 
 def _check(specs: Sequence[UpstreamSpec]) -> None:
