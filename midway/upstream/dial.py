@@ -176,9 +176,9 @@ class Dialer:
 
     # -- the dial --------------------------------------------------------------
 
-    def dial_next(self) -> None:
-        """Try the next upstream, or give up when none is left."""
-        failure = DialFailure.NO_UPSTREAM
+    def dial_next(self, failure: DialFailure = DialFailure.NO_UPSTREAM) -> None:
+        """Try the next upstream, or give up when none is left (``failure``: how
+        the last one failed)."""
         while self.candidates:
             target = self.target = self.candidates.pop(0)
             address: Address = target.address
@@ -281,8 +281,9 @@ class Dialer:
                 self.detail = f"{self.detail}; {failed[1]}"
             detail = self.detail
         self._stop_timer()
-        self.dial_failed(self.target, failure_of(err), detail)
-        self.dial_next()
+        failure = failure_of(err)
+        self.dial_failed(self.target, failure, detail)
+        self.dial_next(failure)
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -298,17 +299,17 @@ class Dialer:
             self.task = None
         self.dial_failed(self.target, DialFailure.TIMED_OUT,
                          f"connect timed out after {self.connect_timeout_s:g} s")
-        self.dial_next()
+        self.dial_next(DialFailure.TIMED_OUT)
 
     async def _lookup(self, address: Address) -> None:
         try:
             found = await self.resolve(address.host, address.port)
-        except socket.gaierror as exc:
+        except OSError as exc:  # socket.gaierror, or what an injected resolver raises
             self.task = None
             self._stop_timer()
             self.dial_failed(self.target, DialFailure.RESOLVE_FAILED,
-                             f"cannot resolve {address.host!r} ({exc.strerror})")
-            self.dial_next()
+                             f"cannot resolve {address.host!r} ({exc.strerror or exc})")
+            self.dial_next(DialFailure.RESOLVE_FAILED)
             return
         self.task = None
         self.addrs = list(found)
@@ -316,7 +317,7 @@ class Dialer:
             self._stop_timer()
             self.dial_failed(self.target, DialFailure.RESOLVE_FAILED,
                              f"{address.host!r} resolved to no address")
-            self.dial_next()
+            self.dial_next(DialFailure.RESOLVE_FAILED)
             return
         family, sockaddr = self.addrs.pop(0)
         failed = self._connect(family, sockaddr)
