@@ -3,8 +3,10 @@ session reports back, and what survives a reconfigure.
 
 Theory of operation
 -------------------
-A proposal for the pool of issue 9, written as a new module that the refactor can
-adopt in place of ``pool.UpstreamPool``.
+This is every proxy's pool (:attr:`midway.service.ProxyService.pool`): the service
+reports each dial and close to it.  Until the configuration has health and balance
+tables (issue 10) a proxy's set runs with passive health off and without balancer
+feedback, so round-robin is the plain rotation midway always had.
 
 * :class:`UpstreamSpec` is one configured upstream (address, weight, backup): data.
 * :class:`UpstreamState` is its live state: active connections, counters, and its
