@@ -147,7 +147,7 @@ class ProxyService:
         self.resolve = resolve
         self.listeners: list[Listener] = []
         self.elements: list[Element] = list(elements)
-        self.live: dict[Relay, Connection] = {}
+        self.live: dict[Relay, _Relayed] = {}
         self._connecting: set[Connection] = set()
         self._failing: dict[Address, _Failing] = {}
         """Upstreams whose last attempt failed, for rate-limited logging."""
@@ -258,29 +258,27 @@ class ProxyService:
 
     # -- the end: one place for every connection ---------------------------
 
-    def _closed(self, conn: Connection, reason: CloseReason, detail: str, first_close: str,
+    def _closed(self, info: ConnectionInfo, attached: Attached, target: UpstreamState | None,
+                failures: Sequence[_Failure], reason: CloseReason, detail: str, first_close: str,
                 reset: bool, relay: Relay | None) -> None:
-        """The *closed* phase: fill in how it ended, tell the elements, the
-        upstream's state and the observers, free the slot."""
-        conn.phase = Phase.CLOSED
-        info = conn.info
+        """The *closed* phase, for every connection: fill in how it ended, tell the
+        elements, the upstream's state and the observers, free the slot."""
         info.first_close = first_close
         info.close_detail = detail
         # The relay resets the sockets for RESET and ERROR, and for an element's
         # Output.reset, which it does not yet tell apart from Output.close.
         info.reset = reset
-        for attachment in conn.attached.values():
+        for attachment in attached.values():
             if attachment.on_close is not None:
                 try:
                     attachment.on_close(info, reason.value)
                 except Exception:
                     log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
-        if relay is not None:
-            conn.target.closed(reset_before_response=reason is CloseReason.RESET
-                               and first_close == "upstream" and relay.bytes_down == 0)
+        if target is not None and info.upstream is not None:  # connected(): closed() too
+            target.closed(reset_before_response=relay is not None and reason is CloseReason.RESET
+                          and first_close == "upstream" and relay.bytes_down == 0)
         observers = self.host.observers
         if observers:
-            failures = conn.failures or ()
             observers.connection_closed(CloseRecord(
                 proxy=self.name, id=info.id, client=info.client, listener=info.listener,
                 upstream=info.upstream,
@@ -298,11 +296,12 @@ class ProxyService:
         self.host.connection_closed()
 
     def _relay_closed(self, relay: Relay) -> None:
-        conn = self.live.pop(relay)
+        rec = self.live.pop(relay)
         reason = relay.reason or CloseReason.EOF
-        self._closed(conn, reason, relay.detail, relay.first_close or "proxy", relay.reset, relay)
+        self._closed(relay.info, rec.attached, rec.target, rec.failures or (), reason,
+                     relay.detail, relay.first_close or "proxy", relay.reset, relay)
         if reason in (CloseReason.RESET, CloseReason.ERROR):
-            log.debug("conn %d (%s): %s %s", conn.info.id, self.name, reason.value, relay.detail)
+            log.debug("conn %d (%s): %s %s", relay.info.id, self.name, reason.value, relay.detail)
 
     # -- live changes ------------------------------------------------------
 
@@ -314,29 +313,29 @@ class ProxyService:
             while index and self.elements[index - 1].keep_last:
                 index -= 1
         self.elements.insert(index, element)
-        for relay, conn in list(self.live.items()):
+        for relay, rec in list(self.live.items()):
             attachment = element.attach(relay.info)
             if attachment is not None:
-                conn.attached[element] = attachment
-                self._restage(relay, conn.attached)
+                rec.own_attached()[element] = attachment
+                self._restage(relay, rec.attached)
 
     def remove_element(self, element: Element) -> None:
         """Remove a chain element everywhere; held bytes are flushed, none lost."""
         self.elements.remove(element)
-        for relay, conn in list(self.live.items()):
-            if conn.attached.pop(element, None) is not None:
-                self._restage(relay, conn.attached)
+        for relay, rec in list(self.live.items()):
+            if rec.attached.pop(element, None) is not None:
+                self._restage(relay, rec.attached)
 
     def replace_element(self, old: Element, new: Element) -> None:
         """Swap ``old`` for ``new`` in place (same position), live."""
         index = self.elements.index(old)
         self.elements[index] = new
-        for relay, conn in list(self.live.items()):
-            conn.attached.pop(old, None)
+        for relay, rec in list(self.live.items()):
+            rec.attached.pop(old, None)
             attachment = new.attach(relay.info)
             if attachment is not None:
-                conn.attached[new] = attachment
-            self._restage(relay, conn.attached)
+                rec.own_attached()[new] = attachment
+            self._restage(relay, rec.attached)
 
     def _restage(self, relay: Relay, attached: Attached) -> None:
         for direction in DIRECTIONS:
@@ -379,6 +378,30 @@ def _stages(elements: list[Element], attached: Attached,
     return out
 
 
+_Failure = tuple[UpstreamState, DialFailure, str]
+"""One failed attempt: the upstream, why, and the detail."""
+
+
+class _Relayed:
+    """What the service keeps of a relayed connection (the relay keeps the rest):
+    smaller than the :class:`Connection`, which is dropped once relaying, so an
+    idle connection costs what it did before the phases existed."""
+
+    __slots__ = ("attached", "target", "failures")
+
+    def __init__(self, attached: Attached, target: UpstreamState,
+                 failures: list[_Failure] | None) -> None:
+        self.attached = attached
+        self.target = target
+        self.failures = failures
+
+    def own_attached(self) -> Attached:
+        """The attachments, as a dict of this connection's own (to add to)."""
+        if self.attached is _NO_ATTACHMENTS:
+            self.attached = {}
+        return self.attached
+
+
 class _Failing:
     """The last logged failure of one upstream (rate-limited logging)."""
 
@@ -399,9 +422,10 @@ class Connection(Dialer):
 
     It is the dialer of its own upstream (a :class:`~midway.upstream.dial.Dialer`
     subclass), so the hot path allocates one object per connection besides its
-    :class:`~midway.chain.base.ConnectionInfo`; it stays, while relaying, as the
-    service's record of the connection (its attachments and its upstream).  To an
-    inbound or outbound layer it is the :class:`~midway.layers.base.LayerConnection`."""
+    :class:`~midway.chain.base.ConnectionInfo`; it is the
+    service's record of the connection until the relay starts (then a smaller
+    ``_Relayed`` record replaces it).  To an inbound or outbound layer it is the
+    :class:`~midway.layers.base.LayerConnection`."""
 
     __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
                  "pending", "_route", "upstream", "work", "cancelled")
@@ -429,7 +453,7 @@ class Connection(Dialer):
         if service.config.tcp_nodelay and self.info.client_addr is not None:
             _nodelay(client)
         self.attached: Attached = _NO_ATTACHMENTS
-        self.failures: list[tuple[UpstreamState, DialFailure, str]] | None = None
+        self.failures: list[_Failure] | None = None
         """The failed attempts (made on the first failure)."""
         self.pending = b""
         """Client bytes inbound layers handed back, for the upstream first."""
@@ -558,13 +582,16 @@ class Connection(Dialer):
         self._relay()
 
     def _attach_all(self) -> Attached:
-        attached: Attached = {}
+        attached: Attached | None = None
         for element in self.service.elements:
             attachment = element.attach(self.info)
             if attachment is not None:
+                if attached is None:
+                    attached = {}
                 attached[element] = attachment
-        self.attached = attached
-        return attached
+        # No element applies (the common case): the shared empty dict, no allocation.
+        self.attached = _NO_ATTACHMENTS if attached is None else attached
+        return self.attached
 
     def _relay(self) -> None:
         """The *relay* phase: the relay owns both sockets from here."""
@@ -583,7 +610,7 @@ class Connection(Dialer):
             loop=self.loop,
         )
         relay.connect_time_s = self.loop.time() - self.started
-        service.live[relay] = self
+        service.live[relay] = _Relayed(self.attached, self.target, self.failures)
         attached = self.attached
         if attached:
             for direction in DIRECTIONS:
@@ -626,7 +653,9 @@ class Connection(Dialer):
         reset = reason is CloseReason.RESET
         self.poller.forget(self.client.fileno())
         close_socket(self.client, reset=reset)
-        service._closed(self, reason, detail, first_close, reset, None)
+        self.phase = Phase.CLOSED
+        service._closed(self.info, self.attached, self.target, self.failures or (), reason,
+                        detail, first_close, reset, None)
 
     def cancel(self) -> None:
         """Stop before the relay (shutdown): close what is open and report it."""
@@ -703,7 +732,8 @@ class Connection(Dialer):
 
 
 _NO_ATTACHMENTS: Attached = {}
-"""Shared, never written: the attachments of a connection before *open*."""
+"""Shared, never written: the attachments of a connection to which no element
+applies (or before *open*); :meth:`_Relayed.own_attached` replaces it before a write."""
 
 
 class _ResetWatch:

@@ -157,3 +157,32 @@ def test_upstream_state_survives_a_reconfigure_that_keeps_its_address() -> None:
                 while proxy.service.pool.snapshot()[0]["active"]:
                     await asyncio.sleep(0.01)
     run(main())
+
+
+def test_a_connection_refused_after_the_dial_gives_its_upstream_slot_back() -> None:
+    """An element that refuses in on_open: the upstream was connected (one more
+    active connection) and must be told of the close, or least-connections and
+    the admin API would count it for ever."""
+    from midway.chain.base import Attachment, ConnectionInfo, Element
+
+    class Refuse(Element):
+        name = "refuse"
+
+        def attach(self, info: ConnectionInfo) -> Attachment:
+            async def on_open(info: ConnectionInfo) -> None:
+                raise midway.Rejected("not today")
+            return Attachment(on_open=on_open)
+
+    async def main() -> None:
+        records = Records()
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", elements=[Refuse()],
+                observers=[records]) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            await records.wait(1)
+            state = proxy.service.pool.snapshot()[0]
+            assert (state["connects"], state["active"]) == (1, 0)
+        assert records.records[0].reason == "rejected" and records.records[0].attempts == 1
+    run(main())
