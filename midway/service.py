@@ -126,6 +126,12 @@ class Phase(enum.StrEnum):
     CLOSED = "closed"
 
 
+# The hot path stores phases from module globals: an enum member looked up on its
+# class costs ten times as much (~60 ns, CPython 3.11).
+_ACCEPT, _DIAL, _OPEN, _RELAY, _CLOSED = (Phase.ACCEPT, Phase.DIAL, Phase.OPEN, Phase.RELAY,
+                                          Phase.CLOSED)
+
+
 class ProxyService:
     """A named proxy inside a :class:`ServiceHost` (a :class:`~midway.runtime.Runtime`).
 
@@ -436,7 +442,7 @@ class Connection(Dialer):
         self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve)
         self.service = service
         self.client = client
-        self.phase = Phase.ACCEPT
+        self.phase = _ACCEPT
         self.started = loop.time()
         local = listener.local or _ip_pair(_sockname(client))
         self.info = ConnectionInfo(
@@ -481,11 +487,11 @@ class Connection(Dialer):
     def choose_and_dial(self) -> None:
         """*route* (one upstream set until SNI routes exist), *choose*, *dial*."""
         service = self.service
-        self.phase = Phase.ROUTE
-        self.phase = Phase.CHOOSE
+        # route: one upstream set until SNI routes exist; choose: the balancer's order
+        # (both too short to be seen, so the phase is not stored for them).
         addr = self.info.client_addr
         self.candidates = service.pool.order(addr[0] if addr is not None else "")
-        self.phase = Phase.DIAL
+        self.phase = _DIAL
         self.dial_next()
 
     def dial_failed(self, target: UpstreamState, failure: DialFailure, detail: str) -> None:
@@ -531,13 +537,13 @@ class Connection(Dialer):
         if service.outbound or self.pending:
             self.work = self.loop.create_task(self._prepare(None))
             return
-        self.phase = Phase.OPEN
+        self.phase = _OPEN
         try:
             attached = self._attach_all()
         except Exception as exc:
             self._element_failed(exc)
             return
-        if any(a.on_open is not None for a in attached.values()):
+        if attached and any(a.on_open is not None for a in attached.values()):
             self.work = self.loop.create_task(self._prepare(attached))
         else:
             self._relay()
@@ -552,7 +558,7 @@ class Connection(Dialer):
                 self.phase = Phase.OUTBOUND
                 for layer in self.service.outbound:
                     await layer.connect(self)
-                self.phase = Phase.OPEN
+                self.phase = _OPEN
                 attached = self._attach_all()
             for attachment in list(attached.values()):
                 if attachment.on_open is not None:
@@ -600,7 +606,7 @@ class Connection(Dialer):
         upstream = self.upstream
         assert upstream is not None
         service._connecting.discard(self)
-        self.phase = Phase.RELAY
+        self.phase = _RELAY
         relay = Relay(
             self.client, upstream, self.info,
             idle_timeout_s=config.idle_timeout_s,
@@ -653,7 +659,7 @@ class Connection(Dialer):
         reset = reason is CloseReason.RESET
         self.poller.forget(self.client.fileno())
         close_socket(self.client, reset=reset)
-        self.phase = Phase.CLOSED
+        self.phase = _CLOSED
         service._closed(self.info, self.attached, self.target, self.failures or (), reason,
                         detail, first_close, reset, None)
 

@@ -226,8 +226,8 @@ class Dialer:
         if err in _IN_PROGRESS:
             self.sock = sock
             self.poller.add_writer(sock.fileno(), self._on_writable)
-            if self.timer is None:
-                self._arm_timer()
+            if self.timer is None and self.connect_timeout_s > 0:
+                self.timer = self.loop.call_later(self.connect_timeout_s, self._on_timeout)
             return None
         sock.close()
         return err, describe_oserror(OSError(err, os.strerror(err)))
@@ -253,7 +253,10 @@ class Dialer:
         sock = self._take()
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
-            self._connected(sock)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.dial_connected(sock, self.target)
             return
         _discard(self.poller, sock)
         detail = describe_oserror(OSError(err, os.strerror(err)))

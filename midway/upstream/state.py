@@ -175,7 +175,12 @@ class UpstreamSet:
         eligible upstream once).  Empty when every upstream is down or drained:
         the caller closes the client with ``no_upstream``; that is logged once per
         outage here, not per connection."""
-        found = self.balancer.order(self.upstreams, key)
+        upstreams = self.upstreams
+        if len(upstreams) == 1:  # the common case, without the balancer: eligible or not
+            only = upstreams[0]
+            found = [only] if only.weight > 0 and only.health.up else []
+        else:
+            found = self.balancer.order(upstreams, key)
         if not found:
             if not self._said_all_down:
                 self._said_all_down = True
