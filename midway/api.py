@@ -28,7 +28,7 @@ from .core.clock import LoopClock
 from .core.observer import Observer
 from .errors import MidwayError
 from .runtime import Runtime
-from .session import ProxyService
+from .service import ProxyService
 
 __all__ = ["Proxy", "proxy_config"]
 

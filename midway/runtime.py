@@ -20,9 +20,9 @@ from .chain.base import Element
 from .chain.registry import build_elements
 from .config.addresses import Address
 from .config.schema import Config, ProxyConfig, ServerConfig
-from .core.observer import AccessLog, CloseReason, CloseRecord, Observer
+from .core.observer import AccessLog, CloseReason, Observer, Observers
 from .errors import ConfigError, ListenError
-from .session import ProxyService
+from .service import ProxyService
 
 if TYPE_CHECKING:
     from .admin.server import AdminServer
@@ -77,7 +77,7 @@ class Runtime:
     ) -> None:
         self.config = config
         self.services: dict[str, ProxyService] = {}
-        self.observers: list[Observer] = list(observers)
+        self.observers = Observers(observers)
         self._initial_elements = elements or {}
         self._ids = ids if ids is not None else itertools.count(1)
         self.worker = worker
@@ -331,14 +331,6 @@ class Runtime:
         if not self.stopping:
             for service in self.services.values():
                 service.room_changed()
-
-    def report(self, record: CloseRecord) -> None:
-        record.worker, record.pid = self.worker, self.pid
-        for observer in self.observers:
-            try:
-                observer.connection_closed(record)
-            except Exception:
-                log.exception("an observer failed on connection %d", record.id)
 
 
 def _close_elements(service: ProxyService) -> None:

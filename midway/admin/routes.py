@@ -62,7 +62,7 @@ from ..config.load import config_from_dict
 from ..config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY, ProxyConfig
 from ..errors import ConfigError, ListenError
 from ..runtime import Runtime
-from ..session import ProxyService
+from ..service import ProxyService
 
 __all__ = ["ToxiproxyAPI", "Response", "TOXIPROXY_API_VERSION"]
 

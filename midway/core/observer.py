@@ -1,8 +1,14 @@
-"""What the relay reports about connections, and who listens.
+"""What a proxy reports about its connections, and who listens.
 
-An :class:`Observer` is told when a connection opens and, once, when it closes, with a
-:class:`CloseRecord`.  Access logs (and later metrics) are observers; the relay never
-knows which ones exist.
+An :class:`Observer` is told three things, by the service that runs the connection
+phases (:mod:`midway.service`): a connection was accepted
+(:meth:`~Observer.connection_opened`), one attempt to reach an upstream failed
+(:meth:`~Observer.connect_failed`, any number of times per connection), and,
+exactly once, the connection ended (:meth:`~Observer.connection_closed`, with a
+:class:`CloseRecord`).  The access log (and later metrics) are observers; the relay
+never knows which ones exist.  :class:`Observers` is the list a runtime holds: it
+tells each observer in turn, and one that raises is logged and skipped, never
+allowed to break the connection.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import IO, Protocol
 
-__all__ = ["CloseReason", "CloseRecord", "Observer", "AccessLog"]
+__all__ = ["CloseReason", "CloseRecord", "Observer", "Observers", "AccessLog"]
 
 log = logging.getLogger("midway")
 
@@ -71,16 +77,77 @@ class CloseRecord:
     single process.  ``id`` is unique across the workers."""
     pid: int = 0
     """That process's id."""
+    attempts: int = 0
+    """Upstreams dialled for this connection: 1 when the first one accepted, more
+    after a failover, 0 when none was dialled."""
+    failures: tuple[dict[str, str], ...] = ()
+    """The failed attempts, in order: ``{"upstream": ..., "failure": ..., "detail":
+    ...}`` with ``failure`` a :class:`midway.upstream.dial.DialFailure` value
+    (``refused``, ``timed_out``, ``resolve_failed``, ...)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
 
-class Observer(Protocol):
-    def connection_closed(self, record: CloseRecord) -> None: ...
+class OpenedConnection(Protocol):
+    """What an observer is told of a connection as it opens (the chain's
+    ``ConnectionInfo`` is one; core knows it by these fields only)."""
+
+    id: int
+    proxy: str
+    client: str
 
 
-class AccessLog:
+class Observer:
+    """The events of a connection's life; every method does nothing, so an observer
+    overrides only what it needs.  Called on the event loop: an observer must not
+    block (queue the work, as the access log's writes are short and buffered)."""
+
+    def connection_opened(self, info: OpenedConnection) -> None:
+        """A client was accepted (before any upstream is dialled; an inbound layer
+        may still replace ``info.client``)."""
+
+    def connect_failed(self, proxy: str, upstream: str, failure: str, detail: str) -> None:
+        """One attempt to reach ``upstream`` failed; ``failure`` is a
+        :class:`midway.upstream.dial.DialFailure` value, ``detail`` says more
+        (``connection refused``, ``connect timed out after 5 s``)."""
+
+    def connection_closed(self, record: CloseRecord) -> None:
+        """The connection ended (once per accepted connection)."""
+
+
+class Observers(list[Observer]):
+    """The observers of a runtime, told in turn.  An observer that raises is
+    logged and the others are still told.  An object with only some of the
+    methods (duck-typed, not an :class:`Observer`) is told only those."""
+
+    def connection_opened(self, info: OpenedConnection) -> None:
+        for observer in self:
+            method = getattr(observer, "connection_opened", None)
+            if method is not None:
+                try:
+                    method(info)
+                except Exception:
+                    log.exception("an observer failed on connection %d", info.id)
+
+    def connect_failed(self, proxy: str, upstream: str, failure: str, detail: str) -> None:
+        for observer in self:
+            method = getattr(observer, "connect_failed", None)
+            if method is not None:
+                try:
+                    method(proxy, upstream, failure, detail)
+                except Exception:
+                    log.exception("an observer failed on a connect failure of %s", proxy)
+
+    def connection_closed(self, record: CloseRecord) -> None:
+        for observer in self:
+            try:
+                observer.connection_closed(record)
+            except Exception:
+                log.exception("an observer failed on connection %d", record.id)
+
+
+class AccessLog(Observer):
     """Writes one JSON line per finished connection to a file or standard output.
 
     Each line is written and flushed as the connection closes.  A write error is

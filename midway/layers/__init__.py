@@ -1,5 +1,7 @@
 """Layers a connection passes through before the relay, as sans-I/O state machines.
 
+- :mod:`midway.layers.base`: the contracts of an inbound and an outbound layer (the
+  phases that run them are :mod:`midway.service`'s)
 - :mod:`midway.layers.proxy_protocol`: the PROXY protocol v1/v2 (parse, build)
 - :mod:`midway.layers.clienthello`: the TLS ClientHello peek (SNI, ALPN)
 - :mod:`midway.layers.routes`: SNI route matching

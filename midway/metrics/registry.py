@@ -48,7 +48,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..core.observer import CloseReason, CloseRecord
+from ..core.observer import CloseReason, CloseRecord, Observer, OpenedConnection
 from .exposition import render
 from .table import BY_NAME, METRICS, Kind, Merge, MetricSpec
 
@@ -69,7 +69,7 @@ Snapshot = dict[str, Any]
 _DIRECTIONS = ("upstream", "downstream")
 
 
-class Metrics:
+class Metrics(Observer):
     """Counts one worker's connections from observer events; see the module doc."""
 
     def __init__(self) -> None:
@@ -93,15 +93,16 @@ class Metrics:
 
     # -- observer events --------------------------------------------------------
 
-    def connection_opened(self, proxy: str) -> None:
-        """A client connection was accepted by ``proxy``."""
-        key = (proxy,)
+    def connection_opened(self, info: OpenedConnection) -> None:
+        """A client connection was accepted by ``info.proxy``."""
+        key = (info.proxy,)
         self._opened[key] = self._opened.get(key, 0) + 1
         self._active[key] = self._active.get(key, 0) + 1
 
-    def connect_failed(self, proxy: str, upstream: str, reason: str = "") -> None:
+    def connect_failed(self, proxy: str, upstream: str, failure: str = "",
+                       detail: str = "") -> None:
         """One attempt to dial ``upstream`` (the address as configured) failed.
-        ``reason`` is for logs and the access log; it is not a label."""
+        ``failure`` and ``detail`` are for logs and the access log; not labels."""
         key = (proxy, upstream)
         self._failures[key] = self._failures.get(key, 0) + 1
 

@@ -1,80 +1,386 @@
-"""Connecting to an upstream: asynchronous name lookup at connect time, every
-address tried in turn, one overall timeout.
+"""Connecting to an upstream: the one dialer, and why a dial failed.
 
-Names are resolved for each connection (through the loop's resolver, which runs
-``getaddrinfo`` off the loop), never once at start-up, so DNS changes are followed.
-IP literals skip the lookup.
+Theory of operation
+-------------------
+A :class:`Dialer` tries, for one connection, a list of upstreams in order (the
+balancer's order) until one accepts.  Each upstream gets its own connect timeout,
+which covers its name lookup and every address the lookup returned.
+
+* **IP literals** (the common case, kept cheap: the hot path of connection rate) are
+  dialled by readiness callbacks alone: a non-blocking ``connect``, a writer on the
+  relay's poller (:func:`midway.core.poller.poller_for`) and one timer.  No task, no
+  future.
+* **Host names** are resolved for each connection (DNS changes are followed) by an
+  injectable :data:`Resolver`, by default the loop's ``getaddrinfo`` (which runs off
+  the loop); the task that awaits it ends there, and every address returned is then
+  tried in turn by the same callback connect.
+* **Unix sockets** take the callback connect too.
+
+Each failed attempt is reported once with a :class:`DialFailure` and a detail string
+(``connection refused``, ``connect timed out after 5 s``): the service logs it, the
+access log records it, the upstream's passive health and a metrics observer count
+it, all from the same value.  An upstream that accepts and then resets before the
+relay begins (``SO_ERROR`` is ``ECONNRESET``) is :attr:`DialFailure.RESET`, and the
+dialer stops there: the client is reset in turn, and trying the next upstream would
+replay a connection this one already took.
+
+The connected socket is handed over still registered on the poller: removing the
+writer only updates the poller's table, and the relay's first ``add_reader`` turns
+the kernel's interest from writable to readable in one ``epoll_ctl`` (see
+:mod:`midway.core.poller`).
+
+A :class:`Dialer` is subclassed by the object that owns the connection (the
+service's per-connection object), so that a connection is one allocation; it is
+told of progress through three methods it overrides.  :func:`dial` wraps it in a
+coroutine for callers that want one (health checks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import errno
+import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..config.addresses import Address
+from ..core.poller import LoopPoller, Poller, poller_for
+from ..core.relay import close_socket
 from ..errors import UpstreamError, describe_oserror
 
-__all__ = ["dial", "Resolver"]
+__all__ = ["dial", "Resolver", "Dialer", "DialFailure", "Target", "failure_of",
+           "loop_resolver"]
 
-Resolver = Callable[[str, int], Awaitable[list[tuple[int, tuple[object, ...]]]]]
-"""``resolve(host, port)`` → [(family, sockaddr), ...]; injectable for tests."""
+Resolver = Callable[[str, int], Awaitable[list[tuple[int, Any]]]]
+"""``resolve(host, port)`` → [(family, sockaddr), ...]; raises :class:`socket.gaierror`
+when the name does not resolve.  Injectable for tests."""
 
 
-async def _loop_resolver(host: str, port: int) -> list[tuple[int, tuple[object, ...]]]:
+class DialFailure(enum.StrEnum):
+    """Why one attempt to reach an upstream failed (logs, access log, metrics and
+    passive health all read this value)."""
+
+    REFUSED = "refused"
+    """Nothing listens there (ECONNREFUSED)."""
+    TIMED_OUT = "timed_out"
+    """No answer within ``connect_timeout_s`` (name lookup included)."""
+    UNREACHABLE = "unreachable"
+    """No route to the host or network, or no such unix socket."""
+    RESOLVE_FAILED = "resolve_failed"
+    """The host name did not resolve."""
+    RESET = "reset"
+    """The upstream accepted, then reset before the relay began."""
+    NO_UPSTREAM = "no_upstream"
+    """No upstream was eligible (all down or drained); nothing was dialled."""
+    OUT_OF_DESCRIPTORS = "out_of_descriptors"
+    """midway could not open a socket (EMFILE, ENFILE)."""
+    OTHER = "other"
+
+
+_FAILURES: dict[int, DialFailure] = {
+    errno.ECONNREFUSED: DialFailure.REFUSED,
+    errno.ETIMEDOUT: DialFailure.TIMED_OUT,
+    errno.ENETUNREACH: DialFailure.UNREACHABLE,
+    errno.EHOSTUNREACH: DialFailure.UNREACHABLE,
+    errno.ENETDOWN: DialFailure.UNREACHABLE,
+    errno.EHOSTDOWN: DialFailure.UNREACHABLE,
+    errno.ENOENT: DialFailure.UNREACHABLE,  # a unix socket path that does not exist
+    errno.ECONNRESET: DialFailure.RESET,
+    errno.EPIPE: DialFailure.RESET,
+    errno.EMFILE: DialFailure.OUT_OF_DESCRIPTORS,
+    errno.ENFILE: DialFailure.OUT_OF_DESCRIPTORS,
+}
+
+
+def failure_of(err: int | None) -> DialFailure:
+    """The :class:`DialFailure` of an ``errno`` value from ``connect``/``socket``."""
+    return _FAILURES.get(err or 0, DialFailure.OTHER)
+
+
+_RESET_AFTER_CONNECT = frozenset({errno.ECONNRESET, errno.EPIPE})
+"""``SO_ERROR`` values of a connection that was established and then reset (a
+refused connect is ECONNREFUSED)."""
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN})
+"""``connect`` is under way: EINPROGRESS for TCP; EAGAIN for a unix socket whose
+listener's backlog is full (asyncio's ``sock_connect`` waits for writable on both)."""
+
+# One syscall for a non-blocking socket where the platform allows it.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+async def loop_resolver(host: str, port: int) -> list[tuple[int, Any]]:
+    """The default :data:`Resolver`: the running loop's ``getaddrinfo``."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-async def _targets(address: Address, resolve: Resolver) -> list[tuple[int, Any]]:
-    if address.is_unix:
-        return [(socket.AF_UNIX, address.path)]
-    if address.is_ip_literal:
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        return [(family, (address.host, address.port))]
-    try:
-        found = await resolve(address.host, address.port)
-    except socket.gaierror as exc:
-        raise UpstreamError(f"{address}: cannot resolve {address.host!r} ({exc.strerror})") from exc
-    return list(found)
+class Target(Protocol):
+    """What the dialer needs of an upstream (an :class:`~.state.UpstreamState`)."""
+
+    @property
+    def address(self) -> Address: ...
 
 
-async def dial(
-    address: Address,
-    timeout_s: float,
-    *,
-    resolve: Resolver = _loop_resolver,
-) -> socket.socket:
-    """Connect to ``address``, trying each resolved address in order, within
-    ``timeout_s`` overall (0 = no timeout).  Returns a connected non-blocking socket
-    owned by the caller; raises :class:`UpstreamError` naming the address and why."""
+class Dialer:
+    """Dials ``candidates`` in order for one connection.
+
+    A subclass sets the fields of :meth:`init_dial` and overrides
+    :meth:`dial_connected`, :meth:`dial_failed` and :meth:`dial_given_up`; then
+    :meth:`dial_next` starts.  Exactly one of ``dial_connected`` (with the socket,
+    now the subclass's) or ``dial_given_up`` ends a dial, unless
+    :meth:`cancel_dial` came first."""
+
+    __slots__ = ("loop", "poller", "connect_timeout_s", "resolve", "candidates", "target",
+                 "sock", "addrs", "detail", "timer", "task")
+
+    def init_dial(self, loop: asyncio.AbstractEventLoop, candidates: list[Any],
+                  connect_timeout_s: float, resolve: Resolver) -> None:
+        self.loop = loop
+        self.poller: Poller | LoopPoller = poller_for(loop)
+        self.connect_timeout_s = connect_timeout_s
+        self.resolve = resolve
+        self.candidates = candidates
+        """Upstreams (:class:`Target`) not tried yet, in order."""
+        self.target: Any = None
+        """The upstream being dialled (or, after ``dial_connected``, the one connected)."""
+        self.sock: socket.socket | None = None
+        """The socket whose connect is under way."""
+        self.addrs: list[tuple[int, Any]] | None = None
+        """The current name's resolved addresses not tried yet."""
+        self.detail = ""
+        """Why the current upstream's earlier addresses failed (a name's)."""
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        """The name lookup under way, if any."""
+
+    # -- told to the subclass ------------------------------------------------
+
+    def dial_connected(self, sock: socket.socket, target: Any) -> None:
+        """``target`` accepted; ``sock`` (connected, non-blocking, registered on the
+        poller) is the subclass's now."""
+        raise NotImplementedError
+
+    def dial_failed(self, target: Any, failure: DialFailure, detail: str) -> None:
+        """One attempt failed (the dialer moves on to the next upstream unless
+        ``failure`` is :attr:`DialFailure.RESET`)."""
+        raise NotImplementedError
+
+    def dial_given_up(self, failure: DialFailure) -> None:
+        """No upstream left to try (``failure``: the last one's), or the upstream
+        reset right after accepting (:attr:`DialFailure.RESET`)."""
+        raise NotImplementedError
+
+    # -- the dial --------------------------------------------------------------
+
+    def dial_next(self, failure: DialFailure = DialFailure.NO_UPSTREAM) -> None:
+        """Try the next upstream, or give up when none is left (``failure``: how
+        the last one failed)."""
+        while self.candidates:
+            target = self.target = self.candidates.pop(0)
+            address: Address = target.address
+            if address.is_ip_literal:
+                self.addrs = None
+                err = self._connect(socket.AF_INET6 if ":" in address.host else socket.AF_INET,
+                                    (address.host, address.port))
+            elif address.is_unix:
+                self.addrs = None
+                err = self._connect(socket.AF_UNIX, address.path)
+            else:
+                self.detail = ""
+                self._arm_timer()
+                self.task = self.loop.create_task(self._lookup(address))
+                return
+            if err is None:
+                return
+            failure = failure_of(err[0])
+            self.dial_failed(target, failure, err[1])
+        self.dial_given_up(failure)
+
+    def cancel_dial(self) -> None:
+        """Stop dialling (shutdown): close what is open; nothing more is told."""
+        self.candidates = []
+        if self.sock is not None:
+            _discard(self.poller, self._take())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    def _connect(self, family: int, sockaddr: Any) -> tuple[int, str] | None:
+        """Start connecting; ``None`` when it succeeded or is under way, else
+        (errno, detail) of the failure."""
+        try:
+            sock = socket.socket(family, _NONBLOCKING_STREAM)
+        except OSError as exc:  # out of descriptors
+            return exc.errno or 0, describe_oserror(exc)
+        err = sock.connect_ex(sockaddr)
+        if err == 0:
+            self._connected(sock)
+            return None
+        if err in _IN_PROGRESS:
+            self.sock = sock
+            self.poller.add_writer(sock.fileno(), self._on_writable)
+            if self.timer is None and self.connect_timeout_s > 0:
+                self.timer = self.loop.call_later(self.connect_timeout_s, self._on_timeout)
+            return None
+        sock.close()
+        return err, describe_oserror(OSError(err, os.strerror(err)))
+
+    def _arm_timer(self) -> None:
+        if self.connect_timeout_s > 0:
+            self.timer = self.loop.call_later(self.connect_timeout_s, self._on_timeout)
+
+    def _connected(self, sock: socket.socket) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.dial_connected(sock, self.target)
+
+    def _take(self) -> socket.socket:
+        sock = self.sock
+        assert sock is not None
+        self.poller.remove_writer(sock.fileno())
+        self.sock = None
+        return sock
+
+    def _on_writable(self) -> None:
+        sock = self._take()
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.dial_connected(sock, self.target)
+            return
+        _discard(self.poller, sock)
+        detail = describe_oserror(OSError(err, os.strerror(err)))
+        if err in _RESET_AFTER_CONNECT:
+            # The upstream accepted, then reset before the relay began: reading
+            # SO_ERROR consumed the error (a later recv would return 0, a clean
+            # end), so it is passed on here, and the dial stops.
+            self._stop_timer()
+            self.dial_failed(self.target, DialFailure.RESET, f"upstream: {detail}")
+            self.dial_given_up(DialFailure.RESET)
+            return
+        self._address_failed(err, detail)
+
+    def _address_failed(self, err: int, detail: str) -> None:
+        """One address of the current upstream failed: try its next address, or
+        report the upstream and try the next one."""
+        if self.addrs is not None:
+            self.detail = f"{self.detail}; {detail}" if self.detail else detail
+            while self.addrs:
+                family, sockaddr = self.addrs.pop(0)
+                failed = self._connect(family, sockaddr)
+                if failed is None:
+                    return
+                err = failed[0]
+                self.detail = f"{self.detail}; {failed[1]}"
+            detail = self.detail
+        self._stop_timer()
+        failure = failure_of(err)
+        self.dial_failed(self.target, failure, detail)
+        self.dial_next(failure)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.sock is not None:
+            _discard(self.poller, self._take())
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.dial_failed(self.target, DialFailure.TIMED_OUT,
+                         f"connect timed out after {self.connect_timeout_s:g} s")
+        self.dial_next(DialFailure.TIMED_OUT)
+
+    async def _lookup(self, address: Address) -> None:
+        try:
+            found = await self.resolve(address.host, address.port)
+        except OSError as exc:  # socket.gaierror, or what an injected resolver raises
+            self.task = None
+            self._stop_timer()
+            self.dial_failed(self.target, DialFailure.RESOLVE_FAILED,
+                             f"cannot resolve {address.host!r} ({exc.strerror or exc})")
+            self.dial_next(DialFailure.RESOLVE_FAILED)
+            return
+        self.task = None
+        self.addrs = list(found)
+        if not self.addrs:
+            self._stop_timer()
+            self.dial_failed(self.target, DialFailure.RESOLVE_FAILED,
+                             f"{address.host!r} resolved to no address")
+            self.dial_next(DialFailure.RESOLVE_FAILED)
+            return
+        family, sockaddr = self.addrs.pop(0)
+        failed = self._connect(family, sockaddr)
+        if failed is not None:
+            self._address_failed(*failed)
+
+
+def _discard(poller: Poller | LoopPoller, sock: socket.socket) -> None:
+    """Close an upstream socket that will not be relayed."""
+    poller.forget(sock.fileno())
+    close_socket(sock)
+
+
+class _Awaited(Dialer):
+    """:func:`dial` as a :class:`Dialer`: one upstream, a future for the result."""
+
+    __slots__ = ("future", "failures")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[socket.socket] = loop.create_future()
+        self.failures: list[tuple[DialFailure, str]] = []
+
+    def dial_connected(self, sock: socket.socket, target: Any) -> None:
+        # The socket leaves the poller: its new owner uses the loop's own calls.
+        self.poller.forget(sock.fileno())
+        if self.future.done():
+            sock.close()
+        else:
+            self.future.set_result(sock)
+
+    def dial_failed(self, target: Any, failure: DialFailure, detail: str) -> None:
+        self.failures.append((failure, detail))
+
+    def dial_given_up(self, failure: DialFailure) -> None:
+        if not self.future.done():
+            failure, detail = self.failures[-1] if self.failures else (failure, "no address")
+            error = UpstreamError(f"{self.target.address}: {detail}")
+            error.failure = failure  # type: ignore[attr-defined]
+            self.future.set_exception(error)
+
+
+class _One:
+    __slots__ = ("address",)
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+
+
+async def dial(address: Address, timeout_s: float, *,
+               resolve: Resolver = loop_resolver) -> socket.socket:
+    """Connect to ``address`` (every resolved address tried in order) within
+    ``timeout_s`` (0 = no timeout).  Returns a connected non-blocking socket owned by
+    the caller (not on the relay's poller); raises :class:`UpstreamError` naming the
+    address and why, with the :class:`DialFailure` as its ``failure`` attribute."""
     loop = asyncio.get_running_loop()
-    errors: list[str] = []
-
-    async def attempt() -> socket.socket:
-        for family, sockaddr in await _targets(address, resolve):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                await loop.sock_connect(sock, sockaddr)
-            except OSError as exc:
-                sock.close()
-                errors.append(describe_oserror(exc))
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        raise UpstreamError(f"{address}: {'; '.join(errors) or 'no address'}")
-
+    dialer = _Awaited(loop)
+    dialer.init_dial(loop, [_One(address)], timeout_s, resolve)
+    dialer.dial_next()
     try:
-        if timeout_s > 0:
-            async with asyncio.timeout(timeout_s):
-                return await attempt()
-        return await attempt()
-    except TimeoutError as exc:
-        raise UpstreamError(f"{address}: connect timed out after {timeout_s:g} s") from exc
-    except OSError as exc:  # socket() itself failed, e.g. EMFILE
-        raise UpstreamError(f"{address}: {describe_oserror(exc)}") from exc
+        return await dialer.future
+    finally:
+        if not dialer.future.done() or dialer.future.cancelled():
+            dialer.cancel_dial()

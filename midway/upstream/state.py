@@ -3,8 +3,10 @@ session reports back, and what survives a reconfigure.
 
 Theory of operation
 -------------------
-A proposal for the pool of issue 9, written as a new module that the refactor can
-adopt in place of ``pool.UpstreamPool``.
+This is every proxy's pool (:attr:`midway.service.ProxyService.pool`): the service
+reports each dial and close to it.  Until the configuration has health and balance
+tables (issue 10) a proxy's set runs with passive health off and without balancer
+feedback, so round-robin is the plain rotation midway always had.
 
 * :class:`UpstreamSpec` is one configured upstream (address, weight, backup): data.
 * :class:`UpstreamState` is its live state: active connections, counters, and its
@@ -135,10 +137,12 @@ class UpstreamSet:
 
     ``now`` is the monotonic clock for ejection timers, ``rng`` the random source of
     the balancers that draw, ``on_change`` receives every health change (default:
-    logged)."""
+    logged).  With ``balancer_feedback`` off a failed connect is not told to the
+    balancer (no slow start after a failure: round-robin keeps its plain rotation,
+    as midway's proxies do until their configuration chooses a policy)."""
 
     __slots__ = ("proxy", "balance", "balancer", "health", "upstreams", "_now", "_rng",
-                 "_on_change", "_said_all_down")
+                 "_on_change", "_said_all_down", "_balancer_feedback")
 
     def __init__(
         self,
@@ -150,8 +154,10 @@ class UpstreamSet:
         now: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_change: Callable[[HealthChange], None] = log_change,
+        balancer_feedback: bool = True,
     ) -> None:
         self.proxy = proxy
+        self._balancer_feedback = balancer_feedback
         self._now = now
         self._rng = rng
         self._on_change = on_change
@@ -169,7 +175,12 @@ class UpstreamSet:
         eligible upstream once).  Empty when every upstream is down or drained:
         the caller closes the client with ``no_upstream``; that is logged once per
         outage here, not per connection."""
-        found = self.balancer.order(self.upstreams, key)
+        upstreams = self.upstreams
+        if len(upstreams) == 1:  # the common case, without the balancer: eligible or not
+            only = upstreams[0]
+            found = [only] if only.weight > 0 and only.health.up else []
+        else:
+            found = self.balancer.order(upstreams, key)
         if not found:
             if not self._said_all_down:
                 self._said_all_down = True
@@ -216,7 +227,8 @@ class UpstreamSet:
         self.upstreams = tuple(states)
 
     def _feedback(self, address: Address) -> None:
-        self.balancer.connect_failed(address)
+        if self._balancer_feedback:
+            self.balancer.connect_failed(address)
 
 
 def _check(specs: Sequence[UpstreamSpec]) -> None:

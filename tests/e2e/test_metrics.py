@@ -100,9 +100,6 @@ def test_totals_after_a_known_load_are_exact_and_match_the_access_log() -> None:
             assert sum(r.bytes_down for r in mine) == down
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the runtime does not yet send connection_opened "
-                   "and connect_failed to observers (issue 12: the refactor adds them); "
-                   "remove this mark when it does")
 def test_opened_and_failed_connections_are_counted() -> None:
     metrics, records = Metrics(), Records()
     refusing = run(known_load(metrics, records))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from midway.metrics import CONTENT_TYPE, METRICS, Kind, Metrics, exposition, render
 from midway.metrics.table import CONNECT_BUCKETS_S
 
+from .fakes import opened
 from .support import closed, parse, value
 
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
@@ -23,8 +24,8 @@ LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 def busy() -> Metrics:
     """A registry with at least one series of every metric."""
     metrics = Metrics()
-    metrics.connection_opened("web")
-    metrics.connection_opened("web")
+    metrics.connection_opened(opened("web"))
+    metrics.connection_opened(opened("web"))
     metrics.connect_failed("web", "10.0.0.9:80", "refused")
     metrics.upstream_health("web", "10.0.0.1:80", True)
     metrics.connection_closed(closed(bytes_up=3, bytes_down=4))

@@ -13,6 +13,7 @@ from midway.metrics import Metrics, merge_snapshots, render
 from midway.metrics.registry import Sample
 from midway.metrics.table import BY_NAME, METRICS, Kind
 
+from .fakes import opened
 from .support import closed, parse, value
 
 
@@ -24,14 +25,14 @@ def known_sequence(metrics: Metrics) -> None:
     """5 connections to web: 2 reset, 1 eof, 2 still open; 1 to db that failed to
     connect after trying two upstreams."""
     for _ in range(5):
-        metrics.connection_opened("web")
+        metrics.connection_opened(opened("web"))
     metrics.connection_closed(closed(reason="reset", bytes_up=1000, bytes_down=5000,
                                      connect_time_s=0.0002, duration_s=0.3))
     metrics.connection_closed(closed(reason="reset", bytes_up=200, bytes_down=600,
                                      connect_time_s=0.004, duration_s=2.0))
     metrics.connection_closed(closed(reason="eof", bytes_up=34, bytes_down=78,
                                      connect_time_s=0.0003, duration_s=45.0))
-    metrics.connection_opened("db")
+    metrics.connection_opened(opened("db"))
     metrics.connect_failed("db", "10.0.0.1:5432", "connection refused")
     metrics.connect_failed("db", "10.0.0.2:5432", "timed out after 5 s")
     metrics.connection_closed(closed("db", reason="connect_failed", connect_time_s=None,
@@ -90,7 +91,7 @@ def test_upstream_health_is_a_gauge_set_by_events() -> None:
 
 def test_declare_proxy_creates_zero_series_and_keeps_counts() -> None:
     metrics = Metrics()
-    metrics.connection_opened("web")
+    metrics.connection_opened(opened("web"))
     metrics.declare_proxy("web", ["10.0.0.1:80"])
     metrics.declare_proxy("web", ["10.0.0.1:80"])
     text = metrics.render()
@@ -116,7 +117,7 @@ def test_a_collector_adds_live_bytes_and_the_counter_never_goes_back() -> None:
                 ("midway_bytes_total", ("web", "downstream"), live["down"])]
 
     metrics.add_collector(live_bytes)
-    metrics.connection_opened("web")
+    metrics.connection_opened(opened("web"))
     live.update(up=100, down=4000)
     first = metrics.render()
     assert value(first, "midway_bytes_total", proxy="web", direction="downstream") == 4000
@@ -133,7 +134,7 @@ def test_a_collector_adds_live_bytes_and_the_counter_never_goes_back() -> None:
 
 def test_a_failing_collector_is_logged_and_left_out(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
-    metrics.connection_opened("web")
+    metrics.connection_opened(opened("web"))
 
     def half_then_boom() -> list[Sample]:
         raise RuntimeError("boom")
@@ -174,7 +175,7 @@ def test_merging_two_workers_adds_counters_gauges_and_histograms() -> None:
     one, two = Metrics(), Metrics()
     known_sequence(one)
     known_sequence(two)
-    two.connection_opened("web")
+    two.connection_opened(opened("web"))
     two.connection_closed(closed(bytes_up=1, bytes_down=2, duration_s=7200.0))
     # Through JSON, as the snapshots travel from the workers to the supervisor.
     merged = merge_snapshots([json.loads(json.dumps(m.snapshot())) for m in (one, two)])

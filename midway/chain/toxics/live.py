@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 
 class ChainHost(Protocol):
-    """What a live proxy offers (a :class:`~midway.session.ProxyService` does)."""
+    """What a live proxy offers (a :class:`~midway.service.ProxyService` does)."""
 
     @property
     def elements(self) -> list[Element]: ...

@@ -1,0 +1,90 @@
+"""What a connection layer is: code that runs on one connection before the relay.
+
+Theory of operation
+-------------------
+A connection goes through named phases (:class:`midway.service.Phase`): accept →
+admission → inbound layers → route → choose upstream → dial → outbound layers →
+relay → close.  Layers are the two phases a proxy may add code to:
+
+* An :class:`InboundLayer` runs after accept and **before any upstream is dialled**
+  (a PROXY header must be read before midway knows who the client is; an SNI name
+  before it knows where to go).  Its :meth:`~InboundLayer.accept` may read from the
+  client, replace the client's (and the listener-side) address in the connection's
+  :class:`~midway.chain.base.ConnectionInfo`, set route keys, and hand back bytes it
+  read that belong to the stream (:meth:`LayerConnection.unread`): they reach the
+  upstream first, in order, before anything the relay reads.  (A layer that only
+  needs to look, the ClientHello peek, will get a peek that waits for more bytes.)
+* An :class:`OutboundLayer` runs once the upstream is connected and before the
+  relay starts: it may write to the upstream first (a PROXY header).  Later, TLS
+  origination will replace the upstream socket by a stream here.
+
+With no inbound layer a proxy dials at accept, as server-first protocols (SMTP,
+MySQL, SSH) need: the upstream speaks first and the client waits for it.
+
+A layer is shared by every connection of its proxy; per-connection state lives in
+the coroutine.  A layer bounds its own waits (a client that never sends its PROXY
+header must not hold a slot for ever); the service cancels a layer still running
+when the proxy stops.  An exception ends that one connection: :class:`OSError`
+(the client reset or went away) closes it as a reset, :class:`~midway.errors.Rejected`
+as refused, anything else as an error, logged.
+
+This module holds the contracts only; the I/O behind :class:`LayerConnection` is
+the service's (:mod:`midway.service`), and the wire formats are sans-I/O modules of
+this package (:mod:`.proxy_protocol`, :mod:`.clienthello`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..chain.base import ConnectionInfo
+
+__all__ = ["LayerConnection", "InboundLayer", "OutboundLayer"]
+
+
+class LayerConnection(Protocol):
+    """The connection as a layer sees it (the service's per-connection object)."""
+
+    @property
+    def info(self) -> ConnectionInfo:
+        """What elements, hooks and the access log will see of this connection."""
+
+    @property
+    def route(self) -> dict[str, str]:
+        """Route keys set by inbound layers (``sni``, ...) for the route phase."""
+
+    async def recv_client(self, max_bytes: int) -> bytes:
+        """Read up to ``max_bytes`` from the client (``b""``: it closed its side).
+        Raises :class:`OSError` when the client reset.  No timeout of its own."""
+
+    def unread(self, data: bytes) -> None:
+        """Hand back bytes read from the client that must still reach the upstream:
+        they go first, before anything the relay reads, in the order handed back."""
+
+    def set_client(self, host: str, port: int) -> None:
+        """The client is really ``host:port`` (from a PROXY header): what the
+        access log, the hooks and the balancer's key see from now on."""
+
+    def set_local(self, host: str, port: int) -> None:
+        """The address the client really connected to (a PROXY header's destination)."""
+
+    async def send_upstream(self, data: bytes) -> None:
+        """Write ``data`` to the upstream before the relay starts (outbound layers
+        only: there is no upstream before the dial phase)."""
+
+
+class InboundLayer(Protocol):
+    """Runs on the client side before the dial (see the module's theory)."""
+
+    name: str
+
+    async def accept(self, conn: LayerConnection) -> None: ...
+
+
+class OutboundLayer(Protocol):
+    """Runs on the upstream side after the dial, before the relay."""
+
+    name: str
+
+    async def connect(self, conn: LayerConnection) -> None: ...

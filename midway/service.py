@@ -1,0 +1,809 @@
+"""One proxy: its listeners, its upstreams, its layers and chain elements, and the
+phases each of its connections goes through.
+
+Theory of operation
+-------------------
+A connection is one :class:`Connection` object, which walks through named phases
+(:class:`Phase`), each a small step with one owner:
+
+========== ==================================================================
+accept     the listener (:mod:`midway.core.listener`) accepts; the service
+           makes the :class:`Connection` and its
+           :class:`~midway.chain.base.ConnectionInfo`; observers hear
+           ``connection_opened``
+admit      limits: the listener asked the gate (:meth:`ProxyService._can_accept`:
+           the proxy's and the process's) before accepting, so a full proxy
+           leaves clients in the kernel's queue.  Allow/deny lists and
+           per-source limits will run here, after accept, on the address.
+inbound    the proxy's inbound layers (:mod:`midway.layers.base`: later a PROXY
+           header, a TLS handshake, a ClientHello peek), in a task: they may read
+           the client, replace its address and set route keys.  Skipped when the
+           proxy has none: then the dial starts at accept, as server-first
+           protocols need, with no task at all (the hot path of connection rate).
+route      pick the upstream set from the route keys (later: SNI routes)
+choose     the balancer's order of upstreams (:class:`~midway.upstream.state.UpstreamSet`)
+dial       :class:`~midway.upstream.dial.Dialer`: each upstream in that order,
+           next on failure, every failure logged (rate-limited), counted in the
+           upstream's state and told to observers; an IP literal by callbacks
+           alone
+outbound   the proxy's outbound layers (later: a PROXY header, TLS origination)
+open       chain elements attach; their ``on_open`` run (in a task, if any)
+relay      bytes that inbound layers read and handed back go to the upstream
+           first; then :class:`~midway.core.relay.Relay` owns both sockets
+closed     one :class:`~midway.core.observer.CloseRecord` for observers, the
+           elements' ``on_close``, the upstream's ``closed`` feedback, the slot
+           freed
+========== ==================================================================
+
+A connection that ends before the relay (no upstream reachable, refused by an
+element or a layer, stopped while connecting) goes to *closed* from where it is,
+through the same one place (:meth:`Connection.finish`).
+
+A :class:`ProxyService` can be changed while live: its elements
+(:meth:`~ProxyService.add_element`, :meth:`~ProxyService.remove_element`,
+:meth:`~ProxyService.replace_element`) apply to open connections too, and
+:meth:`~ProxyService.reconfigure` swaps settings and upstreams for new
+connections, keeping each kept upstream's state (active connections, health).
+
+A service talks to what runs it only through :class:`ServiceHost` (connection
+ids, the admission gate, observers, ``reuse_port``), which
+:class:`~midway.runtime.Runtime` is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
+from .chain.runner import set_stages
+from .config.addresses import Address, format_sockaddr
+from .config.schema import ProxyConfig
+from .core.listener import Listener, open_listening_socket
+from .core.observer import CloseReason, CloseRecord, Observers
+from .core.poller import poller_for
+from .core.relay import Relay, close_socket
+from .errors import ListenError, Rejected, describe_oserror
+from .layers.base import InboundLayer, OutboundLayer
+from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
+from .upstream.health import HealthSettings
+from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
+
+__all__ = ["ProxyService", "ServiceHost", "Connection", "Phase", "FAILURE_LOG_INTERVAL_S"]
+
+log = logging.getLogger("midway")
+
+Attached = dict[Element, Attachment]
+
+FAILURE_LOG_INTERVAL_S = 10.0
+"""A failing upstream is logged when its failure starts or changes kind, then at
+most once per this many seconds (with the count of the ones not logged): a dead
+upstream behind a busy proxy would otherwise log once per connection.  10 s is
+nginx's ``fail_timeout``, the window over which it counts an upstream's failures."""
+
+_NO_HEALTH = HealthSettings(eject_after=0)
+"""The configuration has no health table yet (issue 10): no passive ejection, as
+before the pool kept state."""
+
+
+class ServiceHost(Protocol):
+    """What a :class:`ProxyService` needs from what runs it (a
+    :class:`~midway.runtime.Runtime`)."""
+
+    reuse_port: bool
+    """Bind listeners with SO_REUSEPORT (other workers share them)."""
+    observers: Observers
+    """Told of every connection's opening, connect failures and close."""
+    worker: int
+    """The worker process this is (1 to N; 1 for a single process)."""
+    pid: int
+
+    def next_connection_id(self) -> int: ...
+
+    def has_room(self) -> bool:
+        """The process-wide admission gate: may one more connection be accepted?"""
+
+    def connection_opened(self) -> None:
+        """A slot of the process-wide limit was taken (a client was accepted)."""
+
+    def connection_closed(self) -> None:
+        """That slot is free again."""
+
+
+class Phase(enum.StrEnum):
+    """Where a connection is (see the module's theory of operation)."""
+
+    ACCEPT = "accept"
+    ADMIT = "admit"
+    INBOUND = "inbound"
+    ROUTE = "route"
+    CHOOSE = "choose"
+    DIAL = "dial"
+    OUTBOUND = "outbound"
+    OPEN = "open"
+    RELAY = "relay"
+    CLOSED = "closed"
+
+
+# The hot path stores phases from module globals: an enum member looked up on its
+# class costs ten times as much (~60 ns, CPython 3.11).
+_ACCEPT, _DIAL, _OPEN, _RELAY, _CLOSED = (Phase.ACCEPT, Phase.DIAL, Phase.OPEN, Phase.RELAY,
+                                          Phase.CLOSED)
+
+
+class ProxyService:
+    """A named proxy inside a :class:`ServiceHost` (a :class:`~midway.runtime.Runtime`).
+
+    ``inbound`` and ``outbound`` are its connection layers (none today from the
+    configuration; see :mod:`midway.layers.base`); ``resolve`` looks up upstream
+    host names (default: the loop's ``getaddrinfo``)."""
+
+    def __init__(self, config: ProxyConfig, host: ServiceHost,
+                 elements: Iterable[Element] = (), *,
+                 inbound: Sequence[InboundLayer] = (),
+                 outbound: Sequence[OutboundLayer] = (),
+                 resolve: Resolver = loop_resolver) -> None:
+        self.config = config
+        self.host = host
+        self.pool = UpstreamSet(config.name, _specs(config), balance=config.balance,
+                                health=_NO_HEALTH, balancer_feedback=False)
+        self.inbound: tuple[InboundLayer, ...] = tuple(inbound)
+        self.outbound: tuple[OutboundLayer, ...] = tuple(outbound)
+        self.resolve = resolve
+        self.listeners: list[Listener] = []
+        self.elements: list[Element] = list(elements)
+        self.live: dict[Relay, _Relayed] = {}
+        self._connecting: set[Connection] = set()
+        self._failing: dict[Address, _Failing] = {}
+        """Upstreams whose last attempt failed, for rate-limited logging."""
+        self.accepted = 0
+        self.active = 0
+        self.accepting = False
+        self.enabled = True
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # -- listeners -------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Open every listener (not yet accepting).  All or nothing: on failure the
+        ones opened are closed and :class:`ListenError` names the address."""
+        socks = []
+        try:
+            for address in self.config.listen:
+                socks.append((address, open_listening_socket(
+                    address, self.config.backlog, reuse_port=self.host.reuse_port)))
+        except ListenError:
+            for _, sock in socks:
+                sock.close()
+            raise
+        self.listeners = [
+            Listener(address, sock, self._on_accept, self._can_accept) for address, sock in socks
+        ]
+
+    def start_accepting(self) -> None:
+        self.accepting = True
+        for listener in self.listeners:
+            listener.resume()
+            log.info("%s: listening on %s, forwarding to %s", self.name, listener.bound,
+                     ", ".join(str(u.address) for u in self.pool.upstreams))
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        for listener in self.listeners:
+            listener.pause()
+
+    def close_listeners(self) -> None:
+        self.accepting = False
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
+
+    def room_changed(self) -> None:
+        """A slot may have freed up: resume listeners paused at a limit."""
+        if self.accepting and self._can_accept():
+            for listener in self.listeners:
+                listener.resume()
+
+    def _can_accept(self) -> bool:
+        """The admission gate, asked by the listener before each accept."""
+        limit = self.config.max_connections
+        return (self.accepting and (limit == 0 or self.active < limit)
+                and self.host.has_room())
+
+    @property
+    def addresses(self) -> list[str]:
+        """The bound listen addresses (real ports when 0 was configured)."""
+        return [listener.bound for listener in self.listeners]
+
+    # -- the phases: accept, admit, then inbound or straight to the dial ---------
+
+    def _on_accept(self, client: socket.socket, addr: object, listener: Listener) -> None:
+        self.accepted += 1
+        self.active += 1
+        self.host.connection_opened()
+        conn = Connection(self, client, addr, listener)
+        self._connecting.add(conn)
+        observers = self.host.observers
+        if observers:
+            observers.connection_opened(conn.info)
+        # admit: the gate ran before accept (limits); nothing else to check yet.
+        if self.inbound:
+            conn.phase = Phase.INBOUND
+            conn.work = conn.loop.create_task(conn.run_inbound())
+        else:
+            conn.choose_and_dial()
+
+    # -- dial feedback -------------------------------------------------------
+
+    def _attempt_failed(self, conn: Connection, target: UpstreamState, failure: DialFailure,
+                        detail: str) -> None:
+        target.connect_failed(detail)
+        observers = self.host.observers
+        if observers:
+            observers.connect_failed(self.name, str(target.address), failure.value, detail)
+        now = conn.loop.time()
+        failing = self._failing.get(target.address)
+        if failing is None or failing.failure is not failure \
+                or now - failing.logged_at >= FAILURE_LOG_INTERVAL_S:
+            more = f" ({failing.unlogged} more since)" if failing and failing.unlogged else ""
+            then = "; trying the next one" if conn.candidates and failure is not DialFailure.RESET else ""
+            log.warning("%s: upstream %s failed: %s (%s)%s%s", self.name, target.address,
+                        detail, failure.value, more, then)
+            self._failing[target.address] = _Failing(failure, now)
+        else:
+            failing.unlogged += 1
+
+    def _upstream_recovered(self, target: UpstreamState) -> None:
+        failing = self._failing.pop(target.address, None)
+        if failing is not None:
+            log.info("%s: upstream %s connects again", self.name, target.address)
+
+    # -- the end: one place for every connection ---------------------------
+
+    def _closed(self, info: ConnectionInfo, attached: Attached, target: UpstreamState | None,
+                failures: Sequence[_Failure], reason: CloseReason, detail: str, first_close: str,
+                reset: bool, relay: Relay | None) -> None:
+        """The *closed* phase, for every connection: fill in how it ended, tell the
+        elements, the upstream's state and the observers, free the slot."""
+        info.first_close = first_close
+        info.close_detail = detail
+        # The relay resets the sockets for RESET and ERROR, and for an element's
+        # Output.reset, which it does not yet tell apart from Output.close.
+        info.reset = reset
+        for attachment in attached.values():
+            if attachment.on_close is not None:
+                try:
+                    attachment.on_close(info, reason.value)
+                except Exception:
+                    log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
+        if target is not None and info.upstream is not None:  # connected(): closed() too
+            target.closed(reset_before_response=relay is not None and reason is CloseReason.RESET
+                          and first_close == "upstream" and relay.bytes_down == 0)
+        observers = self.host.observers
+        if observers:
+            observers.connection_closed(CloseRecord(
+                proxy=self.name, id=info.id, client=info.client, listener=info.listener,
+                upstream=info.upstream,
+                connect_time_s=None if relay is None else round(relay.connect_time_s, 6),
+                bytes_up=0 if relay is None else relay.bytes_up,
+                bytes_down=0 if relay is None else relay.bytes_down,
+                duration_s=round(time.time() - info.started_at, 6), first_close=first_close,
+                reason=reason.value, detail=detail,
+                path="none" if relay is None else relay.path, started_at=info.started_at,
+                attempts=len(failures) + (info.upstream is not None),
+                failures=tuple({"upstream": str(t.address), "failure": f.value, "detail": d}
+                               for t, f, d in failures),
+                worker=self.host.worker, pid=self.host.pid,
+            ))
+        self.active -= 1
+        self.host.connection_closed()
+
+    def _relay_closed(self, relay: Relay) -> None:
+        rec = self.live.pop(relay)
+        reason = relay.reason or CloseReason.EOF
+        self._closed(relay.info, rec.attached, rec.target, rec.failures or (), reason,
+                     relay.detail, relay.first_close or "proxy", relay.reset, relay)
+        if reason in (CloseReason.RESET, CloseReason.ERROR):
+            log.debug("conn %d (%s): %s %s", relay.info.id, self.name, reason.value, relay.detail)
+
+    # -- live changes ------------------------------------------------------
+
+    def add_element(self, element: Element, index: int | None = None) -> None:
+        """Add a chain element, to new connections and to every open one.  With no
+        ``index`` it goes last, but before elements that keep the last place."""
+        if index is None:
+            index = len(self.elements)
+            while index and self.elements[index - 1].keep_last:
+                index -= 1
+        self.elements.insert(index, element)
+        for relay, rec in list(self.live.items()):
+            attachment = element.attach(relay.info)
+            if attachment is not None:
+                rec.own_attached()[element] = attachment
+                self._restage(relay, rec.attached)
+
+    def remove_element(self, element: Element) -> None:
+        """Remove a chain element everywhere; held bytes are flushed, none lost."""
+        self.elements.remove(element)
+        for relay, rec in list(self.live.items()):
+            if rec.attached.pop(element, None) is not None:
+                self._restage(relay, rec.attached)
+
+    def replace_element(self, old: Element, new: Element) -> None:
+        """Swap ``old`` for ``new`` in place (same position), live."""
+        index = self.elements.index(old)
+        self.elements[index] = new
+        for relay, rec in list(self.live.items()):
+            rec.attached.pop(old, None)
+            attachment = new.attach(relay.info)
+            if attachment is not None:
+                rec.own_attached()[new] = attachment
+            self._restage(relay, rec.attached)
+
+    def _restage(self, relay: Relay, attached: Attached) -> None:
+        for direction in DIRECTIONS:
+            set_stages(relay, direction, _stages(self.elements, attached, direction))
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """Use new settings and upstreams for new connections.  An upstream whose
+        address stays keeps its state (active connections, counters, health).
+        Listen addresses must be rebound by the runtime (see
+        :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
+        self.pool.reconfigure(_specs(config), balance=config.balance)
+        self.config = config
+        kept = {u.address for u in self.pool.upstreams}
+        for address in [a for a in self._failing if a not in kept]:
+            del self._failing[address]
+
+    def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN,
+                          detail: str = "proxy stopping") -> None:
+        """End every open connection now (a FIN where nothing is in flight, else a
+        reset: see :meth:`Relay.close`), and cancel those not yet relaying."""
+        for conn in list(self._connecting):
+            conn.cancel()
+        for relay in list(self.live):
+            relay.close(reason, detail)
+
+
+def _specs(config: ProxyConfig) -> list[UpstreamSpec]:
+    return [UpstreamSpec(address) for address in config.upstreams]
+
+
+def _stages(elements: list[Element], attached: Attached,
+            direction: Direction) -> list[tuple[object, Stage]]:
+    out: list[tuple[object, Stage]] = []
+    for element in elements:
+        attachment = attached.get(element)
+        if attachment is not None:
+            stage = attachment.stage(direction)
+            if stage is not None:
+                out.append((element, stage))
+    return out
+
+
+_Failure = tuple[UpstreamState, DialFailure, str]
+"""One failed attempt: the upstream, why, and the detail."""
+
+
+class _Relayed:
+    """What the service keeps of a relayed connection (the relay keeps the rest):
+    smaller than the :class:`Connection`, which is dropped once relaying, so an
+    idle connection costs what it did before the phases existed."""
+
+    __slots__ = ("attached", "target", "failures")
+
+    def __init__(self, attached: Attached, target: UpstreamState,
+                 failures: list[_Failure] | None) -> None:
+        self.attached = attached
+        self.target = target
+        self.failures = failures
+
+    def own_attached(self) -> Attached:
+        """The attachments, as a dict of this connection's own (to add to)."""
+        if self.attached is _NO_ATTACHMENTS:
+            self.attached = {}
+        return self.attached
+
+
+class _Failing:
+    """The last logged failure of one upstream (rate-limited logging)."""
+
+    __slots__ = ("failure", "logged_at", "unlogged")
+
+    def __init__(self, failure: DialFailure, logged_at: float) -> None:
+        self.failure = failure
+        self.logged_at = logged_at
+        self.unlogged = 0
+
+
+_NO_CANDIDATES: list[Any] = []
+"""Shared stand-in once a connection has dialled (never appended to)."""
+
+
+class Connection(Dialer):
+    """One client connection, through its phases (see the module's theory).
+
+    It is the dialer of its own upstream (a :class:`~midway.upstream.dial.Dialer`
+    subclass), so the hot path allocates one object per connection besides its
+    :class:`~midway.chain.base.ConnectionInfo`; it is the
+    service's record of the connection until the relay starts (then a smaller
+    ``_Relayed`` record replaces it).  To an inbound or outbound layer it is the
+    :class:`~midway.layers.base.LayerConnection`."""
+
+    __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
+                 "pending", "_route", "upstream", "work", "cancelled")
+
+    def __init__(self, service: ProxyService, client: socket.socket, addr: object,
+                 listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve)
+        self.service = service
+        self.client = client
+        self.phase = _ACCEPT
+        self.started = time.perf_counter()  # not the loop's: uvloop's counts whole ms
+        local = listener.local or _ip_pair(_sockname(client))
+        self.info = ConnectionInfo(
+            id=service.host.next_connection_id(),
+            proxy=service.name,
+            client=format_sockaddr(addr),
+            listener=format_sockaddr(local) if local else listener.bound,
+            started_at=time.time(),
+            sequence=service.accepted,
+            client_addr=_ip_pair(addr),
+            local_addr=local,
+        )
+        client.setblocking(False)
+        if service.config.tcp_nodelay and self.info.client_addr is not None:
+            _nodelay(client)
+        self.attached: Attached = _NO_ATTACHMENTS
+        self.failures: list[_Failure] | None = None
+        """The failed attempts (made on the first failure)."""
+        self.pending = b""
+        """Client bytes inbound layers handed back, for the upstream first."""
+        self._route: dict[str, str] | None = None
+        self.upstream: socket.socket | None = None
+        self.work: asyncio.Task[None] | None = None
+        """The task of the inbound, outbound or open phase, when one runs."""
+        self.cancelled = False
+
+    # -- inbound, route, choose, dial ------------------------------------------
+
+    async def run_inbound(self) -> None:
+        """The *inbound* phase (in :attr:`work`), then on to *route* and the dial."""
+        layer: InboundLayer | None = None
+        try:
+            for layer in self.service.inbound:
+                await layer.accept(self)
+        except Exception as exc:
+            self.work = None
+            self._failed_before_dial(layer, exc)
+            return
+        self.work = None
+        self.choose_and_dial()
+
+    def choose_and_dial(self) -> None:
+        """*route* (one upstream set until SNI routes exist), *choose*, *dial*."""
+        service = self.service
+        # route: one upstream set until SNI routes exist; choose: the balancer's order
+        # (both too short to be seen, so the phase is not stored for them).
+        addr = self.info.client_addr
+        self.candidates = service.pool.order(addr[0] if addr is not None else "")
+        self.phase = _DIAL
+        self.dial_next()
+
+    def dial_failed(self, target: UpstreamState, failure: DialFailure, detail: str) -> None:
+        if self.failures is None:
+            self.failures = []
+        self.failures.append((target, failure, detail))
+        self.service._attempt_failed(self, target, failure, detail)
+
+    def dial_given_up(self, failure: DialFailure) -> None:
+        service = self.service
+        info = self.info
+        if failure is DialFailure.RESET:
+            # The upstream reset right after accepting: the client gets a reset too.
+            self.finish(CloseReason.RESET, self.failures[-1][2] if self.failures else "upstream",
+                        "upstream")
+            return
+        failures = self.failures or ()
+        if failure is DialFailure.NO_UPSTREAM and not failures:
+            detail = "no upstream is up"
+        else:
+            detail = "no upstream reachable"
+        log.warning("conn %d (%s) from %s: %s: %s", info.id, service.name, info.client, detail,
+                    "; ".join(f"{t.address}: {d}" for t, _, d in failures) or failure.value)
+        self.finish(CloseReason.CONNECT_FAILED, detail)
+
+    def dial_connected(self, sock: socket.socket, target: UpstreamState) -> None:
+        """The upstream accepted: *outbound* (if any), then *open* and *relay*."""
+        service = self.service
+        self.candidates = _NO_CANDIDATES
+        self.upstream = sock
+        target.connected()
+        if service._failing:
+            service._upstream_recovered(target)
+        info = self.info
+        address = target.address
+        info.upstream = str(address)
+        if not address.is_unix:
+            info.upstream_addr = (address.host, address.port) if address.is_ip_literal \
+                else _ip_pair(_peername(sock))
+            info.upstream_local_addr = _ip_pair(_sockname(sock))
+            if service.config.tcp_nodelay:
+                _nodelay(sock)
+        if service.outbound:
+            self.work = self.loop.create_task(self._prepare(None))
+            return
+        self.phase = _OPEN
+        try:
+            attached = self._attach_all()
+        except Exception as exc:
+            self._element_failed(exc)
+            return
+        if attached and any(a.on_open is not None for a in attached.values()):
+            self.work = self.loop.create_task(self._prepare(attached))
+        else:
+            self._relay()
+
+    # -- outbound, open: the phases that may await ---------------------------
+
+    async def _prepare(self, attached: Attached | None) -> None:
+        """*outbound* (when ``attached`` is None), *open*, then the relay."""
+        watch = _ResetWatch(self.client)
+        try:
+            if attached is None:
+                self.phase = Phase.OUTBOUND
+                for layer in self.service.outbound:
+                    await layer.connect(self)
+                self.phase = _OPEN
+                attached = self._attach_all()
+            for attachment in list(attached.values()):
+                if attachment.on_open is not None:
+                    await attachment.on_open(self.info)
+        except asyncio.CancelledError:
+            if watch.reset is None:
+                raise  # stopping (cancel() reports it)
+            self.finish(CloseReason.RESET, f"client: {watch.reset}", "client")
+            return
+        except Rejected as exc:
+            log.info("conn %d (%s): rejected: %s", self.info.id, self.service.name, exc)
+            self.finish(CloseReason.REJECTED, str(exc))
+            return
+        except OSError as exc:  # the upstream failed while an outbound layer wrote
+            self.finish(CloseReason.RESET, f"upstream: {describe_oserror(exc)}", "upstream")
+            return
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # one connection only
+            self._element_failed(exc)
+            return
+        finally:
+            watch.stop()
+        self.work = None
+        self._relay()
+
+    def _attach_all(self) -> Attached:
+        attached: Attached | None = None
+        for element in self.service.elements:
+            attachment = element.attach(self.info)
+            if attachment is not None:
+                if attached is None:
+                    attached = {}
+                attached[element] = attachment
+        # No element applies (the common case): the shared empty dict, no allocation.
+        self.attached = _NO_ATTACHMENTS if attached is None else attached
+        return self.attached
+
+    def _relay(self) -> None:
+        """The *relay* phase: the relay owns both sockets from here."""
+        service = self.service
+        config = service.config
+        upstream = self.upstream
+        assert upstream is not None
+        service._connecting.discard(self)
+        self.phase = _RELAY
+        relay = Relay(
+            self.client, upstream, self.info,
+            idle_timeout_s=config.idle_timeout_s,
+            half_close_timeout_s=config.half_close_timeout_s,
+            on_close=service._relay_closed,
+            splice=config.splice,
+            loop=self.loop,
+            client_prefix=self.pending,
+        )
+        self.pending = b""
+        relay.connect_time_s = time.perf_counter() - self.started
+        service.live[relay] = _Relayed(self.attached, self.target, self.failures)
+        attached = self.attached
+        if attached:
+            for direction in DIRECTIONS:
+                stages = _stages(service.elements, attached, direction)
+                if stages:
+                    set_stages(relay, direction, stages)
+        relay.start()
+
+    # -- endings before the relay --------------------------------------------
+
+    def _failed_before_dial(self, layer: InboundLayer | None, exc: Exception) -> None:
+        name = getattr(layer, "name", type(layer).__name__)
+        if isinstance(exc, Rejected):
+            log.info("conn %d (%s): rejected by %s: %s", self.info.id, self.service.name, name, exc)
+            self.finish(CloseReason.REJECTED, str(exc))
+        elif isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+            self.finish(CloseReason.RESET, f"client: {describe_oserror(exc)}", "client")
+        else:
+            log.warning("conn %d (%s): inbound layer %s failed (%s); closing this connection",
+                        self.info.id, self.service.name, name, exc,
+                        exc_info=None if isinstance(exc, TimeoutError) else exc)
+            self.finish(CloseReason.ERROR, f"inbound layer {name}: "
+                        f"{describe_oserror(exc) if isinstance(exc, TimeoutError) else exc}")
+
+    def _element_failed(self, exc: BaseException) -> None:
+        log.error("conn %d (%s): a chain element failed on open (%s); closing this "
+                  "connection", self.info.id, self.service.name, exc, exc_info=exc)
+        self.finish(CloseReason.ERROR, f"on_open raised {type(exc).__name__}: {exc}")
+
+    def finish(self, reason: CloseReason, detail: str, first_close: str = "proxy") -> None:
+        """Close a client that never reached the relay.  With a FIN (the client
+        sent nothing that was lost: midway relayed nothing from it), except after a
+        reset, which the client gets as a reset too."""
+        service = self.service
+        service._connecting.discard(self)
+        if self.upstream is not None:
+            self.poller.forget(self.upstream.fileno())
+            close_socket(self.upstream)
+            self.upstream = None
+        reset = reason is CloseReason.RESET
+        self.poller.forget(self.client.fileno())
+        close_socket(self.client, reset=reset)
+        self.phase = _CLOSED
+        service._closed(self.info, self.attached, self.target, self.failures or (), reason,
+                        detail, first_close, reset, None)
+
+    def cancel(self) -> None:
+        """Stop before the relay (shutdown): close what is open and report it."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.cancel_dial()
+        if self.work is not None:
+            self.work.cancel()
+            self.work = None
+        self.finish(CloseReason.SHUTDOWN, "stopped while connecting")
+
+    # -- what a layer may do (midway.layers.base.LayerConnection) ----------------
+
+    @property
+    def route(self) -> dict[str, str]:
+        """Route keys set by inbound layers (made on first use)."""
+        if self._route is None:
+            self._route = {}
+        return self._route
+
+    async def recv_client(self, max_bytes: int) -> bytes:
+        return await self._recv(max_bytes)
+
+    def unread(self, data: bytes) -> None:
+        self.pending += data
+
+    def set_client(self, host: str, port: int) -> None:
+        self.info.client_addr = (host, port)
+        self.info.client = format_sockaddr((host, port))
+
+    def set_local(self, host: str, port: int) -> None:
+        self.info.local_addr = (host, port)
+        self.info.listener = format_sockaddr((host, port))
+
+    async def send_upstream(self, data: bytes) -> None:
+        """Write ``data`` to the upstream, waiting on the poller while its buffer is
+        full (what a layer writes is small: a header, not a stream), bounded by the
+        idle timeout."""
+        sock = self.upstream
+        if sock is None:
+            raise RuntimeError("send_upstream before the upstream is connected")
+        view = memoryview(data)
+        idle = self.service.config.idle_timeout_s
+        async with asyncio.timeout(idle if idle > 0 else None):
+            while view:
+                try:
+                    view = view[sock.send(view):]
+                except (BlockingIOError, InterruptedError):
+                    await self._ready(sock, write=True)
+
+    async def _recv(self, max_bytes: int) -> bytes:
+        while True:
+            try:
+                return self.client.recv(max_bytes)
+            except (BlockingIOError, InterruptedError):
+                await self._ready(self.client, write=False)
+
+    async def _ready(self, sock: socket.socket, *, write: bool) -> None:
+        """Wait until ``sock`` is readable (writable), or failed: the next call on
+        it then raises."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        fd = sock.fileno()
+        (self.poller.add_writer if write else self.poller.add_reader)(fd, ready)
+        try:
+            await fut
+        finally:
+            (self.poller.remove_writer if write else self.poller.remove_reader)(fd)
+
+
+_NO_ATTACHMENTS: Attached = {}
+"""Shared, never written: the attachments of a connection to which no element
+applies (or before *open*); :meth:`_Relayed.own_attached` replaces it before a write."""
+
+
+class _ResetWatch:
+    """While ``on_open`` callbacks (or outbound layers) run, watch the client for a
+    reset and cancel the task running them if one comes (they would otherwise run
+    to their bound for a client that is gone).  Data or a FIN from the client ends
+    the watch: a reader is level-triggered, and a half-closed client may still want
+    the answer, so both wait for the relay, which passes them on."""
+
+    __slots__ = ("poller", "sock", "fd", "task", "reset")
+
+    def __init__(self, sock: socket.socket) -> None:
+        # On the relay's poller, not the loop: uvloop would miss a reset that
+        # comes with data (see midway.core.poller), and the relay reuses the
+        # registration.
+        self.poller = poller_for(asyncio.get_running_loop())
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.task = asyncio.current_task()
+        self.reset: str | None = None
+        self.poller.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.reset = describe_oserror(exc)
+            if self.task is not None:
+                self.task.cancel()
+        self.stop()
+
+    def stop(self) -> None:
+        if self.fd >= 0:
+            self.poller.remove_reader(self.fd)
+            self.fd = -1
+
+
+def _nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def _sockname(sock: socket.socket) -> object:
+    try:
+        return sock.getsockname()
+    except OSError:
+        return ""
+
+
+def _peername(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return ""
+
+
+def _ip_pair(addr: object) -> tuple[str, int] | None:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return (str(addr[0]), int(addr[1]))
+    return None

@@ -1,0 +1,205 @@
+"""The one dialer over real loopback sockets: each failure gets its DialFailure
+(refused, timed out, resolve failed, reset, unreachable), every resolved address of
+a name is tried, and the IP-literal path runs with no task."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Any
+
+import pytest
+
+from midway.config.addresses import Address
+from midway.errors import UpstreamError
+from midway.upstream.dial import Dialer, DialFailure, dial
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class _Upstream:
+    __slots__ = ("address",)
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+
+
+class Recorder(Dialer):
+    """A dialer that records what it is told, and a future for the end."""
+
+    __slots__ = ("events", "done")
+
+    def __init__(self, candidates: list[Address], timeout_s: float = 5.0,
+                 resolve: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: list[tuple[str, str, str]] = []
+        self.done: asyncio.Future[socket.socket | None] = loop.create_future()
+        from midway.upstream.dial import loop_resolver
+        self.init_dial(loop, [_Upstream(a) for a in candidates], timeout_s,
+                       resolve or loop_resolver)
+
+    def dial_connected(self, sock: socket.socket, target: Any) -> None:
+        self.events.append(("connected", str(target.address), ""))
+        self.poller.forget(sock.fileno())
+        self.done.set_result(sock)
+
+    def dial_failed(self, target: Any, failure: DialFailure, detail: str) -> None:
+        self.events.append((failure.value, str(target.address), detail))
+
+    def dial_given_up(self, failure: DialFailure) -> None:
+        self.events.append(("given_up", failure.value, ""))
+        self.done.set_result(None)
+
+    async def result(self) -> socket.socket | None:
+        self.dial_next()
+        async with asyncio.timeout(10):
+            return await self.done
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_refused_then_the_next_upstream_connects_with_no_task() -> None:
+    async def main() -> None:
+        server = socket.create_server(("127.0.0.1", 0))
+        live = Address("127.0.0.1", server.getsockname()[1])
+        dead = Address("127.0.0.1", _closed_port())
+        tasks_before = len(asyncio.all_tasks())
+        d = Recorder([dead, live])
+        d.dial_next()
+        assert len(asyncio.all_tasks()) == tasks_before  # IP literals: callbacks only
+        async with asyncio.timeout(10):
+            sock = await d.done
+        assert sock is not None
+        sock.close()
+        server.close()
+        assert d.events == [("refused", str(dead), "connection refused"),
+                            ("connected", str(live), "")]
+    run(main())
+
+
+def test_every_upstream_refused_gives_up_with_the_last_failure() -> None:
+    async def main() -> None:
+        a, b = Address("127.0.0.1", _closed_port()), Address("127.0.0.1", _closed_port())
+        d = Recorder([a, b])
+        assert await d.result() is None
+        assert [e[0] for e in d.events] == ["refused", "refused", "given_up"]
+        assert d.events[-1][1] == "refused"
+    run(main())
+
+
+def test_timed_out_when_the_upstream_never_answers_the_handshake() -> None:
+    async def main() -> None:
+        # A listener whose accept queue is full drops further SYNs (Linux): the
+        # connect neither succeeds nor fails, so only the timeout ends it.
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        address = Address("127.0.0.1", server.getsockname()[1])
+        fillers = []
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", address.port))
+            fillers.append(f)
+        await asyncio.sleep(0.05)
+        d = Recorder([address], timeout_s=0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await d.result() is None
+        elapsed = loop.time() - started
+        for f in fillers:
+            f.close()
+        server.close()
+        assert d.events[0] == ("timed_out", str(address), "connect timed out after 0.3 s")
+        assert 0.25 <= elapsed < 2.0
+    run(main())
+
+
+def test_resolve_failed_then_every_resolved_address_is_tried() -> None:
+    async def main() -> None:
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        dead = _closed_port()
+
+        async def resolve(host: str, p: int) -> list[tuple[int, Any]]:
+            if host == "nosuch.invalid":
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            # Two addresses: the first refuses, the second is the live server.
+            return [(socket.AF_INET, ("127.0.0.1", dead)), (socket.AF_INET, ("127.0.0.1", port))]
+
+        bad = Address("nosuch.invalid", 80)
+        good = Address("multi.test", port)
+        d = Recorder([bad, good], resolve=resolve)
+        sock = await d.result()
+        assert sock is not None and sock.getpeername()[1] == port
+        sock.close()
+        server.close()
+        assert d.events == [
+            ("resolve_failed", "nosuch.invalid:80",
+             "cannot resolve 'nosuch.invalid' (Name or service not known)"),
+            ("connected", f"multi.test:{port}", ""),
+        ]
+    run(main())
+
+
+def test_a_name_whose_addresses_all_fail_names_each_failure() -> None:
+    async def main() -> None:
+        dead1, dead2 = _closed_port(), _closed_port()
+
+        async def resolve(host: str, p: int) -> list[tuple[int, Any]]:
+            return [(socket.AF_INET, ("127.0.0.1", dead1)), (socket.AF_INET, ("127.0.0.1", dead2))]
+
+        d = Recorder([Address("two.test", 80)], resolve=resolve)
+        assert await d.result() is None
+        assert d.events[0] == ("refused", "two.test:80", "connection refused; connection refused")
+    run(main())
+
+
+def test_reset_right_after_accept_stops_the_dial() -> None:
+    """An upstream that accepts and resets before the relay begins: RESET, and the
+    next upstream is not tried (it would replay a connection the first one took)."""
+    async def main() -> None:
+        server = socket.create_server(("127.0.0.1", 0))
+        other = socket.create_server(("127.0.0.1", 0))
+        first = Address("127.0.0.1", server.getsockname()[1])
+        second = Address("127.0.0.1", other.getsockname()[1])
+        d = Recorder([first, second])
+        d.dial_next()  # the connect is under way; the loop has not run yet
+        conn, _ = server.accept()  # the handshake completed in the kernel
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        conn.close()
+        async with asyncio.timeout(10):
+            assert await d.done is None
+        server.close()
+        other.close()
+        assert d.events == [("reset", str(first), "upstream: connection reset by peer"),
+                            ("given_up", "reset", "")]
+    run(main())
+
+
+def test_missing_unix_socket_is_unreachable(tmp_path: Any) -> None:
+    async def main() -> None:
+        d = Recorder([Address(path=str(tmp_path / "nothing.sock"))])
+        assert await d.result() is None
+        assert d.events[0][0] == "unreachable"
+    run(main())
+
+
+def test_dial_coroutine_raises_with_the_failure() -> None:
+    async def main() -> None:
+        with pytest.raises(UpstreamError) as info:
+            await dial(Address("127.0.0.1", _closed_port()), 5)
+        assert info.value.failure is DialFailure.REFUSED  # type: ignore[attr-defined]
+        assert str(info.value).endswith(": connection refused")
+    run(main())
