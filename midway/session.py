@@ -267,6 +267,7 @@ class ProxyService:
             self._report(CloseRecord(
                 proxy=self.name, id=info.id, client=info.client, listener=info.listener,
                 upstream=info.upstream, connect_time_s=None, bytes_up=0, bytes_down=0,
+                bytes_up_read=0, bytes_down_read=0,
                 duration_s=round(duration, 6), first_close=first_close, reason=reason.value,
                 detail=detail, path="none", started_at=info.started_at,
             ))
@@ -294,6 +295,7 @@ class ProxyService:
                 upstream=info.upstream,
                 connect_time_s=round(relay.connect_time_s, 6),
                 bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
+                bytes_up_read=relay.bytes_up_read, bytes_down_read=relay.bytes_down_read,
                 duration_s=round(duration, 6), first_close=relay.first_close or "proxy",
                 reason=reason, detail=relay.detail, path=relay.path, started_at=info.started_at,
             ))
