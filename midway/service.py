@@ -295,6 +295,8 @@ class ProxyService:
                 connect_time_s=None if relay is None else round(relay.connect_time_s, 6),
                 bytes_up=0 if relay is None else relay.bytes_up,
                 bytes_down=0 if relay is None else relay.bytes_down,
+                bytes_up_read=0 if relay is None else relay.bytes_up_read,
+                bytes_down_read=0 if relay is None else relay.bytes_down_read,
                 duration_s=round(time.time() - info.started_at, 6), first_close=first_close,
                 reason=reason.value, detail=detail,
                 path="none" if relay is None else relay.path, started_at=info.started_at,

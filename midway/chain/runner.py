@@ -31,8 +31,9 @@ protocol, which :class:`DirectionRunner` implements.
   ``Relay.start``, or live).  From the start, or at once if live, the direction is
   chained: the relay calls ``Chain.begin``, then, for every read,
   ``Chain.received`` (the chunk and the loop time it was read) and at the source's
-  FIN ``Chain.ended``.  The relay has already counted the bytes, stamped the
-  activity and left the zero-copy path in this direction.
+  FIN ``Chain.ended``.  The relay has already counted the bytes read, stamped
+  the activity and left the zero-copy path in this direction; the senders count
+  what is delivered.
 * The engine writes what its elements pass on through the direction's ``sender``
   (``write``, ``drain``, ``send_eof``; the FIN is its to send) and what they reply
   through ``reverse_sender``, both FIFOs shared with the fast path.  It applies its

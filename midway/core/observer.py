@@ -61,9 +61,19 @@ class CloseRecord:
     connect_time_s: float | None
     """Time to connect upstream (name lookup included); ``None`` when it failed."""
     bytes_up: int
-    """Client → upstream bytes relayed."""
+    """Bytes delivered to the upstream: accepted by the kernel's send on the
+    upstream socket (or moved there by splice), less what a reset of that socket
+    discarded unsent (on a TLS endpoint: the plaintext it accepted).  Bytes
+    written by chain elements count; midway's own (an outbound PROXY header) do
+    not."""
     bytes_down: int
-    """Upstream → client bytes relayed."""
+    """Bytes delivered to the client, likewise; includes what an upstream-direction
+    element replied to the client."""
+    bytes_up_read: int
+    """Bytes read from the client.  Differs from ``bytes_up`` when an element
+    dropped or injected bytes, or the connection ended with bytes held."""
+    bytes_down_read: int
+    """Bytes read from the upstream; as ``bytes_up_read`` for the other way."""
     duration_s: float
     first_close: str
     """Which side ended first: ``client``, ``upstream`` or ``proxy``."""

@@ -40,6 +40,21 @@ with a single timer per connection.
 
 Ownership: the relay closes both endpoints exactly once, then calls ``on_close``.
 
+Counting: each direction counts the bytes it *read* from its source
+(:attr:`Flow.bytes_read`, prefixes included) and each sender the bytes it
+*delivered* to its socket (:attr:`Sender.delivered`: what ``send`` returned, or
+what ``splice`` moved out of the pipe into that socket).  One integer add per
+read, send or splice, never per byte.  The two differ when a chain element drops
+or injects bytes, an element replies into the other direction (counted by that
+socket's sender), or the connection ends with bytes still held.  A socket closed
+with a FIN keeps what its kernel accepted and sends it on after the close; a
+socket reset (by midway, or after its peer reset) discards what its kernel had not
+sent yet, which is subtracted at the close (:func:`_unsent`), so a peer cut short
+received exactly the count.  Read live, :attr:`Relay.bytes_up` /
+:attr:`Relay.bytes_down` subtract what is unsent now: a count that only grows.
+A stream endpoint (TLS) counts the plaintext it accepted, and nothing is
+subtracted at a reset: its kernel queue holds records, not the relay's bytes.
+
 The chain's contract with the relay
 -----------------------------------
 (The same text opens :mod:`midway.chain.runner`, the other side.)  ``core`` knows
@@ -49,8 +64,9 @@ no chain type: what it needs of a chain is the :class:`Chain` protocol below.
   (before :meth:`Relay.start`, or live).  From the start, or at once if live, the
   direction is chained: the relay calls :meth:`Chain.begin`, then, for every read,
   :meth:`Chain.received` (the chunk and the loop time it was read) and at the
-  source's FIN :meth:`Chain.ended`.  The relay has already counted the bytes,
-  stamped the activity and left the zero-copy path in this direction.
+  source's FIN :meth:`Chain.ended`.  The relay has already counted the bytes read,
+  stamped the activity and left the zero-copy path in this direction; the senders
+  count what is delivered.
 * The engine writes what its elements pass on through the direction's ``sender``
   (``write``, ``drain``, ``send_eof``; the FIN is its to send) and what they reply
   through ``reverse_sender``, both FIFOs shared with the fast path.  It applies its
@@ -74,6 +90,7 @@ import fcntl
 import os
 import socket
 import struct
+import sys
 import termios
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -92,6 +109,9 @@ READ_SIZE = 65536
 HAProxy's and nginx's default buffers round up to for bulk transfers."""
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# Linux ioctl (linux/sockios.h, since 2.6.39): bytes in a TCP socket's send queue
+# not sent yet, which a reset discards.  Neither socket nor termios names it.
+_SIOCOUTQNSD = 0x894B
 # splice(2) refuses this pair of descriptors: copy instead.
 _NO_SPLICE_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
@@ -140,7 +160,7 @@ class Sender:
     """Writes to one socket in order, keeping what the kernel does not take yet."""
 
     __slots__ = ("relay", "loop", "poller", "sock", "fd", "side", "buf", "waiters", "on_drained",
-                 "fin_pending", "fin_sent")
+                 "fin_pending", "fin_sent", "delivered")
 
     def __init__(self, relay: Relay[Any], sock: Endpoint, side: str) -> None:
         self.relay = relay
@@ -154,6 +174,9 @@ class Sender:
         self.on_drained: Callable[[], None] | None = None
         self.fin_pending = False
         self.fin_sent = False
+        self.delivered = 0
+        """Bytes this socket's kernel accepted (``send``, or ``splice`` out of a
+        flow's pipe), less what a reset discarded unsent (set at the close)."""
 
     def write(self, data: bytes | bytearray | memoryview) -> bool:
         """Send or buffer ``data``; ``True`` when it all went to the kernel."""
@@ -167,6 +190,7 @@ class Sender:
         except OSError as exc:
             self.relay._failed(self.side, exc)
             return False
+        self.delivered += sent
         if sent == len(data):
             return True
         self.buf += data[sent:]
@@ -181,6 +205,7 @@ class Sender:
         except OSError as exc:
             self.relay._failed(self.side, exc)
             return
+        self.delivered += sent
         del self.buf[:sent]
         if self.buf:
             return
@@ -238,7 +263,7 @@ class Flow:
     """One direction of a relay: reads ``src``, writes through ``sender``."""
 
     __slots__ = ("relay", "loop", "poller", "name", "src", "src_fd", "src_side", "sender",
-                 "reverse_sender", "bytes", "reading", "eof", "chained", "chain", "fast_reader",
+                 "reverse_sender", "bytes_read", "reading", "eof", "chained", "chain", "fast_reader",
                  "pipe", "in_pipe", "writing", "dst_fd", "can_splice", "read_at")
 
     def __init__(self, relay: Relay[Any], name: str, src: Endpoint, src_side: str,
@@ -252,7 +277,9 @@ class Flow:
         self.src_side = src_side
         self.sender = sender
         self.reverse_sender = reverse_sender
-        self.bytes = 0
+        self.bytes_read = 0
+        """Bytes read from the source (prefix included); what reaches the other
+        socket is its sender's :attr:`Sender.delivered`."""
         self.reading = False
         self.eof = False
         self.chained = False
@@ -276,11 +303,11 @@ class Flow:
         if self.chain is not None:
             self._enter_chain()
             if prefix and self.chain is not None:
-                self.bytes += len(prefix)
+                self.bytes_read += len(prefix)
                 self.chain.received(prefix, self.loop.time())
             return
         if prefix:
-            self.bytes += len(prefix)
+            self.bytes_read += len(prefix)
             if not self.sender.write(prefix):
                 self.sender.on_drained = self._resume
                 return
@@ -308,7 +335,7 @@ class Flow:
             self._src_ended()
             self.sender.send_eof()
             return
-        self.bytes += n
+        self.bytes_read += n
         relay = self.relay
         relay.timers.last_activity = self.read_at = self.loop.time()
         if not self.sender.write(_VIEW[:n]):
@@ -361,7 +388,7 @@ class Flow:
             self._src_ended()
             self.sender.send_eof()
             return
-        self.bytes += n
+        self.bytes_read += n
         self.relay.timers.last_activity = self.read_at = self.loop.time()
         self.in_pipe = n
         self._splice_out()
@@ -386,6 +413,7 @@ class Flow:
                 self.relay._failed(self.sender.side, exc)
                 return
             self.in_pipe -= sent
+            self.sender.delivered += sent
         if self.writing:
             self.poller.remove_writer(self.dst_fd)
             self.writing = False
@@ -493,7 +521,7 @@ class Flow:
             self._src_ended()
             chain.ended(now)
         else:
-            self.bytes += len(data)
+            self.bytes_read += len(data)
             self.read_at = now
             chain.received(data, now)
 
@@ -511,7 +539,7 @@ class Flow:
             return True
         if self.eof:
             return False
-        return ((self.bytes > 0 and now - self.read_at < quiet_s)
+        return ((self.bytes_read > 0 and now - self.read_at < quiet_s)
                 or _unread(self.src_fd) > 0 or pending(self.src) > 0)
 
     def stop(self) -> None:
@@ -620,11 +648,31 @@ class Relay(Generic[InfoT]):
 
     @property
     def bytes_up(self) -> int:
-        return self.up.bytes
+        """Bytes delivered to the upstream (see "Counting" above): final once
+        closed; while open, what its kernel has sent so far (one ioctl per call:
+        for scrapes and tests, not per chunk), so the count never goes back."""
+        return self._delivered(self.up.sender)
 
     @property
     def bytes_down(self) -> int:
-        return self.down.bytes
+        """Bytes delivered to the client, as :attr:`bytes_up`; replies of
+        upstream-direction elements included."""
+        return self._delivered(self.down.sender)
+
+    @property
+    def bytes_up_read(self) -> int:
+        """Bytes read from the client so far."""
+        return self.up.bytes_read
+
+    @property
+    def bytes_down_read(self) -> int:
+        """Bytes read from the upstream so far."""
+        return self.down.bytes_read
+
+    def _delivered(self, sender: Sender) -> int:
+        if self.closed:
+            return sender.delivered
+        return sender.delivered - _unsent(sender.sock, sender.delivered)
 
     def flow(self, direction: str) -> Flow:
         return self.up if direction == "upstream" else self.down
@@ -761,6 +809,11 @@ class Relay(Generic[InfoT]):
         for flow in (self.up, self.down):
             flow.stop()
             flow.sender.stop()
+        # A reset discards what the kernel has not sent yet: not delivered.
+        if reset_client:
+            self.down.sender.delivered -= _unsent(self.client, self.down.sender.delivered)
+        if reset_upstream:
+            self.up.sender.delivered -= _unsent(self.upstream, self.up.sender.delivered)
         close_socket(self.client, reset=reset_client)
         close_socket(self.upstream, reset=reset_upstream)
         self.on_close(self)
@@ -775,6 +828,23 @@ def _unread(fd: int) -> int:
 
 
 _INT_ZERO = struct.pack("i", 0)
+
+
+def _unsent(sock: Endpoint, delivered: int) -> int:
+    """Bytes of the ``delivered`` that plain TCP socket ``sock``'s kernel has not
+    sent yet (SIOCOUTQNSD), which a reset now would discard; 0 where that cannot
+    be asked (not Linux, not TCP) and for a stream, whose descriptor carries
+    bytes of its own (TLS records), not the relay's."""
+    if not _ASK_UNSENT or not can_splice(sock):
+        return 0
+    try:
+        unsent: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, _INT_ZERO))[0]
+    except OSError:
+        return 0
+    return min(max(unsent, 0), delivered)
+
+
+_ASK_UNSENT = sys.platform == "linux"
 
 
 def close_socket(sock: Endpoint, *, reset: bool = False) -> None:

@@ -46,9 +46,6 @@ tests come from that table.
 
 > Status: the metrics layer (`midway/metrics/`) is built and tested; serving it on
 > `GET /metrics` and collecting the workers' snapshots are being wired in (issue 12).
-> The byte counters take the access log's `bytes_up` and `bytes_down`, which count
-> bytes read until issue 15 makes them count bytes delivered; the two differ only
-> when a toxic or hook drops bytes or a close cuts a transfer short.
 
 ## How counting works
 
@@ -64,8 +61,9 @@ bytes of connections still open (added at each scrape).
 
 ## What the byte counters mean
 
-`midway_bytes_total` counts bytes **delivered**: written to the receiving side,
-as the access log's `bytes_up` and `bytes_down` do.
+`midway_bytes_total` counts bytes **delivered**: written to the receiving side's
+socket, as the access log's `bytes_up` and `bytes_down` do (README, "Logs", defines
+them): accepted by the kernel there, less what a reset then discarded unsent.
 
 - `direction="upstream"`: from the client to the server (Toxiproxy's name for this
   stream); `bytes_up` in the access log.
@@ -73,9 +71,11 @@ as the access log's `bytes_up` and `bytes_down` do.
 
 Bytes that midway read but did not deliver (dropped by a toxic such as
 `limit_data` or by a hook, or still buffered when a connection was cut) are not
-in this counter.  A connection still open contributes the bytes delivered so
-far, so a long download shows up while it runs, and the counter never goes back
-when that connection closes.
+in this counter; the access log has them in `bytes_up_read` and
+`bytes_down_read`.  Bytes an element injected are counted where they were
+delivered (a hook's reply to the client counts downstream).  A connection still open
+contributes what its kernel has sent so far, so a long download shows up while it
+runs, and the counter never goes back when that connection closes.
 
 ## Workers
 

@@ -95,10 +95,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "Bytes delivered to the peer: direction upstream = client to server, "
         "downstream = server to client.",
         ("proxy", "direction"),
-        notes="Bytes written to the receiving side, not bytes read: bytes a toxic or a "
-              "hook dropped, or left undelivered at close, are not counted (the access "
-              "log's `bytes_up` and `bytes_down`). Closed connections are added as they "
-              "close, open ones at each scrape.",
+        notes="Bytes written to the receiving side's socket, not bytes read: bytes a "
+              "toxic or a hook dropped, or left undelivered at close (a reset discards "
+              "what the kernel had not sent), are not counted; injected bytes are. These "
+              "are the access log's `bytes_up` and `bytes_down`; its `bytes_up_read` "
+              "and `bytes_down_read` count what was read. Closed connections are added "
+              "as they close, open ones at each scrape.",
     ),
     MetricSpec(
         "midway_closes_total", Kind.COUNTER,

@@ -83,7 +83,9 @@ def test_bytes_both_ways_intact(size: int) -> None:
                 await asyncio.sleep(0.01)
             assert received_up == [sha256(up_blob)]
             (record,) = await records.wait()
+            # A clean transfer: every byte read was delivered, on every path.
             assert (record.bytes_up, record.bytes_down) == (size, size)
+            assert (record.bytes_up_read, record.bytes_down_read) == (size, size)
             if size >= 1 << 20:  # bulk: the zero-copy path took over where enabled
                 assert record.path == helpers.MODE.path
 

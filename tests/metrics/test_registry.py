@@ -23,10 +23,12 @@ def series(snapshot: dict, name: str) -> dict[tuple[str, ...], object]:
 
 def known_sequence(metrics: Metrics) -> None:
     """5 connections to web: 2 reset, 1 eof, 2 still open; 1 to db that failed to
-    connect after trying two upstreams."""
+    connect after trying two upstreams.  The first reset was cut short: it read
+    more than it delivered, and only what it delivered is counted."""
     for _ in range(5):
         metrics.connection_opened(opened("web"))
     metrics.connection_closed(closed(reason="reset", bytes_up=1000, bytes_down=5000,
+                                     bytes_up_read=1500, bytes_down_read=9000,
                                      connect_time_s=0.0002, duration_s=0.3))
     metrics.connection_closed(closed(reason="reset", bytes_up=200, bytes_down=600,
                                      connect_time_s=0.004, duration_s=2.0))
