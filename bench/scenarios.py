@@ -276,7 +276,10 @@ def idle_many_count(s: Settings) -> int:
     """The connections `idle50k` opens: as many as asked, if they fit. Every one has a
     client → proxy leg and a proxy → echo server leg, each from one address to one address
     and port, so at most the ephemeral port range of each fit."""
-    return max(1, min(s.idle_many, procs.ephemeral_ports() - PORT_MARGIN))
+    fit_ports = procs.ephemeral_ports() - PORT_MARGIN
+    # HAProxy's maxconn (the tightest, see proxies.py) within RLIMIT_NOFILE
+    fit_fds = int((procs.nofile_limit() - 500) / 2.5)
+    return max(1, min(s.idle_many, fit_ports, fit_fds))
 
 
 def measure_idle_many(s: Settings, target: Running) -> dict[str, float]:
@@ -464,9 +467,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="idle50k",
         title="8. Many idle connections (memory)",
-        about="As 5 with {idle_many_count:,} connections ({idle_many:,} asked; at most the "
-        "ephemeral port range, {ports:,} ports, less {margin:,} left for the machine, fit on "
-        "each leg: one client address, one proxy address, one upstream). socat is left out.",
+        about="As 5 with {idle_many_count:,} connections ({idle_many:,} asked; what fits: "
+        "the ephemeral port range, {ports:,} ports, less {margin:,} left for the machine, on "
+        "each leg, and HAProxy's maxconn within RLIMIT_NOFILE {nofile:,}). socat is left out.",
         metrics=(
             Metric("rss_kib_per_conn", "VmRSS growth per connection (KiB) ↓", False),
             Metric("pss_kib_per_conn", "PSS growth per connection (KiB) ↓", False),
@@ -531,5 +534,6 @@ def describe(scenario: Scenario, settings: Settings) -> str:
         idle_many_count=idle_many_count(settings),
         ports=procs.ephemeral_ports(),
         margin=PORT_MARGIN,
+        nofile=procs.nofile_limit(),
         body=len(backends.HTTP_BODY),
     )
