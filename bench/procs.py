@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-WANTED_NOFILE = 65536
+WANTED_NOFILE = 262144
 
 
 class StartError(RuntimeError):
@@ -47,6 +47,16 @@ def raise_nofile() -> int:
         except (ValueError, OSError):
             continue
     return soft
+
+
+def ephemeral_ports() -> int:
+    """How many local ports connect() may pick (net.ipv4.ip_local_port_range): the most
+    connections from one address to one listening address and port."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 28232  # Linux's default range, 32768-60999
+    return high - low + 1
 
 
 def nofile_limit() -> int:

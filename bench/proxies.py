@@ -22,17 +22,21 @@ REPO = Path(__file__).resolve().parent.parent
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 KINDS = ("direct", "midway", "haproxy", "nginx", "socat")
 START_TIMEOUT = 15.0
+MAX_CONNECTIONS = 60000
+"""HAProxy's maxconn and half nginx's worker_connections (which counts both sockets of a
+proxied connection), when RLIMIT_NOFILE allows: room for the `idle50k` scenario."""
 
 
 @dataclass(frozen=True)
 class Proxy:
     """One proxy configuration. `threads` is midway's --workers, HAProxy's nbthread and nginx's
-    worker_processes; `loop` is midway's --loop."""
+    worker_processes; `loop` is midway's --loop; `args` are more midway options."""
 
     name: str
     kind: str
     threads: int = 1
     loop: str | None = None
+    args: tuple[str, ...] = ()
 
     def argv(self, listen: int, upstream: int, workdir: Path) -> list[str]:
         builder = {
@@ -55,13 +59,13 @@ class Proxy:
             argv += ["--workers", str(self.threads)]
         if self.loop:
             argv += ["--loop", self.loop]
-        return argv
+        return argv + list(self.args)
 
     def _haproxy(self, listen: int, upstream: int, workdir: Path) -> list[str]:
         cfg = workdir / f"haproxy-{listen}.cfg"
         # HAProxy refuses to start if maxconn does not fit in the descriptors it can get: it
         # reserves two per connection plus two per splice pipe (maxpipes = maxconn / 4).
-        maxconn = min(20000, int((procs.nofile_limit() - 500) / 2.5))
+        maxconn = min(MAX_CONNECTIONS, int((procs.nofile_limit() - 500) / 2.5))
         cfg.write_text(
             f"""\
 global
@@ -102,7 +106,7 @@ error_log stderr warn;
 worker_rlimit_nofile {nofile};
 
 events {{
-    worker_connections {min(20000, nofile - 100)};
+    worker_connections {min(2 * MAX_CONNECTIONS, nofile - 100)};
 }}
 
 stream {{
@@ -143,6 +147,7 @@ def describe(proxy: Proxy) -> str:
         "midway": "`python -m midway 127.0.0.1:LISTEN 127.0.0.1:UPSTREAM`"
         + (f" `--workers {n}`" if n > 1 else "")
         + (f" `--loop {proxy.loop}`" if proxy.loop else "")
+        + "".join(f" `{a}`" for a in proxy.args)
         + ", defaults otherwise"
         + ("" if proxy.loop else " (the event loop is midway's default choice)"),
         "haproxy": f"`haproxy -db`, mode tcp, `option splice-auto`, `nbthread {n}`, "

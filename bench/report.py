@@ -123,7 +123,9 @@ def render_table(results: ScenarioResults, settings: Settings, repeat: int) -> s
     has_reference = any(p.kind == "haproxy" for p in results.proxies)
     ratio_columns = subjects if has_reference else []
     header = ["metric", *(f"`{p.name}`" for p in results.proxies)]
-    header += [f"{p.name.split(' ')[0]} ÷ haproxy" for p in ratio_columns]
+    # several midway variants (bulkchain): each ratio column names its variant
+    short = len(ratio_columns) == 1
+    header += [f"{p.name.split(' ')[0] if short else p.name} ÷ haproxy" for p in ratio_columns]
     lines = [f"## {sc.title}", "", describe(sc, settings), ""]
     if not results.proxies:
         lines += ["_Nothing to run._", ""]
@@ -214,7 +216,7 @@ def machine_info(
         (
             "pinning",
             f"proxy on CPU {settings.proxy_cpus}; backends and load generators on CPU "
-            f"{settings.load_cpus} (scenario 6: unpinned, CPUs {settings.all_cpus})",
+            f"{settings.load_cpus} (`workers`, `workers-conn`: unpinned, CPUs {settings.all_cpus})",
         ),
     ]
 

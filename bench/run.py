@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, help="seconds per iperf3/wrk run (default 5, quick 2)")
     p.add_argument("--pingpong-n", type=int, help="round trips (default 20000, quick 5000)")
     p.add_argument("--idle-conns", type=int, help="idle connections (default 5000, quick 1000)")
+    p.add_argument(
+        "--idle-many",
+        type=int,
+        help="connections asked of idle50k (default 50000, quick 10000; capped by what fits)",
+    )
     p.add_argument("--wrk-connections", type=int, default=50, help="wrk -c (default: 50)")
     p.add_argument("--proxy-cpu", type=int, help="CPU for the proxy (default: first usable)")
     p.add_argument("--load-cpu", type=int, help="CPU for load and backends (default: second)")
@@ -89,8 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (2 if quick else 5)
     args.pingpong_n = args.pingpong_n or (5000 if quick else 20000)
     args.idle_conns = args.idle_conns or (1000 if quick else 5000)
-    if min(args.repeat, args.duration, args.pingpong_n, args.idle_conns) < 1:
-        p.error("--repeat, --duration, --pingpong-n and --idle-conns must be positive")
+    args.idle_many = args.idle_many or (10000 if quick else 50000)
+    if min(args.repeat, args.duration, args.pingpong_n, args.idle_conns, args.idle_many) < 1:
+        p.error(
+            "--repeat, --duration, --pingpong-n, --idle-conns and --idle-many must be positive"
+        )
     args.scenario_list = _split(args.scenarios, BY_NAME, p)
     try:
         args.proxy_list = [proxies.parse(n) for n in args.proxies.split(",") if n]
@@ -280,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     notes = ensure_tools(not args.no_install)
     nofile = procs.raise_nofile()
-    if nofile < args.idle_conns * 2 + 100:
+    if nofile < max(args.idle_conns, args.idle_many) * 2 + 100:
         notes.append(f"RLIMIT_NOFILE is only {nofile}: the idle scenario may fall short.")
     proxy_cpus, load_cpus, all_cpus, cpu_notes = choose_cpus(args)
     notes += cpu_notes
@@ -293,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration,
         pingpong_n=args.pingpong_n,
         idle_conns=args.idle_conns,
+        idle_many=args.idle_many,
         wrk_connections=args.wrk_connections,
         proxy_cpus=proxy_cpus,
         load_cpus=load_cpus,

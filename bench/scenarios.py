@@ -30,6 +30,7 @@ class Settings:
     duration: int  # seconds per iperf3 test / wrk run
     pingpong_n: int  # measured round trips
     idle_conns: int  # idle connections opened through the proxy
+    idle_many: int  # connections asked of the idle50k scenario (capped by what fits)
     wrk_connections: int
     proxy_cpus: str  # taskset list for the proxy
     load_cpus: str  # taskset list for backends and load generators
@@ -116,9 +117,12 @@ def measure_bulk8(s: Settings, target: Running) -> dict[str, float]:
 # 2 and 3. HTTP request/response through the proxy (wrk against nginx)
 
 
-def _wrk(s: Settings, target: Running, *, close: bool) -> dict[str, float]:
+def _wrk(
+    s: Settings, target: Running, *, close: bool, connections: int | None = None
+) -> dict[str, float]:
     def argv(seconds: int) -> list[str]:
-        args = ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency"]
+        conns = connections or s.wrk_connections
+        args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
         args += ["--timeout", "5s", "-s", str(WRK_SCRIPT)]
         if close:
             args += ["-H", "Connection: close"]
@@ -155,6 +159,14 @@ def measure_keepalive(s: Settings, target: Running) -> dict[str, float]:
 
 def measure_connclose(s: Settings, target: Running) -> dict[str, float]:
     return _wrk(s, target, close=True)
+
+
+CONNCLOSE_MANY = 128
+"""wrk -c for `connclose128`: the connection rate under more concurrent clients."""
+
+
+def measure_connclose128(s: Settings, target: Running) -> dict[str, float]:
+    return _wrk(s, target, close=True, connections=CONNCLOSE_MANY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +243,7 @@ def _connections(port: int, count: int, budget: float) -> Iterator[int]:
             sock.close()
 
 
-def measure_idle(s: Settings, target: Running) -> dict[str, float]:
+def _idle(target: Running, count: int, budget: float) -> dict[str, float]:
     pid = target.pid
     if pid is None:
         raise procs.MeasureError("no proxy process")
@@ -239,7 +251,7 @@ def measure_idle(s: Settings, target: Running) -> dict[str, float]:
         pass
     time.sleep(0.5)
     rss0, pss0, _ = procs.tree_memory_kib(pid)
-    with _connections(target.port, s.idle_conns, 180) as ok:
+    with _connections(target.port, count, budget) as ok:
         time.sleep(1.0)
         rss1, pss1, nprocs = procs.tree_memory_kib(pid)
     if ok == 0:
@@ -250,6 +262,36 @@ def measure_idle(s: Settings, target: Running) -> dict[str, float]:
         "pss_kib_per_conn": (pss1 - pss0) / ok,
         "processes": float(nprocs),
     }
+
+
+def measure_idle(s: Settings, target: Running) -> dict[str, float]:
+    return _idle(target, s.idle_conns, 180)
+
+
+PORT_MARGIN = 3000
+"""Local ports left free by `idle50k` for everything else on the machine."""
+
+
+def idle_many_count(s: Settings) -> int:
+    """The connections `idle50k` opens: as many as asked, if they fit. Every one has a
+    client → proxy leg and a proxy → echo server leg, each from one address to one address
+    and port, so at most the ephemeral port range of each fit."""
+    fit_ports = procs.ephemeral_ports() - PORT_MARGIN
+    # HAProxy's maxconn (the tightest, see proxies.py) within RLIMIT_NOFILE
+    fit_fds = int((procs.nofile_limit() - 500) / 2.5)
+    return max(1, min(s.idle_many, fit_ports, fit_fds))
+
+
+def measure_idle_many(s: Settings, target: Running) -> dict[str, float]:
+    return _idle(target, idle_many_count(s), 300)
+
+
+def without_socat(selected: list[Proxy]) -> tuple[list[Proxy], list[str]]:
+    chosen = [p for p in selected if p.kind not in ("direct", "socat")]
+    notes = []
+    if any(p.kind == "socat" for p in selected):
+        notes.append("socat skipped: it would fork one process per connection.")
+    return chosen, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +310,33 @@ def worker_variants(selected: list[Proxy]) -> tuple[list[Proxy], list[str]]:
             variants.append(Proxy("midway --workers 2", "midway", threads=2))
     if "haproxy" in kinds:
         variants.append(Proxy("haproxy nbthread 2", "haproxy", threads=2))
+    if "nginx" in kinds:
+        variants.append(Proxy("nginx 2 workers", "nginx", threads=2))
     return variants, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# bulk through a chain element: the cost of inspection and of fault injection
+
+PASSTHROUGH_HOOK = Path(__file__).resolve().parent / "passthrough_hook.py"
+CHAIN_VARIANTS = (
+    ("midway +hook", ("--hook", f"{PASSTHROUGH_HOOK}:on_data")),
+    # iperf3's data flows client → server: the toxic goes on that stream
+    ("midway +latency 0", ("--toxic", "latency:latency=0,stream=upstream")),
+)
+
+
+def chain_variants(selected: list[Proxy]) -> tuple[list[Proxy], list[str]]:
+    """midway plain and with each chain element (the same options otherwise), and HAProxy
+    as the reference."""
+    chosen: list[Proxy] = []
+    for p in selected:
+        if p.kind == "midway" and p.loop is None:
+            chosen.append(p)
+            chosen += [Proxy(name, "midway", args=args) for name, args in CHAIN_VARIANTS]
+        elif p.kind == "haproxy":
+            chosen.append(p)
+    return chosen, []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,9 +435,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         name="workers",
-        title="6. Multi-core: midway --workers 2 vs HAProxy nbthread 2 (bulk, 8 streams)",
-        about="iperf3 `-P 8`, {duration} s, nothing pinned: proxy, client and server share both "
-        "CPUs.",
+        title="6. Multi-core: 2 workers/threads, bulk (8 streams)",
+        about="iperf3 `-P 8`, {duration} s, nothing pinned: midway `--workers 2`, HAProxy "
+        "`nbthread 2`, nginx `worker_processes 2`; proxy, client and server share both CPUs.",
         metrics=(
             Metric("gbps_p8", "throughput, 8 streams (Gbit/s) ↑", True),
             Metric("cpu_s_per_gb_p8", "proxy CPU (CPU-s per GB) ↓", False),
@@ -377,6 +445,76 @@ SCENARIOS: tuple[Scenario, ...] = (
         backend=backends.reserved_port,
         measure=measure_bulk8,
         tools=("iperf3",),
+        with_direct=False,
+        pinned=False,
+        variants=worker_variants,
+    ),
+    Scenario(
+        name="connclose128",
+        title=f"7. New connection per request, {CONNCLOSE_MANY} concurrent clients",
+        about=f"As 3 with `wrk -c{CONNCLOSE_MANY}`.",
+        metrics=(
+            Metric("rps", "connections/s ↑", True),
+            Metric("cpu_ms_per_1k", "proxy CPU (ms per 1000 connections) ↓", False),
+            Metric("p50_ms", "latency p50 (ms) ↓", False),
+            Metric("p99_ms", "latency p99 (ms) ↓", False),
+            Metric("errors", "wrk errors (count) ↓", False),
+        ),
+        backend=backends.nginx_http,
+        measure=measure_connclose128,
+        tools=("wrk", "nginx"),
+    ),
+    Scenario(
+        name="idle50k",
+        title="8. Many idle connections (memory)",
+        about="As 5 with {idle_many_count:,} connections ({idle_many:,} asked; what fits: "
+        "the ephemeral port range, {ports:,} ports, less {margin:,} left for the machine, on "
+        "each leg, and HAProxy's maxconn within RLIMIT_NOFILE {nofile:,}). socat is left out.",
+        metrics=(
+            Metric("rss_kib_per_conn", "VmRSS growth per connection (KiB) ↓", False),
+            Metric("pss_kib_per_conn", "PSS growth per connection (KiB) ↓", False),
+            Metric("established", "connections established ↑", True),
+        ),
+        backend=backends.echo_server,
+        measure=measure_idle_many,
+        tools=(),
+        with_direct=False,
+        variants=without_socat,
+    ),
+    Scenario(
+        name="bulkchain",
+        title="9. Bulk through a chain element (inspection, fault injection)",
+        about="As 1, with midway plain, with a hook that passes every chunk on unchanged "
+        "(`--hook bench/passthrough_hook.py:on_data`: both directions leave the zero-copy path "
+        "and every chunk is a Python call), and with a 0 ms latency toxic on the client → "
+        "server stream (`--toxic latency:latency=0,stream=upstream`); HAProxy for reference.",
+        metrics=(
+            Metric("gbps_p1", "throughput, 1 stream (Gbit/s) ↑", True),
+            Metric("cpu_s_per_gb_p1", "proxy CPU, 1 stream (CPU-s per GB) ↓", False),
+            Metric("gbps_p8", "throughput, 8 streams (Gbit/s) ↑", True),
+            Metric("cpu_s_per_gb_p8", "proxy CPU, 8 streams (CPU-s per GB) ↓", False),
+        ),
+        backend=backends.reserved_port,
+        measure=measure_bulk,
+        tools=("iperf3",),
+        with_direct=False,
+        variants=chain_variants,
+    ),
+    Scenario(
+        name="workers-conn",
+        title="10. Multi-core: 2 workers/threads, new connection per request",
+        about="As 3 (`wrk -c{conns}`, `Connection: close`), nothing pinned: midway "
+        "`--workers 2`, HAProxy `nbthread 2`, nginx `worker_processes 2`; proxy, wrk and the "
+        "nginx backend share both CPUs.",
+        metrics=(
+            Metric("rps", "connections/s ↑", True),
+            Metric("cpu_ms_per_1k", "proxy CPU (ms per 1000 connections) ↓", False),
+            Metric("p50_ms", "latency p50 (ms) ↓", False),
+            Metric("errors", "wrk errors (count) ↓", False),
+        ),
+        backend=backends.nginx_http,
+        measure=measure_connclose,
+        tools=("wrk", "nginx"),
         with_direct=False,
         pinned=False,
         variants=worker_variants,
@@ -392,5 +530,10 @@ def describe(scenario: Scenario, settings: Settings) -> str:
         conns=settings.wrk_connections,
         pingpong_n=settings.pingpong_n,
         idle_conns=settings.idle_conns,
+        idle_many=settings.idle_many,
+        idle_many_count=idle_many_count(settings),
+        ports=procs.ephemeral_ports(),
+        margin=PORT_MARGIN,
+        nofile=procs.nofile_limit(),
         body=len(backends.HTTP_BODY),
     )

@@ -364,34 +364,39 @@ class Flow:
     # -- fast mode, zero-copy (see midway.core.splice) ---------------------------
 
     def _on_readable_splice(self) -> None:
-        pipe = self.pipe
-        if pipe is None:
-            pipe = self.pipe = _splice.pipes.acquire()
-            if pipe is None:  # no descriptor for a pipe right now: copy this read
-                self._on_readable()
+        for _ in range(_splice.SPLICE_ROUNDS):
+            pipe = self.pipe
+            if pipe is None:
+                pipe = self.pipe = _splice.pipes.acquire()
+                if pipe is None:  # no descriptor for a pipe right now: copy this read
+                    self._on_readable()
+                    return
+            try:
+                n = _splice.splice(self.src_fd, pipe[1], _splice.PIPE_SIZE, flags=_splice.FLAGS)  # type: ignore[misc]
+            except (BlockingIOError, InterruptedError):
+                self._release_pipe()
                 return
-        try:
-            n = _splice.splice(self.src_fd, pipe[1], _splice.PIPE_SIZE, flags=_splice.FLAGS)  # type: ignore[misc]
-        except (BlockingIOError, InterruptedError):
-            self._release_pipe()
-            return
-        except OSError as exc:
-            self._release_pipe()
-            if exc.errno in _NO_SPLICE_ERRNOS:
-                self.can_splice = False
-                self.use_copy()
+            except OSError as exc:
+                self._release_pipe()
+                if exc.errno in _NO_SPLICE_ERRNOS:
+                    self.can_splice = False
+                    self.use_copy()
+                    return
+                self.relay._failed(self.src_side, exc)
                 return
-            self.relay._failed(self.src_side, exc)
-            return
-        if n == 0:
-            self._release_pipe()
-            self._src_ended()
-            self.sender.send_eof()
-            return
-        self.bytes_read += n
-        self.relay.timers.last_activity = self.read_at = self.loop.time()
-        self.in_pipe = n
-        self._splice_out()
+            if n == 0:
+                self._release_pipe()
+                self._src_ended()
+                self.sender.send_eof()
+                return
+            self.bytes_read += n
+            self.relay.timers.last_activity = self.read_at = self.loop.time()
+            self.in_pipe = n
+            self._splice_out()
+            # Another round only if the pipe was filled (more is surely waiting) and
+            # went out whole (else the destination is full: wait for it).
+            if n < _splice.PIPE_SIZE or self.pipe is not None or not self.reading:
+                return
 
     def _splice_out(self) -> None:
         pipe = self.pipe

@@ -15,16 +15,27 @@ import fcntl
 import os
 import sys
 
-__all__ = ["AVAILABLE", "PIPE_SIZE", "FLAGS", "PipePool", "pipes", "splice"]
+__all__ = ["AVAILABLE", "PIPE_SIZE", "SPLICE_ROUNDS", "FLAGS", "PipePool", "pipes", "splice"]
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 """Whether this platform can splice at all."""
 
-PIPE_SIZE = 1 << 20
-"""Bytes one pipe may hold (F_SETPIPE_SZ): 1 MiB, Linux's default
-/proc/sys/fs/pipe-max-size.  Bigger pipes mean fewer splice calls (and Python
-callbacks) per megabyte; the pages are only used while data is in flight.  If the
-kernel refuses it, the pipe keeps the 64 KiB default."""
+PIPE_SIZE = 1 << 16
+"""Bytes one pipe may hold (F_SETPIPE_SZ), and bytes asked of each splice: 64 KiB,
+Linux's default pipe size and HAProxy's (``tune.pipesize``).  Measured against
+1 MiB and 256 KiB (docs/benchmarks.md, "Bulk through the splice path"): a big
+pipe drains a socket's whole receive queue in one call, the sender's window never
+closes, and the kernel's TCP work for both legs then runs on the *sender's* CPU
+(on loopback: the load generator's); 64 KiB steps, repeated while the pipe fills
+(:data:`SPLICE_ROUNDS`), keep that work on the proxy's CPU, as HAProxy's do, for
+about a third less CPU per GB on the load's side.  The kernel keeps the default if
+it refuses the size."""
+
+SPLICE_ROUNDS = 16
+"""Pipes filled and emptied per readiness callback at most (1 MiB), looping while
+each splice fills the whole pipe (more is surely waiting): one loop round trip per
+MiB instead of one per 64 KiB, and a bound so that one busy connection cannot keep
+the others waiting."""
 
 MAX_IDLE_PIPES = 64
 """Empty pipes kept for reuse; more are closed when returned (HAProxy keeps a
