@@ -1,6 +1,6 @@
 """The PROXY protocol through a real midway, both ways, over loopback: a header
 received (split across segments too) gives the access log, the hooks' connection
-info and the balancer's key the real client; the header sent upstream carries it;
+info, the balancer's key and the capture the real client; the header sent upstream carries it;
 LOCAL is served; an untrusted peer, a missing header and a late one are closed with
 their reasons; a reconfigure rebuilds the layers."""
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from typing import Any
+
+import pytest
 
 import midway
 from midway.chain.base import Attachment, ConnectionInfo, Element
@@ -191,4 +193,23 @@ def test_a_reconfigure_rebuilds_the_layers() -> None:
         parser = ProxyProtocolParser("v2")
         header = parser.feed(got[1])
         assert header is not None and header.source is not None and parser.rest == b"two"
+    run(main())
+
+
+@pytest.mark.per_loop
+def test_the_capture_records_the_client_leg_between_the_real_client_and_its_service(
+        tmp_path: Any) -> None:
+    from midway.chain.pcapread import read_connections
+
+    async def main() -> None:
+        got: list[bytes] = []
+        path = tmp_path / "pp.pcap"
+        async with serve(recording_backend(got)) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", pcap=str(path),
+                             proxy_protocol_in="v2", **TRUST_LOOPBACK) as proxy:
+            assert await exchange(proxy.port, build_v2(CLIENT, SERVICE) + b"hi") == b"ok"
+        with open(path, "rb") as f:
+            legs = read_connections(f)
+        assert got == [b"hi"]
+        assert [(leg.client, leg.server) for leg in legs][0] == (CLIENT, SERVICE)
     run(main())
