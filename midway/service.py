@@ -20,7 +20,9 @@ inbound    the proxy's inbound layers (:mod:`midway.layers.base`: later a PROXY
            the client, replace its address and set route keys.  Skipped when the
            proxy has none: then the dial starts at accept, as server-first
            protocols need, with no task at all (the hot path of connection rate).
-route      pick the upstream set from the route keys (later: SNI routes)
+route      pick the upstream set from the route key ``sni`` (set by the ClientHello
+           peek, a TLS handshake or a PROXY header): the matching SNI route's own
+           set, else the proxy's (closed with ``no_route`` when it has none)
 choose     the balancer's order of upstreams (:class:`~midway.upstream.state.UpstreamSet`)
 dial       :class:`~midway.upstream.dial.Dialer`: each upstream in that order,
            next on failure, every failure logged (rate-limited), counted in the
@@ -69,7 +71,9 @@ from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
 from .errors import ListenError, Rejected, describe_oserror
-from .layers.base import InboundLayer, OutboundLayer
+from .layers.base import InboundLayer, LayerRefused, OutboundLayer
+from .layers.registry import build_layers
+from .layers.routes import SniRoutes
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
 from .upstream.health import HealthSettings
 from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
@@ -139,9 +143,10 @@ _ACCEPT, _DIAL, _OPEN, _RELAY, _CLOSED = (Phase.ACCEPT, Phase.DIAL, Phase.OPEN, 
 class ProxyService:
     """A named proxy inside a :class:`ServiceHost` (a :class:`~midway.runtime.Runtime`).
 
-    ``inbound`` and ``outbound`` are its connection layers (none today from the
-    configuration; see :mod:`midway.layers.base`); ``resolve`` looks up upstream
-    host names (default: the loop's ``getaddrinfo``)."""
+    Its connection layers (:mod:`midway.layers.base`) are built from the
+    configuration (:func:`~midway.layers.registry.build_layers`), then the
+    ``inbound`` and ``outbound`` given here (test layers) after them; ``resolve``
+    looks up upstream host names (default: the loop's ``getaddrinfo``)."""
 
     def __init__(self, config: ProxyConfig, host: ServiceHost,
                  elements: Iterable[Element] = (), *,
@@ -151,9 +156,15 @@ class ProxyService:
         self.config = config
         self.host = host
         self.pool = UpstreamSet(config.name, _specs(config), balance=config.balance,
-                                health=_NO_HEALTH, balancer_feedback=False)
-        self.inbound: tuple[InboundLayer, ...] = tuple(inbound)
-        self.outbound: tuple[OutboundLayer, ...] = tuple(outbound)
+                                health=_NO_HEALTH, balancer_feedback=False,
+                                empty_ok=bool(config.routes))
+        self._given_layers = (tuple(inbound), tuple(outbound))
+        self.inbound: tuple[InboundLayer, ...] = ()
+        self.outbound: tuple[OutboundLayer, ...] = ()
+        self.routes: SniRoutes[_Route] | None = None
+        """The SNI routes (None: the proxy has none, and the route phase costs nothing)."""
+        self._route_sets: dict[str, UpstreamSet] = {}
+        self._configure_layers(config)
         self.resolve = resolve
         self.listeners: list[Listener] = []
         self.elements: list[Element] = list(elements)
@@ -192,8 +203,11 @@ class ProxyService:
         self.accepting = True
         for listener in self.listeners:
             listener.resume()
-            log.info("%s: listening on %s, forwarding to %s", self.name, listener.bound,
-                     ", ".join(str(u.address) for u in self.pool.upstreams))
+            log.info("%s: listening on %s, forwarding to %s%s", self.name, listener.bound,
+                     ", ".join(str(u.address) for u in self.pool.upstreams) or "nothing",
+                     "".join(f"; SNI route {name} to "
+                             f"{', '.join(str(u.address) for u in pool.upstreams)}"
+                             for name, pool in self._route_sets.items()))
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -303,7 +317,7 @@ class ProxyService:
                 attempts=len(failures) + (info.upstream is not None),
                 failures=tuple({"upstream": str(t.address), "failure": f.value, "detail": d}
                                for t, f, d in failures),
-                worker=self.host.worker, pid=self.host.pid,
+                worker=self.host.worker, pid=self.host.pid, route=info.route, sni=info.sni,
             ))
         self.active -= 1
         self.host.connection_closed()
@@ -359,11 +373,44 @@ class ProxyService:
         address stays keeps its state (active connections, counters, health).
         Listen addresses must be rebound by the runtime (see
         :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
-        self.pool.reconfigure(_specs(config), balance=config.balance)
+        self.pool.reconfigure(_specs(config), balance=config.balance,
+                              empty_ok=bool(config.routes))
+        self._configure_layers(config)
         self.config = config
         kept = {u.address for u in self.pool.upstreams}
+        kept.update(u.address for pool in self._route_sets.values() for u in pool.upstreams)
         for address in [a for a in self._failing if a not in kept]:
             del self._failing[address]
+
+    def _configure_layers(self, config: ProxyConfig) -> None:
+        """The layers and SNI routes of ``config``, for new connections.  A route
+        keeps its upstream set (active connections, the balancer's rotation)
+        across a reconfigure by its name."""
+        inbound, outbound = build_layers(config)
+        given_in, given_out = self._given_layers
+        self.inbound, self.outbound = (*inbound, *given_in), (*outbound, *given_out)
+        sets: dict[str, UpstreamSet] = {}
+        for spec in config.routes:
+            specs = [UpstreamSpec(address) for address in spec.upstreams]
+            pool = self._route_sets.get(spec.name)
+            if pool is None:
+                pool = UpstreamSet(f"{config.name} route {spec.name}", specs,
+                                   balance=spec.balance, health=_NO_HEALTH,
+                                   balancer_feedback=False)
+            else:
+                pool.reconfigure(specs, balance=spec.balance)
+            sets[spec.name] = pool
+        self._route_sets = sets
+        self.routes = SniRoutes((pattern, _Route(spec.name, sets[spec.name]))
+                                for spec in config.routes
+                                for pattern in spec.sni) if config.routes else None
+
+    def admit_real_client(self, conn: Connection) -> tuple[CloseReason, str] | None:
+        """The admission check of a client whose address an inbound layer replaced
+        (a PROXY header): None to go on, else why to close it.  Access control
+        (allow/deny, per-source limits: issue 10) runs at accept on the peer's
+        address; it belongs here too, on the real one.  Nothing is checked yet."""
+        return None
 
     def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN,
                           detail: str = "proxy stopping") -> None:
@@ -389,6 +436,16 @@ def _stages(elements: list[Element], attached: Attached,
             if stage is not None:
                 out.append((element, stage))
     return out
+
+
+class _Route:
+    """One SNI route as the route phase sees it: its name and its upstreams."""
+
+    __slots__ = ("name", "pool")
+
+    def __init__(self, name: str, pool: UpstreamSet) -> None:
+        self.name = name
+        self.pool = pool
 
 
 _Failure = tuple[UpstreamState, DialFailure, str]
@@ -481,6 +538,7 @@ class Connection(Dialer):
     async def run_inbound(self) -> None:
         """The *inbound* phase (in :attr:`work`), then on to *route* and the dial."""
         layer: InboundLayer | None = None
+        client = self.info.client_addr
         try:
             for layer in self.service.inbound:
                 await layer.accept(self)
@@ -489,17 +547,46 @@ class Connection(Dialer):
             self._failed_before_dial(layer, exc)
             return
         self.work = None
+        if self.info.client_addr != client:  # the real client is known now
+            refused = self.service.admit_real_client(self)
+            if refused is not None:
+                self.finish(*refused)
+                return
         self.choose_and_dial()
 
     def choose_and_dial(self) -> None:
-        """*route* (one upstream set until SNI routes exist), *choose*, *dial*."""
+        """*route*, *choose*, *dial*."""
         service = self.service
-        # route: one upstream set until SNI routes exist; choose: the balancer's order
-        # (both too short to be seen, so the phase is not stored for them).
-        addr = self.info.client_addr
-        self.candidates = service.pool.order(addr[0] if addr is not None else "")
+        # route, then choose: the balancer's order (both too short to be seen, so
+        # the phase is not stored for them).
+        pool: UpstreamSet | None = service.pool
+        if self._route is not None:
+            self.info.sni = self._route.get("sni")
+        if service.routes is not None:
+            pool = self._pick_route(service.routes)
+        if pool is None:
+            return
+        addr = self.info.client_addr  # read now: a PROXY header may have replaced it
+        self.candidates = pool.order(addr[0] if addr is not None else "")
         self.phase = _DIAL
         self.dial_next()
+
+    def _pick_route(self, routes: SniRoutes[_Route]) -> UpstreamSet | None:
+        """The *route* phase of a proxy with SNI routes: the matching route's
+        upstreams, else the proxy's own; None (and the connection closed with
+        ``no_route``) when it has none."""
+        info = self.info
+        route = routes.match(info.sni)
+        if route is not None:
+            info.route = route.name
+            return route.pool
+        if self.service.pool.upstreams:
+            return self.service.pool
+        detail = f"no route for {info.sni}" if info.sni else "the client named no server"
+        log.info("conn %d (%s) from %s: %s (no_route)", info.id, self.service.name,
+                 info.client, detail)
+        self.finish(CloseReason.NO_ROUTE, detail)
+        return None
 
     def dial_failed(self, target: UpstreamState, failure: DialFailure, detail: str) -> None:
         if self.failures is None:
@@ -634,7 +721,11 @@ class Connection(Dialer):
 
     def _failed_before_dial(self, layer: InboundLayer | None, exc: Exception) -> None:
         name = getattr(layer, "name", type(layer).__name__)
-        if isinstance(exc, Rejected):
+        if isinstance(exc, LayerRefused):
+            log.log(exc.level, "conn %d (%s) from %s: %s: %s (%s)", self.info.id,
+                    self.service.name, self.info.client, name, exc, exc.reason.value)
+            self.finish(exc.reason, str(exc))
+        elif isinstance(exc, Rejected):
             log.info("conn %d (%s): rejected by %s: %s", self.info.id, self.service.name, name, exc)
             self.finish(CloseReason.REJECTED, str(exc))
         elif isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
@@ -689,6 +780,10 @@ class Connection(Dialer):
         return self._route
 
     async def recv_client(self, max_bytes: int) -> bytes:
+        pending = self.pending
+        if pending:  # handed back by an earlier layer: read first, as a stream would
+            self.pending = pending[max_bytes:]
+            return pending[:max_bytes]
         return await self._recv(max_bytes)
 
     def unread(self, data: bytes) -> None:

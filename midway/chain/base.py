@@ -35,7 +35,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from ..layers.proxy_protocol import ProxyHeader
 
 __all__ = [
     "UPSTREAM",
@@ -96,6 +99,17 @@ class ConnectionInfo:
     reset: bool = False
     """Set when the connection has ended: ``True`` when its sockets were aborted
     with a TCP RST rather than closed with a FIN."""
+    proxy_header: ProxyHeader | None = None
+    """The PROXY protocol header the connection began with (``proxy_protocol_in``),
+    with every v2 TLV (``alpn``, ``authority``, ``ssl``, ``unique_id``, raw
+    ``tlvs``); ``None`` without one.  ``client``/``client_addr`` already carry
+    its source address."""
+    sni: str | None = None
+    """The TLS server name, once the route phase has run: from the ClientHello
+    peek (SNI routes), a terminated handshake, or the received PROXY header's
+    AUTHORITY TLV; ``None`` when none was seen."""
+    route: str | None = None
+    """The SNI route chosen (its name); ``None`` for the proxy's own upstreams."""
 
 
 class Output(Protocol):

@@ -34,9 +34,11 @@ from ..errors import AddressError, ConfigError
 from .addresses import Address, parse_address
 from .describe import describe_value
 from .schema import (
+    BALANCERS,
     Config,
     OptionInfo,
     ProxyConfig,
+    RouteSpec,
     ServerConfig,
     options_of,
     proxy_name_problem,
@@ -49,6 +51,9 @@ _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
 _PROXY_LISTS = ("toxics",)
 """Per-proxy keys holding a list of tables, each checked by its own parser."""
+_ROUTES = "routes"
+"""``[[proxy.NAME.routes]]``: SNI routes, checked here (:func:`_routes`)."""
+_ROUTE_KEYS = ("name", "sni", "upstreams", "balance")
 
 ListParser = Callable[[Any, str, Mapping[str, Any]], tuple[Any, ...]]
 """Validates one per-proxy list of tables (the value, its key path, and the proxy's
@@ -177,17 +182,26 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     kwargs: dict[str, Any] = dict(defaults)
     rest = {}
     for key, value in table.items():
-        if key in _PROXY_ONLY_KEYS or key in _PROXY_LISTS:
+        if key in _PROXY_ONLY_KEYS or key in _PROXY_LISTS or key == _ROUTES:
             continue
         if key not in opts:
-            raise _unknown(key, [*_PROXY_ONLY_KEYS, *_PROXY_LISTS, *opts], path)
+            raise _unknown(key, [*_PROXY_ONLY_KEYS, *_PROXY_LISTS, _ROUTES, *opts], path)
         rest[key] = value
     kwargs.update(build_options(ProxyConfig, rest, path))
+    routes = _routes(table[_ROUTES], f"{path}.{_ROUTES}", kwargs.get("balance", "round_robin")) \
+        if _ROUTES in table else ()
     for key in _PROXY_ONLY_KEYS:
-        if key not in table:
+        # With routes, the proxy's own upstreams are optional: they are the default
+        # route, and without them a connection no route matches is closed.
+        if key not in table and not (key == "upstreams" and routes):
             raise ConfigError(_join(path, key), "missing (required)")
     kwargs["listen"] = _addresses(table["listen"], f"{path}.listen", listen=True)
-    kwargs["upstreams"] = _addresses(table["upstreams"], f"{path}.upstreams", listen=False)
+    upstreams = table.get("upstreams", [])
+    kwargs["upstreams"] = () if routes and upstreams == [] else \
+        _addresses(upstreams, f"{path}.upstreams", listen=False)
+    if routes:
+        kwargs["routes"] = routes
+    _check_proxy_protocol(kwargs, path)
     for key in _PROXY_LISTS:
         if key in table:
             parser = _LIST_PARSERS.get(key)
@@ -195,6 +209,85 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
                 raise ConfigError(_join(path, key), "cannot be checked: no parser is registered")
             kwargs[key] = parser(table[key], _join(path, key), kwargs)
     return ProxyConfig(name=name, **kwargs)
+
+
+def _routes(value: Any, path: str, balance: str) -> tuple[RouteSpec, ...]:
+    """``[[proxy.NAME.routes]]``: each table has ``sni`` (a pattern or a list of
+    them), its own ``upstreams``, optionally ``balance`` (default: the proxy's)
+    and ``name`` (default: its first pattern).  No pattern may appear twice in a
+    proxy, nor a name."""
+    # Imported here: layers.routes is the one definition of a pattern, and
+    # importing it at the top would load midway.layers with the configuration.
+    from ..layers.routes import RoutePatternError, normalize_pattern
+
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, f"expected a non-empty list of tables ([[...routes]]), "
+                                f"got {describe_value(value)}")
+    out: list[RouteSpec] = []
+    patterns: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        route = _table(item, where)
+        for key in route:
+            if key not in _ROUTE_KEYS:
+                raise _unknown(key, _ROUTE_KEYS, where)
+        for key in ("sni", "upstreams"):
+            if key not in route:
+                raise ConfigError(f"{where}.{key}", "missing (required)")
+        raw = route["sni"]
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{where}.sni", "expected a host name pattern or a non-empty "
+                                              f"list of them, got {describe_value(raw)}")
+        sni = []
+        for j, pattern in enumerate(items):
+            at = f"{where}.sni" if isinstance(raw, str) else f"{where}.sni[{j}]"
+            if not isinstance(pattern, str):
+                raise ConfigError(at, f"expected a host name pattern, got {describe_value(pattern)}")
+            try:
+                name = normalize_pattern(pattern)
+            except RoutePatternError as exc:
+                raise ConfigError(at, str(exc)) from exc
+            if name in patterns:
+                raise ConfigError(at, f"{name!r} is already routed by {patterns[name]}")
+            patterns[name] = where
+            sni.append(name)
+        route_balance = route.get("balance", balance)
+        if not isinstance(route_balance, str) or route_balance not in BALANCERS:
+            raise ConfigError(f"{where}.balance", f"{route_balance!r} is not one of: "
+                                                  f"{', '.join(BALANCERS)}")
+        label = route.get("name", sni[0])  # a pattern needs no check as a name
+        if "name" in route and (not isinstance(label, str)
+                                or proxy_name_problem(label) is not None):
+            raise ConfigError(f"{where}.name", "a route name is 1-64 letters, digits, '_', "
+                                               "'.' or '-'")
+        if label in names:
+            raise ConfigError(f"{where}.name", f"{label!r} already names {names[label]}")
+        names[label] = where
+        out.append(RouteSpec(name=label, sni=tuple(sni), balance=route_balance,
+                             upstreams=_addresses(route["upstreams"], f"{where}.upstreams",
+                                                  listen=False)))
+    return tuple(out)
+
+
+def _check_proxy_protocol(options: Mapping[str, Any], path: str) -> None:
+    """``proxy_protocol_trusted``: valid networks, and some when a header is
+    expected (a PROXY header from anyone would let anyone choose their address)."""
+    from ..upstream.access import parse_network
+
+    trusted = options.get("proxy_protocol_trusted", ())
+    for i, rule in enumerate(trusted):
+        try:
+            parse_network(rule)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.proxy_protocol_trusted[{i}]", str(exc)) from exc
+    if options.get("proxy_protocol_in", "off") != "off" and not trusted \
+            and not all(a.is_unix for a in options["listen"]):
+        raise ConfigError(f"{path}.proxy_protocol_trusted",
+                          "required when proxy_protocol_in is on: the networks of the load "
+                          "balancers allowed to send a PROXY header (e.g. [\"10.0.0.0/8\"]); "
+                          "a header from anyone would let anyone choose their address")
 
 
 def _families(address: Address) -> set[str]:
@@ -287,7 +380,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     server = ServerConfig(**build_options(ServerConfig, _table(data.get("server", {}), "server"), "server"))
     check_admin(server)
     defaults_table = _table(data.get("defaults", {}), "defaults")
-    for key in (*_PROXY_ONLY_KEYS, *_PROXY_LISTS):
+    for key in (*_PROXY_ONLY_KEYS, *_PROXY_LISTS, _ROUTES):
         if key in defaults_table:
             raise ConfigError(f"defaults.{key}", "belongs in each [proxy.NAME] table")
     defaults = build_options(ProxyConfig, defaults_table, "defaults")

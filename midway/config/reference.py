@@ -54,8 +54,12 @@ _REQUIRED_PROXY_KEYS = (
     ("upstreams", "`UPSTREAM ...` (further arguments)", "address, or list of addresses",
      "Where to forward each connection: `host:port`, `[v6]:port` or `unix:/path` "
      "(port 1-65535, host required).  Several are used as `balance` says; a name is "
-     "looked up on every connection, so DNS changes are followed."),
+     "looked up on every connection, so DNS changes are followed.  Optional when the "
+     "proxy has `routes`: they are then the default route, and without them a "
+     "connection no route matches is closed (`no_route`)."),
 )
+
+_NO_FLAG = "—"
 
 # Written by hand too: a list of tables, checked by midway.chain.toxics.config.
 _PROXY_TABLE_KEYS = (
@@ -65,10 +69,16 @@ _PROXY_TABLE_KEYS = (
      "reproducible scenarios, `at_s`/`until_s`: seconds after the proxy starts when "
      "the toxic is added and removed.  On the command line, "
      "`--toxic 'latency:latency=100,jitter=10'`.  See docs/faults.md."),
+    ("`routes`", _NO_FLAG, "list of tables", "`[]`",
+     "SNI routes (`[[proxy.NAME.routes]]`), each with `sni` (a host name, "
+     "`*.example.com` for one label, or a list of them), its own `upstreams` and "
+     "optionally `balance` (default: the proxy's) and `name` (what the access log's "
+     "`route` says; default: its first pattern).  A TLS connection is routed by the "
+     "server name of its ClientHello, read without terminating and forwarded "
+     "unchanged (or, with TLS termination, of its handshake); the most specific "
+     "pattern wins; a name no route matches goes to the proxy's `upstreams`.  See "
+     "docs/tls.md."),
 )
-
-_NO_FLAG = "—"
-
 
 def _flag(name: str) -> str:
     # The same rule as midway.cli._flag; the reference test checks every flag
@@ -186,7 +196,7 @@ def render_reference() -> str:
         "",
         "Each `[proxy.NAME]` table is one proxy.  NAME is 1-64 letters, digits, `_`, `.`",
         "or `-`, starting with a letter or digit.  `[defaults]` takes the same options",
-        "(not `listen`, `upstreams` or `toxics`) and every proxy inherits them unless it",
+        "(not `listen`, `upstreams`, `toxics` or `routes`) and every proxy inherits them unless it",
         "sets its own.",
         "",
         *_TABLE_HEAD,

@@ -26,11 +26,14 @@ __all__ = [
     "ProxyConfig",
     "ServerConfig",
     "ToxicSpec",
+    "RouteSpec",
     "Config",
     "options_of",
     "LOG_LEVELS",
     "BALANCERS",
     "DUMP_MODES",
+    "PROXY_PROTOCOL_IN",
+    "PROXY_PROTOCOL_OUT",
     "NAME_MAX_LEN",
     "proxy_name_problem",
     "toxic_name_problem",
@@ -40,6 +43,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("auto", "asyncio", "uvloop")
 BALANCERS = ("round_robin",)
 DUMP_MODES = ("off", "text", "hex", "auto")
+PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
+PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
 
 # -- names -------------------------------------------------------------------
 # Proxy and toxic names are path segments of the admin API
@@ -140,6 +145,23 @@ class ToxicSpec:
     """Seconds after the proxy starts when the toxic is removed (``None``: never)."""
     seed: int | None = None
     """The toxic's random seed: its own, else the proxy's (``None``: drawn and logged)."""
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One ``[[proxy.NAME.routes]]`` table, already validated: connections whose
+    TLS server name matches one of ``sni`` go to its own ``upstreams``."""
+
+    name: str
+    """What the access log's ``route`` field says: the table's ``name``, else its
+    first pattern.  Unique within the proxy; a reconfigure keeps a route's
+    upstream state (active connections, the balancer's rotation) by this name."""
+    sni: tuple[str, ...]
+    """Patterns in canonical form (lower case, no trailing dot): an exact host
+    name or ``*.`` and one label (see :mod:`midway.layers.routes`)."""
+    upstreams: tuple[Address, ...]
+    balance: str = "round_robin"
+    """The route's own balancer (default: the proxy's ``balance``)."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +288,57 @@ class ProxyConfig:
         "--hook once per hook.",
         flag="hook", metavar="MODULE:ATTR",
     )
+
+    # The PROXY protocol and SNI routing (docs/proxy-protocol.md, docs/tls.md).
+    proxy_protocol_in: str = option(
+        "off",
+        "Expect a PROXY protocol header (HAProxy's send-proxy, send-proxy-v2) at the "
+        "start of every connection and take the client address from it: access log, "
+        "balancer key, hooks and capture see the real client.  v1 is the text form, "
+        "v2 the binary one, any accepts both.  Connections from peers outside "
+        "proxy_protocol_trusted, and connections whose header is missing, malformed "
+        "or late, are closed (as HAProxy's accept-proxy does).",
+        choices=PROXY_PROTOCOL_IN, metavar="VERSION",
+    )
+    proxy_protocol_trusted: tuple[str, ...] = option(
+        (),
+        "The networks (CIDR, e.g. 10.0.0.0/8, or a bare address) of the load "
+        "balancers allowed to send a PROXY header; required when proxy_protocol_in "
+        "is on, unless every listener is a unix socket (whose file permissions "
+        "decide who connects).  On the command line, repeat the flag once per "
+        "network.",
+        metavar="CIDR",
+    )
+    proxy_protocol_timeout_s: float = option(
+        5.0,
+        "How long a connection may take to send its whole PROXY header; past it the "
+        "connection is closed (bad_proxy_header).",
+        unit="seconds", minimum=0.001, metavar="SECONDS",
+        provenance="the PROXY protocol specification asks for at least 3 s (one TCP "
+        "retransmission); nginx's proxy_protocol_timeout is 30 s",
+    )
+    proxy_protocol_out: str = option(
+        "off",
+        "Send a PROXY protocol header to the upstream before any other byte, carrying "
+        "the client's address (the one a received header gave, when chained); v2 "
+        "also carries the TLS server name (AUTHORITY) and the negotiated ALPN when "
+        "known.  The upstream must expect it (nginx: listen ... proxy_protocol).",
+        choices=PROXY_PROTOCOL_OUT, metavar="VERSION",
+    )
+    sni_peek_timeout_s: float = option(
+        5.0,
+        "With [[proxy.NAME.routes]], how long a client may take to send its whole TLS "
+        "ClientHello (which names the server the route is chosen by); past it the "
+        "connection is closed (peek_timeout).",
+        unit="seconds", minimum=0.001, metavar="SECONDS",
+        provenance="HAProxy's documented tcp-request inspect-delay 5s for SNI routing "
+        "(nginx's preread_timeout is 30 s)",
+    )
+    routes: tuple[RouteSpec, ...] = ()
+    """SNI routes (``[[proxy.NAME.routes]]``), checked by :mod:`midway.config.load`:
+    a TLS connection whose server name matches one goes to that route's upstreams,
+    any other to the proxy's own ``upstreams`` (closed with ``no_route`` when it has
+    none)."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,18 @@ class CloseReason(enum.StrEnum):
     """A chain element (a toxic, a hook) closed or reset the connection."""
     ERROR = "error"
     """A chain element raised; see the log for its traceback."""
+    BAD_PROXY_HEADER = "bad_proxy_header"
+    """With ``proxy_protocol_in``: a trusted peer sent no PROXY header, a malformed
+    one, or not all of it within ``proxy_protocol_timeout_s``."""
+    UNTRUSTED_PEER = "untrusted_peer"
+    """With ``proxy_protocol_in``: the peer is not in ``proxy_protocol_trusted``
+    (closed before anything is read from it)."""
+    NO_ROUTE = "no_route"
+    """With SNI routes: the server name matched no route and the proxy has no
+    ``upstreams`` of its own (the default route)."""
+    PEEK_TIMEOUT = "peek_timeout"
+    """With SNI routes: the client sent no complete ClientHello within
+    ``sni_peek_timeout_s``."""
 
 
 @dataclass
@@ -94,6 +106,13 @@ class CloseRecord:
     """The failed attempts, in order: ``{"upstream": ..., "failure": ..., "detail":
     ...}`` with ``failure`` a :class:`midway.upstream.dial.DialFailure` value
     (``refused``, ``timed_out``, ``resolve_failed``, ...)."""
+    route: str | None = None
+    """The SNI route chosen (its ``name``, by default its first pattern); ``None``
+    for the proxy's own upstreams, or when the proxy has no routes."""
+    sni: str | None = None
+    """The TLS server name the client asked for (from its ClientHello, a
+    terminated handshake, or a received PROXY v2 header's AUTHORITY); ``None``
+    when none was seen."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

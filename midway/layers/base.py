@@ -12,8 +12,10 @@ relay → close.  Layers are the two phases a proxy may add code to:
   client, replace the client's (and the listener-side) address in the connection's
   :class:`~midway.chain.base.ConnectionInfo`, set route keys, and hand back bytes it
   read that belong to the stream (:meth:`LayerConnection.unread`): they reach the
-  upstream first, in order, before anything the relay reads.  (A layer that only
-  needs to look, the ClientHello peek, will get a peek that waits for more bytes.)
+  upstream first, in order, before anything the relay reads, and a later layer
+  reads them first (the ClientHello peek after a PROXY header's layer, which may
+  have read past the header).  A layer that only needs to look (the peek) hands
+  back all it read.
 * An :class:`OutboundLayer` runs once the upstream is connected and before the
   relay starts: it may write to the upstream first (a PROXY header).  Later, TLS
   origination will replace the upstream socket by a stream here.
@@ -25,8 +27,13 @@ A layer is shared by every connection of its proxy; per-connection state lives i
 the coroutine.  A layer bounds its own waits (a client that never sends its PROXY
 header must not hold a slot for ever); the service cancels a layer still running
 when the proxy stops.  An exception ends that one connection: :class:`OSError`
-(the client reset or went away) closes it as a reset, :class:`~midway.errors.Rejected`
-as refused, anything else as an error, logged.
+(the client reset or went away) closes it as a reset, :class:`LayerRefused` with
+its own close reason, :class:`~midway.errors.Rejected` as refused, anything else
+as an error, logged.
+
+The layers built from a proxy's configuration (:mod:`.registry`): receiving a
+PROXY header (:mod:`.proxy_in`), the ClientHello peek for SNI routes
+(:mod:`.sni`), sending a PROXY header (:mod:`.proxy_out`).
 
 This module holds the contracts only; the I/O behind :class:`LayerConnection` is
 the service's (:mod:`midway.service`), and the wire formats are sans-I/O modules of
@@ -35,12 +42,28 @@ this package (:mod:`.proxy_protocol`, :mod:`.clienthello`).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Protocol
+
+from ..core.observer import CloseReason
+from ..errors import Rejected
 
 if TYPE_CHECKING:
     from ..chain.base import ConnectionInfo
 
-__all__ = ["LayerConnection", "InboundLayer", "OutboundLayer"]
+__all__ = ["LayerConnection", "InboundLayer", "OutboundLayer", "LayerRefused"]
+
+
+class LayerRefused(Rejected):
+    """Raised by a layer to close its connection with a close reason of its own
+    (``bad_proxy_header``, ``no_route``, ...) instead of ``rejected``.  The message
+    is the access log's ``detail`` and the log line's; ``level`` is that line's
+    (``logging.WARNING`` for what an operator must fix, ``INFO`` otherwise)."""
+
+    def __init__(self, reason: CloseReason, detail: str, level: int = logging.INFO) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.level = level
 
 
 class LayerConnection(Protocol):
@@ -55,8 +78,10 @@ class LayerConnection(Protocol):
         """Route keys set by inbound layers (``sni``, ...) for the route phase."""
 
     async def recv_client(self, max_bytes: int) -> bytes:
-        """Read up to ``max_bytes`` from the client (``b""``: it closed its side).
-        Raises :class:`OSError` when the client reset.  No timeout of its own."""
+        """Read up to ``max_bytes`` from the client (``b""``: it closed its side):
+        bytes an earlier layer handed back (:meth:`unread`) first, then the
+        socket's.  Raises :class:`OSError` when the client reset.  No timeout of
+        its own."""
 
     def unread(self, data: bytes) -> None:
         """Hand back bytes read from the client that must still reach the upstream:

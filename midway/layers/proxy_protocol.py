@@ -241,6 +241,19 @@ class ProxyProtocolParser:
             return V1_MAX_LENGTH
         return self._max_length
 
+    @property
+    def wanted(self) -> int:
+        """The most bytes worth reading next.  Never past the end of a v2 header
+        (exact once its 16 fixed bytes are in: a reader that reads this much takes
+        nothing after the header); for v1, whose end is its CRLF, what is left of
+        the 107-byte cap, so only bytes after a v1 line can be read with it (they
+        are handed back in :attr:`rest`).  At the start, 16 (a v2 header's fixed
+        part; the shortest v1 line, ``PROXY UNKNOWN\\r\\n``, has 15, so one byte
+        after it may be read and handed back)."""
+        if self._version == 1 or (self._version == 0 and self._mode == "v1"):
+            return max(V1_MAX_LENGTH - len(self._buf), 1)
+        return max((self._total or V2_HEADER_LENGTH) - len(self._buf), 1)
+
     def feed(self, data: bytes | bytearray | memoryview) -> ProxyHeader | None:
         """Take the next bytes of the stream; the header when it is complete."""
         if self._error is not None:
@@ -545,8 +558,8 @@ def build_v1(source: tuple[str, int] | None, destination: tuple[str, int] | None
 
 
 def build_v2(
-    source: Address,
-    destination: Address,
+    source: Address | None,
+    destination: Address | None,
     *,
     alpn: bytes | str | None = None,
     authority: str | None = None,
@@ -555,12 +568,17 @@ def build_v2(
     crc: bool = False,
     transport: Literal["STREAM", "DGRAM"] = "STREAM",
 ) -> bytes:
-    """A v2 PROXY header: ``(ip, port)`` addresses, or two AF_UNIX paths; then the
-    ALPN, AUTHORITY (the client's SNI) and UNIQUE_ID TLVs when given, any extra
-    ``(type, value)`` TLVs, and a CRC32C TLV last when ``crc`` is true.  Raises
-    ValueError for addresses that do not fit the format or a header over 16 + 65535."""
+    """A v2 PROXY header: ``(ip, port)`` addresses, or two AF_UNIX paths, or (an
+    address is None: not known, a unix-socket client) family AF_UNSPEC, as
+    HAProxy writes for a client that has no IP address, which tells the receiver
+    to keep the connection's own; then the ALPN, AUTHORITY (the client's SNI) and
+    UNIQUE_ID TLVs when given, any extra ``(type, value)`` TLVs, and a CRC32C TLV
+    last when ``crc`` is true.  Raises ValueError for addresses that do not fit
+    the format or a header over 16 + 65535."""
     proto = 0x1 if transport == "STREAM" else 0x2
-    if isinstance(source, str) or isinstance(destination, str):
+    if source is None or destination is None:
+        block, fam = b"", 0x00
+    elif isinstance(source, str) or isinstance(destination, str):
         if not (isinstance(source, str) and isinstance(destination, str)):
             raise ValueError("an AF_UNIX path can only be paired with another path")
         block = _unix_block(source) + _unix_block(destination)

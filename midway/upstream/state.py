@@ -139,7 +139,9 @@ class UpstreamSet:
     the balancers that draw, ``on_change`` receives every health change (default:
     logged).  With ``balancer_feedback`` off a failed connect is not told to the
     balancer (no slow start after a failure: round-robin keeps its plain rotation,
-    as midway's proxies do until their configuration chooses a policy)."""
+    as midway's proxies do until their configuration chooses a policy).  With
+    ``empty_ok`` the list may be empty (a proxy whose SNI routes hold every
+    upstream: the service then never asks this set for an order)."""
 
     __slots__ = ("proxy", "balance", "balancer", "health", "upstreams", "_now", "_rng",
                  "_on_change", "_said_all_down", "_balancer_feedback")
@@ -155,6 +157,7 @@ class UpstreamSet:
         rng: random.Random | None = None,
         on_change: Callable[[HealthChange], None] = log_change,
         balancer_feedback: bool = True,
+        empty_ok: bool = False,
     ) -> None:
         self.proxy = proxy
         self._balancer_feedback = balancer_feedback
@@ -166,7 +169,7 @@ class UpstreamSet:
         self.balancer: Balancer = create(balance, rng=rng)
         self.health = health if health is not None else HealthSettings()
         self.upstreams: tuple[UpstreamState, ...] = ()
-        _check(specs)
+        _check(specs, empty_ok)
         self._apply(specs, {})
 
     def order(self, key: str, retries: int | None = None) -> list[UpstreamState]:
@@ -193,10 +196,11 @@ class UpstreamSet:
         return found if retries is None else found[: retries + 1]
 
     def reconfigure(self, specs: Sequence[UpstreamSpec], *, balance: str | None = None,
-                    health: HealthSettings | None = None) -> None:
+                    health: HealthSettings | None = None, empty_ok: bool = False) -> None:
         """Apply a new configuration, keeping each kept address's state.  Raises
-        :class:`ValueError` (and changes nothing) for an empty or duplicated list."""
-        _check(specs)
+        :class:`ValueError` (and changes nothing) for an empty (unless ``empty_ok``:
+        a proxy whose SNI routes have every upstream) or duplicated list."""
+        _check(specs, empty_ok)
         if balance is not None and balance != self.balance:
             self.balancer = create(balance, rng=self._rng)
             self.balance = balance
@@ -231,8 +235,8 @@ class UpstreamSet:
             self.balancer.connect_failed(address)
 
 
-def _check(specs: Sequence[UpstreamSpec]) -> None:
-    if not specs:
+def _check(specs: Sequence[UpstreamSpec], empty_ok: bool = False) -> None:
+    if not specs and not empty_ok:
         raise ValueError("a proxy needs at least one upstream")
     seen: set[Address] = set()
     for spec in specs:

@@ -1,0 +1,215 @@
+"""The PROXY protocol through a real midway, both ways, over loopback: a header
+received (split across segments too) gives the access log, the hooks' connection
+info, the balancer's key and the capture the real client; the header sent upstream carries it;
+LOCAL is served; an untrusted peer, a missing header and a late one are closed with
+their reasons; a reconfigure rebuilds the layers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+
+import midway
+from midway.chain.base import Attachment, ConnectionInfo, Element
+from midway.core.observer import Observer
+from midway.layers.proxy_protocol import ProxyProtocolParser, build_v1, build_v2, build_v2_local
+
+from ..helpers import read_to_eof, run, serve
+
+CLIENT = ("203.0.113.5", 1234)
+SERVICE = ("192.0.2.1", 443)
+TRUST_LOOPBACK = {"proxy_protocol_trusted": ["127.0.0.0/8"]}
+
+
+class Records(Observer):
+    def __init__(self) -> None:
+        self.records: list[midway.CloseRecord] = []
+
+    def connection_closed(self, record: midway.CloseRecord) -> None:
+        self.records.append(record)
+
+    async def one(self, timeout: float = 5.0) -> midway.CloseRecord:
+        async with asyncio.timeout(timeout):
+            while not self.records:
+                await asyncio.sleep(0.01)
+        return self.records[-1]
+
+
+class SeenByHooks(Element):
+    """What an element (a hook, the capture) sees of the connection at open."""
+
+    name = "seen"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, Any]] = []
+
+    def attach(self, info: ConnectionInfo) -> Attachment | None:
+        self.seen.append((info.client_addr, info.local_addr))
+        return None
+
+
+class KeyRecorder:
+    """Wraps a pool's balancer and records the key of every order it gives."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.keys: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def order(self, upstreams: Any, key: str) -> Any:
+        self.keys.append(key)
+        return self.inner.order(upstreams, key)
+
+
+def recording_backend(got: list[bytes]) -> Any:
+    """Reads to EOF, keeps what came, answers ``ok`` and closes."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await read_to_eof(reader))
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+    return handler
+
+
+async def exchange(port: int, *pieces: bytes, pause_s: float = 0.0) -> bytes:
+    """Send the pieces (pausing between them, so they are separate segments),
+    half-close, and read the answer to EOF (b"" when midway closed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        writer.write_eof()
+        return await read_to_eof(reader)
+    except OSError:  # closed by midway before all was sent: reset or not connected
+        return b""
+    finally:
+        writer.close()
+
+
+def test_a_received_v2_header_is_the_client_everywhere_and_is_sent_on_as_v1() -> None:
+    async def main() -> None:
+        got: list[bytes] = []
+        records, seen = Records(), SeenByHooks()
+        header = build_v2(CLIENT, SERVICE)
+        async with serve(recording_backend(got)) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", elements=[seen],
+                             observers=[records], proxy_protocol_in="v2",
+                             proxy_protocol_out="v1", **TRUST_LOOPBACK) as proxy:
+            # The header split in three segments, the payload in the last one.
+            answer = await exchange(proxy.port, header[:7], header[7:20],
+                                    header[20:] + b"payload", pause_s=0.05)
+            record = await records.one()
+        assert answer == b"ok"
+        assert got == [build_v1(CLIENT, SERVICE) + b"payload"]
+        assert (record.client, record.listener, record.reason) == ("203.0.113.5:1234",
+                                                                   "192.0.2.1:443", "eof")
+        assert seen.seen == [(CLIENT, SERVICE)]
+    run(main())
+
+
+def test_the_balancer_is_keyed_by_the_real_client() -> None:
+    """hash_source reads the key at choose time: it must be the header's client."""
+    async def main() -> None:
+        got: list[bytes] = []
+        async with serve(recording_backend(got)) as a, serve(recording_backend(got)) as b, \
+                midway.Proxy("127.0.0.1:0", [f"127.0.0.1:{a}", f"127.0.0.1:{b}"],
+                             proxy_protocol_in="v1", **TRUST_LOOPBACK) as proxy:
+            recorder = KeyRecorder(proxy.service.pool.balancer)
+            proxy.service.pool.balancer = recorder  # type: ignore[assignment]
+            assert await exchange(proxy.port, build_v1(("198.51.100.77", 9), SERVICE)) == b"ok"
+        assert recorder.keys == ["198.51.100.77"]
+    run(main())
+
+
+def test_local_is_served_with_the_peer_s_own_address() -> None:
+    async def main() -> None:
+        got: list[bytes] = []
+        records = Records()
+        async with serve(recording_backend(got)) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", observers=[records],
+                             proxy_protocol_in="any", **TRUST_LOOPBACK) as proxy:
+            assert await exchange(proxy.port, build_v2_local() + b"health?") == b"ok"
+            record = await records.one()
+        assert got == [b"health?"]
+        assert record.client.startswith("127.0.0.1:") and record.reason == "eof"
+    run(main())
+
+
+def test_refusals_close_with_their_reason_and_dial_nothing() -> None:
+    async def main() -> None:
+        got: list[bytes] = []
+        records = Records()
+        async with serve(recording_backend(got)) as port:
+            upstream = f"127.0.0.1:{port}"
+            async with midway.Proxy("127.0.0.1:0", upstream, observers=[records],
+                                    proxy_protocol_in="v2",
+                                    proxy_protocol_trusted=["10.0.0.0/8"]) as proxy:
+                assert await exchange(proxy.port, build_v2(CLIENT, SERVICE)) == b""
+                untrusted = await records.one()
+            async with midway.Proxy("127.0.0.1:0", upstream, observers=[records],
+                                    proxy_protocol_in="v2", proxy_protocol_timeout_s=0.2,
+                                    **TRUST_LOOPBACK) as proxy:
+                records.records.clear()
+                assert await exchange(proxy.port, b"GET / HTTP/1.1\r\n\r\n") == b""
+                missing = await records.one()
+                records.records.clear()
+                reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+                writer.write(build_v2(CLIENT, SERVICE)[:10])  # then nothing
+                assert await read_to_eof(reader, timeout=5) == b""
+                writer.close()
+                late = await records.one()
+        assert got == []
+        assert (untrusted.reason, untrusted.detail) == (
+            "untrusted_peer", "peer 127.0.0.1 is not in proxy_protocol_trusted")
+        assert missing.reason == "bad_proxy_header" and "first byte 0x47" in missing.detail
+        assert late.reason == "bad_proxy_header"
+        assert late.detail == "no complete PROXY header within 0.2 s (10 bytes came)"
+        # Wall clock against the loop's timer: uvloop's whole-millisecond clock
+        # may fire a hair early by time.time().
+        assert 0.19 <= late.duration_s < 3
+    run(main())
+
+
+def test_a_reconfigure_rebuilds_the_layers() -> None:
+    async def main() -> None:
+        got: list[bytes] = []
+        async with serve(recording_backend(got)) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            assert await exchange(proxy.port, b"one") == b"ok"
+            runtime = proxy.runtime
+            assert runtime is not None
+            runtime.update_proxy(dataclasses.replace(proxy.service.config,
+                                                     proxy_protocol_out="v2"))
+            assert await exchange(proxy.port, b"two") == b"ok"
+        assert got[0] == b"one"
+        parser = ProxyProtocolParser("v2")
+        header = parser.feed(got[1])
+        assert header is not None and header.source is not None and parser.rest == b"two"
+    run(main())
+
+
+@pytest.mark.per_loop
+def test_the_capture_records_the_client_leg_between_the_real_client_and_its_service(
+        tmp_path: Any) -> None:
+    from midway.chain.pcapread import read_connections
+
+    async def main() -> None:
+        got: list[bytes] = []
+        path = tmp_path / "pp.pcap"
+        async with serve(recording_backend(got)) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", pcap=str(path),
+                             proxy_protocol_in="v2", **TRUST_LOOPBACK) as proxy:
+            assert await exchange(proxy.port, build_v2(CLIENT, SERVICE) + b"hi") == b"ok"
+        with open(path, "rb") as f:
+            legs = read_connections(f)
+        assert got == [b"hi"]
+        assert [(leg.client, leg.server) for leg in legs][0] == (CLIENT, SERVICE)
+    run(main())

@@ -1,0 +1,141 @@
+"""SNI routes through a real midway, over loopback, with captured ClientHellos (curl,
+openssl, one split over three TLS records): each reaches its route's backend with
+every byte unchanged; a name no route matches, no name and a plain-text client go to
+the proxy's own upstreams, or are closed with no_route when it has none; a late
+ClientHello is closed with peek_timeout; the access log has the route and the SNI;
+behind a PROXY header the SNI goes on as the sent header's AUTHORITY; route upstream
+sets survive a reconfigure by name."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import midway
+from midway.layers.proxy_protocol import ProxyProtocolParser, build_v1
+from tests.layers.fixtures import load
+
+from ..helpers import read_to_eof, run, serve
+from .test_proxy_protocol_e2e import Records, exchange
+
+AFTER = b"\x17\x03\x03\x00\x04data"
+"""Bytes a client sends after its ClientHello: they must follow it unchanged."""
+
+
+def named_backend(name: bytes, got: list[tuple[bytes, bytes]]) -> Any:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append((name, await read_to_eof(reader)))
+        writer.write(name)
+        await writer.drain()
+        writer.close()
+    return handler
+
+
+def routes(a: int, b: int) -> list[dict[str, Any]]:
+    return [{"name": "api", "sni": "api.example.test", "upstreams": f"127.0.0.1:{a}"},
+            {"sni": ["*.example.com", "split.example.net"], "upstreams": f"127.0.0.1:{b}"}]
+
+
+def test_each_name_reaches_its_route_unchanged_and_the_rest_the_default() -> None:
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        records = Records()
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"B", got)) as b, \
+                serve(named_backend(b"D", got)) as d, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{d}", observers=[records],
+                             routes=routes(a, b)) as proxy:
+            cases = [("clienthello_curl", b"A", "api", "api.example.test"),
+                     ("clienthello_openssl", b"B", "*.example.com", "www.example.com"),
+                     ("clienthello_openssl_split", b"B", "*.example.com", "split.example.net"),
+                     ("clienthello_curl_tls12", b"D", None, "legacy.example.test"),
+                     ("clienthello_openssl_nosni", b"D", None, None)]
+            for fixture, backend, route, sni in cases:
+                got.clear()
+                records.records.clear()
+                hello = load(fixture)
+                # In pieces, as a slow network would deliver it.
+                answer = await exchange(proxy.port, hello[:3], hello[3:100], hello[100:] + AFTER,
+                                        pause_s=0.02)
+                record = await records.one()
+                assert answer == backend, fixture
+                assert got == [(backend, hello + AFTER)], fixture
+                assert (record.route, record.sni, record.reason) == (route, sni, "eof"), fixture
+            got.clear()
+            assert await exchange(proxy.port, b"GET / HTTP/1.0\r\n\r\n") == b"D"
+            assert got == [(b"D", b"GET / HTTP/1.0\r\n\r\n")]
+    run(main())
+
+
+def test_without_a_default_an_unrouted_client_is_closed_with_no_route() -> None:
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        records = Records()
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"B", got)) as b, \
+                midway.Proxy("127.0.0.1:0", observers=[records], routes=routes(a, b)) as proxy:
+            assert await exchange(proxy.port, load("clienthello_curl_tls12")) == b""
+            unmatched = await records.one()
+            records.records.clear()
+            assert await exchange(proxy.port, load("clienthello_openssl_nosni")) == b""
+            nameless = await records.one()
+            assert await exchange(proxy.port, load("clienthello_curl")) == b"A"
+        assert (unmatched.reason, unmatched.detail, unmatched.sni) == (
+            "no_route", "no route for legacy.example.test", "legacy.example.test")
+        assert (nameless.reason, nameless.detail) == ("no_route", "the client named no server")
+        assert [name for name, _ in got] == [b"A"]
+    run(main())
+
+
+def test_a_clienthello_that_does_not_come_in_time_is_closed() -> None:
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        records = Records()
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"B", got)) as b, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{a}", observers=[records],
+                             routes=routes(a, b), sni_peek_timeout_s=0.2) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(load("clienthello_curl")[:40])
+            assert await read_to_eof(reader, timeout=5) == b""
+            writer.close()
+            record = await records.one()
+        assert record.reason == "peek_timeout" and got == []
+        assert record.detail == "no complete TLS ClientHello within 0.2 s (40 bytes came)"
+    run(main())
+
+
+def test_behind_a_proxy_header_the_sni_is_sent_on_as_the_authority() -> None:
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"B", got)) as b, \
+                midway.Proxy("127.0.0.1:0", observers=[Records()], routes=routes(a, b),
+                             proxy_protocol_in="v1", proxy_protocol_trusted=["127.0.0.1"],
+                             proxy_protocol_out="v2") as proxy:
+            hello = load("clienthello_curl")
+            # One write: the v1 layer reads past its line into the ClientHello.
+            header = build_v1(("203.0.113.5", 1234), ("192.0.2.1", 443))
+            assert await exchange(proxy.port, header + hello) == b"A"
+        [(_, data)] = got
+        parser = ProxyProtocolParser("v2")
+        sent = parser.feed(data)
+        assert sent is not None
+        assert (sent.source, sent.authority) == (("203.0.113.5", 1234), "api.example.test")
+        assert parser.rest == hello
+    run(main())
+
+
+def test_route_upstream_sets_survive_a_reconfigure_by_name() -> None:
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"B", got)) as b, \
+                midway.Proxy("127.0.0.1:0", routes=routes(a, b)) as proxy:
+            service = proxy.service
+            before = dict(service._route_sets)
+            config = dataclasses.replace(service.config, routes=service.config.routes[:1])
+            assert proxy.runtime is not None
+            proxy.runtime.update_proxy(config)
+            assert list(service._route_sets) == ["api"]
+            assert service._route_sets["api"] is before["api"]
+            assert await exchange(proxy.port, load("clienthello_curl")) == b"A"
+            # The removed route's names now match nothing, and there is no default.
+            assert await exchange(proxy.port, load("clienthello_openssl")) == b""
+    run(main())
