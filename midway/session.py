@@ -60,6 +60,8 @@ class ProxyService:
         self.active = 0
         self.accepting = False
         self.enabled = True
+        self.retired: set[Element] = set()
+        """Elements a reload replaced (see :meth:`retire_elements`)."""
 
     @property
     def name(self) -> str:
@@ -237,6 +239,8 @@ class ProxyService:
     def _attach_all(self, info: ConnectionInfo) -> Attached:
         attached: Attached = {}
         for element in self.elements:
+            if element in self.retired:
+                continue
             attachment = element.attach(info)
             if attachment is not None:
                 attached[element] = attachment
@@ -306,6 +310,8 @@ class ProxyService:
     def _slot_freed(self) -> None:
         self.active -= 1
         self.runtime.connection_closed()
+        if self.retired:
+            self._release_retired()
 
     # -- live changes ------------------------------------------------------
 
@@ -340,6 +346,26 @@ class ProxyService:
             if attachment is not None:
                 attached[new] = attachment
             self._restage(relay, attached)
+
+    def retire_elements(self, chain: list[Element], retired: Iterable[Element]) -> None:
+        """Take a rebuilt chain (a reload): ``chain`` is the new element list, in
+        which each ``retired`` element keeps its place for the open connections
+        attached to it.  No new connection attaches to a retired element; each is
+        closed and dropped once no connection holds it any more."""
+        self.elements = chain
+        self.retired.update(retired)
+        self._release_retired()
+
+    def _release_retired(self) -> None:
+        held = {e for attached in self.live.values() for e in attached if e in self.retired}
+        held.update(e for c in self._connecting for e in c.attached if e in self.retired)
+        for element in [e for e in self.retired if e not in held]:
+            self.retired.discard(element)
+            self.elements.remove(element)
+            try:
+                element.close()
+            except Exception:
+                log.exception("%s: chain element %s failed to close", self.name, element.name)
 
     def _restage(self, relay: Relay, attached: Attached) -> None:
         for direction in DIRECTIONS:
