@@ -165,8 +165,10 @@ class ControlPlane:
         error the running configuration stays and :class:`HostError` says why
         (400: the file; 500/503: a worker)."""
         if self.loader is None:
-            raise HostError("reload: midway was started without --config: there is no "
-                            "file to read again", 409)
+            message = ("reload: midway was started without --config: there is no file to "
+                       "read again; nothing changed")
+            log.warning("%s", message)
+            raise HostError(message, 409)
         async with self._lock:
             notify.notify(notify.RELOADING)
             try:
