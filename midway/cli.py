@@ -140,7 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Inject a fault, e.g. 'latency:latency=100,jitter=10,stream=downstream' "
              "(TYPE:KEY=VALUE,...; repeatable; see docs/faults.md).")
     _add_schema_flags(parser.add_argument_group("server options"), ServerConfig)
+    # Not a flag, on purpose: a secret on a command line is in every user's `ps`.
+    # Declared, so that argparse does not take it for --admin-token-file.
+    parser.add_argument("--admin-token", action=_RefuseSecret, nargs="?",
+                        help=argparse.SUPPRESS)
     return parser
+
+
+class _RefuseSecret(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error("--admin-token: not a flag (other users could read it in the process "
+                     "list); use --admin-token-file PATH, or admin_token in the file's "
+                     "[server] table")
 
 
 def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
