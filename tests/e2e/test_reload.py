@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,50 @@ def test_sighup_without_a_file_changes_nothing(echo_port: int) -> None:
     with proxy_process("127.0.0.1:0", f"127.0.0.1:{echo_port}") as proxy:
         proxy.signal(signal.SIGHUP)
         assert wait_until(lambda: count(proxy, "there is no file to read again"))
+        assert roundtrip(proxy.port) == b"ping"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
+def test_toxics_of_a_reload_reach_open_connections(tmp_path: Path, echo_port: int) -> None:
+    """Settings apply to new connections only; toxics, as through the API, to
+    open ones too."""
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    write_config(config, {"web": web})
+    with proxy_process("--config", str(config)) as proxy:
+        port = proxy.port
+        web["listen"] = f"127.0.0.1:{port}"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as live:
+            assert exchange(live, b"fast") == b"fast"
+            config.write_text(config.read_text() + "[[proxy.web.toxics]]\n"
+                              'type = "latency"\nattributes = { latency = 400 }\n')
+            reload(proxy, 0)
+            started = time.monotonic()
+            assert exchange(live, b"slow") == b"slow"
+            assert time.monotonic() - started >= 0.4
+            write_config(config, {"web": web})
+            reload(proxy, 1)
+            started = time.monotonic()
+            assert exchange(live, b"fast again") == b"fast again"
+            assert time.monotonic() - started < 0.4
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
+def test_what_needs_a_restart_is_said_and_kept(tmp_path: Path, echo_port: int) -> None:
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    write_config(config, {"web": web}, {"workers": 1})
+    with proxy_process("--config", str(config)) as proxy:
+        web["listen"] = f"127.0.0.1:{proxy.port}"
+        write_config(config, {"web": web}, {"workers": 3, "drain_timeout_s": 1})
+        reload(proxy, 0)
+        line = next(line for line in proxy.stderr_lines if "server.workers" in line)
+        assert "WARNING" in line and "restart midway to apply it" in line, line
+        assert "changed from 1 to 3" in line
         assert roundtrip(proxy.port) == b"ping"
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(15) == 0
