@@ -274,7 +274,8 @@ class ServerConfig:
     drain_timeout_s: float = option(
         30.0,
         "On SIGTERM/SIGINT, stop accepting and let open connections finish for at "
-        "most this long, then close them.  A second signal exits at once.",
+        "most this long, then close them.  A second signal exits at once.  A proxy "
+        "that a reload removes drains for as long.",
         unit="seconds", zero="close open connections at once",
         provenance="Kubernetes' default termination grace period", minimum=0,
         metavar="SECONDS",

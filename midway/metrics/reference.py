@@ -44,9 +44,11 @@ text format, version 0.0.4 (`Content-Type: {CONTENT_TYPE}`).  Every metric
 is declared once, in `midway/metrics/table.py`; this page, the output and the
 tests come from that table.
 
-> Status: the metrics layer (`midway/metrics/`) is built and tested; serving it on
-> `GET /metrics` and collecting the workers' snapshots are being wired in (issue 12).
-> The byte counters take the access log's `bytes_up` and `bytes_down`, which count
+> Status: served on `GET /metrics` and summed over the workers.  Until the runtime
+> sends its open and connect-failure events (issue 9 item 5),
+> `midway_connections_total`, `midway_connections_active` and
+> `midway_connect_failures_total` are not counted (active reads below zero); the
+> rest is.  The byte counters take the access log's `bytes_up` and `bytes_down`, which count
 > bytes read until issue 15 makes them count bytes delivered; the two differ only
 > when a toxic or hook drops bytes or a close cuts a transfer short.
 
