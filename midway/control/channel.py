@@ -168,9 +168,12 @@ class Channel:
                 else:
                     waiting.set_exception(answer if isinstance(answer, CommandFailed)
                                           else CommandFailed(str(answer)))
-        except (EOFError, ConnectionError, OSError, pickle.UnpicklingError) as exc:
+        except (EOFError, ConnectionError, OSError) as exc:
             if not isinstance(exc, EOFError) or str(exc) != "the channel closed":
                 why = f"the channel failed: {exc}"
+        except Exception as exc:  # a frame that does not decode: out of step for good
+            log.exception("%s: an answer could not be read; closing its channel", self.who)
+            why = f"the channel failed: {type(exc).__name__}: {exc}"
         self.close(why)
 
     def close(self, why: str = "closed") -> None:

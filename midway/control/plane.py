@@ -130,6 +130,8 @@ class ControlPlane:
             target = self.fleet.reserve(target)
         except ListenError as exc:
             raise HostError(str(exc), 500) from exc
+        except ConfigError as exc:  # what the workers cannot share (a unix socket)
+            raise HostError(str(exc), 400) from exc
         command = Apply(target, reset, reload)
         handles = self.fleet.handles()
         answers = await asyncio.gather(*(h.call(command) for h in handles),
