@@ -13,32 +13,33 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import signal
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .chain.registry import check_elements
 from .chain.toxics.config import toxic_table_from_spec
 from .config.load import (
+    admin_token,
     build_options,
     check_admin,
     check_server_outputs,
+    check_workers,
     config_from_dict,
     load_config,
 )
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
+from .control.process import EXIT_OK, EXIT_START_FAILED, loop_factory, serve, setup_logging
 from .errors import ConfigError, ListenError
-from .runtime import Runtime
-from .workers import Worker, run_supervisor, worker_count
+from .workers import run_supervisor, worker_count
 
-__all__ = ["main", "build_parser", "preflight"]
+__all__ = ["main", "build_parser", "preflight", "load", "loop_factory"]
 
 log = logging.getLogger("midway")
 
-EXIT_OK, EXIT_START_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
 
 _USAGE = ("midway LISTEN UPSTREAM [UPSTREAM ...] [options]\n       midway --config FILE [--check]"
           "\n       midway --admin HOST:PORT          (like toxiproxy-server)")
@@ -139,7 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Inject a fault, e.g. 'latency:latency=100,jitter=10,stream=downstream' "
              "(TYPE:KEY=VALUE,...; repeatable; see docs/faults.md).")
     _add_schema_flags(parser.add_argument_group("server options"), ServerConfig)
+    # Not a flag, on purpose: a secret on a command line is in every user's `ps`.
+    # Declared, so that argparse does not take it for --admin-token-file.
+    parser.add_argument("--admin-token", action=_RefuseSecret, nargs="?",
+                        help=argparse.SUPPRESS)
     return parser
+
+
+class _RefuseSecret(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error("--admin-token: not a flag (other users could read it in the process "
+                     "list); use --admin-token-file PATH, or admin_token in the file's "
+                     "[server] table")
 
 
 def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -218,67 +231,21 @@ def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str],
     return ConfigError("", f"{_flag(key)}: {exc.message}")
 
 
-def _setup_logging(level: str, worker: Worker | None = None) -> None:
-    """Log lines on standard error: ``TIME midway LEVEL MESSAGE``; a worker's
-    say which worker wrote them: ``TIME midway[worker 2, pid 4242] LEVEL ...``."""
-    who = f"midway[worker {worker.number}, pid {worker.pid}]" if worker else "midway"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {who} %(levelname)s %(message)s",
-                                           "%Y-%m-%dT%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(level.upper())
-    log.propagate = False
-
-
-async def serve(config: Config, worker: Worker | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone);
-    drain; return an exit code."""
-    runtime = Runtime(config, ids=worker.ids if worker else None,
-                      worker=worker.number if worker else 1)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    if worker is not None:
-        def on_supervisor_gone() -> None:
-            loop.remove_reader(worker.parent_fd)
-            if not stop.is_set():
-                log.warning("the supervisor is gone: stopping")
-                stop.set()
-
-        loop.add_reader(worker.parent_fd, on_supervisor_gone)
-
-    def on_signal(signame: str) -> None:
-        if not stop.is_set():
-            log.info("%s: stopping (send it again to close every connection at once)", signame)
-            stop.set()
-        else:
-            log.info("%s again: closing every connection now", signame)
-            runtime.close_all(f"second {signame}")
-
-    # Handlers first: a signal that arrives as soon as we listen still drains.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-    try:
-        await runtime.start()
-    except (ListenError, ConfigError) as exc:
-        log.error("%s", exc)
-        return EXIT_START_FAILED
-    await stop.wait()
-    await runtime.shutdown()
-    log.info("stopped")
-    return EXIT_OK
-
-
 def preflight(config: Config, args: argparse.Namespace) -> None:
     """Everything that would stop a start and can be known without binding,
-    for ``--check`` and a start alike: hooks import, every output file (access
-    log, dump, capture) can be written, the event loop asked for is installed.
-    An error names what the user typed: the flag when it came from the command
-    line, the key when it came from the file.  Raises :class:`ConfigError`."""
+    for ``--check``, a start and a reload alike: hooks import (anew), every
+    output file (access log, dump, capture) can be written, the admin token
+    can be read, the event loop asked for is installed, what the workers
+    cannot share is not asked of them.  An error names what the user typed:
+    the flag when it came from the command line, the key when it came from the
+    file.  Raises :class:`ConfigError`."""
     proxy_flags, server_flags = _split(args)
     try:
         check_server_outputs(config.server)
+        admin_token(config.server)
+        check_workers(config.server, config.proxies)
         for proxy in config.proxies:
-            check_elements(proxy, config.server.workers)
+            check_elements(proxy)
     except ConfigError as exc:
         key = exc.path.rsplit(".", 1)[-1]
         typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
@@ -293,6 +260,17 @@ def _proxies(count: int) -> str:
     return "1 proxy" if count == 1 else f"{count} proxies"
 
 
+def load(args: argparse.Namespace) -> Config:
+    """The configuration the arguments name, validated in full: what ``--check``
+    reports, a start runs and a reload applies (one function for the three).
+    Raises :class:`ConfigError` naming the key, or the flag typed."""
+    config = config_from_args(args)
+    if not config.proxies and not config.server.admin:
+        raise ConfigError("", "the configuration defines no proxy ([proxy.NAME] tables)")
+    preflight(config, args)
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["replay"]:  # a subcommand of its own: midway.replay
@@ -301,10 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
-        if not config.proxies and not config.server.admin:
-            raise ConfigError("", "the configuration defines no proxy ([proxy.NAME] tables)")
-        preflight(config, args)
+        config = load(args)
         factory = loop_factory(config.server.loop)
     except ConfigError as exc:
         print(f"midway: {exc}", file=sys.stderr)
@@ -313,35 +288,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = ", ".join(p.name for p in config.proxies) or "none yet; admin API"
         print(f"midway: configuration OK ({_proxies(len(config.proxies))}: {names})")
         return EXIT_OK
-    _setup_logging(config.server.log_level)
-
-    def serve_here(config: Config, worker: Worker | None = None) -> int:
-        if worker is not None:
-            _setup_logging(config.server.log_level, worker)
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(serve(config, worker))
-
+    setup_logging(config.server.log_level)
+    # A reload reads the file again, with the same command-line flags on top.
+    loader = (lambda: load(args)) if args.config else None
     try:
         workers = worker_count(config.server.workers)
         if workers > 1:
-            return run_supervisor(config, workers, serve_here)
-        return serve_here(config)
+            return run_supervisor(config, workers, loader)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(serve(config, loader))
     except (ListenError, ConfigError) as exc:
         log.error("%s", exc)
         return EXIT_START_FAILED if isinstance(exc, ListenError) else EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
-
-
-def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop to run on: ``None`` means the standard library's."""
-    if name == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if name == "uvloop":
-            raise ConfigError("", "--loop uvloop: uvloop is not installed "
-                                  "(pip install 'midway[fast]')") from None
-        return None
-    return uvloop.new_event_loop

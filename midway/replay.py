@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``midway replay``; returns the exit code (0 after a signal, 2 for a bad
     command line or capture, 1 when the address cannot be bound)."""
-    from .cli import _setup_logging
+    from .control.process import setup_logging
 
     args = build_parser().parse_args(argv)
     try:
@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, PcapReadError, AddressError) as exc:
         print(f"midway replay: {args.capture}: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     return asyncio.run(_serve(replay))
 
 

@@ -1,8 +1,10 @@
 """The runtime: every proxy of a process, the process-wide limits, the observers,
-and the lifecycle (start → serve → drain → stop).
+and the lifecycle (start → serve → drain → stop).  This is the data plane of one
+process; it knows nothing of the admin API, signals or other workers (the control
+plane, :mod:`midway.control`, drives it).
 
-Proxies can be added, changed and removed while the runtime serves; that is what
-the admin API and a configuration reload build on.
+Proxies can be added, changed, drained and removed while the runtime serves;
+that is what the control plane's changes and reloads are made of.
 """
 
 from __future__ import annotations
@@ -14,18 +16,17 @@ import logging
 import os
 import resource
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
 from .chain.base import Element
 from .chain.registry import build_elements
-from .config.addresses import Address
+from .chain.toxics.config import build_toxic
 from .config.schema import Config, ProxyConfig, ServerConfig
+from .config.target import keep_ports
+from .core.clock import LoopClock
 from .core.observer import AccessLog, CloseReason, Observer, Observers
 from .errors import ConfigError, ListenError
 from .service import ProxyService
-
-if TYPE_CHECKING:
-    from .admin.server import AdminServer
+from .timeline import Timeline
 
 __all__ = ["Runtime", "auto_max_connections"]
 
@@ -91,9 +92,11 @@ class Runtime:
         self.stopping = False
         self.reuse_port = config.server.workers != 1
         """Bind with SO_REUSEPORT: other worker processes share the listeners."""
-        self.admin: AdminServer | None = None
-        """The admin HTTP API, when ``server.admin`` is set (see :mod:`midway.admin`)."""
         self._timelines: dict[str, asyncio.Task[None]] = {}
+        self._timeline_of: dict[str, Timeline] = {}
+        self._draining: dict[ProxyService, asyncio.Event] = {}
+        """Proxies removed by a reload whose connections may still finish."""
+        self._drain_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def server(self) -> ServerConfig:
@@ -104,17 +107,8 @@ class Runtime:
     async def start(self) -> None:
         """Bind every listener, then start accepting.  All or nothing: on a
         :class:`ListenError` nothing is left bound."""
-        if self.server.max_connections:
-            self.max_connections = self.server.max_connections
-        else:
-            self.max_connections = auto_max_connections(raise_open_file_limit())
-        if self.server.access_log:
-            try:
-                self._access_log = AccessLog(self.server.access_log)
-            except OSError as exc:
-                raise ConfigError("server.access_log",
-                                  f"cannot open {self.server.access_log}: {exc.strerror}") from exc
-            self.observers.append(self._access_log)
+        self._set_limit()
+        self._open_access_log()
         services = [
             ProxyService(p, self, [*build_elements(p), *self._initial_elements.get(p.name, ())])
             for p in self.config.proxies
@@ -127,12 +121,6 @@ class Runtime:
                     raise ListenError(f"proxy {service.name}: {exc}") from exc
                 _pin_ports(service)
                 self.services[service.name] = service
-            if self.server.admin:
-                from .admin.server import AdminServer
-
-                admin = AdminServer(self, self.server.admin)
-                admin.start()
-                self.admin = admin
         except ListenError:
             for service in services:
                 service.close_listeners()
@@ -151,12 +139,10 @@ class Runtime:
         if drain_timeout_s is None:
             drain_timeout_s = self.server.drain_timeout_s
         self.stopping = True
-        if self.admin is not None:
-            await self.admin.stop()
-            self.admin = None
-        for task in self._timelines.values():
+        for task in [*self._timelines.values(), *self._drain_tasks]:
             task.cancel()
         self._timelines.clear()
+        self._drain_tasks.clear()
         for service in self.services.values():
             service.close_listeners()
         if self.active and drain_timeout_s > 0:
@@ -174,16 +160,65 @@ class Runtime:
             self._access_log.close()
             self.observers.remove(self._access_log)
             self._access_log = None
-        for service in self.services.values():
+        for service in [*self.services.values(), *self._draining]:
             _close_elements(service)
+        self._draining.clear()
 
     def close_all(self, detail: str = "proxy stopping") -> None:
         """End every open connection of every proxy now, with the reason
         ``shutdown``: a connection with nothing in flight gets a FIN, one cut in
         the middle of a transfer a reset (see :meth:`Relay.close
         <midway.core.relay.Relay.close>` and docs/guarantees.md)."""
-        for service in self.services.values():
+        for service in [*self.services.values(), *self._draining]:
             service.close_connections(CloseReason.SHUTDOWN, detail)
+
+    def all_services(self) -> list[ProxyService]:
+        """Every proxy that may have connections: those serving and those draining."""
+        return [*self.services.values(), *self._draining]
+
+    # -- server settings, live ---------------------------------------------------
+
+    def set_server(self, server: ServerConfig) -> None:
+        """Take new server settings while serving (a reload): the connection
+        limit and the access log change now; the drain timeout applies to the
+        next drain.  ``workers`` and ``loop`` cannot change in a running process
+        (the control plane keeps their running values).  Raises
+        :class:`ConfigError` if a new access log cannot be opened (the old one
+        is kept)."""
+        previous = self.server
+        self.config = dataclasses.replace(self.config, server=server)
+        if server.access_log != previous.access_log:
+            old = self._access_log
+            try:
+                self._open_access_log()
+            except ConfigError:
+                self.config = dataclasses.replace(self.config, server=previous)
+                raise
+            if old is not None:
+                old.close()
+                self.observers.remove(old)
+        if server.max_connections != previous.max_connections:
+            self._set_limit()
+            for service in self.services.values():
+                service.room_changed()
+
+    def _set_limit(self) -> None:
+        if self.server.max_connections:
+            self.max_connections = self.server.max_connections
+        else:
+            self.max_connections = auto_max_connections(raise_open_file_limit())
+
+    def _open_access_log(self) -> None:
+        """Open ``server.access_log`` (if set) as an observer; raises ConfigError."""
+        self._access_log = None
+        if not self.server.access_log:
+            return
+        try:
+            self._access_log = AccessLog(self.server.access_log)
+        except OSError as exc:
+            raise ConfigError("server.access_log",
+                              f"cannot open {self.server.access_log}: {exc.strerror}") from exc
+        self.observers.append(self._access_log)
 
     # -- proxies, live -------------------------------------------------------
 
@@ -206,15 +241,44 @@ class Runtime:
         self._start_timeline(service)
         return service
 
-    def remove_proxy(self, name: str, *, close_connections: bool = True) -> None:
-        """Stop a proxy's listeners and (by default) close its connections."""
+    def remove_proxy(self, name: str) -> None:
+        """Stop a proxy's listeners and close its connections now."""
         service = self.services.pop(name)
-        timeline = self._timelines.pop(name, None)
-        if timeline is not None:
-            timeline.cancel()
+        self.stop_timeline(name)
         service.close_listeners()
-        if close_connections:
-            service.close_connections(CloseReason.SHUTDOWN)
+        service.close_connections(CloseReason.SHUTDOWN)
+        _close_elements(service)
+
+    def drain_proxy(self, name: str, drain_timeout_s: float | None = None) -> None:
+        """Remove a proxy as a reload does: it stops accepting now, and its open
+        connections may finish for up to ``drain_timeout_s`` (default: the
+        configured one); then those left are closed, as at shutdown.  Its name
+        is free at once for a new proxy."""
+        if drain_timeout_s is None:
+            drain_timeout_s = self.server.drain_timeout_s
+        service = self.services.pop(name)
+        self.stop_timeline(name)
+        service.close_listeners()
+        if service.active == 0 or drain_timeout_s <= 0:
+            service.close_connections(CloseReason.SHUTDOWN, "proxy removed")
+            _close_elements(service)
+            return
+        log.info("%s: removed; draining %d connection(s) for up to %g s", name,
+                 service.active, drain_timeout_s)
+        done = self._draining[service] = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(
+            self._drain(service, done, drain_timeout_s), name=f"midway drain {name}")
+        self._drain_tasks.add(task)
+        task.add_done_callback(self._drain_tasks.discard)
+
+    async def _drain(self, service: ProxyService, done: asyncio.Event, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await done.wait()
+        except TimeoutError:
+            log.info("%s: drain timeout: closing %d connection(s)", service.name, service.active)
+        if self._draining.pop(service, None) is not None:
+            service.close_connections(CloseReason.SHUTDOWN, "drain timeout")
             _close_elements(service)
 
     def update_proxy(self, config: ProxyConfig, *, enabled: bool | None = None) -> ProxyService:
@@ -225,7 +289,7 @@ class Runtime:
         the proxy is as it was (listening where it was, if it was)."""
         service = self.services[config.name]
         config = dataclasses.replace(
-            config, listen=_keep_ports(config.listen, service.config.listen))
+            config, listen=keep_ports(config.listen, service.config.listen))
         enable = service.enabled if enabled is None else enabled
         if not enable:
             self.enable_proxy(config.name, False)
@@ -301,14 +365,34 @@ class Runtime:
                 service.config = previous
             raise
 
+    def stop_timeline(self, name: str) -> None:
+        timeline = self._timelines.pop(name, None)
+        self._timeline_of.pop(name, None)
+        if timeline is not None:
+            timeline.cancel()
+
+    def restart_timeline(self, name: str) -> None:
+        """Play the proxy's timed toxics from the start (a change made them
+        different): the toxics the old timeline put in place are removed first."""
+        played = self._timeline_of.get(name)
+        self.stop_timeline(name)
+        service = self.services[name]
+        if played is not None:
+            for toxic in played.active.values():
+                if any(e is toxic for e in service.elements):
+                    service.remove_element(toxic)
+        for spec in service.config.toxics:
+            if spec.at_s == 0 and spec.until_s is not None:  # there from the start
+                service.add_element(build_toxic(spec, clock=LoopClock()))
+        self._start_timeline(service)
+
     def _start_timeline(self, service: ProxyService) -> None:
         """Play the proxy's timed toxics (``at_s``/``until_s``), if it has any."""
         specs = service.config.toxics
         if not any(spec.at_s > 0 or spec.until_s is not None for spec in specs):
             return
-        from .timeline import Timeline
-
         timeline = Timeline(service, specs, proxy=service.name)
+        self._timeline_of[service.name] = timeline
         self._timelines[service.name] = asyncio.get_running_loop().create_task(
             timeline.run(), name=f"midway timeline {service.name}")
 
@@ -328,6 +412,10 @@ class Runtime:
         self.active -= 1
         if self.active == 0:
             self._idle.set()
+        if self._draining:
+            for service, done in self._draining.items():
+                if service.active == 0:
+                    done.set()
         if not self.stopping:
             for service in self.services.values():
                 service.room_changed()
@@ -353,13 +441,3 @@ def _pin_ports(service: ProxyService) -> None:
     )
     if listen != service.config.listen:
         service.config = dataclasses.replace(service.config, listen=listen)
-
-
-def _keep_ports(new: tuple[Address, ...], current: tuple[Address, ...]) -> tuple[Address, ...]:
-    """Port 0 ("any port") in a changed configuration keeps the port already in use."""
-    if len(new) != len(current):
-        return new
-    return tuple(
-        old if address.port == 0 and not address.is_unix and address.host == old.host else address
-        for address, old in zip(new, current, strict=True)
-    )

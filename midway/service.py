@@ -176,6 +176,8 @@ class ProxyService:
         self.active = 0
         self.accepting = False
         self.enabled = True
+        self.retired: set[Element] = set()
+        """Elements a reload replaced (see :meth:`retire_elements`)."""
 
     @property
     def name(self) -> str:
@@ -321,6 +323,8 @@ class ProxyService:
             ))
         self.active -= 1
         self.host.connection_closed()
+        if self.retired:
+            self._release_retired()
 
     def _relay_closed(self, relay: Relay) -> None:
         rec = self.live.pop(relay)
@@ -363,6 +367,26 @@ class ProxyService:
             if attachment is not None:
                 rec.own_attached()[new] = attachment
             self._restage(relay, rec.attached)
+
+    def retire_elements(self, chain: list[Element], retired: Iterable[Element]) -> None:
+        """Take a rebuilt chain (a reload): ``chain`` is the new element list, in
+        which each ``retired`` element keeps its place for the open connections
+        attached to it.  No new connection attaches to a retired element; each is
+        closed and dropped once no connection holds it any more."""
+        self.elements = chain
+        self.retired.update(retired)
+        self._release_retired()
+
+    def _release_retired(self) -> None:
+        held = {e for rec in self.live.values() for e in rec.attached if e in self.retired}
+        held.update(e for c in self._connecting for e in c.attached if e in self.retired)
+        for element in [e for e in self.retired if e not in held]:
+            self.retired.discard(element)
+            self.elements.remove(element)
+            try:
+                element.close()
+            except Exception:
+                log.exception("%s: chain element %s failed to close", self.name, element.name)
 
     def _restage(self, relay: Relay, attached: Attached) -> None:
         for direction in DIRECTIONS:
@@ -679,7 +703,10 @@ class Connection(Dialer):
 
     def _attach_all(self) -> Attached:
         attached: Attached | None = None
+        retired = self.service.retired
         for element in self.service.elements:
+            if retired and element in retired:
+                continue
             attachment = element.attach(self.info)
             if attachment is not None:
                 if attached is None:

@@ -1,19 +1,40 @@
-"""Multi-core: a supervisor and N worker processes sharing each listener.
+"""Multi-core: a supervisor and N worker processes sharing each listener, with
+one control plane for all of them.
 
 Theory of operation
 -------------------
-Every worker is a whole midway (its own event loop and runtime) that binds each TCP
-listener itself with ``SO_REUSEPORT``; the kernel spreads new connections across
-the workers' sockets, so there is no shared accept queue and no lock.  The
-supervisor (the parent) first binds each listener once *without listening*: that
-checks the address up front (one clear error, exit 1, before any worker starts),
-turns port 0 into one real port that every worker then shares, and holds the port
-while workers come and go.  A socket that does not listen receives no connection.
+Every worker is a whole midway data plane (its own event loop and runtime,
+:mod:`midway.control.worker`) that binds each TCP listener itself with
+``SO_REUSEPORT``; the kernel spreads new connections across the workers'
+sockets, so there is no shared accept queue and no lock.  The supervisor (the
+parent) first binds each listener once *without listening*
+(:class:`Reservations`): that checks the address up front (one clear error,
+exit 1, before any worker starts), turns port 0 into one real port that every
+worker then shares, and holds the port while workers come and go.  A socket
+that does not listen receives no connection.  A change that adds or moves a
+listener (the API, a reload) reserves the new address first, and one no longer
+used is let go once every worker has moved.
 
-The supervisor forks the workers before any event loop exists, forwards SIGTERM /
-SIGINT to them (each drains as a single process would; a second signal makes them
-close everything at once), restarts a worker that dies unexpectedly (with a
-back-off that grows while it keeps dying young), and exits when all have exited.
+The supervisor runs an event loop (the standard library's) for what it owns:
+the control plane (:class:`~midway.control.plane.ControlPlane`: the target
+every worker runs, changed one step at a time), the admin API, the signals and
+readiness.  It talks to each worker over a channel of its own
+(:mod:`midway.control.channel`), made before the worker starts.  Workers are
+started as new programs (``python -m midway.control.worker``; see that module
+for why not a bare fork) with their own process group, so a terminal's Ctrl-C
+reaches the supervisor alone, which forwards it.
+
+Signals: the first SIGTERM or SIGINT is forwarded to every worker, and each
+drains as a single process would; a second one is forwarded too, and they close
+everything at once.  SIGHUP reloads: the supervisor reads and validates the
+file once (as ``--check`` would) and sends the new target to every worker.
+
+A worker that exits unexpectedly is started again with the target in force
+(its toxics included), with a back-off that grows while it keeps dying young;
+a worker that could not start at all at the first start stops the supervisor
+(exit 1: it logged why).  A worker that did not apply what the others did, or
+did not answer in time, is killed and started again, so every worker runs the
+same target.
 
 A supervisor that dies without forwarding anything (SIGKILL, the OOM killer) must
 not leave its workers serving on their own: each worker watches the read end of a
@@ -25,74 +46,52 @@ has set it up (the end-of-file is already waiting), and it lets the worker drain
 instead of being killed by a signal.
 
 Each worker knows its number (1 to N, kept when it is restarted) and makes
-connection ids unique across the whole process: worker ``w`` of ``N`` numbers its
-connections ``w, w + N, w + 2N, ...`` (so ``id mod N`` names the worker, ``N``
-giving 0), and a restarted worker carries on where the one it replaces stopped,
-from a count per worker kept in memory shared with the supervisor.  Ids stay
-small integers, as in a single process (where they are 1, 2, 3, ...).
+connection ids unique across the whole process (see
+:class:`~midway.control.worker.ConnectionIds`), from counters in memory shared
+with the supervisor (an unlinked temporary file, mapped by both).
 
-Limits, for now: unix-socket listeners, the admin API and toxics configured at run
-time live in one process, so they need ``workers = 1``.
+The one limit left: unix-socket listeners need ``workers = 1``
+(:func:`~midway.config.load.check_workers`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
-import mmap
 import os
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from types import FrameType
+from dataclasses import dataclass, field
 
 from .config.addresses import Address
+from .config.load import check_workers
 from .config.schema import Config
-from .errors import ConfigError, ListenError, describe_oserror
+from .config.target import Target
+from .control import notify
+from .control.channel import Begin, Channel
+from .control.commands import COMMAND_TIMEOUT_S, Command, CommandFailed, WorkerHandle, WorkerLost
+from .control.plane import ControlPlane, Loader
+from .control.process import EXIT_START_FAILED, Admin, Reloads, StopSignals, setup_logging
+from .control.worker import COUNTER_BYTES
+from .core.listener import bind_tcp
+from .errors import ListenError
 
-__all__ = ["run_supervisor", "worker_count", "reserve_ports", "Worker", "ConnectionIds"]
+__all__ = ["run_supervisor", "worker_count", "Reservations", "Supervisor"]
 
 log = logging.getLogger("midway")
 
 _YOUNG_S = 2.0
 """A worker that dies younger than this counts as a crash loop and backs off."""
 _MAX_BACKOFF_S = 5.0
-
-
-class ConnectionIds(Iterator[int]):
-    """The connection ids of worker ``number`` of ``count``: ``number``,
-    ``number + count``, ... , unique across the workers.  ``counters`` (one
-    64-bit slot per worker, shared with the supervisor) holds how many this
-    worker number has used, so a restarted worker goes on from there."""
-
-    def __init__(self, number: int, count: int, counters: memoryview) -> None:
-        self.number = number
-        self.count = count
-        self._counters = counters
-
-    def __next__(self) -> int:
-        used = self._counters[self.number - 1]
-        self._counters[self.number - 1] = used + 1
-        return used * self.count + self.number
-
-
-@dataclass(frozen=True)
-class Worker:
-    """Who a worker process is, as the supervisor forked it."""
-
-    number: int
-    """1 to N; a restarted worker keeps the number of the one it replaces."""
-    count: int
-    parent_fd: int
-    """Read end of the supervisor's pipe: readable (end-of-file) once the
-    supervisor is gone.  The worker then drains and exits."""
-    ids: ConnectionIds
-
-    @property
-    def pid(self) -> int:
-        return os.getpid()
+_START_TIMEOUT_S = 30.0
+"""How long a new worker may take to start (a new interpreter, imports, hooks,
+binding every listener) before it is killed: generous, for a loaded machine."""
 
 
 def worker_count(configured: int) -> int:
@@ -105,132 +104,260 @@ def worker_count(configured: int) -> int:
         return os.cpu_count() or 1
 
 
-def reserve_ports(config: Config) -> tuple[Config, list[socket.socket]]:
-    """Bind every TCP listener once with SO_REUSEPORT (no listen).  Returns the
-    config with port 0 replaced by the real port, and the reservation sockets to
-    keep open.  Raises ListenError naming the address."""
-    held: list[socket.socket] = []
-    proxies = []
-    try:
-        for proxy in config.proxies:
-            listen = []
-            for address in proxy.listen:
-                if address.is_unix:
-                    raise ConfigError(f"proxy.{proxy.name}.listen",
-                                      f"{address}: unix-socket listeners need workers = 1")
-                try:
-                    sock = _reserve(address)
-                except ListenError as exc:
-                    raise ListenError(f"proxy {proxy.name}: {exc}") from exc
-                held.append(sock)
-                listen.append(dataclasses.replace(address, port=sock.getsockname()[1]))
-            proxies.append(dataclasses.replace(proxy, listen=tuple(listen)))
-    except BaseException:
-        for sock in held:
+class Reservations:
+    """The supervisor's hold on every TCP address a target listens on: a socket
+    bound with SO_REUSEPORT that never listens, per address."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, int], socket.socket] = {}
+
+    def reserve(self, target: Target) -> Target:
+        """Hold every address of ``target`` (those held already are kept);
+        returns it with port 0 replaced by the real port.  All or nothing:
+        raises :class:`ListenError` naming the proxy and the address, or
+        :class:`~midway.errors.ConfigError` for a unix-socket listener."""
+        check_workers(dataclasses.replace(target.config.server, workers=0),
+                      target.config.proxies)
+        new: dict[tuple[str, int], socket.socket] = {}
+        proxies = []
+        try:
+            for proxy in target.config.proxies:
+                listen: list[Address] = []
+                for address in proxy.listen:
+                    sock = self._held.get((address.host, address.port)) if address.port else None
+                    if sock is None:
+                        try:
+                            sock = bind_tcp(address, backlog=None, reuse_port=True)
+                        except ListenError as exc:
+                            raise ListenError(f"proxy {proxy.name}: {exc}") from exc
+                        new[(address.host, sock.getsockname()[1])] = sock
+                    listen.append(dataclasses.replace(address, port=sock.getsockname()[1]))
+                proxies.append(dataclasses.replace(proxy, listen=tuple(listen)))
+        except BaseException:
+            for sock in new.values():
+                sock.close()
+            raise
+        self._held.update(new)
+        return dataclasses.replace(target, config=dataclasses.replace(target.config,
+                                                                      proxies=tuple(proxies)))
+
+    def release(self, target: Target) -> None:
+        """Let go of every address ``target`` does not listen on."""
+        used = {(a.host, a.port) for p in target.config.proxies for a in p.listen}
+        for key in [k for k in self._held if k not in used]:
+            self._held.pop(key).close()
+
+    def close(self) -> None:
+        for sock in self._held.values():
             sock.close()
-        raise
-    return dataclasses.replace(config, proxies=tuple(proxies)), held
+        self._held.clear()
 
 
-def _reserve(address: Address) -> socket.socket:
-    host = address.host or "::"
-    try:
-        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {address}: cannot resolve {address.host!r} "
-                          f"({exc.strerror})") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6 and not address.host:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on {address}: {describe_oserror(exc)}") from exc
-    return sock
+@dataclass(eq=False)
+class WorkerProcess:
+    """One running worker process, a :class:`~midway.control.commands.WorkerHandle`."""
+
+    number: int
+    process: asyncio.subprocess.Process
+    channel: Channel
+    born: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    """It has started with the target in force: changes are sent to it."""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def call(self, command: Command, timeout_s: float = COMMAND_TIMEOUT_S) -> object:
+        return await self.channel.call(command, timeout_s)
+
+    def signal(self, signum: int) -> None:
+        # os.kill, not Process.send_signal: that polls (waitpid) first, and would
+        # reap an exited worker under the child watcher, which then reports 255.
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
 
 
-def run_supervisor(config: Config, count: int, serve: Callable[[Config, Worker], int]) -> int:
-    """Run ``count`` workers, each calling ``serve(config, worker)`` in a forked
-    child."""
-    config, held = reserve_ports(config)
-    children: dict[int, int] = {}  # pid -> worker number
-    born: dict[int, float] = {}
-    stopping = [0]
-    # Not inheritable (os.pipe's default): a program a hook runs cannot keep the
-    # write end open, and only the supervisor holds it.
-    parent_fd, alive_fd = os.pipe()
-    shared = mmap.mmap(-1, 8 * count)  # anonymous and MAP_SHARED: survives fork
-    counters = memoryview(shared).cast("Q")
+class Supervisor:
+    """``count`` workers running ``config``; the :class:`~midway.control.plane.Fleet`
+    of the control plane.  :meth:`run` returns the exit code."""
 
-    def spawn(number: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                os.close(alive_fd)
-                for sock in held:
-                    sock.close()
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = serve(config, Worker(number, count, parent_fd,
-                                            ConnectionIds(number, count, counters)))
-            except BaseException:
-                log.exception("worker %d failed", number)
-            finally:
-                os._exit(code)
-        children[pid] = number
-        born[pid] = time.monotonic()
+    def __init__(self, config: Config, count: int, loader: Loader | None = None) -> None:
+        self.config = config
+        self.count = count
+        self.loader = loader
+        self.reservations = Reservations()
+        self.workers: dict[int, WorkerProcess] = {}
+        self.stopping = False
+        self.exit_code = 0
+        self._started: set[int] = set()
+        self._all_started = asyncio.Event()
+        self._wake = asyncio.Event()
+        """Set when stopping: ends a restart back-off at once."""
+        self.plane: ControlPlane | None = None
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        stopping[0] += 1
-        for pid in list(children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+    # -- the fleet, for the control plane -----------------------------------------
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for number in range(1, count + 1):
-        spawn(number)
-    log.info("supervisor %d: started %d workers", os.getpid(), count)
-    failures = 0
-    exit_code = 0
-    try:
-        while children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
-            number = children.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
-            if stopping[0]:
-                continue
-            age = time.monotonic() - born.pop(pid, 0.0)
-            if code == 1 and age < _YOUNG_S and failures == 0 and len(children) + 1 == count:
+    def handles(self) -> list[WorkerHandle]:
+        return [w for _, w in sorted(self.workers.items()) if w.ready]
+
+    def reserve(self, target: Target) -> Target:
+        return self.reservations.reserve(target)
+
+    def release(self, target: Target) -> None:
+        self.reservations.release(target)
+
+    def lost(self, handle: WorkerHandle, why: str) -> None:
+        worker = self.workers.get(handle.number)
+        if worker is None or worker.pid != handle.pid:
+            return
+        log.error("worker %d (pid %d): %s; restarting it with the configuration in force",
+                  worker.number, worker.pid, why)
+        worker.ready = False
+        worker.signal(signal.SIGKILL)
+
+    # -- running ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        target = self.reservations.reserve(Target(self.config))  # raises: nothing started
+        # Not inheritable (os.pipe's default): only the supervisor holds the
+        # write end, and a worker inherits the read end alone (pass_fds).
+        self._alive_read, self._alive_write = os.pipe()
+        self._counters = tempfile.TemporaryFile()
+        os.ftruncate(self._counters.fileno(), COUNTER_BYTES * self.count)
+        plane = self.plane = ControlPlane(target, self, self.loader)
+        plane.reloaded.append(self._reloaded)
+        reloads = Reloads()
+        signals = StopSignals(self._forward, reloads.hangup)
+        keepers = [asyncio.get_running_loop().create_task(self._keep(n), name=f"midway worker {n}")
+                   for n in range(1, self.count + 1)]
+        admin = None
+        try:
+            stop = asyncio.get_running_loop().create_task(signals.stop.wait())
+            await asyncio.wait([stop, asyncio.ensure_future(self._all_started.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self._all_started.is_set() and not self.stopping and not stop.done():
+                if self.config.server.admin:
+                    admin = Admin(plane, self.config.server.admin)
+                    admin.start()
+                reloads.plane = plane
+                log.info("supervisor %d: started %d workers", os.getpid(), self.count)
+                notify.notify(notify.READY)
+                await stop
+            notify.notify(notify.STOPPING)
+            self._stop(signal.Signals[signals.first] if signals.first else signal.SIGTERM)
+            await asyncio.gather(*keepers, return_exceptions=True)
+        except ListenError as exc:  # the admin API could not bind
+            log.error("%s", exc)
+            self.exit_code = 1
+            self._stop(signal.SIGTERM)
+            await asyncio.gather(*keepers, return_exceptions=True)
+        finally:
+            if admin is not None:
+                await admin.stop()
+            self.reservations.close()
+            os.close(self._alive_write)
+            os.close(self._alive_read)
+            self._counters.close()
+        return self.exit_code
+
+    def _stop(self, signum: int) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self._wake.set()
+            for worker in self.workers.values():
+                worker.signal(signum)
+
+    def _forward(self, signame: str) -> None:
+        """A second SIGTERM/SIGINT: forwarded, every worker closes everything."""
+        for worker in self.workers.values():
+            worker.signal(signal.Signals[signame])
+
+    def _reloaded(self) -> None:
+        if self.plane is not None:
+            log.setLevel(self.plane.target.config.server.log_level.upper())
+
+    async def _keep(self, number: int) -> None:
+        """Keep worker ``number`` running until the supervisor stops."""
+        failures = 0
+        while not self.stopping:
+            worker = await self._spawn(number)
+            started = await self._begin(worker)
+            code = await worker.process.wait()
+            worker.ready = False
+            worker.channel.close(f"it exited ({_status(code)})")
+            if self.workers.get(number) is worker:
+                del self.workers[number]
+            if self.stopping:
+                return
+            if not started and code == EXIT_START_FAILED and number not in self._started:
                 # It could not even start (it logged why): give up rather than loop.
                 log.error("worker %d could not start; stopping", number)
-                exit_code = 1
-                forward(signal.SIGTERM, None)
-                continue
+                self.exit_code = 1
+                self._stop(signal.SIGTERM)
+                self._all_started.set()
+                return
+            age = time.monotonic() - worker.born
             failures = failures + 1 if age < _YOUNG_S else 0
             backoff = min(_MAX_BACKOFF_S, 0.1 * 2 ** failures) if failures else 0.0
-            log.warning("worker %d (pid %d) exited with %s; restarting%s", number, pid, code,
-                        f" in {backoff:.1f} s" if backoff else "")
+            log.warning("worker %d (pid %d) exited (%s); restarting%s", number, worker.pid,
+                        _status(code), f" in {backoff:.1f} s" if backoff else "")
             if backoff:
-                time.sleep(backoff)
-            if not stopping[0]:
-                spawn(number)
-    finally:
-        for sock in held:
-            sock.close()
-        os.close(alive_fd)
-        os.close(parent_fd)
-        counters.release()
-        shared.close()
-    return exit_code
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), backoff)
+
+    async def _spawn(self, number: int) -> WorkerProcess:
+        ours, theirs = socket.socketpair()
+        env = {k: v for k, v in os.environ.items() if k != notify.ENVIRONMENT}
+        server = self.plane.target.config.server if self.plane else self.config.server
+        command = [sys.executable, "-m", "midway.control.worker",
+                   "--number", str(number), "--count", str(self.count),
+                   "--channel", str(theirs.fileno()), "--alive", str(self._alive_read),
+                   "--counters", str(self._counters.fileno()), "--log-level", server.log_level]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=subprocess.DEVNULL, env=env, process_group=0,
+                pass_fds=(theirs.fileno(), self._alive_read, self._counters.fileno()))
+        finally:
+            theirs.close()
+        worker = WorkerProcess(number, process, await Channel.open(ours, f"worker {number}"))
+        self.workers[number] = worker
+        return worker
+
+    async def _begin(self, worker: WorkerProcess) -> bool:
+        """Start ``worker`` with the target in force; under the plane's lock, so
+        that no change is made between what it starts with and its first
+        change.  Returns whether it started (else it is killed, or exits)."""
+        assert self.plane is not None
+        try:
+            await worker.channel.receive(_START_TIMEOUT_S)
+            async with self.plane.lock:
+                if self.stopping:
+                    return False
+                await worker.call(Begin(self.plane.target), _START_TIMEOUT_S)
+                worker.ready = True
+        except (WorkerLost, CommandFailed, TimeoutError) as exc:
+            if not isinstance(exc, CommandFailed) and not self.stopping:  # else it said why
+                log.error("worker %d (pid %d) did not start: %s", worker.number, worker.pid,
+                          exc or "no answer in time")
+            worker.signal(signal.SIGKILL)
+            return False
+        self._started.add(worker.number)
+        if len(self._started) == self.count:
+            self._all_started.set()
+        return True
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def run_supervisor(config: Config, count: int, loader: Loader | None = None) -> int:
+    """Run ``count`` workers under a supervisor until SIGTERM/SIGINT; returns the
+    exit code.  Raises :class:`ListenError` (nothing started) when an address
+    cannot be held."""
+    setup_logging(config.server.log_level, f"midway[supervisor, pid {os.getpid()}]")
+    return asyncio.run(Supervisor(config, count, loader).run())

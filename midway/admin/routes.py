@@ -1,16 +1,19 @@
-"""Toxiproxy 2.x's HTTP API over a midway :class:`~midway.runtime.Runtime`: the
-routes, with no networking (the HTTP server is :mod:`midway.admin.server`).
+"""Toxiproxy 2.x's HTTP API over midway's control plane: the routes, with no
+networking (the HTTP server is :mod:`midway.admin.server`).
 
 Theory of operation
 -------------------
 :meth:`ToxiproxyAPI.handle` takes one parsed request (method, path, User-Agent,
-body bytes) and returns a :class:`Response`.  It runs on the runtime's event loop
-thread, where every proxy lives, so a request sees and changes the proxies
-atomically.  Every change is validated in full before anything is touched: a bad
-body or attribute answers Toxiproxy's error and changes nothing.  What can fail
-only when applied (binding an address) is undone on failure: a move and an
-enable are one runtime step, ``/reset`` binds every disabled proxy before it
-removes a toxic, ``/populate`` puts back what it replaced.
+body bytes) and returns a :class:`Response`.  It never touches a live proxy: it
+reads the target (:class:`~midway.config.target.Target`, the configuration every
+worker runs) and the workers' live views, and describes each change as an edit
+of the target, which the control plane (:class:`~midway.admin.host.AdminHost`)
+applies on every worker before the answer.  Every change is validated in full
+before anything is touched: a bad body or attribute answers Toxiproxy's error
+and changes nothing.  A change is all or nothing on each worker: a move and an
+enable are one step, ``/reset`` enables every proxy and removes every toxic in
+one step (if a proxy cannot be bound, nothing changed), ``/populate`` replaces
+what it replaces in one step.
 
 The shapes, defaults and status codes are Toxiproxy's (``api.go``,
 ``proxy_collection.go``, ``toxic_collection.go`` of Shopify/toxiproxy v2):
@@ -47,22 +50,15 @@ from typing import Any
 from urllib.parse import unquote
 
 from .. import __version__
-from ..chain.toxics import TOXICS, Toxic, ToxicError, make_toxic
-from ..chain.toxics.live import (
-    ToxicExists,
-    ToxicNotFound,
-    add_toxic,
-    get_toxic,
-    list_toxics,
-    remove_toxic,
-    reset_toxics,
-    update_toxic,
-)
+from ..chain.toxics import TOXICS, ToxicError, make_toxic
+from ..chain.toxics.config import build_toxic, toxic_spec
+from ..chain.toxics.live import toxic_json
 from ..config.load import config_from_dict
-from ..config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY, ProxyConfig
-from ..errors import ConfigError, ListenError
-from ..runtime import Runtime
-from ..service import ProxyService
+from ..config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY, ProxyConfig, ToxicSpec
+from ..config.target import Edit, Target
+from ..errors import ConfigError
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .host import AdminHost, HostError, ProxyView
 
 __all__ = ["ToxiproxyAPI", "Response", "TOXIPROXY_API_VERSION"]
 
@@ -103,6 +99,7 @@ class Response:
     status: int
     body: bytes = b""
     content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class ApiError(Exception):
@@ -118,11 +115,13 @@ Handler = Callable[..., Awaitable[Response]]
 
 
 class ToxiproxyAPI:
-    """The routes.  Holds only what Toxiproxy reports but midway's configuration
-    does not keep: the ``listen`` and ``upstream`` text each proxy was created with."""
+    """The routes, over an :class:`~midway.admin.host.AdminHost` (the control
+    plane).  Holds only what Toxiproxy reports but midway's configuration does
+    not keep: the ``listen`` and ``upstream`` text each proxy was created with,
+    and where it was last bound."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, host: AdminHost) -> None:
+        self.host = host
         self._listen_text: dict[str, str] = {}
         self._upstream_text: dict[str, str] = {}
         self._last_bound: dict[str, str] = {}
@@ -131,6 +130,8 @@ class ToxiproxyAPI:
             (("version",), "GET"): self.version,
             (("reset",), "POST"): self.reset,
             (("populate",), "POST"): self.populate,
+            (("metrics",), "GET"): self.metrics,
+            (("reload",), "POST"): self.reload,
             (("proxies",), "GET"): self.proxy_index,
             (("proxies",), "POST"): self.proxy_create,
             (("proxies", "*"), "GET"): self.proxy_show,
@@ -164,6 +165,19 @@ class ToxiproxyAPI:
             return await handler(*args, body=body)
         except ApiError as exc:
             return _error(exc.message, exc.status)
+        except HostError as exc:
+            return _error(exc.message, exc.status)
+
+    # -- midway's own ---------------------------------------------------------
+
+    async def metrics(self, body: bytes) -> Response:
+        """Prometheus's text format, summed over the workers (docs/metrics.md)."""
+        return Response(200, (await self.host.metrics()).encode(), METRICS_CONTENT_TYPE)
+
+    async def reload(self, body: bytes) -> Response:
+        """Re-read the configuration file, as SIGHUP does; 400 names the key
+        that is wrong (and nothing changed)."""
+        return _json(200, await self.host.reload())
 
     # -- proxies -------------------------------------------------------------
 
@@ -172,11 +186,13 @@ class ToxiproxyAPI:
         return Response(200, (text + "\n").encode(), "application/json;charset=utf-8")
 
     async def proxy_index(self, body: bytes) -> Response:
-        services = self.runtime.services
-        return _json(200, {name: self._proxy_json(s) for name, s in services.items()})
+        views = await self.host.views()
+        return _json(200, {p.name: self._proxy_json(p, views.get(p.name))
+                           for p in self.host.target.config.proxies})
 
     async def proxy_show(self, name: str, body: bytes) -> Response:
-        return _json(200, self._proxy_json(self._service(name)))
+        self._proxy(self.host.target, name)
+        return await self._answer(200, name)
 
     async def proxy_create(self, body: bytes) -> Response:
         fields = _proxy_fields(_object(body, PROXY_FIELDS))
@@ -185,57 +201,87 @@ class ToxiproxyAPI:
             raise ApiError(f"{MISSING_FIELD}: name", 400)
         if not upstream:
             raise ApiError(f"{MISSING_FIELD}: upstream", 400)
-        config = _proxy_config(name, listen or DEFAULT_LISTEN, upstream)
-        if name in self.runtime.services:
-            raise ApiError(PROXY_EXISTS, 409)
+        listen = listen or DEFAULT_LISTEN
+        config = _proxy_config(name, listen, upstream)
         enabled = True if fields["enabled"] is None else fields["enabled"]
-        service = self._add(config, listen or DEFAULT_LISTEN, upstream, enabled)
-        return _json(201, self._proxy_json(service))
+
+        def create(target: Target) -> Edit:
+            if target.proxy(name) is not None:
+                raise ApiError(PROXY_EXISTS, 409)
+            return Edit(target.with_proxy(config).enabled(name, enabled))
+
+        await self.host.change(create)
+        self._forget(name)
+        self._listen_text[name], self._upstream_text[name] = listen, upstream
+        return await self._answer(201, name)
 
     async def proxy_update(self, name: str, body: bytes) -> Response:
-        service = self._service(name)
+        target = self.host.target
+        current = self._proxy(target, name)
         fields = _proxy_fields(_object(body, PROXY_FIELDS))
         listen, upstream = fields["listen"], fields["upstream"]
-        enabled = service.enabled if fields["enabled"] is None else fields["enabled"]
-        moved = (listen is not None and listen not in self._listen_forms(service)) or (
-            upstream is not None and upstream != self._upstream(service))
+        views = await self.host.views()
+        view = views.get(name)
+        was_enabled = name not in target.disabled
+        enabled = was_enabled if fields["enabled"] is None else fields["enabled"]
+        moved = (listen is not None and listen not in self._listen_forms(current, view)) or (
+            upstream is not None and upstream != self._upstream(current))
         if not moved:
-            if enabled != service.enabled:
-                try:
-                    self.runtime.enable_proxy(name, enabled)
-                except ListenError as exc:
-                    raise ApiError(str(exc), 500) from exc
-            return _json(200, self._proxy_json(service))
+            if enabled != was_enabled:
+                def enable(target: Target) -> Edit:
+                    self._proxy(target, name)
+                    return Edit(target.enabled(name, enabled))
+
+                await self.host.change(enable)
+            return await self._answer(200, name)
         # Toxiproxy restarts the proxy: its connections are dropped.  The move and
         # the enabling are one step: if the new address cannot be bound, nothing
         # changed (Toxiproxy would keep the new address on the disabled proxy).
-        listen = listen if listen is not None else self._listen(service)
-        upstream = upstream if upstream is not None else self._upstream(service)
-        config = _proxy_config(name, listen, upstream, base=service.config)
-        try:
-            self.runtime.update_proxy(config, enabled=enabled)
-        except ListenError as exc:
-            raise ApiError(str(exc), 500) from exc
-        service.close_connections()
+        listen = listen if listen is not None else self._listen(current, view)
+        upstream = upstream if upstream is not None else self._upstream(current)
+        config = _proxy_config(name, listen, upstream, base=current)
+
+        def move(target: Target) -> Edit:
+            base = self._proxy(target, name)
+            moved_config = dataclasses.replace(base, listen=config.listen,
+                                               upstreams=config.upstreams)
+            return Edit(target.with_proxy(moved_config).enabled(name, enabled),
+                        reset=frozenset({name}))
+
+        await self.host.change(move)
         self._forget(name)
         self._listen_text[name], self._upstream_text[name] = listen, upstream
-        return _json(200, self._proxy_json(service))
+        return await self._answer(200, name)
 
     async def proxy_delete(self, name: str, body: bytes) -> Response:
-        self._service(name)
-        self.runtime.remove_proxy(name)
+        def delete(target: Target) -> Edit:
+            self._proxy(target, name)
+            return Edit(target.without_proxy(name))
+
+        await self.host.change(delete)
         self._forget(name)
         return Response(204)
 
     async def populate(self, body: bytes) -> Response:
+        kept: set[str] = set()
         try:
-            services = self._populate(self._populate_plans(body))
-        except ApiError as exc:
+            plans = self._populate_plans(body)
+            views = await self.host.views()
+            target = await self.host.change(lambda t: self._populate(t, views, plans, kept))
+        except (ApiError, HostError) as exc:
             # Toxiproxy answers a failed populate with the error and the proxies
             # field together.
             return _json(exc.status, {"error": exc.message, "status": exc.status,
                                       "proxies": []})
-        return _json(201, {"proxies": [self._proxy_json(s) for s in services]})
+        for config, listen, upstream, _ in plans:
+            if config.name not in kept:
+                self._forget(config.name)
+                self._listen_text[config.name] = listen
+                self._upstream_text[config.name] = upstream
+        views = await self.host.views()
+        return _json(201, {"proxies": [self._proxy_json(self._proxy(target, c.name),
+                                                        views.get(c.name))
+                                       for c, _, _, _ in plans]})
 
     def _populate_plans(self, body: bytes) -> list[tuple[ProxyConfig, str, str, bool]]:
         """Check every proxy of a populate request before anything changes."""
@@ -262,75 +308,46 @@ class ToxiproxyAPI:
             plans.append((_proxy_config(name, listen, upstream), listen, upstream, enabled))
         return plans
 
-    def _populate(self, plans: list[tuple[ProxyConfig, str, str, bool]]) -> list[ProxyService]:
-        """Apply checked plans; on a failure, undo what was done and raise."""
-        runtime = self.runtime
-        removed: list[tuple[ProxyService, str | None, str | None]] = []
-        added: list[str] = []
-        result: list[ProxyService] = []
-        try:
-            for config, listen, upstream, enabled in plans:
-                existing = runtime.services.get(config.name)
-                if existing is not None and listen in self._listen_forms(existing) \
-                        and upstream == self._upstream(existing):
-                    result.append(existing)
-                    continue
-                if existing is not None:
-                    runtime.remove_proxy(config.name)
-                    removed.append((existing, self._listen_text.get(config.name),
-                                    self._upstream_text.get(config.name)))
-                    self._forget(config.name)
-                result.append(self._add(config, listen, upstream, enabled))
-                added.append(config.name)
-        except ApiError:
-            for name in added:
-                runtime.remove_proxy(name)
-                self._forget(name)
-            for service, listen_text, upstream_text in removed:
-                self._restore(service, listen_text, upstream_text)
-            raise
-        return result
-
-    def _restore(self, service: ProxyService, listen: str | None, upstream: str | None) -> None:
-        """Put back a proxy that populate replaced, with its toxics (best effort:
-        its connections were already closed)."""
-        name = service.name
-        config = dataclasses.replace(service.config, toxics=())
-        toxics = list_toxics(service)
-        try:
-            self.runtime.add_proxy(config, toxics, enabled=service.enabled)
-        except ListenError:
-            self.runtime.add_proxy(config, toxics, enabled=False)
-        if listen is not None:
-            self._listen_text[name] = listen
-        if upstream is not None:
-            self._upstream_text[name] = upstream
+    def _populate(self, target: Target, views: dict[str, ProxyView],
+                  plans: list[tuple[ProxyConfig, str, str, bool]], kept: set[str]) -> Edit:
+        """Keep the proxies whose listen and upstream are unchanged (with their
+        toxics; named in ``kept``); replace the others (their connections are
+        closed)."""
+        replaced: set[str] = set()
+        for config, listen, upstream, enabled in plans:
+            existing = target.proxy(config.name)
+            if existing is not None and listen in self._listen_forms(
+                    existing, views.get(config.name)) and upstream == self._upstream(existing):
+                kept.add(config.name)
+                continue
+            if existing is not None:
+                replaced.add(config.name)
+            target = target.with_proxy(config).enabled(config.name, enabled)
+        return Edit(target, reset=frozenset(replaced))
 
     async def reset(self, body: bytes) -> Response:
         """Every proxy enabled, then every toxic removed: if a proxy cannot be
         bound, nothing changed (Toxiproxy stops half way)."""
-        try:
-            self.runtime.enable_proxies(list(self.runtime.services))
-        except ListenError as exc:
-            raise ApiError(str(exc), 500) from exc
-        for service in self.runtime.services.values():
-            reset_toxics(service)
+        def reset(target: Target) -> Edit:
+            proxies = tuple(dataclasses.replace(p, toxics=()) for p in target.config.proxies)
+            return Edit(Target(dataclasses.replace(target.config, proxies=proxies)))
+
+        await self.host.change(reset)
         return Response(204)
 
     # -- toxics --------------------------------------------------------------
 
     async def toxic_index(self, proxy: str, body: bytes) -> Response:
-        return _json(200, [_toxic_json(t) for t in list_toxics(self._service(proxy))])
+        return _json(200, list((await self._view(proxy)).toxics))
 
     async def toxic_show(self, proxy: str, toxic: str, body: bytes) -> Response:
-        service = self._service(proxy)
-        try:
-            return _json(200, _toxic_json(get_toxic(service, toxic)))
-        except ToxicNotFound:
-            raise ApiError(TOXIC_NOT_FOUND, 404) from None
+        for data in (await self._view(proxy)).toxics:
+            if data["name"] == toxic:
+                return _json(200, data)
+        raise ApiError(TOXIC_NOT_FOUND, 404)
 
     async def toxic_create(self, proxy: str, body: bytes) -> Response:
-        service = self._service(proxy)
+        self._proxy(self.host.target, proxy)
         data = _object(body, TOXIC_FIELDS)
         stream = data.get("stream")
         if stream is None or stream == "":
@@ -343,99 +360,129 @@ class ToxiproxyAPI:
             raise ApiError(f"{BAD_BODY}: name: expected a string, got {name!r}", 400)
         if not isinstance(kind, str) or kind not in TOXICS:
             raise ApiError(INVALID_TYPE, 400)
-        if any(element.name == name for element in service.elements):
-            raise ApiError(TOXIC_EXISTS, 409)
         toxicity = data.get("toxicity")
         try:
             toxic = make_toxic(kind, name=name, stream=stream,
                                toxicity=DEFAULT_TOXICITY if toxicity is None else toxicity,
                                attributes=data.get("attributes") or {},
                                conditions=data.get("conditions"),
-                               seed=_seed(data.get("seed"), service.config.seed))
+                               seed=_seed(data.get("seed"),
+                                          self._proxy(self.host.target, proxy).seed))
         except ToxicError as exc:
             raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
-        try:
-            add_toxic(service, toxic)
-        except ToxicExists:
-            raise ApiError(TOXIC_EXISTS, 409) from None
-        return _json(200, _toxic_json(toxic))
+        view = await self._view(proxy)
+        taken = set(view.elements)
+
+        def create(target: Target) -> Edit:
+            config = self._proxy(target, proxy)
+            if name in taken or any(t.name == name for t in config.toxics):
+                raise ApiError(TOXIC_EXISTS, 409)
+            spec = toxic_spec(toxic)
+            return Edit(target.with_proxy(dataclasses.replace(config,
+                                                              toxics=(*config.toxics, spec))))
+
+        await self.host.change(create)
+        return _json(200, toxic_json(toxic))
 
     async def toxic_update(self, proxy: str, toxic: str, body: bytes) -> Response:
-        service = self._service(proxy)
-        try:
-            get_toxic(service, toxic)
-        except ToxicNotFound:
-            raise ApiError(TOXIC_NOT_FOUND, 404) from None
+        spec = await self._spec(proxy, toxic)
         data = _object(body, TOXIC_FIELDS)
         attributes = data.get("attributes")
         if attributes is not None and not isinstance(attributes, Mapping):
             raise ApiError(f"{BAD_BODY}: attributes: expected an object", 400)
+        toxicity = data.get("toxicity")
         try:
-            updated = update_toxic(service, toxic, toxicity=data.get("toxicity"),
-                                   attributes=attributes)
+            updated = build_toxic(dataclasses.replace(
+                spec, toxicity=spec.toxicity if toxicity is None else toxicity,
+                attributes=tuple(sorted({**dict(spec.attributes), **(attributes or {})}.items()))))
         except ToxicError as exc:
             raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
-        return _json(200, _toxic_json(updated))
+        new_spec = dataclasses.replace(toxic_spec(updated), seed=spec.seed)
+
+        def update(target: Target) -> Edit:
+            config = self._proxy(target, proxy)
+            toxics = tuple(new_spec if t.name == toxic and t.at_s == 0 and t.until_s is None
+                           else t for t in config.toxics)
+            return Edit(target.with_proxy(dataclasses.replace(config, toxics=toxics)))
+
+        await self.host.change(update)
+        return _json(200, toxic_json(updated))
 
     async def toxic_delete(self, proxy: str, toxic: str, body: bytes) -> Response:
-        service = self._service(proxy)
-        try:
-            remove_toxic(service, toxic)
-        except ToxicNotFound:
-            raise ApiError(TOXIC_NOT_FOUND, 404) from None
+        await self._spec(proxy, toxic)
+
+        def delete(target: Target) -> Edit:
+            config = self._proxy(target, proxy)
+            toxics = tuple(t for t in config.toxics if t.name != toxic)
+            return Edit(target.with_proxy(dataclasses.replace(config, toxics=toxics)))
+
+        await self.host.change(delete)
         return Response(204)
 
     # -- helpers -------------------------------------------------------------
 
-    def _service(self, name: str) -> ProxyService:
-        service = self.runtime.services.get(name)
-        if service is None:
+    def _proxy(self, target: Target, name: str) -> ProxyConfig:
+        config = target.proxy(name)
+        if config is None:
             raise ApiError(PROXY_NOT_FOUND, 404)
-        return service
+        return config
+
+    async def _view(self, name: str) -> ProxyView:
+        self._proxy(self.host.target, name)
+        view = (await self.host.views()).get(name)
+        if view is None:
+            raise ApiError(PROXY_NOT_FOUND, 404)
+        return view
+
+    async def _spec(self, proxy: str, toxic: str) -> ToxicSpec:
+        """The toxic's spec in the target: one the configuration or the API put
+        there (a toxic of the timeline is changed in the configuration)."""
+        config = self._proxy(self.host.target, proxy)
+        for spec in config.toxics:
+            if spec.name == toxic and spec.at_s == 0 and spec.until_s is None:
+                return spec
+        if any(t["name"] == toxic for t in (await self._view(proxy)).toxics):
+            raise ApiError(f"toxic {toxic!r} is on the configuration's timeline "
+                           "(at_s/until_s): change it in the configuration file", 409)
+        raise ApiError(TOXIC_NOT_FOUND, 404)
+
+    async def _answer(self, status: int, name: str) -> Response:
+        config = self._proxy(self.host.target, name)
+        return _json(status, self._proxy_json(config, (await self.host.views()).get(name)))
 
     def _forget(self, name: str) -> None:
         for texts in (self._listen_text, self._upstream_text, self._last_bound):
             texts.pop(name, None)
 
-    def _add(self, config: ProxyConfig, listen: str, upstream: str,
-             enabled: bool) -> ProxyService:
-        try:
-            service = self.runtime.add_proxy(config, enabled=enabled)
-        except ListenError as exc:
-            raise ApiError(str(exc), 500) from exc
-        self._listen_text[config.name] = listen
-        self._upstream_text[config.name] = upstream
-        return service
-
-    def _listen(self, service: ProxyService) -> str:
+    def _listen(self, config: ProxyConfig, view: ProxyView | None) -> str:
         """Where the proxy listens: the bound address (real port) while enabled or
         once it has been, else the address it was given (as Toxiproxy reports it)."""
-        if service.enabled and service.listeners:
-            bound = self._last_bound[service.name] = ",".join(service.addresses)
+        if view is not None and view.enabled and view.bound:
+            bound = self._last_bound[config.name] = ",".join(view.bound)
             return bound
-        text = self._last_bound.get(service.name) or self._listen_text.get(service.name)
-        return text if text is not None else ",".join(str(a) for a in service.config.listen)
+        text = self._last_bound.get(config.name) or self._listen_text.get(config.name)
+        return text if text is not None else ",".join(str(a) for a in config.listen)
 
-    def _listen_forms(self, service: ProxyService) -> set[str]:
+    def _listen_forms(self, config: ProxyConfig, view: ProxyView | None) -> set[str]:
         """Every text that names the proxy's current listen address."""
-        forms = {self._listen(service), ",".join(str(a) for a in service.config.listen)}
+        forms = {self._listen(config, view), ",".join(str(a) for a in config.listen)}
         forms.discard("")
-        text = self._listen_text.get(service.name)
+        text = self._listen_text.get(config.name)
         if text is not None:
             forms.add(text)
         return forms
 
-    def _upstream(self, service: ProxyService) -> str:
-        text = self._upstream_text.get(service.name)
-        return text if text is not None else ",".join(str(u) for u in service.config.upstreams)
+    def _upstream(self, config: ProxyConfig) -> str:
+        text = self._upstream_text.get(config.name)
+        return text if text is not None else ",".join(str(u) for u in config.upstreams)
 
-    def _proxy_json(self, service: ProxyService) -> dict[str, Any]:
+    def _proxy_json(self, config: ProxyConfig, view: ProxyView | None) -> dict[str, Any]:
         return {
-            "name": service.name,
-            "listen": self._listen(service),
-            "upstream": self._upstream(service),
-            "enabled": service.enabled,
-            "toxics": [_toxic_json(t) for t in list_toxics(service)],
+            "name": config.name,
+            "listen": self._listen(config, view),
+            "upstream": self._upstream(config),
+            "enabled": config.name not in self.host.target.disabled,
+            "toxics": list(view.toxics) if view is not None else [],
         }
 
 
@@ -447,14 +494,6 @@ def _seed(given: object, proxy_seed: int) -> int | None:
         raise ApiError(f"{BAD_BODY}: seed: expected a whole number of at least 0, got {given!r}",
                        400)
     return given
-
-
-def _toxic_json(toxic: Toxic[Any]) -> dict[str, Any]:
-    data = toxic.to_json()
-    conditions = toxic.conditions.to_json()
-    if conditions:  # midway's own; absent unless set, so strict clients see Toxiproxy's shape
-        data["conditions"] = conditions
-    return data
 
 
 def _json(status: int, value: Any) -> Response:

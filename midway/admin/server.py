@@ -25,7 +25,11 @@ or hostile one costs a bounded share:
   most :data:`MAX_BODY` bytes (413); http.server caps a request or header line
   at 64 KiB (414, 431) and a request at 100 headers (431);
 * a route that does not answer within :data:`ROUTE_TIMEOUT_S` gets 503, as
-  Toxiproxy's own timeout handler does.
+  Toxiproxy's own timeout handler does;
+* with an admin token set (``admin_token`` or ``admin_token_file``), a request
+  without ``Authorization: Bearer TOKEN`` gets 401 (the token compared in
+  constant time); with none set, as by default, no header is needed, so
+  Toxiproxy's clients work unchanged on loopback.
 
 Every error is a JSON ``{"error", "status"}`` body, and what a peer does
 (resetting, leaving before its answer, timing out) is logged at debug level,
@@ -35,25 +39,23 @@ never as a traceback.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import io
 import json
 import logging
 import socket
-import socketserver
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config.addresses import parse_address
 from ..config.schema import ProxyConfig
-from ..errors import ListenError, describe_oserror
+from ..core.listener import bind_tcp
 from .routes import Response, ToxiproxyAPI
-
-if TYPE_CHECKING:
-    from ..runtime import Runtime
 
 __all__ = ["AdminServer", "BACKLOG", "MAX_BODY", "MAX_CONNECTIONS", "IDLE_TIMEOUT_S",
            "REQUEST_TIMEOUT_S", "ROUTE_TIMEOUT_S"]
@@ -86,29 +88,29 @@ _REFUSED_LOG_EVERY_S = 10.0
 
 
 class AdminServer:
-    """Serves :class:`~midway.admin.routes.ToxiproxyAPI` for ``runtime`` on
-    ``address`` (``host:port``; port 0 picks one, see :attr:`address`).
+    """Serves ``api`` (:class:`~midway.admin.routes.ToxiproxyAPI`) on ``address``
+    (``host:port``; port 0 picks one, see :attr:`address`).  ``token`` gives the
+    admin token in force (asked at each request, so a reload can change it):
+    when it is not empty, every request must carry ``Authorization: Bearer
+    TOKEN`` or is answered 401.
 
     :meth:`start` binds (raising :class:`ListenError`) and must be called on the
-    runtime's event loop; :meth:`stop` stops accepting and closes the socket."""
+    event loop the routes run on; :meth:`stop` stops accepting and closes the
+    socket."""
 
-    def __init__(self, runtime: Runtime, address: str) -> None:
-        self.api = ToxiproxyAPI(runtime)
+    def __init__(self, api: ToxiproxyAPI, address: str,
+                 token: Callable[[], str] = lambda: "") -> None:
+        self.api = api
         self.requested = address
+        self.token = token
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        addr = parse_address(self.requested, listen=True)
-        try:
-            infos = socket.getaddrinfo(addr.host or None, addr.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-            family, _, _, _, sockaddr = infos[0]
-            httpd = _HTTPServer(sockaddr, family, self.api, loop)
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {self.requested} for the admin API: "
-                              f"{describe_oserror(exc)}") from exc
+        sock = bind_tcp(parse_address(self.requested, listen=True), backlog=BACKLOG,
+                        what=" for the admin API")
+        httpd = _HTTPServer(sock, self.api, loop, self.token)
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, args=(_POLL_S,),
                                         name="midway-admin", daemon=True)
@@ -144,14 +146,19 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = BACKLOG
 
-    def __init__(self, sockaddr: Any, family: int, api: ToxiproxyAPI,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.address_family = family
+    def __init__(self, sock: socket.socket, api: ToxiproxyAPI,
+                 loop: asyncio.AbstractEventLoop, token: Callable[[], str]) -> None:
+        self.address_family = sock.family
         self.api = api
         self.loop = loop
+        self.token = token
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._refused_logged_at = -_REFUSED_LOG_EVERY_S
-        super().__init__(sockaddr, _Handler)
+        super().__init__(sock.getsockname(), _Handler, bind_and_activate=False)
+        self.socket.close()  # the one socketserver made: ours is bound and listening
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Called by the accept loop: serve on a thread of its own if there is a
@@ -197,11 +204,6 @@ class _HTTPServer(ThreadingHTTPServer):
         else:
             log.error("admin API: request from %s failed", client_address, exc_info=exc)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind would look up our own name (socket.getfqdn), which
-        # can stall on a misconfigured resolver; we do not need it.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -291,6 +293,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(Response(400, _error_body("bad Content-Length", 400)))
             return
         body = self.rfile.read(length) if length else b""
+        token = self.server.token()
+        if token and not _authorized(self.headers.get("Authorization", ""), token):
+            self._send(Response(401, _error_body(
+                "this admin API needs a token: send Authorization: Bearer TOKEN", 401),
+                headers=(("WWW-Authenticate", 'Bearer realm="midway"'),)))
+            return
         coro = self.server.api.handle(self.command, self.path, body,
                                       self.headers.get("User-Agent", ""))
         try:
@@ -316,6 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
         if response.status != 204:  # RFC 9110: a 204 has neither
             self.send_header("Content-Type", response.content_type)
             self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -324,6 +334,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("admin API: %s: %s", self.address_string(), format % args)
+
+
+def _authorized(header: str, token: str) -> bool:
+    """Whether ``header`` is ``Bearer TOKEN`` (RFC 6750; the scheme's case is
+    free), compared in constant time so the answer's timing reveals nothing."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
 
 
 def _error_body(message: str, status: int) -> bytes:

@@ -85,6 +85,7 @@ import asyncio
 import concurrent.futures
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import logging
@@ -187,13 +188,18 @@ class HookError(MidwayError):
 # --- loading ----------------------------------------------------------------
 
 
-def _import_target(spec: str, path: str) -> object:
+def _import_target(spec: str, path: str, fresh: bool = False) -> object:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(path, f"hook {spec!r}: expected MODULE:ATTR, e.g. 'examples.rewrite:rewrite'")
     try:
         if module_name.endswith(".py"):
             module = _import_file(module_name)
+        elif fresh:
+            cwd = os.getcwd()
+            if cwd not in sys.path and "" not in sys.path:
+                sys.path.insert(0, cwd)
+            module = _import_fresh(module_name)
         else:
             # Like uvicorn and gunicorn: modules next to where midway is run are
             # found even when it runs as an installed script.
@@ -224,15 +230,54 @@ def _import_target(spec: str, path: str) -> object:
 
 
 def _import_file(filename: str) -> types.ModuleType:
+    """A hook file, run anew each time (so a reload sees it as it is now)."""
     if not os.path.isfile(filename):
         raise FileNotFoundError(filename)
     name = "midway_hook_" + os.path.splitext(os.path.basename(filename))[0]
     loader_spec = importlib.util.spec_from_file_location(name, filename)
     if loader_spec is None or loader_spec.loader is None:
         raise FileNotFoundError(filename)
+    return _execute(loader_spec)
+
+
+def _import_fresh(name: str) -> types.ModuleType:
+    """Import module ``name`` anew, as a reload asks: a new module object under
+    the same name (connections still running the old hook keep the old module and
+    its globals, which ``importlib.reload`` would change under them).  Only this
+    module is imported again; its parent packages and what it imports are not."""
+    previous = sys.modules.pop(name, None)
+    importlib.invalidate_caches()  # a module file created since the last import
+    try:
+        loader_spec = importlib.util.find_spec(name)
+        if loader_spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return _execute(loader_spec)
+    except BaseException:
+        if previous is not None:
+            sys.modules[name] = previous
+        raise
+
+
+def _execute(loader_spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+    """Run a module's source into a new module registered under its name.  A
+    source file is compiled from what is on disk now, not from ``__pycache__``:
+    bytecode is trusted by the source's modification time in whole seconds and
+    its size, so an edit within the same second that keeps the size would run
+    the old code."""
+    assert loader_spec.loader is not None
     module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[name] = module
-    loader_spec.loader.exec_module(module)
+    sys.modules[loader_spec.name] = module
+    try:
+        origin = loader_spec.origin
+        if origin and origin.endswith(".py") and os.path.isfile(origin):
+            with open(origin, "rb") as source:
+                code = compile(source.read(), origin, "exec", dont_inherit=True)
+            exec(code, module.__dict__)
+        else:
+            loader_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(loader_spec.name, None)
+        raise
     return module
 
 
@@ -280,11 +325,13 @@ def _framers(target: object, spec: str, path: str) -> tuple[dict[Direction, str 
     return specs, max_size
 
 
-def load_hook(spec: str, path: str = "hooks") -> HookElement:
+def load_hook(spec: str, path: str = "hooks", *, fresh: bool = False) -> HookElement:
     """Import the hook ``spec`` (``module:attr`` or ``file.py:attr``) and check
-    it.  Raises :class:`~midway.errors.ConfigError` at ``path`` naming the hook
-    when it cannot be imported, has no hook method, or declares a bad framing."""
-    target = _import_target(spec, path)
+    it; ``fresh`` imports the module anew even if it was imported before (a
+    reload; a ``file.py`` is always read anew).  Raises
+    :class:`~midway.errors.ConfigError` at ``path`` naming the hook when it
+    cannot be imported, has no hook method, or declares a bad framing."""
+    target = _import_target(spec, path, fresh)
     return HookElement(target, spec, path=path)
 
 

@@ -45,7 +45,8 @@ from .schema import (
 )
 
 __all__ = ["load_config", "config_from_dict", "build_options", "check_admin", "check_writable",
-           "check_server_outputs", "register_list_parser", "ListParser"]
+           "check_server_outputs", "check_workers", "admin_token", "register_list_parser",
+           "ListParser"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -334,13 +335,45 @@ def check_admin(server: ServerConfig) -> None:
     if address.is_unix:
         raise ConfigError("server.admin", "the admin API listens on TCP: give host:port")
     if not server.admin_allow_remote and not _is_loopback(address.host):
-        raise ConfigError("server.admin", f"{server.admin!r} is not a loopback address and the "
-                                          "admin API has no authentication; set "
-                                          "admin_allow_remote (--admin-allow-remote) to "
-                                          "serve it there anyway")
-    if server.workers != 1:
-        raise ConfigError("server.admin", "the admin API needs workers = 1 (it changes the "
-                                          "proxies of one process)")
+        raise ConfigError("server.admin", f"{server.admin!r} is not a loopback address, where "
+                                          "anyone who reaches it controls every proxy; set "
+                                          "admin_allow_remote (--admin-allow-remote), and an "
+                                          "admin token, to serve it there anyway")
+    if server.admin_token and server.admin_token_file:
+        raise ConfigError("server.admin_token_file", "give admin_token or admin_token_file, "
+                                                     "not both")
+
+
+def admin_token(server: ServerConfig) -> str:
+    """The admin token in force: ``admin_token``, or the first line of
+    ``admin_token_file`` (read now), or ``""`` for none.  Raises
+    :class:`ConfigError` if the file cannot be read or holds no token."""
+    if not server.admin_token_file:
+        return server.admin_token
+    path = server.admin_token_file
+    try:
+        with open(path, encoding="utf-8") as file:
+            token = file.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError("server.admin_token_file", f"cannot read {path}: {reason}") from exc
+    if not token:
+        raise ConfigError("server.admin_token_file", f"{path}: the first line is empty "
+                                                     "(expected the token)")
+    return token
+
+
+def check_workers(server: ServerConfig, proxies: typing.Iterable[ProxyConfig]) -> None:
+    """The one rule that needs a single process: a unix-socket listener (Linux
+    has no SO_REUSEPORT for unix sockets, so workers cannot share one).  Raises
+    :class:`ConfigError` naming the listener."""
+    if server.workers == 1:
+        return
+    for proxy in proxies:
+        for i, address in enumerate(proxy.listen):
+            if address.is_unix:
+                raise ConfigError(f"proxy.{proxy.name}.listen[{i}]",
+                                  f"{address}: unix-socket listeners need workers = 1")
 
 
 def check_writable(path: str, key: str) -> None:
@@ -392,4 +425,5 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     # TOML itself rejects a table defined twice, so names are unique here; a dict
     # built by code is unique by construction too.
     _check_listeners(proxies)
+    check_workers(server, proxies)
     return Config(server=server, proxies=tuple(proxies))

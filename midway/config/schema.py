@@ -356,7 +356,8 @@ class ServerConfig:
     drain_timeout_s: float = option(
         30.0,
         "On SIGTERM/SIGINT, stop accepting and let open connections finish for at "
-        "most this long, then close them.  A second signal exits at once.",
+        "most this long, then close them.  A second signal exits at once.  A proxy "
+        "that a reload removes drains for as long.",
         unit="seconds", zero="close open connections at once",
         provenance="Kubernetes' default termination grace period", minimum=0,
         metavar="SECONDS",
@@ -389,15 +390,31 @@ class ServerConfig:
     admin: str = option(
         "",
         "Serve the admin HTTP API, compatible with Toxiproxy 2.x (create proxies, add "
-        "and remove toxics), on this host:port.  With no proxies configured, midway "
-        "then behaves like toxiproxy-server.  Only a loopback address is accepted "
-        "unless admin_allow_remote is set; needs workers = 1.",
+        "and remove toxics), with GET /metrics (Prometheus) and POST /reload, on this "
+        "host:port.  With no proxies configured, midway then behaves like "
+        "toxiproxy-server.  With workers, the supervisor serves it and every change "
+        "reaches every worker.  Only a loopback address is accepted unless "
+        "admin_allow_remote is set.  Cannot change on reload (restart midway).",
         zero="(empty) no admin API", metavar="HOST:PORT",
     )
     admin_allow_remote: bool = option(
         False,
-        "Allow the admin API on a non-loopback address.  The API has no "
-        "authentication: whoever reaches it can reconfigure and stop every proxy.",
+        "Allow the admin API on a non-loopback address.  Whoever reaches the API can "
+        "reconfigure and stop every proxy: set admin_token too.",
+    )
+    admin_token: str = option(
+        "",
+        "A secret every admin API request must carry as 'Authorization: Bearer TOKEN' "
+        "(else 401).  Not a command-line flag, where other users could read it in the "
+        "process list: use admin_token_file there.",
+        zero="(empty) no token needed, as Toxiproxy's clients expect", cli=False,
+        metavar="TOKEN",
+    )
+    admin_token_file: str = option(
+        "",
+        "Read the admin token from this file (its first line; surrounding whitespace "
+        "is ignored), again at each reload.",
+        zero="(empty) the token is admin_token", metavar="PATH",
     )
 
 

@@ -20,11 +20,12 @@ import os
 import socket
 import stat
 from collections.abc import Callable
+from typing import Any
 
 from ..config.addresses import Address
 from ..errors import ListenError, describe_oserror
 
-__all__ = ["Listener", "open_listening_socket", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S"]
+__all__ = ["Listener", "open_listening_socket", "bind_tcp", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S"]
 
 log = logging.getLogger("midway")
 
@@ -39,38 +40,69 @@ _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, er
 
 def open_listening_socket(address: Address, backlog: int, *,
                           reuse_port: bool = False) -> socket.socket:
-    """Bind and listen on ``address``; raises :class:`ListenError` naming it.
-    ``reuse_port`` sets SO_REUSEPORT so several workers can share the address."""
+    """Bind and listen on ``address`` (TCP or unix); non-blocking.  Raises
+    :class:`ListenError` naming it.  ``reuse_port`` sets SO_REUSEPORT so several
+    workers can share the address."""
+    if not address.is_unix:
+        sock = bind_tcp(address, backlog=backlog, reuse_port=reuse_port)
+        sock.setblocking(False)
+        return sock
+    assert address.path is not None
     try:
-        if address.is_unix:
-            assert address.path is not None
-            _remove_stale_unix_socket(address.path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(address.path)
-                sock.listen(backlog)
-            except BaseException:
-                sock.close()
-                raise
-        elif address.host in ("", "::") and socket.has_dualstack_ipv6():
-            sock = socket.create_server(("::", address.port), family=socket.AF_INET6,
-                                        backlog=backlog, dualstack_ipv6=True,
-                                        reuse_port=reuse_port)
+        _remove_stale_unix_socket(address.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address.path)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {address}: {describe_oserror(exc)}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
+             what: str = "") -> socket.socket:
+    """The one place a TCP address becomes a bound socket: the proxies' listeners,
+    the admin API's and the supervisor's port reservations.  An empty host or
+    ``::`` binds every interface, IPv6 and IPv4 together where the system can
+    (else IPv4's); a name is resolved for a passive socket.  SO_REUSEADDR is set
+    (a restart does not wait for TIME_WAIT), SO_REUSEPORT with ``reuse_port``.
+    The socket listens with ``backlog``, or (``None``) is only bound, which holds
+    the port without receiving connections.  Blocking, as made.  Raises
+    :class:`ListenError` naming the address (and ``what`` listens there)."""
+    where = f"cannot listen on {address}{what}"
+    sockaddr: Any
+    try:
+        if address.host in ("", "::") and socket.has_dualstack_ipv6():
+            family, sockaddr, dual = socket.AF_INET6, ("::", address.port), True
         elif address.host == "":
-            sock = socket.create_server(("0.0.0.0", address.port), backlog=backlog,
-                                        reuse_port=reuse_port)
+            family, sockaddr, dual = socket.AF_INET, ("0.0.0.0", address.port), False
         else:
             infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
             family, _, _, _, sockaddr = infos[0]
-            sock = socket.create_server(sockaddr, family=family, backlog=backlog,
-                                        reuse_port=reuse_port)
+            dual = False
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {address}: cannot resolve {address.host!r} "
-                          f"({exc.strerror})") from exc
+        raise ListenError(f"{where}: cannot resolve {address.host!r} ({exc.strerror})") from exc
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
-        raise ListenError(f"cannot listen on {address}: {describe_oserror(exc)}") from exc
-    sock.setblocking(False)
+        raise ListenError(f"{where}: {describe_oserror(exc)}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+        sock.bind(sockaddr)
+        if backlog is not None:
+            sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"{where}: {describe_oserror(exc)}") from exc
     return sock
 
 

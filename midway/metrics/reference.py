@@ -44,8 +44,7 @@ text format, version 0.0.4 (`Content-Type: {CONTENT_TYPE}`).  Every metric
 is declared once, in `midway/metrics/table.py`; this page, the output and the
 tests come from that table.
 
-> Status: the metrics layer (`midway/metrics/`) is built and tested; serving it on
-> `GET /metrics` and collecting the workers' snapshots are being wired in (issue 12).
+> Status: served on `GET /metrics` and summed over the workers.
 
 ## How counting works
 

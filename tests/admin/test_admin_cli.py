@@ -39,7 +39,9 @@ def test_loopback_admin_is_accepted(address: str) -> None:
 
 def test_admin_refusals() -> None:
     for args, words in [
-        (["--admin", "127.0.0.1:8474", "--workers", "2"], "workers = 1"),
+        (["--admin", "127.0.0.1:8474", "--admin-token-file", "/nonexistent/token"],
+         "--admin-token-file: cannot read /nonexistent/token"),
+        (["--workers", "2", "unix:/tmp/midway-test.sock", "127.0.0.1:1"], "workers = 1"),
         (["--admin", "127.0.0.1:8474", "--toxic", "latency"], "needs LISTEN UPSTREAM"),
         (["--admin", "unix:/tmp/x"], "TCP"),
         (["--admin", "nope"], "host:port"),

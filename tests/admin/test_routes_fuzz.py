@@ -15,7 +15,11 @@ from hypothesis import strategies as st
 
 from midway.admin.routes import ToxiproxyAPI
 from midway.config.load import config_from_dict
-from midway.runtime import Runtime
+from midway.config.target import Target
+from midway.control.agent import WorkerAgent
+from midway.control.commands import LocalHandle
+from midway.control.plane import ControlPlane
+from midway.control.process import SingleFleet
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -28,7 +32,8 @@ bodies = st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(
 segments = st.sampled_from(["proxies", "p", "toxics", "latency_downstream", "ghost", ""]) \
     | st.text(max_size=10)
 paths = st.sampled_from(["/proxies", "/proxies/p", "/proxies/p/toxics", "/populate", "/reset",
-                         "/proxies/p/toxics/latency_downstream", "/version"]) \
+                         "/proxies/p/toxics/latency_downstream", "/version", "/metrics",
+                         "/reload"]) \
     | st.lists(segments, min_size=0, max_size=5).map(lambda s: "/" + "/".join(s))
 methods = st.sampled_from(["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD"])
 
@@ -57,17 +62,16 @@ def without_listen(body: bytes) -> bytes:
 def test_any_request_gets_an_answer_below_500(loop: asyncio.AbstractEventLoop, method: str,
                                               path: str, body: bytes) -> None:
     async def answer() -> tuple[int, bytes, str]:
-        runtime = Runtime(config_from_dict({}))
-        proxy = config_from_dict({"proxy": {"p": {"listen": "127.0.0.1:0",
-                                                  "upstreams": "127.0.0.1:1"}}}).proxies[0]
-        runtime.add_proxy(proxy, enabled=False)
-        api = ToxiproxyAPI(runtime)
+        config = config_from_dict({"proxy": {"p": {"listen": "127.0.0.1:0",
+                                                   "upstreams": "127.0.0.1:1"}}})
+        agent = WorkerAgent(Target(config, frozenset({"p"})))
+        await agent.start()
+        api = ToxiproxyAPI(ControlPlane(agent.running(), SingleFleet(LocalHandle(agent))))
         await api.handle("POST", "/proxies/p/toxics", b'{"type": "latency"}')
         try:
             response = await api.handle(method, path, without_listen(body), "fuzz")
         finally:
-            for name in list(runtime.services):
-                runtime.remove_proxy(name)
+            await agent.runtime.shutdown(0)
         return response.status, response.body, response.content_type
 
     status, text, content_type = loop.run_until_complete(answer())

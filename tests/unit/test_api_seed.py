@@ -14,7 +14,11 @@ import midway
 from midway.admin.routes import ToxiproxyAPI
 from midway.chain.toxics import make_toxic
 from midway.config.load import config_from_dict
-from midway.runtime import Runtime
+from midway.config.target import Target
+from midway.control.agent import WorkerAgent
+from midway.control.commands import LocalHandle
+from midway.control.plane import ControlPlane
+from midway.control.process import SingleFleet
 
 from ..helpers import run
 
@@ -61,17 +65,17 @@ def test_background_proxy_add_toxic_passes_the_seed_on() -> None:
 
 def admin_create(body: dict[str, Any], proxy_seed: int) -> tuple[int, Any, Any]:
     async def main() -> tuple[int, Any, Any]:
-        runtime = Runtime(config_from_dict({}))
         config = config_from_dict({"proxy": {"p": {
             "listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1", "seed": proxy_seed}}})
-        runtime.add_proxy(config.proxies[0], enabled=False)
-        api = ToxiproxyAPI(runtime)
+        agent = WorkerAgent(Target(config, frozenset({"p"})))
+        await agent.start()
+        api = ToxiproxyAPI(ControlPlane(agent.running(), SingleFleet(LocalHandle(agent))))
         try:
             response = await api.handle("POST", "/proxies/p/toxics", json.dumps(body).encode())
-            toxics = [e for e in runtime.services["p"].elements if hasattr(e, "seed")]
+            toxics = [e for e in agent.runtime.services["p"].elements if hasattr(e, "seed")]
             return response.status, json.loads(response.body), toxics[0] if toxics else None
         finally:
-            runtime.remove_proxy("p")
+            await agent.runtime.shutdown(0)
 
     return asyncio.run(main())
 

@@ -351,7 +351,8 @@ def _help_of(flag: str) -> str:
     """The help text of ``flag`` in ``midway --help``, on one line."""
     text = run("--help").stdout
     start = text.index(f"\n  {flag} ") + 1
-    end = text.index("\n  -", start + 1)
+    # Up to the next option, or to the blank line before the epilog (the last one).
+    end = min(i for i in (text.find("\n  -", start + 1), text.find("\n\n", start)) if i > 0)
     return " ".join(text[start:end].split())
 
 

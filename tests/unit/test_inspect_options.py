@@ -111,9 +111,14 @@ def test_checks_before_start(options: dict[str, object], path: str, message: str
     assert caught.value.path == path and message in caught.value.message
 
 
-def test_a_capture_needs_one_worker() -> None:
-    with pytest.raises(ConfigError, match="a capture needs workers = 1"):
-        check_elements(proxy(pcap="x.pcap"), workers=2)
+def test_with_workers_each_writes_a_capture_of_its_own() -> None:
+    from midway.config.schema import Config
+    from midway.control.agent import localize
+
+    config = Config(proxies=(proxy(pcap="/tmp/cap.pcap"), proxy(pcap="/tmp/raw")))
+    assert localize(config, 1, 1) is config  # one process: the path as given
+    second = localize(config, 2, 3)
+    assert [p.pcap for p in second.proxies] == ["/tmp/cap.w2.pcap", "/tmp/raw.w2"]
 
 
 def midway_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -53,6 +53,7 @@ __all__ = [
     "parse_toxic_tables",
     "toxic_table_from_spec",
     "build_toxic",
+    "toxic_spec",
     "static_toxics",
 ]
 
@@ -171,6 +172,17 @@ def build_toxic(spec: ToxicSpec, **kwargs: Any) -> Toxic[Any]:
         spec.type, name=spec.name, stream=spec.stream, toxicity=spec.toxicity,
         attributes=dict(spec.attributes), conditions=Conditions.from_mapping(dict(spec.conditions)),
         seed=spec.seed, **kwargs,
+    )
+
+
+def toxic_spec(toxic: Toxic[Any]) -> ToxicSpec:
+    """The spec that builds ``toxic`` again (:func:`build_toxic`): how a toxic
+    made through the admin API goes down to every worker, as data."""
+    return ToxicSpec(
+        type=toxic.type, name=toxic.name, stream=toxic.stream, toxicity=toxic.toxicity,
+        attributes=tuple(sorted(toxic.attributes.to_json().items())),
+        conditions=tuple(sorted(toxic.conditions.to_json().items())),
+        seed=toxic.seed if toxic.seed_given else None,  # else each worker draws its own
     )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "ToxicNotFound",
     "ToxicExists",
     "list_toxics",
+    "toxic_json",
     "get_toxic",
     "add_toxic",
     "update_toxic",
@@ -66,6 +67,16 @@ class ToxicExists(MidwayError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"toxic already exists: {name!r}")
+
+
+def toxic_json(toxic: Toxic[Any]) -> dict[str, Any]:
+    """A toxic as Toxiproxy's API shows it, plus midway's ``conditions`` when any
+    are set (absent otherwise, so strict clients see Toxiproxy's shape)."""
+    data = toxic.to_json()
+    conditions = toxic.conditions.to_json()
+    if conditions:
+        data["conditions"] = conditions
+    return data
 
 
 def list_toxics(host: ChainHost) -> list[Toxic[Any]]:

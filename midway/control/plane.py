@@ -1,0 +1,293 @@
+"""The control plane: one target for every worker, changed one step at a time.
+
+Theory of operation
+-------------------
+The :class:`ControlPlane` holds the *target* (:class:`~midway.config.target.Target`):
+the configuration every worker must run, with what the admin API changed since
+it was loaded.  Every change, whether an API call or a reload, is computed from
+the target in force under one lock (so two requests never both start from the
+same target and lose one of the changes), then sent as data to every running
+worker (:class:`~midway.control.commands.Apply`) through its
+:class:`~midway.control.commands.WorkerHandle`, all at once, and the call
+returns when each has answered:
+
+* every worker applied it: the new target is in force;
+* every worker refused it the same way (an address in use, a hook that does
+  not import): nothing changed anywhere, and the error is the answer;
+* some applied it and one did not (it died, did not answer in time, or failed
+  where the others did not): the new target is in force, since the workers
+  that applied it serve it, the answer is an error naming that worker, and the
+  fleet restarts it, so it comes back running the target in force, toxics
+  included.  No call waits for ever: each worker gets
+  :data:`~midway.control.commands.COMMAND_TIMEOUT_S`.
+
+A worker that is not running when a change is made (it is being restarted)
+is not waited for: it starts with the target in force.
+
+The fleet (:class:`Fleet`) is what differs between one process and several:
+for one process the only worker is this process's own agent, called directly;
+for several, the supervisor (:mod:`midway.workers`) holds the ports (so a port
+asked as 0 is the same for every worker) and restarts workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..admin.host import HostError, ProxyView
+from ..config.schema import Config, ProxyConfig
+from ..config.target import Edit, Target, keep_ports
+from ..errors import ConfigError, ListenError
+from ..metrics import merge_snapshots, render
+from . import notify
+from .commands import (
+    Applied,
+    Apply,
+    CollectMetrics,
+    Command,
+    CommandFailed,
+    Views,
+    WorkerHandle,
+    WorkerLost,
+)
+from .plan import live_server
+
+__all__ = ["ControlPlane", "Fleet", "Loader", "merge_reload"]
+
+log = logging.getLogger("midway")
+
+Loader = Callable[[], Config]
+"""Reads and validates the configuration file, exactly as a start and
+``--check`` do; raises :class:`ConfigError` naming the key."""
+
+
+class Fleet(Protocol):
+    """The workers, as the control plane needs them."""
+
+    def handles(self) -> list[WorkerHandle]:
+        """The workers running now."""
+        ...
+
+    def reserve(self, target: Target) -> Target:
+        """Hold every address ``target`` listens on; return it with real ports.
+        Raises :class:`ListenError`."""
+        ...
+
+    def release(self, target: Target) -> None:
+        """Let go of the addresses ``target`` no longer uses."""
+        ...
+
+    def lost(self, handle: WorkerHandle, why: str) -> None:
+        """``handle`` did not apply what the others did: bring it back in step."""
+        ...
+
+
+class ControlPlane:
+    """Implements :class:`~midway.admin.host.AdminHost` over a :class:`Fleet`.
+
+    ``loader`` re-reads the configuration file for a reload (``None``: there is
+    no file, midway was started from the command line)."""
+
+    def __init__(self, target: Target, fleet: Fleet, loader: Loader | None = None) -> None:
+        self._target = target
+        self._loaded = target.config
+        """The configuration as last read from the file (or the command line)."""
+        self.fleet = fleet
+        self.loader = loader
+        self._lock = asyncio.Lock()
+        self.reloads = 0
+        self.reloaded: list[Callable[[], None]] = []
+        """Called after each successful reload (the admin API takes its new token)."""
+
+    @property
+    def target(self) -> Target:
+        return self._target
+
+    def started(self, target: Target) -> None:
+        """The target as the workers started it (ports asked as 0 now bound)."""
+        self._target = target
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a change is made (a worker being started waits for it)."""
+        return self._lock
+
+    # -- changes ----------------------------------------------------------------
+
+    async def change(self, edit: Callable[[Target], Edit]) -> Target:
+        async with self._lock:
+            step = edit(self._target)
+            target, _ = await self._apply(step.target, step.reset, reload=False)
+            return target
+
+    async def _apply(self, target: Target, reset: frozenset[str], *,
+                     reload: bool) -> tuple[Target, Applied | None]:
+        try:
+            target = self.fleet.reserve(target)
+        except ListenError as exc:
+            raise HostError(str(exc), 500) from exc
+        except ConfigError as exc:  # what the workers cannot share (a unix socket)
+            raise HostError(str(exc), 400) from exc
+        command = Apply(target, reset, reload)
+        handles = self.fleet.handles()
+        answers = await asyncio.gather(*(h.call(command) for h in handles),
+                                       return_exceptions=True)
+        applied = [a for a in answers if isinstance(a, Applied)]
+        failed = [(h, a) for h, a in zip(handles, answers, strict=True)
+                  if not isinstance(a, Applied)]
+        for handle, answer in failed:
+            if not isinstance(answer, CommandFailed | WorkerLost):
+                log.error("worker %d: %s failed", handle.number, type(command).__name__,
+                          exc_info=answer)
+        if failed and not applied and not any(isinstance(a, WorkerLost) for _, a in failed):
+            # Refused by all: nothing changed anywhere.
+            self.fleet.release(self._target)
+            raise _refusal(failed)
+        if applied:
+            target = _pin(target, applied[0].listen)
+        self._target = target
+        self.fleet.release(target)
+        for handle, answer in failed:
+            self.fleet.lost(handle, _what(answer))
+        if failed:
+            raise HostError("; ".join(f"worker {h.number} (pid {h.pid}): {_what(a)}"
+                                      for h, a in failed)
+                            + "; the others applied the change, and the worker is "
+                              "restarted with it", 503)
+        return target, applied[0] if applied else None
+
+    # -- reload ----------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the file and apply it (SIGHUP, ``POST /reload``).  On any
+        error the running configuration stays and :class:`HostError` says why
+        (400: the file; 500/503: a worker)."""
+        if self.loader is None:
+            message = ("reload: midway was started without --config: there is no file to "
+                       "read again; nothing changed")
+            log.warning("%s", message)
+            raise HostError(message, 409)
+        async with self._lock:
+            notify.notify(notify.RELOADING)
+            try:
+                return await self._reload(self.loader)
+            finally:
+                notify.notify(notify.READY)
+
+    async def _reload(self, loader: Loader) -> dict[str, Any]:
+        try:
+            loaded = loader()
+        except ConfigError as exc:
+            log.error("reload: %s; still running the previous configuration", exc)
+            raise HostError(f"reload: {exc}", 400) from exc
+        target = merge_reload(self._target, self._loaded, loaded)
+        try:
+            target, _ = await self._apply(target, frozenset(), reload=True)
+        except HostError as exc:
+            log.error("reload: %s", exc.message)
+            raise
+        self._loaded = loaded
+        self.reloads += 1
+        for callback in self.reloaded:
+            callback()
+        _, restart = live_server(target.config.server, loaded.server)
+        for key in restart:
+            log.warning("reload: server.%s changed from %r to %r: restart midway to apply it "
+                        "(%r stays in force meanwhile)", key, getattr(target.config.server, key),
+                        getattr(loaded.server, key), getattr(target.config.server, key))
+        names = [p.name for p in target.config.proxies]
+        log.info("reload: done (%d proxies: %s)", len(names), ", ".join(names) or "none")
+        return {"reloaded": True, "proxies": names, "restart_needed": restart}
+
+    # -- state -------------------------------------------------------------------
+
+    async def views(self) -> dict[str, ProxyView]:
+        answer: dict[str, ProxyView] = await self.ask(Views())
+        return answer
+
+    async def ask(self, command: Command) -> Any:
+        """``command``'s answer from one running worker (the next if it fails)."""
+        problems = []
+        for handle in self.fleet.handles():
+            try:
+                return await handle.call(command)
+            except (CommandFailed, WorkerLost) as exc:
+                problems.append(f"worker {handle.number}: {exc}")
+        raise HostError("; ".join(problems) or "no worker is running (restarting)", 503)
+
+    async def gather(self, command: Command) -> list[tuple[int, Any]]:
+        """``command``'s answer from every running worker, as ``(worker number,
+        answer)``; raises :class:`HostError` naming any worker that did not answer."""
+        handles = self.fleet.handles()
+        answers = await asyncio.gather(*(h.call(command) for h in handles),
+                                       return_exceptions=True)
+        failed = [(h, a) for h, a in zip(handles, answers, strict=True)
+                  if isinstance(a, BaseException)]
+        if failed:
+            raise HostError("; ".join(f"worker {h.number} (pid {h.pid}): {_what(a)}"
+                                      for h, a in failed), 503)
+        return [(h.number, a) for h, a in zip(handles, answers, strict=True)]
+
+    async def metrics(self) -> str:
+        """Every running worker's metrics, summed, in Prometheus's text format.
+        A worker that does not answer fails the scrape (503) rather than making
+        the totals drop."""
+        snapshots = [snapshot for _, snapshot in await self.gather(CollectMetrics())]
+        return render(merge_snapshots(snapshots))
+
+
+def merge_reload(current: Target, loaded_before: Config, loaded: Config) -> Target:
+    """The target after a reload: the file's proxies as it says them now, each
+    with the toxics the admin API added to it (those not in the file before nor
+    now), the proxies the API created (not in the file before nor now) kept as
+    they are, and API-disabled proxies still disabled.  What the file says wins
+    over what the API changed in a proxy of the file.  Server settings that need
+    a restart keep their running values (:func:`~midway.control.plan.live_server`)."""
+    running = {p.name: p for p in current.config.proxies}
+    before = {p.name: p for p in loaded_before.proxies}
+    proxies: list[ProxyConfig] = []
+    for proxy in loaded.proxies:
+        now = running.get(proxy.name)
+        if now is not None:
+            old_names = {t.name for t in before[proxy.name].toxics} if proxy.name in before \
+                else set()
+            names = {t.name for t in proxy.toxics}
+            added = tuple(t for t in now.toxics
+                          if t.name not in old_names and t.name not in names)
+            proxy = dataclasses.replace(proxy, toxics=proxy.toxics + added,
+                                        listen=keep_ports(proxy.listen, now.listen))
+        proxies.append(proxy)
+    file_names = {p.name for p in loaded.proxies}
+    proxies.extend(p for name, p in running.items()
+                   if name not in before and name not in file_names)
+    server, _ = live_server(current.config.server, loaded.server)
+    names = {p.name for p in proxies}
+    return Target(Config(server=server, proxies=tuple(proxies)), current.disabled & names)
+
+
+def _pin(target: Target, listen: dict[str, tuple[Any, ...]]) -> Target:
+    proxies = tuple(dataclasses.replace(p, listen=listen[p.name]) if p.name in listen else p
+                    for p in target.config.proxies)
+    return dataclasses.replace(target, config=dataclasses.replace(target.config,
+                                                                  proxies=proxies))
+
+
+def _what(answer: object) -> str:
+    if isinstance(answer, CommandFailed | WorkerLost):
+        return str(answer)
+    return f"{type(answer).__name__}: {answer}"
+
+
+def _refusal(failed: list[tuple[WorkerHandle, BaseException]]) -> HostError:
+    """Every worker refused: one error if they agree (the usual case), else each."""
+    first = failed[0][1]
+    if isinstance(first, CommandFailed) and all(
+            isinstance(a, CommandFailed) and (a.message, a.status) == (first.message, first.status)
+            for _, a in failed):
+        return HostError(first.message, first.status)
+    return HostError("; ".join(f"worker {h.number} (pid {h.pid}): {_what(a)}"
+                               for h, a in failed), 500)

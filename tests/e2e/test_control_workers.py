@@ -1,0 +1,315 @@
+"""One control plane for ``workers = 2``, over real processes: a toxic added
+through the admin API reaches both workers, ``/metrics`` adds both up to exactly
+what the access log says, each worker writes a capture of its own, and a worker
+killed in the middle of an API call or a reload makes the API answer an error
+(never hang) and comes back running what the others run."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..helpers import ProxyProcess, needs, wait_until
+from ..metrics.support import value
+from .test_reload import write_config
+from .test_workers import children, supervised
+
+pytestmark = [pytest.mark.one_mode, pytest.mark.timeout(180)]
+
+WORKER_LISTENING = re.compile(r"midway\[worker (\d+), pid (\d+)\] INFO default: listening on")
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A blocking echo server on threads; counts the connections it accepted."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=128)
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+class Api:
+    def __init__(self, proxy: ProxyProcess) -> None:
+        assert wait_until(lambda: any("admin API" in line for line in proxy.stderr_lines),
+                          timeout=20), proxy.stderr_text()
+        line = next(line for line in proxy.stderr_lines if "admin API" in line)
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, None if body is None else json.dumps(body),
+                         headers={"User-Agent": "midway-tests", **(headers or {})})
+            response = conn.getresponse()
+            data = response.read()
+            kind = response.getheader("Content-Type", "")
+            return response.status, json.loads(data) if "json" in kind and data else data
+        finally:
+            conn.close()
+
+
+def workers(proxy: ProxyProcess) -> dict[int, int]:
+    """Worker number -> pid of its latest start."""
+    return {int(m[1]): int(m[2]) for m in WORKER_LISTENING.finditer(proxy.stderr_text())}
+
+
+def both_up(proxy: ProxyProcess) -> dict[int, int]:
+    assert wait_until(lambda: len(workers(proxy)) == 2 and
+                      any("started 2 workers" in line for line in proxy.stderr_lines),
+                      timeout=30), proxy.stderr_text()
+    return workers(proxy)
+
+
+def timed_roundtrip(port: int, payload: bytes = b"ping") -> tuple[bytes, float]:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return got, time.monotonic() - started
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def load(port: int, connections: int, size: int = 1000) -> None:
+    """``connections`` round trips, eight at a time (the kernel spreads them)."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: timed_roundtrip(port, b"%d" % i * size)[0],
+                            range(connections)))
+    assert got == [b"%d" % i * size for i in range(connections)]
+
+
+def test_a_toxic_added_through_the_api_hits_both_workers(echo_port: int,
+                                                         tmp_path: Path) -> None:
+    access_log = tmp_path / "access.log"
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--admin", "127.0.0.1:0", "--access-log", str(access_log)) as (proxy, _):
+        both_up(proxy)
+        port, api = proxy.port, Api(proxy)
+        # proxy.port may be the admin API's (its line can come first): ask the API.
+        status, shown = api.request("GET", "/proxies/default")
+        assert status == 200
+        port = int(shown["listen"].rsplit(":", 1)[1])
+        status, toxic = api.request("POST", "/proxies/default/toxics",
+                                    {"type": "latency", "attributes": {"latency": 300}})
+        assert status == 200 and toxic["attributes"]["latency"] == 300
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            timings = list(pool.map(lambda _: timed_roundtrip(port), range(24)))
+        assert all(got == b"ping" and seconds >= 0.3 for got, seconds in timings), timings
+        assert wait_until(lambda: len(records(access_log)) == 24, timeout=10)
+        # The kernel spread them: both workers served some, and every one was slow.
+        assert {r["worker"] for r in records(access_log)} == {1, 2}
+        assert all(r["duration_s"] >= 0.3 for r in records(access_log))
+        status, _ = api.request("DELETE", "/proxies/default/toxics/latency_downstream")
+        assert status == 204
+        fast = [timed_roundtrip(port)[1] for _ in range(10)]
+        assert max(fast) < 0.3, fast
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+
+
+def test_metrics_add_up_both_workers_to_exactly_the_access_log(echo_port: int,
+                                                               tmp_path: Path) -> None:
+    access_log = tmp_path / "access.log"
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--admin", "127.0.0.1:0", "--access-log", str(access_log)) as (proxy, _):
+        both_up(proxy)
+        api = Api(proxy)
+        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        load(port, 40, size=777)
+        assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
+        status, body = api.request("GET", "/metrics")
+        assert status == 200
+        text = body.decode()
+        got = records(access_log)
+        assert {r["worker"] for r in got} == {1, 2}  # both counted, and summed
+        labels = {"proxy": "default"}
+        assert value(text, "midway_bytes_total", **labels, direction="upstream") == \
+            sum(r["bytes_up"] for r in got)
+        assert value(text, "midway_bytes_total", **labels, direction="downstream") == \
+            sum(r["bytes_down"] for r in got)
+        assert value(text, "midway_closes_total", **labels, reason="eof") == \
+            sum(r["reason"] == "eof" for r in got) == 40
+        assert value(text, "midway_connection_seconds_count", **labels) == 40
+        assert value(text, "midway_connect_seconds_count", **labels) == 40
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason=needs("tshark", apt="tshark"))
+def test_each_worker_writes_a_capture_of_its_own(echo_port: int, tmp_path: Path) -> None:
+    capture, access_log = tmp_path / "capture.pcap", tmp_path / "access.log"
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--pcap", str(capture), "--access-log", str(access_log)) as (proxy, _):
+        both_up(proxy)
+        load(proxy.port, 30, size=100)
+        assert wait_until(lambda: len(records(access_log)) == 30, timeout=10)
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+    by_worker = {w: sum(r["worker"] == w for r in records(access_log)) for w in (1, 2)}
+    assert not capture.exists()
+    for worker, connections in by_worker.items():
+        path = tmp_path / f"capture.w{worker}.pcap"
+        result = subprocess.run(["tshark", "-n", "-r", str(path), "-Y",
+                                 "tcp.flags.syn == 1 && tcp.flags.ack == 0"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr  # a whole, valid capture
+        # Two legs per connection, each opened by one SYN.
+        assert len(result.stdout.splitlines()) == 2 * connections, (worker, result.stdout)
+
+
+def test_a_worker_killed_during_an_api_call_makes_it_fail_and_comes_back_with_the_toxic(
+        echo_port: int, tmp_path: Path) -> None:
+    access_log = tmp_path / "access.log"
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--admin", "127.0.0.1:0", "--access-log", str(access_log)) as (proxy, pids):
+        first = both_up(proxy)
+        pids |= set(first.values())
+        api = Api(proxy)
+        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        # Worker 2: the route reads the live toxics from worker 1 (the first that
+        # runs) before it sends the change to both.
+        victim = first[2]
+        os.kill(victim, signal.SIGSTOP)  # it cannot answer ...
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(api.request, "POST", "/proxies/default/toxics",
+                               {"type": "latency", "attributes": {"latency": 300}})
+            time.sleep(1.0)
+            assert not call.done()  # ... so the call waits for it
+            os.kill(victim, signal.SIGKILL)  # ... and it dies meanwhile
+            status, error = call.result(timeout=10)  # an answer, not a hang
+        assert status == 503, error
+        assert f"worker 2 (pid {victim})" in error["error"], error
+        # The supervisor starts worker 2 again, with the toxic worker 1 applied.
+        assert wait_until(lambda: workers(proxy).get(2) not in (None, victim), timeout=30), \
+            proxy.stderr_text()
+        pids |= children(proxy.pid)
+        assert [t["name"] for t in api.request("GET", "/proxies/default/toxics")[1]] == \
+            ["latency_downstream"]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            timings = list(pool.map(lambda _: timed_roundtrip(port), range(24)))
+        assert all(got == b"ping" and seconds >= 0.3 for got, seconds in timings), timings
+        assert wait_until(lambda: len(records(access_log)) == 24, timeout=10)
+        assert {r["worker"] for r in records(access_log)} == {1, 2}
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+
+
+def test_a_hung_worker_times_the_call_out_and_is_restarted(echo_port: int) -> None:
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--admin", "127.0.0.1:0") as (proxy, pids):
+        first = both_up(proxy)
+        pids |= set(first.values())
+        api = Api(proxy)
+        os.kill(first[2], signal.SIGSTOP)  # never answers, never dies by itself
+        started = time.monotonic()
+        status, error = api.request("POST", "/proxies/default/toxics", {"type": "timeout"})
+        waited = time.monotonic() - started
+        assert status == 503 and "worker 2" in error["error"] and "within" in error["error"]
+        assert waited < 20  # the control plane's timeout, below the API's own 25 s
+        assert wait_until(lambda: workers(proxy).get(2) not in (None, first[2]), timeout=30)
+        pids |= children(proxy.pid)
+        assert [t["name"] for t in api.request("GET", "/proxies/default/toxics")[1]] == \
+            ["timeout_downstream"]
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+
+
+def test_a_worker_killed_during_a_reload_comes_back_with_the_new_configuration(
+        tmp_path: Path) -> None:
+    hits = {"a": 0, "b": 0}
+    servers = {}
+    for name in hits:
+        server = socket.create_server(("127.0.0.1", 0), backlog=128)
+        servers[name] = server
+
+        def accept(server: socket.socket = server, name: str = name) -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                hits[name] += 1
+                with conn:
+                    with contextlib.suppress(OSError):
+                        while data := conn.recv(65536):
+                            conn.sendall(data)
+
+        threading.Thread(target=accept, daemon=True).start()
+    a, b = (f"127.0.0.1:{s.getsockname()[1]}" for s in servers.values())
+    config, access_log = tmp_path / "midway.toml", tmp_path / "access.log"
+    server_table = {"workers": 2, "admin": "127.0.0.1:0", "access_log": str(access_log)}
+    write_config(config, {"default": {"listen": "127.0.0.1:0", "upstreams": [a]}},
+                 server_table)
+    try:
+        with supervised("--config", str(config)) as (proxy, pids):
+            first = both_up(proxy)
+            pids |= set(first.values())
+            api = Api(proxy)
+            port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+            write_config(config, {"default": {"listen": f"127.0.0.1:{port}",
+                                              "upstreams": [b]}}, server_table)
+            victim = first[2]
+            os.kill(victim, signal.SIGSTOP)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                call = pool.submit(api.request, "POST", "/reload")
+                time.sleep(1.0)
+                assert not call.done()
+                os.kill(victim, signal.SIGKILL)
+                status, error = call.result(timeout=10)
+            assert status == 503 and f"worker 2 (pid {victim})" in error["error"], error
+            assert wait_until(lambda: workers(proxy).get(2) not in (None, victim), timeout=30)
+            pids |= children(proxy.pid)
+            before = dict(hits)
+            load(port, 30, size=10)
+            assert wait_until(lambda: len(records(access_log)) == 30, timeout=10)
+            # Every worker, the restarted one too, runs the new file: upstream b.
+            assert {r["worker"] for r in records(access_log)} == {1, 2}
+            assert hits["a"] == before["a"] and hits["b"] == before["b"] + 30
+            assert {r["upstream"] for r in records(access_log)} == {b}
+            proxy.signal(signal.SIGTERM)
+            assert proxy.wait(20) == 0
+    finally:
+        for server in servers.values():
+            server.close()

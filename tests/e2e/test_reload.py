@@ -1,0 +1,399 @@
+"""Reload as an operator sees it (``midway --config FILE`` and SIGHUP or ``POST
+/reload``): under live streams and a steady stream of new connections, twenty
+reloads that change the upstreams and a timeout drop nothing, refuse nothing and
+corrupt nothing; a broken file changes nothing and names the key; a removed
+proxy drains; an edited hook module is imported anew."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .. import helpers
+from ..helpers import ProxyProcess, proxy_process, run, serve, wait_until
+
+LIVE_STREAMS = 200
+"""Connections open through every reload, each echoing a chunk every
+:data:`STREAM_PAUSE_S` (what a 2-core machine shared with other jobs bears;
+the issue's 1000 is the same test with this raised)."""
+CHUNK = 1024
+STREAM_PAUSE_S = 0.05
+RELOADS = 20
+CHURN_LOOPS = 4
+"""Loops that each open, use and close one new connection after another."""
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, proxies: dict[str, dict[str, Any]],
+                 server: dict[str, Any] | None = None) -> None:
+    """A TOML file with ``[server]`` and one ``[proxy.NAME]`` table each; the
+    data path follows the test's mode."""
+    lines = ["[server]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (server or {}).items()]
+    lines += ["[defaults]", f"splice = {toml_value(helpers.MODE.path == 'splice')}"]
+    for name, table in proxies.items():
+        lines.append(f"[proxy.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def count(proxy: ProxyProcess, text: str) -> int:
+    return sum(text in line for line in list(proxy.stderr_lines))
+
+
+def reload(proxy: ProxyProcess, done_before: int) -> None:
+    """SIGHUP, then wait for the reload to be logged as done."""
+    proxy.signal(signal.SIGHUP)
+    assert wait_until(lambda: count(proxy, "reload: done") > done_before, timeout=20), \
+        proxy.stderr_text()
+
+
+def port_of(proxy: ProxyProcess, name: str) -> int:
+    """Where proxy ``name`` listens, from its 'listening on' line."""
+    assert wait_until(lambda: count(proxy, f"{name}: listening on") > 0, timeout=10)
+    line = next(line for line in proxy.stderr_lines if f"{name}: listening on" in line)
+    return int(re.search(r"listening on \S*:(\d+),", line)[1])  # type: ignore[index]
+
+
+def admin_port(proxy: ProxyProcess) -> int:
+    assert wait_until(lambda: count(proxy, "admin API") > 0, timeout=10)
+    line = next(line for line in proxy.stderr_lines if "admin API" in line)
+    return int(line.rsplit(":", 1)[1])
+
+
+def post(port: int, path: str) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, headers={"User-Agent": "midway-tests"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def roundtrip(port: int, payload: bytes = b"ping") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        return exchange(sock, payload)
+
+
+def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A blocking echo server on threads, one per connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+# -- twenty reloads under load ------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_twenty_reloads_under_load_drop_refuse_and_corrupt_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "midway.toml"
+    accepted = {"a": 0, "b": 0}
+
+    def echo_counting(name: str) -> Any:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted[name] += 1
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                writer.write_eof()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+        return handler
+
+    async def scenario() -> None:
+        async with serve(echo_counting("a")) as port_a, serve(echo_counting("b")) as port_b:
+            a, b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
+            rotation = [[a, b], [b], [a]]  # the last of the twenty is [b]
+            assert rotation[(RELOADS - 1) % 3] == [b]
+
+            def web(i: int) -> dict[str, Any]:
+                return {"listen": "127.0.0.1:0" if i < 0 else f"127.0.0.1:{port}",
+                        "upstreams": rotation[i % 3] if i >= 0 else [a],
+                        "connect_timeout_s": 1.0 + i / 10 if i >= 0 else 5.0}
+
+            write_config(config, {"web": web(-1)})
+            proxy = ProxyProcess("--config", str(config))
+            try:
+                port = proxy.port
+                await under_load(proxy, port, lambda i: write_config(config, {"web": web(i)}))
+                # The last file says upstream b alone: new connections go there.
+                before = dict(accepted)
+                for _ in range(10):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(b"x")
+                    assert await reader.readexactly(1) == b"x"
+                    writer.close()
+                assert accepted["b"] == before["b"] + 10 and accepted["a"] == before["a"]
+                proxy.signal(signal.SIGTERM)
+                assert await asyncio.to_thread(proxy.wait, 30) == 0
+            finally:
+                proxy.stop()
+            assert "Traceback" not in proxy.stderr_text()
+
+    run(scenario(), timeout=240)
+
+
+async def under_load(proxy: ProxyProcess, port: int, rewrite: Any) -> None:
+    done = asyncio.Event()
+    connected = 0
+    all_connected = asyncio.Event()
+
+    async def stream(index: int) -> tuple[str, str, int]:
+        nonlocal connected
+        rng = random.Random(index)
+        sent, received = hashlib.sha256(), hashlib.sha256()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        chunks = 0
+        first = True
+        while first or not done.is_set():
+            chunk = rng.randbytes(CHUNK)
+            sent.update(chunk)
+            writer.write(chunk)
+            received.update(await asyncio.wait_for(reader.readexactly(CHUNK), 30))
+            chunks += 1
+            if first:
+                first = False
+                connected += 1
+                if connected == LIVE_STREAMS:
+                    all_connected.set()
+            await asyncio.sleep(STREAM_PAUSE_S)
+        writer.write_eof()
+        rest = await asyncio.wait_for(reader.read(), 30)
+        received.update(rest)
+        writer.close()
+        return sent.hexdigest(), received.hexdigest(), chunks
+
+    refused = 0
+    served = 0
+
+    async def churn(index: int) -> None:
+        nonlocal refused, served
+        payload = b"%d" % index * 32
+        while not done.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except ConnectionRefusedError:
+                refused += 1
+                continue
+            writer.write(payload)
+            got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+            assert got == payload
+            writer.close()
+            served += 1
+
+    streams = [asyncio.create_task(stream(i)) for i in range(LIVE_STREAMS)]
+    async with asyncio.timeout(60):
+        await all_connected.wait()
+    churners = [asyncio.create_task(churn(i)) for i in range(CHURN_LOOPS)]
+    for i in range(RELOADS):
+        rewrite(i)
+        done_before = count(proxy, "reload: done")
+        await asyncio.to_thread(reload, proxy, done_before)
+        await asyncio.sleep(0.05)  # new connections between the reloads too
+    done.set()
+    results = await asyncio.gather(*streams)
+    await asyncio.gather(*churners)
+    for sent, received, chunks in results:
+        assert sent == received
+        assert chunks >= RELOADS  # it lived through the reloads
+    assert refused == 0
+    assert served > RELOADS
+    assert count(proxy, "reload: done") == RELOADS
+
+
+# -- a broken file, a removed proxy, a hook edited ------------------------------------
+
+
+@pytest.mark.one_mode
+def test_a_broken_file_changes_nothing_and_names_the_key(tmp_path: Path,
+                                                        echo_port: int) -> None:
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    write_config(config, {"web": web}, {"admin": "127.0.0.1:0"})
+    with proxy_process("--config", str(config)) as proxy:
+        port, api = port_of(proxy, "web"), admin_port(proxy)
+        write_config(config, {"web": {**web, "listen": f"127.0.0.1:{port}",
+                                      "connect_timeout_s": "soon"}}, {"admin": "127.0.0.1:0"})
+        proxy.signal(signal.SIGHUP)
+        assert wait_until(lambda: count(proxy, "still running the previous configuration"))
+        line = next(line for line in proxy.stderr_lines if "reload: " in line and "ERROR" in line)
+        assert "proxy.web.connect_timeout_s" in line, line
+        assert roundtrip(port) == b"ping"
+        # The API answers the same error, as JSON, and nothing changed either.
+        status, body = post(api, "/reload")
+        assert status == 400 and body["status"] == 400
+        assert "proxy.web.connect_timeout_s" in body["error"]
+        config.write_text("[proxy.web\n")  # not even TOML
+        status, body = post(api, "/reload")
+        assert status == 400 and "midway.toml" in body["error"], body
+        assert roundtrip(port) == b"ping"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+    assert "Traceback" not in proxy.stderr_text()
+
+
+@pytest.mark.one_mode
+def test_a_removed_proxy_drains_then_is_closed(tmp_path: Path, echo_port: int) -> None:
+    config, access_log = tmp_path / "midway.toml", tmp_path / "access.log"
+    upstream = f"127.0.0.1:{echo_port}"
+    server = {"drain_timeout_s": 2, "access_log": str(access_log)}
+    write_config(config, {"web": {"listen": "127.0.0.1:0", "upstreams": upstream},
+                          "old": {"listen": "127.0.0.1:0", "upstreams": upstream}}, server)
+    with proxy_process("--config", str(config)) as proxy:
+        web_port, old_port = port_of(proxy, "web"), port_of(proxy, "old")
+        with socket.create_connection(("127.0.0.1", old_port), timeout=10) as live:
+            assert exchange(live, b"before") == b"before"
+            write_config(config, {"web": {"listen": f"127.0.0.1:{web_port}",
+                                          "upstreams": upstream}}, server)
+            reload(proxy, 0)
+            assert refused(old_port)  # it stopped accepting at once ...
+            assert exchange(live, b"during") == b"during"  # ... and drains
+            assert roundtrip(web_port) == b"ping"
+            live.settimeout(10)
+            assert live.recv(100) == b""  # closed at the drain timeout
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+    records = [json.loads(line) for line in access_log.read_text().splitlines()]
+    old = [r for r in records if r["proxy"] == "old"]
+    assert [(r["reason"], r["detail"]) for r in old] == [("shutdown", "drain timeout")]
+    assert 1.5 < old[0]["duration_s"] < 10
+
+
+@pytest.mark.one_mode
+def test_a_reload_imports_an_edited_hook_module_anew(tmp_path: Path, echo_port: int) -> None:
+    hook = tmp_path / "tagger.py"
+    hook.write_text("def on_data(direction, data, ctx):\n    return data.replace(b'x', b'A')\n")
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}",
+           "hooks": ["tagger:on_data"]}
+    write_config(config, {"web": web})
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    with proxy_process("--config", str(config), env=env) as proxy:
+        port = proxy.port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as before:
+            assert exchange(before, b"x") == b"A"
+            # Same size, same second: only a fresh compile from the source sees it.
+            hook.write_text(hook.read_text().replace("b'A'", "b'B'"))
+            write_config(config, {"web": {**web, "listen": f"127.0.0.1:{port}"}})
+            reload(proxy, 0)
+            assert roundtrip(port, b"x") == b"B"
+            assert exchange(before, b"x") == b"A"  # an open connection keeps its hook
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
+def test_sighup_without_a_file_changes_nothing(echo_port: int) -> None:
+    with proxy_process("127.0.0.1:0", f"127.0.0.1:{echo_port}") as proxy:
+        proxy.signal(signal.SIGHUP)
+        assert wait_until(lambda: count(proxy, "there is no file to read again"))
+        assert roundtrip(proxy.port) == b"ping"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
+def test_toxics_of_a_reload_reach_open_connections(tmp_path: Path, echo_port: int) -> None:
+    """Settings apply to new connections only; toxics, as through the API, to
+    open ones too."""
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    write_config(config, {"web": web})
+    with proxy_process("--config", str(config)) as proxy:
+        port = proxy.port
+        web["listen"] = f"127.0.0.1:{port}"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as live:
+            assert exchange(live, b"fast") == b"fast"
+            config.write_text(config.read_text() + "[[proxy.web.toxics]]\n"
+                              'type = "latency"\nattributes = { latency = 400 }\n')
+            reload(proxy, 0)
+            started = time.monotonic()
+            assert exchange(live, b"slow") == b"slow"
+            assert time.monotonic() - started >= 0.4
+            write_config(config, {"web": web})
+            reload(proxy, 1)
+            started = time.monotonic()
+            assert exchange(live, b"fast again") == b"fast again"
+            assert time.monotonic() - started < 0.4
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
+def test_what_needs_a_restart_is_said_and_kept(tmp_path: Path, echo_port: int) -> None:
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    write_config(config, {"web": web}, {"workers": 1})
+    with proxy_process("--config", str(config)) as proxy:
+        web["listen"] = f"127.0.0.1:{proxy.port}"
+        write_config(config, {"web": web}, {"workers": 3, "drain_timeout_s": 1})
+        reload(proxy, 0)
+        line = next(line for line in proxy.stderr_lines if "server.workers" in line)
+        assert "WARNING" in line and "restart midway to apply it" in line, line
+        assert "changed from 1 to 3" in line
+        assert roundtrip(proxy.port) == b"ping"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
