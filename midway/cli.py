@@ -31,6 +31,7 @@ from .config.load import (
 )
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
+from .layers.tls import check_tls
 from .runtime import Runtime
 from .workers import Worker, run_supervisor, worker_count
 
@@ -271,7 +272,8 @@ async def serve(config: Config, worker: Worker | None = None) -> int:
 def preflight(config: Config, args: argparse.Namespace) -> None:
     """Everything that would stop a start and can be known without binding,
     for ``--check`` and a start alike: hooks import, every output file (access
-    log, dump, capture) can be written, the event loop asked for is installed.
+    log, dump, capture) can be written, TLS certificates, keys and CAs load, the
+    event loop asked for is installed.
     An error names what the user typed: the flag when it came from the command
     line, the key when it came from the file.  Raises :class:`ConfigError`."""
     proxy_flags, server_flags = _split(args)
@@ -279,6 +281,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
         check_server_outputs(config.server)
         for proxy in config.proxies:
             check_elements(proxy, config.server.workers)
+            check_tls(proxy)
     except ConfigError as exc:
         key = exc.path.rsplit(".", 1)[-1]
         typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")

@@ -68,8 +68,10 @@ from .core.listener import Listener, open_listening_socket
 from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
-from .errors import ListenError, Rejected, describe_oserror
+from .core.streams import Endpoint, Stream
+from .errors import ListenError, Rejected, TlsFailed, describe_oserror
 from .layers.base import InboundLayer, OutboundLayer
+from .layers.tls import build_tls_layers
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
 from .upstream.health import HealthSettings
 from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
@@ -152,8 +154,8 @@ class ProxyService:
         self.host = host
         self.pool = UpstreamSet(config.name, _specs(config), balance=config.balance,
                                 health=_NO_HEALTH, balancer_feedback=False)
-        self.inbound: tuple[InboundLayer, ...] = tuple(inbound)
-        self.outbound: tuple[OutboundLayer, ...] = tuple(outbound)
+        self._given_layers = (tuple(inbound), tuple(outbound))
+        self.inbound, self.outbound = _layers(config, self._given_layers)
         self.resolve = resolve
         self.listeners: list[Listener] = []
         self.elements: list[Element] = list(elements)
@@ -357,8 +359,10 @@ class ProxyService:
         address stays keeps its state (active connections, counters, health).
         Listen addresses must be rebound by the runtime (see
         :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
+        layers = _layers(config, self._given_layers)  # certificates read again
         self.pool.reconfigure(_specs(config), balance=config.balance)
         self.config = config
+        self.inbound, self.outbound = layers
         kept = {u.address for u in self.pool.upstreams}
         for address in [a for a in self._failing if a not in kept]:
             del self._failing[address]
@@ -371,6 +375,14 @@ class ProxyService:
             conn.cancel()
         for relay in list(self.live):
             relay.close(reason, detail)
+
+
+def _layers(config: ProxyConfig, given: tuple[tuple[InboundLayer, ...], tuple[OutboundLayer, ...]],
+            ) -> tuple[tuple[InboundLayer, ...], tuple[OutboundLayer, ...]]:
+    """The layers given in code, then those the configuration asks for (TLS last
+    on each side: a PROXY header travels in clear before the handshake)."""
+    tls_in, tls_out = build_tls_layers(config)
+    return (*given[0], *tls_in), (*given[1], *tls_out)
 
 
 def _specs(config: ProxyConfig) -> list[UpstreamSpec]:
@@ -439,7 +451,8 @@ class Connection(Dialer):
     :class:`~midway.layers.base.LayerConnection`."""
 
     __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
-                 "pending", "_route", "upstream", "work", "cancelled")
+                 "pending", "_route", "upstream", "work", "cancelled", "client_end",
+                 "upstream_end")
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
@@ -473,6 +486,9 @@ class Connection(Dialer):
         self.work: asyncio.Task[None] | None = None
         """The task of the inbound, outbound or open phase, when one runs."""
         self.cancelled = False
+        self.client_end: Stream | None = None
+        self.upstream_end: Stream | None = None
+        """Streams that replaced the sockets for the relay (TLS), when a layer did."""
 
     # -- inbound, route, choose, dial ------------------------------------------
 
@@ -577,6 +593,10 @@ class Connection(Dialer):
             log.info("conn %d (%s): rejected: %s", self.info.id, self.service.name, exc)
             self.finish(CloseReason.REJECTED, str(exc))
             return
+        except TlsFailed as exc:
+            log.warning("conn %d (%s): tls: %s", self.info.id, self.service.name, exc)
+            self.finish(CloseReason.TLS_FAILED, str(exc))
+            return
         except OSError as exc:  # the upstream failed while an outbound layer wrote
             self.finish(CloseReason.RESET, f"upstream: {describe_oserror(exc)}", "upstream")
             return
@@ -609,7 +629,7 @@ class Connection(Dialer):
         service._connecting.discard(self)
         self.phase = _RELAY
         relay = Relay(
-            self.client, upstream, self.info,
+            self.client_end or self.client, self.upstream_end or upstream, self.info,
             idle_timeout_s=config.idle_timeout_s,
             half_close_timeout_s=config.half_close_timeout_s,
             on_close=service._relay_closed,
@@ -632,7 +652,11 @@ class Connection(Dialer):
 
     def _failed_before_dial(self, layer: InboundLayer | None, exc: Exception) -> None:
         name = getattr(layer, "name", type(layer).__name__)
-        if isinstance(exc, Rejected):
+        if isinstance(exc, TlsFailed):
+            log.info("conn %d (%s) from %s: tls: %s", self.info.id, self.service.name,
+                     self.info.client, exc)
+            self.finish(CloseReason.TLS_FAILED, str(exc))
+        elif isinstance(exc, Rejected):
             log.info("conn %d (%s): rejected by %s: %s", self.info.id, self.service.name, name, exc)
             self.finish(CloseReason.REJECTED, str(exc))
         elif isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
@@ -657,11 +681,11 @@ class Connection(Dialer):
         service._connecting.discard(self)
         if self.upstream is not None:
             self.poller.forget(self.upstream.fileno())
-            close_socket(self.upstream)
+            close_socket(self.upstream_end or self.upstream)
             self.upstream = None
         reset = reason is CloseReason.RESET
         self.poller.forget(self.client.fileno())
-        close_socket(self.client, reset=reset)
+        close_socket(self.client_end or self.client, reset=reset)
         self.phase = _CLOSED
         service._closed(self.info, self.attached, self.target, self.failures or (), reason,
                         detail, first_close, reset, None)
@@ -692,6 +716,30 @@ class Connection(Dialer):
     def unread(self, data: bytes) -> None:
         self.pending += data
 
+    def take_unread(self) -> bytes:
+        data, self.pending = self.pending, b""
+        return data
+
+    @property
+    def client_socket(self) -> socket.socket:
+        return self.client
+
+    def replace_client(self, stream: Stream) -> None:
+        self.client_end = stream
+
+    @property
+    def upstream_socket(self) -> socket.socket:
+        if self.upstream is None:
+            raise RuntimeError("upstream_socket before the upstream is connected")
+        return self.upstream
+
+    @property
+    def upstream_address(self) -> Address:
+        return self.target.address
+
+    def replace_upstream(self, stream: Stream) -> None:
+        self.upstream_end = stream
+
     def set_client(self, host: str, port: int) -> None:
         self.info.client_addr = (host, port)
         self.info.client = format_sockaddr((host, port))
@@ -704,7 +752,7 @@ class Connection(Dialer):
         """Write ``data`` to the upstream, waiting on the poller while its buffer is
         full (what a layer writes is small: a header, not a stream), bounded by the
         idle timeout."""
-        sock = self.upstream
+        sock: Endpoint | None = self.upstream_end or self.upstream
         if sock is None:
             raise RuntimeError("send_upstream before the upstream is connected")
         view = memoryview(data)
@@ -717,13 +765,14 @@ class Connection(Dialer):
                     await self._ready(sock, write=True)
 
     async def _recv(self, max_bytes: int) -> bytes:
+        end: Endpoint = self.client_end or self.client
         while True:
             try:
-                return self.client.recv(max_bytes)
+                return end.recv(max_bytes)
             except (BlockingIOError, InterruptedError):
                 await self._ready(self.client, write=False)
 
-    async def _ready(self, sock: socket.socket, *, write: bool) -> None:
+    async def _ready(self, sock: Endpoint, *, write: bool) -> None:
         """Wait until ``sock`` is readable (writable), or failed: the next call on
         it then raises."""
         fut: asyncio.Future[None] = self.loop.create_future()

@@ -45,6 +45,9 @@ class CloseReason(enum.StrEnum):
     """A chain element (a toxic, a hook) closed or reset the connection."""
     ERROR = "error"
     """A chain element raised; see the log for its traceback."""
+    TLS_FAILED = "tls_failed"
+    """A TLS handshake failed, with the client (termination) or the upstream
+    (origination); the log line says why (docs/tls.md)."""
 
 
 @dataclass
