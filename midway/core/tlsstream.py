@@ -292,7 +292,7 @@ class TlsStream:
         if self.sent_close:
             return
         self.sent_close = True
-        while not self.eof and self.incoming.pending:
+        while not self.eof and (self.incoming.pending or self.obj.pending()):
             try:
                 chunk = self.obj.read(_RECORD)
             except ssl.SSLWantReadError:

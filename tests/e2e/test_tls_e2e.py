@@ -171,6 +171,19 @@ def test_mtls_refuses_a_client_without_a_certificate(pki: Pki) -> None:
     assert "tls: client sent no certificate" in line and "Traceback" not in log
 
 
+def test_a_client_below_the_minimum_version_is_refused_in_words(pki: Pki) -> None:
+    _needs("openssl")
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_chain),
+            "--tls-min-version", "1.3") as mw:
+        old = s_client(mw.port, "-CAfile", str(pki.ca), "-tls1_2")
+        new = s_client(mw.port, "-CAfile", str(pki.ca), "-tls1_3")
+        assert wait_until(lambda: "no shared protocol version" in mw.stderr_text(), 10), old
+    assert "New, TLSv1.3" in new, new
+    assert "alert protocol version" in old
+    assert "tls: no shared protocol version" in mw.stderr_text()
+
+
 def test_a_client_that_sends_nothing_is_closed_after_the_handshake_timeout(pki: Pki) -> None:
     with echo_server() as up, proxy_process(
             "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
