@@ -24,7 +24,9 @@ Reading (``recv_into``): decrypt what OpenSSL can; when it needs more, one
 ``recv`` of up to :data:`READ_SIZE` from the socket into the incoming BIO, and
 again; :exc:`BlockingIOError` when the socket has nothing.  ``pending()`` counts
 decrypted bytes held and undecrypted *complete* records in the BIO (none after a
-read ended wanting more), which no readiness event would announce.
+read ended wanting more), which no readiness event would announce, and counts an
+end of stream read behind the last bytes returned as one (the peer's last record
+and its ``close_notify`` often come in one segment, and then nothing).
 
 Writing (``send``): encrypt up to :data:`SEND_CHUNK` bytes into the outgoing BIO
 and send the ciphertext.  When the kernel takes all of it, the plaintext was
@@ -87,7 +89,7 @@ class TlsStream:
     read past its own header)."""
 
     __slots__ = ("sock", "obj", "incoming", "outgoing", "out", "consumed", "held", "partial",
-                 "eof", "truncated", "sent_close", "aborting", "closed", "established",
+                 "eof", "eof_told", "truncated", "sent_close", "aborting", "closed", "established",
                  "_flusher", "_loop")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
@@ -109,6 +111,8 @@ class TlsStream:
         """The incoming BIO holds only part of a record (a read wanted more)."""
         self.eof = False
         """The stream has ended towards midway (``close_notify`` or FIN)."""
+        self.eof_told = False
+        """That end was returned (a ``0``); until then :meth:`pending` counts it."""
         self.truncated = False
         """It ended with a TCP FIN and no ``close_notify``."""
         self.sent_close = False
@@ -183,6 +187,7 @@ class TlsStream:
             del self.held[:n]
             return n
         if self.eof:
+            self.eof_told = True
             return 0
         got = 0
         while got < want:
@@ -200,6 +205,7 @@ class TlsStream:
                 n, self.truncated = 0, True
             if n == 0:
                 self.eof = True
+                self.eof_told = got == 0
                 break
             got += n
         if self.outgoing.pending:  # a reply OpenSSL made while reading (a KeyUpdate)
@@ -265,7 +271,9 @@ class TlsStream:
         held = len(self.held) + self.obj.pending()
         if not self.partial:
             held += self.incoming.pending
-        return held
+        # An end read behind the last bytes returned: no readiness event will come
+        # for it (the peer may wait for midway's answer), so it counts as one.
+        return held + (self.eof and not self.eof_told)
 
     # -- inside ---------------------------------------------------------------
 

@@ -113,3 +113,22 @@ def test_after_a_would_block_the_same_bytes_are_taken_once(pki: Pki, tmp_path: P
         client.close()
 
     asyncio.run(main())
+
+
+def test_an_end_read_with_the_last_bytes_is_announced_by_pending(pki: Pki) -> None:
+    # The peer's last record and its close_notify in one read, then silence (it
+    # waits for midway's answer): the relay must learn of the end without an event.
+    async def main() -> None:
+        server, client = await pair(pki)
+        send_all(client, b"last words")
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)  # both in the server's socket
+        buffer = bytearray(65536)
+        assert server.recv_into(buffer) == len(b"last words")
+        assert server.pending() > 0  # so the relay reads again at once
+        assert server.recv_into(buffer) == 0
+        assert server.pending() == 0
+        server.close()
+        client.close()
+
+    asyncio.run(main())
