@@ -521,6 +521,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
 )
 
+# TLS termination (bench/tls.py), registered last.
+from bench.tls import SCENARIO as _TLS  # noqa: E402
+
+SCENARIOS += (_TLS,)
+
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 

@@ -33,6 +33,7 @@ from .config.load import (
 from .config.schema import Config, ProxyConfig, ServerConfig, options_of
 from .control.process import EXIT_OK, EXIT_START_FAILED, loop_factory, serve, setup_logging
 from .errors import ConfigError, ListenError
+from .layers.tls import check_tls
 from .workers import run_supervisor, worker_count
 
 __all__ = ["main", "build_parser", "preflight", "load", "loop_factory"]
@@ -235,7 +236,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
     """Everything that would stop a start and can be known without binding,
     for ``--check``, a start and a reload alike: hooks import (anew), every
     output file (access log, dump, capture) can be written, the admin token
-    can be read, the event loop asked for is installed, what the workers
+    can be read, TLS certificates, keys and CAs load, the event loop asked for is installed, what the workers
     cannot share is not asked of them.  An error names what the user typed:
     the flag when it came from the command line, the key when it came from the
     file.  Raises :class:`ConfigError`."""
@@ -246,6 +247,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
         check_workers(config.server, config.proxies)
         for proxy in config.proxies:
             check_elements(proxy)
+            check_tls(proxy)
     except ConfigError as exc:
         key = exc.path.rsplit(".", 1)[-1]
         typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")

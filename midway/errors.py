@@ -15,6 +15,7 @@ __all__ = [
     "ListenError",
     "UpstreamError",
     "Rejected",
+    "TlsFailed",
     "describe_oserror",
 ]
 
@@ -50,6 +51,13 @@ class UpstreamError(MidwayError):
 class Rejected(MidwayError):
     """Raised by a chain element (for example a hook's ``on_connect``) to refuse
     a connection.  The connection is closed; the proxy goes on."""
+
+
+class TlsFailed(MidwayError):
+    """A TLS handshake with the client or an upstream failed (raised by the TLS
+    layers, :mod:`midway.layers.tls`).  The message says why in words (``client
+    sent no certificate``); the connection is closed with the reason
+    ``tls_failed``."""
 
 
 # One place that turns errno values into words a user reads in a log line.

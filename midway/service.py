@@ -70,7 +70,8 @@ from .core.listener import Listener, open_listening_socket
 from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
-from .errors import ListenError, Rejected, describe_oserror
+from .core.streams import Endpoint, Stream
+from .errors import ListenError, Rejected, TlsFailed, describe_oserror
 from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
@@ -397,9 +398,9 @@ class ProxyService:
         address stays keeps its state (active connections, counters, health).
         Listen addresses must be rebound by the runtime (see
         :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
+        self._configure_layers(config)  # first: certificates are read again, and may fail
         self.pool.reconfigure(_specs(config), balance=config.balance,
                               empty_ok=bool(config.routes))
-        self._configure_layers(config)
         self.config = config
         kept = {u.address for u in self.pool.upstreams}
         kept.update(u.address for pool in self._route_sets.values() for u in pool.upstreams)
@@ -522,7 +523,8 @@ class Connection(Dialer):
     :class:`~midway.layers.base.LayerConnection`."""
 
     __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
-                 "pending", "_route", "upstream", "work", "cancelled")
+                 "pending", "_route", "upstream", "work", "cancelled", "client_end",
+                 "upstream_end")
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
@@ -556,6 +558,9 @@ class Connection(Dialer):
         self.work: asyncio.Task[None] | None = None
         """The task of the inbound, outbound or open phase, when one runs."""
         self.cancelled = False
+        self.client_end: Stream | None = None
+        self.upstream_end: Stream | None = None
+        """Streams that replaced the sockets for the relay (TLS), when a layer did."""
 
     # -- inbound, route, choose, dial ------------------------------------------
 
@@ -690,6 +695,10 @@ class Connection(Dialer):
             log.info("conn %d (%s): rejected: %s", self.info.id, self.service.name, exc)
             self.finish(CloseReason.REJECTED, str(exc))
             return
+        except TlsFailed as exc:
+            log.warning("conn %d (%s): tls: %s", self.info.id, self.service.name, exc)
+            self.finish(CloseReason.TLS_FAILED, str(exc))
+            return
         except OSError as exc:  # the upstream failed while an outbound layer wrote
             self.finish(CloseReason.RESET, f"upstream: {describe_oserror(exc)}", "upstream")
             return
@@ -725,7 +734,7 @@ class Connection(Dialer):
         service._connecting.discard(self)
         self.phase = _RELAY
         relay = Relay(
-            self.client, upstream, self.info,
+            self.client_end or self.client, self.upstream_end or upstream, self.info,
             idle_timeout_s=config.idle_timeout_s,
             half_close_timeout_s=config.half_close_timeout_s,
             on_close=service._relay_closed,
@@ -752,6 +761,10 @@ class Connection(Dialer):
             log.log(exc.level, "conn %d (%s) from %s: %s: %s (%s)", self.info.id,
                     self.service.name, self.info.client, name, exc, exc.reason.value)
             self.finish(exc.reason, str(exc))
+        elif isinstance(exc, TlsFailed):
+            log.info("conn %d (%s) from %s: tls: %s", self.info.id, self.service.name,
+                     self.info.client, exc)
+            self.finish(CloseReason.TLS_FAILED, str(exc))
         elif isinstance(exc, Rejected):
             log.info("conn %d (%s): rejected by %s: %s", self.info.id, self.service.name, name, exc)
             self.finish(CloseReason.REJECTED, str(exc))
@@ -777,11 +790,11 @@ class Connection(Dialer):
         service._connecting.discard(self)
         if self.upstream is not None:
             self.poller.forget(self.upstream.fileno())
-            close_socket(self.upstream)
+            close_socket(self.upstream_end or self.upstream)
             self.upstream = None
         reset = reason is CloseReason.RESET
         self.poller.forget(self.client.fileno())
-        close_socket(self.client, reset=reset)
+        close_socket(self.client_end or self.client, reset=reset)
         self.phase = _CLOSED
         service._closed(self.info, self.attached, self.target, self.failures or (), reason,
                         detail, first_close, reset, None)
@@ -816,6 +829,30 @@ class Connection(Dialer):
     def unread(self, data: bytes) -> None:
         self.pending += data
 
+    def take_unread(self) -> bytes:
+        data, self.pending = self.pending, b""
+        return data
+
+    @property
+    def client_socket(self) -> socket.socket:
+        return self.client
+
+    def replace_client(self, stream: Stream) -> None:
+        self.client_end = stream
+
+    @property
+    def upstream_socket(self) -> socket.socket:
+        if self.upstream is None:
+            raise RuntimeError("upstream_socket before the upstream is connected")
+        return self.upstream
+
+    @property
+    def upstream_address(self) -> Address:
+        return self.target.address
+
+    def replace_upstream(self, stream: Stream) -> None:
+        self.upstream_end = stream
+
     def set_client(self, host: str, port: int) -> None:
         self.info.client_addr = (host, port)
         self.info.client = format_sockaddr((host, port))
@@ -828,7 +865,7 @@ class Connection(Dialer):
         """Write ``data`` to the upstream, waiting on the poller while its buffer is
         full (what a layer writes is small: a header, not a stream), bounded by the
         idle timeout."""
-        sock = self.upstream
+        sock: Endpoint | None = self.upstream_end or self.upstream
         if sock is None:
             raise RuntimeError("send_upstream before the upstream is connected")
         view = memoryview(data)
@@ -841,13 +878,14 @@ class Connection(Dialer):
                     await self._ready(sock, write=True)
 
     async def _recv(self, max_bytes: int) -> bytes:
+        end: Endpoint = self.client_end or self.client
         while True:
             try:
-                return self.client.recv(max_bytes)
+                return end.recv(max_bytes)
             except (BlockingIOError, InterruptedError):
                 await self._ready(self.client, write=False)
 
-    async def _ready(self, sock: socket.socket, *, write: bool) -> None:
+    async def _ready(self, sock: Endpoint, *, write: bool) -> None:
         """Wait until ``sock`` is readable (writable), or failed: the next call on
         it then raises."""
         fut: asyncio.Future[None] = self.loop.create_future()

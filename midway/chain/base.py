@@ -88,6 +88,9 @@ class ConnectionInfo:
     sequence: int = 0
     """1-based count of connections this proxy has accepted, this one included
     (for conditions such as "only the first N connections")."""
+    alpn: str | None = None
+    """The application protocol agreed with the client by ALPN (``h2``), when
+    midway terminated its TLS and one was agreed."""
     extra: dict[str, object] = field(default_factory=dict)
     """Free space for elements to share per-connection facts."""
     first_close: str | None = None

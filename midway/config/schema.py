@@ -34,6 +34,7 @@ __all__ = [
     "DUMP_MODES",
     "PROXY_PROTOCOL_IN",
     "PROXY_PROTOCOL_OUT",
+    "TLS_VERSIONS",
     "NAME_MAX_LEN",
     "proxy_name_problem",
     "toxic_name_problem",
@@ -45,6 +46,7 @@ BALANCERS = ("round_robin",)
 DUMP_MODES = ("off", "text", "hex", "auto")
 PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
 PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
+TLS_VERSIONS = ("1.2", "1.3")
 
 # -- names -------------------------------------------------------------------
 # Proxy and toxic names are path segments of the admin API
@@ -230,6 +232,79 @@ class ProxyConfig:
         "net.core.somaxconn).",
         provenance="nginx's default listen backlog on Linux",
         minimum=1, maximum=65535, metavar="N",
+    )
+    # TLS termination and origination (docs/tls.md).
+    tls_cert: str = option(
+        "",
+        "Terminate TLS from clients with this certificate (a PEM file; the chain, "
+        "leaf first, may follow it in the same file).  Read at start and on every "
+        "reconfigure.",
+        zero="(empty) no termination: bytes are relayed as they come", metavar="PATH",
+    )
+    tls_key: str = option(
+        "",
+        "The private key of tls_cert (a PEM file, not encrypted).",
+        zero="(empty) the key is in the tls_cert file", metavar="PATH",
+    )
+    tls_alpn: tuple[str, ...] = option(
+        (),
+        "Application protocols offered to clients by ALPN, in midway's order of "
+        "preference (e.g. h2, http/1.1); a client that offers none of them is still "
+        "served, with no protocol agreed.  On the command line, repeat the flag.",
+        zero="(empty) no ALPN", metavar="PROTOCOL",
+    )
+    tls_client_ca: str = option(
+        "",
+        "Mutual TLS: every client must present a certificate signed by a CA of this "
+        "PEM file, or its handshake fails.",
+        zero="(empty) clients are not asked for a certificate", metavar="PATH",
+    )
+    tls_min_version: str = option(
+        "1.2",
+        "Oldest TLS version accepted from clients.  Ciphers are the standard "
+        "library's modern defaults (ssl.create_default_context).",
+        choices=TLS_VERSIONS,
+        provenance="Mozilla's 'intermediate' server configuration (TLS 1.2 and 1.3)",
+    )
+    tls_handshake_timeout_s: float = option(
+        10.0,
+        "Longest a TLS handshake may take: a client's (termination, counted from "
+        "accept) and an upstream's (origination, from the connect).  Past it the "
+        "connection is closed (reason tls_failed).",
+        unit="seconds", minimum=0.001, metavar="SECONDS",
+        provenance="Go's http.DefaultTransport TLSHandshakeTimeout",
+    )
+    upstream_tls: bool = option(
+        False,
+        "Speak TLS to the upstreams (origination): midway is the TLS client, and the "
+        "upstream's certificate is verified unless upstream_tls_verify is off.",
+    )
+    upstream_tls_ca: str = option(
+        "",
+        "Verify upstream certificates against the CAs of this PEM file.",
+        zero="(empty) the system's trust store", metavar="PATH",
+    )
+    upstream_tls_verify: bool = option(
+        True,
+        "Verify the upstream's certificate and host name.  Off accepts any "
+        "certificate (logged as a warning when the proxy starts).",
+    )
+    upstream_tls_sni: str = option(
+        "",
+        "Server name sent to upstreams (SNI) and checked against their certificate.",
+        zero="(empty) each upstream's configured host name; none for an IP address, "
+        "whose certificate must then name the IP", metavar="NAME",
+    )
+    upstream_tls_cert: str = option(
+        "",
+        "Client certificate presented to upstreams that ask for one (a PEM file, the "
+        "chain may follow).",
+        zero="(empty) none", metavar="PATH",
+    )
+    upstream_tls_key: str = option(
+        "",
+        "The private key of upstream_tls_cert (a PEM file, not encrypted).",
+        zero="(empty) the key is in the upstream_tls_cert file", metavar="PATH",
     )
     # Seeing and changing traffic (docs/inspection.md).
     dump: str = option(

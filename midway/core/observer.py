@@ -57,6 +57,9 @@ class CloseReason(enum.StrEnum):
     PEEK_TIMEOUT = "peek_timeout"
     """With SNI routes: the client sent no complete ClientHello within
     ``sni_peek_timeout_s``."""
+    TLS_FAILED = "tls_failed"
+    """A TLS handshake failed, with the client (termination) or the upstream
+    (origination); the log line says why (docs/tls.md)."""
 
 
 @dataclass

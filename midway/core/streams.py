@@ -9,7 +9,7 @@ non-blocking :class:`socket.socket` *is* an endpoint, and the only kind that may
 take the zero-copy path: ``splice(2)`` moves the bytes of its descriptor, which are
 the connection's bytes only when nothing sits between the socket and the relay.
 
-Anything else (a TLS session, later) is a :class:`Stream`: the same methods with the
+Anything else (a TLS session, :mod:`midway.core.tlsstream`) is a :class:`Stream`: the same methods with the
 same meaning, so the relay's logic does not change, but the bytes it returns are not
 those of its descriptor, so a connection with a stream endpoint always copies.  The
 descriptor is still the source of readiness: the relay's poller

@@ -17,8 +17,15 @@ relay → close.  Layers are the two phases a proxy may add code to:
   have read past the header).  A layer that only needs to look (the peek) hands
   back all it read.
 * An :class:`OutboundLayer` runs once the upstream is connected and before the
-  relay starts: it may write to the upstream first (a PROXY header).  Later, TLS
-  origination will replace the upstream socket by a stream here.
+  relay starts: it may write to the upstream first (a PROXY header).
+
+A layer that changes the bytes themselves (TLS, :mod:`.tls`) takes the socket
+(:attr:`LayerConnection.client_socket`, ``upstream_socket``), does its handshake on
+it, and hands the relay a :class:`~midway.core.streams.Stream` in its place
+(:meth:`LayerConnection.replace_client`, ``replace_upstream``); bytes earlier layers
+handed back are then its input, taken with :meth:`LayerConnection.take_unread`.
+From then on the socket is the stream's: layers after it read and write through
+the stream (``recv_client``, ``send_upstream`` do), and it is closed with it.
 
 With no inbound layer a proxy dials at accept, as server-first protocols (SMTP,
 MySQL, SSH) need: the upstream speaks first and the client waits for it.
@@ -43,6 +50,7 @@ this package (:mod:`.proxy_protocol`, :mod:`.clienthello`).
 from __future__ import annotations
 
 import logging
+import socket
 from typing import TYPE_CHECKING, Protocol
 
 from ..core.observer import CloseReason
@@ -50,6 +58,8 @@ from ..errors import Rejected
 
 if TYPE_CHECKING:
     from ..chain.base import ConnectionInfo
+    from ..config.addresses import Address
+    from ..core.streams import Stream
 
 __all__ = ["LayerConnection", "InboundLayer", "OutboundLayer", "LayerRefused"]
 
@@ -86,6 +96,29 @@ class LayerConnection(Protocol):
     def unread(self, data: bytes) -> None:
         """Hand back bytes read from the client that must still reach the upstream:
         they go first, before anything the relay reads, in the order handed back."""
+
+    def take_unread(self) -> bytes:
+        """Take back (and clear) the bytes handed back so far: the input of a layer
+        that replaces the client's stream (TLS reads them as the first ciphertext)."""
+
+    @property
+    def client_socket(self) -> socket.socket:
+        """The client's non-blocking socket, for a layer that wraps it."""
+
+    def replace_client(self, stream: Stream) -> None:
+        """The relay (and later layers) use ``stream`` as the client's end; it owns
+        the socket from now on."""
+
+    @property
+    def upstream_socket(self) -> socket.socket:
+        """The upstream's non-blocking socket (outbound layers only)."""
+
+    @property
+    def upstream_address(self) -> Address:
+        """The upstream as configured (its host name, for TLS's SNI); outbound only."""
+
+    def replace_upstream(self, stream: Stream) -> None:
+        """The relay uses ``stream`` as the upstream's end (outbound layers only)."""
 
     def set_client(self, host: str, port: int) -> None:
         """The client is really ``host:port`` (from a PROXY header): what the

@@ -29,32 +29,30 @@ from .proxy_in import ProxyProtocolIn
 from .proxy_out import ProxyProtocolOut
 from .proxy_protocol import Mode
 from .sni import SniPeek
+from .tls import build_tls_layers
 
 __all__ = ["build_layers"]
-
-
-def _terminates_tls(config: ProxyConfig) -> bool:
-    """Whether the proxy terminates TLS (then routes match the handshake's SNI,
-    and the ClientHello peek is not needed).  ``tls_cert`` is the key of TLS
-    termination (issue 11 item 1), read by name so that this module works with
-    a schema that has it or not yet."""
-    return bool(getattr(config, "tls_cert", ""))
 
 
 def build_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...], tuple[OutboundLayer, ...]]:
     """The inbound and outbound layers ``config`` asks for, in order.  The
     configuration is already validated (:mod:`midway.config.load`); a
     ``proxy_protocol_trusted`` rule that does not parse raises ValueError."""
+    tls_in, tls_out = build_tls_layers(config)  # certificates read (again) here
     inbound: list[InboundLayer] = []
     if config.proxy_protocol_in != "off":
         trusted = AccessList.parse(allow=config.proxy_protocol_trusted) \
             if config.proxy_protocol_trusted else None
         inbound.append(ProxyProtocolIn(cast(Mode, config.proxy_protocol_in), trusted,
                                        config.proxy_protocol_timeout_s))
-    if config.routes and not _terminates_tls(config):
+    # TLS after the PROXY header (it travels in clear before the handshake); with
+    # termination, routes match the handshake's SNI, so no ClientHello peek.
+    inbound.extend(tls_in)
+    if config.routes and not tls_in:
         inbound.append(SniPeek(config.sni_peek_timeout_s))
     outbound: list[OutboundLayer] = []
     if config.proxy_protocol_out != "off":
         version = cast(Literal[1, 2], 1 if config.proxy_protocol_out == "v1" else 2)
         outbound.append(ProxyProtocolOut(version))
+    outbound.extend(tls_out)
     return tuple(inbound), tuple(outbound)

@@ -1,0 +1,284 @@
+"""TLS termination (an inbound layer) and origination (an outbound layer).
+
+Theory of operation
+-------------------
+Both are one handshake on the connection's socket, then a
+:class:`~midway.core.tlsstream.TlsStream` handed to the relay in the socket's
+place (:meth:`~midway.layers.base.LayerConnection.replace_client`,
+``replace_upstream``).  The relay does not change: a stream only copies, so a TLS
+connection never takes the zero-copy path.
+
+* **Termination** (``tls_cert``): the handshake runs in the connection's inbound
+  task, on the relay's poller, bounded by ``tls_handshake_timeout_s``; the
+  accept loop never waits for it.  The name the client asked for (SNI) becomes
+  the ``sni`` route key and ``info.sni``; the agreed ALPN protocol ``info.alpn``.
+  Bytes an earlier layer read past its own header (a PROXY header's) are the
+  first ciphertext.
+* **Origination** (``upstream_tls``): after the dial (and after a PROXY header,
+  which travels in clear), midway is the TLS client: the upstream's certificate
+  is checked against ``upstream_tls_ca`` or the system store, for the name
+  ``upstream_tls_sni`` or the upstream's configured host.
+
+A failed handshake raises :class:`~midway.errors.TlsFailed` with the reason in
+words (:func:`describe_tls_error`); the service logs one line and closes the
+connection with the reason ``tls_failed``, never a traceback.
+
+Contexts (certificates, CAs, ALPN, versions) are built when a proxy is made or
+reconfigured (:func:`build_tls_layers`), so a reconfigure reads the files again;
+a file that cannot be used is a :class:`~midway.errors.ConfigError` naming its
+key, which :func:`check_tls` (``midway --check``) finds before any start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from ..config.schema import ProxyConfig
+from ..core.tlsstream import TlsStream
+from ..errors import ConfigError, TlsFailed
+from .base import InboundLayer, LayerConnection, OutboundLayer
+
+__all__ = ["TlsTermination", "TlsOrigination", "build_tls_layers", "check_tls",
+           "server_context", "client_context", "describe_tls_error"]
+
+log = logging.getLogger("midway")
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_SNI_ATTR = "_midway_sni"
+_TERMINATION_KEYS = ("tls_key", "tls_alpn", "tls_client_ca")
+_ORIGINATION_KEYS = ("upstream_tls_ca", "upstream_tls_sni", "upstream_tls_cert",
+                     "upstream_tls_key")
+_ALPN_MAX = 255
+"""Longest ALPN protocol name, in bytes (RFC 7301 §3.1: a one-byte length)."""
+
+# OpenSSL's reason codes, in the words a log line uses.  The peer is "client" or
+# "upstream", filled in.
+_REASON_WORDS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "{peer} sent no certificate",
+    "NO_SHARED_CIPHER": "no shared cipher",
+    "UNSUPPORTED_PROTOCOL": "no shared protocol version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "no shared protocol version",
+    "WRONG_VERSION_NUMBER": "{peer} does not speak TLS (or a version midway refuses)",
+    "HTTP_REQUEST": "{peer} sent plain HTTP to a TLS port",
+    "HTTPS_PROXY_REQUEST": "{peer} sent an HTTP CONNECT to a TLS port",
+    "NO_APPLICATION_PROTOCOL": "no shared ALPN protocol",
+    "TLSV1_ALERT_UNKNOWN_CA": "{peer} does not trust midway's certificate (unknown CA)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "{peer} refused midway's certificate (bad certificate)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "{peer} refused midway's certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "{peer} requires a client certificate",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "{peer} ended the handshake (handshake failure alert)",
+    "UNEXPECTED_EOF_WHILE_READING": "{peer} closed the connection during the handshake",
+}
+
+
+def describe_tls_error(exc: ssl.SSLError, peer: str) -> str:
+    """A failed handshake in words: ``client sent no certificate``,
+    ``certificate verify failed: self-signed certificate``."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        what = "client certificate" if peer == "client" else "certificate"
+        return f"{what} verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError):
+        return f"{peer} closed the connection during the handshake"
+    reason = exc.reason or ""
+    if reason in _REASON_WORDS:
+        return _REASON_WORDS[reason].format(peer=peer)
+    if reason:
+        return reason.lower().replace("_", " ")
+    return str(exc)
+
+
+# -- contexts ------------------------------------------------------------------
+
+def _pem(path: str, key: str, marker: str, what: str) -> None:
+    """``path`` can be read and holds a PEM block of ``marker``; else a
+    :class:`ConfigError` at ``key`` (OpenSSL's own message, ``PEM lib``, names
+    neither the file nor the problem)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from exc
+    if b"-----BEGIN " not in text or marker.encode() not in text:
+        raise ConfigError(key, f"{path} holds no PEM {what}")
+    if b"ENCRYPTED" in text and what == "private key":
+        raise ConfigError(key, f"{path}: the private key is encrypted (midway cannot "
+                               "ask for a passphrase; store it unencrypted, readable "
+                               "by midway only)")
+
+
+def _no_passphrase() -> bytes:
+    raise ConfigError("", "the private key asks for a passphrase")
+
+
+def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
+                key_key: str, key: str) -> None:
+    _pem(cert, f"{where}.{cert_key}", "CERTIFICATE-----", "certificate")
+    _pem(key or cert, f"{where}.{key_key if key else cert_key}", "PRIVATE KEY-----",
+         "private key")
+    try:
+        context.load_cert_chain(cert, key or None, password=_no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"{where}.{key_key if key else cert_key}",
+                              f"the private key does not match the certificate in "
+                              f"{cert}") from exc
+        raise ConfigError(f"{where}.{cert_key}", f"cannot load {cert}: "
+                          f"{describe_tls_error(exc, 'peer')}") from exc
+
+
+def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
+    _pem(path, key, "CERTIFICATE-----", "CA certificate")
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigError(key, f"cannot load {path}: {describe_tls_error(exc, 'peer')}") from exc
+
+
+def server_context(config: ProxyConfig) -> ssl.SSLContext:
+    """The termination context of ``config`` (``tls_cert`` set).  Raises
+    :class:`ConfigError` naming the key of a file that cannot be used."""
+    where = f"proxy.{config.name}"
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = _VERSIONS[config.tls_min_version]
+    _load_chain(context, where, "tls_cert", config.tls_cert, "tls_key", config.tls_key)
+    if config.tls_alpn:
+        for i, name in enumerate(config.tls_alpn):
+            if len(name.encode("utf-8")) > _ALPN_MAX:
+                raise ConfigError(f"{where}.tls_alpn[{i}]",
+                                  f"an ALPN protocol name is at most {_ALPN_MAX} bytes")
+        context.set_alpn_protocols(list(config.tls_alpn))
+    if config.tls_client_ca:
+        _load_ca(context, f"{where}.tls_client_ca", config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.sni_callback = _remember_sni
+    return context
+
+
+def client_context(config: ProxyConfig) -> ssl.SSLContext:
+    """The origination context of ``config`` (``upstream_tls`` on).  Raises
+    :class:`ConfigError` naming the key of a file that cannot be used."""
+    where = f"proxy.{config.name}"
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if config.upstream_tls_ca:
+        _load_ca(context, f"{where}.upstream_tls_ca", config.upstream_tls_ca)
+    if not config.upstream_tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if config.upstream_tls_cert:
+        _load_chain(context, where, "upstream_tls_cert", config.upstream_tls_cert,
+                    "upstream_tls_key", config.upstream_tls_key)
+    return context
+
+
+def _remember_sni(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None,
+                  context: ssl.SSLContext) -> None:
+    """The server-name callback: keep the name the client asked for."""
+    if name:
+        setattr(obj, _SNI_ATTR, name.lower().rstrip("."))
+
+
+def check_tls(config: ProxyConfig) -> None:
+    """Everything about TLS that would stop ``config`` from starting: keys that
+    need another key, files, contexts.  Raises :class:`ConfigError`."""
+    _check_keys(config)
+    if config.tls_cert:
+        server_context(config)
+    if config.upstream_tls:
+        client_context(config)
+
+
+def _check_keys(config: ProxyConfig) -> None:
+    where = f"proxy.{config.name}"
+    defaults = ProxyConfig()
+    if not config.tls_cert:
+        for key in _TERMINATION_KEYS:
+            if getattr(config, key) != getattr(defaults, key):
+                raise ConfigError(f"{where}.{key}", "needs tls_cert (TLS termination)")
+    if not config.upstream_tls:
+        for key in _ORIGINATION_KEYS:
+            if getattr(config, key) != getattr(defaults, key):
+                raise ConfigError(f"{where}.{key}", "needs upstream_tls = true")
+    if config.upstream_tls_key and not config.upstream_tls_cert:
+        raise ConfigError(f"{where}.upstream_tls_key", "needs upstream_tls_cert")
+    if (config.upstream_tls and config.upstream_tls_verify and not config.upstream_tls_sni
+            and any(u.is_unix for u in config.upstreams)):
+        raise ConfigError(f"{where}.upstream_tls_sni",
+                          "a unix-socket upstream has no host name to verify: set "
+                          "upstream_tls_sni (or turn upstream_tls_verify off)")
+
+
+def build_tls_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...],
+                                                   tuple[OutboundLayer, ...]]:
+    """The TLS layers ``config`` asks for, with their contexts built now (files
+    read now).  Raises :class:`ConfigError`."""
+    if not config.tls_cert and not config.upstream_tls:
+        _check_keys(config)
+        return (), ()
+    check_tls(config)
+    inbound: tuple[InboundLayer, ...] = ()
+    outbound: tuple[OutboundLayer, ...] = ()
+    if config.tls_cert:
+        inbound = (TlsTermination(server_context(config), config.tls_handshake_timeout_s),)
+    if config.upstream_tls:
+        if not config.upstream_tls_verify:
+            log.warning("%s: upstream_tls_verify is off: upstream certificates are not "
+                        "checked (anyone on the path can pose as the upstream)", config.name)
+        outbound = (TlsOrigination(client_context(config), config.tls_handshake_timeout_s,
+                                   config.upstream_tls_sni),)
+    return inbound, outbound
+
+
+# -- the layers ----------------------------------------------------------------
+
+async def _handshake(stream: TlsStream, timeout_s: float, peer: str, prefix: str) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await stream.handshake()
+    except TimeoutError:
+        raise TlsFailed(f"{prefix}handshake timed out after {timeout_s:g} s") from None
+    except ssl.SSLError as exc:
+        raise TlsFailed(prefix + describe_tls_error(exc, peer)) from exc
+
+
+class TlsTermination:
+    """The inbound layer of ``tls_cert``: midway is the TLS server."""
+
+    name = "tls"
+
+    def __init__(self, context: ssl.SSLContext, handshake_timeout_s: float) -> None:
+        self.context = context
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def accept(self, conn: LayerConnection) -> None:
+        stream = TlsStream(conn.client_socket, self.context, server_side=True,
+                           initial=conn.take_unread())
+        await _handshake(stream, self.handshake_timeout_s, "client", "")
+        conn.replace_client(stream)
+        info = conn.info
+        info.alpn = stream.alpn()
+        sni = getattr(stream.obj, _SNI_ATTR, None)
+        if sni is not None:
+            info.sni = sni
+            conn.route["sni"] = sni
+
+
+class TlsOrigination:
+    """The outbound layer of ``upstream_tls``: midway is the TLS client."""
+
+    name = "upstream_tls"
+
+    def __init__(self, context: ssl.SSLContext, handshake_timeout_s: float,
+                 server_name: str = "") -> None:
+        self.context = context
+        self.handshake_timeout_s = handshake_timeout_s
+        self.server_name = server_name
+
+    async def connect(self, conn: LayerConnection) -> None:
+        address = conn.upstream_address
+        name = self.server_name or (None if address.is_unix else address.host)
+        stream = TlsStream(conn.upstream_socket, self.context, server_side=False,
+                           server_hostname=name)
+        await _handshake(stream, self.handshake_timeout_s, "upstream", f"upstream {address}: ")
+        conn.replace_upstream(stream)

@@ -1,0 +1,309 @@
+"""TLS termination and origination end to end (issue 11 items 1-2), with real
+peers from Debian: curl and ``openssl s_client`` as clients, ``openssl s_server``
+as an upstream, and Python's ``ssl`` where a test needs a checked 16 MiB each way.
+midway runs as a child process (``python -m midway``), certificates are made at
+test time (tests/tlspki.py), everything on loopback.
+
+TLS never splices, so each test runs once per event loop (``per_loop``)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .. import helpers
+from ..helpers import proxy_process, sha256, wait_until
+from ..tlspki import Pki, make_pki
+
+pytestmark = pytest.mark.per_loop
+
+TIMEOUT_S = 20.0
+BLOB_SIZE = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _needs(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(helpers.needs(tool, apt=tool))
+
+
+@contextlib.contextmanager
+def http_server(root: Path) -> Iterator[int]:
+    """Python's http.server on 127.0.0.1 (a plain HTTP app), serving ``root``."""
+    def handler(*args: object) -> http.server.SimpleHTTPRequestHandler:
+        return http.server.SimpleHTTPRequestHandler(*args, directory=str(root))  # type: ignore[arg-type]
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A plain TCP echo server (one connection at a time is enough here)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT_S)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(TIMEOUT_S)
+                    while data := conn.recv(65536):
+                        conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def s_server(cert: Path, key: Path) -> Iterator[int]:
+    """``openssl s_server -rev``: a TLS server that answers each line reversed."""
+    port = helpers.free_port()
+    proc = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert),
+         "-key", str(key), "-rev", "-quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                return True
+            return False
+        assert wait_until(up, 10), "openssl s_server did not start"
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def s_client(port: int, *args: str, data: bytes = b"") -> str:
+    """``openssl s_client`` against midway: what it printed (stdout and stderr)."""
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+         *args], input=data, capture_output=True, timeout=TIMEOUT_S)
+    return (done.stdout + done.stderr).decode(errors="replace")
+
+
+def test_curl_through_termination_reaches_a_plain_http_app(pki: Pki, tmp_path: Path) -> None:
+    _needs("curl")
+    page = os.urandom(300_000)
+    (tmp_path / "page.bin").write_bytes(page)
+    with http_server(tmp_path) as app, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{app}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key)) as mw:
+        got = subprocess.run(
+            ["curl", "-sS", "--fail", "--cacert", str(pki.ca), "--resolve",
+             f"localhost:{mw.port}:127.0.0.1", f"https://localhost:{mw.port}/page.bin"],
+            capture_output=True, timeout=TIMEOUT_S)
+    assert got.returncode == 0, got.stderr.decode()
+    assert sha256(got.stdout) == sha256(page)
+
+
+def test_a_chain_and_key_in_one_file_serve_the_whole_chain(pki: Pki) -> None:
+    _needs("openssl")
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_chain)) as mw:
+        out = s_client(mw.port, "-CAfile", str(pki.ca), "-showcerts", data=b"")
+    assert "Verify return code: 0 (ok)" in out
+    assert out.count("-----BEGIN CERTIFICATE-----") == 2  # leaf and CA sent
+
+
+def test_alpn_is_negotiated_with_openssl_s_client(pki: Pki) -> None:
+    _needs("openssl")
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key), "--tls-alpn", "h2",
+            "--tls-alpn", "http/1.1") as mw:
+        both = s_client(mw.port, "-CAfile", str(pki.ca), "-alpn", "h2,http/1.1")
+        old = s_client(mw.port, "-CAfile", str(pki.ca), "-alpn", "http/1.1")
+        none = s_client(mw.port, "-CAfile", str(pki.ca), "-alpn", "smtp")
+    assert "ALPN protocol: h2" in both
+    assert "ALPN protocol: http/1.1" in old
+    assert "No ALPN negotiated" in none  # no shared protocol: served without one
+
+
+def test_mtls_refuses_a_client_without_a_certificate(pki: Pki) -> None:
+    _needs("openssl")
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)) as mw:
+        refused = s_client(mw.port, "-CAfile", str(pki.ca), "-quiet", data=b"ping\n")
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+        raw = socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"ping\n")
+            served = tls.recv(100).decode()
+        assert wait_until(lambda: "client sent no certificate" in mw.stderr_text())
+        log = mw.stderr_text()
+    assert "ping" not in refused
+    assert "ping" in served  # through midway to the echo server and back
+    line = next(x for x in log.splitlines() if "client sent no certificate" in x)
+    assert "tls: client sent no certificate" in line and "Traceback" not in log
+
+
+def test_a_client_below_the_minimum_version_is_refused_in_words(pki: Pki) -> None:
+    _needs("openssl")
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_chain),
+            "--tls-min-version", "1.3") as mw:
+        old = s_client(mw.port, "-CAfile", str(pki.ca), "-tls1_2")
+        new = s_client(mw.port, "-CAfile", str(pki.ca), "-tls1_3")
+        assert wait_until(lambda: "no shared protocol version" in mw.stderr_text(), 10), old
+    assert "New, TLSv1.3" in new, new
+    assert "alert protocol version" in old
+    assert "tls: no shared protocol version" in mw.stderr_text()
+
+
+def test_a_client_that_sends_nothing_is_closed_after_the_handshake_timeout(pki: Pki) -> None:
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key), "--tls-handshake-timeout-s", "0.5") as mw:
+        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as quiet:
+            start = time.monotonic()
+            assert quiet.recv(1) == b""  # closed by midway, not by us
+            waited = time.monotonic() - start
+        assert wait_until(lambda: "handshake timed out" in mw.stderr_text())
+    assert 0.4 <= waited < 5
+    assert "tls: handshake timed out after 0.5 s" in mw.stderr_text()
+
+
+def test_origination_to_openssl_s_server(pki: Pki) -> None:
+    _needs("openssl")
+    with s_server(pki.server_cert, pki.server_key) as up, proxy_process(
+            "127.0.0.1:0", f"localhost:{up}", "--upstream-tls",
+            "--upstream-tls-ca", str(pki.ca)) as mw:
+        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
+            plain.sendall(b"midway\n")
+            answer = b""
+            while b"\n" not in answer:
+                chunk = plain.recv(100)
+                assert chunk, f"closed: {mw.stderr_text()}"
+                answer += chunk
+    assert answer.strip() == b"yawdim"  # reversed by s_server: it decrypted our bytes
+
+
+@pytest.mark.parametrize("ca", ["wrong", "system"])
+def test_origination_fails_verification_with_a_clear_log_line(pki: Pki, ca: str) -> None:
+    _needs("openssl")
+    # "wrong": the upstream's CA is not the one given; "system": a self-signed
+    # upstream certificate against the system store.
+    cert, key, flags = ((pki.server_cert, pki.server_key, ["--upstream-tls-ca", str(pki.other_cert)])
+                        if ca == "wrong" else (pki.other_cert, pki.other_key, []))
+    with s_server(cert, key) as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--upstream-tls", *flags) as mw:
+        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
+            # Closed, nothing relayed (with a FIN: this client sent nothing yet; one
+            # that had would get a reset, as the kernel does for unread bytes).
+            assert plain.recv(100) == b""
+        assert wait_until(lambda: "verify failed" in mw.stderr_text())
+        log = mw.stderr_text()
+    line = next(x for x in log.splitlines() if "verify failed" in x)
+    reason = "unable to get local issuer certificate" if ca == "wrong" else "self-signed certificate"
+    assert f"tls: upstream 127.0.0.1:{up}: certificate verify failed: {reason}" in line
+    assert "Traceback" not in log
+
+
+def _tls_upstream(pki: Pki, listener: socket.socket, result: dict[str, object],
+                  down: bytes) -> None:
+    """A TLS upstream for one connection: read BLOB_SIZE bytes, answer ``down``,
+    then send close_notify and wait for midway's."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    raw, _ = listener.accept()
+    raw.settimeout(TIMEOUT_S)
+    with context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False) as tls:
+        got = bytearray()
+        while len(got) < BLOB_SIZE:
+            chunk = tls.recv(1 << 20)
+            assert chunk
+            got += chunk
+        result["upstream_got"] = sha256(bytes(got))
+        tls.sendall(down)
+        try:
+            tls.unwrap()  # close_notify, then midway's, which it sends once the client's came
+        except OSError as exc:
+            result["upstream_end"] = repr(exc)
+        else:
+            result["upstream_end"] = "close_notify"
+
+
+def test_reencrypt_16_mib_each_way_with_close_notify_passed_on(pki: Pki, tmp_path: Path) -> None:
+    up_blob, down_blob = os.urandom(BLOB_SIZE), os.urandom(BLOB_SIZE)
+    log = tmp_path / "access.log"
+    result: dict[str, object] = {}
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT_S)
+        server = threading.Thread(target=_tls_upstream, daemon=True,
+                                  args=(pki, listener, result, down_blob))
+        server.start()
+        port = listener.getsockname()[1]
+        with proxy_process("127.0.0.1:0", f"localhost:{port}", "--tls-cert",
+                           str(pki.server_chain), "--upstream-tls", "--upstream-tls-ca",
+                           str(pki.ca), "--access-log", str(log)) as mw:
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            raw = socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S)
+            with context.wrap_socket(raw, server_hostname="localhost",
+                                     suppress_ragged_eofs=False) as tls:
+                tls.sendall(up_blob)
+                got = bytearray()
+                while chunk := tls.recv(1 << 20):  # b"" only at a close_notify
+                    got += chunk
+                tls.unwrap()
+            server.join(TIMEOUT_S)
+            assert wait_until(lambda: log.exists() and log.read_text().strip() != "")
+    assert result.get("upstream_got") == sha256(up_blob)
+    assert sha256(bytes(got)) == sha256(down_blob)
+    assert result.get("upstream_end") == "close_notify"
+    record = json.loads(log.read_text().splitlines()[0])
+    assert (record["bytes_up"], record["bytes_down"]) == (BLOB_SIZE, BLOB_SIZE)
+    assert record["reason"] == "eof" and record["path"] == "copy"
+
+
+@pytest.mark.one_mode
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_check_names_the_key_of_a_bad_certificate_path(where: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    if where == "flag":
+        args = ["--check", "127.0.0.1:0", "127.0.0.1:1", "--tls-cert", str(missing)]
+    else:
+        config = tmp_path / "midway.toml"
+        config.write_text(f'[proxy.web]\nlisten = "127.0.0.1:0"\nupstreams = "127.0.0.1:1"\n'
+                          f'tls_cert = "{missing}"\n')
+        args = ["--check", "--config", str(config)]
+    done = subprocess.run([sys.executable, "-m", "midway", *args], capture_output=True,
+                          timeout=TIMEOUT_S, cwd=helpers.ROOT)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    key = "--tls-cert" if where == "flag" else "proxy.web.tls_cert"
+    assert f"{key}: cannot read {missing}: No such file or directory" in err
+    assert "Traceback" not in err
