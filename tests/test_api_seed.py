@@ -16,7 +16,7 @@ from midway.chain.toxics import make_toxic
 from midway.config.load import config_from_dict
 from midway.runtime import Runtime
 
-from ..helpers import run
+from .helpers import run
 
 pytestmark = pytest.mark.timeout(30)
 

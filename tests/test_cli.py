@@ -18,7 +18,7 @@ import pytest
 
 import midway
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20
 EXIT_OK, EXIT_START_FAILED, EXIT_USAGE = 0, 1, 2
 
