@@ -29,7 +29,7 @@ from .config.load import (
     config_from_dict,
     load_config,
 )
-from .config.schema import Config, ProxyConfig, ServerConfig, options_of
+from .config.schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
 from .errors import ConfigError, ListenError
 from .runtime import Runtime
 from .workers import Worker, run_supervisor, worker_count
@@ -63,7 +63,7 @@ def _flag(name: str) -> str:
     return "--" + _FLAG_NAMES.get(key, key).replace("_", "-")
 
 
-def _help(info: Any, default: Any) -> str:
+def _help(info: OptionInfo, default: Any) -> str:
     text = info.doc
     if info.choices:
         text += f" One of: {', '.join(info.choices)}."
