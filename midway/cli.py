@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .chain.registry import check_elements
 from .chain.toxics.config import toxic_table_from_spec
 from .config.load import (

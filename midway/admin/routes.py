@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from .. import __version__
+from .._version import __version__
 from ..chain.toxics import TOXICS, Toxic, ToxicError, make_toxic
 from ..chain.toxics.live import (
     ToxicExists,
