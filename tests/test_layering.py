@@ -64,6 +64,36 @@ def test_a_lower_layer_imports_nothing_from_the_chain(layer: str) -> None:
     assert {m: i for m, i in offending.items() if i} == {}
 
 
+def _package_imports(path: Path) -> set[str]:
+    """What ``path`` imports from the package, but from its own subpackage
+    (``midway.core`` for ``core/relay.py``; a module of the root: but itself)."""
+    name = _module_name(path)
+    if path.parent == PACKAGE:
+        return {i for i in _imports(path) if i.startswith("midway.") and i != name}
+    own = ".".join(name.split(".")[:2])
+    return {i for i in _imports(path) if (i == "midway" or i.startswith("midway."))
+            and i != own and not i.startswith(own + ".")}
+
+
+def test_core_imports_only_errors_and_addresses_from_the_package() -> None:
+    allowed = ("midway.errors", "midway.config.addresses")
+    offending = {
+        _module_name(path): sorted(i for i in _package_imports(path)
+                                   if not any(i == a or i.startswith(a + ".") for a in allowed))
+        for path in MODULES if _module_name(path).startswith("midway.core")
+    }
+    assert {m: i for m, i in offending.items() if i} == {}
+
+
+def test_only_the_runtime_and_the_control_layer_import_the_admin_server() -> None:
+    importers = {
+        _module_name(path) for path in MODULES
+        if any(i.startswith("midway.admin") for i in _package_imports(path))
+    }
+    assert {m for m in importers if m != "midway.runtime"
+            and not m.startswith("midway.control")} == set()
+
+
 def test_every_module_imports() -> None:
     for path in MODULES:
         importlib.import_module(_module_name(path))
