@@ -391,8 +391,9 @@ class _LineReader:
         self._thread.start()
 
     def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.put(line)
+        with stream:  # closed once the child has closed its end
+            for line in stream:
+                self.lines.put(line)
 
     def wait_for(self, text: str, deadline: float) -> str:
         while (left := deadline - time.monotonic()) > 0:
