@@ -11,8 +11,7 @@ Quick use from Python::
 and from a synchronous test: ``with midway.BackgroundProxy(...) as proxy: ...``.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import Proxy, proxy_config
 from .chain.base import Attachment, ConnectionInfo, Element, Output, Stage
 from .chain.toxics import ToxicError

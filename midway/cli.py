@@ -18,7 +18,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .chain.registry import check_elements
 from .chain.toxics.config import toxic_table_from_spec
 from .config.load import (
@@ -30,7 +30,7 @@ from .config.load import (
     config_from_dict,
     load_config,
 )
-from .config.schema import Config, ProxyConfig, ServerConfig, options_of
+from .config.schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
 from .control.process import EXIT_OK, EXIT_START_FAILED, loop_factory, serve, setup_logging
 from .errors import ConfigError, ListenError
 from .layers.tls import check_tls
@@ -65,7 +65,7 @@ def _flag(name: str) -> str:
     return "--" + _FLAG_NAMES.get(key, key).replace("_", "-")
 
 
-def _help(info: Any, default: Any) -> str:
+def _help(info: OptionInfo, default: Any) -> str:
     text = info.doc
     if info.choices:
         text += f" One of: {', '.join(info.choices)}."

@@ -169,7 +169,7 @@ class ProxyService:
         self.resolve = resolve
         self.listeners: list[Listener] = []
         self.elements: list[Element] = list(elements)
-        self.live: dict[Relay, _Relayed] = {}
+        self.live: dict[Relay[ConnectionInfo], _Relayed] = {}
         self._connecting: set[Connection] = set()
         self._failing: dict[Address, _Failing] = {}
         """Upstreams whose last attempt failed, for rate-limited logging."""
@@ -287,7 +287,7 @@ class ProxyService:
 
     def _closed(self, info: ConnectionInfo, attached: Attached, target: UpstreamState | None,
                 failures: Sequence[_Failure], reason: CloseReason, detail: str, first_close: str,
-                reset: bool, relay: Relay | None) -> None:
+                reset: bool, relay: Relay[ConnectionInfo] | None) -> None:
         """The *closed* phase, for every connection: fill in how it ended, tell the
         elements, the upstream's state and the observers, free the slot."""
         info.first_close = first_close
@@ -327,7 +327,7 @@ class ProxyService:
         if self.retired:
             self._release_retired()
 
-    def _relay_closed(self, relay: Relay) -> None:
+    def _relay_closed(self, relay: Relay[ConnectionInfo]) -> None:
         rec = self.live.pop(relay)
         reason = relay.reason or CloseReason.EOF
         self._closed(relay.info, rec.attached, rec.target, rec.failures or (), reason,
@@ -389,7 +389,7 @@ class ProxyService:
             except Exception:
                 log.exception("%s: chain element %s failed to close", self.name, element.name)
 
-    def _restage(self, relay: Relay, attached: Attached) -> None:
+    def _restage(self, relay: Relay[ConnectionInfo], attached: Attached) -> None:
         for direction in DIRECTIONS:
             set_stages(relay, direction, _stages(self.elements, attached, direction))
 
@@ -848,7 +848,8 @@ class Connection(Dialer):
 
     @property
     def upstream_address(self) -> Address:
-        return self.target.address
+        address: Address = self.target.address
+        return address
 
     def replace_upstream(self, stream: Stream) -> None:
         self.upstream_end = stream

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from .. import __version__
+from .._version import __version__
 from ..chain.toxics import TOXICS, ToxicError, make_toxic
 from ..chain.toxics.config import build_toxic, toxic_spec
 from ..chain.toxics.live import toxic_json

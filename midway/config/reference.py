@@ -9,7 +9,7 @@ Regenerate the file with::
 
     python -m midway.config.reference > docs/configuration.md
 
-``tests/unit/test_config_reference.py`` fails when the file and the schema disagree.
+``tests/config/test_config_reference.py`` fails when the file and the schema disagree.
 """
 
 from __future__ import annotations

@@ -827,9 +827,10 @@ class Relay(Generic[InfoT]):
 def _unread(fd: int) -> int:
     """Bytes waiting in socket ``fd``'s receive queue (FIONREAD, i.e. SIOCINQ)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, _INT_ZERO))[0]
+        count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, _INT_ZERO))[0]
     except OSError:
         return 0
+    return count
 
 
 _INT_ZERO = struct.pack("i", 0)

@@ -52,7 +52,7 @@ def build_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...], tuple[O
         inbound.append(SniPeek(config.sni_peek_timeout_s))
     outbound: list[OutboundLayer] = []
     if config.proxy_protocol_out != "off":
-        version = cast(Literal[1, 2], 1 if config.proxy_protocol_out == "v1" else 2)
+        version: Literal[1, 2] = 1 if config.proxy_protocol_out == "v1" else 2
         outbound.append(ProxyProtocolOut(version))
     outbound.extend(tls_out)
     return tuple(inbound), tuple(outbound)

@@ -13,12 +13,9 @@ end with ``\\n``, the body too.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .table import METRICS, Kind, MetricSpec
-
-if TYPE_CHECKING:
-    from .registry import Snapshot
+from .table import METRICS, Kind, MetricSpec, Snapshot
 
 __all__ = ["render", "CONTENT_TYPE"]
 

@@ -9,7 +9,7 @@ Regenerate the file with::
 
     python -m midway.metrics.reference > docs/metrics.md
 
-``tests/unit/test_metrics_reference.py`` fails when the file and the table disagree.
+``tests/metrics/test_reference.py`` fails when the file and the table disagree.
 """
 
 from __future__ import annotations

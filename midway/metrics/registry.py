@@ -50,7 +50,7 @@ from typing import Any
 
 from ..core.observer import CloseReason, CloseRecord, Observer, OpenedConnection
 from .exposition import render
-from .table import BY_NAME, METRICS, Kind, Merge, MetricSpec
+from .table import BY_NAME, METRICS, Kind, Merge, MetricSpec, Snapshot
 
 __all__ = ["Metrics", "Collector", "Sample", "Snapshot", "merge_snapshots",
            "SNAPSHOT_FORMAT"]
@@ -64,7 +64,6 @@ Labels = tuple[str, ...]
 Sample = tuple[str, Labels, float]
 """``(metric name, label values, value)``: one value a collector contributes."""
 Collector = Callable[[], Iterable[Sample]]
-Snapshot = dict[str, Any]
 
 _DIRECTIONS = ("upstream", "downstream")
 

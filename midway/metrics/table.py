@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Kind", "Merge", "MetricSpec", "METRICS", "BY_NAME", "CONNECT_BUCKETS_S",
-           "CONNECTION_BUCKETS_S"]
+           "CONNECTION_BUCKETS_S", "Snapshot"]
+
+Snapshot = dict[str, Any]
+"""The values of this table's metrics as a JSON-able dict (its shape: :mod:`.registry`).
+Declared here rather than in the registry so that the exposition names it without
+importing the registry, which imports the exposition."""
 
 
 class Kind(enum.StrEnum):

@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import socket
+from pathlib import Path
 
 import midway
 from midway.chain.base import Attachment, ConnectionInfo, Element, Output, Stage
@@ -130,7 +131,7 @@ def test_workers_share_the_listener_and_are_supervised() -> None:
 
 def _children(pid: int) -> list[int]:
     try:
-        text = open(f"/proc/{pid}/task/{pid}/children").read()
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except OSError:
         return []
     return [int(p) for p in text.split()]

@@ -363,6 +363,7 @@ def test_idle_timeout_closes_quiet_connection() -> None:
             assert not records.records
             # ... and silence ends it.
             assert await read_to_eof(reader, timeout=3) == b""
+            writer.close()
             (record,) = await records.wait()
             assert record.reason == "idle_timeout"
             assert record.first_close == "proxy"
@@ -372,8 +373,11 @@ def test_idle_timeout_closes_quiet_connection() -> None:
 
 def test_half_close_timeout() -> None:
     async def never_finishes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        await asyncio.sleep(30)
+        try:
+            await reader.read()
+            await asyncio.sleep(30)
+        finally:
+            writer.close()
 
     async def main() -> None:
         records = Records()
@@ -383,6 +387,7 @@ def test_half_close_timeout() -> None:
             reader, writer = await asyncio.open_connection(*proxy.address)
             writer.write_eof()
             assert await read_to_eof(reader, timeout=3) == b""
+            writer.close()
             (record,) = await records.wait()
             assert record.reason == "half_close_timeout"
 
@@ -463,6 +468,7 @@ def test_live_add_and_remove_proxy() -> None:
             await asyncio.sleep(FLOWING_S + 0.1)
             runtime.remove_proxy("extra")
             assert await read_to_eof(reader, timeout=2) == b""
+            writer.close()
             with pytest.raises(OSError):
                 await asyncio.open_connection(host, int(p))
 

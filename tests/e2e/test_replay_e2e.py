@@ -40,14 +40,14 @@ def listening(port: int) -> bool:
 
 @contextmanager
 def background(*args: str, port: int) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        assert wait_until(lambda: listening(port), timeout=15), args
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as proc:  # leaving it closes the pipe
+        try:
+            assert wait_until(lambda: listening(port), timeout=15), args
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 @contextmanager
@@ -75,6 +75,8 @@ def replaying(capture: Path, port: int, *options: str) -> Iterator[list[str]]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def record(capture: Path, upstream: int, listen: int) -> Iterator[None]:

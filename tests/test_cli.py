@@ -18,7 +18,7 @@ import pytest
 
 import midway
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20
 EXIT_OK, EXIT_START_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -392,8 +392,9 @@ class _LineReader:
         self._thread.start()
 
     def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.put(line)
+        with stream:  # closed once the child has closed its end
+            for line in stream:
+                self.lines.put(line)
 
     def wait_for(self, text: str, deadline: float) -> str:
         while (left := deadline - time.monotonic()) > 0:

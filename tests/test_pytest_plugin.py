@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import needs
+from .helpers import needs
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def readme_example() -> str:

@@ -20,7 +20,7 @@ from midway.control.commands import LocalHandle
 from midway.control.plane import ControlPlane
 from midway.control.process import SingleFleet
 
-from ..helpers import run
+from .helpers import run
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -22,7 +22,7 @@ from midway.chain.pcapfile import PcapWriter, TcpConversation
 from midway.chain.pcapread import read_connections, upstream_legs
 from midway.replay import BackgroundReplay, Replay, Script
 
-from ..helpers import ROOT, read_to_eof, run
+from .helpers import ROOT, read_to_eof, run
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..e2e.conftest import MODES, modes_for
-from ..helpers import needs
+from .e2e.conftest import MODES, modes_for
+from .helpers import needs
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
 
 def test_every_skip_reason_says_what_is_needed_in_one_form() -> None:
