@@ -187,6 +187,8 @@ class ProxyService:
         self.listeners = [
             Listener(address, sock, self._on_accept, self._can_accept) for address, sock in socks
         ]
+        for listener in self.listeners:
+            listener.set_nodelay(self.config.tcp_nodelay)
 
     def start_accepting(self) -> None:
         self.accepting = True
@@ -359,6 +361,9 @@ class ProxyService:
         :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
         self.pool.reconfigure(_specs(config), balance=config.balance)
         self.config = config
+        for listener in self.listeners:
+            if listener.nodelay is not None and listener.nodelay != config.tcp_nodelay:
+                listener.set_nodelay(config.tcp_nodelay)
         kept = {u.address for u in self.pool.upstreams}
         for address in [a for a in self._failing if a not in kept]:
             del self._failing[address]
@@ -443,7 +448,7 @@ class Connection(Dialer):
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
-        loop = asyncio.get_running_loop()
+        loop = listener.loop
         self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve)
         self.service = service
         self.client = client
@@ -461,8 +466,9 @@ class Connection(Dialer):
             local_addr=local,
         )
         client.setblocking(False)
-        if service.config.tcp_nodelay and self.info.client_addr is not None:
-            _nodelay(client)
+        if service.config.tcp_nodelay and listener.nodelay is not True \
+                and self.info.client_addr is not None:
+            _nodelay(client)  # not inherited from the listener (see Listener.set_nodelay)
         self.attached: Attached = _NO_ATTACHMENTS
         self.failures: list[_Failure] | None = None
         """The failed attempts (made on the first failure)."""
