@@ -165,6 +165,8 @@ class ProxyService:
         self.active = 0
         self.accepting = False
         self.enabled = True
+        self.relay_closed = self._relay_closed
+        """Every relay's ``on_close``: one bound method, not one per connection."""
 
     @property
     def name(self) -> str:
@@ -454,12 +456,17 @@ class Connection(Dialer):
         self.client = client
         self.phase = _ACCEPT
         self.started = time.perf_counter()  # not the loop's: uvloop's counts whole ms
-        local = listener.local or _ip_pair(_sockname(client))
+        local = listener.local
+        if local is not None or listener.address.is_unix:
+            text = listener.local_text  # one string for every connection
+        else:  # a wildcard listener: this connection's own local address
+            local = _ip_pair(_sockname(client))
+            text = format_sockaddr(local) if local else listener.bound
         self.info = ConnectionInfo(
             id=service.host.next_connection_id(),
             proxy=service.name,
-            client=format_sockaddr(addr),
-            listener=format_sockaddr(local) if local else listener.bound,
+            peer=addr,  # ConnectionInfo.client is formatted from it when first read
+            listener=text,
             started_at=time.time(),
             sequence=service.accepted,
             client_addr=_ip_pair(addr),
@@ -538,10 +545,9 @@ class Connection(Dialer):
             service._upstream_recovered(target)
         info = self.info
         address = target.address
-        info.upstream = str(address)
+        info.upstream = target.text
         if not address.is_unix:
-            info.upstream_addr = (address.host, address.port) if address.is_ip_literal \
-                else _ip_pair(_peername(sock))
+            info.upstream_addr = target.pair or _ip_pair(_peername(sock))
             info.upstream_local_addr = _ip_pair(_sockname(sock))
             if service.config.tcp_nodelay:
                 _nodelay(sock)
@@ -618,7 +624,7 @@ class Connection(Dialer):
             self.client, upstream, self.info,
             idle_timeout_s=config.idle_timeout_s,
             half_close_timeout_s=config.half_close_timeout_s,
-            on_close=service._relay_closed,
+            on_close=service.relay_closed,
             splice=config.splice,
             loop=self.loop,
             client_prefix=self.pending,
@@ -810,6 +816,9 @@ def _peername(sock: socket.socket) -> object:
 
 
 def _ip_pair(addr: object) -> tuple[str, int] | None:
+    """(host, port) of a socket address; an IPv4 one already is (no copy)."""
     if isinstance(addr, tuple) and len(addr) >= 2:
+        if len(addr) == 2 and type(addr[0]) is str and type(addr[1]) is int:
+            return addr
         return (str(addr[0]), int(addr[1]))
     return None

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from ..config.addresses import format_sockaddr
 
 __all__ = [
     "UPSTREAM",
@@ -57,45 +59,97 @@ DOWNSTREAM: Direction = "downstream"
 DIRECTIONS: tuple[Direction, Direction] = (UPSTREAM, DOWNSTREAM)
 
 
-@dataclass(slots=True)
 class ConnectionInfo:
     """What an element may know about one connection.  Filled in by the relay;
-    ``upstream`` is set once the upstream is connected."""
+    ``upstream`` is set once the upstream is connected.
 
-    id: int
-    """Process-unique connection number, starting at 1."""
-    proxy: str
-    """Name of the proxy that accepted it."""
-    client: str
-    """The client's address as text (``1.2.3.4:5678``, ``[::1]:5678`` or ``unix:...``)."""
-    listener: str
-    """The local address that accepted it."""
-    upstream: str | None = None
-    """The upstream address it is connected to (``host:port`` as configured, resolved)."""
-    client_addr: tuple[str, int] | None = None
-    """The client's (host, port) for IP connections; ``None`` for unix sockets."""
-    local_addr: tuple[str, int] | None = None
-    """The listener-side (host, port) of this connection for IP connections."""
-    upstream_addr: tuple[str, int] | None = None
-    """The remote (host, port) actually connected upstream, for IP connections."""
-    upstream_local_addr: tuple[str, int] | None = None
-    """midway's own (host, port) on the upstream connection, for IP connections."""
-    started_at: float = 0.0
-    """Wall-clock (``time.time()``) time the connection was accepted."""
-    sequence: int = 0
-    """1-based count of connections this proxy has accepted, this one included
-    (for conditions such as "only the first N connections")."""
-    extra: dict[str, object] = field(default_factory=dict)
-    """Free space for elements to share per-connection facts."""
-    first_close: str | None = None
-    """Set when the connection has ended, before any ``on_close`` callback runs:
-    which side ended it first (``client``, ``upstream`` or ``proxy``)."""
-    close_detail: str = ""
-    """Set when the connection has ended: what the close reason alone does not
-    say (``client: connection reset by peer``, a toxic's or a hook's message)."""
-    reset: bool = False
-    """Set when the connection has ended: ``True`` when its sockets were aborted
-    with a TCP RST rather than closed with a FIN."""
+    A plain class with slots rather than a dataclass so that what nobody may read
+    costs nothing until read: ``client`` is formatted from the accepted address
+    (``peer``) on first access, and ``extra`` is made on first access (an idle
+    connection with no element attached holds neither string nor dict)."""
+
+    __slots__ = ("id", "proxy", "_client", "_peer", "listener", "upstream", "client_addr",
+                 "local_addr", "upstream_addr", "upstream_local_addr", "started_at", "sequence",
+                 "_extra", "first_close", "close_detail", "reset")
+
+    def __init__(
+        self,
+        id: int,
+        proxy: str,
+        client: str | None = None,
+        listener: str = "",
+        upstream: str | None = None,
+        client_addr: tuple[str, int] | None = None,
+        local_addr: tuple[str, int] | None = None,
+        upstream_addr: tuple[str, int] | None = None,
+        upstream_local_addr: tuple[str, int] | None = None,
+        started_at: float = 0.0,
+        sequence: int = 0,
+        extra: dict[str, object] | None = None,
+        first_close: str | None = None,
+        close_detail: str = "",
+        reset: bool = False,
+        *,
+        peer: object = None,
+    ) -> None:
+        self.id = id
+        """Process-unique connection number, starting at 1."""
+        self.proxy = proxy
+        """Name of the proxy that accepted it."""
+        self._client = client
+        self._peer = peer
+        """The address ``accept`` returned, ``client`` is made from when not given."""
+        self.listener = listener
+        """The local address that accepted it."""
+        self.upstream = upstream
+        """The upstream address it is connected to (``host:port`` as configured, resolved)."""
+        self.client_addr = client_addr
+        """The client's (host, port) for IP connections; ``None`` for unix sockets."""
+        self.local_addr = local_addr
+        """The listener-side (host, port) of this connection for IP connections."""
+        self.upstream_addr = upstream_addr
+        """The remote (host, port) actually connected upstream, for IP connections."""
+        self.upstream_local_addr = upstream_local_addr
+        """midway's own (host, port) on the upstream connection, for IP connections."""
+        self.started_at = started_at
+        """Wall-clock (``time.time()``) time the connection was accepted."""
+        self.sequence = sequence
+        """1-based count of connections this proxy has accepted, this one included
+        (for conditions such as "only the first N connections")."""
+        self._extra = extra
+        self.first_close = first_close
+        """Set when the connection has ended, before any ``on_close`` callback runs:
+        which side ended it first (``client``, ``upstream`` or ``proxy``)."""
+        self.close_detail = close_detail
+        """Set when the connection has ended: what the close reason alone does not
+        say (``client: connection reset by peer``, a toxic's or a hook's message)."""
+        self.reset = reset
+        """Set when the connection has ended: ``True`` when its sockets were aborted
+        with a TCP RST rather than closed with a FIN."""
+
+    @property
+    def client(self) -> str:
+        """The client's address as text (``1.2.3.4:5678``, ``[::1]:5678`` or ``unix:...``)."""
+        text = self._client
+        if text is None:
+            text = self._client = format_sockaddr(self._peer)
+        return text
+
+    @client.setter
+    def client(self, value: str) -> None:
+        self._client = value
+
+    @property
+    def extra(self) -> dict[str, object]:
+        """Free space for elements to share per-connection facts."""
+        extra = self._extra
+        if extra is None:
+            extra = self._extra = {}
+        return extra
+
+    def __repr__(self) -> str:
+        return (f"ConnectionInfo(id={self.id}, proxy={self.proxy!r}, client={self.client!r}, "
+                f"listener={self.listener!r}, upstream={self.upstream!r})")
 
 
 class Output(Protocol):

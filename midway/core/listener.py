@@ -144,6 +144,9 @@ class Listener:
         self.local: tuple[str, int] | None = None if wildcard else (str(name[0]), int(name[1]))
         """The (host, port) every connection accepted here has locally, when the
         listener is bound to one address (``None``: ask each connection)."""
+        self.local_text = str(address) if address.is_unix else self.bound
+        """:attr:`local` as text (the unix socket's address for one): one string
+        shared by every connection accepted here (when :attr:`local` is set)."""
 
     @property
     def bound(self) -> str:

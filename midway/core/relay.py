@@ -80,6 +80,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import describe_oserror
 from . import splice as _splice
+from .deadlines import deadlines_for
 from .observer import CloseReason
 from .poller import poller_for
 from .streams import Endpoint, can_splice, pending
@@ -149,8 +150,10 @@ class Sender:
         self.sock = sock
         self.fd = sock.fileno()
         self.side = side
-        self.buf = bytearray()
-        self.waiters: list[asyncio.Future[None]] = []
+        # What the kernel has not taken yet, and who waits for it to drain: made
+        # when needed and dropped once drained, so an idle sender holds neither.
+        self.buf: bytearray | None = None
+        self.waiters: list[asyncio.Future[None]] | None = None
         self.on_drained: Callable[[], None] | None = None
         self.fin_pending = False
         self.fin_sent = False
@@ -169,29 +172,34 @@ class Sender:
             return False
         if sent == len(data):
             return True
-        self.buf += data[sent:]
+        self.buf = bytearray(data[sent:])
         self.poller.add_writer(self.fd, self._on_writable)
         return False
 
     def _on_writable(self) -> None:
+        buf = self.buf
+        if buf is None:
+            return
         try:
-            sent = self.sock.send(self.buf)
+            sent = self.sock.send(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.relay._failed(self.side, exc)
             return
-        del self.buf[:sent]
-        if self.buf:
+        del buf[:sent]
+        if buf:
             return
+        self.buf = None
         self.poller.remove_writer(self.fd)
         if self.fin_pending:
             self._shutdown()
         callback, self.on_drained = self.on_drained, None
-        waiters, self.waiters = self.waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        waiters, self.waiters = self.waiters, None
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
         if callback is not None and not self.relay.closed:
             callback()
 
@@ -199,6 +207,8 @@ class Sender:
         """Wait until everything written so far has gone to the kernel."""
         if self.buf:
             fut = self.loop.create_future()
+            if self.waiters is None:
+                self.waiters = []
             self.waiters.append(fut)
             await fut
 
@@ -226,11 +236,12 @@ class Sender:
     def stop(self) -> None:
         if self.buf:
             self.poller.remove_writer(self.fd)
-        self.buf = bytearray()
-        for fut in self.waiters:
-            if not fut.done():
-                fut.cancel()
-        self.waiters = []
+        self.buf = None
+        waiters, self.waiters = self.waiters, None
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.cancel()
         self.on_drained = None
 
 
@@ -248,7 +259,7 @@ class Flow:
         self.poller = relay.poller
         self.name = name
         self.src = src
-        self.src_fd = src.fileno()
+        self.src_fd = reverse_sender.fd  # the same socket (and one int object, not two)
         self.src_side = src_side
         self.sender = sender
         self.reverse_sender = reverse_sender
@@ -573,8 +584,8 @@ class Relay(Generic[InfoT]):
     # An idle connection is mostly this object: slots, not a dict (~1 KiB less each).
     __slots__ = ("loop", "poller", "client", "upstream", "info", "on_close", "timers", "closed",
                  "started", "reason", "detail", "first_close", "splice", "path",
-                 "connect_time_s", "reset", "_prefixes", "_closing", "_timer", "_ended", "up",
-                 "down")
+                 "connect_time_s", "reset", "_prefixes", "_closing", "_deadlines", "deadline_token",
+                 "_ended", "up", "down")
 
     def __init__(
         self,
@@ -613,7 +624,9 @@ class Relay(Generic[InfoT]):
         """Whether the connection ended with an RST (set when it closes)."""
         self._prefixes = (client_prefix, upstream_prefix)
         self._closing: tuple[CloseReason, str] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines = deadlines_for(self.loop)
+        self.deadline_token = 0
+        """The idle or half-close deadline scheduled (see :mod:`midway.core.deadlines`)."""
         self._ended = 0
         to_upstream = Sender(self, upstream, UPSTREAM_SIDE)
         to_client = Sender(self, client, CLIENT)
@@ -728,15 +741,13 @@ class Relay(Generic[InfoT]):
     # -- timers -----------------------------------------------------------
 
     def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         deadline = self.timers.next_deadline()
         if deadline is not None and not self.closed:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._deadlines.schedule(deadline, self)
+        else:
+            self._deadlines.cancel(self)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def deadline_passed(self) -> None:
         reason = self.timers.expired(self.loop.time())
         if reason is None:
             self._arm()
@@ -757,9 +768,7 @@ class Relay(Generic[InfoT]):
         self.reset = reset_client or reset_upstream
         if self.first_close is None:
             self.first_close = side
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadlines.cancel(self)
         # Before the descriptors are closed (and their numbers reused): the flows'
         # remove_reader/remove_writer below then cost nothing.
         self.poller.forget(self.up.src_fd)
