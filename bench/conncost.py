@@ -262,7 +262,8 @@ def measure_calls(args: argparse.Namespace) -> None:
     total = sum(v[1] for v in st.stats.values())  # type: ignore[attr-defined]
     print(f"calls midway/{args.loop}: {total / ok:.1f} Python-visible calls per connection "
           f"({ok} connections)")
-    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][1])  # type: ignore[attr-defined]
+    key = 2 if args.by_time else 1
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][key])  # type: ignore[attr-defined]
     for (file, line, name), (_cc, nc, tt, _ct, _callers) in rows[:args.top]:
         where = f"{Path(file).name}:{line}" if line else file
         print(f"  {nc / ok:5.2f}  {tt / ok * 1e6:6.1f} µs  {name} ({where})")
@@ -364,6 +365,8 @@ def main() -> None:
     parser.add_argument("--idle", type=int, nargs="*", default=[5000, 7500],
                         help="idle connections held (50000 needs RLIMIT_NOFILE > 100000)")
     parser.add_argument("--top", type=int, default=25, help="functions shown by calls")
+    parser.add_argument("--by-time", action="store_true",
+                        help="calls: order functions by their own time, not their count")
     parser.add_argument("--callers", default="", help="calls: show who calls functions "
                         "matching this regular expression")
     args = parser.parse_args()

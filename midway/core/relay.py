@@ -613,8 +613,8 @@ class Relay(Generic[InfoT]):
         self.reason: CloseReason | None = None
         self.detail = ""
         self.first_close: str | None = None
-        self.splice = (splice and _splice.AVAILABLE
-                       and can_splice(client) and can_splice(upstream))
+        plain_client, plain_upstream = can_splice(client), can_splice(upstream)
+        self.splice = splice and _splice.AVAILABLE and plain_client and plain_upstream
         """Whether the zero-copy path may be taken (both endpoints plain sockets)."""
         self.path = "copy"
         """``copy`` (fast path, bytes through a buffer), ``splice`` (fast path that
@@ -630,8 +630,8 @@ class Relay(Generic[InfoT]):
         self._ended = 0
         to_upstream = Sender(self, upstream, UPSTREAM_SIDE)
         to_client = Sender(self, client, CLIENT)
-        up = Flow if can_splice(client) else _StreamFlow
-        down = Flow if can_splice(upstream) else _StreamFlow
+        up = Flow if plain_client else _StreamFlow
+        down = Flow if plain_upstream else _StreamFlow
         self.up = up(self, "upstream", client, CLIENT, to_upstream, to_client)
         self.down = down(self, "downstream", upstream, UPSTREAM_SIDE, to_client, to_upstream)
 
@@ -771,8 +771,9 @@ class Relay(Generic[InfoT]):
         self._deadlines.cancel(self)
         # Before the descriptors are closed (and their numbers reused): the flows'
         # remove_reader/remove_writer below then cost nothing.
-        self.poller.forget(self.up.src_fd)
-        self.poller.forget(self.down.src_fd)
+        # A plain socket (a Flow, not a _StreamFlow) is closed right below.
+        self.poller.forget(self.up.src_fd, closing=type(self.up) is Flow)
+        self.poller.forget(self.down.src_fd, closing=type(self.down) is Flow)
         for flow in (self.up, self.down):
             flow.stop()
             flow.sender.stop()

@@ -327,7 +327,7 @@ class Dialer:
 
 def _discard(poller: Poller | LoopPoller, sock: socket.socket) -> None:
     """Close an upstream socket that will not be relayed."""
-    poller.forget(sock.fileno())
+    poller.forget(sock.fileno(), closing=True)
     close_socket(sock)
 
 
