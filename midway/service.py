@@ -548,7 +548,11 @@ class Connection(Dialer):
         info.upstream = target.text
         if not address.is_unix:
             info.upstream_addr = target.pair or _ip_pair(_peername(sock))
-            info.upstream_local_addr = _ip_pair(_sockname(sock))
+            if service.elements or service.outbound or service.host.observers:
+                # Someone may read it, maybe after the socket is closed: now.
+                info.upstream_local_addr = _ip_pair(_sockname(sock))
+            else:  # only a live reader (the admin API) may ask: when it does
+                info.upstream_local_from(sock)
             if service.config.tcp_nodelay:
                 _nodelay(sock)
         if service.outbound:

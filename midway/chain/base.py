@@ -59,6 +59,10 @@ DOWNSTREAM: Direction = "downstream"
 DIRECTIONS: tuple[Direction, Direction] = (UPSTREAM, DOWNSTREAM)
 
 
+class _Named(Protocol):
+    def getsockname(self) -> object: ...
+
+
 class ConnectionInfo:
     """What an element may know about one connection.  Filled in by the relay;
     ``upstream`` is set once the upstream is connected.
@@ -69,8 +73,8 @@ class ConnectionInfo:
     connection with no element attached holds neither string nor dict)."""
 
     __slots__ = ("id", "proxy", "_client", "_peer", "listener", "upstream", "client_addr",
-                 "local_addr", "upstream_addr", "upstream_local_addr", "started_at", "sequence",
-                 "_extra", "first_close", "close_detail", "reset")
+                 "local_addr", "upstream_addr", "_upstream_local", "_upstream_sock", "started_at",
+                 "sequence", "_extra", "first_close", "close_detail", "reset")
 
     def __init__(
         self,
@@ -109,8 +113,8 @@ class ConnectionInfo:
         """The listener-side (host, port) of this connection for IP connections."""
         self.upstream_addr = upstream_addr
         """The remote (host, port) actually connected upstream, for IP connections."""
-        self.upstream_local_addr = upstream_local_addr
-        """midway's own (host, port) on the upstream connection, for IP connections."""
+        self._upstream_local = upstream_local_addr
+        self._upstream_sock: _Named | None = None
         self.started_at = started_at
         """Wall-clock (``time.time()``) time the connection was accepted."""
         self.sequence = sequence
@@ -138,6 +142,31 @@ class ConnectionInfo:
     @client.setter
     def client(self, value: str) -> None:
         self._client = value
+
+    @property
+    def upstream_local_addr(self) -> tuple[str, int] | None:
+        """midway's own (host, port) on the upstream connection, for IP connections."""
+        sock = self._upstream_sock
+        if sock is not None:
+            self._upstream_sock = None
+            try:
+                addr = sock.getsockname()
+            except OSError:  # closed: nobody read it while it was open
+                addr = None
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                self._upstream_local = (str(addr[0]), int(addr[1]))
+        return self._upstream_local
+
+    @upstream_local_addr.setter
+    def upstream_local_addr(self, value: tuple[str, int] | None) -> None:
+        self._upstream_sock = None
+        self._upstream_local = value
+
+    def upstream_local_from(self, sock: _Named) -> None:
+        """Take :attr:`upstream_local_addr` from ``sock`` when it is first read
+        (a ``getsockname`` per connection saved when nobody does).  The caller
+        reads it at once instead where it may be read after the socket closes."""
+        self._upstream_sock = sock
 
     @property
     def extra(self) -> dict[str, object]:

@@ -104,6 +104,10 @@ class Poller:
         self._fds: dict[int, _Entry] = {}
         self._stale: set[int] | None = None
         """During a dispatch, descriptors forgotten since the batch was fetched."""
+        self.failed = True
+        """Inside a writer callback: whether its event reported an error or a
+        hang-up (``EPOLLERR``/``EPOLLHUP``).  A connecting socket's writer reads
+        ``SO_ERROR`` only then: a connect that succeeded reports ``EPOLLOUT`` alone."""
         self._loop = weakref.ref(loop)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
@@ -225,6 +229,7 @@ class Poller:
                 writer = entry.writer
                 if writer is not None and ev & _WRITE_EVENTS:
                     called = True
+                    self.failed = bool(ev & _ERR)
                     try:
                         writer()
                     except (SystemExit, KeyboardInterrupt):
@@ -312,6 +317,9 @@ def _so_error(fd: int) -> int:
 
 class LoopPoller:
     """The same interface on the loop's own watchers (no epoll on this platform)."""
+
+    failed = True
+    """Not known here: a connecting socket's writer always reads ``SO_ERROR``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)

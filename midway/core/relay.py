@@ -68,6 +68,7 @@ no chain type: what it needs of a chain is the :class:`Chain` protocol below.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import fcntl
@@ -801,6 +802,16 @@ def close_socket(sock: Endpoint, *, reset: bool = False) -> None:
         except OSError:
             pass
     try:
-        sock.close()
+        if type(sock) is socket.socket and sock._io_refs <= 0:  # type: ignore[attr-defined]
+            # What socket.socket.close does (no makefile() is open on a relayed
+            # socket), without its two Python-level frames: twice per connection.
+            sock._closed = True  # type: ignore[attr-defined]
+            _close(sock)
+        else:
+            sock.close()
     except OSError:
         pass
+
+
+_close = _socket.socket.close
+"""The C-level close of a socket object (what ``socket.socket._real_close`` calls)."""

@@ -249,8 +249,9 @@ class Dialer:
         return sock
 
     def _on_writable(self) -> None:
+        failed = self.poller.failed  # writable with no error reported: connected
         sock = self._take()
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if failed else 0
         if err == 0:
             if self.deadline_token:
                 self.deadlines.cancel(self)
