@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-The relay and the connecting sockets are watched by one :func:`select.epoll` per
-event loop, not by the loop's ``add_reader``/``add_writer``.  The epoll descriptor
-itself is registered once with the loop as an ordinary reader; when it is readable
-:meth:`Poller._dispatch` takes up to :data:`MAX_EVENTS` events with ``poll(0, n)``
-and calls the callbacks.  Timers, tasks, listeners and everything else stay on the
-loop.
+The listening, relayed and connecting sockets are watched by one
+:func:`select.epoll` per event loop, not by the loop's ``add_reader``/``add_writer``.
+The epoll descriptor itself is registered once with the loop as an ordinary
+reader; when it is readable :meth:`Poller._dispatch` takes up to
+:data:`MAX_EVENTS` events with ``poll(0, n)`` and calls the callbacks (inline: a
+new connection passes through this loop several times).  Timers (see
+:mod:`midway.core.deadlines`), tasks and everything else stay on the loop.
 
 Why, and not the loop's watchers:
 
