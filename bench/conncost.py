@@ -260,8 +260,9 @@ def measure_calls(args: argparse.Namespace) -> None:
     st = pstats.Stats(str(stats))
     os.unlink(stats)
     total = sum(v[1] for v in st.stats.values())  # type: ignore[attr-defined]
-    print(f"calls midway/{args.loop}: {total / ok:.1f} Python-visible calls per connection "
-          f"({ok} connections)")
+    python = sum(v[1] for k, v in st.stats.items() if k[1])  # type: ignore[attr-defined]
+    print(f"calls midway/{args.loop}: {total / ok:.1f} Python-visible calls per connection, "
+          f"{python / ok:.1f} of them to Python functions ({ok} connections)")
     key = 2 if args.by_time else 1
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][key])  # type: ignore[attr-defined]
     for (file, line, name), (_cc, nc, tt, _ct, _callers) in rows[:args.top]:

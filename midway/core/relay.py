@@ -527,11 +527,13 @@ class Flow:
                 or _unread(self.src_fd) > 0 or pending(self.src) > 0)
 
     def stop(self) -> None:
-        self._stop_reading()
+        if self.reading:  # (tested here: once per direction per connection, a frame each)
+            self._stop_reading()
         if self.writing:
             self.poller.remove_writer(self.dst_fd)
             self.writing = False
-        self._release_pipe()
+        if self.pipe is not None:
+            self._release_pipe()
         if self.chain is not None:
             self.chain.stop()
 
