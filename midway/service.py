@@ -179,6 +179,8 @@ class ProxyService:
         self.enabled = True
         self.retired: set[Element] = set()
         """Elements a reload replaced (see :meth:`retire_elements`)."""
+        self.relay_closed = self._relay_closed
+        """Every relay's ``on_close``: one bound method, not one per connection."""
 
     @property
     def name(self) -> str:
@@ -201,6 +203,8 @@ class ProxyService:
         self.listeners = [
             Listener(address, sock, self._on_accept, self._can_accept) for address, sock in socks
         ]
+        for listener in self.listeners:
+            listener.set_nodelay(self.config.tcp_nodelay)
 
     def start_accepting(self) -> None:
         self.accepting = True
@@ -402,6 +406,9 @@ class ProxyService:
         self.pool.reconfigure(_specs(config), balance=config.balance,
                               empty_ok=bool(config.routes))
         self.config = config
+        for listener in self.listeners:
+            if listener.nodelay is not None and listener.nodelay != config.tcp_nodelay:
+                listener.set_nodelay(config.tcp_nodelay)
         kept = {u.address for u in self.pool.upstreams}
         kept.update(u.address for pool in self._route_sets.values() for u in pool.upstreams)
         for address in [a for a in self._failing if a not in kept]:
@@ -528,26 +535,32 @@ class Connection(Dialer):
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
-        loop = asyncio.get_running_loop()
+        loop = listener.loop
         self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve)
         self.service = service
         self.client = client
         self.phase = _ACCEPT
         self.started = time.perf_counter()  # not the loop's: uvloop's counts whole ms
-        local = listener.local or _ip_pair(_sockname(client))
+        local = listener.local
+        if local is not None or listener.address.is_unix:
+            text = listener.local_text  # one string for every connection
+        else:  # a wildcard listener: this connection's own local address
+            local = _ip_pair(_sockname(client))
+            text = format_sockaddr(local) if local else listener.bound
         self.info = ConnectionInfo(
             id=service.host.next_connection_id(),
             proxy=service.name,
-            client=format_sockaddr(addr),
-            listener=format_sockaddr(local) if local else listener.bound,
+            peer=addr,  # ConnectionInfo.client is formatted from it when first read
+            listener=text,
             started_at=time.time(),
             sequence=service.accepted,
             client_addr=_ip_pair(addr),
             local_addr=local,
         )
         client.setblocking(False)
-        if service.config.tcp_nodelay and self.info.client_addr is not None:
-            _nodelay(client)
+        if service.config.tcp_nodelay and listener.nodelay is not True \
+                and self.info.client_addr is not None:
+            _nodelay(client)  # not inherited from the listener (see Listener.set_nodelay)
         self.attached: Attached = _NO_ATTACHMENTS
         self.failures: list[_Failure] | None = None
         """The failed attempts (made on the first failure)."""
@@ -650,11 +663,14 @@ class Connection(Dialer):
             service._upstream_recovered(target)
         info = self.info
         address = target.address
-        info.upstream = str(address)
+        info.upstream = target.text
         if not address.is_unix:
-            info.upstream_addr = (address.host, address.port) if address.is_ip_literal \
-                else _ip_pair(_peername(sock))
-            info.upstream_local_addr = _ip_pair(_sockname(sock))
+            info.upstream_addr = target.pair or _ip_pair(_peername(sock))
+            if service.elements or service.outbound or service.host.observers:
+                # Someone may read it, maybe after the socket is closed: now.
+                info.upstream_local_addr = _ip_pair(_sockname(sock))
+            else:  # only a live reader (the admin API) may ask: when it does
+                info.upstream_local_from(sock)
             if service.config.tcp_nodelay:
                 _nodelay(sock)
         if service.outbound:
@@ -737,7 +753,7 @@ class Connection(Dialer):
             self.client_end or self.client, self.upstream_end or upstream, self.info,
             idle_timeout_s=config.idle_timeout_s,
             half_close_timeout_s=config.half_close_timeout_s,
-            on_close=service._relay_closed,
+            on_close=service.relay_closed,
             splice=config.splice,
             loop=self.loop,
             client_prefix=self.pending,
@@ -967,6 +983,9 @@ def _peername(sock: socket.socket) -> object:
 
 
 def _ip_pair(addr: object) -> tuple[str, int] | None:
+    """(host, port) of a socket address; an IPv4 one already is (no copy)."""
     if isinstance(addr, tuple) and len(addr) >= 2:
+        if len(addr) == 2 and type(addr[0]) is str and type(addr[1]) is int:
+            return addr
         return (str(addr[0]), int(addr[1]))
     return None

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from ..layers.proxy_protocol import ProxyHeader
+
+from ..config.addresses import format_sockaddr
 
 __all__ = [
     "UPSTREAM",
@@ -60,59 +62,145 @@ DOWNSTREAM: Direction = "downstream"
 DIRECTIONS: tuple[Direction, Direction] = (UPSTREAM, DOWNSTREAM)
 
 
-@dataclass(slots=True)
+class _Named(Protocol):
+    def getsockname(self) -> object: ...
+
+
 class ConnectionInfo:
     """What an element may know about one connection.  Filled in by the relay;
-    ``upstream`` is set once the upstream is connected."""
+    ``upstream`` is set once the upstream is connected.
 
-    id: int
-    """Process-unique connection number, starting at 1."""
-    proxy: str
-    """Name of the proxy that accepted it."""
-    client: str
-    """The client's address as text (``1.2.3.4:5678``, ``[::1]:5678`` or ``unix:...``)."""
-    listener: str
-    """The local address that accepted it."""
-    upstream: str | None = None
-    """The upstream address it is connected to (``host:port`` as configured, resolved)."""
-    client_addr: tuple[str, int] | None = None
-    """The client's (host, port) for IP connections; ``None`` for unix sockets."""
-    local_addr: tuple[str, int] | None = None
-    """The listener-side (host, port) of this connection for IP connections."""
-    upstream_addr: tuple[str, int] | None = None
-    """The remote (host, port) actually connected upstream, for IP connections."""
-    upstream_local_addr: tuple[str, int] | None = None
-    """midway's own (host, port) on the upstream connection, for IP connections."""
-    started_at: float = 0.0
-    """Wall-clock (``time.time()``) time the connection was accepted."""
-    sequence: int = 0
-    """1-based count of connections this proxy has accepted, this one included
-    (for conditions such as "only the first N connections")."""
-    alpn: str | None = None
-    """The application protocol agreed with the client by ALPN (``h2``), when
-    midway terminated its TLS and one was agreed."""
-    extra: dict[str, object] = field(default_factory=dict)
-    """Free space for elements to share per-connection facts."""
-    first_close: str | None = None
-    """Set when the connection has ended, before any ``on_close`` callback runs:
-    which side ended it first (``client``, ``upstream`` or ``proxy``)."""
-    close_detail: str = ""
-    """Set when the connection has ended: what the close reason alone does not
-    say (``client: connection reset by peer``, a toxic's or a hook's message)."""
-    reset: bool = False
-    """Set when the connection has ended: ``True`` when its sockets were aborted
-    with a TCP RST rather than closed with a FIN."""
-    proxy_header: ProxyHeader | None = None
-    """The PROXY protocol header the connection began with (``proxy_protocol_in``),
-    with every v2 TLV (``alpn``, ``authority``, ``ssl``, ``unique_id``, raw
-    ``tlvs``); ``None`` without one.  ``client``/``client_addr`` already carry
-    its source address."""
-    sni: str | None = None
-    """The TLS server name, once the route phase has run: from the ClientHello
-    peek (SNI routes), a terminated handshake, or the received PROXY header's
-    AUTHORITY TLV; ``None`` when none was seen."""
-    route: str | None = None
-    """The SNI route chosen (its name); ``None`` for the proxy's own upstreams."""
+    A plain class with slots rather than a dataclass so that what nobody may read
+    costs nothing until read: ``client`` is formatted from the accepted address
+    (``peer``) on first access, and ``extra`` is made on first access (an idle
+    connection with no element attached holds neither string nor dict)."""
+
+    __slots__ = ("id", "proxy", "_client", "_peer", "listener", "upstream", "client_addr",
+                 "local_addr", "upstream_addr", "_upstream_local", "_upstream_sock", "started_at",
+                 "sequence", "_extra", "first_close", "close_detail", "reset", "alpn",
+                 "proxy_header", "sni", "route")
+
+    def __init__(
+        self,
+        id: int,
+        proxy: str,
+        client: str | None = None,
+        listener: str = "",
+        upstream: str | None = None,
+        client_addr: tuple[str, int] | None = None,
+        local_addr: tuple[str, int] | None = None,
+        upstream_addr: tuple[str, int] | None = None,
+        upstream_local_addr: tuple[str, int] | None = None,
+        started_at: float = 0.0,
+        sequence: int = 0,
+        extra: dict[str, object] | None = None,
+        first_close: str | None = None,
+        close_detail: str = "",
+        reset: bool = False,
+        *,
+        peer: object = None,
+        alpn: str | None = None,
+        proxy_header: ProxyHeader | None = None,
+        sni: str | None = None,
+        route: str | None = None,
+    ) -> None:
+        self.id = id
+        """Process-unique connection number, starting at 1."""
+        self.proxy = proxy
+        """Name of the proxy that accepted it."""
+        self._client = client
+        self._peer = peer
+        """The address ``accept`` returned, ``client`` is made from when not given."""
+        self.listener = listener
+        """The local address that accepted it."""
+        self.upstream = upstream
+        """The upstream address it is connected to (``host:port`` as configured, resolved)."""
+        self.client_addr = client_addr
+        """The client's (host, port) for IP connections; ``None`` for unix sockets."""
+        self.local_addr = local_addr
+        """The listener-side (host, port) of this connection for IP connections."""
+        self.upstream_addr = upstream_addr
+        """The remote (host, port) actually connected upstream, for IP connections."""
+        self._upstream_local = upstream_local_addr
+        self._upstream_sock: _Named | None = None
+        self.started_at = started_at
+        """Wall-clock (``time.time()``) time the connection was accepted."""
+        self.sequence = sequence
+        """1-based count of connections this proxy has accepted, this one included
+        (for conditions such as "only the first N connections")."""
+        self._extra = extra
+        self.first_close = first_close
+        """Set when the connection has ended, before any ``on_close`` callback runs:
+        which side ended it first (``client``, ``upstream`` or ``proxy``)."""
+        self.close_detail = close_detail
+        """Set when the connection has ended: what the close reason alone does not
+        say (``client: connection reset by peer``, a toxic's or a hook's message)."""
+        self.reset = reset
+        """Set when the connection has ended: ``True`` when its sockets were aborted
+        with a TCP RST rather than closed with a FIN."""
+        self.alpn = alpn
+        """The application protocol agreed with the client by ALPN (``h2``), when
+        midway terminated its TLS and one was agreed."""
+        self.proxy_header = proxy_header
+        """The PROXY protocol header the connection began with (``proxy_protocol_in``),
+        with every v2 TLV (``alpn``, ``authority``, ``ssl``, ``unique_id``, raw
+        ``tlvs``); ``None`` without one.  ``client``/``client_addr`` already carry
+        its source address."""
+        self.sni = sni
+        """The TLS server name, once the route phase has run: from the ClientHello
+        peek (SNI routes), a terminated handshake, or the received PROXY header's
+        AUTHORITY TLV; ``None`` when none was seen."""
+        self.route = route
+        """The SNI route chosen (its name); ``None`` for the proxy's own upstreams."""
+
+    @property
+    def client(self) -> str:
+        """The client's address as text (``1.2.3.4:5678``, ``[::1]:5678`` or ``unix:...``)."""
+        text = self._client
+        if text is None:
+            text = self._client = format_sockaddr(self._peer)
+        return text
+
+    @client.setter
+    def client(self, value: str) -> None:
+        self._client = value
+
+    @property
+    def upstream_local_addr(self) -> tuple[str, int] | None:
+        """midway's own (host, port) on the upstream connection, for IP connections."""
+        sock = self._upstream_sock
+        if sock is not None:
+            self._upstream_sock = None
+            try:
+                addr = sock.getsockname()
+            except OSError:  # closed: nobody read it while it was open
+                addr = None
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                self._upstream_local = (str(addr[0]), int(addr[1]))
+        return self._upstream_local
+
+    @upstream_local_addr.setter
+    def upstream_local_addr(self, value: tuple[str, int] | None) -> None:
+        self._upstream_sock = None
+        self._upstream_local = value
+
+    def upstream_local_from(self, sock: _Named) -> None:
+        """Take :attr:`upstream_local_addr` from ``sock`` when it is first read
+        (a ``getsockname`` per connection saved when nobody does).  The caller
+        reads it at once instead where it may be read after the socket closes."""
+        self._upstream_sock = sock
+
+    @property
+    def extra(self) -> dict[str, object]:
+        """Free space for elements to share per-connection facts."""
+        extra = self._extra
+        if extra is None:
+            extra = self._extra = {}
+        return extra
+
+    def __repr__(self) -> str:
+        return (f"ConnectionInfo(id={self.id}, proxy={self.proxy!r}, client={self.client!r}, "
+                f"listener={self.listener!r}, upstream={self.upstream!r})")
 
 
 class Output(Protocol):

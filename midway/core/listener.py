@@ -1,9 +1,18 @@
 """Listening sockets and the accept loop.
 
-The accept loop is a readiness callback that accepts up to :data:`ACCEPT_BATCH`
-connections per wake-up.  It asks a gate before each accept, so a proxy at its
+The accept loop is a readiness callback on the relay's poller
+(:mod:`midway.core.poller`, the same epoll as the relayed sockets: no watcher of the
+loop's own) that accepts up to :data:`ACCEPT_BATCH` connections per wake-up, until
+the queue is empty.  It asks a gate before each accept, so a proxy at its
 connection limit stops accepting and clients wait in the kernel's listen queue (as
 HAProxy does at maxconn) instead of being accepted and dropped.
+
+Accepting costs what the kernel's ``accept4`` does and one socket object: the
+standard library's ``socket.accept`` also converts the listener's family and type
+to enums twice per call, which the loop here does once, at start.  On Linux an
+accepted socket inherits ``TCP_NODELAY`` from its listener
+(:data:`NODELAY_INHERITED`), so the option is set once, on the listener, rather
+than once per connection.
 
 Running out of descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is
 survivable: the loop logs (at most once a second), stops accepting for
@@ -19,13 +28,16 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from ..config.addresses import Address
 from ..errors import ListenError, describe_oserror
+from .poller import poller_for
 
-__all__ = ["Listener", "open_listening_socket", "bind_tcp", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S"]
+__all__ = ["Listener", "open_listening_socket", "bind_tcp", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S",
+           "NODELAY_INHERITED"]
 
 log = logging.getLogger("midway")
 
@@ -36,6 +48,11 @@ RESOURCE_BACKOFF_S = 0.1
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The connection died in the queue; just take the next one.
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+
+NODELAY_INHERITED = sys.platform.startswith("linux")
+"""Whether accepted TCP sockets inherit ``TCP_NODELAY`` from their listener (Linux's
+``inet_csk_clone_lock`` copies the listener's options; checked by
+tests/unit/test_listener.py).  Elsewhere it is set on each accepted socket."""
 
 
 def open_listening_socket(address: Address, backlog: int, *,
@@ -141,17 +158,27 @@ class Listener:
         self.address = address
         self.sock = sock
         self.loop = loop or asyncio.get_running_loop()
+        self.poller = poller_for(self.loop)
+        self._fd = sock.fileno()
+        self._accept = sock._accept  # type: ignore[attr-defined]  # the C call, no wrapper
+        self._kind = (int(sock.family), int(sock.type), sock.proto)
         self._on_accept = on_accept
         self._can_accept = can_accept
         self._reading = False
         self._backoff: asyncio.TimerHandle | None = None
         self._closed = False
         self._last_complaint = 0.0
+        self.nodelay: bool | None = None
+        """The ``TCP_NODELAY`` accepted sockets inherit (see :meth:`set_nodelay`);
+        ``None``: not known to be inherited, set it on each connection."""
         name = sock.getsockname()
         wildcard = address.is_unix or address.host in ("", "0.0.0.0", "::")
         self.local: tuple[str, int] | None = None if wildcard else (str(name[0]), int(name[1]))
         """The (host, port) every connection accepted here has locally, when the
         listener is bound to one address (``None``: ask each connection)."""
+        self.local_text = str(address) if address.is_unix else self.bound
+        """:attr:`local` as text (the unix socket's address for one): one string
+        shared by every connection accepted here (when :attr:`local` is set)."""
 
     @property
     def bound(self) -> str:
@@ -166,25 +193,42 @@ class Listener:
     def port(self) -> int:
         return 0 if self.address.is_unix else int(self.sock.getsockname()[1])
 
+    def set_nodelay(self, on: bool) -> bool:
+        """Set ``TCP_NODELAY`` on the listening socket, for the connections it
+        accepts from now on; whether they inherit it (else the caller sets it on
+        each one).  A unix listener: nothing to set, nothing inherited."""
+        self.nodelay = None
+        if self.address.is_unix or not NODELAY_INHERITED:
+            return False
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(on))
+        except OSError:
+            return False
+        self.nodelay = on
+        return True
+
     def resume(self) -> None:
         """Start (or restart) accepting, unless closed, backing off or gated."""
         if self._closed or self._reading or self._backoff is not None:
             return
-        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        self.poller.add_reader(self._fd, self._on_readable)
         self._reading = True
 
     def pause(self) -> None:
         if self._reading:
-            self.loop.remove_reader(self.sock.fileno())
+            self.poller.remove_reader(self._fd)
             self._reading = False
 
     def _on_readable(self) -> None:
+        accept, kind, on_accept, can_accept = (self._accept, self._kind, self._on_accept,
+                                               self._can_accept)
+        family, type_, proto = kind
         for _ in range(ACCEPT_BATCH):
-            if not self._can_accept():
+            if not can_accept():
                 self.pause()
                 return
             try:
-                conn, addr = self.sock.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -194,7 +238,9 @@ class Listener:
                 self.pause()
                 self._backoff = self.loop.call_later(RESOURCE_BACKOFF_S, self._end_backoff)
                 return
-            self._on_accept(conn, addr, self)
+            # What socket.accept() makes, without its two enum conversions.  The
+            # listener is non-blocking, so (as there) the socket's timeout is left.
+            on_accept(socket.socket(family, type_, proto, fd), addr, self)
 
     def _complain(self, exc: OSError) -> None:
         now = self.loop.time()
@@ -216,6 +262,7 @@ class Listener:
         self._closed = True
         if self._backoff is not None:
             self._backoff.cancel()
+        self.poller.forget(self._fd)
         self.sock.close()
         if self.address.is_unix and self.address.path:
             try:

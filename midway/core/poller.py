@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-The relay and the connecting sockets are watched by one :func:`select.epoll` per
-event loop, not by the loop's ``add_reader``/``add_writer``.  The epoll descriptor
-itself is registered once with the loop as an ordinary reader; when it is readable
-:meth:`Poller._dispatch` takes up to :data:`MAX_EVENTS` events with ``poll(0, n)``
-and calls the callbacks.  Timers, tasks, listeners and everything else stay on the
-loop.
+The listening, relayed and connecting sockets are watched by one
+:func:`select.epoll` per event loop, not by the loop's ``add_reader``/``add_writer``.
+The epoll descriptor itself is registered once with the loop as an ordinary
+reader; when it is readable :meth:`Poller._dispatch` takes up to
+:data:`MAX_EVENTS` events with ``poll(0, n)`` and calls the callbacks (inline: a
+new connection passes through this loop several times).  Timers (see
+:mod:`midway.core.deadlines`), tasks and everything else stay on the loop.
 
 Why, and not the loop's watchers:
 
@@ -104,6 +105,10 @@ class Poller:
         self._fds: dict[int, _Entry] = {}
         self._stale: set[int] | None = None
         """During a dispatch, descriptors forgotten since the batch was fetched."""
+        self.failed = True
+        """Inside a writer callback: whether its event reported an error or a
+        hang-up (``EPOLLERR``/``EPOLLHUP``).  A connecting socket's writer reads
+        ``SO_ERROR`` only then: a connect that succeeded reports ``EPOLLOUT`` alone."""
         self._loop = weakref.ref(loop)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
@@ -151,12 +156,20 @@ class Poller:
             entry = self._fds[fd] = _Entry()
         entry.on_error = on_error
 
-    def forget(self, fd: int) -> None:
-        """Drop every callback of ``fd`` and unregister it; call before closing it."""
+    def forget(self, fd: int, *, closing: bool = False) -> None:
+        """Drop every callback of ``fd`` and unregister it; call before closing it.
+
+        ``closing``: the caller closes the descriptor right after and holds the
+        only reference to its socket, so the kernel drops it from the epoll set by
+        itself on that close and the ``epoll_ctl`` is saved (two system calls per
+        connection).  Were the socket still open elsewhere (a ``dup``, a child
+        between ``fork`` and ``exec``), its stale registration could only report
+        readiness for a reused number: a spurious wake-up, which every callback
+        here tolerates (a read that would block)."""
         entry = self._fds.pop(fd, None)
         if entry is None:
             return
-        if entry.kernel >= 0:
+        if entry.kernel >= 0 and not closing:
             try:
                 self._epoll.unregister(fd)
             except OSError:
@@ -200,21 +213,36 @@ class Poller:
                 entry = fds.get(fd)
                 if entry is None:
                     continue
+                # The callbacks are called inline (not through _call): this loop
+                # runs several times per connection, a frame less each time.
                 called = False
                 reader = entry.reader
                 if reader is not None and ev & _READ_EVENTS:
                     called = True
-                    self._call(reader)
+                    try:
+                        reader()
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._report(exc, reader)
                     if fd in stale:
                         continue
                 writer = entry.writer
                 if writer is not None and ev & _WRITE_EVENTS:
                     called = True
-                    self._call(writer)
+                    self.failed = bool(ev & _ERR)
+                    try:
+                        writer()
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._report(exc, writer)
                     if fd in stale:
                         continue
                 if called:
-                    if entry.kernel & ~self._wanted(entry):
+                    wanted = ((_IN if entry.reader is not None else 0)
+                              | (_OUT if entry.writer is not None else 0))
+                    if entry.kernel & ~wanted:
                         self._narrow(fd, entry, ev)
                 elif ev & _ERR:
                     self._failed(fd, entry)
@@ -260,14 +288,6 @@ class Poller:
         # stop polling it until someone wants it again.
         self._unregister(fd, entry)
 
-    def _call(self, callback: Callback) -> None:
-        try:
-            callback()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._report(exc, callback)
-
     def _call_error(self, callback: ErrorCallback, exc: OSError) -> None:
         try:
             callback(exc)
@@ -299,6 +319,9 @@ def _so_error(fd: int) -> int:
 class LoopPoller:
     """The same interface on the loop's own watchers (no epoll on this platform)."""
 
+    failed = True
+    """Not known here: a connecting socket's writer always reads ``SO_ERROR``."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)
 
@@ -322,7 +345,7 @@ class LoopPoller:
     def watch(self, fd: int, on_error: ErrorCallback) -> None:
         """Nothing to do: errors reach the reader or writer when there is one."""
 
-    def forget(self, fd: int) -> None:
+    def forget(self, fd: int, *, closing: bool = False) -> None:
         self.remove_reader(fd)
         self.remove_writer(fd)
 

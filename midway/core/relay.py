@@ -84,6 +84,7 @@ no chain type: what it needs of a chain is the :class:`Chain` protocol below.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import fcntl
@@ -97,6 +98,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import describe_oserror
 from . import splice as _splice
+from .deadlines import deadlines_for
 from .observer import CloseReason
 from .poller import poller_for
 from .streams import Endpoint, can_splice, pending
@@ -169,8 +171,10 @@ class Sender:
         self.sock = sock
         self.fd = sock.fileno()
         self.side = side
-        self.buf = bytearray()
-        self.waiters: list[asyncio.Future[None]] = []
+        # What the kernel has not taken yet, and who waits for it to drain: made
+        # when needed and dropped once drained, so an idle sender holds neither.
+        self.buf: bytearray | None = None
+        self.waiters: list[asyncio.Future[None]] | None = None
         self.on_drained: Callable[[], None] | None = None
         self.fin_pending = False
         self.fin_sent = False
@@ -193,30 +197,35 @@ class Sender:
         self.delivered += sent
         if sent == len(data):
             return True
-        self.buf += data[sent:]
+        self.buf = bytearray(data[sent:])
         self.poller.add_writer(self.fd, self._on_writable)
         return False
 
     def _on_writable(self) -> None:
+        buf = self.buf
+        if buf is None:
+            return
         try:
-            sent = self.sock.send(self.buf)
+            sent = self.sock.send(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.relay._failed(self.side, exc)
             return
         self.delivered += sent
-        del self.buf[:sent]
-        if self.buf:
+        del buf[:sent]
+        if buf:
             return
+        self.buf = None
         self.poller.remove_writer(self.fd)
         if self.fin_pending:
             self._shutdown()
         callback, self.on_drained = self.on_drained, None
-        waiters, self.waiters = self.waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        waiters, self.waiters = self.waiters, None
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
         if callback is not None and not self.relay.closed:
             callback()
 
@@ -224,6 +233,8 @@ class Sender:
         """Wait until everything written so far has gone to the kernel."""
         if self.buf:
             fut = self.loop.create_future()
+            if self.waiters is None:
+                self.waiters = []
             self.waiters.append(fut)
             await fut
 
@@ -251,11 +262,12 @@ class Sender:
     def stop(self) -> None:
         if self.buf:
             self.poller.remove_writer(self.fd)
-        self.buf = bytearray()
-        for fut in self.waiters:
-            if not fut.done():
-                fut.cancel()
-        self.waiters = []
+        self.buf = None
+        waiters, self.waiters = self.waiters, None
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.cancel()
         self.on_drained = None
 
 
@@ -273,7 +285,7 @@ class Flow:
         self.poller = relay.poller
         self.name = name
         self.src = src
-        self.src_fd = src.fileno()
+        self.src_fd = reverse_sender.fd  # the same socket (and one int object, not two)
         self.src_side = src_side
         self.sender = sender
         self.reverse_sender = reverse_sender
@@ -548,11 +560,13 @@ class Flow:
                 or _unread(self.src_fd) > 0 or pending(self.src) > 0)
 
     def stop(self) -> None:
-        self._stop_reading()
+        if self.reading:  # (tested here: once per direction per connection, a frame each)
+            self._stop_reading()
         if self.writing:
             self.poller.remove_writer(self.dst_fd)
             self.writing = False
-        self._release_pipe()
+        if self.pipe is not None:
+            self._release_pipe()
         if self.chain is not None:
             self.chain.stop()
 
@@ -603,6 +617,12 @@ class Relay(Generic[InfoT]):
     ``on_close(relay)`` is called exactly once, after both endpoints are closed; by
     then ``reason``, ``detail``, ``first_close`` and the byte counts are final."""
 
+    # An idle connection is mostly this object: slots, not a dict (~1 KiB less each).
+    __slots__ = ("loop", "poller", "client", "upstream", "info", "on_close", "timers", "closed",
+                 "started", "reason", "detail", "first_close", "splice", "path",
+                 "connect_time_s", "reset", "_prefixes", "_closing", "_deadlines", "deadline_token",
+                 "_ended", "up", "down")
+
     def __init__(
         self,
         client: Endpoint,
@@ -629,8 +649,8 @@ class Relay(Generic[InfoT]):
         self.reason: CloseReason | None = None
         self.detail = ""
         self.first_close: str | None = None
-        self.splice = (splice and _splice.AVAILABLE
-                       and can_splice(client) and can_splice(upstream))
+        plain_client, plain_upstream = can_splice(client), can_splice(upstream)
+        self.splice = splice and _splice.AVAILABLE and plain_client and plain_upstream
         """Whether the zero-copy path may be taken (both endpoints plain sockets)."""
         self.path = "copy"
         """``copy`` (fast path, bytes through a buffer), ``splice`` (fast path that
@@ -640,12 +660,14 @@ class Relay(Generic[InfoT]):
         """Whether the connection ended with an RST (set when it closes)."""
         self._prefixes = (client_prefix, upstream_prefix)
         self._closing: tuple[CloseReason, str] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines = deadlines_for(self.loop)
+        self.deadline_token = 0
+        """The idle or half-close deadline scheduled (see :mod:`midway.core.deadlines`)."""
         self._ended = 0
         to_upstream = Sender(self, upstream, UPSTREAM_SIDE)
         to_client = Sender(self, client, CLIENT)
-        up = Flow if can_splice(client) else _StreamFlow
-        down = Flow if can_splice(upstream) else _StreamFlow
+        up = Flow if plain_client else _StreamFlow
+        down = Flow if plain_upstream else _StreamFlow
         self.up = up(self, "upstream", client, CLIENT, to_upstream, to_client)
         self.down = down(self, "downstream", upstream, UPSTREAM_SIDE, to_client, to_upstream)
 
@@ -775,15 +797,13 @@ class Relay(Generic[InfoT]):
     # -- timers -----------------------------------------------------------
 
     def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         deadline = self.timers.next_deadline()
         if deadline is not None and not self.closed:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._deadlines.schedule(deadline, self)
+        else:
+            self._deadlines.cancel(self)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def deadline_passed(self) -> None:
         reason = self.timers.expired(self.loop.time())
         if reason is None:
             self._arm()
@@ -804,13 +824,12 @@ class Relay(Generic[InfoT]):
         self.reset = reset_client or reset_upstream
         if self.first_close is None:
             self.first_close = side
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadlines.cancel(self)
         # Before the descriptors are closed (and their numbers reused): the flows'
         # remove_reader/remove_writer below then cost nothing.
-        self.poller.forget(self.up.src_fd)
-        self.poller.forget(self.down.src_fd)
+        # A plain socket (a Flow, not a _StreamFlow) is closed right below.
+        self.poller.forget(self.up.src_fd, closing=type(self.up) is Flow)
+        self.poller.forget(self.down.src_fd, closing=type(self.down) is Flow)
         for flow in (self.up, self.down):
             flow.stop()
             flow.sender.stop()
@@ -861,6 +880,16 @@ def close_socket(sock: Endpoint, *, reset: bool = False) -> None:
         except OSError:
             pass
     try:
-        sock.close()
+        if type(sock) is socket.socket and sock._io_refs <= 0:  # type: ignore[attr-defined]
+            # What socket.socket.close does (no makefile() is open on a relayed
+            # socket), without its two Python-level frames: twice per connection.
+            sock._closed = True  # type: ignore[attr-defined]
+            _close(sock)
+        else:
+            sock.close()
     except OSError:
         pass
+
+
+_close = _socket.socket.close
+"""The C-level close of a socket object (what ``socket.socket._real_close`` calls)."""

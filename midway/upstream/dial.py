@@ -8,8 +8,8 @@ which covers its name lookup and every address the lookup returned.
 
 * **IP literals** (the common case, kept cheap: the hot path of connection rate) are
   dialled by readiness callbacks alone: a non-blocking ``connect``, a writer on the
-  relay's poller (:func:`midway.core.poller.poller_for`) and one timer.  No task, no
-  future.
+  relay's poller (:func:`midway.core.poller.poller_for`) and one deadline
+  (:mod:`midway.core.deadlines`: no loop timer of its own).  No task, no future.
 * **Host names** are resolved for each connection (DNS changes are followed) by an
   injectable :data:`Resolver`, by default the loop's ``getaddrinfo`` (which runs off
   the loop); the task that awaits it ends there, and every address returned is then
@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..config.addresses import Address
+from ..core.deadlines import Deadlines, deadlines_for
 from ..core.poller import LoopPoller, Poller, poller_for
 from ..core.relay import close_socket
 from ..errors import UpstreamError, describe_oserror
@@ -135,7 +136,7 @@ class Dialer:
     :meth:`cancel_dial` came first."""
 
     __slots__ = ("loop", "poller", "connect_timeout_s", "resolve", "candidates", "target",
-                 "sock", "addrs", "detail", "timer", "task")
+                 "sock", "addrs", "detail", "deadlines", "deadline_token", "task")
 
     def init_dial(self, loop: asyncio.AbstractEventLoop, candidates: list[Any],
                   connect_timeout_s: float, resolve: Resolver) -> None:
@@ -153,7 +154,9 @@ class Dialer:
         """The current name's resolved addresses not tried yet."""
         self.detail = ""
         """Why the current upstream's earlier addresses failed (a name's)."""
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadlines: Deadlines = deadlines_for(loop)
+        self.deadline_token = 0
+        """The connect timeout scheduled (0: none)."""
         self.task: asyncio.Task[None] | None = None
         """The name lookup under way, if any."""
 
@@ -205,9 +208,7 @@ class Dialer:
         self.candidates = []
         if self.sock is not None:
             _discard(self.poller, self._take())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -226,20 +227,18 @@ class Dialer:
         if err in _IN_PROGRESS:
             self.sock = sock
             self.poller.add_writer(sock.fileno(), self._on_writable)
-            if self.timer is None and self.connect_timeout_s > 0:
-                self.timer = self.loop.call_later(self.connect_timeout_s, self._on_timeout)
+            if not self.deadline_token:
+                self._arm_timer()
             return None
         sock.close()
         return err, describe_oserror(OSError(err, os.strerror(err)))
 
     def _arm_timer(self) -> None:
         if self.connect_timeout_s > 0:
-            self.timer = self.loop.call_later(self.connect_timeout_s, self._on_timeout)
+            self.deadlines.schedule(self.loop.time() + self.connect_timeout_s, self)
 
     def _connected(self, sock: socket.socket) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         self.dial_connected(sock, self.target)
 
     def _take(self) -> socket.socket:
@@ -250,12 +249,12 @@ class Dialer:
         return sock
 
     def _on_writable(self) -> None:
+        failed = self.poller.failed  # writable with no error reported: connected
         sock = self._take()
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if failed else 0
         if err == 0:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            if self.deadline_token:
+                self.deadlines.cancel(self)
             self.dial_connected(sock, self.target)
             return
         _discard(self.poller, sock)
@@ -289,12 +288,11 @@ class Dialer:
         self.dial_next(failure)
 
     def _stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline_token:
+            self.deadlines.cancel(self)
 
-    def _on_timeout(self) -> None:
-        self.timer = None
+    def deadline_passed(self) -> None:
+        """The connect timeout (see :mod:`midway.core.deadlines`)."""
         if self.sock is not None:
             _discard(self.poller, self._take())
         if self.task is not None:
@@ -330,7 +328,7 @@ class Dialer:
 
 def _discard(poller: Poller | LoopPoller, sock: socket.socket) -> None:
     """Close an upstream socket that will not be relayed."""
-    poller.forget(sock.fileno())
+    poller.forget(sock.fileno(), closing=True)
     close_socket(sock)
 
 

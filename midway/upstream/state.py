@@ -69,12 +69,17 @@ class UpstreamSpec:
 class UpstreamState:
     """The live state of one upstream of one proxy."""
 
-    __slots__ = ("address", "weight", "backup", "active", "connects", "connect_failures",
-                 "health", "_feedback")
+    __slots__ = ("address", "text", "pair", "weight", "backup", "active", "connects",
+                 "connect_failures", "health", "_feedback")
 
     def __init__(self, spec: UpstreamSpec, health: HealthMachine,
                  feedback: Callable[[Address], None]) -> None:
         self.address = spec.address
+        self.text = str(spec.address)
+        """The address as text: one string for every connection to it."""
+        self.pair: tuple[str, int] | None = (
+            (spec.address.host, spec.address.port) if spec.address.is_ip_literal else None)
+        """(host, port) of an IP-literal address (``None``: a name or a unix socket)."""
         self.weight = spec.weight
         self.backup = spec.backup
         self.active = 0

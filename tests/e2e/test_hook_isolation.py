@@ -204,6 +204,10 @@ def test_a_hook_raising_a_base_exception_resets_its_connection_only(
             w2.close()
             assert await round_trip_s(a) < 5 and await round_trip_s(b) < 5
             assert proc.proc.poll() is None, proc.stderr_text()
+            # The log line may reach the pipe's reader a moment after the reset.
+            deadline = time.monotonic() + 5
+            while not error_lines(proc.stderr_text()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             text = proc.stderr_text()
             errors = error_lines(text)
             assert len(errors) == 1, text
