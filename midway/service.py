@@ -13,15 +13,20 @@ accept     the listener (:mod:`midway.core.listener`) accepts; the service
            ``connection_opened``
 admit      limits: the listener asked the gate (:meth:`ProxyService._can_accept`:
            the proxy's and the process's) before accepting, so a full proxy
-           leaves clients in the kernel's queue.  Allow/deny lists and
-           per-source limits will run here, after accept, on the address.
+           leaves clients in the kernel's queue.  Then, on the accepted
+           address: the ``allow``/``deny`` rules and the per-source limit
+           (:mod:`midway.upstream.access`); a refused client is closed at once
+           (``denied``, ``source_limit``), before any dial
 inbound    the proxy's inbound layers (:mod:`midway.layers.base`: later a PROXY
            header, a TLS handshake, a ClientHello peek), in a task: they may read
            the client, replace its address and set route keys.  Skipped when the
            proxy has none: then the dial starts at accept, as server-first
            protocols need, with no task at all (the hot path of connection rate).
 route      pick the upstream set from the route keys (later: SNI routes)
-choose     the balancer's order of upstreams (:class:`~midway.upstream.state.UpstreamSet`)
+choose     the balancer's order of the eligible upstreams for the client IP
+           (:class:`~midway.upstream.state.UpstreamSet`; ``info.client_addr``,
+           so after a PROXY header), cut to ``retries`` + 1; none eligible: closed
+           at once (``no_upstream``, logged once per outage by the set)
 dial       :class:`~midway.upstream.dial.Dialer`: each upstream in that order,
            next on failure, every failure logged (rate-limited), counted in the
            upstream's state and told to observers; an IP literal by callbacks
@@ -45,6 +50,13 @@ A :class:`ProxyService` can be changed while live: its elements
 :meth:`~ProxyService.reconfigure` swaps settings and upstreams for new
 connections, keeping each kept upstream's state (active connections, health).
 
+A service owns one active health checker per upstream while
+``health.interval_s`` > 0 (:func:`~midway.upstream.checker.run_checks`, a task
+each, jittered): started when it starts accepting, kept across a reconfigure for
+an upstream whose address and interval stay, cancelled when its listeners close.
+Health changes are logged by the upstream set and told to observers
+(``upstream_health``).
+
 A service talks to what runs it only through :class:`ServiceHost` (connection
 ids, the admission gate, observers, ``reuse_port``), which
 :class:`~midway.runtime.Runtime` is.
@@ -63,15 +75,19 @@ from typing import Any, Protocol
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
 from .chain.runner import set_stages
 from .config.addresses import Address, format_sockaddr
+from .config.load import health_settings
 from .config.schema import ProxyConfig
+from .core.clock import LoopClock
 from .core.listener import Listener, open_listening_socket
 from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
 from .errors import ListenError, Rejected, describe_oserror
 from .layers.base import InboundLayer, OutboundLayer
+from .upstream.access import AccessList, SourceLease, SourceLimiter, client_ip
+from .upstream.checker import Check, check_once, run_checks
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
-from .upstream.health import HealthSettings
+from .upstream.health import CheckSchedule, HealthMachine
 from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
 
 __all__ = ["ProxyService", "ServiceHost", "Connection", "Phase", "FAILURE_LOG_INTERVAL_S"]
@@ -86,9 +102,8 @@ most once per this many seconds (with the count of the ones not logged): a dead
 upstream behind a busy proxy would otherwise log once per connection.  10 s is
 nginx's ``fail_timeout``, the window over which it counts an upstream's failures."""
 
-_NO_HEALTH = HealthSettings(eject_after=0)
-"""The configuration has no health table yet (issue 10): no passive ejection, as
-before the pool kept state."""
+_MAPPED_PREFIX = "::ffff:"
+"""An IPv4 client of a dual-stack listener: keyed as its IPv4 address."""
 
 
 class ServiceHost(Protocol):
@@ -151,7 +166,17 @@ class ProxyService:
         self.config = config
         self.host = host
         self.pool = UpstreamSet(config.name, _specs(config), balance=config.balance,
-                                health=_NO_HEALTH, balancer_feedback=False)
+                                health=health_settings(config.health),
+                                on_health=self._health_changed)
+        self.access: AccessList | None = _access(config)
+        """The ``allow``/``deny`` rules; None when there are none (nothing to check)."""
+        self.sources = SourceLimiter(config.max_connections_per_source)
+        """Live connections per client IP (counted even while the limit is off)."""
+        self.retries: int | None = None if config.retries < 0 else config.retries
+        self.check: Check = check_once
+        """One active health check (injectable for tests)."""
+        self._checks: dict[Address, tuple[asyncio.Task[None], HealthMachine, float]] = {}
+        """The running checker of each checked upstream, its machine and interval."""
         self.inbound: tuple[InboundLayer, ...] = tuple(inbound)
         self.outbound: tuple[OutboundLayer, ...] = tuple(outbound)
         self.resolve = resolve
@@ -194,6 +219,8 @@ class ProxyService:
             listener.resume()
             log.info("%s: listening on %s, forwarding to %s", self.name, listener.bound,
                      ", ".join(str(u.address) for u in self.pool.upstreams))
+        self._tell_health(self.pool.upstreams)
+        self._sync_checks()
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -205,6 +232,7 @@ class ProxyService:
         for listener in self.listeners:
             listener.close()
         self.listeners = []
+        self._sync_checks()
 
     def room_changed(self) -> None:
         """A slot may have freed up: resume listeners paused at a limit."""
@@ -234,7 +262,21 @@ class ProxyService:
         observers = self.host.observers
         if observers:
             observers.connection_opened(conn.info)
-        # admit: the gate ran before accept (limits); nothing else to check yet.
+        # admit: the gate ran before accept (limits); now the client's address.
+        addr = conn.info.client_addr
+        if addr is not None:  # a unix socket's clients have none: no rules apply
+            host = addr[0]
+            if self.access is not None and not self.access.allows(host):
+                log.debug("conn %d (%s): %s is denied", conn.info.id, self.name, host)
+                conn.finish(CloseReason.DENIED, f"{host} is not allowed")
+                return
+            lease = self.sources.acquire(host)
+            if lease is None:
+                log.debug("conn %d (%s): %s is at its limit", conn.info.id, self.name, host)
+                conn.finish(CloseReason.SOURCE_LIMIT,
+                            f"{host} has {self.sources.limit} connections open")
+                return
+            conn.lease = lease
         if self.inbound:
             conn.phase = Phase.INBOUND
             conn.work = conn.loop.create_task(conn.run_inbound())
@@ -270,7 +312,7 @@ class ProxyService:
 
     def _closed(self, info: ConnectionInfo, attached: Attached, target: UpstreamState | None,
                 failures: Sequence[_Failure], reason: CloseReason, detail: str, first_close: str,
-                reset: bool, relay: Relay | None) -> None:
+                reset: bool, relay: Relay | None, lease: SourceLease | None) -> None:
         """The *closed* phase, for every connection: fill in how it ended, tell the
         elements, the upstream's state and the observers, free the slot."""
         info.first_close = first_close
@@ -303,6 +345,8 @@ class ProxyService:
                                for t, f, d in failures),
                 worker=self.host.worker, pid=self.host.pid,
             ))
+        if lease is not None:
+            lease.release()
         self.active -= 1
         self.host.connection_closed()
 
@@ -310,7 +354,7 @@ class ProxyService:
         rec = self.live.pop(relay)
         reason = relay.reason or CloseReason.EOF
         self._closed(relay.info, rec.attached, rec.target, rec.failures or (), reason,
-                     relay.detail, relay.first_close or "proxy", relay.reset, relay)
+                     relay.detail, relay.first_close or "proxy", relay.reset, relay, rec.lease)
         if reason in (CloseReason.RESET, CloseReason.ERROR):
             log.debug("conn %d (%s): %s %s", relay.info.id, self.name, reason.value, relay.detail)
 
@@ -357,11 +401,68 @@ class ProxyService:
         address stays keeps its state (active connections, counters, health).
         Listen addresses must be rebound by the runtime (see
         :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
-        self.pool.reconfigure(_specs(config), balance=config.balance)
+        before = {u.address for u in self.pool.upstreams}
+        self.pool.reconfigure(_specs(config), balance=config.balance,
+                              health=health_settings(config.health))
         self.config = config
+        self.access = _access(config)
+        self.sources.limit = config.max_connections_per_source
+        self.retries = None if config.retries < 0 else config.retries
         kept = {u.address for u in self.pool.upstreams}
         for address in [a for a in self._failing if a not in kept]:
             del self._failing[address]
+        if self.accepting:
+            self._tell_health([u for u in self.pool.upstreams if u.address not in before])
+        self._sync_checks()
+
+    # -- health: active checks, and what observers hear ------------------------
+
+    def _sync_checks(self) -> None:
+        """Run one checker per checked upstream while accepting, none otherwise.
+        A checker is kept while its upstream keeps its address (so its state)
+        and the interval stays; any other is cancelled (its check's socket
+        closes), and a missing one started."""
+        wanted = {u.address: u for u in self.pool.checked()} if self.accepting else {}
+        interval = self.pool.health.interval_s
+        for address, (task, machine, every) in list(self._checks.items()):
+            upstream = wanted.get(address)
+            if upstream is None or upstream.health is not machine or every != interval:
+                task.cancel()
+                del self._checks[address]
+        if not wanted:
+            return
+        loop = asyncio.get_running_loop()
+        clock = LoopClock()
+        for address, upstream in wanted.items():
+            if address not in self._checks:
+                task = loop.create_task(run_checks(address, upstream.health,
+                                                   CheckSchedule(interval), clock, self.check),
+                                        name=f"check {address} of {self.name}")
+                task.add_done_callback(self._checker_ended)
+                self._checks[address] = (task, upstream.health, interval)
+
+    def _checker_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A check never raises for a network failure; anything else is a bug:
+            # say so (the upstream keeps its last state).
+            log.error("%s: %s stopped: %s", self.name, task.get_name(), task.exception(),
+                      exc_info=task.exception())
+
+    @property
+    def checkers(self) -> int:
+        """Active health checkers running now."""
+        return len(self._checks)
+
+    def _health_changed(self, address: Address, up: bool) -> None:
+        observers = self.host.observers
+        if observers:
+            observers.upstream_health(self.name, str(address), up)
+
+    def _tell_health(self, upstreams: Iterable[UpstreamState]) -> None:
+        observers = self.host.observers
+        if observers:
+            for upstream in upstreams:
+                observers.upstream_health(self.name, str(upstream.address), upstream.up)
 
     def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN,
                           detail: str = "proxy stopping") -> None:
@@ -374,7 +475,18 @@ class ProxyService:
 
 
 def _specs(config: ProxyConfig) -> list[UpstreamSpec]:
-    return [UpstreamSpec(address) for address in config.upstreams]
+    return [UpstreamSpec(u.address, u.weight, u.backup) for u in config.upstreams]
+
+
+def _access(config: ProxyConfig) -> AccessList | None:
+    if not config.allow and not config.deny:
+        return None
+    return AccessList.parse(config.allow, config.deny)  # checked by the loader
+
+
+def _key(host: str) -> str:
+    """The balancer's key for a client IP: an IPv4-mapped address as its IPv4."""
+    return str(client_ip(host)) if host.startswith(_MAPPED_PREFIX) else host
 
 
 def _stages(elements: list[Element], attached: Attached,
@@ -398,13 +510,14 @@ class _Relayed:
     smaller than the :class:`Connection`, which is dropped once relaying, so an
     idle connection costs what it did before the phases existed."""
 
-    __slots__ = ("attached", "target", "failures")
+    __slots__ = ("attached", "target", "failures", "lease")
 
     def __init__(self, attached: Attached, target: UpstreamState,
-                 failures: list[_Failure] | None) -> None:
+                 failures: list[_Failure] | None, lease: SourceLease | None) -> None:
         self.attached = attached
         self.target = target
         self.failures = failures
+        self.lease = lease
 
     def own_attached(self) -> Attached:
         """The attachments, as a dict of this connection's own (to add to)."""
@@ -439,7 +552,7 @@ class Connection(Dialer):
     :class:`~midway.layers.base.LayerConnection`."""
 
     __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
-                 "pending", "_route", "upstream", "work", "cancelled")
+                 "pending", "_route", "upstream", "work", "cancelled", "lease")
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
@@ -473,6 +586,8 @@ class Connection(Dialer):
         self.work: asyncio.Task[None] | None = None
         """The task of the inbound, outbound or open phase, when one runs."""
         self.cancelled = False
+        self.lease: SourceLease | None = None
+        """This connection's count against its source (released at *closed*)."""
 
     # -- inbound, route, choose, dial ------------------------------------------
 
@@ -495,7 +610,12 @@ class Connection(Dialer):
         # route: one upstream set until SNI routes exist; choose: the balancer's order
         # (both too short to be seen, so the phase is not stored for them).
         addr = self.info.client_addr
-        self.candidates = service.pool.order(addr[0] if addr is not None else "")
+        candidates = service.pool.order(_key(addr[0]) if addr is not None else "",
+                                        service.retries)
+        if not candidates:  # every upstream down or drained: logged once by the pool
+            self.finish(CloseReason.NO_UPSTREAM, "no upstream is up")
+            return
+        self.candidates = candidates
         self.phase = _DIAL
         self.dial_next()
 
@@ -514,10 +634,7 @@ class Connection(Dialer):
                         "upstream")
             return
         failures = self.failures or ()
-        if failure is DialFailure.NO_UPSTREAM and not failures:
-            detail = "no upstream is up"
-        else:
-            detail = "no upstream reachable"
+        detail = "no upstream reachable"
         log.warning("conn %d (%s) from %s: %s: %s", info.id, service.name, info.client, detail,
                     "; ".join(f"{t.address}: {d}" for t, _, d in failures) or failure.value)
         self.finish(CloseReason.CONNECT_FAILED, detail)
@@ -619,7 +736,7 @@ class Connection(Dialer):
         )
         self.pending = b""
         relay.connect_time_s = time.perf_counter() - self.started
-        service.live[relay] = _Relayed(self.attached, self.target, self.failures)
+        service.live[relay] = _Relayed(self.attached, self.target, self.failures, self.lease)
         attached = self.attached
         if attached:
             for direction in DIRECTIONS:
@@ -664,7 +781,7 @@ class Connection(Dialer):
         close_socket(self.client, reset=reset)
         self.phase = _CLOSED
         service._closed(self.info, self.attached, self.target, self.failures or (), reason,
-                        detail, first_close, reset, None)
+                        detail, first_close, reset, None, self.lease)
 
     def cancel(self) -> None:
         """Stop before the relay (shutdown): close what is open and report it."""
