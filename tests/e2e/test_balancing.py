@@ -417,3 +417,33 @@ def test_the_quick_form_takes_weights_backups_and_health_flags() -> None:
         ("10.0.0.5:6379", 1, False), ("10.0.0.6:6379", 3, False), ("10.0.0.7:6379", 1, True)]
     assert proxy.health.send == "PING\r\n" and proxy.health.interval_s == 2
     assert proxy.balance == "hash_source" and proxy.deny == ("192.0.2.0/24",)
+
+
+@pytest.mark.one_mode
+def test_checkers_follow_the_upstreams_and_stop_with_the_proxy() -> None:
+    """One checker per upstream, started with the proxy; a reconfigure keeps the
+    checker (and the state) of a kept address, starts one for a new address and
+    cancels a removed one's; closing the listeners cancels them all."""
+    async def main() -> None:
+        async with named(b"a") as (a, _), named(b"b") as (b, _), named(b"c") as (c, _):
+            health = {"interval_s": 0.1}
+            async with midway.Proxy("127.0.0.1:0", [a, b], health=health) as proxy:
+                service = proxy.service
+                assert service.checkers == 2
+                await until(lambda: all(u["last_check"] for u in service.pool.snapshot()))
+                kept = service._checks[service.pool.upstreams[0].address][0]
+                machine = service.pool.upstreams[0].health
+                proxy.runtime.update_proxy(midway.proxy_config(
+                    "127.0.0.1:0", [a, c], name=proxy.config.name, health=health))
+                assert service.checkers == 2
+                assert service._checks[service.pool.upstreams[0].address][0] is kept
+                assert service.pool.upstreams[0].health is machine
+                assert {str(addr) for addr in service._checks} == {a, c}
+                await until(lambda: all(u["last_check"] for u in service.pool.snapshot()))
+                tasks = [task for task, _, _ in service._checks.values()]
+                service.close_listeners()
+                assert service.checkers == 0
+                await asyncio.sleep(0)
+                assert all(t.cancelled() or t.done() for t in tasks)
+
+    run(main())
