@@ -30,7 +30,7 @@ from .config.load import (
     config_from_dict,
     load_config,
 )
-from .config.schema import Config, OptionInfo, ProxyConfig, ServerConfig, options_of
+from .config.schema import Config, HealthConfig, OptionInfo, ProxyConfig, ServerConfig, options_of
 from .control.process import EXIT_OK, EXIT_START_FAILED, loop_factory, serve, setup_logging
 from .errors import ConfigError, ListenError
 from .layers.tls import check_tls
@@ -49,6 +49,9 @@ examples:
   midway 127.0.0.1:8080 127.0.0.1:80
   midway [::]:6380 redis.internal:6379
   midway :8000 10.0.0.5:8000 10.0.0.6:8000      (round-robin)
+  midway :6380 10.0.0.5:6379 10.0.0.6:6379,weight=3 10.0.0.7:6379,backup \
+         --balance least_connections --health-interval-s 2 \
+         --health-send 'PING\r\n' --health-expect +PONG
   midway 127.0.0.1:6380 127.0.0.1:6379 --toxic latency:latency=100,jitter=10
   midway --admin 127.0.0.1:8474                 (Toxiproxy's HTTP API)
   midway --config midway.toml"""
@@ -59,9 +62,16 @@ _FLAG_NAMES = {f.name: info.flag for cls in (ProxyConfig, ServerConfig)
 """Options whose flag is not named after the key (``hooks`` → ``--hook``)."""
 
 
+_HEALTH = "health."
+"""The ``dest`` prefix of the ``[proxy.NAME.health]`` flags (``--health-interval-s``)."""
+
+
 def _flag(name: str) -> str:
-    """The flag of option ``name`` (an index such as ``hooks[1]`` is ignored)."""
+    """The flag of option ``name`` (an index such as ``hooks[1]`` is ignored;
+    ``health.KEY`` is ``--health-KEY``)."""
     key = name.partition("[")[0]
+    if key.startswith(_HEALTH):
+        return "--health-" + key.removeprefix(_HEALTH).replace("_", "-")
     return "--" + _FLAG_NAMES.get(key, key).replace("_", "-")
 
 
@@ -76,7 +86,7 @@ def _help(info: OptionInfo, default: Any) -> str:
     elif default not in ("", ()):
         unit = f" {info.unit}" if info.unit else ""
         text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}{unit}."
-    if info.zero and isinstance(default, str):  # as docs/configuration.md says it
+    if info.zero and isinstance(default, str | tuple):  # as docs/configuration.md says it
         text += f" Empty ('', the default): {info.zero.removeprefix('(empty) ')}."
     elif info.zero:
         text += f" 0: {info.zero}."
@@ -100,13 +110,13 @@ def _with_words(kind: Any, words: dict[str, Any]) -> Any:
     return convert
 
 
-def _add_schema_flags(group: argparse._ArgumentGroup, cls: type) -> None:
+def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "") -> None:
     hints = typing.get_type_hints(cls)
     for field, info in options_of(cls):
         if not info.cli:
             continue
         kind = hints[field.name]
-        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS,
+        kwargs: dict[str, Any] = {"dest": prefix + field.name, "default": argparse.SUPPRESS,
                                   "help": _help(info, field.default)}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -119,7 +129,7 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type) -> None:
             if info.const is not None:
                 kwargs["nargs"] = "?"
                 kwargs["const"] = info.const
-        group.add_argument(_flag(field.name), **kwargs)
+        group.add_argument(_flag(prefix + field.name), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"midway {__version__}")
     proxy_group = parser.add_argument_group("proxy options (quick form)")
     _add_schema_flags(proxy_group, ProxyConfig)
+    _add_schema_flags(parser.add_argument_group(
+        "health checks (quick form; the [proxy.NAME.health] table)"), HealthConfig, _HEALTH)
     proxy_group.add_argument(
         "--toxic", action="append", metavar="SPEC", default=argparse.SUPPRESS,
         help="Inject a fault, e.g. 'latency:latency=100,jitter=10,stream=downstream' "
@@ -161,8 +173,51 @@ def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     server_keys = {f.name for f, info in options_of(ServerConfig) if info.cli}
     given = vars(args)
     proxy = {k: given[k] for k in proxy_keys if k in given}
+    health = {}
+    for key, value in given.items():
+        if key.startswith(_HEALTH):
+            try:
+                health[key.removeprefix(_HEALTH)] = (_unescape(value) if isinstance(value, str)
+                                                     else value)
+            except ValueError as exc:
+                raise ConfigError("", f"{_flag(key)}: {exc}") from None
+    if health:
+        proxy["health"] = health
     server = {k: given[k] for k in server_keys if k in given}
     return proxy, server
+
+
+_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", "e": "\x1b", '"': '"',
+            "\\": "\\"}
+"""TOML's basic-string escapes (TOML 1.0, and 1.1's ``\\e``), for the health flags."""
+
+
+def _unescape(text: str) -> str:
+    """A ``--health-send``/``--health-expect`` value with TOML's escapes decoded
+    (``PING\\r\\n``, ``\\u00ff``), so the flag means what the file's key means."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\" or i + 1 == len(text):
+            out.append(c)
+            i += 1
+            continue
+        e = text[i + 1]
+        if e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i += 2
+        elif e in "xuU":
+            digits = {"x": 2, "u": 4, "U": 8}[e]
+            code = text[i + 2:i + 2 + digits]
+            if len(code) != digits or any(d not in "0123456789abcdefABCDEF" for d in code):
+                raise ValueError(f"{text!r}: \\{e} needs {digits} hex digits")
+            out.append(chr(int(code, 16)))  # ValueError past U+10FFFF
+            i += 2 + digits
+        else:
+            raise ValueError(f"{text!r}: unknown escape \\{e} (TOML's: \\b \\t \\n "
+                                  "\\f \\r \\e \\\" \\\\ \\xHH \\uHHHH \\UHHHHHHHH)")
+    return "".join(out)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -221,6 +276,16 @@ def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str],
         index_text, _, key = exc.path.split(".toxics[", 1)[1].partition("]")
         spec = toxics[int(index_text)]
         return ConfigError("", f"--toxic {spec!r}: {key.lstrip('.')}: {exc.message}")
+    if ".health." in exc.path:  # proxy.default.health.interval_s
+        return ConfigError("", f"{_flag(_HEALTH + exc.path.rsplit('.', 1)[-1])}: {exc.message}")
+    if ".upstreams" in exc.path:  # proxy.default.upstreams[2].weight
+        tail = exc.path.split(".upstreams", 1)[1]
+        index = int(tail[1:tail.index("]")]) if tail.startswith("[") else 0
+        field = tail.partition("].")[2]
+        message = f"{field}: {exc.message}" if field else exc.message
+        if not message.startswith(repr(upstreams[index])):
+            message = f"{upstreams[index]!r}: {message}"
+        return ConfigError("", f"UPSTREAM {message}")
     key = exc.path.rsplit(".", 1)[-1]
     if key.startswith(("listen", "upstreams")):
         index = int(key[key.find("[") + 1:-1]) if "[" in key else 0

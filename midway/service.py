@@ -13,8 +13,10 @@ accept     the listener (:mod:`midway.core.listener`) accepts; the service
            ``connection_opened``
 admit      limits: the listener asked the gate (:meth:`ProxyService._can_accept`:
            the proxy's and the process's) before accepting, so a full proxy
-           leaves clients in the kernel's queue.  Allow/deny lists and
-           per-source limits will run here, after accept, on the address.
+           leaves clients in the kernel's queue.  Then, on the accepted
+           address: the ``allow``/``deny`` rules and the per-source limit
+           (:mod:`midway.upstream.access`); a refused client is closed at once
+           (``denied``, ``source_limit``), before any dial
 inbound    the proxy's inbound layers (:mod:`midway.layers.base`: later a PROXY
            header, a TLS handshake, a ClientHello peek), in a task: they may read
            the client, replace its address and set route keys.  Skipped when the
@@ -23,7 +25,10 @@ inbound    the proxy's inbound layers (:mod:`midway.layers.base`: later a PROXY
 route      pick the upstream set from the route key ``sni`` (set by the ClientHello
            peek, a TLS handshake or a PROXY header): the matching SNI route's own
            set, else the proxy's (closed with ``no_route`` when it has none)
-choose     the balancer's order of upstreams (:class:`~midway.upstream.state.UpstreamSet`)
+choose     the balancer's order of the eligible upstreams for the client IP
+           (:class:`~midway.upstream.state.UpstreamSet`; ``info.client_addr``,
+           so after a PROXY header), cut to ``retries`` + 1; none eligible: closed
+           at once (``no_upstream``, logged once per outage by the set)
 dial       :class:`~midway.upstream.dial.Dialer`: each upstream in that order,
            next on failure, every failure logged (rate-limited), counted in the
            upstream's state and told to observers; an IP literal by callbacks
@@ -47,6 +52,13 @@ A :class:`ProxyService` can be changed while live: its elements
 :meth:`~ProxyService.reconfigure` swaps settings and upstreams for new
 connections, keeping each kept upstream's state (active connections, health).
 
+A service owns one active health checker per upstream while
+``health.interval_s`` > 0 (:func:`~midway.upstream.checker.run_checks`, a task
+each, jittered): started when it starts accepting, kept across a reconfigure for
+an upstream whose address and interval stay, cancelled when its listeners close.
+Health changes are logged by the upstream set and told to observers
+(``upstream_health``).
+
 A service talks to what runs it only through :class:`ServiceHost` (connection
 ids, the admission gate, observers, ``reuse_port``), which
 :class:`~midway.runtime.Runtime` is.
@@ -65,7 +77,9 @@ from typing import Any, Protocol
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
 from .chain.runner import set_stages
 from .config.addresses import Address, format_sockaddr
+from .config.load import health_settings
 from .config.schema import ProxyConfig
+from .core.clock import LoopClock
 from .core.listener import Listener, open_listening_socket
 from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
@@ -75,8 +89,10 @@ from .errors import ListenError, Rejected, TlsFailed, describe_oserror
 from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
+from .upstream.access import AccessList, SourceLease, SourceLimiter, client_ip
+from .upstream.checker import Check, check_once, run_checks
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
-from .upstream.health import HealthSettings
+from .upstream.health import CheckSchedule, HealthMachine
 from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
 
 __all__ = ["ProxyService", "ServiceHost", "Connection", "Phase", "FAILURE_LOG_INTERVAL_S"]
@@ -91,9 +107,8 @@ most once per this many seconds (with the count of the ones not logged): a dead
 upstream behind a busy proxy would otherwise log once per connection.  10 s is
 nginx's ``fail_timeout``, the window over which it counts an upstream's failures."""
 
-_NO_HEALTH = HealthSettings(eject_after=0)
-"""The configuration has no health table yet (issue 10): no passive ejection, as
-before the pool kept state."""
+_MAPPED_PREFIX = "::ffff:"
+"""An IPv4 client of a dual-stack listener: keyed as its IPv4 address."""
 
 
 class ServiceHost(Protocol):
@@ -157,8 +172,18 @@ class ProxyService:
         self.config = config
         self.host = host
         self.pool = UpstreamSet(config.name, _specs(config), balance=config.balance,
-                                health=_NO_HEALTH, balancer_feedback=False,
+                                health=health_settings(config.health),
+                                on_health=self._health_changed,
                                 empty_ok=bool(config.routes))
+        self.access: AccessList | None = _access(config)
+        """The ``allow``/``deny`` rules; None when there are none (nothing to check)."""
+        self.sources = SourceLimiter(config.max_connections_per_source)
+        """Live connections per client IP (counted even while the limit is off)."""
+        self.retries: int | None = None if config.retries < 0 else config.retries
+        self.check: Check = check_once
+        """One active health check (injectable for tests)."""
+        self._checks: dict[Address, tuple[asyncio.Task[None], HealthMachine, float]] = {}
+        """The running checker of each checked upstream, its machine and interval."""
         self._given_layers = (tuple(inbound), tuple(outbound))
         self.inbound: tuple[InboundLayer, ...] = ()
         self.outbound: tuple[OutboundLayer, ...] = ()
@@ -215,6 +240,8 @@ class ProxyService:
                      "".join(f"; SNI route {name} to "
                              f"{', '.join(str(u.address) for u in pool.upstreams)}"
                              for name, pool in self._route_sets.items()))
+        self._tell_health(self.pool.upstreams)
+        self._sync_checks()
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -226,6 +253,7 @@ class ProxyService:
         for listener in self.listeners:
             listener.close()
         self.listeners = []
+        self._sync_checks()
 
     def room_changed(self) -> None:
         """A slot may have freed up: resume listeners paused at a limit."""
@@ -255,7 +283,14 @@ class ProxyService:
         observers = self.host.observers
         if observers:
             observers.connection_opened(conn.info)
-        # admit: the gate ran before accept (limits); nothing else to check yet.
+        # admit: the gate ran before accept (limits); now the client's address --
+        # unless a PROXY header will name the real client: then after the header
+        # (admit_real_client), and proxy_protocol_trusted decides about the peer.
+        if self.config.proxy_protocol_in == "off":
+            refused = self._admit(conn)
+            if refused is not None:
+                conn.finish(*refused)
+                return
         if self.inbound:
             conn.phase = Phase.INBOUND
             conn.work = conn.loop.create_task(conn.run_inbound())
@@ -291,7 +326,8 @@ class ProxyService:
 
     def _closed(self, info: ConnectionInfo, attached: Attached, target: UpstreamState | None,
                 failures: Sequence[_Failure], reason: CloseReason, detail: str, first_close: str,
-                reset: bool, relay: Relay[ConnectionInfo] | None) -> None:
+                reset: bool, relay: Relay[ConnectionInfo] | None,
+                lease: SourceLease | None) -> None:
         """The *closed* phase, for every connection: fill in how it ended, tell the
         elements, the upstream's state and the observers, free the slot."""
         info.first_close = first_close
@@ -326,6 +362,8 @@ class ProxyService:
                                for t, f, d in failures),
                 worker=self.host.worker, pid=self.host.pid, route=info.route, sni=info.sni,
             ))
+        if lease is not None:
+            lease.release()
         self.active -= 1
         self.host.connection_closed()
         if self.retired:
@@ -335,7 +373,7 @@ class ProxyService:
         rec = self.live.pop(relay)
         reason = relay.reason or CloseReason.EOF
         self._closed(relay.info, rec.attached, rec.target, rec.failures or (), reason,
-                     relay.detail, relay.first_close or "proxy", relay.reset, relay)
+                     relay.detail, relay.first_close or "proxy", relay.reset, relay, rec.lease)
         if reason in (CloseReason.RESET, CloseReason.ERROR):
             log.debug("conn %d (%s): %s %s", relay.info.id, self.name, reason.value, relay.detail)
 
@@ -403,16 +441,73 @@ class ProxyService:
         Listen addresses must be rebound by the runtime (see
         :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
         self._configure_layers(config)  # first: certificates are read again, and may fail
+        before = {u.address for u in self.pool.upstreams}
         self.pool.reconfigure(_specs(config), balance=config.balance,
+                              health=health_settings(config.health),
                               empty_ok=bool(config.routes))
         self.config = config
         for listener in self.listeners:
             if listener.nodelay is not None and listener.nodelay != config.tcp_nodelay:
                 listener.set_nodelay(config.tcp_nodelay)
+        self.access = _access(config)
+        self.sources.limit = config.max_connections_per_source
+        self.retries = None if config.retries < 0 else config.retries
         kept = {u.address for u in self.pool.upstreams}
         kept.update(u.address for pool in self._route_sets.values() for u in pool.upstreams)
         for address in [a for a in self._failing if a not in kept]:
             del self._failing[address]
+        if self.accepting:
+            self._tell_health([u for u in self.pool.upstreams if u.address not in before])
+        self._sync_checks()
+
+    # -- health: active checks, and what observers hear ------------------------
+
+    def _sync_checks(self) -> None:
+        """Run one checker per checked upstream while accepting, none otherwise.
+        A checker is kept while its upstream keeps its address (so its state)
+        and the interval stays; any other is cancelled (its check's socket
+        closes), and a missing one started."""
+        wanted = {u.address: u for u in self.pool.checked()} if self.accepting else {}
+        interval = self.pool.health.interval_s
+        for address, (task, machine, every) in list(self._checks.items()):
+            upstream = wanted.get(address)
+            if upstream is None or upstream.health is not machine or every != interval:
+                task.cancel()
+                del self._checks[address]
+        if not wanted:
+            return
+        loop = asyncio.get_running_loop()
+        clock = LoopClock()
+        for address, upstream in wanted.items():
+            if address not in self._checks:
+                task = loop.create_task(run_checks(address, upstream.health,
+                                                   CheckSchedule(interval), clock, self.check),
+                                        name=f"check {address} of {self.name}")
+                task.add_done_callback(self._checker_ended)
+                self._checks[address] = (task, upstream.health, interval)
+
+    def _checker_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A check never raises for a network failure; anything else is a bug:
+            # say so (the upstream keeps its last state).
+            log.error("%s: %s stopped: %s", self.name, task.get_name(), task.exception(),
+                      exc_info=task.exception())
+
+    @property
+    def checkers(self) -> int:
+        """Active health checkers running now."""
+        return len(self._checks)
+
+    def _health_changed(self, address: Address, up: bool) -> None:
+        observers = self.host.observers
+        if observers:
+            observers.upstream_health(self.name, str(address), up)
+
+    def _tell_health(self, upstreams: Iterable[UpstreamState]) -> None:
+        observers = self.host.observers
+        if observers:
+            for upstream in upstreams:
+                observers.upstream_health(self.name, str(upstream.address), upstream.up)
 
     def _configure_layers(self, config: ProxyConfig) -> None:
         """The layers and SNI routes of ``config``, for new connections.  A route
@@ -427,8 +522,7 @@ class ProxyService:
             pool = self._route_sets.get(spec.name)
             if pool is None:
                 pool = UpstreamSet(f"{config.name} route {spec.name}", specs,
-                                   balance=spec.balance, health=_NO_HEALTH,
-                                   balancer_feedback=False)
+                                   balance=spec.balance, health=health_settings(config.health))
             else:
                 pool.reconfigure(specs, balance=spec.balance)
             sets[spec.name] = pool
@@ -437,12 +531,31 @@ class ProxyService:
                                 for spec in config.routes
                                 for pattern in spec.sni) if config.routes else None
 
-    def admit_real_client(self, conn: Connection) -> tuple[CloseReason, str] | None:
-        """The admission check of a client whose address an inbound layer replaced
-        (a PROXY header): None to go on, else why to close it.  Access control
-        (allow/deny, per-source limits: issue 10) runs at accept on the peer's
-        address; it belongs here too, on the real one.  Nothing is checked yet."""
+    def _admit(self, conn: Connection) -> tuple[CloseReason, str] | None:
+        """``allow``/``deny`` and the per-source limit on the connection's client
+        address: None to go on, else why to close it (a unix socket's clients have
+        no address: no rule applies)."""
+        addr = conn.info.client_addr
+        if addr is None:
+            return None
+        host = addr[0]
+        if self.access is not None and not self.access.allows(host):
+            log.debug("conn %d (%s): %s is denied", conn.info.id, self.name, host)
+            return CloseReason.DENIED, f"{host} is not allowed"
+        lease = self.sources.acquire(host)
+        if lease is None:
+            log.debug("conn %d (%s): %s is at its limit", conn.info.id, self.name, host)
+            return CloseReason.SOURCE_LIMIT, f"{host} has {self.sources.limit} connections open"
+        conn.lease = lease
         return None
+
+    def admit_real_client(self, conn: Connection) -> tuple[CloseReason, str] | None:
+        """The admission check after the inbound layers, on the real client a PROXY
+        header named (with ``proxy_protocol_in``, the check at accept is skipped:
+        the peer is the load balancer, which ``proxy_protocol_trusted`` governs)."""
+        if self.config.proxy_protocol_in == "off":
+            return None
+        return self._admit(conn)
 
     def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN,
                           detail: str = "proxy stopping") -> None:
@@ -455,7 +568,18 @@ class ProxyService:
 
 
 def _specs(config: ProxyConfig) -> list[UpstreamSpec]:
-    return [UpstreamSpec(address) for address in config.upstreams]
+    return [UpstreamSpec(u.address, u.weight, u.backup) for u in config.upstreams]
+
+
+def _access(config: ProxyConfig) -> AccessList | None:
+    if not config.allow and not config.deny:
+        return None
+    return AccessList.parse(config.allow, config.deny)  # checked by the loader
+
+
+def _key(host: str) -> str:
+    """The balancer's key for a client IP: an IPv4-mapped address as its IPv4."""
+    return str(client_ip(host)) if host.startswith(_MAPPED_PREFIX) else host
 
 
 def _stages(elements: list[Element], attached: Attached,
@@ -489,13 +613,14 @@ class _Relayed:
     smaller than the :class:`Connection`, which is dropped once relaying, so an
     idle connection costs what it did before the phases existed."""
 
-    __slots__ = ("attached", "target", "failures")
+    __slots__ = ("attached", "target", "failures", "lease")
 
     def __init__(self, attached: Attached, target: UpstreamState,
-                 failures: list[_Failure] | None) -> None:
+                 failures: list[_Failure] | None, lease: SourceLease | None) -> None:
         self.attached = attached
         self.target = target
         self.failures = failures
+        self.lease = lease
 
     def own_attached(self) -> Attached:
         """The attachments, as a dict of this connection's own (to add to)."""
@@ -531,7 +656,7 @@ class Connection(Dialer):
 
     __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
                  "pending", "_route", "upstream", "work", "cancelled", "client_end",
-                 "upstream_end")
+                 "upstream_end", "lease")
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
@@ -574,13 +699,14 @@ class Connection(Dialer):
         self.client_end: Stream | None = None
         self.upstream_end: Stream | None = None
         """Streams that replaced the sockets for the relay (TLS), when a layer did."""
+        self.lease: SourceLease | None = None
+        """This connection's count against its source (released at *closed*)."""
 
     # -- inbound, route, choose, dial ------------------------------------------
 
     async def run_inbound(self) -> None:
         """The *inbound* phase (in :attr:`work`), then on to *route* and the dial."""
         layer: InboundLayer | None = None
-        client = self.info.client_addr
         try:
             for layer in self.service.inbound:
                 await layer.accept(self)
@@ -589,11 +715,10 @@ class Connection(Dialer):
             self._failed_before_dial(layer, exc)
             return
         self.work = None
-        if self.info.client_addr != client:  # the real client is known now
-            refused = self.service.admit_real_client(self)
-            if refused is not None:
-                self.finish(*refused)
-                return
+        refused = self.service.admit_real_client(self)  # the real client is known now
+        if refused is not None:
+            self.finish(*refused)
+            return
         self.choose_and_dial()
 
     def choose_and_dial(self) -> None:
@@ -609,7 +734,11 @@ class Connection(Dialer):
         if pool is None:
             return
         addr = self.info.client_addr  # read now: a PROXY header may have replaced it
-        self.candidates = pool.order(addr[0] if addr is not None else "")
+        candidates = pool.order(_key(addr[0]) if addr is not None else "", service.retries)
+        if not candidates:  # every upstream down or drained: logged once by the pool
+            self.finish(CloseReason.NO_UPSTREAM, "no upstream is up")
+            return
+        self.candidates = candidates
         self.phase = _DIAL
         self.dial_next()
 
@@ -645,10 +774,7 @@ class Connection(Dialer):
                         "upstream")
             return
         failures = self.failures or ()
-        if failure is DialFailure.NO_UPSTREAM and not failures:
-            detail = "no upstream is up"
-        else:
-            detail = "no upstream reachable"
+        detail = "no upstream reachable"
         log.warning("conn %d (%s) from %s: %s: %s", info.id, service.name, info.client, detail,
                     "; ".join(f"{t.address}: {d}" for t, _, d in failures) or failure.value)
         self.finish(CloseReason.CONNECT_FAILED, detail)
@@ -760,7 +886,7 @@ class Connection(Dialer):
         )
         self.pending = b""
         relay.connect_time_s = time.perf_counter() - self.started
-        service.live[relay] = _Relayed(self.attached, self.target, self.failures)
+        service.live[relay] = _Relayed(self.attached, self.target, self.failures, self.lease)
         attached = self.attached
         if attached:
             for direction in DIRECTIONS:
@@ -813,7 +939,7 @@ class Connection(Dialer):
         close_socket(self.client_end or self.client, reset=reset)
         self.phase = _CLOSED
         service._closed(self.info, self.attached, self.target, self.failures or (), reason,
-                        detail, first_close, reset, None)
+                        detail, first_close, reset, None, self.lease)
 
     def cancel(self) -> None:
         """Stop before the relay (shutdown): close what is open and report it."""

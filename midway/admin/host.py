@@ -38,6 +38,9 @@ class ProxyView:
     elements: tuple[str, ...] = ()
     """The name of every chain element (toxics, hooks, dump, capture): a new
     toxic may take none of them."""
+    upstreams: tuple[dict[str, Any], ...] = ()
+    """Each upstream as this worker sees it: address, weight, backup, up/down,
+    active connections, last check (docs/balancing.md)."""
 
 
 class HostError(MidwayError):

@@ -18,7 +18,9 @@ what it replaces in one step.
 The shapes, defaults and status codes are Toxiproxy's (``api.go``,
 ``proxy_collection.go``, ``toxic_collection.go`` of Shopify/toxiproxy v2):
 
-* a proxy is ``{"name", "listen", "upstream", "enabled", "toxics": [...]}``; a
+* a proxy is ``{"name", "listen", "upstream", "enabled", "toxics": [...]}`` (plus
+  midway's ``upstreams``, each upstream's state, which a proxy body may carry back
+  and which is ignored); a
   toxic is ``{"name", "type", "stream", "toxicity", "attributes"}``; an error is
   ``{"error": "...", "status": N}``;
 * ``POST /proxies`` answers 201, a taken name 409 ``proxy already exists``, a
@@ -86,7 +88,7 @@ TOXIC_EXISTS = "toxic already exists"
 TOXIC_NOT_FOUND = "toxic not found"
 
 
-PROXY_FIELDS = ("name", "listen", "upstream", "enabled", "toxics")
+PROXY_FIELDS = ("name", "listen", "upstream", "enabled", "toxics", "upstreams")
 """What a proxy body may hold: Toxiproxy's proxy JSON (``toxics`` is its output
 field, accepted and ignored so that a proxy read back can be sent again)."""
 TOXIC_FIELDS = ("name", "type", "stream", "toxicity", "attributes", "conditions", "seed")
@@ -483,6 +485,10 @@ class ToxiproxyAPI:
             "upstream": self._upstream(config),
             "enabled": config.name not in self.host.target.disabled,
             "toxics": list(view.toxics) if view is not None else [],
+            # midway's own (docs/balancing.md): each upstream's weight, health,
+            # active connections and last check (``at`` in Unix time), as the
+            # first worker that answered sees them.
+            "upstreams": list(view.upstreams) if view is not None else [],
         }
 
 
@@ -559,11 +565,24 @@ def _proxy_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _upstream_entries(text: str) -> list[str]:
+    """A comma-separated ``upstream`` into entries, each in the quick form: a
+    ``weight=N`` or ``backup`` after an address belongs to it
+    (``a:1,weight=3,b:2`` is two upstreams)."""
+    entries: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if entries and (part == "backup" or part.startswith("weight=")):
+            entries[-1] += "," + part
+        else:
+            entries.append(part)
+    return entries
+
+
 def _proxy_config(name: str, listen: str, upstream: str,
                   base: ProxyConfig | None = None) -> ProxyConfig:
     """Validate a proxy's name and addresses (comma-separated lists allowed)."""
     table = {"listen": [a.strip() for a in listen.split(",")],
-             "upstreams": [a.strip() for a in upstream.split(",")]}
+             "upstreams": _upstream_entries(upstream)}
     try:
         config = config_from_dict({"proxy": {name: table}}).proxies[0]
     except ConfigError as exc:

@@ -16,7 +16,13 @@ File layout::
 
     [proxy.redis]            # one table per named proxy
     listen = "127.0.0.1:6380"            # a string or a list of strings
-    upstreams = ["10.0.0.5:6379", "10.0.0.6:6379"]
+    upstreams = ["10.0.0.5:6379", {address = "10.0.0.6:6379", weight = 3}]
+
+    [proxy.redis.health]     # HealthConfig; [defaults.health] is inherited key by key
+    interval_s = 2
+
+An upstream entry is an address, the quick form ``ADDRESS[,weight=N][,backup]``
+(what the command line takes) or a table ``{address, weight, backup}``.
 """
 
 from __future__ import annotations
@@ -31,25 +37,33 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AddressError, ConfigError
+from ..upstream.access import AccessList
+from ..upstream.balancers import MAX_WEIGHT
+from ..upstream.health import HealthSettings
 from .addresses import Address, parse_address
 from .describe import describe_value
 from .schema import (
     BALANCERS,
     Config,
+    HealthConfig,
     OptionInfo,
     ProxyConfig,
     RouteSpec,
     ServerConfig,
+    UpstreamConfig,
     options_of,
     proxy_name_problem,
 )
 
-__all__ = ["load_config", "config_from_dict", "build_options", "check_admin", "check_writable",
-           "check_server_outputs", "check_workers", "admin_token", "register_list_parser",
-           "ListParser"]
+__all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "check_admin",
+           "check_writable", "check_server_outputs", "check_workers", "admin_token",
+           "register_list_parser", "ListParser"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
+_PROXY_TABLES = ("health",)
+"""Per-proxy sub-tables of options (``[proxy.NAME.health]``), inheritable from
+``[defaults]`` key by key."""
 _PROXY_LISTS = ("toxics",)
 """Per-proxy keys holding a list of tables, each checked by its own parser."""
 _ROUTES = "routes"
@@ -174,21 +188,140 @@ def _addresses(value: Any, path: str, *, listen: bool) -> tuple[Address, ...]:
     return tuple(out)
 
 
+_UPSTREAM_KEYS = ("address", "weight", "backup")
+
+
+def _upstreams(value: Any, path: str) -> tuple[UpstreamConfig, ...]:
+    """``upstreams``: an entry or a non-empty list of entries, each an address, the
+    quick form ``ADDRESS[,weight=N][,backup]`` or a table ``{address, weight,
+    backup}``.  Errors name the entry and key (``upstreams[2].weight``)."""
+    items = [value] if isinstance(value, str | Mapping) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(path, "expected an address or a non-empty list of addresses, "
+                                f"got {describe_value(value)}")
+    out = []
+    for i, item in enumerate(items):
+        where = path if items is not value else f"{path}[{i}]"
+        if isinstance(item, str):
+            fields = _quick_upstream(item, where)
+        elif isinstance(item, Mapping):
+            fields = dict(item)
+            for key in fields:
+                if key not in _UPSTREAM_KEYS:
+                    raise _unknown(key, _UPSTREAM_KEYS, where)
+            if "address" not in fields:
+                raise ConfigError(f"{where}.address", "missing (required)")
+        else:
+            raise ConfigError(where, f"expected an address string or a table, got "
+                                     f"{describe_value(item)}")
+        out.append(_upstream(fields, where))
+    seen: dict[Address, int] = {}
+    for i, upstream in enumerate(out):
+        if upstream.address in seen:
+            raise ConfigError(f"{path}[{i}]", f"{upstream.address} is listed twice "
+                                              f"(also upstreams[{seen[upstream.address]}])")
+        seen[upstream.address] = i
+    return tuple(out)
+
+
+def _quick_upstream(text: str, path: str) -> dict[str, Any]:
+    """``10.0.0.6:6379,weight=3,backup`` → the fields of a table entry."""
+    address, *options = [part.strip() for part in text.split(",")]
+    fields: dict[str, Any] = {"address": address}
+    for option in options:
+        key, eq, raw = option.partition("=")
+        key = key.strip()
+        if key == "backup" and not eq:
+            fields["backup"] = True
+        elif key == "weight" and eq:
+            try:
+                fields["weight"] = int(raw)
+            except ValueError:
+                raise ConfigError(f"{path}.weight", f"expected a whole number, got "
+                                                    f"{raw.strip()!r}") from None
+        elif key in ("weight", "backup"):
+            form = "weight=N" if key == "weight" else "backup"
+            raise ConfigError(path, f"{option!r}: write {form}")
+        else:
+            raise ConfigError(path, f"{option!r} is not an upstream option (after the "
+                                    "address: weight=N, backup)")
+    return fields
+
+
+def _upstream(fields: Mapping[str, Any], path: str) -> UpstreamConfig:
+    address = fields["address"]
+    if not isinstance(address, str):
+        raise ConfigError(f"{path}.address", f"expected an address string, got "
+                                             f"{describe_value(address)}")
+    try:
+        parsed = parse_address(address, listen=False)
+    except AddressError as exc:
+        raise ConfigError(path, str(exc)) from exc
+    weight = fields.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int):
+        raise ConfigError(f"{path}.weight", f"expected a whole number, got "
+                                            f"{describe_value(weight)}")
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{path}.weight", f"must be 0-{MAX_WEIGHT} (0 = drained), got {weight}")
+    backup = fields.get("backup", False)
+    if not isinstance(backup, bool):
+        raise ConfigError(f"{path}.backup", f"expected true or false, got "
+                                            f"{describe_value(backup)}")
+    return UpstreamConfig(parsed, weight=weight, backup=backup)
+
+
+def _health(table: Mapping[str, Any], path: str) -> HealthConfig:
+    """``[proxy.NAME.health]`` (already merged over ``[defaults.health]``)."""
+    health = HealthConfig(**build_options(HealthConfig, table, path))
+    try:
+        health_settings(health)
+    except ValueError as exc:  # "timeout_s: must be more than 0; ..."
+        key, _, message = str(exc).partition("; ")[0].partition(": ")
+        raise ConfigError(_join(path, key), message) from None
+    return health
+
+
+def health_settings(health: HealthConfig) -> HealthSettings:
+    """The health machine's settings for a validated ``[proxy.NAME.health]``
+    (``send``/``expect`` as UTF-8 bytes).  Raises :class:`ValueError` as
+    :class:`~midway.upstream.health.HealthSettings` does."""
+    return HealthSettings(
+        interval_s=health.interval_s, timeout_s=health.timeout_s, rise=health.rise,
+        fall=health.fall, send=health.send.encode(), expect=health.expect.encode(),
+        eject_after=health.eject_after, eject_s=health.eject_s)
+
+
+def _check_access(kwargs: Mapping[str, Any], path: str) -> None:
+    for key in ("allow", "deny"):
+        try:
+            AccessList.parse(**{key: kwargs.get(key, ())})
+        except ValueError as exc:  # "deny[1]: '10.0.0.300' is not ..."
+            index, _, message = str(exc).partition(": ")
+            raise ConfigError(_join(path, index), message) from None
+
+
 def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> ProxyConfig:
     path = f"proxy.{name}"
     problem = proxy_name_problem(name)
     if problem is not None:
         raise ConfigError(path, problem)
     opts = {f.name for f, _ in options_of(ProxyConfig)}
-    kwargs: dict[str, Any] = dict(defaults)
+    kwargs: dict[str, Any] = {k: v for k, v in defaults.items() if k not in _PROXY_TABLES}
     rest = {}
     for key, value in table.items():
-        if key in _PROXY_ONLY_KEYS or key in _PROXY_LISTS or key == _ROUTES:
+        if key in _PROXY_ONLY_KEYS or key in _PROXY_LISTS or key in _PROXY_TABLES \
+                or key == _ROUTES:
             continue
         if key not in opts:
-            raise _unknown(key, [*_PROXY_ONLY_KEYS, *_PROXY_LISTS, _ROUTES, *opts], path)
+            raise _unknown(key, [*_PROXY_ONLY_KEYS, *_PROXY_LISTS, *_PROXY_TABLES, _ROUTES, *opts],
+                           path)
         rest[key] = value
     kwargs.update(build_options(ProxyConfig, rest, path))
+    if "allow" in rest or "deny" in rest:
+        _check_access(kwargs, path)
+    health = {**defaults.get("health", {}),
+              **_table(table.get("health", {}), _join(path, "health"))}
+    kwargs["health"] = _health(health, _join(path, "health"))
     routes = _routes(table[_ROUTES], f"{path}.{_ROUTES}", kwargs.get("balance", "round_robin")) \
         if _ROUTES in table else ()
     for key in _PROXY_ONLY_KEYS:
@@ -199,7 +332,7 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     kwargs["listen"] = _addresses(table["listen"], f"{path}.listen", listen=True)
     upstreams = table.get("upstreams", [])
     kwargs["upstreams"] = () if routes and upstreams == [] else \
-        _addresses(upstreams, f"{path}.upstreams", listen=False)
+        _upstreams(upstreams, f"{path}.upstreams")
     if routes:
         kwargs["routes"] = routes
     _check_proxy_protocol(kwargs, path)
@@ -416,7 +549,14 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     for key in (*_PROXY_ONLY_KEYS, *_PROXY_LISTS, _ROUTES):
         if key in defaults_table:
             raise ConfigError(f"defaults.{key}", "belongs in each [proxy.NAME] table")
-    defaults = build_options(ProxyConfig, defaults_table, "defaults")
+    defaults: dict[str, Any] = build_options(
+        ProxyConfig, {k: v for k, v in defaults_table.items() if k not in _PROXY_TABLES},
+        "defaults")
+    _check_access(defaults, "defaults")
+    if "health" in defaults_table:
+        health = _table(defaults_table["health"], "defaults.health")
+        _health(health, "defaults.health")  # its errors name [defaults.health]
+        defaults["health"] = health
     proxies_table = _table(data.get("proxy", {}), "proxy")
     proxies = [
         _proxy(name, _table(table, f"proxy.{name}"), defaults)

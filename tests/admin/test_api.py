@@ -16,7 +16,7 @@ from .conftest import Admin, EchoServer, Reply, port_of, refused, round_trip
 
 pytestmark = pytest.mark.timeout(60)
 
-PROXY_KEYS = {"name", "listen", "upstream", "enabled", "toxics"}
+PROXY_KEYS = {"name", "listen", "upstream", "enabled", "toxics", "upstreams"}
 TOXIC_KEYS = {"name", "type", "stream", "toxicity", "attributes"}
 
 
@@ -99,9 +99,17 @@ def test_create_proxy_reports_real_port_and_relays(admin: Admin, echo: EchoServe
     assert proxy["enabled"] is True and proxy["toxics"] == []
     listen = str(proxy["listen"])
     assert listen.startswith("127.0.0.1:") and port_of(listen) > 0
+    assert proxy["upstreams"][0]["connects"] == 0
     assert round_trip(port_of(listen), b"hello") == b"hello"
-    assert admin.get("/proxies").json == {"redis": proxy}
-    assert admin.get("/proxies/redis").json == proxy
+    # midway's upstreams list: the connection is counted, the rest is as created.
+    after = admin.get("/proxies/redis").json
+    assert after["upstreams"][0]["connects"] == 1
+    assert after["upstreams"][0]["address"] == echo.address
+    assert after["upstreams"][0]["state"] == "up"
+    same = {k: v for k, v in proxy.items() if k != "upstreams"}
+    assert {k: v for k, v in after.items() if k != "upstreams"} == same
+    assert {k: v for k, v in admin.get("/proxies").json["redis"].items()
+            if k != "upstreams"} == same
 
 
 def test_create_without_listen_picks_a_loopback_port(admin: Admin, echo: EchoServer) -> None:

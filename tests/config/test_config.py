@@ -11,7 +11,7 @@ import pytest
 
 from midway.config.addresses import Address
 from midway.config.load import load_config
-from midway.config.schema import Config, ProxyConfig, ServerConfig
+from midway.config.schema import Config, ProxyConfig, ServerConfig, UpstreamConfig
 from midway.errors import ConfigError
 
 
@@ -52,9 +52,10 @@ upstreams = ["[::1]:8000"]
     assert [p.name for p in config.proxies] == ["redis", "web"]
     redis = proxy(config, "redis")
     assert redis.listen == (Address("127.0.0.1", 6380),)
-    assert redis.upstreams == (Address("10.0.0.5", 6379), Address("10.0.0.6", 6379))
+    assert redis.upstreams == (UpstreamConfig(Address("10.0.0.5", 6379)),
+                               UpstreamConfig(Address("10.0.0.6", 6379)))
     assert proxy(config, "web").listen == (Address("", 8080),)
-    assert proxy(config, "web").upstreams == (Address("::1", 8000),)
+    assert proxy(config, "web").upstreams == (UpstreamConfig(Address("::1", 8000)),)
 
 
 def test_defaults_are_inherited_and_a_proxy_can_override_them(tmp_path: Path) -> None:
@@ -233,7 +234,8 @@ def test_wrong_type(tmp_path: Path, line: str, path: str, words: str) -> None:
 
 def test_an_address_of_the_wrong_type_is_named_in_words(tmp_path: Path) -> None:
     err = load_error(tmp_path, '[proxy.a]\nlisten = ":1"\nupstreams = ["h:1", 1979-05-27]\n')
-    assert str(err) == "proxy.a.upstreams[1]: expected an address string, got a date (1979-05-27)"
+    assert str(err) == ("proxy.a.upstreams[1]: expected an address string or a table, "
+                        "got a date (1979-05-27)")
     err = load_error(tmp_path, '[proxy.a]\nlisten = {}\nupstreams = "h:1"\n')
     assert str(err) == ("proxy.a.listen: expected an address or a non-empty list of "
                         "addresses, got a table")
@@ -273,7 +275,8 @@ def test_out_of_range(tmp_path: Path, line: str, path: str, words: str) -> None:
 
 def test_bad_choice_lists_the_valid_ones(tmp_path: Path) -> None:
     err = load_error(tmp_path, _ONE_PROXY + 'balance = "random"\n')
-    assert str(err) == "proxy.a.balance: 'random' is not one of: round_robin"
+    assert str(err) == ("proxy.a.balance: 'random' is not one of: hash_source, "
+                        "least_connections, random_two, round_robin")
     err = load_error(tmp_path, '[server]\nlog_level = "verbose"\n')
     assert str(err) == "server.log_level: 'verbose' is not one of: debug, info, warning, error"
 
@@ -286,7 +289,7 @@ def test_missing_required_key(tmp_path: Path, missing: str) -> None:
     assert str(err) == f"proxy.a.{missing}: missing (required)"
 
 
-@pytest.mark.parametrize("value", ["[]", "5", "{ host = 'x' }"])
+@pytest.mark.parametrize("value", ["[]", "5"])
 def test_upstreams_must_be_an_address_or_a_non_empty_list(tmp_path: Path, value: str) -> None:
     err = load_error(tmp_path, f'[proxy.a]\nlisten = ":1"\nupstreams = {value}\n')
     assert err.path == "proxy.a.upstreams"

@@ -164,7 +164,9 @@ def test_the_example_is_a_valid_configuration(reference: str) -> None:
     # [defaults] is inherited, and a proxy's own value wins.
     assert (redis.connect_timeout_s, redis.idle_timeout_s) == (3, 600)
     assert (web.connect_timeout_s, web.idle_timeout_s) == (3, 0)
-    assert len(redis.upstreams) == 2 and len(web.listen) == 2
+    assert len(redis.upstreams) == 3 and len(web.listen) == 2
+    assert [(u.weight, u.backup) for u in redis.upstreams] == [(1, False), (3, False), (1, True)]
+    assert redis.health.send == "PING\r\n" and redis.balance == "least_connections"
 
 
 def test_markdown_tables_are_well_formed(reference: str) -> None:

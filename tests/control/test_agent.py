@@ -16,7 +16,7 @@ from midway.chain.registry import build_elements, rebuild_elements
 from midway.chain.toxics.base import Toxic
 from midway.config.addresses import parse_address
 from midway.config.load import config_from_dict
-from midway.config.schema import Config, ProxyConfig
+from midway.config.schema import Config, ProxyConfig, UpstreamConfig
 from midway.config.target import Target
 from midway.control.agent import WorkerAgent
 from midway.control.commands import Apply, CommandFailed
@@ -38,7 +38,7 @@ def test_a_change_that_fails_half_way_leaves_what_ran_before() -> None:
             taken = busy.getsockname()[1]
             a, b = before.config.proxies
             wanted = Target(dataclasses.replace(before.config, proxies=(
-                dataclasses.replace(a, upstreams=(parse_address("127.0.0.1:2", listen=False),)),
+                dataclasses.replace(a, upstreams=(UpstreamConfig(parse_address("127.0.0.1:2", listen=False)),)),
                 dataclasses.replace(b, listen=(parse_address(f"127.0.0.1:{taken}",
                                                              listen=True),)),
                 proxy("c"),

@@ -150,8 +150,10 @@ def test_upstream_reset_right_after_accept_reaches_the_client_as_a_reset() -> No
     async def main() -> None:
         records = Records()
         with _threaded_server(_reset) as port:  # accept, then reset at once
+            # Passive health off: this upstream resets every connection, which
+            # would eject it after 3 (then clients get no_upstream, a FIN).
             async with midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}",
-                                    observers=[records]) as proxy:
+                                    observers=[records], health={"eject_after": 0}) as proxy:
                 for _ in range(100):
                     reader, writer = await asyncio.open_connection(*proxy.address)
                     outcome, _ = await _ending(reader, PROMPT_S + 1)

@@ -1,0 +1,117 @@
+"""The issue 10 keys of the schema: upstream entries (table and quick form),
+``balance``, ``[proxy.NAME.health]``, ``retries``, ``allow``/``deny`` and
+``max_connections_per_source``: what they accept and how a mistake is named."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from midway.cli import build_parser, config_from_args
+from midway.config.load import config_from_dict
+from midway.config.schema import ProxyConfig
+from midway.errors import ConfigError
+
+
+def load(text: str) -> ProxyConfig:
+    return config_from_dict(tomllib.loads(text)).proxies[-1]
+
+
+def error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(tomllib.loads(text))
+    return str(info.value)
+
+
+ONE = '[proxy.redis]\nlisten = ":6380"\n'
+
+
+def test_entries_as_address_table_and_quick_form_mean_the_same() -> None:
+    table = load(ONE + 'upstreams = ["a:1", {address = "b:1", weight = 3}, '
+                       '{address = "c:1", backup = true}]\n')
+    quick = load(ONE + 'upstreams = ["a:1", "b:1,weight=3", "c:1, backup"]\n')
+    assert table.upstreams == quick.upstreams
+    assert [(u.weight, u.backup) for u in table.upstreams] == [(1, False), (3, False), (1, True)]
+    assert [str(u) for u in table.upstreams] == ["a:1", "b:1,weight=3", "c:1,backup"]
+    assert load(ONE + 'upstreams = "a:1,weight=0"\n').upstreams[0].weight == 0  # drained
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ('["a:1", "b:1", {address = "c:1", weight = 300}]',
+     "proxy.redis.upstreams[2].weight: must be 0-256 (0 = drained), got 300"),
+    ('["a:1", "b:1,weight=-1"]', "proxy.redis.upstreams[1].weight: must be 0-256"),
+    ('["a:1,weight=x"]', "proxy.redis.upstreams[0].weight: expected a whole number, got 'x'"),
+    ('["a:1,heavy"]', "proxy.redis.upstreams[0]: 'heavy' is not an upstream option"),
+    ('[{address = "a:1", wieght = 2}]',
+     "proxy.redis.upstreams[0].wieght: unknown key; did you mean 'weight'?"),
+    ('[{weight = 2}]', "proxy.redis.upstreams[0].address: missing (required)"),
+    ('[{address = "a:1", backup = "yes"}]',
+     "proxy.redis.upstreams[0].backup: expected true or false"),
+    ('["a:1", "a:1,weight=2"]', "proxy.redis.upstreams[1]: a:1 is listed twice"),
+])
+def test_a_bad_entry_is_named_by_its_index_and_key(entries: str, message: str) -> None:
+    assert error(ONE + f"upstreams = {entries}\n").startswith(message)
+
+
+def test_health_table_inherits_from_defaults_key_by_key() -> None:
+    proxy = load('[defaults.health]\ninterval_s = 2\nfall = 5\n' + ONE +
+                 'upstreams = "a:1"\n[proxy.redis.health]\nfall = 2\nsend = "PING\\r\\n"\n')
+    assert (proxy.health.interval_s, proxy.health.fall, proxy.health.rise) == (2, 2, 2)
+    assert proxy.health.send == "PING\r\n"  # the TOML escape is decoded
+    default = load(ONE + 'upstreams = "a:1"\n').health
+    assert (default.interval_s, default.eject_after, default.eject_s) == (0, 3, 10)
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ("timeout_s = 0", "proxy.redis.health.timeout_s: must be more than 0"),
+    ("rise = 0", "proxy.redis.health.rise: must be at least 1"),
+    ("interval = 2", "proxy.redis.health.interval: unknown key; did you mean 'interval_s'?"),
+    (f'expect = "{"x" * 16385}"', "proxy.redis.health.expect: must be at most 16384 bytes"),
+])
+def test_a_bad_health_key_is_named(table: str, message: str) -> None:
+    assert error(ONE + f'upstreams = "a:1"\n[proxy.redis.health]\n{table}\n').startswith(message)
+
+
+def test_access_rules_retries_and_the_per_source_limit() -> None:
+    proxy = load('[defaults]\ndeny = ["192.0.2.0/24"]\nretries = 1\n' + ONE +
+                 'upstreams = "a:1"\nallow = ["10.0.0.0/8", "::1"]\n'
+                 'max_connections_per_source = 20\n')
+    assert proxy.deny == ("192.0.2.0/24",) and proxy.allow == ("10.0.0.0/8", "::1")
+    assert proxy.retries == 1 and proxy.max_connections_per_source == 20
+    assert load(ONE + 'upstreams = "a:1"\nretries = "all"\n').retries == -1
+    assert error(ONE + 'upstreams = "a:1"\ndeny = ["10.0.0.0/8", "10.0.0.300"]\n').startswith(
+        "proxy.redis.deny[1]: '10.0.0.300' is not an IPv4 or IPv6 network")
+    assert error('[defaults]\nallow = ["10.0.0.1/24"]\n').startswith(
+        "defaults.allow[0]: '10.0.0.1/24' has host bits set; did you mean '10.0.0.0/24'?")
+
+
+def test_an_unknown_balance_lists_the_registry_names() -> None:
+    assert error(ONE + 'upstreams = "a:1"\nbalance = "leastconn"\n') == (
+        "proxy.redis.balance: 'leastconn' is not one of: hash_source, least_connections, "
+        "random_two, round_robin")
+
+
+def cli(*argv: str) -> ProxyConfig:
+    return config_from_args(build_parser().parse_args(list(argv))).proxies[0]
+
+
+def cli_error(*argv: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        cli(*argv)
+    return str(info.value)
+
+
+def test_the_health_flags_decode_toml_escapes() -> None:
+    proxy = cli(":1", "a:1", "--health-send", r"PING\r\n\u00e9", "--health-expect", "+PONG")
+    assert proxy.health.send == "PING\r\né" and proxy.health.expect == "+PONG"
+    assert cli_error(":1", "a:1", "--health-send", r"\q").startswith(
+        "--health-send: '\\\\q': unknown escape \\q")
+
+
+def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
+    assert cli_error(":1", "a:1", "b:1,weight=999") == (
+        "UPSTREAM 'b:1,weight=999': weight: must be 0-256 (0 = drained), got 999")
+    assert cli_error(":1", "a:1", "--health-rise", "0") == (
+        "--health-rise: must be at least 1, got 0")
+    assert cli_error(":1", "a:1", "--deny", "nonsense").startswith("--deny: 'nonsense' is not")

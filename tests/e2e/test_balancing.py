@@ -1,0 +1,449 @@
+"""Issue 10 end to end: balancing, weights and backups, active and passive health,
+retries past a hanging upstream, access rules and per-source limits, over loopback.
+
+Clients bind source addresses across 127.0.0.0/8 to play many clients.  Upstreams
+answer with their own name, so a client sees where it landed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+import midway
+from midway.metrics import Metrics
+
+from ..helpers import needs, run
+from .test_failover import _closed_port, _midway_log
+from .test_relay import Records
+
+REDIS = shutil.which("redis-server")
+REDIS_BENCHMARK = shutil.which("redis-benchmark")
+
+
+class Health:
+    """An observer of ``upstream_health`` events, with their times."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, bool]] = []
+
+    def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
+        self.events.append((time.monotonic(), upstream, up))
+
+    def connection_closed(self, record: midway.CloseRecord) -> None:
+        pass
+
+    def went_down(self, upstream: str) -> float | None:
+        return next((t for t, u, up in self.events if u == upstream and not up), None)
+
+
+@contextlib.asynccontextmanager
+async def named(name: bytes) -> AsyncIterator[tuple[str, asyncio.Server]]:
+    """An upstream that greets each client with ``name`` and holds the connection
+    until the client closes it; yields (address, server)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(name)
+            await writer.drain()
+            await reader.read()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, backlog=1024)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", server
+    finally:
+        server.close()
+
+
+async def connect(proxy: midway.Proxy, source: str = "127.0.0.1"
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(proxy.host, proxy.port, local_addr=(source, 0))
+
+
+async def landed(proxy: midway.Proxy, source: str = "127.0.0.1") -> bytes:
+    """Which upstream one new connection from ``source`` reaches (b"" if closed)."""
+    reader, writer = await connect(proxy, source)
+    try:
+        return await asyncio.wait_for(reader.read(1), 5)
+    finally:
+        writer.close()
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def state(proxy: midway.Proxy, address: str) -> dict[str, Any]:
+    return next(u for u in proxy.service.pool.snapshot() if u["address"] == address)
+
+
+# -- balancing policies ----------------------------------------------------------
+
+
+@pytest.mark.one_mode
+def test_hash_source_keeps_each_source_on_one_upstream() -> None:
+    sources = [f"127.0.0.{i}" for i in range(10, 15)]
+
+    async def main() -> dict[str, Counter[bytes]]:
+        async with named(b"a") as (a, _), named(b"b") as (b, _), named(b"c") as (c, _):
+            async with midway.Proxy("127.0.0.1:0", [a, b, c], balance="hash_source") as proxy:
+                seen: dict[str, Counter[bytes]] = {s: Counter() for s in sources}
+                for source in sources:
+                    for _ in range(100):
+                        seen[source][await landed(proxy, source)] += 1
+                return seen
+
+    seen = run(main())
+    for source, where in seen.items():
+        assert len(where) == 1 and sum(where.values()) == 100, (source, where)
+    # And the sources do not all share one upstream (5 sources over 3 upstreams).
+    assert len({next(iter(w)) for w in seen.values()}) > 1, seen
+
+
+@pytest.mark.one_mode
+def test_least_connections_sends_new_clients_to_the_idle_upstream() -> None:
+    async def main() -> list[bytes]:
+        async with named(b"a") as (a, _), named(b"b") as (b, _):
+            # b drained (weight 0): the 50 long-lived connections all go to a.
+            async with midway.Proxy("127.0.0.1:0", [a, f"{b},weight=0"],
+                                    balance="least_connections") as proxy:
+                held = [await connect(proxy) for _ in range(50)]
+                assert [await r.read(1) for r, _ in held] == [b"a"] * 50
+                # b back at weight 1 (a reconfigure keeps a's 50 active connections).
+                proxy.runtime.update_proxy(midway.proxy_config(
+                    "127.0.0.1:0", [a, b], name=proxy.config.name, balance="least_connections"))
+                assert state(proxy, a)["active"] == 50
+                # Twenty new clients, each held open: all go to the idle b.
+                fresh = [await connect(proxy) for _ in range(20)]
+                got = [await r.read(1) for r, _ in fresh]
+                for _, w in held + fresh:
+                    w.close()
+                return got
+
+    assert run(main()) == [b"b"] * 20
+
+
+@pytest.mark.one_mode
+def test_weights_share_and_backups_wait_for_the_primaries() -> None:
+    async def main() -> tuple[Counter[bytes], list[bytes]]:
+        async with named(b"a") as (a, sa), named(b"b") as (b, sb), named(b"c") as (c, _):
+            async with midway.Proxy(
+                    "127.0.0.1:0", [{"address": a, "weight": 3}, b, f"{c},backup"],
+                    health={"interval_s": 0.2, "timeout_s": 0.5}) as proxy:
+                shares = Counter([await landed(proxy) for _ in range(40)])
+                # Both primaries stop: the checks take them down, then the backup serves.
+                sa.close()
+                sb.close()
+                await until(lambda: state(proxy, a)["state"] == state(proxy, b)["state"]
+                            == "down")
+                after = [await landed(proxy) for _ in range(5)]
+                return shares, after
+
+    shares, after = run(main())
+    # Smooth weighted round-robin is exact over every multiple of the weights' sum.
+    assert shares == Counter({b"a": 30, b"b": 10})
+    assert after == [b"c"] * 5
+
+
+# -- health ------------------------------------------------------------------------
+
+
+@pytest.mark.per_loop
+def test_an_upstream_that_never_answers_the_check_is_marked_down() -> None:
+    """It accepts TCP (the kernel does) but never replies to PING: down at the
+    first check's timeout; then clients are closed at once with no_upstream,
+    said once in the log; the admin list and midway_upstream_up show it."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)  # never read
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    interval, timeout = 0.3, 0.3
+
+    async def main() -> tuple[float, float | None, list[str], list[midway.CloseRecord],
+                              dict[str, Any], str]:
+        health, records, metrics = Health(), Records(), Metrics()
+        with _midway_log() as log:
+            async with midway.Proxy("127.0.0.1:0", address, observers=[health, records, metrics],
+                                    health={"interval_s": interval, "timeout_s": timeout,
+                                            "send": "PING\r\n", "expect": "+PONG"}) as proxy:
+                started = time.monotonic()
+                await until(lambda: health.went_down(address) is not None, 5)
+                for _ in range(5):
+                    assert await landed(proxy) == b""
+                await records.wait(5)
+                return (started, health.went_down(address), log.lines, records.records,
+                        state(proxy, address), metrics.render())
+
+    try:
+        started, down_at, lines, records, entry, metrics = run(main())
+    finally:
+        silent.close()
+    assert down_at is not None and down_at - started <= interval + timeout + 1.0
+    assert any(f"upstream {address} of proxy default is down: no b'+PONG' in the reply "
+               "within the timeout (no reply) (1 check)" in line for line in lines), lines
+    assert [r.reason for r in records] == ["no_upstream"] * 5
+    assert all(r.attempts == 0 and r.upstream is None for r in records)
+    assert sum("no upstream is up" in line for line in lines) == 1, lines
+    assert entry["state"] == "down" and entry["last_check"]["passed"] is False
+    assert abs(entry["last_check"]["at"] - time.time()) < 30  # wall-clock seconds
+    assert f'midway_upstream_up{{proxy="default",upstream="{address}"}} 0' in metrics
+
+
+@contextlib.contextmanager
+def full_listen_queue() -> Iterator[str]:
+    """A listener with backlog 0 that never accepts, its queue filled: a connect
+    to it hangs (the kernel drops the SYN).  Yields its address."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            s = socket.socket()
+            s.setblocking(False)
+            fillers.append(s)
+            s.connect_ex(listener.getsockname())
+            time.sleep(0.05)
+            try:
+                s.getpeername()
+            except OSError:  # not connected: the queue is full
+                break
+        else:
+            pytest.fail("could not fill the listen queue")
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+@pytest.mark.per_loop
+def test_a_hanging_upstream_costs_a_client_at_most_the_connect_timeout() -> None:
+    connect_timeout = 0.5
+
+    async def main(hanging: str) -> tuple[list[tuple[bytes, float]], list[midway.CloseRecord]]:
+        records = Records()
+        async with named(b"b") as (b, _):
+            async with midway.Proxy("127.0.0.1:0", [hanging, b], observers=[records],
+                                    connect_timeout_s=connect_timeout) as proxy:
+                timed = []
+                for _ in range(4):
+                    t0 = time.monotonic()
+                    got = await landed(proxy)
+                    timed.append((got, time.monotonic() - t0))
+                await records.wait(4)
+                return timed, records.records
+
+    with full_listen_queue() as hanging:
+        timed, records = run(main(hanging))
+    assert [got for got, _ in timed] == [b"b"] * 4  # the client never saw the failure
+    assert all(took <= connect_timeout + 0.5 for _, took in timed), timed
+    failed = [r for r in records if r.failures]
+    assert failed, "the hanging upstream was never tried"
+    for r in failed:
+        assert [f["failure"] for f in r.failures] == ["timed_out"] and r.attempts == 2
+        assert r.upstream is not None and r.upstream != hanging
+
+
+# -- access control ------------------------------------------------------------------
+
+
+@pytest.mark.one_mode
+def test_allow_deny_and_the_per_source_limit_from_different_sources() -> None:
+    async def main() -> tuple[dict[str, bytes], list[bytes], bytes, list[midway.CloseRecord],
+                              int]:
+        records = Records()
+        reached = [0]
+
+        async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            reached[0] += 1
+            writer.write(b"u")
+            with contextlib.suppress(OSError):
+                await writer.drain()
+                await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(counting, "127.0.0.1", 0)
+        upstream = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            async with midway.Proxy("127.0.0.1:0", upstream, observers=[records],
+                                    allow=["127.0.0.0/24"], deny=["127.0.0.66"],
+                                    max_connections_per_source=2) as proxy:
+                one = {src: await landed(proxy, src)
+                       for src in ("127.0.0.5", "127.0.0.66", "127.0.1.5")}
+                held = [await connect(proxy, "127.0.0.7") for _ in range(2)]
+                assert [await r.read(1) for r, _ in held] == [b"u", b"u"]
+                third = [await landed(proxy, "127.0.0.7"), await landed(proxy, "127.0.0.8")]
+                held[0][1].close()
+                await until(lambda: proxy.service.sources.live("127.0.0.7") == 1)
+                again = await landed(proxy, "127.0.0.7")
+                held[1][1].close()
+                await records.wait(8)
+                return one, third, again, records.records, reached[0]
+        finally:
+            server.close()
+
+    one, third, again, records, reached = run(main())
+    assert one == {"127.0.0.5": b"u", "127.0.0.66": b"", "127.0.1.5": b""}
+    assert third == [b"", b"u"] and again == b"u"
+    by_reason = Counter(r.reason for r in records)
+    assert by_reason["denied"] == 2 and by_reason["source_limit"] == 1
+    for r in records:
+        if r.reason in ("denied", "source_limit"):
+            assert r.upstream is None and r.attempts == 0  # nothing was dialled
+    assert reached == 5  # the upstream saw only the admitted clients
+
+
+# -- three redis servers, one killed under redis-benchmark -----------------------------
+
+
+@contextlib.contextmanager
+def redis_servers(n: int) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    servers = []
+    try:
+        for _ in range(n):
+            port = _closed_port()
+            proc = subprocess.Popen(
+                [str(REDIS), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append((f"127.0.0.1:{port}", proc))
+        for address, _ in servers:
+            host, port = address.rsplit(":", 1)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection((host, int(port)), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        yield servers
+    finally:
+        for _, proc in servers:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.per_loop
+@pytest.mark.skipif(not REDIS or not REDIS_BENCHMARK,
+                    reason=needs("redis-server and redis-benchmark",
+                                 apt="redis-server redis-tools"))
+def test_a_redis_killed_under_benchmark_fails_no_request() -> None:
+    """redis-benchmark with a new connection per request (-k 0) through midway to
+    three redis servers checked with PING/+PONG; one is killed (SIGKILL) in the
+    middle.  redis-benchmark stops at the first failed request ("Error:
+    Connection reset by peer", exit 1), so its clean finish shows that none
+    failed.
+
+    What midway promises, and so what the test makes exact: a *new* connection
+    never fails because an upstream died (its dial fails over, the client sees
+    nothing).  A connection already relayed to the server that dies is lost with
+    it (midway does not replay requests), so the kill is made when no connection
+    is open or being dialled to that server: from the proxy's own loop, where
+    nothing else runs between the look and the kill, and waiting for the process
+    to be gone, so that no connect reaches its dying listener."""
+    interval, fall, requests = 0.3, 2, 6000
+
+    async def main(servers: list[tuple[str, subprocess.Popen[bytes]]]
+                   ) -> tuple[int, bytes, float, float | None, list[midway.CloseRecord]]:
+        health, records = Health(), Records()
+        victim, victim_proc = servers[1]
+        async with midway.Proxy("127.0.0.1:0", [a for a, _ in servers],
+                                observers=[health, records],
+                                health={"interval_s": interval, "fall": fall,
+                                        "send": "PING\r\n", "expect": "+PONG"}) as proxy:
+            bench = await asyncio.create_subprocess_exec(
+                str(REDIS_BENCHMARK), "-h", proxy.host, "-p", str(proxy.port), "-k", "0",
+                "-c", "2", "-n", str(requests), "-t", "ping_inline", "-q",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            target = next(u for u in proxy.service.pool.upstreams if str(u.address) == victim)
+            await until(lambda: len(records.records) >= requests // 10, 30)
+
+            def idle() -> bool:
+                return target.active == 0 and not any(
+                    c.target is target for c in proxy.service._connecting)
+
+            async with asyncio.timeout(10):
+                while not idle():  # looked at on every loop turn: idle moments are short
+                    await asyncio.sleep(0)
+            victim_proc.kill()  # the loop does nothing else until it is gone
+            victim_proc.wait(5)
+            killed_at = time.monotonic()
+            done_at_kill = len(records.records)
+            out, _ = await asyncio.wait_for(bench.communicate(), 60)
+            assert bench.returncode is not None
+            await until(lambda: proxy.service.active == 0)  # its last closes, not shutdown
+            assert done_at_kill < requests * 3 // 4, "killed too late to be in the middle"
+            return bench.returncode, out, killed_at, health.went_down(victim), records.records
+
+    with redis_servers(3) as servers:
+        rc, out, killed_at, down_at, records = run(main(servers), timeout=90)
+    assert rc == 0, out.decode(errors="replace")
+    assert re.search(rb"PING_INLINE: [\d.]+ requests per second", out), out
+    assert down_at is not None and down_at - killed_at <= fall * interval + 1.0
+    assert all(r.reason == "eof" for r in records), Counter(r.reason for r in records)
+    # Failover happened, invisibly: some connections tried the dead server first.
+    assert any(r.failures for r in records)
+    assert len(records) >= requests
+
+
+# -- the command line's quick form ---------------------------------------------------
+
+
+@pytest.mark.one_mode
+def test_the_quick_form_takes_weights_backups_and_health_flags() -> None:
+    from midway.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args([
+        ":6380", "10.0.0.5:6379", "10.0.0.6:6379,weight=3", "10.0.0.7:6379,backup",
+        "--balance", "hash_source", "--health-interval-s", "2", "--health-send", r"PING\r\n",
+        "--health-expect", "+PONG", "--deny", "192.0.2.0/24", "--retries", "all"])
+    proxy = config_from_args(args).proxies[0]
+    assert [(str(u.address), u.weight, u.backup) for u in proxy.upstreams] == [
+        ("10.0.0.5:6379", 1, False), ("10.0.0.6:6379", 3, False), ("10.0.0.7:6379", 1, True)]
+    assert proxy.health.send == "PING\r\n" and proxy.health.interval_s == 2
+    assert proxy.balance == "hash_source" and proxy.deny == ("192.0.2.0/24",)
+
+
+@pytest.mark.one_mode
+def test_checkers_follow_the_upstreams_and_stop_with_the_proxy() -> None:
+    """One checker per upstream, started with the proxy; a reconfigure keeps the
+    checker (and the state) of a kept address, starts one for a new address and
+    cancels a removed one's; closing the listeners cancels them all."""
+    async def main() -> None:
+        async with named(b"a") as (a, _), named(b"b") as (b, _), named(b"c") as (c, _):
+            health = {"interval_s": 0.1}
+            async with midway.Proxy("127.0.0.1:0", [a, b], health=health) as proxy:
+                service = proxy.service
+                assert service.checkers == 2
+                await until(lambda: all(u["last_check"] for u in service.pool.snapshot()))
+                kept = service._checks[service.pool.upstreams[0].address][0]
+                machine = service.pool.upstreams[0].health
+                proxy.runtime.update_proxy(midway.proxy_config(
+                    "127.0.0.1:0", [a, c], name=proxy.config.name, health=health))
+                assert service.checkers == 2
+                assert service._checks[service.pool.upstreams[0].address][0] is kept
+                assert service.pool.upstreams[0].health is machine
+                assert {str(addr) for addr in service._checks} == {a, c}
+                await until(lambda: all(u["last_check"] for u in service.pool.snapshot()))
+                tasks = [task for task, _, _ in service._checks.values()]
+                service.close_listeners()
+                assert service.checkers == 0
+                await asyncio.sleep(0)
+                assert all(t.cancelled() or t.done() for t in tasks)
+
+    run(main())
