@@ -57,6 +57,9 @@ class CloseReason(enum.StrEnum):
     PEEK_TIMEOUT = "peek_timeout"
     """With SNI routes: the client sent no complete ClientHello within
     ``sni_peek_timeout_s``."""
+    KILLED = "killed"
+    """Closed through the admin API (``DELETE /connections/ID``): a FIN where
+    nothing was in flight, else (or with ``?reset=true``) a reset."""
 
 
 @dataclass
