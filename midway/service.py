@@ -71,7 +71,7 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from typing import Any, Protocol
 
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
@@ -374,6 +374,12 @@ class ProxyService:
         reason = relay.reason or CloseReason.EOF
         self._closed(relay.info, rec.attached, rec.target, rec.failures or (), reason,
                      relay.detail, relay.first_close or "proxy", relay.reset, relay, rec.lease)
+        for element in rec.own:  # this connection's own: they leave with it
+            try:
+                element.close()
+            except Exception:
+                log.exception("conn %d (%s): chain element %s failed to close",
+                              relay.info.id, self.name, element.name)
         if reason in (CloseReason.RESET, CloseReason.ERROR):
             log.debug("conn %d (%s): %s %s", relay.info.id, self.name, reason.value, relay.detail)
 
@@ -391,14 +397,28 @@ class ProxyService:
             attachment = element.attach(relay.info)
             if attachment is not None:
                 rec.own_attached()[element] = attachment
-                self._restage(relay, rec.attached)
+                self._restage(relay, rec)
+
+    def add_connection_element(self, relay: Relay[ConnectionInfo], element: Element) -> bool:
+        """Add ``element`` to the open connection ``relay`` alone (an admin
+        ``POST /connections/ID/toxics``), live, after the proxy's elements but
+        before those that keep the last place.  It leaves with the connection
+        (closed then).  False when it does not apply to this connection."""
+        rec = self.live[relay]
+        attachment = element.attach(relay.info)
+        if attachment is None:
+            return False
+        rec.own = (*rec.own, element)
+        rec.own_attached()[element] = attachment
+        self._restage(relay, rec)
+        return True
 
     def remove_element(self, element: Element) -> None:
         """Remove a chain element everywhere; held bytes are flushed, none lost."""
         self.elements.remove(element)
         for relay, rec in list(self.live.items()):
             if rec.attached.pop(element, None) is not None:
-                self._restage(relay, rec.attached)
+                self._restage(relay, rec)
 
     def replace_element(self, old: Element, new: Element) -> None:
         """Swap ``old`` for ``new`` in place (same position), live."""
@@ -409,7 +429,7 @@ class ProxyService:
             attachment = new.attach(relay.info)
             if attachment is not None:
                 rec.own_attached()[new] = attachment
-            self._restage(relay, rec.attached)
+            self._restage(relay, rec)
 
     def retire_elements(self, chain: list[Element], retired: Iterable[Element]) -> None:
         """Take a rebuilt chain (a reload): ``chain`` is the new element list, in
@@ -431,9 +451,10 @@ class ProxyService:
             except Exception:
                 log.exception("%s: chain element %s failed to close", self.name, element.name)
 
-    def _restage(self, relay: Relay[ConnectionInfo], attached: Attached) -> None:
+    def _restage(self, relay: Relay[ConnectionInfo], rec: _Relayed) -> None:
+        elements = _with_own(self.elements, rec.own)
         for direction in DIRECTIONS:
-            set_stages(relay, direction, _stages(self.elements, attached, direction))
+            set_stages(relay, direction, _stages(elements, rec.attached, direction))
 
     def reconfigure(self, config: ProxyConfig) -> None:
         """Use new settings and upstreams for new connections.  An upstream whose
@@ -557,6 +578,11 @@ class ProxyService:
             return None
         return self._admit(conn)
 
+    @property
+    def connecting(self) -> Set[Connection]:
+        """The connections not relaying yet (inbound, dial, outbound, open)."""
+        return self._connecting
+
     def close_connections(self, reason: CloseReason = CloseReason.SHUTDOWN,
                           detail: str = "proxy stopping") -> None:
         """End every open connection now (a FIN where nothing is in flight, else a
@@ -580,6 +606,17 @@ def _access(config: ProxyConfig) -> AccessList | None:
 def _key(host: str) -> str:
     """The balancer's key for a client IP: an IPv4-mapped address as its IPv4."""
     return str(client_ip(host)) if host.startswith(_MAPPED_PREFIX) else host
+
+
+def _with_own(elements: list[Element], own: tuple[Element, ...]) -> list[Element]:
+    """The chain order of a connection with elements of its own: the proxy's,
+    then its own, then the proxy's that keep the last place (a capture)."""
+    if not own:
+        return elements
+    index = len(elements)
+    while index and elements[index - 1].keep_last:
+        index -= 1
+    return [*elements[:index], *own, *elements[index:]]
 
 
 def _stages(elements: list[Element], attached: Attached,
@@ -613,7 +650,7 @@ class _Relayed:
     smaller than the :class:`Connection`, which is dropped once relaying, so an
     idle connection costs what it did before the phases existed."""
 
-    __slots__ = ("attached", "target", "failures", "lease")
+    __slots__ = ("attached", "target", "failures", "lease", "own")
 
     def __init__(self, attached: Attached, target: UpstreamState,
                  failures: list[_Failure] | None, lease: SourceLease | None) -> None:
@@ -621,6 +658,8 @@ class _Relayed:
         self.target = target
         self.failures = failures
         self.lease = lease
+        self.own: tuple[Element, ...] = ()
+        """Elements of this connection alone (added through the admin API)."""
 
     def own_attached(self) -> Attached:
         """The attachments, as a dict of this connection's own (to add to)."""
@@ -924,25 +963,28 @@ class Connection(Dialer):
                   "connection", self.info.id, self.service.name, exc, exc_info=exc)
         self.finish(CloseReason.ERROR, f"on_open raised {type(exc).__name__}: {exc}")
 
-    def finish(self, reason: CloseReason, detail: str, first_close: str = "proxy") -> None:
+    def finish(self, reason: CloseReason, detail: str, first_close: str = "proxy", *,
+               reset: bool = False) -> None:
         """Close a client that never reached the relay.  With a FIN (the client
         sent nothing that was lost: midway relayed nothing from it), except after a
-        reset, which the client gets as a reset too."""
+        reset, which the client gets as a reset too, or when ``reset`` asks for one."""
         service = self.service
         service._connecting.discard(self)
         if self.upstream is not None:
             self.poller.forget(self.upstream.fileno())
             close_socket(self.upstream_end or self.upstream)
             self.upstream = None
-        reset = reason is CloseReason.RESET
+        reset = reset or reason is CloseReason.RESET
         self.poller.forget(self.client.fileno())
         close_socket(self.client_end or self.client, reset=reset)
         self.phase = _CLOSED
         service._closed(self.info, self.attached, self.target, self.failures or (), reason,
                         detail, first_close, reset, None, self.lease)
 
-    def cancel(self) -> None:
-        """Stop before the relay (shutdown): close what is open and report it."""
+    def cancel(self, reason: CloseReason = CloseReason.SHUTDOWN,
+               detail: str = "stopped while connecting", *, reset: bool = False) -> None:
+        """Stop before the relay (shutdown, an admin kill): close what is open
+        (the client with an RST if ``reset``) and report it."""
         if self.cancelled:
             return
         self.cancelled = True
@@ -950,7 +992,7 @@ class Connection(Dialer):
         if self.work is not None:
             self.work.cancel()
             self.work = None
-        self.finish(CloseReason.SHUTDOWN, "stopped while connecting")
+        self.finish(reason, detail, reset=reset)
 
     # -- what a layer may do (midway.layers.base.LayerConnection) ----------------
 

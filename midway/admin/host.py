@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..config.schema import ToxicSpec
 from ..config.target import Edit, Target
 from ..errors import MidwayError
 
@@ -79,4 +80,24 @@ class AdminHost(Protocol):
 
     async def metrics(self) -> str:
         """The Prometheus text of every worker's metrics, summed."""
+        ...
+
+    async def connections(self, proxy: str = "") -> list[dict[str, Any]]:
+        """Every worker's open connections (of ``proxy`` only, if given), each
+        as ``GET /connections`` shows it, by id."""
+        ...
+
+    async def connection(self, id: int) -> dict[str, Any] | None:
+        """Connection ``id`` from whichever worker has it; None if none has."""
+        ...
+
+    async def close_connection(self, id: int, reset: bool) -> bool:
+        """Close connection ``id`` (reason ``killed``; ``reset``: with an RST);
+        False if no worker has it."""
+        ...
+
+    async def add_connection_toxic(self, id: int, spec: ToxicSpec) -> dict[str, Any] | None:
+        """Attach the toxic ``spec`` to connection ``id`` alone; its JSON, or
+        None if no worker has it.  Raises :class:`HostError` (409: the
+        connection has an element of that name, or is still connecting)."""
         ...

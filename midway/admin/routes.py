@@ -49,10 +49,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from .._version import __version__
 from ..chain.toxics import TOXICS, ToxicError, make_toxic
+from ..chain.toxics.base import Toxic
 from ..chain.toxics.config import build_toxic, toxic_spec
 from ..chain.toxics.live import toxic_json
 from ..config.load import config_from_dict
@@ -86,6 +87,7 @@ INVALID_STREAM = "stream was invalid, can be either upstream or downstream"
 INVALID_TYPE = "invalid toxic type"
 TOXIC_EXISTS = "toxic already exists"
 TOXIC_NOT_FOUND = "toxic not found"
+CONNECTION_NOT_FOUND = "connection not found"
 
 
 PROXY_FIELDS = ("name", "listen", "upstream", "enabled", "toxics", "upstreams")
@@ -146,6 +148,10 @@ class ToxiproxyAPI:
             (("proxies", "*", "toxics", "*"), "POST"): self.toxic_update,
             (("proxies", "*", "toxics", "*"), "PATCH"): self.toxic_update,
             (("proxies", "*", "toxics", "*"), "DELETE"): self.toxic_delete,
+            (("connections",), "GET"): self.connection_index,
+            (("connections", "*"), "GET"): self.connection_show,
+            (("connections", "*"), "DELETE"): self.connection_delete,
+            (("connections", "*", "toxics"), "POST"): self.connection_toxic,
         }
         self._shapes = {shape for shape, _ in self._routes}
 
@@ -154,8 +160,9 @@ class ToxiproxyAPI:
         """Answer one request.  Never raises for a bad request."""
         if user_agent.startswith("Mozilla/"):
             return Response(403, b"User agent not allowed\n", TEXT)
-        segments = [unquote(s) for s in path.split("?", 1)[0].split("/")[1:]]
-        shape = tuple("*" if i % 2 and s and segments[0] == "proxies" else s
+        path, _, query_text = path.partition("?")
+        segments = [unquote(s) for s in path.split("/")[1:]]
+        shape = tuple("*" if i % 2 and s and segments[0] in ("proxies", "connections") else s
                       for i, s in enumerate(segments))
         if "" in segments or shape not in self._shapes:
             return Response(404, b"404 page not found\n", TEXT)
@@ -164,6 +171,9 @@ class ToxiproxyAPI:
             return Response(405, b"", TEXT)
         args = [s for s, k in zip(segments, shape, strict=True) if k == "*"]
         try:
+            if segments[0] == "connections":
+                query = {k: v[-1] for k, v in parse_qs(query_text).items()}
+                return await handler(*args, body=body, query=query)
             return await handler(*args, body=body)
         except ApiError as exc:
             return _error(exc.message, exc.status)
@@ -349,29 +359,8 @@ class ToxiproxyAPI:
         raise ApiError(TOXIC_NOT_FOUND, 404)
 
     async def toxic_create(self, proxy: str, body: bytes) -> Response:
-        self._proxy(self.host.target, proxy)
-        data = _object(body, TOXIC_FIELDS)
-        stream = data.get("stream")
-        if stream is None or stream == "":
-            stream = DEFAULT_TOXIC_STREAM
-        if stream not in ("upstream", "downstream"):
-            raise ApiError(INVALID_STREAM, 400)
-        kind = data.get("type")
-        name = data.get("name") or f"{kind}_{stream}"
-        if not isinstance(name, str):
-            raise ApiError(f"{BAD_BODY}: name: expected a string, got {name!r}", 400)
-        if not isinstance(kind, str) or kind not in TOXICS:
-            raise ApiError(INVALID_TYPE, 400)
-        toxicity = data.get("toxicity")
-        try:
-            toxic = make_toxic(kind, name=name, stream=stream,
-                               toxicity=DEFAULT_TOXICITY if toxicity is None else toxicity,
-                               attributes=data.get("attributes") or {},
-                               conditions=data.get("conditions"),
-                               seed=_seed(data.get("seed"),
-                                          self._proxy(self.host.target, proxy).seed))
-        except ToxicError as exc:
-            raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
+        toxic = _toxic_from_body(body, self._proxy(self.host.target, proxy).seed)
+        name = toxic.name
         view = await self._view(proxy)
         taken = set(view.elements)
 
@@ -420,6 +409,42 @@ class ToxiproxyAPI:
 
         await self.host.change(delete)
         return Response(204)
+
+    # -- connections (midway's own) -------------------------------------------
+
+    async def connection_index(self, body: bytes, query: Mapping[str, str]) -> Response:
+        """Every open connection of every worker (``?proxy=NAME``: of one proxy)."""
+        return _json(200, await self.host.connections(query.get("proxy", "")))
+
+    async def connection_show(self, id: str, body: bytes, query: Mapping[str, str]) -> Response:
+        found = await self.host.connection(_connection_id(id))
+        if found is None:
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        return _json(200, found)
+
+    async def connection_delete(self, id: str, body: bytes,
+                                query: Mapping[str, str]) -> Response:
+        """Close it (reason ``killed``); ``?reset=true``: with an RST."""
+        reset = query.get("reset", "false").lower()
+        if reset not in ("true", "false", "1", "0"):
+            raise ApiError(f"reset: expected true or false, got {reset!r}", 400)
+        if not await self.host.close_connection(_connection_id(id), reset in ("true", "1")):
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        return Response(204)
+
+    async def connection_toxic(self, id: str, body: bytes, query: Mapping[str, str]) -> Response:
+        """Attach a toxic (a body as for ``/proxies/NAME/toxics``) to this one
+        connection; the seed defaults to the connection's proxy's."""
+        number = _connection_id(id)
+        found = await self.host.connection(number)
+        if found is None:
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        config = self.host.target.proxy(found["proxy"])
+        toxic = _toxic_from_body(body, config.seed if config is not None else 0)
+        answer = await self.host.add_connection_toxic(number, toxic_spec(toxic))
+        if answer is None:  # it closed meanwhile
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        return _json(200, answer)
 
     # -- helpers -------------------------------------------------------------
 
@@ -490,6 +515,39 @@ class ToxiproxyAPI:
             # first worker that answered sees them.
             "upstreams": list(view.upstreams) if view is not None else [],
         }
+
+
+def _toxic_from_body(body: bytes, proxy_seed: int) -> Toxic[Any]:
+    """A toxic from a request body, with Toxiproxy's defaults and errors."""
+    data = _object(body, TOXIC_FIELDS)
+    stream = data.get("stream")
+    if stream is None or stream == "":
+        stream = DEFAULT_TOXIC_STREAM
+    if stream not in ("upstream", "downstream"):
+        raise ApiError(INVALID_STREAM, 400)
+    kind = data.get("type")
+    name = data.get("name") or f"{kind}_{stream}"
+    if not isinstance(name, str):
+        raise ApiError(f"{BAD_BODY}: name: expected a string, got {name!r}", 400)
+    if not isinstance(kind, str) or kind not in TOXICS:
+        raise ApiError(INVALID_TYPE, 400)
+    toxicity = data.get("toxicity")
+    try:
+        return make_toxic(kind, name=name, stream=stream,
+                          toxicity=DEFAULT_TOXICITY if toxicity is None else toxicity,
+                          attributes=data.get("attributes") or {},
+                          conditions=data.get("conditions"),
+                          seed=_seed(data.get("seed"), proxy_seed))
+    except ToxicError as exc:
+        raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
+
+
+def _connection_id(text: str) -> int:
+    """A connection id from the path; one that is not a whole number ≥ 1 names
+    no connection (404, as an unknown one)."""
+    if not text.isdigit() or int(text) < 1:
+        raise ApiError(CONNECTION_NOT_FOUND, 404)
+    return int(text)
 
 
 def _seed(given: object, proxy_seed: int) -> int | None:

@@ -47,12 +47,24 @@ from ..config.schema import Config
 from ..config.target import Target
 from ..core.clock import LoopClock
 from ..core.observer import Observer
+from ..core.relay import Relay
 from ..errors import ConfigError, ListenError, MidwayError
 from ..metrics import Metrics
 from ..metrics.registry import Sample
 from ..runtime import Runtime
 from ..service import ProxyService
-from .commands import Applied, Apply, CollectMetrics, Command, CommandFailed, Views
+from .commands import (
+    AddConnectionToxic,
+    Applied,
+    Apply,
+    CloseConnection,
+    CollectMetrics,
+    Command,
+    CommandFailed,
+    ListConnections,
+    Views,
+)
+from .connections import close_connection, find_connection, list_connections
 from .plan import Plan, ProxyPlan, plan
 
 __all__ = ["WorkerAgent", "worker_path", "localize"]
@@ -100,6 +112,9 @@ class WorkerAgent:
             Apply: self._apply,
             Views: self._views,
             CollectMetrics: self._collect,
+            ListConnections: self._connections,
+            CloseConnection: self._close_connection,
+            AddConnectionToxic: self._add_connection_toxic,
         }
 
     async def start(self) -> None:
@@ -207,6 +222,28 @@ class WorkerAgent:
 
     def _collect(self, command: CollectMetrics) -> dict[str, Any]:
         return self.metrics.snapshot()
+
+    def _connections(self, command: ListConnections) -> list[dict[str, Any]]:
+        return list_connections(self.runtime, self.number, command.proxy, command.id)
+
+    def _close_connection(self, command: CloseConnection) -> bool:
+        return close_connection(self.runtime, command.id, command.reset)
+
+    def _add_connection_toxic(self, command: AddConnectionToxic) -> dict[str, Any] | None:
+        found = find_connection(self.runtime, command.id)
+        if found is None:
+            return None
+        service, relay = found
+        if not isinstance(relay, Relay):
+            raise CommandFailed(f"connection {command.id} is still connecting: add its toxic "
+                                "once it relays", 409)
+        spec = command.spec
+        rec = service.live[relay]
+        if any(e.name == spec.name for e in (*service.elements, *rec.own)):
+            raise CommandFailed("toxic already exists", 409)
+        toxic = build_toxic(spec, clock=LoopClock())
+        service.add_connection_element(relay, toxic)
+        return toxic_json(toxic)
 
     # -- metrics ------------------------------------------------------------------
 

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config.addresses import Address
+from ..config.schema import ToxicSpec
 from ..config.target import Target
 from ..errors import MidwayError
 
-__all__ = ["Command", "Apply", "Applied", "Views", "CollectMetrics", "CommandFailed",
+__all__ = ["Command", "Apply", "Applied", "Views", "CollectMetrics", "ListConnections",
+           "CloseConnection", "AddConnectionToxic", "CommandFailed",
            "WorkerLost", "WorkerHandle", "LocalHandle", "COMMAND_TIMEOUT_S"]
 
 COMMAND_TIMEOUT_S = 10.0
@@ -66,6 +68,36 @@ class Views(Command):
 @dataclass(frozen=True)
 class CollectMetrics(Command):
     """The worker's metrics snapshot (:meth:`midway.metrics.Metrics.snapshot`)."""
+
+
+@dataclass(frozen=True)
+class ListConnections(Command):
+    """The worker's open connections (those still connecting too), each a JSON
+    object as ``GET /connections`` shows it (see
+    :func:`midway.control.connections.connection_json`); ``proxy`` (when not
+    empty) keeps only that proxy's.  ``id`` (when not 0) keeps only that one."""
+
+    proxy: str = ""
+    id: int = 0
+
+
+@dataclass(frozen=True)
+class CloseConnection(Command):
+    """Close connection ``id`` (reason ``killed``); ``reset``: with an RST.
+    Answered with True, or False when this worker has no such connection."""
+
+    id: int
+    reset: bool = False
+
+
+@dataclass(frozen=True)
+class AddConnectionToxic(Command):
+    """Attach the toxic ``spec`` to connection ``id`` alone.  Answered with the
+    toxic's JSON, or None when this worker has no such connection; raises
+    :class:`CommandFailed` (409) when the connection has an element of that name."""
+
+    id: int
+    spec: ToxicSpec
 
 
 class CommandFailed(MidwayError):

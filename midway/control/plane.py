@@ -39,17 +39,20 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..admin.host import HostError, ProxyView
-from ..config.schema import Config, ProxyConfig
+from ..config.schema import Config, ProxyConfig, ToxicSpec
 from ..config.target import Edit, Target, keep_ports
 from ..errors import ConfigError, ListenError
 from ..metrics import merge_snapshots, render
 from . import notify
 from .commands import (
+    AddConnectionToxic,
     Applied,
     Apply,
+    CloseConnection,
     CollectMetrics,
     Command,
     CommandFailed,
+    ListConnections,
     Views,
     WorkerHandle,
     WorkerLost,
@@ -238,6 +241,45 @@ class ControlPlane:
         the totals drop."""
         snapshots = [snapshot for _, snapshot in await self.gather(CollectMetrics())]
         return render(merge_snapshots(snapshots))
+
+
+    # -- connections ---------------------------------------------------------------
+
+    async def connections(self, proxy: str = "") -> list[dict[str, Any]]:
+        """Every worker's open connections (of ``proxy`` only, if given), by id."""
+        found = [c for _, answer in await self.gather(ListConnections(proxy)) for c in answer]
+        return sorted(found, key=lambda c: c["id"])
+
+    async def connection(self, id: int) -> dict[str, Any] | None:
+        """Connection ``id`` (None: no worker has it)."""
+        for _, answer in await self.gather(ListConnections(id=id)):
+            if answer:
+                found: dict[str, Any] = answer[0]
+                return found
+        return None
+
+    async def close_connection(self, id: int, reset: bool) -> bool:
+        """Close connection ``id`` on the worker that has it (False: none has)."""
+        return any(answer for _, answer in await self.gather(CloseConnection(id, reset)))
+
+    async def add_connection_toxic(self, id: int, spec: ToxicSpec) -> dict[str, Any] | None:
+        """Attach a toxic to connection ``id`` alone; its JSON, or None (no
+        worker has it).  Raises :class:`HostError` (409: a name it has)."""
+        handles = self.fleet.handles()
+        answers = await asyncio.gather(*(h.call(AddConnectionToxic(id, spec)) for h in handles),
+                                       return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, CommandFailed):  # the worker that has it refused
+                raise HostError(answer.message, answer.status)
+        for answer in answers:
+            if isinstance(answer, dict):
+                return answer
+        failed = [(h, a) for h, a in zip(handles, answers, strict=True)
+                  if isinstance(a, BaseException)]
+        if failed:
+            raise HostError("; ".join(f"worker {h.number} (pid {h.pid}): {_what(a)}"
+                                      for h, a in failed), 503)
+        return None
 
 
 def merge_reload(current: Target, loaded_before: Config, loaded: Config) -> Target:

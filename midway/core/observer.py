@@ -70,6 +70,9 @@ class CloseReason(enum.StrEnum):
     TLS_FAILED = "tls_failed"
     """A TLS handshake failed, with the client (termination) or the upstream
     (origination); the log line says why (docs/tls.md)."""
+    KILLED = "killed"
+    """Closed through the admin API (``DELETE /connections/ID``): a FIN where
+    nothing was in flight, else (or with ``?reset=true``) a reset."""
 
 
 @dataclass

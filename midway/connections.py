@@ -1,0 +1,135 @@
+"""``midway connections``: the open connections of a running midway, as a table,
+read from its admin API (``GET /connections``, docs/faults.md) with the standard
+library alone.
+
+The token: ``--admin-token-file PATH`` (its first line, as the server reads
+it), else the environment variable ``MIDWAY_ADMIN_TOKEN``, else none.  Never a
+flag holding the token itself: other users could read it in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+__all__ = ["main", "fetch", "format_table", "sort_rows", "DEFAULT_ADMIN", "TOKEN_ENV",
+           "UnreachableAdmin"]
+
+DEFAULT_ADMIN = "127.0.0.1:8474"
+"""Toxiproxy's port, where ``--admin`` is usually put."""
+TOKEN_ENV = "MIDWAY_ADMIN_TOKEN"
+TIMEOUT_S = 10.0
+"""How long to wait for the admin API (a worker that does not answer makes it
+answer 503 within its own 10 s)."""
+
+COLUMNS = (("ID", "id"), ("PROXY", "proxy"), ("WORKER", "worker"), ("CLIENT", "client"),
+           ("UPSTREAM", "upstream"), ("AGE_S", "age_s"), ("BYTES_UP", "bytes_up"),
+           ("BYTES_DOWN", "bytes_down"), ("STATE", "state"), ("PATH", "path"),
+           ("TOXICS", "toxics"))
+
+
+class UnreachableAdmin(Exception):
+    """The admin API could not be asked, or refused; the message says why."""
+
+
+def fetch(admin: str, proxy: str = "", token: str = "") -> list[dict[str, Any]]:
+    """``GET /connections`` from the admin API at ``admin`` (``HOST:PORT``)."""
+    url = f"http://{admin}/connections" + (f"?proxy={quote(proxy)}" if proxy else "")
+    headers = {"User-Agent": "midway-connections"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=TIMEOUT_S) as response:
+            rows: list[dict[str, Any]] = json.loads(response.read())
+            return rows
+    except urllib.error.HTTPError as exc:
+        raise UnreachableAdmin(f"the admin API at {admin} answered {exc.code}: "
+                               f"{_error_text(exc)}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+        raise UnreachableAdmin(f"cannot reach the admin API at {admin}: {text.lower()}") from None
+    except (OSError, ValueError) as exc:  # a timeout, a body that is not JSON
+        raise UnreachableAdmin(f"cannot read the admin API at {admin}: {exc}") from None
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read())
+        return str(body.get("error", body)) if isinstance(body, dict) else str(body)
+    except (OSError, ValueError):
+        return str(exc.reason)
+
+
+def sort_rows(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """``bytes``: most bytes (both ways) first; ``age``: oldest first; else by id."""
+    if by == "bytes":
+        return sorted(rows, key=lambda r: (-(r["bytes_up"] + r["bytes_down"]), r["id"]))
+    if by == "age":
+        return sorted(rows, key=lambda r: (-r["age_s"], r["id"]))
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(value) or "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as aligned columns under a header line."""
+    table = [[title for title, _ in COLUMNS]]
+    table += [[_cell(row.get(key)) for _, key in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+                     .rstrip() for line in table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="midway connections",
+        description="List the open connections of a running midway (read from its admin API).")
+    parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT",
+                        help=f"the admin API's address (default {DEFAULT_ADMIN})")
+    parser.add_argument("--sort", choices=("id", "bytes", "age"), default="id",
+                        help="order: by id (default), most bytes first, or oldest first")
+    parser.add_argument("--proxy", default="", metavar="NAME", help="only this proxy's")
+    parser.add_argument("--admin-token-file", default="", metavar="PATH",
+                        help=f"the admin token's file (else ${TOKEN_ENV}, else no token)")
+    return parser
+
+
+def _token(path: str) -> str:
+    if not path:
+        return os.environ.get(TOKEN_ENV, "").strip()
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UnreachableAdmin(f"--admin-token-file: cannot read {path}: {reason}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``midway connections``: 0 with the table printed, 1 when the admin API
+    cannot be reached or refuses (the reason on stderr), 2 for a bad command line."""
+    args = build_parser().parse_args(argv)
+    try:
+        rows = fetch(args.admin, args.proxy, _token(args.admin_token_file))
+    except UnreachableAdmin as exc:
+        print(f"midway connections: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(sort_rows(rows, args.sort)))
+    return 0

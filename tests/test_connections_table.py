@@ -1,0 +1,33 @@
+"""``midway connections``' table: the API's rows as they come, sorted as asked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from midway.connections import format_table, sort_rows
+
+
+def row(id: int, up: int, down: int, age: float, **more: Any) -> dict[str, Any]:
+    return {"id": id, "proxy": "p", "worker": 1, "client": f"127.0.0.1:{id}",
+            "upstream": "127.0.0.1:80", "age_s": age, "bytes_up": up, "bytes_down": down,
+            "state": "open", "path": "copy", "toxics": [], **more}
+
+
+def test_sorted_by_bytes_both_ways_or_by_age_oldest_first() -> None:
+    rows = [row(1, 10, 0, 5.0), row(2, 0, 30, 1.0), row(3, 5, 5, 9.0)]
+    assert [r["id"] for r in sort_rows(rows, "bytes")] == [2, 1, 3]
+    assert [r["id"] for r in sort_rows(rows, "age")] == [3, 1, 2]
+    assert [r["id"] for r in sort_rows(rows[::-1], "id")] == [1, 2, 3]
+
+
+def test_a_connecting_row_shows_dashes_for_what_it_has_not_yet() -> None:
+    table = format_table([row(3, 0, 0, 1.04, upstream=None, state="connecting", path="none"),
+                          row(12, 1, 2, 0.5, toxics=["latency_downstream", "slicer_upstream"])])
+    lines = table.splitlines()
+    assert lines[0].split() == ["ID", "PROXY", "WORKER", "CLIENT", "UPSTREAM", "AGE_S",
+                                "BYTES_UP", "BYTES_DOWN", "STATE", "PATH", "TOXICS"]
+    assert lines[1].split() == ["3", "p", "1", "127.0.0.1:3", "-", "1.0", "0", "0",
+                                "connecting", "none", "-"]
+    assert lines[2].split()[-1] == "latency_downstream,slicer_upstream"
+    column = lines[0].index("STATE")  # aligned: every row's state starts under its title
+    assert lines[1][column:].startswith("connecting") and lines[2][column:].startswith("open")
