@@ -276,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["replay"]:  # a subcommand of its own: midway.replay
         from .replay import main as replay_main
         return replay_main(argv[1:])
+    if argv[:1] == ["top"]:  # a subcommand of its own: midway.top
+        from .top import main as top_main
+        return top_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
