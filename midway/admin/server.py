@@ -29,7 +29,10 @@ or hostile one costs a bounded share:
 * with an admin token set (``admin_token`` or ``admin_token_file``), a request
   without ``Authorization: Bearer TOKEN`` gets 401 (the token compared in
   constant time); with none set, as by default, no header is needed, so
-  Toxiproxy's clients work unchanged on loopback.
+  Toxiproxy's clients work unchanged on loopback;
+* ``/`` and ``/ui/...`` (the dashboard's files, :mod:`midway.admin.static`) are
+  answered before the token check: they hold no data, and the page asks for
+  the token when the API it calls answers 401.
 
 Every error is a JSON ``{"error", "status"}`` body, and what a peer does
 (resetting, leaving before its answer, timing out) is logged at debug level,
