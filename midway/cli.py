@@ -346,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["connections"]:  # reads a running midway's admin API
         from .connections import main as connections_main
         return connections_main(argv[1:])
+    if argv[:1] == ["top"]:  # a subcommand of its own: midway.top
+        from .top import main as top_main
+        return top_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ from ..errors import ConfigError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .host import AdminHost, HostError, ProxyView
 
-__all__ = ["ToxiproxyAPI", "Response", "TOXIPROXY_API_VERSION"]
+__all__ = ["ToxiproxyAPI", "Response", "TOXIPROXY_API_VERSION", "UI_HEADER", "toxic_types"]
 
 log = logging.getLogger("midway")
 
@@ -74,6 +75,12 @@ TOXIPROXY_API_VERSION = "2.12.0"
 DEFAULT_LISTEN = "127.0.0.1:0"
 """Where a proxy created without ``listen`` listens.  Toxiproxy binds every
 interface on a random port; midway stays on loopback."""
+
+UI_HEADER = "X-Midway-UI"
+"""A browser's request is answered (not 403) when it carries this header: the
+dashboard (``/ui/``) sends it.  Another site's page cannot: a custom header makes
+the browser ask first (a CORS preflight), which this API never allows.  The
+User-Agent guard, Toxiproxy's, stays for every other browser request."""
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -136,6 +143,7 @@ class ToxiproxyAPI:
             (("populate",), "POST"): self.populate,
             (("metrics",), "GET"): self.metrics,
             (("reload",), "POST"): self.reload,
+            (("toxic-types",), "GET"): self.toxic_type_index,
             (("proxies",), "GET"): self.proxy_index,
             (("proxies",), "POST"): self.proxy_create,
             (("proxies", "*"), "GET"): self.proxy_show,
@@ -156,9 +164,10 @@ class ToxiproxyAPI:
         self._shapes = {shape for shape, _ in self._routes}
 
     async def handle(self, method: str, path: str, body: bytes = b"",
-                     user_agent: str = "") -> Response:
-        """Answer one request.  Never raises for a bad request."""
-        if user_agent.startswith("Mozilla/"):
+                     user_agent: str = "", from_ui: bool = False) -> Response:
+        """Answer one request.  Never raises for a bad request.  ``from_ui``: the
+        request carried :data:`UI_HEADER` (same-origin), so a browser is served."""
+        if user_agent.startswith("Mozilla/") and not from_ui:
             return Response(403, b"User agent not allowed\n", TEXT)
         path, _, query_text = path.partition("?")
         segments = [unquote(s) for s in path.split("/")[1:]]
@@ -190,6 +199,11 @@ class ToxiproxyAPI:
         """Re-read the configuration file, as SIGHUP does; 400 names the key
         that is wrong (and nothing changed)."""
         return _json(200, await self.host.reload())
+
+    async def toxic_type_index(self, body: bytes) -> Response:
+        """Every toxic type with its attributes, defaults and units (the
+        dashboard's forms are built from it)."""
+        return _json(200, toxic_types())
 
     # -- proxies -------------------------------------------------------------
 
@@ -548,6 +562,24 @@ def _connection_id(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ApiError(CONNECTION_NOT_FOUND, 404)
     return int(text)
+
+
+def toxic_types() -> list[dict[str, Any]]:
+    """``GET /toxic-types``: ``[{"type", "doc", "attributes": [{"name",
+    "default", "unit", "doc", "minimum", "maximum", "integer"}]}]``, from
+    :data:`~midway.chain.toxics.TOXICS` (so it cannot drift from what the toxics
+    accept)."""
+    out = []
+    for kind, cls in TOXICS.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n", 1)[0]
+        attributes = [{"name": f.name, "default": f.default, "unit": f.metadata.get("unit", ""),
+                       "doc": f.metadata.get("doc", ""),
+                       "minimum": f.metadata.get("minimum", 0),
+                       "maximum": f.metadata.get("maximum"),
+                       "integer": f.metadata.get("kind", int) is int}
+                      for f in dataclasses.fields(cls.attributes_class)]
+        out.append({"type": kind, "doc": " ".join(doc.replace("``", "").split()), "attributes": attributes})
+    return out
 
 
 def _seed(given: object, proxy_seed: int) -> int | None:

@@ -29,7 +29,10 @@ or hostile one costs a bounded share:
 * with an admin token set (``admin_token`` or ``admin_token_file``), a request
   without ``Authorization: Bearer TOKEN`` gets 401 (the token compared in
   constant time); with none set, as by default, no header is needed, so
-  Toxiproxy's clients work unchanged on loopback.
+  Toxiproxy's clients work unchanged on loopback;
+* ``/`` and ``/ui/...`` (the dashboard's files, :mod:`midway.admin.static`) are
+  answered before the token check: they hold no data, and the page asks for
+  the token when the API it calls answers 401.
 
 Every error is a JSON ``{"error", "status"}`` body, and what a peer does
 (resetting, leaving before its answer, timing out) is logged at debug level,
@@ -55,7 +58,8 @@ from typing import Any
 from ..config.addresses import parse_address
 from ..config.schema import ProxyConfig
 from ..core.listener import bind_tcp
-from .routes import Response, ToxiproxyAPI
+from . import static
+from .routes import UI_HEADER, Response, ToxiproxyAPI
 
 __all__ = ["AdminServer", "BACKLOG", "MAX_BODY", "MAX_CONNECTIONS", "IDLE_TIMEOUT_S",
            "REQUEST_TIMEOUT_S", "ROUTE_TIMEOUT_S"]
@@ -293,6 +297,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(Response(400, _error_body("bad Content-Length", 400)))
             return
         body = self.rfile.read(length) if length else b""
+        page = static.serve(self.command, self.path)
+        if page is not None:  # the dashboard's files: no data in them, no token
+            self._send(page)
+            return
         token = self.server.token()
         if token and not _authorized(self.headers.get("Authorization", ""), token):
             self._send(Response(401, _error_body(
@@ -300,7 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
                 headers=(("WWW-Authenticate", 'Bearer realm="midway"'),)))
             return
         coro = self.server.api.handle(self.command, self.path, body,
-                                      self.headers.get("User-Agent", ""))
+                                      self.headers.get("User-Agent", ""),
+                                      from_ui=_from_ui(self.headers))
         try:
             future = asyncio.run_coroutine_threadsafe(coro, self.server.loop)
         except RuntimeError:  # the event loop is closed: we are shutting down
@@ -342,6 +351,13 @@ def _authorized(header: str, token: str) -> bool:
     scheme, _, given = header.strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
                                                               token.encode())
+
+
+def _from_ui(headers: Any) -> bool:
+    """Whether a request comes from the dashboard: it carries :data:`UI_HEADER`,
+    and a browser that says where the request comes from says same-origin."""
+    site = headers.get("Sec-Fetch-Site", "same-origin")
+    return bool(headers.get(UI_HEADER)) and site in ("same-origin", "none")
 
 
 def _error_body(message: str, status: int) -> bytes:

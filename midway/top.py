@@ -1,0 +1,288 @@
+"""``midway top [--admin HOST:PORT]``: a running midway in the terminal.
+
+Theory of operation
+-------------------
+Each second it reads the documented admin routes a script would (``GET
+/proxies``, ``GET /metrics``, ``GET /connections``) and draws, with the standard
+library's :mod:`curses`, the proxies (and their upstreams when the API reports
+them) on top and the connections below.  Rates are differences between two
+successive ``/metrics`` reads.  Keys: ``s`` cycles the sort column, ``f`` cycles
+the proxy filter, the arrow keys select a connection, ``k`` kills it (``DELETE
+/connections/ID``), ``q`` quits; curses restores the terminal on the way out,
+whatever happens.  When standard output is not a terminal it prints the same
+tables once, as plain text, and exits.
+
+A midway without ``/connections`` (404) shows "connections: not available"; a
+midway that does not answer shows "disconnected" and is asked again each second.
+The admin token, if the API needs one, comes from ``MIDWAY_ADMIN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["main", "Snapshot", "fetch", "render_lines"]
+
+DEFAULT_ADMIN = "127.0.0.1:8474"
+"""Toxiproxy's port, where ``midway --admin`` is usually put."""
+REFRESH_S = 1.0
+REQUEST_TIMEOUT_S = 3.0
+TOKEN_ENV = "MIDWAY_ADMIN_TOKEN"
+SORT_KEYS = ("age_s", "bytes_up", "bytes_down", "proxy", "client", "id")
+CONNECTION_COLUMNS = (("id", 8), ("proxy", 12), ("client", 22), ("upstream", 22),
+                      ("age_s", 8), ("bytes_up", 10), ("bytes_down", 10), ("state", 10),
+                      ("path", 10))
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class AdminError(Exception):
+    """The admin API could not be asked or answered an error."""
+
+
+@dataclass
+class Snapshot:
+    """What one poll read."""
+
+    at: float
+    proxies: dict[str, Any]
+    metrics: list[tuple[str, dict[str, str], float]]
+    connections: list[dict[str, Any]] | None
+    """None: this midway has no ``/connections`` (404)."""
+    error: str = ""
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(v for n, ls, v in self.metrics
+                   if n == name and all(ls.get(k) == w for k, w in labels.items()))
+
+
+@dataclass
+class View:
+    """What the person chose: the sort, the proxy filter, the selected row."""
+
+    sort: str = SORT_KEYS[0]
+    proxy: str = ""
+    selected: int = 0
+    message: str = ""
+    shown: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text lines ``name{label="value",...} number`` (comments skipped)."""
+    out = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or line.startswith("#"):
+            continue
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            continue
+        out.append((match.group(1), dict(_LABEL.findall(match.group(2) or "")), value))
+    return out
+
+
+def request(admin: str, method: str, path: str) -> tuple[int, bytes]:
+    host, _, port = admin.rpartition(":")
+    headers = {"User-Agent": "midway-top"}
+    token = os.environ.get(TOKEN_ENV, "")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=REQUEST_TIMEOUT_S)
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise AdminError(f"midway at {admin} does not answer: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _get(admin: str, path: str) -> Any:
+    status, body = request(admin, "GET", path)
+    if status == 401:
+        raise AdminError(f"the admin API needs a token: set {TOKEN_ENV}")
+    if status != 200:
+        raise AdminError(f"GET {path}: {status} {body[:200].decode(errors='replace')}")
+    return body
+
+
+def fetch(admin: str) -> Snapshot:
+    """One poll of the admin API (raises :class:`AdminError`)."""
+    proxies = json.loads(_get(admin, "/proxies"))
+    metrics = parse_metrics(_get(admin, "/metrics").decode())
+    status, body = request(admin, "GET", "/connections")
+    connections = json.loads(body) if status == 200 else None
+    return Snapshot(time.monotonic(), proxies, metrics, connections)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # unreachable
+
+
+def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str]:
+    """The screen as lines of text (curses and the plain table both print them)."""
+    dt = (now.at - before.at) if before is not None else 0.0
+
+    def rate(name: str, **labels: str) -> str:
+        if before is None or dt <= 0:
+            return "-"
+        return f"{max(0.0, now.total(name, **labels) - before.total(name, **labels)) / dt:.1f}"
+
+    lines = [f"{'PROXY':<14} {'LISTEN':<22} {'UPSTREAM':<28} {'OPEN':>5} {'CONN/S':>7} "
+             f"{'UP B/S':>10} {'DOWN B/S':>10}  CLOSES"]
+    for name in sorted(now.proxies):
+        proxy = now.proxies[name]
+        closes = ", ".join(f"{ls.get('reason')} {v:.0f}" for n, ls, v in now.metrics
+                           if n == "midway_closes_total" and ls.get("proxy") == name and v)
+        state = "" if proxy.get("enabled", True) else " (disabled)"
+        lines.append(
+            f"{name + state:<14} {proxy.get('listen', ''):<22} {proxy.get('upstream', ''):<28} "
+            f"{now.total('midway_connections_active', proxy=name):>5.0f} "
+            f"{rate('midway_connections_total', proxy=name):>7} "
+            f"{rate('midway_bytes_total', proxy=name, direction='upstream'):>10} "
+            f"{rate('midway_bytes_total', proxy=name, direction='downstream'):>10}  {closes}")
+        for up in proxy.get("upstreams") or []:
+            lines.append(f"  {'up' if up.get('up') else 'DOWN':<4} {up.get('address', ''):<28} "
+                         f"weight {up.get('weight', '')}{' backup' if up.get('backup') else ''} "
+                         f"active {up.get('active', '')} last check {up.get('last_check', '')}")
+    lines.append("")
+    if now.connections is None:
+        lines.append("connections: not available (this midway has no GET /connections)")
+        view.shown = []
+        return lines
+    shown = [c for c in now.connections if not view.proxy or c.get("proxy") == view.proxy]
+    numeric = view.sort in ("age_s", "bytes_up", "bytes_down")
+    shown.sort(key=lambda c: (c.get(view.sort) or 0) if numeric else str(c.get(view.sort, "")),
+               reverse=numeric)
+    view.shown = shown
+    view.selected = max(0, min(view.selected, len(shown) - 1))
+    lines.append(f"CONNECTIONS {len(shown)} of {len(now.connections)}  sort: {view.sort}  "
+                 f"proxy: {view.proxy or 'all'}")
+    lines.append(" ".join(f"{key.upper():<{width}}" for key, width in CONNECTION_COLUMNS))
+    for c in shown:
+        cells = []
+        for key, width in CONNECTION_COLUMNS:
+            value = c.get(key, "")
+            if key == "age_s" and isinstance(value, int | float):
+                value = f"{value:.1f}s"
+            elif key.startswith("bytes_") and isinstance(value, int | float):
+                value = _bytes(value)
+            cells.append(f"{str(value):<{width}.{width}}")
+        lines.append(" ".join(cells))
+    return lines
+
+
+def _plain(admin: str) -> int:
+    try:
+        snapshot = fetch(admin)
+    except AdminError as exc:
+        print(f"midway top: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(render_lines(snapshot, None, View())))
+    return 0
+
+
+def _curses(admin: str) -> int:
+    import curses
+
+    def loop(screen: Any) -> None:
+        curses.curs_set(0)
+        screen.timeout(int(REFRESH_S * 1000))
+        view = View()
+        before: Snapshot | None = None
+        now: Snapshot | None = None
+        next_poll = 0.0
+        while True:
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + REFRESH_S
+                try:
+                    before, now = now, fetch(admin)
+                    view.message = ""
+                except AdminError as exc:
+                    view.message = f"disconnected: {exc}"
+            _draw(screen, now, before, view, admin)
+            key = screen.getch()
+            if key in (ord("q"), ord("Q")):
+                return
+            if key == ord("s"):
+                view.sort = SORT_KEYS[(SORT_KEYS.index(view.sort) + 1) % len(SORT_KEYS)]
+            elif key == ord("f") and now is not None:
+                choices = ["", *sorted(now.proxies)]
+                view.proxy = choices[(choices.index(view.proxy) + 1) % len(choices)
+                                     if view.proxy in choices else 0]
+            elif key == curses.KEY_DOWN:
+                view.selected += 1
+            elif key == curses.KEY_UP:
+                view.selected = max(0, view.selected - 1)
+            elif key == ord("k") and view.shown:
+                view.message = _kill(admin, view.shown[view.selected])
+                next_poll = 0.0
+
+    curses.wrapper(loop)
+    return 0
+
+
+def _kill(admin: str, connection: dict[str, Any]) -> str:
+    try:
+        status, body = request(admin, "DELETE", f"/connections/{connection['id']}")
+    except AdminError as exc:
+        return str(exc)
+    if status == 204:
+        return f"killed connection {connection['id']}"
+    return f"kill {connection['id']}: {status} {body[:100].decode(errors='replace')}"
+
+
+def _draw(screen: Any, now: Snapshot | None, before: Snapshot | None, view: View,
+          admin: str) -> None:
+    import curses
+
+    screen.erase()
+    height, width = screen.getmaxyx()
+    title = f"midway top - {admin} - s: sort  f: proxy  arrows: select  k: kill  q: quit"
+    screen.addnstr(0, 0, title, width - 1, curses.A_REVERSE)
+    row = 1
+    if view.message:
+        screen.addnstr(row, 0, view.message, width - 1, curses.A_BOLD)
+        row += 1
+    lines = render_lines(now, before, view) if now is not None else []
+    first_connection = len(lines) - len(view.shown)
+    for i, line in enumerate(lines):
+        if row >= height:
+            break
+        header = line.startswith(("PROXY ", "CONNECTIONS ", "ID "))
+        attributes = curses.A_BOLD if header else curses.A_NORMAL
+        if view.shown and i - first_connection == view.selected:
+            attributes = curses.A_REVERSE
+        screen.addnstr(row, 0, line, width - 1, attributes)
+        row += 1
+    screen.refresh()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="midway top",
+                                     description="A running midway in the terminal, "
+                                                 "from its admin API.")
+    parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT",
+                        help=f"the admin API's address (default {DEFAULT_ADMIN}); "
+                             f"a token, if needed, from ${TOKEN_ENV}")
+    args = parser.parse_args(argv)
+    if ":" not in args.admin or not args.admin.rpartition(":")[2].isdigit():
+        parser.error(f"--admin: expected HOST:PORT, got {args.admin!r}")
+    if not sys.stdout.isatty():
+        return _plain(args.admin)
+    return _curses(args.admin)

@@ -1,0 +1,357 @@
+"""The dashboard (``/ui/``) in a real headless Chromium driven by selenium, over
+a real ``python -m midway --config`` with two proxies to an echo server: it loads
+with no console error, lists the proxies, its throughput graph follows a known
+load, the toxic form slows round trips by the latency asked and removing the
+toxic restores them, a kill closes exactly that connection, and it says when
+midway has gone away (and when it is back).  Then the files as served (content
+types, policy, no path escapes) and ``GET /toxic-types``.
+
+With ``MIDWAY_SCREENSHOTS=DIR`` the load test saves the page to DIR/dashboard.png
+(the README's picture)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from midway.chain.toxics import TOXICS
+
+from ..helpers import ProxyProcess, free_port, needs, wait_until
+from .conftest import Admin, EchoServer, port_of, round_trip
+
+pytestmark = pytest.mark.timeout(120)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+except ImportError:  # the test extra has it; without it these tests are skipped
+    webdriver = None
+
+browser_missing = pytest.mark.skipif(
+    webdriver is None or not CHROMIUM or not CHROMEDRIVER,
+    reason=needs("headless Chromium and selenium", apt="chromium chromium-driver",
+                 pip="selenium"))
+
+UI_WAIT_S = 10.0
+"""How long the page may take to show a change: it polls each second."""
+
+
+@dataclass
+class Midway:
+    process: ProxyProcess
+    admin: Admin
+
+    def port(self, proxy: str) -> int:
+        return port_of(self.admin.get(f"/proxies/{proxy}").json["listen"])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.admin.port}/ui/"
+
+
+def start_midway(tmp_path: Path, echo: EchoServer, admin_port: int = 0,
+                 extra: str = "") -> Midway:
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+admin = "127.0.0.1:{admin_port}"
+{extra}
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = "{echo.address}"
+
+[proxy.cache]
+listen = "127.0.0.1:0"
+upstreams = "{echo.address}"
+""")
+    process = ProxyProcess("--config", str(config))
+    admin = Admin(process)
+    assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines), 10)
+    admin.port = int(next(line for line in process.stderr_lines if "admin API" in line)
+                     .rsplit(":", 1)[1])
+    return Midway(process, admin)
+
+
+@pytest.fixture
+def midway(tmp_path: Path, echo: EchoServer) -> Iterator[Midway]:
+    running = start_midway(tmp_path, echo)
+    yield running
+    running.process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,1000"):
+        options.add_argument(flag)
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def open_page(browser: Any, midway: Midway) -> None:
+    browser.get(midway.url)
+    browser.get_log("browser")  # start each test with an empty log
+    assert wait_until(lambda: browser.find_element(By.TAG_NAME, "body")
+                      .get_attribute("data-connected") == "true", UI_WAIT_S)
+
+
+def section(browser: Any, proxy: str) -> Any:
+    return browser.find_element(By.CSS_SELECTOR, f'section.proxy[data-proxy="{proxy}"]')
+
+
+def console_errors(browser: Any) -> list[dict[str, Any]]:
+    """Console errors, less the one the page expects from a midway without
+    /connections (it asks, gets 404 and says "not available")."""
+    return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
+            and not ("/connections " in e["message"] and "404" in e["message"])]
+
+
+def timed_round_trip(port: int) -> float:
+    start = time.monotonic()
+    assert round_trip(port, b"x" * 100) == b"x" * 100
+    return time.monotonic() - start
+
+
+@browser_missing
+def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway) -> None:
+    browser.get(f"http://127.0.0.1:{midway.admin.port}/")  # / sends a browser to /ui/
+    assert wait_until(lambda: browser.find_element(By.TAG_NAME, "body")
+                      .get_attribute("data-connected") == "true", UI_WAIT_S)
+    assert browser.current_url == midway.url
+    names = [s.get_attribute("data-proxy")
+             for s in browser.find_elements(By.CSS_SELECTOR, "section.proxy")]
+    assert names == ["cache", "web"]
+    web = section(browser, "web")
+    assert f"127.0.0.1:{midway.port('web')}" in web.find_element(By.CSS_SELECTOR, ".addresses").text
+    # The toxic form is built from GET /toxic-types: every type, with units.
+    types = [o.text for o in Select(web.find_element(By.NAME, "type")).options]
+    assert types == list(TOXICS)
+    assert "milliseconds" in web.find_element(By.CSS_SELECTOR, ".attributes").text
+    time.sleep(2.5)  # a few polls, each of which could log an error
+    if os.environ.get("MIDWAY_SCREENSHOTS"):
+        with socket.create_connection(("127.0.0.1", midway.port("web"))) as sock:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:  # some traffic for the picture
+                sock.sendall(b"x" * 200_000)
+                sock.recv(1 << 20)
+                time.sleep(0.05)
+            browser.save_screenshot(str(Path(os.environ["MIDWAY_SCREENSHOTS"]) / "dashboard.png"))
+    assert console_errors(browser) == []
+
+
+@browser_missing
+def test_throughput_graph_follows_a_known_load(browser: Any, midway: Midway) -> None:
+    open_page(browser, midway)
+    rate = 2 << 20  # bytes per second, each way (the echo sends it back)
+    piece, interval = rate // 10, 0.1
+    seen_up: list[int] = []
+    seen_down: list[int] = []
+    with socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5) as sock:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            sock.sendall(b"y" * piece)
+            got = 0
+            while got < piece:
+                got += len(sock.recv(1 << 20))
+            web = section(browser, "web")
+            seen_up.append(int(web.get_attribute("data-rate-up")))
+            seen_down.append(int(web.get_attribute("data-rate-down")))
+            time.sleep(interval)
+    # The page's rate is bytes between two /metrics polls over their interval:
+    # under a loaded machine the load itself is uneven, hence the wide band.
+    assert rate / 3 < max(seen_up) < rate * 3, seen_up
+    assert rate / 3 < max(seen_down) < rate * 3, seen_down
+    assert int(section(browser, "cache").get_attribute("data-rate-up")) == 0
+    # Once the load stops the graph falls back to nothing.
+    assert wait_until(lambda: section(browser, "web").get_attribute("data-rate-up") == "0",
+                      UI_WAIT_S)
+
+
+@browser_missing
+def test_latency_toxic_from_the_form_slows_round_trips_and_removing_restores(
+        browser: Any, midway: Midway) -> None:
+    port = midway.port("web")
+    before = min(timed_round_trip(port) for _ in range(3))
+    open_page(browser, midway)
+    web = section(browser, "web")
+    Select(web.find_element(By.NAME, "type")).select_by_visible_text("latency")
+    latency = web.find_element(By.NAME, "attr-latency")
+    latency.clear()
+    latency.send_keys("300")
+    web.find_element(By.CSS_SELECTOR, ".toxic-form .submit").click()
+    assert wait_until(lambda: [t["attributes"]["latency"] for t in
+                               midway.admin.get("/proxies/web").json["toxics"]] == [300], 5)
+    assert wait_until(lambda: len(section(browser, "web").find_elements(
+        By.CSS_SELECTOR, 'tr[data-toxic="latency_downstream"]')) == 1, UI_WAIT_S)
+    slowed = min(timed_round_trip(port) for _ in range(2))
+    assert 0.3 <= slowed < 0.3 + before + 0.25, (before, slowed)
+    assert midway.admin.get("/proxies/cache").json["toxics"] == []
+
+    section(browser, "web").find_element(
+        By.CSS_SELECTOR, 'tr[data-toxic="latency_downstream"] button.remove').click()
+    assert wait_until(lambda: midway.admin.get("/proxies/web").json["toxics"] == [], 5)
+    assert min(timed_round_trip(port) for _ in range(3)) < 0.15
+    assert console_errors(browser) == []
+
+
+@browser_missing
+def test_editing_a_toxic_changes_its_attributes(browser: Any, midway: Midway) -> None:
+    assert midway.admin.post("/proxies/web/toxics", {
+        "type": "bandwidth", "attributes": {"rate": 100}}).status == 200
+    open_page(browser, midway)
+    row = 'tr[data-toxic="bandwidth_downstream"]'
+    assert wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, row)) == 1, UI_WAIT_S)
+    browser.find_element(By.CSS_SELECTOR, f"{row} button.edit").click()
+    rate = section(browser, "web").find_element(By.NAME, "attr-rate")
+    assert rate.get_attribute("value") == "100"
+    rate.clear()
+    rate.send_keys("250")
+    section(browser, "web").find_element(By.CSS_SELECTOR, ".toxic-form .submit").click()
+    assert wait_until(lambda: midway.admin.get("/proxies/web/toxics/bandwidth_downstream")
+                      .json["attributes"] == {"rate": 250}, 5)
+
+
+@browser_missing
+def test_kill_from_the_table_closes_exactly_that_connection(browser: Any,
+                                                            midway: Midway) -> None:
+    if midway.admin.get("/connections").status == 404:
+        open_page(browser, midway)
+        assert "not available" in browser.find_element(By.ID, "conn-status").text
+        pytest.skip(needs("GET /connections in this midway (another branch adds it)"))
+    port = midway.port("web")
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(b"hi")
+            assert sock.recv(10) == b"hi"
+        victim = socks[1]
+        client = f"127.0.0.1:{victim.getsockname()[1]}"
+        open_page(browser, midway)
+
+        def row() -> Any:
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#connections tbody tr"):
+                if tr.find_elements(By.XPATH, f'td[text()="{client}"]'):
+                    return tr
+            return None
+
+        assert wait_until(lambda: row() is not None, UI_WAIT_S)
+        row().find_element(By.CSS_SELECTOR, "button.kill").click()
+        try:
+            assert victim.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        for sock in (socks[0], socks[2]):  # the neighbours keep flowing
+            sock.sendall(b"still")
+            assert sock.recv(10) == b"still"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@browser_missing
+def test_page_says_disconnected_while_midway_is_gone(browser: Any, tmp_path: Path,
+                                                     echo: EchoServer) -> None:
+    admin_port = free_port()
+    midway = start_midway(tmp_path, echo, admin_port)
+    try:
+        open_page(browser, midway)
+        banner = browser.find_element(By.ID, "banner")
+        assert not banner.is_displayed()
+        midway.process.stop()
+        assert wait_until(lambda: banner.is_displayed(), UI_WAIT_S)
+        assert "disconnected" in banner.text
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-connected") == "false"
+        # midway back on the same address: the banner goes, the proxies come back.
+        midway = start_midway(tmp_path, echo, admin_port)
+        assert wait_until(lambda: not banner.is_displayed(), UI_WAIT_S)
+        assert browser.find_elements(By.CSS_SELECTOR, 'section.proxy[data-proxy="web"]')
+    finally:
+        midway.process.stop()
+
+
+@browser_missing
+def test_page_asks_for_the_token(browser: Any, tmp_path: Path, echo: EchoServer) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    midway = start_midway(tmp_path, echo, extra=f'admin_token_file = "{token}"')
+    try:
+        browser.get(midway.url)
+        browser.execute_script("sessionStorage.clear()")
+        browser.refresh()
+        form = browser.find_element(By.ID, "token-form")
+        assert wait_until(form.is_displayed, UI_WAIT_S)
+        assert not browser.find_elements(By.CSS_SELECTOR, "section.proxy")
+        browser.find_element(By.ID, "token").send_keys("s3cret")
+        form.find_element(By.TAG_NAME, "button").click()
+        assert wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "section.proxy"))
+                          == 2, UI_WAIT_S)
+        assert not form.is_displayed()
+        browser.execute_script("sessionStorage.clear()")
+    finally:
+        midway.process.stop()
+
+
+# -- the files as served, and /toxic-types (no browser needed) ---------------------
+
+def test_files_are_served_with_their_types_and_policy(midway: Midway) -> None:
+    for path, kind in [("/ui/", "text/html"), ("/ui/app.js", "text/javascript"),
+                       ("/ui/style.css", "text/css")]:
+        reply = midway.admin.request("GET", path, headers={"User-Agent": "Mozilla/5.0"})
+        assert reply.status == 200, path
+        assert reply.headers["Content-Type"].startswith(kind)
+        assert "default-src 'self'" in reply.headers["Content-Security-Policy"]
+    root = midway.admin.get("/")
+    assert root.status == 302 and root.headers["Location"] == "/ui/"
+    for path in ("/ui/../routes.py", "/ui/%2e%2e/routes.py", "/ui/nope.js", "/ui/.hidden.js",
+                 "/ui/sub/app.js"):
+        assert midway.admin.get(path).status == 404, path
+    # Toxiproxy's routes are as they were: / is not one of them.
+    assert midway.admin.request("POST", "/").status == 404
+
+
+def test_browsers_get_the_api_only_from_the_page(midway: Midway) -> None:
+    browser_ua = {"User-Agent": "Mozilla/5.0"}
+    assert midway.admin.request("GET", "/proxies", headers=browser_ua).status == 403
+    assert midway.admin.request("GET", "/proxies", headers={
+        **browser_ua, "X-Midway-UI": "1", "Sec-Fetch-Site": "cross-site"}).status == 403
+    assert midway.admin.request("GET", "/proxies", headers={
+        **browser_ua, "X-Midway-UI": "1", "Sec-Fetch-Site": "same-origin"}).status == 200
+
+
+def test_toxic_types_describe_every_toxic(midway: Midway) -> None:
+    types = midway.admin.get("/toxic-types").json
+    assert [t["type"] for t in types] == list(TOXICS)
+    latency = next(t for t in types if t["type"] == "latency")
+    assert [(a["name"], a["default"], a["unit"], a["integer"]) for a in latency["attributes"]] \
+        == [("latency", 0, "milliseconds", True), ("jitter", 0, "milliseconds", True)]
+    # The defaults are what a toxic created without attributes gets; where a
+    # default (Toxiproxy's) is below the minimum, the API refuses it, naming it.
+    for kind in types:
+        made = midway.admin.post("/proxies/web/toxics", {"type": kind["type"], "name": "t",
+                                                        "attributes": {}})
+        low = [a["name"] for a in kind["attributes"] if a["default"] < a["minimum"]]
+        if low:
+            assert made.status == 400 and f"attributes.{low[0]}" in made.json["error"], kind
+            continue
+        assert made.status == 200, (kind, made.body)
+        assert made.json["attributes"] == {a["name"]: a["default"]
+                                           for a in kind["attributes"]}, kind
+        assert midway.admin.delete("/proxies/web/toxics/t").status == 204
