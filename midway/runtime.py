@@ -22,8 +22,9 @@ from .chain.registry import build_elements
 from .chain.toxics.config import build_toxic
 from .config.schema import Config, ProxyConfig, ServerConfig
 from .config.target import keep_ports
+from .core.accesslog import AccessLog
 from .core.clock import LoopClock
-from .core.observer import AccessLog, CloseReason, Observer, Observers
+from .core.observer import CloseReason, Observer, Observers
 from .errors import ConfigError, ListenError
 from .service import ProxyService
 from .timeline import Timeline

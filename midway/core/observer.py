@@ -17,11 +17,10 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass
-from typing import IO, Protocol
+from typing import Protocol
 
-__all__ = ["CloseReason", "CloseRecord", "Observer", "Observers", "AccessLog"]
+__all__ = ["CloseReason", "CloseRecord", "Observer", "Observers"]
 
 log = logging.getLogger("midway")
 
@@ -205,32 +204,3 @@ class Observers(list[Observer]):
                 observer.connection_closed(record)
             except Exception:
                 log.exception("an observer failed on connection %d", record.id)
-
-
-class AccessLog(Observer):
-    """Writes one JSON line per finished connection to a file or standard output.
-
-    Each line is written and flushed as the connection closes.  A write error is
-    logged once and the access log stops; the proxy goes on."""
-
-    def __init__(self, target: str) -> None:
-        self._file: IO[str]
-        if target == "-":
-            self._file, self._owned = sys.stdout, False
-        else:
-            self._file, self._owned = open(target, "a", encoding="utf-8"), True
-        self._broken = False
-
-    def connection_closed(self, record: CloseRecord) -> None:
-        if self._broken:
-            return
-        try:
-            self._file.write(record.to_json() + "\n")
-            self._file.flush()
-        except (OSError, ValueError) as exc:
-            self._broken = True
-            log.error("access log: cannot write (%s); access logging stopped", exc)
-
-    def close(self) -> None:
-        if self._owned:
-            self._file.close()
