@@ -153,6 +153,40 @@ def flooding_upstream() -> Iterator[tuple[int, list[int]]]:
         server.close()
 
 
+@contextlib.contextmanager
+def threaded_echo(*, hold_after_eof: bool = False) -> Iterator[int]:
+    """A blocking echo server on loopback, a thread per connection; yields its
+    port.  ``hold_after_eof`` keeps its side open after the client's FIN (so a
+    client's half-close stays visible) until the server is closed, at most 60 s."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=128)
+    done = threading.Event()
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+                if hold_after_eof:
+                    done.wait(60)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        server.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

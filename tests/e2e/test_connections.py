@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import ROOT, free_port, proxy_process, wait_until
+from ..helpers import ROOT, free_port, proxy_process, threaded_echo, wait_until
 from .test_control_workers import Api, both_up, records
 from .test_workers import supervised
 
@@ -35,30 +34,8 @@ SLOW_S = 0.3
 def echo_port() -> Iterator[int]:
     """An echo server on threads that keeps its side open after the client's
     FIN (so a client's half-close stays visible) until the test ends."""
-    server = socket.create_server(("127.0.0.1", 0), backlog=128)
-    done = threading.Event()
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-                done.wait(60)
-            except OSError:
-                pass
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    done.set()
-    server.close()
+    with threaded_echo(hold_after_eof=True) as port:
+        yield port
 
 
 def roundtrip(sock: socket.socket, payload: bytes) -> float:

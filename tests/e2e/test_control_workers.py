@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import ProxyProcess, needs, wait_until
+from ..helpers import ProxyProcess, needs, threaded_echo, wait_until
 from ..metrics.support import value
 from .test_reload import write_config
 from .test_workers import children, supervised
@@ -36,28 +36,9 @@ WORKER_LISTENING = re.compile(r"midway\[worker (\d+), pid (\d+)\] INFO default: 
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    """A blocking echo server on threads; counts the connections it accepted."""
-    server = socket.create_server(("127.0.0.1", 0), backlog=128)
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
+    """A blocking echo server on threads, one per connection."""
+    with threaded_echo() as port:
+        yield port
 
 
 class Api:

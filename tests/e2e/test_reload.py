@@ -15,7 +15,6 @@ import random
 import re
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 from .. import helpers
-from ..helpers import ProxyProcess, proxy_process, run, serve, wait_until
+from ..helpers import ProxyProcess, proxy_process, run, serve, threaded_echo, wait_until
 
 LIVE_STREAMS = 200
 """Connections open through every reload, each echoing a chunk every
@@ -121,24 +120,8 @@ def refused(port: int) -> bool:
 @pytest.fixture
 def echo_port() -> Iterator[int]:
     """A blocking echo server on threads, one per connection."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
+    with threaded_echo() as port:
+        yield port
 
 
 # -- twenty reloads under load ------------------------------------------------------

@@ -10,13 +10,12 @@ import os
 import re
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..helpers import ProxyProcess, proxy_process, wait_until
+from ..helpers import ProxyProcess, proxy_process, threaded_echo, wait_until
 
 pytestmark = [pytest.mark.one_mode, pytest.mark.timeout(120)]
 
@@ -26,24 +25,8 @@ WORKER_LINE = re.compile(r"midway\[worker (\d+), pid (\d+)\] INFO default: liste
 @pytest.fixture
 def echo_port() -> Iterator[int]:
     """A blocking echo server on threads, one per connection."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
+    with threaded_echo() as port:
+        yield port
 
 
 def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
