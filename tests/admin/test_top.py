@@ -1,6 +1,8 @@
 """``midway top`` against a real midway: under tmux (a real terminal) it shows
-the proxy and the connections line, and ``q`` leaves the terminal as it was;
-with its output not a terminal it prints the table once.
+the proxy and the connections line, and ``q`` leaves the terminal as it was; the
+arrow keys and ``k`` close exactly the selected connection; with its output not
+a terminal it prints the table once.  Then what it draws from given API answers
+(the selection follows its connection, the sort by id), no midway needed.
 
 With ``MIDWAY_SCREENSHOTS=DIR`` the tmux test saves the screen as DIR/top.png
 (the README's picture), drawn by headless Chromium."""
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from midway.top import Snapshot, View, render_lines
 
 from ..helpers import ROOT, wait_until
 from .conftest import EchoServer
@@ -68,6 +73,16 @@ class Tmux:
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "top")
 
+    def selected(self) -> int | None:
+        """The id of the connection top shows selected (its row in reverse video)."""
+        for line in self("capture-pane", "-p", "-e", "-t", "top").splitlines():
+            attributes = re.match(r"\x1b\[([\d;]*)m", line)
+            cells = re.sub(r"\x1b\[[\d;]*m", "", line).split()
+            if attributes and "7" in attributes.group(1).split(";") and cells \
+                    and cells[0].isdigit():
+                return int(cells[0])
+        return None
+
 
 @pytest.fixture
 def tmux() -> Iterator[Tmux]:
@@ -76,12 +91,17 @@ def tmux() -> Iterator[Tmux]:
     subprocess.run([TMUX, "-L", server.socket, "kill-server"], capture_output=True, timeout=10)
 
 
-@pytest.mark.skipif(not TMUX, reason=needs("tmux", apt="tmux"))
-def test_top_in_a_terminal_shows_proxies_and_quits_cleanly(midway: Midway, tmux: Tmux) -> None:
+def start_top(tmux: Tmux, midway: Midway) -> None:
+    """``midway top`` in a 132x24 tmux window; the shell says how it exited."""
     # LINES and COLUMNS unset: curses would take them over the terminal's size.
     command = (f"cd {ROOT} && unset LINES COLUMNS && PYTHONPATH={ROOT} {sys.executable} -m midway top "
                f"--admin 127.0.0.1:{midway.admin.port}; echo top-exited-$?; sleep 60")
     tmux("new-session", "-d", "-s", "top", "-x", "132", "-y", "24", command)
+
+
+@pytest.mark.skipif(not TMUX, reason=needs("tmux", apt="tmux"))
+def test_top_in_a_terminal_shows_proxies_and_quits_cleanly(midway: Midway, tmux: Tmux) -> None:
+    start_top(tmux, midway)
     with socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5) as sock:
         sock.sendall(b"hello")
         assert sock.recv(10) == b"hello"
@@ -106,6 +126,54 @@ def test_top_in_a_terminal_shows_proxies_and_quits_cleanly(midway: Midway, tmux:
         # shell's line is on the restored normal screen and top's table is gone.
         assert wait_until(lambda: "top-exited-0" in tmux.screen(), 5), tmux.screen()
         assert "PROXY" not in tmux.screen()
+
+
+@pytest.mark.skipif(not TMUX, reason=needs("tmux", apt="tmux"))
+def test_top_kill_key_closes_the_selected_connection(midway: Midway, tmux: Tmux) -> None:
+    assert midway.admin.get("/connections").status == 200
+    socks = [socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5)
+             for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(b"hi")
+            assert sock.recv(10) == b"hi"
+        clients = {f"127.0.0.1:{sock.getsockname()[1]}": sock for sock in socks}
+        listed = midway.admin.get("/connections").json
+        assert sorted(c["client"] for c in listed) == sorted(clients)
+        sock_of = {c["id"]: clients[c["client"]] for c in listed}
+        client_of = {c["id"]: c["client"] for c in listed}
+
+        start_top(tmux, midway)
+        assert wait_until(lambda: all(client in tmux.screen() for client in clients), 10), \
+            tmux.screen()
+        assert wait_until(lambda: tmux.selected() is not None, 5), tmux.screen()
+        first = tmux.selected()
+        tmux("send-keys", "-t", "top", "Down")
+        assert wait_until(lambda: tmux.selected() not in (None, first), 5), tmux.screen()
+        victim_id = tmux.selected()
+        assert victim_id in sock_of
+        tmux("send-keys", "-t", "top", "k")
+
+        victim = sock_of.pop(victim_id)
+        try:  # the client sees its connection closed (the socket's timeout bounds it)
+            assert victim.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        for sock in sock_of.values():  # its neighbours keep flowing
+            sock.sendall(b"still")
+            assert sock.recv(10) == b"still"
+        assert wait_until(lambda: victim_id not in
+                          [c["id"] for c in midway.admin.get("/connections").json], 5)
+        assert wait_until(lambda: f"killed connection {victim_id}" in tmux.screen(), 5), \
+            tmux.screen()
+        assert wait_until(lambda: client_of[victim_id] not in tmux.screen(), 5), tmux.screen()
+        screen = tmux.screen()
+        assert all(client_of[other] in screen for other in sock_of), screen
+        tmux("send-keys", "-t", "top", "q")
+        assert wait_until(lambda: "top-exited-0" in tmux.screen(), 5), tmux.screen()
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_top_without_a_terminal_prints_the_table_once(midway: Midway) -> None:
@@ -136,3 +204,56 @@ def test_top_says_when_midway_does_not_answer(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "midway", "top", "--admin", "nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=20)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+
+
+# -- what top draws from given answers (no midway) ----------------------------
+
+def snapshot(connections: list[dict[str, object]]) -> Snapshot:
+    proxy = {"listen": "127.0.0.1:6380", "upstream": "127.0.0.1:6379", "enabled": True,
+             "upstreams": []}
+    return Snapshot(0.0, {"web": proxy}, [], connections)
+
+
+def connection(id: int, age_s: float, bytes_up: int = 0) -> dict[str, object]:
+    return {"id": id, "proxy": "web", "client": f"127.0.0.1:{40000 + id}",
+            "upstream": "127.0.0.1:6379", "age_s": age_s, "bytes_up": bytes_up,
+            "bytes_down": 0, "state": "open", "path": "copy"}
+
+
+def ids_shown(lines: list[str]) -> list[int]:
+    start = next(i for i, line in enumerate(lines) if line.startswith("ID ")) + 1
+    return [int(line.split()[0]) for line in lines[start:]]
+
+
+def test_the_selection_follows_its_connection_when_rows_move() -> None:
+    view = View(sort="bytes_up")
+    render_lines(snapshot([connection(1, 3, 300), connection(2, 2, 200),
+                           connection(3, 1, 100)]), None, view)
+    view.move(1)
+    assert view.shown[view.selected]["id"] == 2
+    # The next refresh: 3 got busier and 1 closed; k must still kill 2.
+    lines = render_lines(snapshot([connection(2, 2, 200), connection(3, 1, 900)]), None, view)
+    assert ids_shown(lines) == [3, 2]
+    assert view.shown[view.selected]["id"] == 2
+    # 2 gone (killed): the row now at its place is selected, and stays so.
+    render_lines(snapshot([connection(3, 1, 900), connection(4, 0, 0)]), None, view)
+    assert view.shown[view.selected]["id"] == 4
+    render_lines(snapshot([connection(5, 0, 950), connection(3, 1, 900),
+                           connection(4, 0, 0)]), None, view)
+    assert view.shown[view.selected]["id"] == 4
+    view.move(-5)
+    assert view.shown[view.selected]["id"] == 5
+    render_lines(snapshot([]), None, view)
+    assert view.shown == [] and view.selected == 0
+
+
+def test_connections_sort_by_id_as_numbers() -> None:
+    view = View(sort="id")
+    lines = render_lines(snapshot([connection(10, 1), connection(2, 1), connection(1, 1)]),
+                         None, view)
+    assert ids_shown(lines) == [1, 2, 10]
+    view.sort = "age_s"  # the oldest first
+    lines = render_lines(snapshot([connection(10, 1), connection(2, 5), connection(1, 3)]),
+                         None, view)
+    assert ids_shown(lines) == [2, 1, 10]
+
