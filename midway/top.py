@@ -187,9 +187,11 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
             f"{rate('midway_bytes_total', proxy=name, direction='upstream'):>10} "
             f"{rate('midway_bytes_total', proxy=name, direction='downstream'):>10}  {closes}")
         for up in proxy.get("upstreams") or []:
-            lines.append(f"  {'up' if up.get('up') else 'DOWN':<4} {up.get('address', ''):<28} "
+            lines.append(f"  {'up' if up.get('state') == 'up' else 'DOWN':<4} "
+                         f"{up.get('address', ''):<28} "
                          f"weight {up.get('weight', '')}{' backup' if up.get('backup') else ''} "
-                         f"active {up.get('active', '')} last check {up.get('last_check', '')}")
+                         f"active {up.get('active', '')} last check "
+                         f"{_last_check(up.get('last_check'))}")
     lines.append("")
     if now.connections is None:
         lines.append("connections: not available (this midway has no GET /connections)")
@@ -219,6 +221,18 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
             cells.append(f"{str(value):<{width}.{width}}")
         lines.append(" ".join(cells))
     return lines
+
+
+def _last_check(check: Any) -> str:
+    """``last_check`` as the API gives it (docs/balancing.md): null, or its time
+    (Unix seconds), whether it passed and why not."""
+    if not isinstance(check, dict):
+        return "none"
+    at = check.get("at")
+    when = time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, int | float) else "?"
+    if check.get("passed"):
+        return f"{when} ok"
+    return f"{when} failed ({check.get('reason') or 'no reason given'})"
 
 
 def _plain(admin: str) -> int:

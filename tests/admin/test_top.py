@@ -2,7 +2,8 @@
 the proxy and the connections line, and ``q`` leaves the terminal as it was; the
 arrow keys and ``k`` close exactly the selected connection; with its output not
 a terminal it prints the table once.  Then what it draws from given API answers
-(the selection follows its connection, the sort by id), no midway needed.
+(the selection follows its connection, the sort by id, the upstreams' health), no
+midway needed.
 
 With ``MIDWAY_SCREENSHOTS=DIR`` the tmux test saves the screen as DIR/top.png
 (the README's picture), drawn by headless Chromium."""
@@ -16,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,7 +178,7 @@ def test_top_kill_key_closes_the_selected_connection(midway: Midway, tmux: Tmux)
             sock.close()
 
 
-def test_top_without_a_terminal_prints_the_table_once(midway: Midway) -> None:
+def test_top_without_a_terminal_prints_the_table_once(midway: Midway, echo: EchoServer) -> None:
     result = subprocess.run([sys.executable, "-m", "midway", "top", "--admin",
                              f"127.0.0.1:{midway.admin.port}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=20)
@@ -186,8 +188,11 @@ def test_top_without_a_terminal_prints_the_table_once(midway: Midway) -> None:
     proxies = [line for line in lines[1:] if line and not line.startswith(" ")]
     assert [line.split()[0] for line in proxies[:2]] == ["cache", "web"]
     assert f"127.0.0.1:{midway.port('web')}" in proxies[1]
-    # Each proxy's upstreams, indented under it.
-    assert any(line.startswith("  ") and ("up " in line or "DOWN" in line) for line in lines)
+    # Each proxy's upstreams, indented under it: the echo server is up (no
+    # health checks configured, so no check yet).
+    upstreams = [line.split() for line in lines if line.startswith("  ")]
+    assert upstreams[:2] == [["up", echo.address, "weight", "1", "active", "0",
+                              "last", "check", "none"]] * 2
     assert "connections" in result.stdout.lower()
 
 
@@ -208,9 +213,10 @@ def test_top_says_when_midway_does_not_answer(tmp_path: Path) -> None:
 
 # -- what top draws from given answers (no midway) ----------------------------
 
-def snapshot(connections: list[dict[str, object]]) -> Snapshot:
+def snapshot(connections: list[dict[str, object]], upstreams: list[dict[str, object]] | None
+             = None) -> Snapshot:
     proxy = {"listen": "127.0.0.1:6380", "upstream": "127.0.0.1:6379", "enabled": True,
-             "upstreams": []}
+             "upstreams": upstreams or []}
     return Snapshot(0.0, {"web": proxy}, [], connections)
 
 
@@ -257,3 +263,19 @@ def test_connections_sort_by_id_as_numbers() -> None:
                          None, view)
     assert ids_shown(lines) == [2, 1, 10]
 
+
+def test_upstreams_show_their_health_and_last_check() -> None:
+    at = 1764632881.25
+    lines = render_lines(snapshot([], [
+        {"address": "10.0.0.5:6379", "weight": 3, "backup": False, "state": "up", "active": 2,
+         "last_check": {"at": at, "passed": True, "reason": ""}},
+        {"address": "10.0.0.6:6379", "weight": 1, "backup": True, "state": "down", "active": 0,
+         "last_check": {"at": at, "passed": False, "reason": "connection refused"}},
+        {"address": "10.0.0.7:6379", "weight": 1, "backup": False, "state": "up", "active": 0,
+         "last_check": None}]), None, View())
+    clock = time.strftime("%H:%M:%S", time.localtime(at))
+    assert [line.split(None, 1) for line in lines if line.startswith("  ")] == [
+        ["up", f"10.0.0.5:6379                weight 3 active 2 last check {clock} ok"],
+        ["DOWN", f"10.0.0.6:6379                weight 1 backup active 0 last check {clock} "
+                 "failed (connection refused)"],
+        ["up", "10.0.0.7:6379                weight 1 active 0 last check none"]]

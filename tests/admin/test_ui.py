@@ -131,7 +131,8 @@ def timed_round_trip(port: int) -> float:
 
 
 @browser_missing
-def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway) -> None:
+def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway,
+                                                echo: EchoServer) -> None:
     browser.get(f"http://127.0.0.1:{midway.admin.port}/")  # / sends a browser to /ui/
     assert wait_until(lambda: browser.find_element(By.TAG_NAME, "body")
                       .get_attribute("data-connected") == "true", UI_WAIT_S)
@@ -141,6 +142,11 @@ def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway) ->
     assert names == ["cache", "web"]
     web = section(browser, "web")
     assert f"127.0.0.1:{midway.port('web')}" in web.find_element(By.CSS_SELECTOR, ".addresses").text
+    # Its upstream, up (no health checks configured: none has run).
+    assert wait_until(lambda: [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                               for tr in section(browser, "web").find_elements(
+                                   By.CSS_SELECTOR, "table.upstreams tbody tr")]
+                      == [[echo.address, "up", "1", "", "0", "none"]], UI_WAIT_S)
     # The toxic form is built from GET /toxic-types: every type, with units.
     types = [o.text for o in Select(web.find_element(By.NAME, "type")).options]
     assert types == list(TOXICS)
