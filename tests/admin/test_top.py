@@ -28,6 +28,7 @@ from midway.top import Snapshot, View, render_lines
 
 from ..helpers import ROOT, wait_until
 from .conftest import EchoServer
+from .screenshots import save_small_png
 from .test_ui import Midway, needs, start_midway, webdriver
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,8 +44,8 @@ def midway(tmp_path: Path, echo: EchoServer) -> Iterator[Midway]:
 
 
 def render_terminal(text: str, path: Path) -> None:
-    """A captured terminal screen as a PNG: the text in a dark <pre>, shot by
-    headless Chromium (no image library needed)."""
+    """A captured terminal screen as a small PNG: the text in a dark <pre>, shot
+    by headless Chromium (no image library needed)."""
     assert webdriver is not None, "rendering the screenshot needs selenium and Chromium"
     page = path.with_suffix(".html")
     page.write_text("<body style='margin:0;background:#111'><pre style='margin:0;padding:8px;"
@@ -56,7 +57,7 @@ def render_terminal(text: str, path: Path) -> None:
     driver = webdriver.Chrome(options=options)
     try:
         driver.get(page.as_uri())
-        driver.find_element("tag name", "pre").screenshot(str(path))
+        save_small_png(driver.find_element("tag name", "pre").screenshot_as_png, path)
     finally:
         driver.quit()
         page.unlink()
