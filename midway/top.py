@@ -7,9 +7,10 @@ Each second it reads the documented admin routes a script would (``GET
 library's :mod:`curses`, the proxies (and their upstreams when the API reports
 them) on top and the connections below.  Rates are differences between two
 successive ``/metrics`` reads.  Keys: ``s`` cycles the sort column, ``f`` cycles
-the proxy filter, the arrow keys select a connection, ``k`` kills it (``DELETE
-/connections/ID``), ``q`` quits; curses restores the terminal on the way out,
-whatever happens.  When standard output is not a terminal it prints the same
+the proxy filter, the arrow keys select a connection (the selection follows that
+connection, by id, while refreshes move the rows), ``k`` kills it (``DELETE
+/connections/ID``; the answer, "killed connection N", stays a few seconds), ``q``
+quits; curses restores the terminal on the way out, whatever happens.  When standard output is not a terminal it prints the same
 tables once, as plain text, and exits.
 
 A midway without ``/connections`` (404) shows "connections: not available"; a
@@ -35,8 +36,12 @@ DEFAULT_ADMIN = "127.0.0.1:8474"
 """Toxiproxy's port, where ``midway --admin`` is usually put."""
 REFRESH_S = 1.0
 REQUEST_TIMEOUT_S = 3.0
+MESSAGE_S = 5.0
+"""How long the answer to a kill stays on the screen."""
 TOKEN_ENV = "MIDWAY_ADMIN_TOKEN"
 SORT_KEYS = ("age_s", "bytes_up", "bytes_down", "proxy", "client", "id")
+DESCENDING = ("age_s", "bytes_up", "bytes_down")
+"""Sorted largest first (the oldest, the busiest); ``id`` smallest first, as a number."""
 CONNECTION_COLUMNS = (("id", 8), ("proxy", 12), ("client", 22), ("upstream", 22),
                       ("age_s", 8), ("bytes_up", 10), ("bytes_down", 10), ("state", 10),
                       ("path", 10))
@@ -67,13 +72,38 @@ class Snapshot:
 
 @dataclass
 class View:
-    """What the person chose: the sort, the proxy filter, the selected row."""
+    """What the person chose: the sort, the proxy filter, the selected connection;
+    and what the screen says above the tables."""
 
     sort: str = SORT_KEYS[0]
     proxy: str = ""
     selected: int = 0
+    """The selected row of :attr:`shown`."""
+    selected_id: Any = None
+    """The selected connection's id: the selection follows that connection when
+    the rows move (a refresh re-sorts them, others open or close); when it has
+    gone, the row now at its place is selected."""
+    error: str = ""
+    """Why the last poll failed ("disconnected: ..."); cleared by the next good one."""
     message: str = ""
+    message_until: float = 0.0
+    """The answer to the last kill, shown until then (monotonic seconds)."""
     shown: list[dict[str, Any]] = field(default_factory=list)
+    """The connections as last drawn, in screen order: what ``k`` picks from."""
+
+    def move(self, step: int) -> None:
+        """The arrow keys: the row ``step`` below (above, negative) the selected one."""
+        if self.shown:
+            self.selected = max(0, min(self.selected + step, len(self.shown) - 1))
+            self.selected_id = self.shown[self.selected].get("id")
+
+    def say(self, message: str) -> None:
+        self.message, self.message_until = message, time.monotonic() + MESSAGE_S
+
+    def notices(self) -> list[str]:
+        """The lines under the title: the poll's error, the kill's answer."""
+        current = self.message if time.monotonic() < self.message_until else ""
+        return [line for line in (self.error, current) if line]
 
 
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -157,20 +187,26 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
             f"{rate('midway_bytes_total', proxy=name, direction='upstream'):>10} "
             f"{rate('midway_bytes_total', proxy=name, direction='downstream'):>10}  {closes}")
         for up in proxy.get("upstreams") or []:
-            lines.append(f"  {'up' if up.get('up') else 'DOWN':<4} {up.get('address', ''):<28} "
+            lines.append(f"  {'up' if up.get('state') == 'up' else 'DOWN':<4} "
+                         f"{up.get('address', ''):<28} "
                          f"weight {up.get('weight', '')}{' backup' if up.get('backup') else ''} "
-                         f"active {up.get('active', '')} last check {up.get('last_check', '')}")
+                         f"active {up.get('active', '')} last check "
+                         f"{_last_check(up.get('last_check'))}")
     lines.append("")
     if now.connections is None:
         lines.append("connections: not available (this midway has no GET /connections)")
         view.shown = []
         return lines
     shown = [c for c in now.connections if not view.proxy or c.get("proxy") == view.proxy]
-    numeric = view.sort in ("age_s", "bytes_up", "bytes_down")
+    numeric = view.sort in (*DESCENDING, "id")
     shown.sort(key=lambda c: (c.get(view.sort) or 0) if numeric else str(c.get(view.sort, "")),
-               reverse=numeric)
+               reverse=view.sort in DESCENDING)
     view.shown = shown
+    ids = [c.get("id") for c in shown]
+    if view.selected_id in ids:
+        view.selected = ids.index(view.selected_id)
     view.selected = max(0, min(view.selected, len(shown) - 1))
+    view.selected_id = ids[view.selected] if shown else None
     lines.append(f"CONNECTIONS {len(shown)} of {len(now.connections)}  sort: {view.sort}  "
                  f"proxy: {view.proxy or 'all'}")
     lines.append(" ".join(f"{key.upper():<{width}}" for key, width in CONNECTION_COLUMNS))
@@ -185,6 +221,18 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
             cells.append(f"{str(value):<{width}.{width}}")
         lines.append(" ".join(cells))
     return lines
+
+
+def _last_check(check: Any) -> str:
+    """``last_check`` as the API gives it (docs/balancing.md): null, or its time
+    (Unix seconds), whether it passed and why not."""
+    if not isinstance(check, dict):
+        return "none"
+    at = check.get("at")
+    when = time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, int | float) else "?"
+    if check.get("passed"):
+        return f"{when} ok"
+    return f"{when} failed ({check.get('reason') or 'no reason given'})"
 
 
 def _plain(admin: str) -> int:
@@ -212,9 +260,9 @@ def _curses(admin: str) -> int:
                 next_poll = time.monotonic() + REFRESH_S
                 try:
                     before, now = now, fetch(admin)
-                    view.message = ""
+                    view.error = ""
                 except AdminError as exc:
-                    view.message = f"disconnected: {exc}"
+                    view.error = f"disconnected: {exc}"
             _draw(screen, now, before, view, admin)
             key = screen.getch()
             if key in (ord("q"), ord("Q")):
@@ -226,12 +274,12 @@ def _curses(admin: str) -> int:
                 view.proxy = choices[(choices.index(view.proxy) + 1) % len(choices)
                                      if view.proxy in choices else 0]
             elif key == curses.KEY_DOWN:
-                view.selected += 1
+                view.move(1)
             elif key == curses.KEY_UP:
-                view.selected = max(0, view.selected - 1)
+                view.move(-1)
             elif key == ord("k") and view.shown:
-                view.message = _kill(admin, view.shown[view.selected])
-                next_poll = 0.0
+                view.say(_kill(admin, view.shown[view.selected]))
+                next_poll = 0.0  # show it gone at once
 
     curses.wrapper(loop)
     return 0
@@ -256,9 +304,10 @@ def _draw(screen: Any, now: Snapshot | None, before: Snapshot | None, view: View
     title = f"midway top - {admin} - s: sort  f: proxy  arrows: select  k: kill  q: quit"
     screen.addnstr(0, 0, title, width - 1, curses.A_REVERSE)
     row = 1
-    if view.message:
-        screen.addnstr(row, 0, view.message, width - 1, curses.A_BOLD)
-        row += 1
+    for notice in view.notices():
+        if row < height:
+            screen.addnstr(row, 0, notice, width - 1, curses.A_BOLD)
+            row += 1
     lines = render_lines(now, before, view) if now is not None else []
     first_connection = len(lines) - len(view.shown)
     for i, line in enumerate(lines):

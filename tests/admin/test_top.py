@@ -1,6 +1,9 @@
 """``midway top`` against a real midway: under tmux (a real terminal) it shows
-the proxy and the connections line, and ``q`` leaves the terminal as it was;
-with its output not a terminal it prints the table once.
+the proxy and the connections line, and ``q`` leaves the terminal as it was; the
+arrow keys and ``k`` close exactly the selected connection; with its output not
+a terminal it prints the table once.  Then what it draws from given API answers
+(the selection follows its connection, the sort by id, the upstreams' health), no
+midway needed.
 
 With ``MIDWAY_SCREENSHOTS=DIR`` the tmux test saves the screen as DIR/top.png
 (the README's picture), drawn by headless Chromium."""
@@ -9,18 +12,23 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from midway.top import Snapshot, View, render_lines
+
 from ..helpers import ROOT, wait_until
 from .conftest import EchoServer
+from .screenshots import save_small_png
 from .test_ui import Midway, needs, start_midway, webdriver
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,8 +44,8 @@ def midway(tmp_path: Path, echo: EchoServer) -> Iterator[Midway]:
 
 
 def render_terminal(text: str, path: Path) -> None:
-    """A captured terminal screen as a PNG: the text in a dark <pre>, shot by
-    headless Chromium (no image library needed)."""
+    """A captured terminal screen as a small PNG: the text in a dark <pre>, shot
+    by headless Chromium (no image library needed)."""
     assert webdriver is not None, "rendering the screenshot needs selenium and Chromium"
     page = path.with_suffix(".html")
     page.write_text("<body style='margin:0;background:#111'><pre style='margin:0;padding:8px;"
@@ -49,7 +57,7 @@ def render_terminal(text: str, path: Path) -> None:
     driver = webdriver.Chrome(options=options)
     try:
         driver.get(page.as_uri())
-        driver.find_element("tag name", "pre").screenshot(str(path))
+        save_small_png(driver.find_element("tag name", "pre").screenshot_as_png, path)
     finally:
         driver.quit()
         page.unlink()
@@ -68,6 +76,16 @@ class Tmux:
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "top")
 
+    def selected(self) -> int | None:
+        """The id of the connection top shows selected (its row in reverse video)."""
+        for line in self("capture-pane", "-p", "-e", "-t", "top").splitlines():
+            attributes = re.match(r"\x1b\[([\d;]*)m", line)
+            cells = re.sub(r"\x1b\[[\d;]*m", "", line).split()
+            if attributes and "7" in attributes.group(1).split(";") and cells \
+                    and cells[0].isdigit():
+                return int(cells[0])
+        return None
+
 
 @pytest.fixture
 def tmux() -> Iterator[Tmux]:
@@ -76,12 +94,17 @@ def tmux() -> Iterator[Tmux]:
     subprocess.run([TMUX, "-L", server.socket, "kill-server"], capture_output=True, timeout=10)
 
 
-@pytest.mark.skipif(not TMUX, reason=needs("tmux", apt="tmux"))
-def test_top_in_a_terminal_shows_proxies_and_quits_cleanly(midway: Midway, tmux: Tmux) -> None:
+def start_top(tmux: Tmux, midway: Midway) -> None:
+    """``midway top`` in a 132x24 tmux window; the shell says how it exited."""
     # LINES and COLUMNS unset: curses would take them over the terminal's size.
     command = (f"cd {ROOT} && unset LINES COLUMNS && PYTHONPATH={ROOT} {sys.executable} -m midway top "
                f"--admin 127.0.0.1:{midway.admin.port}; echo top-exited-$?; sleep 60")
     tmux("new-session", "-d", "-s", "top", "-x", "132", "-y", "24", command)
+
+
+@pytest.mark.skipif(not TMUX, reason=needs("tmux", apt="tmux"))
+def test_top_in_a_terminal_shows_proxies_and_quits_cleanly(midway: Midway, tmux: Tmux) -> None:
+    start_top(tmux, midway)
     with socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5) as sock:
         sock.sendall(b"hello")
         assert sock.recv(10) == b"hello"
@@ -108,7 +131,55 @@ def test_top_in_a_terminal_shows_proxies_and_quits_cleanly(midway: Midway, tmux:
         assert "PROXY" not in tmux.screen()
 
 
-def test_top_without_a_terminal_prints_the_table_once(midway: Midway) -> None:
+@pytest.mark.skipif(not TMUX, reason=needs("tmux", apt="tmux"))
+def test_top_kill_key_closes_the_selected_connection(midway: Midway, tmux: Tmux) -> None:
+    assert midway.admin.get("/connections").status == 200
+    socks = [socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5)
+             for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(b"hi")
+            assert sock.recv(10) == b"hi"
+        clients = {f"127.0.0.1:{sock.getsockname()[1]}": sock for sock in socks}
+        listed = midway.admin.get("/connections").json
+        assert sorted(c["client"] for c in listed) == sorted(clients)
+        sock_of = {c["id"]: clients[c["client"]] for c in listed}
+        client_of = {c["id"]: c["client"] for c in listed}
+
+        start_top(tmux, midway)
+        assert wait_until(lambda: all(client in tmux.screen() for client in clients), 10), \
+            tmux.screen()
+        assert wait_until(lambda: tmux.selected() is not None, 5), tmux.screen()
+        first = tmux.selected()
+        tmux("send-keys", "-t", "top", "Down")
+        assert wait_until(lambda: tmux.selected() not in (None, first), 5), tmux.screen()
+        victim_id = tmux.selected()
+        assert victim_id in sock_of
+        tmux("send-keys", "-t", "top", "k")
+
+        victim = sock_of.pop(victim_id)
+        try:  # the client sees its connection closed (the socket's timeout bounds it)
+            assert victim.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        for sock in sock_of.values():  # its neighbours keep flowing
+            sock.sendall(b"still")
+            assert sock.recv(10) == b"still"
+        assert wait_until(lambda: victim_id not in
+                          [c["id"] for c in midway.admin.get("/connections").json], 5)
+        assert wait_until(lambda: f"killed connection {victim_id}" in tmux.screen(), 5), \
+            tmux.screen()
+        assert wait_until(lambda: client_of[victim_id] not in tmux.screen(), 5), tmux.screen()
+        screen = tmux.screen()
+        assert all(client_of[other] in screen for other in sock_of), screen
+        tmux("send-keys", "-t", "top", "q")
+        assert wait_until(lambda: "top-exited-0" in tmux.screen(), 5), tmux.screen()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_top_without_a_terminal_prints_the_table_once(midway: Midway, echo: EchoServer) -> None:
     result = subprocess.run([sys.executable, "-m", "midway", "top", "--admin",
                              f"127.0.0.1:{midway.admin.port}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=20)
@@ -118,8 +189,11 @@ def test_top_without_a_terminal_prints_the_table_once(midway: Midway) -> None:
     proxies = [line for line in lines[1:] if line and not line.startswith(" ")]
     assert [line.split()[0] for line in proxies[:2]] == ["cache", "web"]
     assert f"127.0.0.1:{midway.port('web')}" in proxies[1]
-    # Each proxy's upstreams, indented under it.
-    assert any(line.startswith("  ") and ("up " in line or "DOWN" in line) for line in lines)
+    # Each proxy's upstreams, indented under it: the echo server is up (no
+    # health checks configured, so no check yet).
+    upstreams = [line.split() for line in lines if line.startswith("  ")]
+    assert upstreams[:2] == [["up", echo.address, "weight", "1", "active", "0",
+                              "last", "check", "none"]] * 2
     assert "connections" in result.stdout.lower()
 
 
@@ -136,3 +210,73 @@ def test_top_says_when_midway_does_not_answer(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "midway", "top", "--admin", "nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=20)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+
+
+# -- what top draws from given answers (no midway) ----------------------------
+
+def snapshot(connections: list[dict[str, object]], upstreams: list[dict[str, object]] | None
+             = None) -> Snapshot:
+    proxy = {"listen": "127.0.0.1:6380", "upstream": "127.0.0.1:6379", "enabled": True,
+             "upstreams": upstreams or []}
+    return Snapshot(0.0, {"web": proxy}, [], connections)
+
+
+def connection(id: int, age_s: float, bytes_up: int = 0) -> dict[str, object]:
+    return {"id": id, "proxy": "web", "client": f"127.0.0.1:{40000 + id}",
+            "upstream": "127.0.0.1:6379", "age_s": age_s, "bytes_up": bytes_up,
+            "bytes_down": 0, "state": "open", "path": "copy"}
+
+
+def ids_shown(lines: list[str]) -> list[int]:
+    start = next(i for i, line in enumerate(lines) if line.startswith("ID ")) + 1
+    return [int(line.split()[0]) for line in lines[start:]]
+
+
+def test_the_selection_follows_its_connection_when_rows_move() -> None:
+    view = View(sort="bytes_up")
+    render_lines(snapshot([connection(1, 3, 300), connection(2, 2, 200),
+                           connection(3, 1, 100)]), None, view)
+    view.move(1)
+    assert view.shown[view.selected]["id"] == 2
+    # The next refresh: 3 got busier and 1 closed; k must still kill 2.
+    lines = render_lines(snapshot([connection(2, 2, 200), connection(3, 1, 900)]), None, view)
+    assert ids_shown(lines) == [3, 2]
+    assert view.shown[view.selected]["id"] == 2
+    # 2 gone (killed): the row now at its place is selected, and stays so.
+    render_lines(snapshot([connection(3, 1, 900), connection(4, 0, 0)]), None, view)
+    assert view.shown[view.selected]["id"] == 4
+    render_lines(snapshot([connection(5, 0, 950), connection(3, 1, 900),
+                           connection(4, 0, 0)]), None, view)
+    assert view.shown[view.selected]["id"] == 4
+    view.move(-5)
+    assert view.shown[view.selected]["id"] == 5
+    render_lines(snapshot([]), None, view)
+    assert view.shown == [] and view.selected == 0
+
+
+def test_connections_sort_by_id_as_numbers() -> None:
+    view = View(sort="id")
+    lines = render_lines(snapshot([connection(10, 1), connection(2, 1), connection(1, 1)]),
+                         None, view)
+    assert ids_shown(lines) == [1, 2, 10]
+    view.sort = "age_s"  # the oldest first
+    lines = render_lines(snapshot([connection(10, 1), connection(2, 5), connection(1, 3)]),
+                         None, view)
+    assert ids_shown(lines) == [2, 1, 10]
+
+
+def test_upstreams_show_their_health_and_last_check() -> None:
+    at = 1764632881.25
+    lines = render_lines(snapshot([], [
+        {"address": "10.0.0.5:6379", "weight": 3, "backup": False, "state": "up", "active": 2,
+         "last_check": {"at": at, "passed": True, "reason": ""}},
+        {"address": "10.0.0.6:6379", "weight": 1, "backup": True, "state": "down", "active": 0,
+         "last_check": {"at": at, "passed": False, "reason": "connection refused"}},
+        {"address": "10.0.0.7:6379", "weight": 1, "backup": False, "state": "up", "active": 0,
+         "last_check": None}]), None, View())
+    clock = time.strftime("%H:%M:%S", time.localtime(at))
+    assert [line.split(None, 1) for line in lines if line.startswith("  ")] == [
+        ["up", f"10.0.0.5:6379                weight 3 active 2 last check {clock} ok"],
+        ["DOWN", f"10.0.0.6:6379                weight 1 backup active 0 last check {clock} "
+                 "failed (connection refused)"],
+        ["up", "10.0.0.7:6379                weight 1 active 0 last check none"]]

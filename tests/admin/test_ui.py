@@ -26,6 +26,7 @@ from midway.chain.toxics import TOXICS
 
 from ..helpers import ProxyProcess, free_port, needs, wait_until
 from .conftest import Admin, EchoServer, port_of, round_trip
+from .screenshots import save_small_png
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,7 +132,8 @@ def timed_round_trip(port: int) -> float:
 
 
 @browser_missing
-def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway) -> None:
+def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway,
+                                                echo: EchoServer) -> None:
     browser.get(f"http://127.0.0.1:{midway.admin.port}/")  # / sends a browser to /ui/
     assert wait_until(lambda: browser.find_element(By.TAG_NAME, "body")
                       .get_attribute("data-connected") == "true", UI_WAIT_S)
@@ -141,20 +143,59 @@ def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway) ->
     assert names == ["cache", "web"]
     web = section(browser, "web")
     assert f"127.0.0.1:{midway.port('web')}" in web.find_element(By.CSS_SELECTOR, ".addresses").text
+    # Its upstream, up (no health checks configured: none has run).
+    assert wait_until(lambda: [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                               for tr in section(browser, "web").find_elements(
+                                   By.CSS_SELECTOR, "table.upstreams tbody tr")]
+                      == [[echo.address, "up", "1", "", "0", "none"]], UI_WAIT_S)
     # The toxic form is built from GET /toxic-types: every type, with units.
     types = [o.text for o in Select(web.find_element(By.NAME, "type")).options]
     assert types == list(TOXICS)
     assert "milliseconds" in web.find_element(By.CSS_SELECTOR, ".attributes").text
     time.sleep(2.5)  # a few polls, each of which could log an error
     if os.environ.get("MIDWAY_SCREENSHOTS"):
-        with socket.create_connection(("127.0.0.1", midway.port("web"))) as sock:
-            deadline = time.monotonic() + 8
-            while time.monotonic() < deadline:  # some traffic for the picture
-                sock.sendall(b"x" * 200_000)
-                sock.recv(1 << 20)
-                time.sleep(0.05)
-            browser.save_screenshot(str(Path(os.environ["MIDWAY_SCREENSHOTS"]) / "dashboard.png"))
+        screenshot(browser, midway, Path(os.environ["MIDWAY_SCREENSHOTS"]) / "dashboard.png")
     assert console_errors(browser) == []
+
+
+SCREENSHOT_WIDTH = 1024
+
+
+def screenshot(browser: Any, midway: Midway, path: Path) -> None:
+    """The README's picture: a latency toxic on cache, a connection to each
+    proxy and a third pushing data through web; the whole page, 1024 pixels wide,
+    as a small indexed PNG."""
+    assert midway.admin.post("/proxies/cache/toxics", {
+        "type": "latency", "attributes": {"latency": 20}}).status == 200
+    idle = [socket.create_connection(("127.0.0.1", midway.port(name)), timeout=5)
+            for name in ("web", "cache")]
+    size = browser.get_window_size()
+    try:
+        with socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5) as busy:
+            for sock in (*idle, busy):
+                sock.sendall(b"hello")
+                assert sock.recv(10) == b"hello"
+            rows = "#connections tbody tr"
+            assert wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 3
+                              and browser.find_elements(By.CSS_SELECTOR, "tr[data-toxic]"),
+                              UI_WAIT_S)
+            # The window as tall as the page, so the picture has all of it.
+            browser.set_window_size(SCREENSHOT_WIDTH, size["height"])
+            chrome = browser.execute_script("return window.outerHeight - window.innerHeight")
+            page = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(SCREENSHOT_WIDTH, page + chrome)
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:  # some traffic for the graphs
+                busy.sendall(b"x" * 200_000)
+                got = 0
+                while got < 200_000:
+                    got += len(busy.recv(1 << 20))
+                time.sleep(0.05)
+            save_small_png(browser.get_screenshot_as_png(), path)
+    finally:
+        for sock in idle:
+            sock.close()
+        browser.set_window_size(size["width"], size["height"])
 
 
 @browser_missing

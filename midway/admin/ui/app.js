@@ -192,6 +192,14 @@ function formatBytes(n, suffix = "") {
   return `${n.toFixed(i && n < 10 ? 1 : 0)} ${units[i]}${suffix}`;
 }
 
+// An upstream's last_check (docs/balancing.md): null before the first active
+// check or with checks off, else its time (Unix seconds), passed and reason.
+function formatCheck(check) {
+  if (!check) return "none";
+  const when = new Date(check.at * 1000).toLocaleTimeString();
+  return check.passed ? `${when} ok` : `${when} failed (${check.reason || "no reason given"})`;
+}
+
 function render() {
   const box = document.getElementById("proxies");
   const names = Object.keys(state.proxies).sort();
@@ -214,9 +222,10 @@ function renderProxy(box, proxy) {
   if (!upstreams.hidden) {
     upstreams.tBodies[0].replaceChildren(...proxy.upstreams.map((u) => {
       const row = el("tr");
-      row.append(el("td", u.address), el("td", u.up ? "up" : "down", u.up ? {} : { class: "down-state" }),
+      const up = u.state === "up";
+      row.append(el("td", u.address), el("td", up ? "up" : "down", up ? {} : { class: "down-state" }),
                  el("td", u.weight), el("td", u.backup ? "yes" : ""), el("td", u.active),
-                 el("td", u.last_check === null || u.last_check === undefined ? "" : String(u.last_check)));
+                 el("td", formatCheck(u.last_check)));
       return row;
     }));
   }
