@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import logging
 import sys
 import typing
@@ -42,9 +43,23 @@ log = logging.getLogger("midway")
 
 EXIT_USAGE = 2
 
+SUBCOMMANDS = {
+    "replay": ("CAPTURE [options]", "serve a --pcap capture as a fake upstream"),
+    "connections": ("[options]", "list a running midway's open connections"),
+    "top": ("[options]", "watch a running midway in the terminal"),
+}
+"""``midway NAME ...`` is handed to ``midway.NAME.main`` (see :func:`_subcommand`),
+which has flags of its own; with the synopsis and what it does, for ``midway --help``."""
+
 _USAGE = ("midway LISTEN UPSTREAM [UPSTREAM ...] [options]\n       midway --config FILE [--check]"
-          "\n       midway --admin HOST:PORT          (like toxiproxy-server)")
-_EPILOG = """addresses: host:port, [ipv6]:port, :port (every interface) or unix:/path.
+          "\n       midway --admin HOST:PORT          (like toxiproxy-server)"
+          f"\n       midway {{{','.join(SUBCOMMANDS)}}} ...  (midway SUBCOMMAND --help)")
+_SUBCOMMAND_HELP = "\n".join(f"  {f'midway {name} {synopsis}':<32} {what}"
+                              for name, (synopsis, what) in SUBCOMMANDS.items())
+_EPILOG = f"""subcommands (each has its own options: midway SUBCOMMAND --help):
+{_SUBCOMMAND_HELP}
+
+""" + r"""addresses: host:port, [ipv6]:port, :port (every interface) or unix:/path.
 examples:
   midway 127.0.0.1:8080 127.0.0.1:80
   midway [::]:6380 redis.internal:6379
@@ -256,9 +271,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
             return config_from_dict({"server": server_opts})
         except ConfigError as exc:
             raise _as_cli_error(exc, "", []) from exc
-    if len(args.addresses) < 2:
+    if not args.addresses:
         raise ConfigError("", "need a LISTEN address and at least one UPSTREAM "
                               "(e.g. midway 127.0.0.1:8080 127.0.0.1:80), or --config FILE")
+    if len(args.addresses) == 1:
+        listen = args.addresses[0]
+        raise ConfigError("", f"no UPSTREAM after LISTEN {listen!r}: give at least one UPSTREAM "
+                              f"address to forward to (e.g. midway {listen} 127.0.0.1:80)")
     listen, *upstreams = args.addresses
     table = {"listen": [listen], "upstreams": upstreams, **proxy_opts}
     if toxics:
@@ -338,17 +357,41 @@ def load(args: argparse.Namespace) -> Config:
     return config
 
 
+def _subcommand(name: str, argv: list[str]) -> int:
+    """``midway NAME ARGS``: a command of its own, imported only when asked for."""
+    if name == "replay":  # a fake upstream: midway.replay
+        from .replay import main as replay_main
+        return replay_main(argv)
+    if name == "connections":  # reads a running midway's admin API
+        from .connections import main as connections_main
+        return connections_main(argv)
+    if name == "top":  # the same API, live in the terminal
+        from .top import main as top_main
+        return top_main(argv)
+    raise ValueError(f"not a subcommand: {name!r}")  # SUBCOMMANDS lists one without a branch
+
+
+def _not_an_address(word: str) -> str:
+    """What is wrong with a first argument that is neither a flag, nor a
+    subcommand, nor an address (every address form has a colon): a mistyped
+    subcommand (``midway tpo``), ``midway help``; "" for anything else."""
+    if word.startswith("-") or ":" in word:
+        return ""
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
+    if close:
+        return f"unknown subcommand {word!r}; did you mean 'midway {close[0]}'?"
+    return (f"{word!r} is neither a subcommand ({', '.join(SUBCOMMANDS)}) nor a LISTEN "
+            "address (host:port, [ipv6]:port, :port or unix:/path); midway --help shows "
+            "the usage")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["replay"]:  # a subcommand of its own: midway.replay
-        from .replay import main as replay_main
-        return replay_main(argv[1:])
-    if argv[:1] == ["connections"]:  # reads a running midway's admin API
-        from .connections import main as connections_main
-        return connections_main(argv[1:])
-    if argv[:1] == ["top"]:  # a subcommand of its own: midway.top
-        from .top import main as top_main
-        return top_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv[0], argv[1:])
+    if argv[:1] and not {"-h", "--help"} & set(argv) and (problem := _not_an_address(argv[0])):
+        print(f"midway: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

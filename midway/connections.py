@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["main", "fetch", "format_table", "sort_rows", "DEFAULT_ADMIN", "TOKEN_ENV",
-           "UnreachableAdmin"]
+__all__ = ["main", "fetch", "format_table", "sort_rows", "check_admin_address", "DEFAULT_ADMIN",
+           "TOKEN_ENV", "UnreachableAdmin"]
 
 DEFAULT_ADMIN = "127.0.0.1:8474"
 """Toxiproxy's port, where ``--admin`` is usually put."""
@@ -37,6 +37,21 @@ COLUMNS = (("ID", "id"), ("PROXY", "proxy"), ("WORKER", "worker"), ("CLIENT", "c
 
 class UnreachableAdmin(Exception):
     """The admin API could not be asked, or refused; the message says why."""
+
+
+def check_admin_address(text: str) -> str:
+    """What is wrong with ``text`` as the admin API's ``HOST:PORT`` (``[v6]:PORT``),
+    for ``--admin``; "" when nothing is."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or text.startswith("unix:"):
+        return f"expected HOST:PORT (e.g. {DEFAULT_ADMIN}), got {text!r}"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:{port}"
+    if not (port.isascii() and port.isdigit()):
+        return f"{text!r}: port {port!r} is not a number"
+    if not 1 <= int(port) <= 65535:
+        return f"{text!r}: port must be between 1 and 65535"
+    return ""
 
 
 def fetch(admin: str, proxy: str = "", token: str = "") -> list[dict[str, Any]]:
@@ -125,7 +140,10 @@ def _token(path: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``midway connections``: 0 with the table printed, 1 when the admin API
     cannot be reached or refuses (the reason on stderr), 2 for a bad command line."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if problem := check_admin_address(args.admin):
+        parser.error(f"--admin: {problem}")
     try:
         rows = fetch(args.admin, args.proxy, _token(args.admin_token_file))
     except UnreachableAdmin as exc:

@@ -61,6 +61,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -74,7 +75,7 @@ from typing import Literal, NoReturn
 from .chain.dumpfmt import hexdump
 from .chain.pcapread import PcapReadError, RecordedConnection, read_connections, upstream_legs
 from .config.addresses import format_sockaddr, parse_address
-from .errors import AddressError, MidwayError
+from .errors import AddressError, MidwayError, describe_oserror
 from .testing import Background
 
 __all__ = ["Replay", "BackgroundReplay", "Script", "Step", "load_scripts", "main", "WAIT_S"]
@@ -153,7 +154,8 @@ class _Closed(Exception):
 class Replay:
     """Serves ``capture`` (a path, or scripts) on ``listen`` while in ``async
     with``; see the module doc.  ``listen`` may use port 0: the bound address is
-    :attr:`address`.  Raises ``OSError``/:class:`PcapReadError` for the file and
+    :attr:`address`.  Raises :class:`~midway.errors.AddressError` for a bad
+    ``listen`` (checked first), ``OSError``/:class:`PcapReadError` for the file and
     ``OSError`` when the address cannot be bound."""
 
     def __init__(self, capture: str | os.PathLike[str] | Sequence[Script],
@@ -161,9 +163,9 @@ class Replay:
                  timing: Timing = "fast", wait_s: float = WAIT_S) -> None:
         if timing not in TIMINGS:
             raise ValueError(f"timing must be 'fast' or 'recorded', not {timing!r}")
+        self.listen = parse_address(listen, listen=True)
         self.scripts = load_scripts(capture) if isinstance(capture, str | os.PathLike) \
             else list(capture)
-        self.listen = parse_address(listen, listen=True)
         self.loose = loose
         self.timing = timing
         self.wait_s = wait_s
@@ -183,8 +185,9 @@ class Replay:
         else:
             self._server = await asyncio.start_server(self._accept, self.listen.host or None,
                                                       self.listen.port)
-        log.info("replay: %d recorded connections, listening on %s", len(self.scripts),
-                 format_sockaddr(self._server.sockets[0].getsockname()))
+        count = len(self.scripts)
+        log.info("replay: %d recorded connection%s, listening on %s", count,
+                 "" if count == 1 else "s", format_sockaddr(self._server.sockets[0].getsockname()))
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -376,6 +379,17 @@ class BackgroundReplay(Background[Replay]):
 # -- the command line: midway replay CAPTURE --listen ADDR --------------------------
 
 
+def _seconds(text: str) -> float:
+    """A ``--wait-s`` value: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="midway replay",
@@ -391,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timing", choices=TIMINGS, default="fast",
                         help="'recorded': wait the recorded delay before each reply. "
                              "Default: fast (no waiting).")
-    parser.add_argument("--wait-s", type=float, default=WAIT_S, metavar="SECONDS",
+    parser.add_argument("--wait-s", type=_seconds, default=WAIT_S, metavar="SECONDS",
                         help=f"close a client silent this long while a reply waits on it. "
                              f"Default: {WAIT_S:g}.")
     parser.add_argument("--log-level", default="info",
@@ -408,8 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         replay = Replay(args.capture, args.listen, loose=args.loose, timing=args.timing,
                         wait_s=args.wait_s)
-    except (OSError, PcapReadError, AddressError) as exc:
+    except AddressError as exc:
+        print(f"midway replay: --listen: {exc}", file=sys.stderr)
+        return 2
+    except PcapReadError as exc:
         print(f"midway replay: {args.capture}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"midway replay: cannot read {args.capture}: {describe_oserror(exc)}",
+              file=sys.stderr)
         return 2
     setup_logging(args.log_level)
     return asyncio.run(_serve(replay))
@@ -419,7 +440,7 @@ async def _serve(replay: Replay) -> int:
     try:
         await replay.start()
     except OSError as exc:
-        log.error("replay: cannot listen on %s: %s", replay.listen, exc.strerror or exc)
+        log.error("replay: cannot listen on %s: %s", replay.listen, describe_oserror(exc))
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .connections import check_admin_address
+from .errors import describe_oserror
+
 __all__ = ["main", "Snapshot", "fetch", "render_lines"]
 
 DEFAULT_ADMIN = "127.0.0.1:8474"
@@ -133,7 +136,7 @@ def request(admin: str, method: str, path: str) -> tuple[int, bytes]:
         response = conn.getresponse()
         return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
-        raise AdminError(f"midway at {admin} does not answer: {exc}") from None
+        raise AdminError(f"midway at {admin} does not answer: {describe_oserror(exc)}") from None
     finally:
         conn.close()
 
@@ -330,8 +333,8 @@ def main(argv: list[str]) -> int:
                         help=f"the admin API's address (default {DEFAULT_ADMIN}); "
                              f"a token, if needed, from ${TOKEN_ENV}")
     args = parser.parse_args(argv)
-    if ":" not in args.admin or not args.admin.rpartition(":")[2].isdigit():
-        parser.error(f"--admin: expected HOST:PORT, got {args.admin!r}")
+    if problem := check_admin_address(args.admin):
+        parser.error(f"--admin: {problem}")
     if not sys.stdout.isatty():
         return _plain(args.admin)
     return _curses(args.admin)

@@ -81,7 +81,8 @@ def test_no_arguments_says_what_is_needed() -> None:
 def test_listen_without_upstream() -> None:
     result = run("127.0.0.1:0")
     assert result.returncode == EXIT_USAGE
-    assert "at least one UPSTREAM" in assert_one_clean_line(result.stderr)
+    line = assert_one_clean_line(result.stderr)
+    assert "no UPSTREAM after LISTEN '127.0.0.1:0'" in line and "at least one UPSTREAM" in line
 
 
 @pytest.mark.parametrize(
@@ -381,6 +382,123 @@ def test_a_word_option_given_neither_a_number_nor_its_word_says_both() -> None:
     assert result.returncode == EXIT_USAGE
     assert "argument --workers: expected a whole number or 'auto', got 'two'" in result.stderr
     assert "invalid int value" not in result.stderr
+
+
+# --- the subcommands: listed in --help, each with its own, and their mistakes -----
+
+
+def test_help_lists_each_subcommand_with_where_to_read_more() -> None:
+    text = run("--help").stdout
+    assert "midway SUBCOMMAND --help" in text
+    for name, what in (("replay", "serve a --pcap capture as a fake upstream"),
+                       ("connections", "list a running midway's open connections"),
+                       ("top", "watch a running midway in the terminal")):
+        assert any(line.lstrip().startswith(f"midway {name} ") and line.endswith(what)
+                   for line in text.splitlines()), (name, text)
+
+
+def test_help_prints_the_shell_example_as_typed() -> None:
+    """The multi-line example keeps its backslashes and its literal PING\\r\\n."""
+    text = run("--help").stdout
+    assert "\r" not in text
+    assert "10.0.0.7:6379,backup \\\n" in text
+    assert "--health-send 'PING\\r\\n' --health-expect +PONG" in text
+
+
+@pytest.mark.parametrize("name", ["replay", "connections", "top"])
+def test_each_subcommand_has_its_own_help(name: str) -> None:
+    result = run(name, "--help")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.startswith(f"usage: midway {name} ")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["tpo"], "unknown subcommand 'tpo'; did you mean 'midway top'?"),
+    (["conections", "--admin", "127.0.0.1:1"],
+     "unknown subcommand 'conections'; did you mean 'midway connections'?"),
+    (["notanaddress", "x"], "'notanaddress' is neither a subcommand (replay, connections, top) "
+                            "nor a LISTEN address"),
+    (["help"], "midway --help shows the usage"),
+])
+def test_a_word_that_is_no_subcommand_nor_address_says_so(args: list[str], words: str) -> None:
+    result = run(*args)
+    assert result.returncode == EXIT_USAGE
+    assert words in assert_one_clean_line(result.stderr)
+
+
+def _pcap(path: Path) -> Path:
+    """A capture of one PING/PONG connection, as midway replay reads it."""
+    import random
+
+    from midway.chain.pcapfile import PcapWriter, TcpConversation
+
+    with path.open("wb") as file:
+        conv = TcpConversation(PcapWriter(file), ("127.0.0.1", 40000), ("127.0.0.1", 6379),
+                               rng=random.Random(0))
+        conv.open(1.0)
+        conv.data(True, b"PING\r\n", 1.1)
+        conv.data(False, b"+PONG\r\n", 1.2)
+        conv.fin(True, 1.3)
+        conv.fin(False, 1.3)
+    return path
+
+
+def test_replay_of_a_missing_capture_says_so_without_python_internals(tmp_path: Path) -> None:
+    result = run("replay", str(tmp_path / "none.pcap"))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert line == f"midway replay: cannot read {tmp_path / 'none.pcap'}: no such file or directory"
+
+
+def test_replay_names_a_bad_listen_as_the_flag(tmp_path: Path) -> None:
+    for capture in (_pcap(tmp_path / "one.pcap"), tmp_path / "none.pcap"):  # whatever the file
+        result = run("replay", str(capture), "--listen", "nonsense")
+        assert result.returncode == EXIT_USAGE
+        assert assert_one_clean_line(result.stderr).startswith(
+            "midway replay: --listen: 'nonsense': expected host:port")
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "soon"])
+def test_replay_refuses_a_wait_that_is_not_a_positive_number(tmp_path: Path, value: str) -> None:
+    result = run("replay", str(_pcap(tmp_path / "one.pcap")), "--wait-s", value)
+    assert result.returncode == EXIT_USAGE
+    assert "Traceback" not in result.stderr
+    assert (f"argument --wait-s: expected a number of seconds above 0, got {value!r}"
+            in result.stderr)
+
+
+def test_replay_on_a_busy_port_says_address_in_use(tmp_path: Path, busy_port: int) -> None:
+    result = run("replay", str(_pcap(tmp_path / "one.pcap")), "--listen", f"127.0.0.1:{busy_port}")
+    assert result.returncode == EXIT_START_FAILED
+    line = assert_one_clean_line(result.stderr)
+    assert line.endswith(f"replay: cannot listen on 127.0.0.1:{busy_port}: address already in use")
+
+
+@pytest.mark.parametrize("name", ["top", "connections"])
+@pytest.mark.parametrize(("admin", "words"), [
+    ("nonsense", "expected HOST:PORT (e.g. 127.0.0.1:8474), got 'nonsense'"),
+    ("127.0.0.1:99999", "'127.0.0.1:99999': port must be between 1 and 65535"),
+    ("::1:8474", "'::1:8474': write IPv6 addresses in brackets, e.g. [::1]:8474"),
+])
+def test_a_bad_admin_address_is_a_usage_error(name: str, admin: str, words: str) -> None:
+    result = run(name, "--admin", admin)
+    assert result.returncode == EXIT_USAGE
+    assert "Traceback" not in result.stderr
+    assert f"midway {name}: error: --admin: {words}" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("top", "midway top: midway at 127.0.0.1:{port} does not answer: connection refused"),
+    ("connections", "midway connections: cannot reach the admin API at 127.0.0.1:{port}: "
+                    "connection refused"),
+])
+def test_an_admin_api_that_does_not_answer_is_said_plainly(name: str, words: str) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        result = run(name, "--admin", f"127.0.0.1:{port}")
+    assert result.returncode == EXIT_START_FAILED
+    assert assert_one_clean_line(result.stderr) == words.format(port=port)
 
 
 class _LineReader:
