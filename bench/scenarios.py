@@ -341,6 +341,18 @@ def chain_variants(selected: list[Proxy]) -> tuple[list[Proxy], list[str]]:
 
 # ---------------------------------------------------------------------------------------------
 
+def _wrk_metrics(unit: str, *, p99: bool = True) -> tuple[Metric, ...]:
+    """The figures of a wrk scenario: ``unit`` (requests, connections) per second,
+    the proxy's CPU per 1000 of them, latency and errors."""
+    return (
+        Metric("rps", f"{unit}/s ↑", True),
+        Metric("cpu_ms_per_1k", f"proxy CPU (ms per 1000 {unit}) ↓", False),
+        Metric("p50_ms", "latency p50 (ms) ↓", False),
+        *((Metric("p99_ms", "latency p99 (ms) ↓", False),) if p99 else ()),
+        Metric("errors", "wrk errors (count) ↓", False),
+    )
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="bulk",
@@ -363,13 +375,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         about="`wrk -t1 -c{conns} -d{duration}s --latency` through the proxy to an nginx backend "
         "(1 worker) serving a {body}-byte static file over persistent connections, after a "
         "1 s warm-up.",
-        metrics=(
-            Metric("rps", "requests/s ↑", True),
-            Metric("cpu_ms_per_1k", "proxy CPU (ms per 1000 requests) ↓", False),
-            Metric("p50_ms", "latency p50 (ms) ↓", False),
-            Metric("p99_ms", "latency p99 (ms) ↓", False),
-            Metric("errors", "wrk errors (count) ↓", False),
-        ),
+        metrics=_wrk_metrics("requests"),
         backend=backends.nginx_http,
         measure=measure_keepalive,
         tools=("wrk", "nginx"),
@@ -379,13 +385,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         title="3. New connection per request (wrk, `Connection: close`)",
         about="As 2, with `-H 'Connection: close'`: every request opens a client connection "
         "and the proxy an upstream one.",
-        metrics=(
-            Metric("rps", "connections/s ↑", True),
-            Metric("cpu_ms_per_1k", "proxy CPU (ms per 1000 connections) ↓", False),
-            Metric("p50_ms", "latency p50 (ms) ↓", False),
-            Metric("p99_ms", "latency p99 (ms) ↓", False),
-            Metric("errors", "wrk errors (count) ↓", False),
-        ),
+        metrics=_wrk_metrics("connections"),
         backend=backends.nginx_http,
         measure=measure_connclose,
         tools=("wrk", "nginx"),
@@ -453,13 +453,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         name="connclose128",
         title=f"7. New connection per request, {CONNCLOSE_MANY} concurrent clients",
         about=f"As 3 with `wrk -c{CONNCLOSE_MANY}`.",
-        metrics=(
-            Metric("rps", "connections/s ↑", True),
-            Metric("cpu_ms_per_1k", "proxy CPU (ms per 1000 connections) ↓", False),
-            Metric("p50_ms", "latency p50 (ms) ↓", False),
-            Metric("p99_ms", "latency p99 (ms) ↓", False),
-            Metric("errors", "wrk errors (count) ↓", False),
-        ),
+        metrics=_wrk_metrics("connections"),
         backend=backends.nginx_http,
         measure=measure_connclose128,
         tools=("wrk", "nginx"),
@@ -506,12 +500,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         about="As 3 (`wrk -c{conns}`, `Connection: close`), nothing pinned: midway "
         "`--workers 2`, HAProxy `nbthread 2`, nginx `worker_processes 2`; proxy, wrk and the "
         "nginx backend share both CPUs.",
-        metrics=(
-            Metric("rps", "connections/s ↑", True),
-            Metric("cpu_ms_per_1k", "proxy CPU (ms per 1000 connections) ↓", False),
-            Metric("p50_ms", "latency p50 (ms) ↓", False),
-            Metric("errors", "wrk errors (count) ↓", False),
-        ),
+        metrics=_wrk_metrics("connections", p99=False),
         backend=backends.nginx_http,
         measure=measure_connclose,
         tools=("wrk", "nginx"),
