@@ -11,7 +11,8 @@ connection never takes the zero-copy path.
 * **Termination** (``tls_cert``): the handshake runs in the connection's inbound
   task, on the relay's poller, bounded by ``tls_handshake_timeout_s``; the
   accept loop never waits for it.  The name the client asked for (SNI) becomes
-  the ``sni`` route key and ``info.sni``; the agreed ALPN protocol ``info.alpn``.
+  the ``sni`` route key and ``info.sni``; the agreed ALPN protocol ``info.alpn``
+  and the ``alpn`` route key (which a v2 ``proxy_protocol_out`` header carries).
   Bytes an earlier layer read past its own header (a PROXY header's) are the
   first ciphertext.
 * **Origination** (``upstream_tls``): after the dial (and after a PROXY header,
@@ -258,6 +259,8 @@ class TlsTermination:
         conn.replace_client(stream)
         info = conn.info
         info.alpn = stream.alpn()
+        if info.alpn is not None:
+            conn.route["alpn"] = info.alpn  # what proxy_protocol_out v2 sends as ALPN
         sni = getattr(stream.obj, _SNI_ATTR, None)
         if sni is not None:
             info.sni = sni
