@@ -33,7 +33,10 @@ key, which :func:`check_tls` (``midway --check``) finds before any start.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
+import re
 import ssl
 
 from ..config.schema import ProxyConfig
@@ -109,6 +112,31 @@ def _pem(path: str, key: str, marker: str, what: str) -> None:
                                "by midway only)")
 
 
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
+
+
+def _damaged_certificate(path: str) -> str | None:
+    """Why a certificate of the PEM file ``path`` cannot be used, in words
+    (``certificate 2 of the file is damaged (...)``), or None when each one
+    can.  For OpenSSL's ``PEM lib``, which names neither the file nor the block."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    blocks = [m.group(2) for m in _PEM_BLOCK.finditer(text) if m.group(1) == b"CERTIFICATE"]
+    for n, body in enumerate(blocks, 1):
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except binascii.Error:
+            return f"certificate {n} of the file is damaged (its PEM block is not valid base64)"
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
+        except ssl.SSLError:
+            return f"certificate {n} of the file is damaged (not a valid X.509 certificate)"
+    return None
+
+
 def _no_passphrase() -> bytes:
     raise ConfigError("", "the private key asks for a passphrase")
 
@@ -125,6 +153,13 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
             raise ConfigError(f"{where}.{key_key if key else cert_key}",
                               f"the private key does not match the certificate in "
                               f"{cert}") from exc
+        if exc.reason is None:  # "PEM lib": a damaged block, of the certificates or the key
+            damaged = _damaged_certificate(cert)
+            if damaged is not None:
+                raise ConfigError(f"{where}.{cert_key}", f"cannot load {cert}: {damaged}") from exc
+            raise ConfigError(f"{where}.{key_key if key else cert_key}",
+                              f"cannot load {key or cert}: the private key is damaged "
+                              "(not a valid PEM private key)") from exc
         raise ConfigError(f"{where}.{cert_key}", f"cannot load {cert}: "
                           f"{describe_tls_error(exc, 'peer')}") from exc
 
@@ -134,7 +169,8 @@ def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
     try:
         context.load_verify_locations(cafile=path)
     except ssl.SSLError as exc:
-        raise ConfigError(key, f"cannot load {path}: {describe_tls_error(exc, 'peer')}") from exc
+        why = _damaged_certificate(path) or describe_tls_error(exc, "peer")
+        raise ConfigError(key, f"cannot load {path}: {why}") from exc
 
 
 def server_context(config: ProxyConfig) -> ssl.SSLContext:
