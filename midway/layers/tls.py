@@ -115,6 +115,15 @@ def _pem(path: str, key: str, marker: str, what: str) -> None:
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
 
 
+def _certificates_in(path: str) -> int:
+    """How many PEM certificates the file ``path`` holds (0 if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(m.group(1) == b"CERTIFICATE" for m in _PEM_BLOCK.finditer(f.read()))
+    except OSError:
+        return 0
+
+
 def _damaged_certificate(path: str) -> str | None:
     """Why a certificate of the PEM file ``path`` cannot be used, in words
     (``certificate 2 of the file is damaged (...)``), or None when each one
@@ -150,9 +159,11 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
         context.load_cert_chain(cert, key or None, password=_no_passphrase)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
+            order = (" (its first certificate: the leaf must come first, then its chain)"
+                     if _certificates_in(cert) > 1 else "")
             raise ConfigError(f"{where}.{key_key if key else cert_key}",
                               f"the private key does not match the certificate in "
-                              f"{cert}") from exc
+                              f"{cert}{order}") from exc
         if exc.reason is None:  # "PEM lib": a damaged block, of the certificates or the key
             damaged = _damaged_certificate(cert)
             if damaged is not None:

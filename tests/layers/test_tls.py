@@ -92,6 +92,16 @@ def test_a_key_of_another_certificate_names_tls_key(pki: Pki) -> None:
     assert err.message == f"the private key does not match the certificate in {pki.server_cert}"
 
 
+def test_a_chain_with_the_ca_first_says_the_leaf_must_come_first(tmp_path: Path, pki: Pki) -> None:
+    reversed_chain = tmp_path / "reversed.pem"
+    reversed_chain.write_text(pki.ca.read_text() + pki.server_cert.read_text())
+    err = refused(proxy(tls_cert=str(reversed_chain), tls_key=str(pki.server_key)))
+    assert (err.path, err.message) == (
+        "proxy.web.tls_key", f"the private key does not match the certificate in "
+                             f"{reversed_chain} (its first certificate: the leaf must come "
+                             "first, then its chain)")
+
+
 def test_a_damaged_certificate_or_key_is_named_in_words(tmp_path: Path, pki: Pki) -> None:
     # OpenSSL says "[SSL] PEM lib (_ssl.c:3905)" for both, and names no file.
     leaf, ca = pki.server_cert.read_text(), pki.ca.read_text()
