@@ -353,8 +353,9 @@ class ProxyConfig:
     tls_cert: str = option(
         "",
         "Terminate TLS from clients with this certificate (a PEM file; the chain, "
-        "leaf first, may follow it in the same file).  Read at start and on every "
-        "reconfigure.",
+        "leaf first, may follow it in the same file).  Read at start, on every "
+        "reconfigure and at every reload (SIGHUP, POST /reload), even with the "
+        "configuration unchanged: renew the files in place, then reload.",
         zero="(empty) no termination: bytes are relayed as they come", metavar="PATH",
     )
     tls_key: str = option(

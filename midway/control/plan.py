@@ -24,7 +24,9 @@ what it should run, and sorts each difference by what applying it costs:
   :attr:`Plan.restart_needed`.
 
 A reload re-imports hooks (``reload=True``), so a proxy with hooks always has
-them rebuilt then, edited module or not.
+them rebuilt then, edited module or not; and it reads TLS certificates, keys and
+CAs again (:attr:`ProxyPlan.certificates`), so a proxy with TLS is reconfigured
+then, renewed files or not: a renewal rewrites the files, not the configuration.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class ProxyPlan:
     ``None``: as it is."""
     reset: bool = False
     """Close its open connections (Toxiproxy's behaviour for a moved proxy)."""
+    certificates: bool = False
+    """A reload of a proxy with TLS: its certificate, key and CA files are read
+    again (a reconfigure builds its contexts anew), whatever else changed."""
 
     @property
     def elements(self) -> bool:
@@ -122,7 +127,7 @@ def plan(old: Target, new: Target, *, reset: frozenset[str] = frozenset(),
             change.enable = enabled
         change.reset = proxy.name in reset
         if (change.listen or change.settings or change.elements or change.toxics
-                or change.enable is not None or change.reset):
+                or change.enable is not None or change.reset or change.certificates):
             result.change.append(change)
     return result
 
@@ -136,6 +141,7 @@ def _proxy_plan(old: ProxyConfig, new: ProxyConfig, *, reload: bool) -> ProxyPla
     change.capture = any(getattr(old, k) != getattr(new, k) for k in CAPTURE_KEYS)
     change.dump = any(getattr(old, k) != getattr(new, k) for k in DUMP_KEYS)
     change.hooks = old.hooks != new.hooks or (reload and bool(new.hooks))
+    change.certificates = reload and bool(new.tls_cert or new.upstream_tls)
     change.toxics = _toxic_plan(old.toxics, new.toxics)
     return change
 

@@ -105,11 +105,13 @@ class ProxyProtocolIn:
                 while True:
                     chunk = await conn.recv_client(parser.wanted)
                     if not chunk:
+                        # Nothing at all: a TCP health check (connect, close) needs no
+                        # fixing: info, not warning (HAProxy's dontlognull logs none).
                         raise LayerRefused(
                             CloseReason.BAD_PROXY_HEADER,
                             "the peer closed before sending a PROXY header" if not got else
                             f"the peer closed after {got} bytes of a PROXY header",
-                            logging.WARNING)
+                            logging.WARNING if got else logging.INFO)
                     got += len(chunk)
                     header = parser.feed(chunk)
                     if header is not None:

@@ -304,7 +304,8 @@ class ProxyProtocolParser:
                 self._version = 2
             else:
                 expected = {"v1": "a v1 header", "v2": "a v2 header", "any": "a v1 or v2 header"}
-                raise _fail(f"expected {expected[self._mode]}, got first byte 0x{first:02x}")
+                raise _fail(f"expected {expected[self._mode]}, got first byte 0x{first:02x}"
+                            f"{_first_byte_hint(first)}")
         if self._version == 1:
             return self._advance_v1()
         return self._advance_v2()
@@ -357,6 +358,20 @@ class ProxyProtocolParser:
         if len(buf) < self._total:
             return None
         return _parse_v2(bytes(buf))
+
+
+def _first_byte_hint(first: int) -> str:
+    """What a refused first byte most likely is, for the operator reading the log."""
+    if first == V1_SIGNATURE[0]:
+        return " (a v1 header? the sender uses send-proxy: set proxy_protocol_in to v1 or any)"
+    if first == V2_SIGNATURE[0]:
+        return (" (a v2 header? the sender uses send-proxy-v2: set proxy_protocol_in to v2 "
+                "or any)")
+    if first == 0x16:
+        return " (a TLS handshake: the sender sent no PROXY header)"
+    if 0x20 < first < 0x7f:
+        return " (plain data: the sender sent no PROXY header)"
+    return ""
 
 
 def _parse_v1(line: bytes) -> ProxyHeader:

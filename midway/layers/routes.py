@@ -52,7 +52,7 @@ def normalize_pattern(pattern: str) -> str:
             raise RoutePatternError(f"SNI pattern {pattern!r} is not a valid IDNA name") from None
     if not host or len(host) > _NAME_MAX:
         raise RoutePatternError(f"SNI pattern {pattern!r} must be a host name of 1 to "
-                                f"{_NAME_MAX} characters, or '*.' and one")
+                                f"{_NAME_MAX} characters, or '*.' followed by one")
     if "*" in host:
         raise RoutePatternError(f"SNI pattern {pattern!r}: '*' may only be the whole first "
                                 f"label, as in '*.example.com'")

@@ -11,7 +11,8 @@ connection never takes the zero-copy path.
 * **Termination** (``tls_cert``): the handshake runs in the connection's inbound
   task, on the relay's poller, bounded by ``tls_handshake_timeout_s``; the
   accept loop never waits for it.  The name the client asked for (SNI) becomes
-  the ``sni`` route key and ``info.sni``; the agreed ALPN protocol ``info.alpn``.
+  the ``sni`` route key and ``info.sni``; the agreed ALPN protocol ``info.alpn``
+  and the ``alpn`` route key (which a v2 ``proxy_protocol_out`` header carries).
   Bytes an earlier layer read past its own header (a PROXY header's) are the
   first ciphertext.
 * **Origination** (``upstream_tls``): after the dial (and after a PROXY header,
@@ -32,7 +33,10 @@ key, which :func:`check_tls` (``midway --check``) finds before any start.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
+import re
 import ssl
 
 from ..config.schema import ProxyConfig
@@ -108,6 +112,40 @@ def _pem(path: str, key: str, marker: str, what: str) -> None:
                                "by midway only)")
 
 
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
+
+
+def _certificates_in(path: str) -> int:
+    """How many PEM certificates the file ``path`` holds (0 if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(m.group(1) == b"CERTIFICATE" for m in _PEM_BLOCK.finditer(f.read()))
+    except OSError:
+        return 0
+
+
+def _damaged_certificate(path: str) -> str | None:
+    """Why a certificate of the PEM file ``path`` cannot be used, in words
+    (``certificate 2 of the file is damaged (...)``), or None when each one
+    can.  For OpenSSL's ``PEM lib``, which names neither the file nor the block."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    blocks = [m.group(2) for m in _PEM_BLOCK.finditer(text) if m.group(1) == b"CERTIFICATE"]
+    for n, body in enumerate(blocks, 1):
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except binascii.Error:
+            return f"certificate {n} of the file is damaged (its PEM block is not valid base64)"
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
+        except ssl.SSLError:
+            return f"certificate {n} of the file is damaged (not a valid X.509 certificate)"
+    return None
+
+
 def _no_passphrase() -> bytes:
     raise ConfigError("", "the private key asks for a passphrase")
 
@@ -121,9 +159,18 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
         context.load_cert_chain(cert, key or None, password=_no_passphrase)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
+            order = (" (its first certificate: the leaf must come first, then its chain)"
+                     if _certificates_in(cert) > 1 else "")
             raise ConfigError(f"{where}.{key_key if key else cert_key}",
                               f"the private key does not match the certificate in "
-                              f"{cert}") from exc
+                              f"{cert}{order}") from exc
+        if exc.reason is None:  # "PEM lib": a damaged block, of the certificates or the key
+            damaged = _damaged_certificate(cert)
+            if damaged is not None:
+                raise ConfigError(f"{where}.{cert_key}", f"cannot load {cert}: {damaged}") from exc
+            raise ConfigError(f"{where}.{key_key if key else cert_key}",
+                              f"cannot load {key or cert}: the private key is damaged "
+                              "(not a valid PEM private key)") from exc
         raise ConfigError(f"{where}.{cert_key}", f"cannot load {cert}: "
                           f"{describe_tls_error(exc, 'peer')}") from exc
 
@@ -133,7 +180,8 @@ def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
     try:
         context.load_verify_locations(cafile=path)
     except ssl.SSLError as exc:
-        raise ConfigError(key, f"cannot load {path}: {describe_tls_error(exc, 'peer')}") from exc
+        why = _damaged_certificate(path) or describe_tls_error(exc, "peer")
+        raise ConfigError(key, f"cannot load {path}: {why}") from exc
 
 
 def server_context(config: ProxyConfig) -> ssl.SSLContext:
@@ -258,6 +306,8 @@ class TlsTermination:
         conn.replace_client(stream)
         info = conn.info
         info.alpn = stream.alpn()
+        if info.alpn is not None:
+            conn.route["alpn"] = info.alpn  # what proxy_protocol_out v2 sends as ALPN
         sni = getattr(stream.obj, _SNI_ATTR, None)
         if sni is not None:
             info.sni = sni

@@ -70,6 +70,16 @@ def test_elements_are_rebuilt_by_kind_and_hooks_at_every_reload() -> None:
     assert change.hooks and not change.settings  # re-imported, the module may have changed
 
 
+def test_a_reload_reads_the_tls_files_of_an_unchanged_proxy_again() -> None:
+    # A renewed certificate is a new file under the same name: only a reload says so.
+    for tls in [{"tls_cert": "/etc/midway/site.pem"}, {"upstream_tls": True}]:
+        same = proxy(**tls)
+        assert plan(target(same), target(same)).change == []  # an API change: not read
+        (change,) = plan(target(same), target(same), reload=True).change
+        assert change.certificates and not change.settings and not change.listen
+    assert plan(target(proxy()), target(proxy()), reload=True).change == []
+
+
 def test_toxics_by_name_in_place_or_replaced() -> None:
     old = proxy(toxics=[])
     before = dataclasses.replace(old, toxics=(latency(100, "a"), latency(100, "b"),

@@ -1,11 +1,15 @@
 """The PROXY protocol and SNI routing against real peers from Debian, on loopback:
 
-- HAProxy ``send-proxy-v2`` in front of midway (``proxy_protocol_in = "v2"``), a
+- HAProxy ``send-proxy-v2`` (and ``send-proxy``, v1) in front of midway
+  (``proxy_protocol_in = "v2"``, ``"v1"``, ``"any"``), a
   client from 127.0.0.7: midway's access log and the balancer's key see 127.0.0.7,
   and the backend, through midway's ``proxy_protocol_out = "v1"``, reads it in the
   v1 line;
 - nginx ``stream`` with ``listen ... proxy_protocol`` behind midway
   (``proxy_protocol_out = "v2"``): nginx's access log shows the client, 127.0.0.7;
+- HAProxy terminating TLS and sending v2 with AUTHORITY: midway routes by that
+  name and sends v2 on to a second HAProxy (``accept-proxy``), which passes the
+  client to a backend: only midway's header can have told it;
 - ``curl --resolve`` to two SNI names through one midway port, reaching two TLS
   servers (certificates made by openssl at test time) without termination.
 
@@ -102,7 +106,10 @@ def v1_backend() -> Any:
     return handler
 
 
-def test_haproxy_send_proxy_v2_then_midway_then_v1_to_the_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("send", "accept"), [("send-proxy-v2", "v2"), ("send-proxy", "v1"),
+                                            ("send-proxy", "any")])
+def test_haproxy_send_proxy_v2_then_midway_then_v1_to_the_backend(
+        tmp_path: Path, send: str, accept: str) -> None:
     haproxy = need("haproxy", "haproxy")
 
     async def main() -> None:
@@ -110,7 +117,7 @@ def test_haproxy_send_proxy_v2_then_midway_then_v1_to_the_backend(tmp_path: Path
         front = free_port()
         async with serve(v1_backend()) as a, serve(v1_backend()) as b, \
                 midway.Proxy("127.0.0.1:0", [f"127.0.0.1:{a}", f"127.0.0.1:{b}"],
-                             observers=[records], proxy_protocol_in="v2",
+                             observers=[records], proxy_protocol_in=accept,
                              proxy_protocol_trusted=["127.0.0.1/32"],
                              proxy_protocol_out="v1") as proxy:
             recorder = KeyRecorder(proxy.service.pool.balancer)
@@ -126,7 +133,7 @@ frontend in
     bind 127.0.0.1:{front}
     default_backend midway
 backend midway
-    server m 127.0.0.1:{proxy.port} send-proxy-v2
+    server m 127.0.0.1:{proxy.port} {send}
 """)
             async with process(haproxy, "-db", "-f", str(config)):
                 await wait_listening(front)
@@ -243,4 +250,78 @@ def test_curl_reaches_two_tls_backends_by_sni_through_one_port(tmp_path: Path) -
                 server.close()
         assert bodies == [name.encode() for name in names]
         assert sorted((r.route, r.sni) for r in records.records) == [(n, n) for n in names]
+    run(main(), timeout=60)
+
+
+def line_backend() -> Any:
+    """Reads the PROXY v1 line, then one line of data; answers ``CLIENT LINE``."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            header = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), 10)
+            writer.write(header.split()[2] + b" " + line)
+            await writer.drain()
+        finally:
+            writer.close()
+    return handler
+
+
+def test_haproxy_terminates_tls_midway_routes_by_authority_and_haproxy_behind_reads_v2(
+        tmp_path: Path) -> None:
+    # client (127.0.0.7) -TLS-> HAProxy, which terminates and sends v2 with the
+    # AUTHORITY TLV -> midway, which routes by it and sends v2 on -> HAProxy
+    # `accept-proxy` -> send-proxy (v1) -> a backend that answers with the client.
+    # Only midway's v2 header can have told the second HAProxy who the client is.
+    haproxy = need("haproxy", "haproxy")
+    need("openssl", "openssl")
+    name = "api.example.test"
+    cert, key = _certificate(tmp_path, name)
+    crt = tmp_path / "site.crt"
+    crt.write_bytes(cert.read_bytes() + key.read_bytes())
+
+    async def main() -> None:
+        records = Records()
+        front, back = free_port(), free_port()
+        async with serve(line_backend()) as app, serve() as wrong, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{wrong}", observers=[records],
+                             proxy_protocol_in="v2", proxy_protocol_trusted=["127.0.0.1"],
+                             proxy_protocol_out="v2",
+                             routes=[{"name": "api", "sni": name,
+                                      "upstreams": f"127.0.0.1:{back}"}]) as proxy:
+            config = tmp_path / "haproxy.cfg"
+            config.write_text(f"""\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend tls
+    bind 127.0.0.1:{front} ssl crt {crt}
+    default_backend midway
+backend midway
+    server m 127.0.0.1:{proxy.port} send-proxy-v2 proxy-v2-options authority
+frontend behind
+    bind 127.0.0.1:{back} accept-proxy
+    default_backend app
+backend app
+    server a 127.0.0.1:{app} send-proxy
+""")
+            async with process(haproxy, "-db", "-f", str(config)):
+                await wait_listening(front)
+                await wait_listening(back)
+                context = ssl.create_default_context(cafile=str(cert))
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", front, ssl=context, server_hostname=name,
+                    local_addr=(CLIENT_HOST, 0))
+                try:
+                    writer.write(b"hello\n")
+                    answer = await asyncio.wait_for(reader.readuntil(b"\n"), 10)
+                finally:
+                    writer.close()
+                async with asyncio.timeout(5):
+                    while not any(r.client.startswith(CLIENT_HOST) for r in records.records):
+                        await asyncio.sleep(0.02)
+        assert answer == f"{CLIENT_HOST} hello\n".encode()
+        [record] = [r for r in records.records if r.client.startswith(f"{CLIENT_HOST}:")]
+        assert (record.route, record.sni, record.upstream) == ("api", name, f"127.0.0.1:{back}")
     run(main(), timeout=60)

@@ -143,6 +143,37 @@ def test_local_is_served_with_the_peer_s_own_address() -> None:
     run(main())
 
 
+def test_allow_deny_and_the_per_source_limit_judge_the_real_client() -> None:
+    """The balancer (127.0.0.1) is never denied; the clients its headers name are."""
+    async def main() -> None:
+        got: list[bytes] = []
+        records = Records()
+        async with serve(recording_backend(got)) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", observers=[records],
+                             proxy_protocol_in="v1", deny=["192.0.2.0/24"],
+                             max_connections_per_source=1, **TRUST_LOOPBACK) as proxy:
+            assert await exchange(proxy.port, build_v1(("192.0.2.7", 1), SERVICE)) == b""
+            denied = await records.one()
+            records.records.clear()
+            # One connection of 198.51.100.9 held open: its second is refused.
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(build_v1(("198.51.100.9", 2), SERVICE))
+            await writer.drain()
+            async with asyncio.timeout(5):
+                while not proxy.service.live:
+                    await asyncio.sleep(0.01)
+            assert await exchange(proxy.port, build_v1(("198.51.100.9", 3), SERVICE)) == b""
+            limited = await records.one()
+            assert await exchange(proxy.port, build_v1(("198.51.100.10", 4), SERVICE)) == b"ok"
+            writer.write_eof()
+            assert await read_to_eof(reader) == b"ok"
+            writer.close()
+        assert (denied.client, denied.reason, denied.upstream) == ("192.0.2.7:1", "denied", None)
+        assert (limited.client, limited.reason) == ("198.51.100.9:3", "source_limit")
+        assert got == [b"", b""]  # the two admitted, nothing of the refused ones
+    run(main())
+
+
 def test_refusals_close_with_their_reason_and_dial_nothing() -> None:
     async def main() -> None:
         got: list[bytes] = []

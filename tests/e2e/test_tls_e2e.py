@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -307,3 +308,84 @@ def test_check_names_the_key_of_a_bad_certificate_path(where: str, tmp_path: Pat
     key = "--tls-cert" if where == "flag" else "proxy.web.tls_cert"
     assert f"{key}: cannot read {missing}: No such file or directory" in err
     assert "Traceback" not in err
+
+
+def _served_certificate(port: int) -> bytes:
+    """The DER of the leaf certificate midway serves on ``port``."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), TIMEOUT_S)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_reload_reads_a_renewed_certificate_with_an_unchanged_configuration(
+        pki: Pki, tmp_path: Path) -> None:
+    # Renewal (certbot, cert-manager) rewrites the files the configuration names;
+    # the configuration stays the same, and a SIGHUP must pick the new pair up.
+    cert, key = tmp_path / "site.pem", tmp_path / "site.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    config = tmp_path / "midway.toml"
+    config.write_text(f'[proxy.web]\nlisten = "127.0.0.1:0"\nupstreams = "127.0.0.1:1"\n'
+                      f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    before = ssl.PEM_cert_to_DER_cert(pki.server_cert.read_text())
+    after = ssl.PEM_cert_to_DER_cert(pki.other_cert.read_text())
+    with proxy_process("--config", str(config)) as mw:
+        assert _served_certificate(mw.port) == before
+        shutil.copy(pki.other_cert, cert)
+        shutil.copy(pki.other_key, key)
+        mw.signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload: done" in mw.stderr_text(), 10), mw.stderr_text()
+        assert _served_certificate(mw.port) == after
+        # A renewal that left a broken file keeps the running certificate.
+        cert.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        mw.signal(signal.SIGHUP)
+        assert wait_until(lambda: "still running the previous configuration"
+                          in mw.stderr_text(), 10), mw.stderr_text()
+        assert _served_certificate(mw.port) == after
+        assert "Traceback" not in mw.stderr_text()
+
+
+def test_termination_sends_the_agreed_alpn_and_the_sni_in_a_proxy_v2_header(pki: Pki) -> None:
+    # The docs promise "ALPN when the protocol is known (... a TLS-terminating
+    # layer's)": what the upstream behind midway reads in the v2 header.
+    from midway.layers.proxy_protocol import ProxyProtocolParser
+
+    got: dict[str, object] = {}
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT_S)
+
+        def upstream() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT_S)
+                parser = ProxyProtocolParser("v2")
+                header = None
+                while header is None:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    header = parser.feed(chunk)
+                got["header"] = header
+                conn.sendall(b"ok")
+
+        thread = threading.Thread(target=upstream, daemon=True)
+        thread.start()
+        with proxy_process("127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}",
+                           "--tls-cert", str(pki.server_chain), "--tls-alpn", "h2",
+                           "--tls-alpn", "http/1.1", "--proxy-protocol-out", "v2") as mw:
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            raw = socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.selected_alpn_protocol() == "h2"
+                assert tls.recv(2) == b"ok"
+            thread.join(TIMEOUT_S)
+    header = got.get("header")
+    assert header is not None, "no PROXY header reached the upstream"
+    assert header.authority == "localhost"  # type: ignore[attr-defined]
+    assert header.alpn == b"h2"  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ way a trusted peer's header can be missing, malformed or late."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -158,9 +159,12 @@ def test_a_peer_that_closes_mid_header_is_bad_proxy_header() -> None:
     data = load("proxy_v2_tcp4")[:20]
     exc = refused(FakeConn([data]))
     assert exc.reason is CloseReason.BAD_PROXY_HEADER
-    assert "after 20 bytes" in str(exc)
+    assert "after 20 bytes" in str(exc) and exc.level == logging.WARNING
+    # Connect and close without a byte: a TCP health check (an AWS NLB's, a
+    # plain HAProxy check), nothing for the operator to fix, so not a warning.
     exc = refused(FakeConn([]))
     assert "before sending a PROXY header" in str(exc)
+    assert exc.reason is CloseReason.BAD_PROXY_HEADER and exc.level == logging.INFO
 
 
 @pytest.mark.parametrize("sent", [b"", b"PROXY TCP4 1.2", load("proxy_v2_tcp4")[:15]])

@@ -132,6 +132,13 @@ def test_v2_header_split_after_the_signature_is_accepted_nginx_1400() -> None:
         (b"\x16\x03\x01", "any", "first byte 0x16"),
         (load("proxy_v2_tcp4"), "v1", "expected a v1 header"),
         (load("proxy_v1_tcp4"), "v2", "expected a v2 header"),
+        # What the operator has to change, said in the log line:
+        (load("proxy_v2_tcp4"), "v1", "(a v2 header? the sender uses send-proxy-v2: set "
+                                      "proxy_protocol_in to v2 or any)"),
+        (load("proxy_v1_tcp4"), "v2", "(a v1 header? the sender uses send-proxy: set "
+                                      "proxy_protocol_in to v1 or any)"),
+        (b"\x16\x03\x01", "v2", "(a TLS handshake: the sender sent no PROXY header)"),
+        (b"GET / HTTP/1.1\r\n", "v1", "(plain data: the sender sent no PROXY header)"),
         (b"PROXX TCP4", "any", "must start with 'PROXY '"),
         (b"PROXY TCP5 1.2.3.4 1.2.3.4 1 2\r\n", "any", "must be TCP4, TCP6 or UNKNOWN"),
         (b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n", "any", "bare LF"),

@@ -92,6 +92,45 @@ def test_a_key_of_another_certificate_names_tls_key(pki: Pki) -> None:
     assert err.message == f"the private key does not match the certificate in {pki.server_cert}"
 
 
+def test_a_chain_with_the_ca_first_says_the_leaf_must_come_first(tmp_path: Path, pki: Pki) -> None:
+    reversed_chain = tmp_path / "reversed.pem"
+    reversed_chain.write_text(pki.ca.read_text() + pki.server_cert.read_text())
+    err = refused(proxy(tls_cert=str(reversed_chain), tls_key=str(pki.server_key)))
+    assert (err.path, err.message) == (
+        "proxy.web.tls_key", f"the private key does not match the certificate in "
+                             f"{reversed_chain} (its first certificate: the leaf must come "
+                             "first, then its chain)")
+
+
+def test_a_damaged_certificate_or_key_is_named_in_words(tmp_path: Path, pki: Pki) -> None:
+    # OpenSSL says "[SSL] PEM lib (_ssl.c:3905)" for both, and names no file.
+    leaf, ca = pki.server_cert.read_text(), pki.ca.read_text()
+    bad_der = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    chain = tmp_path / "chain.pem"
+    chain.write_text(leaf + bad_der)
+    err = refused(proxy(tls_cert=str(chain), tls_key=str(pki.server_key)))
+    assert (err.path, err.message) == (
+        "proxy.web.tls_cert", f"cannot load {chain}: certificate 2 of the file is damaged "
+                              "(not a valid X.509 certificate)")
+    key = pki.server_key.read_text()
+    lines = key.splitlines()
+    lines[1] = lines[1][:10] + ("Q" if lines[1][10] != "Q" else "R") + lines[1][11:]
+    damaged = tmp_path / "damaged.key"
+    damaged.write_text("\n".join(lines) + "\n")
+    err = refused(proxy(tls_cert=str(pki.server_cert), tls_key=str(damaged)))
+    assert (err.path, err.message) == (
+        "proxy.web.tls_key", f"cannot load {damaged}: the private key is damaged "
+                             "(not a valid PEM private key)")
+    both = tmp_path / "both.pem"  # the key in the certificate's file: tls_cert is named
+    both.write_text(leaf + ca + "\n".join(lines) + "\n")
+    err = refused(proxy(tls_cert=str(both)))
+    assert err.path == "proxy.web.tls_cert" and "the private key is damaged" in err.message
+    err = refused(proxy(upstream_tls=True, upstream_tls_ca=str(chain)))
+    assert (err.path, err.message) == (
+        "proxy.web.upstream_tls_ca", f"cannot load {chain}: certificate 2 of the file is "
+                                     "damaged (not a valid X.509 certificate)")
+
+
 def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(
         tmp_path: Path, pki: Pki) -> None:
     encrypted = tmp_path / "encrypted.key"
@@ -105,7 +144,9 @@ def test_a_bad_ca_file_names_its_key(tmp_path: Path, pki: Pki) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     err = refused(proxy(tls_cert=str(pki.server_chain), tls_client_ca=str(junk)))
-    assert err.path == "proxy.web.tls_client_ca" and err.message.startswith(f"cannot load {junk}")
+    assert (err.path, err.message) == (
+        "proxy.web.tls_client_ca", f"cannot load {junk}: certificate 1 of the file is "
+                                   "damaged (its PEM block is not valid base64)")
     err = refused(proxy(upstream_tls=True, upstream_tls_ca=str(tmp_path / "none.pem")))
     assert err.path == "proxy.web.upstream_tls_ca" and "cannot read" in err.message
 
