@@ -209,12 +209,14 @@ class ControlPlane:
 
     # -- state -------------------------------------------------------------------
 
-    async def views(self) -> dict[str, ProxyView]:
-        """Every proxy as the workers run it: one worker's view, with each
-        proxy's ``upstreams`` merged over every worker (their connections added
-        up, down where any has it down: :func:`merge_upstreams`)."""
+    async def views(self, *, merged: bool = False) -> dict[str, ProxyView]:
+        """Every proxy as one worker runs it; ``merged``: with each proxy's
+        ``upstreams`` merged over every worker (their connections added up,
+        down where any has it down: :func:`merge_views`), as the API shows
+        them.  Changes read only one worker's (toxics, bound addresses), so a
+        hung worker delays only what shows the upstreams."""
         handles = self.fleet.handles()
-        if len(handles) <= 1:
+        if not merged or len(handles) <= 1:
             answer: dict[str, ProxyView] = await self.ask(Views())
             return answer
         # A worker that fails to answer (it died: it is being restarted) is left

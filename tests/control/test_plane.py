@@ -182,10 +182,10 @@ def test_views_add_up_every_workers_upstreams_and_skip_one_that_is_gone() -> Non
 
     fleet = FakeFleet(FakeWorker(1, view(3)), FakeWorker(2, view(4)))
     plane = ControlPlane(Target(Config()), fleet)
-    assert run(plane.views())["web"].upstreams[0]["active"] == 7
+    assert run(plane.views(merged=True))["web"].upstreams[0]["active"] == 7
     fleet.workers.append(FakeWorker(3, WorkerLost("it exited before answering")))
-    assert run(plane.views())["web"].upstreams[0]["active"] == 7
+    assert run(plane.views(merged=True))["web"].upstreams[0]["active"] == 7
     fleet.workers[:2] = []
     with pytest.raises(HostError) as caught:
-        run(plane.views())
+        run(plane.views(merged=True))
     assert caught.value.status == 503 and "worker 3" in caught.value.message
