@@ -69,8 +69,10 @@ class AdminHost(Protocol):
         :class:`HostError` when a worker could not apply it."""
         ...
 
-    async def views(self) -> dict[str, ProxyView]:
-        """Every proxy's live state, from a running worker."""
+    async def views(self, *, merged: bool = False) -> dict[str, ProxyView]:
+        """Every proxy's live state, from a running worker; ``merged``: with
+        each proxy's ``upstreams`` added up over every worker (what the API
+        shows), which asks every worker rather than one."""
         ...
 
     async def reload(self) -> dict[str, Any]:

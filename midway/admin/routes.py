@@ -212,7 +212,7 @@ class ToxiproxyAPI:
         return Response(200, (text + "\n").encode(), "application/json;charset=utf-8")
 
     async def proxy_index(self, body: bytes) -> Response:
-        views = await self.host.views()
+        views = await self.host.views(merged=True)
         return _json(200, {p.name: self._proxy_json(p, views.get(p.name))
                            for p in self.host.target.config.proxies})
 
@@ -304,7 +304,7 @@ class ToxiproxyAPI:
                 self._forget(config.name)
                 self._listen_text[config.name] = listen
                 self._upstream_text[config.name] = upstream
-        views = await self.host.views()
+        views = await self.host.views(merged=True)
         return _json(201, {"proxies": [self._proxy_json(self._proxy(target, c.name),
                                                         views.get(c.name))
                                        for c, _, _, _ in plans]})
@@ -489,7 +489,7 @@ class ToxiproxyAPI:
 
     async def _answer(self, status: int, name: str) -> Response:
         config = self._proxy(self.host.target, name)
-        return _json(status, self._proxy_json(config, (await self.host.views()).get(name)))
+        return _json(status, self._proxy_json(config, (await self.host.views(merged=True)).get(name)))
 
     def _forget(self, name: str) -> None:
         for texts in (self._listen_text, self._upstream_text, self._last_bound):

@@ -43,6 +43,7 @@ from ..config.schema import Config, ProxyConfig, ToxicSpec
 from ..config.target import Edit, Target, keep_ports
 from ..errors import ConfigError, ListenError
 from ..metrics import merge_snapshots, render
+from ..upstream.state import merge_snapshots as merge_upstreams
 from . import notify
 from .commands import (
     AddConnectionToxic,
@@ -59,7 +60,7 @@ from .commands import (
 )
 from .plan import live_server
 
-__all__ = ["ControlPlane", "Fleet", "Loader", "merge_reload"]
+__all__ = ["ControlPlane", "Fleet", "Loader", "merge_reload", "merge_views"]
 
 log = logging.getLogger("midway")
 
@@ -208,9 +209,25 @@ class ControlPlane:
 
     # -- state -------------------------------------------------------------------
 
-    async def views(self) -> dict[str, ProxyView]:
-        answer: dict[str, ProxyView] = await self.ask(Views())
-        return answer
+    async def views(self, *, merged: bool = False) -> dict[str, ProxyView]:
+        """Every proxy as one worker runs it; ``merged``: with each proxy's
+        ``upstreams`` merged over every worker (their connections added up,
+        down where any has it down: :func:`merge_views`), as the API shows
+        them.  Changes read only one worker's (toxics, bound addresses), so a
+        hung worker delays only what shows the upstreams."""
+        handles = self.fleet.handles()
+        if not merged or len(handles) <= 1:
+            answer: dict[str, ProxyView] = await self.ask(Views())
+            return answer
+        # A worker that fails to answer (it died: it is being restarted) is left
+        # out rather than failing the call, as ask() does with one worker.
+        answers = await asyncio.gather(*(h.call(Views()) for h in handles),
+                                       return_exceptions=True)
+        views = [a for a in answers if not isinstance(a, BaseException)]
+        if not views:
+            raise HostError("; ".join(f"worker {h.number}: {_what(a)}"
+                                      for h, a in zip(handles, answers, strict=True)), 503)
+        return merge_views(views)
 
     async def ask(self, command: Command) -> Any:
         """``command``'s answer from one running worker (the next if it fails)."""
@@ -280,6 +297,16 @@ class ControlPlane:
             raise HostError("; ".join(f"worker {h.number} (pid {h.pid}): {_what(a)}"
                                       for h, a in failed), 503)
         return None
+
+
+def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
+    """The first worker's views, each proxy's ``upstreams`` merged over every
+    worker that runs the proxy (:func:`~midway.upstream.state.merge_snapshots`).
+    Pure."""
+    first = per_worker[0] if per_worker else {}
+    return {name: dataclasses.replace(view, upstreams=tuple(merge_upstreams(
+                [views[name].upstreams for views in per_worker if name in views])))
+            for name, view in first.items()}
 
 
 def merge_reload(current: Target, loaded_before: Config, loaded: Config) -> Target:

@@ -43,7 +43,8 @@ from ..config.addresses import Address
 from .balancers import DEFAULT_BALANCE, MAX_WEIGHT, Balancer, create
 from .health import HealthChange, HealthMachine, HealthSettings, log_change
 
-__all__ = ["UpstreamSpec", "UpstreamState", "UpstreamSet", "RESET_BEFORE_RESPONSE"]
+__all__ = ["UpstreamSpec", "UpstreamState", "UpstreamSet", "RESET_BEFORE_RESPONSE",
+           "merge_snapshots"]
 
 log = logging.getLogger("midway")
 
@@ -135,6 +136,31 @@ class UpstreamState:
             "last_check": None if last is None else
             {"at": last[0], "passed": last[1], "reason": last[2]},
         }
+
+
+def merge_snapshots(per_worker: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One ``upstreams`` list from each worker's (:meth:`UpstreamState.snapshot`),
+    as the admin API shows it with several workers: ``active``, ``connects`` and
+    ``connect_failures`` add up; ``state`` is ``down`` when any worker has the
+    upstream down (as ``midway_upstream_up`` takes the minimum: that worker
+    sends it no client); ``last_check`` is the latest of any worker's.  Entries
+    are matched by address, in the first worker's order (an address only some
+    workers have yet, in the middle of a change, comes after).  Pure."""
+    merged: dict[str, dict[str, Any]] = {}
+    for entries in per_worker:
+        for entry in entries:
+            into = merged.get(entry["address"])
+            if into is None:
+                merged[entry["address"]] = dict(entry)
+                continue
+            for key in ("active", "connects", "connect_failures"):
+                into[key] += entry[key]
+            if entry["state"] == "down":
+                into["state"] = "down"
+            last, mine = into["last_check"], entry["last_check"]
+            if mine is not None and (last is None or mine["at"] > last["at"]):
+                into["last_check"] = mine
+    return list(merged.values())
 
 
 class UpstreamSet:

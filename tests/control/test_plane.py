@@ -169,3 +169,23 @@ def test_a_call_unanswered_in_time_is_a_lost_worker() -> None:
         theirs.close()
 
     run(scenario())
+
+
+def test_views_add_up_every_workers_upstreams_and_skip_one_that_is_gone() -> None:
+    from midway.admin.host import ProxyView
+
+    def view(active: int) -> dict[str, ProxyView]:
+        entry = {"address": "a:1", "weight": 1, "backup": False, "state": "up",
+                 "active": active, "connects": active, "connect_failures": 0,
+                 "last_check": None}
+        return {"web": ProxyView("web", True, ("127.0.0.1:80",), upstreams=(entry,))}
+
+    fleet = FakeFleet(FakeWorker(1, view(3)), FakeWorker(2, view(4)))
+    plane = ControlPlane(Target(Config()), fleet)
+    assert run(plane.views(merged=True))["web"].upstreams[0]["active"] == 7
+    fleet.workers.append(FakeWorker(3, WorkerLost("it exited before answering")))
+    assert run(plane.views(merged=True))["web"].upstreams[0]["active"] == 7
+    fleet.workers[:2] = []
+    with pytest.raises(HostError) as caught:
+        run(plane.views(merged=True))
+    assert caught.value.status == 503 and "worker 3" in caught.value.message

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import re
 import shutil
 import socket
@@ -22,7 +24,7 @@ import pytest
 import midway
 from midway.metrics import Metrics
 
-from ..helpers import needs, run
+from ..helpers import needs, proxy_process, run, wait_until
 from .test_failover import _closed_port, _midway_log
 from .test_relay import Records
 
@@ -399,6 +401,97 @@ def test_a_redis_killed_under_benchmark_fails_no_request() -> None:
     # Failover happened, invisibly: some connections tried the dead server first.
     assert any(r.failures for r in records)
     assert len(records) >= requests
+
+
+def _start_redis(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(REDIS), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _api_upstreams(admin: int) -> dict[str, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+    try:
+        conn.request("GET", "/proxies/default", headers={"User-Agent": "midway-tests"})
+        shown = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return {u["address"]: u for u in shown["upstreams"]}
+
+
+def _benchmark(port: int, requests: int, clients: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REDIS_BENCHMARK), "-h", "127.0.0.1", "-p", str(port), "-t", "set,get",
+         "-n", str(requests), "-c", str(clients), "-q"],
+        capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.one_mode
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not REDIS or not REDIS_BENCHMARK,
+                    reason=needs("redis-server and redis-benchmark",
+                                 apt="redis-server redis-tools"))
+def test_a_killed_redis_is_marked_down_skipped_and_back_once_restarted() -> None:
+    """A user's run: ``midway`` (the quick form, PING/+PONG checks, the admin
+    API) before three redis servers, ``redis-benchmark -t set,get -c 50`` with
+    keep-alive connections, one server SIGKILLed in the middle.  The benchmark's
+    connections on that server are lost with it (redis-benchmark stops: "Server
+    closed the connection"; midway does not replay requests); the server is
+    marked down within fall x interval + 1 s; the next benchmark, started at
+    once, fails no request and sends that server no connection; restarted on its
+    port, it is marked up within rise x interval + 1 s and gets clients again."""
+    interval, fall, rise = 0.3, 2, 2
+    with redis_servers(3) as servers, proxy_process(
+            "127.0.0.1:0", *[a for a, _ in servers], "--admin", "127.0.0.1:0",
+            "--health-interval-s", str(interval), "--health-fall", str(fall),
+            "--health-rise", str(rise), "--health-send", r"PING\r\n",
+            "--health-expect", "+PONG") as proxy:
+        assert wait_until(lambda: any("admin API" in line for line in proxy.stderr_lines), 10)
+        admin = int(next(line for line in proxy.stderr_lines
+                         if "admin API" in line).rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+        conn.request("GET", "/proxies/default", headers={"User-Agent": "midway-tests"})
+        port = int(json.loads(conn.getresponse().read())["listen"].rsplit(":", 1)[1])
+        conn.close()
+        victim, victim_proc = servers[1]
+        victim_port = int(victim.rsplit(":", 1)[1])
+        during = subprocess.Popen(
+            [str(REDIS_BENCHMARK), "-h", "127.0.0.1", "-p", str(port), "-t", "set,get",
+             "-n", "400000", "-c", "50", "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert wait_until(lambda: _api_upstreams(admin)[victim]["active"] > 0, 10)
+            time.sleep(0.5)
+            victim_proc.kill()
+            victim_proc.wait(5)
+            killed_at = time.monotonic()
+            assert wait_until(lambda: _api_upstreams(admin)[victim]["state"] == "down",
+                              fall * interval + 1.0), _api_upstreams(admin)[victim]
+            assert time.monotonic() - killed_at <= fall * interval + 1.0
+            out, _ = during.communicate(timeout=60)
+        finally:
+            if during.poll() is None:
+                during.kill()
+                during.wait(10)
+        # Only what the dead server held was lost, and said so.
+        assert during.returncode == 0 or re.search(
+            r"Server closed the connection|Connection reset by peer", out), out
+        before = _api_upstreams(admin)[victim]["connects"]
+        after_kill = _benchmark(port, 20000, 50)
+        assert after_kill.returncode == 0, after_kill.stdout + after_kill.stderr
+        assert re.search(r"GET: [\d.]+ requests per second", after_kill.stdout)
+        assert _api_upstreams(admin)[victim]["connects"] == before
+        assert _api_upstreams(admin)[victim]["active"] == 0
+        # Back on its port: checks bring it up, and it is used again.
+        servers[1] = (victim, _start_redis(victim_port))
+        back_from = time.monotonic()
+        assert wait_until(lambda: _api_upstreams(admin)[victim]["state"] == "up",
+                          rise * interval + 3.0), _api_upstreams(admin)[victim]
+        assert time.monotonic() - back_from <= rise * interval + 3.0  # its start-up too
+        again = _benchmark(port, 3000, 10)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert _api_upstreams(admin)[victim]["connects"] > before
+        assert "Traceback" not in proxy.stderr_text()
 
 
 # -- the command line's quick form ---------------------------------------------------

@@ -158,6 +158,41 @@ def test_metrics_add_up_both_workers_to_exactly_the_access_log(echo_port: int,
         assert proxy.wait(20) == 0
 
 
+def test_the_upstreams_list_counts_the_connections_of_every_worker(echo_port: int) -> None:
+    """docs/balancing.md's drain: weight 0, "wait until the admin API shows
+    active: 0", then take the upstream out.  With two workers, the API's
+    ``active`` and ``connects`` must be both workers' (as /metrics is), or an
+    operator would take out an upstream that the other worker still serves."""
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--admin", "127.0.0.1:0") as (proxy, _):
+        both_up(proxy)
+        api = Api(proxy)
+        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+
+        def upstream() -> dict[str, Any]:
+            status, shown = api.request("GET", "/proxies/default")
+            assert status == 200
+            entry: dict[str, Any] = shown["upstreams"][0]
+            return entry
+
+        # 20 connections all on one worker: odds of 2**-19.
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        try:
+            for client in clients:
+                client.sendall(b"x")
+                assert client.recv(1) == b"x"
+            assert wait_until(lambda: upstream()["active"] == 20, timeout=10), upstream()
+            assert upstream()["connects"] == 20 and upstream()["state"] == "up"
+            _, listed = api.request("GET", "/proxies")
+            assert listed["default"]["upstreams"][0]["active"] == 20
+        finally:
+            for client in clients:
+                client.close()
+        assert wait_until(lambda: upstream()["active"] == 0, timeout=10), upstream()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+
+
 @pytest.mark.skipif(shutil.which("tshark") is None, reason=needs("tshark", apt="tshark"))
 def test_each_worker_writes_a_capture_of_its_own(echo_port: int, tmp_path: Path) -> None:
     capture, access_log = tmp_path / "capture.pcap", tmp_path / "access.log"

@@ -7,14 +7,18 @@ proxy drains; an edited hook module is imported anew."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +27,15 @@ from typing import Any
 import pytest
 
 from .. import helpers
-from ..helpers import ProxyProcess, proxy_process, run, serve, threaded_echo, wait_until
+from ..helpers import (
+    ProxyProcess,
+    needs,
+    proxy_process,
+    run,
+    serve,
+    threaded_echo,
+    wait_until,
+)
 
 LIVE_STREAMS = 200
 """Connections open through every reload, each echoing a chunk every
@@ -380,3 +392,140 @@ def test_what_needs_a_restart_is_said_and_kept(tmp_path: Path, echo_port: int) -
         assert roundtrip(proxy.port) == b"ping"
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(15) == 0
+
+
+# -- a user's run: wrk through two workers while the file changes -------------------
+
+NGINX, WRK = shutil.which("nginx"), shutil.which("wrk")
+
+
+@contextlib.contextmanager
+def nginx_servers(tmp_path: Path, n: int, body_file: Path) -> Iterator[list[str]]:
+    """``n`` nginx servers (one process each), answering ``GET /`` with their
+    name and ``GET /big`` with ``body_file``; yields their addresses."""
+    procs, addresses = [], []
+    try:
+        for i in range(n):
+            root = tmp_path / f"nginx{i}"
+            root.mkdir()
+            port = helpers.free_port()
+            temp = " ".join(f"{kind}_temp_path {root};" for kind in
+                            ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+            (root / "nginx.conf").write_text(
+                f"daemon off; master_process off; pid {root}/nginx.pid;\n"
+                f"error_log {root}/error.log;\nevents {{ worker_connections 1024; }}\n"
+                f"http {{ access_log off; {temp}\n"
+                f"  server {{ listen 127.0.0.1:{port};\n"
+                f'    location / {{ return 200 "nginx{i}\\n"; }}\n'
+                f"    location /big {{ alias {body_file}; }} }} }}\n")
+            procs.append(subprocess.Popen([str(NGINX), "-c", str(root / "nginx.conf")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            addresses.append(f"127.0.0.1:{port}")
+        for address in addresses:
+            assert wait_until(lambda a=address: not refused(int(a.rsplit(":", 1)[1])), 10)
+        yield addresses
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+
+
+def slow_download(port: int, size: int, out: dict[str, Any]) -> None:
+    """GET /big read in small pieces over seconds; ``out`` gets its sha256."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        body = bytearray(data.split(b"\r\n\r\n", 1)[1])
+        while chunk := sock.recv(32768):
+            body += chunk
+            time.sleep(0.04)  # about 8 s for 6 MiB: open through every reload
+    out["sha256"], out["size"] = hashlib.sha256(body).hexdigest(), len(body)
+    out["done_at"] = time.monotonic()
+    assert out["size"] == size
+
+
+@pytest.mark.one_mode
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not NGINX or not WRK, reason=needs("nginx and wrk", apt="nginx-light wrk"))
+def test_reloads_with_two_workers_under_wrk_fail_no_request(tmp_path: Path) -> None:
+    """``workers = 2``, wrk running through midway to nginx servers, and a slow
+    download open; the file is changed and reloaded (SIGHUP and ``POST
+    /reload``): a weight, an upstream added, one removed, a timeout, a broken
+    file (refused, logged, the old config serving on).  wrk sees no socket error
+    and no non-2xx answer, the download arrives whole, every upstream of the
+    last file serves, and a removed one gets no new connection."""
+    body = random.Random(7).randbytes(6 << 20)
+    big = tmp_path / "big.bin"
+    big.write_bytes(body)
+    config = tmp_path / "midway.toml"
+    server = {"workers": 2, "admin": "127.0.0.1:0",
+              "access_log": str(tmp_path / "access.log")}
+    with nginx_servers(tmp_path, 3, big) as (a, b, c):
+        write_config(config, {"web": {"listen": "127.0.0.1:0", "upstreams": [a, b]}}, server)
+        with proxy_process("--config", str(config)) as proxy:
+            port, api = port_of(proxy, "web"), admin_port(proxy)
+            assert wait_until(lambda: count(proxy, "started 2 workers") > 0, 20)
+
+            def web(upstreams: list[Any], **more: Any) -> None:
+                write_config(config, {"web": {"listen": f"127.0.0.1:{port}",
+                                              "upstreams": upstreams, **more}}, server)
+
+            wrk = subprocess.Popen([str(WRK), "-t1", "-c20", "-d10s", f"http://127.0.0.1:{port}/"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            download: dict[str, Any] = {}
+            downloader = threading.Thread(target=slow_download,
+                                          args=(port, len(body), download))
+            try:
+                downloader.start()
+                time.sleep(1)
+                steps: list[tuple[list[Any], dict[str, Any]]] = [
+                    ([f"{a},weight=3", b], {}),
+                    ([f"{a},weight=3", b, c], {}),
+                    ([b, c], {}),
+                    ([b, c], {"connect_timeout_s": 2, "idle_timeout_s": 120}),
+                ]
+                for i, (upstreams, more) in enumerate(steps):
+                    done = count(proxy, "reload: done")
+                    web(upstreams, **more)
+                    if i % 2:
+                        assert post(api, "/reload")[0] == 200
+                    else:
+                        reload(proxy, done)
+                    time.sleep(1)
+                web([f"{b},weight=300", c])
+                refusals = count(proxy, "still running the previous configuration")
+                proxy.signal(signal.SIGHUP)
+                assert wait_until(lambda: count(
+                    proxy, "still running the previous configuration") > refusals, 20)
+                status, answer = post(api, "/reload")
+                assert status == 400 and "proxy.web.upstreams[0].weight" in answer["error"]
+                web([b, c])
+                reloads_done_at = time.monotonic()
+                out, _ = wrk.communicate(timeout=30)
+                downloader.join(30)
+            finally:
+                if wrk.poll() is None:
+                    wrk.kill()
+                    wrk.wait(10)
+            assert wrk.returncode == 0, out
+            assert re.search(r"\d+ requests in", out), out
+            assert "Socket errors" not in out and "Non-2xx" not in out, out
+            assert download.get("sha256") == hashlib.sha256(body).hexdigest()
+            assert download["done_at"] > reloads_done_at  # it was open through them all
+            # The last good file is in force: c serves, a (removed) gets nothing new.
+            served = [roundtrip_http(port) for _ in range(20)]
+            assert set(served) == {b"nginx1\n", b"nginx2\n"}, served
+            proxy.signal(signal.SIGTERM)
+            assert proxy.wait(30) == 0
+    assert "Traceback" not in proxy.stderr_text()
+
+
+def roundtrip_http(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1]

@@ -10,7 +10,7 @@ import pytest
 
 from midway.config.addresses import Address
 from midway.upstream.health import HealthChange, HealthSettings
-from midway.upstream.state import UpstreamSet, UpstreamSpec
+from midway.upstream.state import UpstreamSet, UpstreamSpec, merge_snapshots
 
 from .fakes import ManualClock
 
@@ -167,6 +167,29 @@ def test_snapshot_shows_what_the_admin_api_lists() -> None:
     # monotonic): the fake clock has not moved since the check, so "just now".
     assert abs(at - time.time()) < 60
     assert s.checked() == list(s.upstreams)
+
+
+def test_workers_snapshots_merge_into_one_list() -> None:
+    """With several workers the admin API adds their connections up, shows an
+    upstream down where any worker has it down, and the latest check."""
+    def entry(address: str, active: int, state: str = "up",
+              at: float | None = None) -> dict[str, object]:
+        check = None if at is None else {"at": at, "passed": state == "up", "reason": ""}
+        return {"address": address, "weight": 2, "backup": False, "state": state,
+                "active": active, "connects": 10 * active, "connect_failures": 1,
+                "last_check": check}
+
+    merged = merge_snapshots([
+        [entry("a:1", 3, at=5.0), entry("b:1", 1)],
+        [entry("a:1", 4, "down", at=7.0), entry("b:1", 0), entry("c:1", 2)],
+    ])
+    assert [m["address"] for m in merged] == ["a:1", "b:1", "c:1"]
+    a, b, c = merged
+    assert (a["active"], a["connects"], a["connect_failures"]) == (7, 70, 2)
+    assert a["state"] == "down" and a["last_check"] == {"at": 7.0, "passed": False, "reason": ""}
+    assert b["state"] == "up" and b["active"] == 1 and b["last_check"] is None
+    assert c["active"] == 2 and a["weight"] == 2
+    assert merge_snapshots([]) == []
 
 
 @pytest.mark.parametrize("weight", [-1, 257])
