@@ -59,6 +59,9 @@ def test_unknown_route_404_wrong_method_405(admin: Admin) -> None:
     assert admin.request("PUT", "/proxies").status == 405
     assert admin.request("GET", "/reset").status == 405
     assert admin.request("DELETE", "/proxies").status == 405
+    # RFC 9110 15.5.6: a 405 says which methods the resource has.
+    assert admin.request("PUT", "/metrics").headers["Allow"] == "GET"
+    assert admin.request("PUT", "/proxies/x").headers["Allow"] == "DELETE, GET, PATCH, POST"
 
 
 def test_browsers_are_refused(admin: Admin) -> None:
@@ -393,6 +396,7 @@ def test_toxic_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
     for body in ({"type": "latency", "attributes": {"latency": "slow"}},
                  {"type": "latency", "attributes": {"latency": 1.5}},
                  {"type": "latency", "attributes": {"latency": -1}},
+                 {"type": "latency", "attributes": {"latency": 2 ** 63}},  # Go's int64
                  {"type": "latency", "attributes": {"latence": 1}},
                  {"type": "latency", "toxicity": 2},
                  {"type": "latency", "conditions": {"first_n": 0}}):
