@@ -456,6 +456,14 @@ class ProxyService:
         for direction in DIRECTIONS:
             set_stages(relay, direction, _stages(elements, rec.attached, direction))
 
+    def upstream_addresses(self) -> set[str]:
+        """Every upstream's address as configured, the SNI routes' included
+        (the ``upstream`` label of its metrics)."""
+        addresses = {str(u.address) for u in self.pool.upstreams}
+        addresses.update(str(u.address) for pool in self._route_sets.values()
+                         for u in pool.upstreams)
+        return addresses
+
     def reconfigure(self, config: ProxyConfig) -> None:
         """Use new settings and upstreams for new connections.  An upstream whose
         address stays keeps its state (active connections, counters, health).

@@ -177,7 +177,8 @@ class ToxiproxyAPI:
             return Response(404, b"404 page not found\n", TEXT)
         handler = self._routes.get((shape, method))
         if handler is None:
-            return Response(405, b"", TEXT)
+            allowed = ", ".join(sorted(m for (s, m) in self._routes if s == shape))
+            return Response(405, b"", TEXT, (("Allow", allowed),))
         args = [s for s, k in zip(segments, shape, strict=True) if k == "*"]
         try:
             if segments[0] == "connections":

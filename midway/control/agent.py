@@ -221,7 +221,16 @@ class WorkerAgent:
         }
 
     def _collect(self, command: CollectMetrics) -> dict[str, Any]:
+        self.metrics.forget(self._keep())
         return self.metrics.snapshot()
+
+    def _keep(self) -> dict[str, set[str]]:
+        """The proxies that still have series (serving or draining), and their
+        upstreams."""
+        keep: dict[str, set[str]] = {}
+        for service in self.runtime.all_services():
+            keep.setdefault(service.name, set()).update(service.upstream_addresses())
+        return keep
 
     def _connections(self, command: ListConnections) -> list[dict[str, Any]]:
         return list_connections(self.runtime, self.number, command.proxy, command.id)
@@ -249,7 +258,7 @@ class WorkerAgent:
 
     def _declare(self) -> None:
         for name, service in self.runtime.services.items():
-            self.metrics.declare_proxy(name, [str(u.address) for u in service.config.upstreams])
+            self.metrics.declare_proxy(name, sorted(service.upstream_addresses()))
 
     def _live_bytes(self) -> Iterator[Sample]:
         """Bytes of the connections still open, added to the counted ones at

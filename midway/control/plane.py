@@ -42,7 +42,7 @@ from ..admin.host import HostError, ProxyView
 from ..config.schema import Config, ProxyConfig, ToxicSpec
 from ..config.target import Edit, Target, keep_ports
 from ..errors import ConfigError, ListenError
-from ..metrics import merge_snapshots, render
+from ..metrics import METRICS, Snapshot, cumulative, merge_snapshots, render, retain
 from ..upstream.state import merge_snapshots as merge_upstreams
 from . import notify
 from .commands import (
@@ -63,6 +63,11 @@ from .plan import live_server
 __all__ = ["ControlPlane", "Fleet", "Loader", "merge_reload", "merge_views"]
 
 log = logging.getLogger("midway")
+
+VIEW_GRACE_S = 1.0
+"""Once one worker has answered a :class:`Views`, how long the others may take
+before the answer is made without them (a hung worker must not hold up every
+read of the API)."""
 
 Loader = Callable[[], Config]
 """Reads and validates the configuration file, exactly as a start and
@@ -106,6 +111,11 @@ class ControlPlane:
         self.reloads = 0
         self.reloaded: list[Callable[[], None]] = []
         """Called after each successful reload (the admin API takes its new token)."""
+        self._scraped: dict[tuple[int, int], Snapshot] = {}
+        """Each running worker's last metrics snapshot, by (number, pid)."""
+        self._ended: Snapshot = merge_snapshots([])
+        """The counters and histograms of the workers that ended, as last scraped:
+        a restarted worker starts from zero, and the sums must not go back."""
 
     @property
     def target(self) -> Target:
@@ -211,23 +221,39 @@ class ControlPlane:
 
     async def views(self, *, merged: bool = False) -> dict[str, ProxyView]:
         """Every proxy as one worker runs it; ``merged``: with each proxy's
-        ``upstreams`` merged over every worker (their connections added up,
-        down where any has it down: :func:`merge_views`), as the API shows
-        them.  Changes read only one worker's (toxics, bound addresses), so a
-        hung worker delays only what shows the upstreams."""
+        ``upstreams`` merged over the workers that answered within
+        :data:`VIEW_GRACE_S` of the first (their connections added up, down where
+        any has it down: :func:`merge_views`), as the API shows them and as
+        ``/metrics`` sums them.  Changes read only one worker's (toxics, bound
+        addresses), so a hung worker delays only what shows the upstreams, and
+        that by at most the grace."""
         handles = self.fleet.handles()
         if not merged or len(handles) <= 1:
             answer: dict[str, ProxyView] = await self.ask(Views())
             return answer
+        calls = [asyncio.ensure_future(h.call(Views())) for h in handles]
+        pending: set[asyncio.Future[Any]] = set(calls)
+        loop = asyncio.get_running_loop()
+        grace_until: float | None = None
+        while pending:
+            timeout = None if grace_until is None else max(0.0, grace_until - loop.time())
+            done, pending = await asyncio.wait(pending, timeout=timeout,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            if grace_until is None and any(f.exception() is None for f in done):
+                grace_until = loop.time() + VIEW_GRACE_S
+        for late in pending:  # answered later, to no one
+            late.add_done_callback(_retrieve)
         # A worker that fails to answer (it died: it is being restarted) is left
         # out rather than failing the call, as ask() does with one worker.
-        answers = await asyncio.gather(*(h.call(Views()) for h in handles),
-                                       return_exceptions=True)
-        views = [a for a in answers if not isinstance(a, BaseException)]
-        if not views:
-            raise HostError("; ".join(f"worker {h.number}: {_what(a)}"
-                                      for h, a in zip(handles, answers, strict=True)), 503)
-        return merge_views(views)
+        answers = [f.result() for f in calls if f.done() and f.exception() is None]
+        if not answers:
+            problems = [f"worker {h.number}: {_what(f.exception())}"
+                        for h, f in zip(handles, calls, strict=True)
+                        if f.done() and f.exception() is not None]
+            raise HostError("; ".join(problems) or "no worker is running (restarting)", 503)
+        return merge_views(answers)
 
     async def ask(self, command: Command) -> Any:
         """``command``'s answer from one running worker (the next if it fails)."""
@@ -242,6 +268,9 @@ class ControlPlane:
     async def gather(self, command: Command) -> list[tuple[int, Any]]:
         """``command``'s answer from every running worker, as ``(worker number,
         answer)``; raises :class:`HostError` naming any worker that did not answer."""
+        return [(h.number, a) for h, a in await self._gather(command)]
+
+    async def _gather(self, command: Command) -> list[tuple[WorkerHandle, Any]]:
         handles = self.fleet.handles()
         answers = await asyncio.gather(*(h.call(command) for h in handles),
                                        return_exceptions=True)
@@ -250,14 +279,29 @@ class ControlPlane:
         if failed:
             raise HostError("; ".join(f"worker {h.number} (pid {h.pid}): {_what(a)}"
                                       for h, a in failed), 503)
-        return [(h.number, a) for h, a in zip(handles, answers, strict=True)]
+        return list(zip(handles, answers, strict=True))
 
     async def metrics(self) -> str:
         """Every running worker's metrics, summed, in Prometheus's text format.
         A worker that does not answer fails the scrape (503) rather than making
-        the totals drop."""
-        snapshots = [snapshot for _, snapshot in await self.gather(CollectMetrics())]
-        return render(merge_snapshots(snapshots))
+        the totals drop.  A worker that ended (and was restarted from zero)
+        still counts with what it had counted at the last scrape, so no counter
+        goes back; the series of proxies and upstreams no running worker has
+        any more are left out."""
+        scraped = {(h.number, h.pid): snapshot
+                   for h, snapshot in await self._gather(CollectMetrics())}
+        ended = [cumulative(s) for key, s in self._scraped.items() if key not in scraped]
+        self._scraped = scraped
+        live = merge_snapshots(list(scraped.values()))
+        keep: dict[str, set[str]] = {}
+        for spec in METRICS:
+            at = spec.labels.index("upstream") if "upstream" in spec.labels else None
+            for labels, _ in live["metrics"].get(spec.name, ()):
+                upstreams = keep.setdefault(labels[0], set())
+                if at is not None:
+                    upstreams.add(labels[at])
+        self._ended = retain(merge_snapshots([self._ended, *ended]), keep)
+        return render(merge_snapshots([live, self._ended]))
 
 
     # -- connections ---------------------------------------------------------------
@@ -307,6 +351,12 @@ def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
     return {name: dataclasses.replace(view, upstreams=tuple(merge_upstreams(
                 [views[name].upstreams for views in per_worker if name in views])))
             for name, view in first.items()}
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Take the outcome of a call no one waits for any more (it is not logged)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def merge_reload(current: Target, loaded_before: Config, loaded: Config) -> Target:

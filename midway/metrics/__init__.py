@@ -15,8 +15,18 @@ snapshot, the merge), :mod:`.exposition` (the text format), :mod:`.reference`
 """
 
 from .exposition import CONTENT_TYPE, render
-from .registry import Collector, Metrics, Sample, Snapshot, merge_snapshots
+from .registry import (
+    Collector,
+    Keep,
+    Metrics,
+    Sample,
+    Snapshot,
+    cumulative,
+    merge_snapshots,
+    retain,
+)
 from .table import METRICS, Kind, Merge, MetricSpec
 
 __all__ = ["Metrics", "Collector", "Sample", "Snapshot", "merge_snapshots", "render",
+           "retain", "cumulative", "Keep",
            "CONTENT_TYPE", "METRICS", "MetricSpec", "Kind", "Merge"]

@@ -88,8 +88,23 @@ every worker sends it traffic, `0` means at least one does not.  This keeps the
 metric 0 or 1, so an alert on `midway_upstream_up == 0` fires as soon as any
 share of the traffic avoids an upstream.
 
-Counters start at zero when midway starts; a restarted worker starts again from
-zero, which Prometheus's `rate()` and `increase()` treat as a counter reset.
+Counters start at zero when midway starts and never go back while it runs.  A
+worker that dies is restarted from zero, but the supervisor keeps what it had
+counted at the last scrape and goes on adding it, so the sums do not drop (a
+drop would look like a reset to `rate()` and `increase()`, which would then
+count the whole total again); what the dead worker counted after the last
+scrape is lost.  Restarting midway itself starts every counter at zero again,
+which Prometheus treats as a counter reset.
+
+A proxy removed (by a reload or `DELETE /proxies/NAME`) disappears from
+`/metrics` once its last connection has closed, and so does an upstream removed
+from a proxy: their series end (Prometheus marks them stale) rather than stay
+frozen, so `midway_upstream_up == 0` does not keep firing for an upstream that
+is gone.  A proxy added again under the same name may start again from zero.
+
+`/metrics` answers in the text format 0.0.4 whatever the `Accept` header asks
+(Prometheus asks for OpenMetrics first and takes this); `promtool check metrics`
+finds nothing to report in it.
 
 ## Scraping
 

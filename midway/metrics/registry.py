@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..core.observer import CloseReason, CloseRecord, Observer, OpenedConnection
@@ -53,7 +53,7 @@ from .exposition import render
 from .table import BY_NAME, METRICS, Kind, Merge, MetricSpec, Snapshot
 
 __all__ = ["Metrics", "Collector", "Sample", "Snapshot", "merge_snapshots",
-           "SNAPSHOT_FORMAT"]
+           "retain", "cumulative", "Keep", "SNAPSHOT_FORMAT"]
 
 log = logging.getLogger("midway")
 
@@ -64,6 +64,9 @@ Labels = tuple[str, ...]
 Sample = tuple[str, Labels, float]
 """``(metric name, label values, value)``: one value a collector contributes."""
 Collector = Callable[[], Iterable[Sample]]
+Keep = Mapping[str, Collection[str]]
+"""The proxies whose series a worker still shows, each with its upstreams'
+addresses (as configured): what :meth:`Metrics.forget` and :func:`retain` keep."""
 
 _DIRECTIONS = ("upstream", "downstream")
 
@@ -141,6 +144,18 @@ class Metrics(Observer):
         for name, bounds in (("midway_connect_seconds", self._connect_bounds),
                              ("midway_connection_seconds", self._duration_bounds)):
             self._histograms[name].setdefault(key, _empty_histogram(bounds))
+
+    def forget(self, keep: Keep) -> None:
+        """Drop the series of every proxy not in ``keep`` (removed, and drained),
+        and of every upstream no longer among its proxy's (``keep[proxy]``): a
+        removed proxy disappears from ``/metrics``, and a stale
+        ``midway_upstream_up`` cannot keep an alert firing.  A proxy that comes
+        back starts again from zero."""
+        for spec in METRICS:
+            series: dict[Labels, Any] = (self._histograms if spec.kind is Kind.HISTOGRAM
+                                         else self._values)[spec.name]
+            for labels in [labels for labels in series if not _kept(spec, labels, keep)]:
+                del series[labels]
 
     def add_collector(self, collector: Collector) -> None:
         """Run ``collector`` at every snapshot; its samples are *added* to what
@@ -238,6 +253,29 @@ def merge_snapshots(snapshots: Sequence[Snapshot]) -> Snapshot:
         "metrics": {name: [[list(labels), value] for labels, value in sorted(series.items())]
                     for name, series in merged.items()},
     }
+
+
+def retain(snapshot: Snapshot, keep: Keep) -> Snapshot:
+    """``snapshot`` without the series :meth:`Metrics.forget` would drop."""
+    return {**snapshot, "metrics": {
+        name: [[labels, value] for labels, value in series
+               if _kept(BY_NAME[name], tuple(labels), keep)]
+        for name, series in snapshot.get("metrics", {}).items()}}
+
+
+def cumulative(snapshot: Snapshot) -> Snapshot:
+    """Only the counters and histograms of ``snapshot``: what a worker that
+    ended still contributes to the sums (its gauges ended with it)."""
+    return {**snapshot, "metrics": {
+        name: series for name, series in snapshot.get("metrics", {}).items()
+        if BY_NAME[name].kind is not Kind.GAUGE}}
+
+
+def _kept(spec: MetricSpec, labels: Sequence[str], keep: Keep) -> bool:
+    upstreams = keep.get(labels[0])  # every metric's first label is the proxy
+    if upstreams is None:
+        return False
+    return "upstream" not in spec.labels or labels[spec.labels.index("upstream")] in upstreams
 
 
 def _combine(spec: MetricSpec, current: Any, value: Any, index: int) -> Any:

@@ -6,12 +6,16 @@ from __future__ import annotations
 import hashlib
 import http.client
 import random
+import shutil
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from ..helpers import needs
 from .conftest import Admin, EchoServer, Reply, port_of, refused, round_trip
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,6 +59,9 @@ def test_unknown_route_404_wrong_method_405(admin: Admin) -> None:
     assert admin.request("PUT", "/proxies").status == 405
     assert admin.request("GET", "/reset").status == 405
     assert admin.request("DELETE", "/proxies").status == 405
+    # RFC 9110 15.5.6: a 405 says which methods the resource has.
+    assert admin.request("PUT", "/metrics").headers["Allow"] == "GET"
+    assert admin.request("PUT", "/proxies/x").headers["Allow"] == "DELETE, GET, PATCH, POST"
 
 
 def test_browsers_are_refused(admin: Admin) -> None:
@@ -288,6 +295,58 @@ def test_delete_proxy_stops_listening(admin: Admin, echo: EchoServer) -> None:
     error(admin.delete("/proxies/gone"), 404, "proxy not found")
 
 
+# -- metrics -------------------------------------------------------------------
+
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+"""What Prometheus 2.x sends when it scrapes."""
+
+
+def series(admin: Admin) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    reply = admin.get("/metrics")
+    assert reply.status == 200
+    return {(s.name, tuple(sorted(s.labels.items())))
+            for family in text_string_to_metric_families(reply.body.decode())
+            for s in family.samples}
+
+
+def test_a_deleted_proxy_and_a_replaced_upstream_leave_the_metrics(
+        admin: Admin, echo: EchoServer) -> None:
+    create(admin, "gone", echo.address)
+    kept = create(admin, "kept", "127.0.0.1:1")
+    assert round_trip(port_of(str(kept["listen"]))) == b""  # one failed connect
+    before = series(admin)
+    assert any(("proxy", "gone") in labels for _, labels in before)
+    assert ("midway_connect_failures_total",
+            (("proxy", "kept"), ("upstream", "127.0.0.1:1"))) in before
+    assert admin.delete("/proxies/gone").status == 204
+    reply = admin.post("/proxies/kept", {"upstream": echo.address})
+    assert reply.status == 200, reply.body
+    after = series(admin)
+    # Gone, not frozen: a stale midway_upstream_up would keep an alert firing.
+    assert not any(("proxy", "gone") in labels for _, labels in after)
+    assert not any(("upstream", "127.0.0.1:1") in labels for _, labels in after)
+    assert ("midway_connect_failures_total",
+            (("proxy", "kept"), ("upstream", echo.address))) in after
+    assert ("midway_connections_total", (("proxy", "kept"),)) in after
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason=needs("Prometheus's promtool", apt="prometheus"))
+def test_a_live_scrape_passes_promtool(admin: Admin, echo: EchoServer) -> None:
+    proxy = create(admin, "web", echo.address)
+    create(admin, "down", "127.0.0.1:1")
+    for _ in range(3):
+        assert round_trip(port_of(str(proxy["listen"]))) == b"ping"
+    reply = admin.request("GET", "/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    result = subprocess.run(["promtool", "check", "metrics"], input=reply.body,
+                            capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+    assert result.stdout + result.stderr == b""  # no lint remark either
+
+
 # -- toxics --------------------------------------------------------------------
 
 
@@ -337,6 +396,7 @@ def test_toxic_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
     for body in ({"type": "latency", "attributes": {"latency": "slow"}},
                  {"type": "latency", "attributes": {"latency": 1.5}},
                  {"type": "latency", "attributes": {"latency": -1}},
+                 {"type": "latency", "attributes": {"latency": 2 ** 63}},  # Go's int64
                  {"type": "latency", "attributes": {"latence": 1}},
                  {"type": "latency", "toxicity": 2},
                  {"type": "latency", "conditions": {"first_n": 0}}):

@@ -329,3 +329,67 @@ def test_a_worker_killed_during_a_reload_comes_back_with_the_new_configuration(
     finally:
         for server in servers.values():
             server.close()
+
+
+def test_the_proxies_upstream_figures_add_up_both_workers(echo_port: int,
+                                                          tmp_path: Path) -> None:
+    access_log = tmp_path / "access.log"
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "127.0.0.1:1", "--workers", "2",
+                    "--admin", "127.0.0.1:0", "--access-log", str(access_log),
+                    "--health-eject-after", "0") as (proxy, _):
+        both_up(proxy)
+        api = Api(proxy)
+        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        load(port, 40, size=10)
+        assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
+        got = records(access_log)
+        assert {r["worker"] for r in got} == {1, 2}
+        text = api.request("GET", "/metrics")[1].decode()
+        failures = value(text, "midway_connect_failures_total", proxy="default",
+                         upstream="127.0.0.1:1")
+        assert failures == sum(len(r.get("failures") or ()) for r in got) > 0
+        status, shown = api.request("GET", "/proxies/default")
+        assert status == 200
+        by_address = {u["address"]: u for u in shown["upstreams"]}
+        # What GET /proxies says is the whole proxy's, as /metrics is, not one worker's.
+        assert by_address[f"127.0.0.1:{echo_port}"]["connects"] == 40
+        assert by_address[f"127.0.0.1:{echo_port}"]["active"] == 0
+        assert by_address["127.0.0.1:1"]["connect_failures"] == failures
+        assert api.request("GET", "/proxies")[1]["default"]["upstreams"] == shown["upstreams"]
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+
+
+def test_counters_do_not_go_back_when_a_worker_is_restarted(echo_port: int,
+                                                             tmp_path: Path) -> None:
+    access_log = tmp_path / "access.log"
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--admin", "127.0.0.1:0", "--access-log", str(access_log)) as (proxy, pids):
+        first = both_up(proxy)
+        pids |= set(first.values())
+        api = Api(proxy)
+        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        load(port, 40, size=10)
+        assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
+        assert {r["worker"] for r in records(access_log)} == {1, 2}
+        labels = {"proxy": "default"}
+        before = api.request("GET", "/metrics")[1].decode()
+        assert value(before, "midway_connections_total", **labels) == 40
+        os.kill(first[2], signal.SIGKILL)
+        assert wait_until(lambda: workers(proxy).get(2) not in (None, first[2]), timeout=30), \
+            proxy.stderr_text()
+        pids |= children(proxy.pid)
+        assert wait_until(lambda: api.request("GET", "/metrics")[0] == 200, timeout=10)
+        load(port, 10, size=10)
+        assert wait_until(lambda: len(records(access_log)) == 50, timeout=10)
+        after = api.request("GET", "/metrics")[1].decode()
+        # A sum that went back would be read by rate() as a reset of the whole
+        # counter: the restarted worker's predecessor still counts.
+        assert value(after, "midway_connections_total", **labels) == 50
+        assert value(after, "midway_closes_total", **labels, reason="eof") == 50
+        assert value(after, "midway_connection_seconds_count", **labels) == 50
+        assert value(after, "midway_bytes_total", **labels, direction="upstream") == \
+            sum(r["bytes_up"] for r in records(access_log))
+        assert value(after, "midway_connections_active", **labels) == 0
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from midway.core.observer import CloseReason
-from midway.metrics import Metrics, merge_snapshots, render
+from midway.metrics import Metrics, cumulative, merge_snapshots, render, retain
 from midway.metrics.registry import Sample
 from midway.metrics.table import BY_NAME, METRICS, Kind
 
@@ -240,3 +240,30 @@ def test_every_declared_metric_is_counted_by_some_event() -> None:
         assert snap["metrics"][spec.name], f"{spec.name} has no series"
     assert BY_NAME["midway_upstream_up"].kind is Kind.GAUGE
     assert parse(render(snap)).keys() == {spec.name for spec in METRICS}
+
+
+def test_forgetting_drops_removed_proxies_and_upstreams_and_retain_agrees() -> None:
+    metrics = Metrics()
+    metrics.declare_proxy("web", ["10.0.0.1:80", "10.0.0.2:80"])
+    metrics.declare_proxy("old", ["10.0.0.3:80"])
+    metrics.connect_failed("web", "10.0.0.2:80")
+    metrics.upstream_health("web", "10.0.0.2:80", False)
+    metrics.connection_opened(opened("web"))
+    keep = {"web": {"10.0.0.1:80"}}
+    kept = retain(metrics.snapshot(), keep)
+    metrics.forget(keep)
+    assert metrics.snapshot() == kept
+    text = metrics.render()
+    assert 'proxy="old"' not in text and "10.0.0.2:80" not in text
+    assert value(text, "midway_connections_total", proxy="web") == 1
+    assert value(text, "midway_connect_failures_total", proxy="web",
+                 upstream="10.0.0.1:80") == 0
+
+
+def test_what_an_ended_worker_leaves_is_its_counters_and_histograms() -> None:
+    metrics = Metrics()
+    metrics.connection_opened(opened("web"))
+    metrics.upstream_health("web", "10.0.0.1:80", True)
+    left = cumulative(metrics.snapshot())
+    assert set(left["metrics"]) == {s.name for s in METRICS if s.kind is not Kind.GAUGE}
+    assert value(render(left), "midway_connections_total", proxy="web") == 1

@@ -135,6 +135,11 @@ def attribute(default: float, unit: str, doc: str, *, minimum: float = 0,
     })
 
 
+INT_MAXIMUM = 2**63 - 1
+"""The largest integer attribute: Toxiproxy's attributes are Go ``int64``, and
+it refuses a larger number in a body."""
+
+
 @dataclass(frozen=True)
 class Attributes:
     """Base of each toxic's attribute dataclass.  Construction validates: every
@@ -149,6 +154,8 @@ class Attributes:
             unit = f.metadata.get("unit", "")
             minimum = f.metadata.get("minimum", 0)
             maximum = f.metadata.get("maximum")
+            if f.metadata.get("kind", int) is int and maximum is None:
+                maximum = INT_MAXIMUM
             if f.metadata.get("kind", int) is float:
                 if not _is_number(value) or not math.isfinite(value):
                     raise ToxicError(
@@ -164,7 +171,9 @@ class Attributes:
                 raise ToxicError(f"attributes.{f.name}", f"{need} ({unit}), got {value!r}")
             if maximum is not None and value > maximum:
                 raise ToxicError(
-                    f"attributes.{f.name}", f"must be at most {maximum:g} ({unit}), got {value!r}")
+                    f"attributes.{f.name}", f"must be at most {maximum:g} ({unit}), got {value!r}"
+                    if isinstance(maximum, float) else
+                    f"must be at most {maximum} ({unit}), got {value!r}")
         self.check()
 
     def check(self) -> None:
