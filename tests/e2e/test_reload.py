@@ -209,6 +209,7 @@ async def under_load(proxy: ProxyProcess, port: int, rewrite: Any) -> None:
             writer.write(chunk)
             received.update(await asyncio.wait_for(reader.readexactly(CHUNK), 30))
             chunks += 1
+            progress[index] = chunks
             if first:
                 first = False
                 connected += 1
@@ -221,6 +222,8 @@ async def under_load(proxy: ProxyProcess, port: int, rewrite: Any) -> None:
         writer.close()
         return sent.hexdigest(), received.hexdigest(), chunks
 
+    progress = [0] * LIVE_STREAMS
+    """Round trips each stream has made so far."""
     refused = 0
     served = 0
 
@@ -248,12 +251,18 @@ async def under_load(proxy: ProxyProcess, port: int, rewrite: Any) -> None:
         done_before = count(proxy, "reload: done")
         await asyncio.to_thread(reload, proxy, done_before)
         await asyncio.sleep(0.05)  # new connections between the reloads too
+    # Every stream was open before the first reload (all_connected); it lived
+    # through them all if it makes one more round trip after the last.
+    after_last = list(progress)
+    async with asyncio.timeout(30):
+        while any(now <= then for now, then in zip(progress, after_last, strict=True)):
+            await asyncio.sleep(0.05)
     done.set()
     results = await asyncio.gather(*streams)
     await asyncio.gather(*churners)
     for sent, received, chunks in results:
         assert sent == received
-        assert chunks >= RELOADS  # it lived through the reloads
+        assert chunks >= 2  # one before the first reload, one after the last
     assert refused == 0
     assert served > RELOADS
     assert count(proxy, "reload: done") == RELOADS
