@@ -116,7 +116,7 @@ backend be
 
     SCENARIO = Scenario(
         name="tls",
-        title="7. TLS termination, bulk download (midway vs HAProxy, same certificate)",
+        title="11. TLS termination, bulk download (midway vs HAProxy, same certificate)",
         about="A Python `ssl` client reads for {duration} s through the proxy terminating TLS 1.3 "
         "(EC P-256 certificate, AES-256-GCM) from a plain TCP source sending 1 MiB writes. "
         "Proxy CPU is its utime+stime per GB (10^9 bytes) received by the client.",

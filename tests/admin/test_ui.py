@@ -2,8 +2,8 @@
 a real ``python -m midway --config`` with two proxies to an echo server: it loads
 with no console error, lists the proxies, its throughput graph follows a known
 load, the toxic form slows round trips by the latency asked and removing the
-toxic restores them, a kill closes exactly that connection, and it says when
-midway has gone away (and when it is back).  Then the files as served (content
+toxic restores them, a kill closes exactly that connection, it keeps working
+through a reload, and it says when midway has gone away (and when it is back).  Then the files as served (content
 types, policy, no path escapes) and ``GET /toxic-types``.
 
 With ``MIDWAY_SCREENSHOTS=DIR`` the load test saves the page to DIR/dashboard.png
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -396,3 +397,42 @@ def test_toxic_types_describe_every_toxic(midway: Midway) -> None:
         assert made.json["attributes"] == {a["name"]: a["default"]
                                            for a in kind["attributes"]}, kind
         assert midway.admin.delete("/proxies/web/toxics/t").status == 204
+
+
+@browser_missing
+def test_page_keeps_working_while_midway_reloads(browser: Any, tmp_path: Path,
+                                                 echo: EchoServer) -> None:
+    """A reload (SIGHUP) that adds a proxy and removes one: the page never says
+    it is disconnected, shows the new proxy and drops the removed one, and a
+    connection open through the reload stays in its table."""
+    midway = start_midway(tmp_path, echo)
+    try:
+        open_page(browser, midway)
+        banner = browser.find_element(By.ID, "banner")
+        with socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5) as client:
+            client.sendall(b"hello")
+            assert client.recv(10) == b"hello"
+            rows = "#connections tbody tr"
+            assert wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 1,
+                              UI_WAIT_S)
+            config = tmp_path / "midway.toml"
+            config.write_text(config.read_text().replace("[proxy.cache]", "[proxy.db]"))
+            reloads = midway.process.stderr_text().count("reload: done")
+            midway.process.signal(signal.SIGHUP)
+            deadline = time.monotonic() + UI_WAIT_S
+            shown: list[str | None] = []
+            while time.monotonic() < deadline:
+                assert not banner.is_displayed(), "the page said disconnected during a reload"
+                shown = [s.get_attribute("data-proxy")
+                         for s in browser.find_elements(By.CSS_SELECTOR, "section.proxy")]
+                if shown == ["db", "web"]:
+                    break
+                time.sleep(0.1)
+            assert shown == ["db", "web"]
+            assert midway.process.stderr_text().count("reload: done") == reloads + 1
+            assert len(browser.find_elements(By.CSS_SELECTOR, rows)) == 1
+            client.sendall(b"after")  # the connection lived through the reload
+            assert client.recv(10) == b"after"
+        assert console_errors(browser) == []
+    finally:
+        midway.process.stop()

@@ -207,6 +207,14 @@ function render() {
     if (!names.includes(section.dataset.proxy)) section.remove();
   }
   for (const name of names) renderProxy(box, state.proxies[name]);
+  // A proxy added live (a reload, POST /proxies) takes its place in name order;
+  // sections are moved only when out of order (moving one loses a form's focus).
+  const shown = [...box.querySelectorAll("section.proxy")].map((s) => s.dataset.proxy);
+  if (shown.join("\n") !== names.join("\n")) {
+    for (const name of names) {
+      box.append(box.querySelector(`section.proxy[data-proxy="${CSS.escape(name)}"]`));
+    }
+  }
   renderConnections(names);
 }
 
