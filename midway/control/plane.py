@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..admin.host import HostError, ProxyView
@@ -198,6 +198,7 @@ class ControlPlane:
         except ConfigError as exc:
             log.error("reload: %s; still running the previous configuration", exc)
             raise HostError(f"reload: {exc}", 400) from exc
+        before = self._target.config.proxies
         target = merge_reload(self._target, self._loaded, loaded)
         try:
             target, _ = await self._apply(target, frozenset(), reload=True)
@@ -214,7 +215,7 @@ class ControlPlane:
                         "(%r stays in force meanwhile)", key, getattr(target.config.server, key),
                         getattr(loaded.server, key), getattr(target.config.server, key))
         names = [p.name for p in target.config.proxies]
-        log.info("reload: done (%d proxies: %s)", len(names), ", ".join(names) or "none")
+        log.info("reload: done (%s)", reload_summary(before, target.config.proxies))
         return {"reloaded": True, "proxies": names, "restart_needed": restart}
 
     # -- state -------------------------------------------------------------------
@@ -351,6 +352,30 @@ def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
     return {name: dataclasses.replace(view, upstreams=tuple(merge_upstreams(
                 [views[name].upstreams for views in per_worker if name in views])))
             for name, view in first.items()}
+
+
+def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> str:
+    """What a reload changed, for its log line: ``2 proxies: db, web; added db;
+    removed cache; changed web (idle_timeout_s, upstreams)`` (``configuration unchanged`` when
+    the file said what was running).  Pure."""
+    before = {p.name: p for p in old}
+    after = {p.name: p for p in new}
+    count = len(after)
+    parts = [f"{count} {'proxy' if count == 1 else 'proxies'}: {', '.join(sorted(after)) or 'none'}"]
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    changed = [f"{name} ({', '.join(keys)})" for name in sorted(after.keys() & before.keys())
+               if (keys := [f.name for f in dataclasses.fields(ProxyConfig)
+                            if getattr(before[name], f.name) != getattr(after[name], f.name)])]
+    if added:
+        parts.append(f"added {', '.join(added)}")
+    if removed:
+        parts.append(f"removed {', '.join(removed)}")
+    if changed:
+        parts.append(f"changed {', '.join(changed)}")
+    if not (added or removed or changed):
+        parts.append("configuration unchanged")
+    return "; ".join(parts)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -189,3 +189,19 @@ def test_views_add_up_every_workers_upstreams_and_skip_one_that_is_gone() -> Non
     with pytest.raises(HostError) as caught:
         run(plane.views(merged=True))
     assert caught.value.status == 503 and "worker 3" in caught.value.message
+
+
+def test_the_reload_log_says_what_changed() -> None:
+    from midway.config.addresses import parse_address
+    from midway.control.plane import reload_summary
+
+    def proxy(name: str, **options: Any) -> ProxyConfig:
+        return ProxyConfig(name=name, listen=(parse_address("127.0.0.1:0", listen=True),),
+                           **options)
+
+    web, cache = proxy("web"), proxy("cache")
+    assert reload_summary([web], [web]) == "1 proxy: web; configuration unchanged"
+    assert reload_summary([web, cache], [proxy("web", idle_timeout_s=5.0, retries=1),
+                                         proxy("db")]) \
+        == "2 proxies: db, web; added db; removed cache; changed web (idle_timeout_s, retries)"
+    assert reload_summary([web], []) == "0 proxies: none; removed web"
