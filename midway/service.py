@@ -236,9 +236,8 @@ class ProxyService:
         for listener in self.listeners:
             listener.resume()
             log.info("%s: listening on %s, forwarding to %s%s", self.name, listener.bound,
-                     ", ".join(str(u.address) for u in self.pool.upstreams) or "nothing",
-                     "".join(f"; SNI route {name} to "
-                             f"{', '.join(str(u.address) for u in pool.upstreams)}"
+                     _upstream_list(self.pool) or "nothing",
+                     "".join(f"; SNI route {name} to {_upstream_list(pool)}"
                              for name, pool in self._route_sets.items()))
         self._tell_health(self.pool.upstreams)
         self._sync_checks()
@@ -603,6 +602,13 @@ class ProxyService:
 
 def _specs(config: ProxyConfig) -> list[UpstreamSpec]:
     return [UpstreamSpec(u.address, u.weight, u.backup) for u in config.upstreams]
+
+
+def _upstream_list(pool: UpstreamSet) -> str:
+    """The pool's upstreams for the start-up line, in the quick form's words:
+    ``10.0.0.5:6379, 10.0.0.6:6379,weight=3, 10.0.0.7:6379,backup``."""
+    return ", ".join(f"{u.address}{f',weight={u.weight}' if u.weight != 1 else ''}"
+                     f"{',backup' if u.backup else ''}" for u in pool.upstreams)
 
 
 def _access(config: ProxyConfig) -> AccessList | None:

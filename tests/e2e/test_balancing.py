@@ -513,6 +513,16 @@ def test_the_quick_form_takes_weights_backups_and_health_flags() -> None:
 
 
 @pytest.mark.one_mode
+def test_the_start_up_line_shows_weights_and_backups() -> None:
+    with proxy_process("127.0.0.1:0", "127.0.0.1:6379", "127.0.0.1:6380,weight=3",
+                       "127.0.0.1:6381,backup", "--log-level", "info") as proc:
+        assert wait_until(lambda: "forwarding to" in proc.stderr_text(), 10)
+        line = next(line for line in proc.stderr_text().splitlines() if "forwarding to" in line)
+    assert line.endswith("forwarding to 127.0.0.1:6379, 127.0.0.1:6380,weight=3, "
+                         "127.0.0.1:6381,backup"), line
+
+
+@pytest.mark.one_mode
 def test_checkers_follow_the_upstreams_and_stop_with_the_proxy() -> None:
     """One checker per upstream, started with the proxy; a reconfigure keeps the
     checker (and the state) of a kept address, starts one for a new address and
