@@ -274,10 +274,6 @@ def test_editing_a_toxic_changes_its_attributes(browser: Any, midway: Midway) ->
 @browser_missing
 def test_kill_from_the_table_closes_exactly_that_connection(browser: Any,
                                                             midway: Midway) -> None:
-    if midway.admin.get("/connections").status == 404:
-        open_page(browser, midway)
-        assert "not available" in browser.find_element(By.ID, "conn-status").text
-        pytest.skip(needs("GET /connections in this midway (another branch adds it)"))
     port = midway.port("web")
     socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
     try:
