@@ -407,7 +407,8 @@ class Runtime:
 
     def connection_opened(self) -> None:
         self.active += 1
-        self._idle.clear()
+        if self.active == 1:  # only the first: Event.clear is a Python call
+            self._idle.clear()
 
     def connection_closed(self) -> None:
         self.active -= 1

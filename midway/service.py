@@ -201,6 +201,9 @@ class ProxyService:
         self.accepted = 0
         self.active = 0
         self.accepting = False
+        self._gated = False
+        """Whether the gate has said no since the listeners last resumed (only
+        then can a freed slot have a listener to resume)."""
         self.enabled = True
         self.retired: set[Element] = set()
         """Elements a reload replaced (see :meth:`retire_elements`)."""
@@ -256,15 +259,18 @@ class ProxyService:
 
     def room_changed(self) -> None:
         """A slot may have freed up: resume listeners paused at a limit."""
-        if self.accepting and self._can_accept():
+        if self._gated and self.accepting and self._can_accept():
+            self._gated = False
             for listener in self.listeners:
                 listener.resume()
 
     def _can_accept(self) -> bool:
         """The admission gate, asked by the listener before each accept."""
         limit = self.config.max_connections
-        return (self.accepting and (limit == 0 or self.active < limit)
-                and self.host.has_room())
+        if self.accepting and (limit == 0 or self.active < limit) and self.host.has_room():
+            return True
+        self._gated = True  # the listener pauses itself: room_changed resumes it
+        return False
 
     @property
     def addresses(self) -> list[str]:
