@@ -465,6 +465,11 @@ class Toxic(Element, Generic[A]):
         self.seed: int = seed if seed is not None else _fresh_seed()
         """The seed in use (given, or drawn and logged on the first connection)."""
         self._seed_logged = self.seed_given or rng is not None
+        self.state_key = f"midway.toxic-state.{id(self)}"
+        """The key of this toxic's per-connection state in ``info.extra``, for
+        stages that keep some (:attr:`ToxicStage.stateful`).  An update hands it
+        to the new toxic, so the state outlives the update, as Toxiproxy keeps a
+        stateful toxic's state in the connection's stub."""
         self.created_at: float | None = clock.now() if clock is not None else None
         """Creation time on the relay's clock; ``None`` until first needed if no
         clock was given (see the module doc)."""
@@ -491,6 +496,10 @@ class Toxic(Element, Generic[A]):
             return None
         inner = self.make_stage()
         inner.rng = rng
+        if inner.stateful:
+            state = info.extra.setdefault(self.state_key, {})
+            assert isinstance(state, dict)
+            inner.adopt_state(state)
         stage: Stage = AfterGate(inner, self) if self.conditions.after_s > 0 else inner
         watch: Stage | None = None
         finder = self._finder()
@@ -547,6 +556,16 @@ class Toxic(Element, Generic[A]):
 class ToxicStage(Stage, Generic[A]):
     """Base of the per-connection stages: the toxic's attributes, and waits that
     switch the stage to bypass once cut short."""
+
+    stateful: ClassVar[bool] = False
+    """Whether the stage keeps per-connection state across an update of its toxic
+    (Toxiproxy's ``StatefulToxic``: only ``limit_data``, whose count of bytes
+    passed goes on).  Such a stage gets it through :meth:`adopt_state`."""
+
+    def adopt_state(self, state: dict[str, object]) -> None:
+        """Take this connection's state dict for the toxic: empty on a new
+        connection, what the replaced stage left in it after an update.  It lives
+        in ``info.extra`` until the connection closes."""
 
     def __init__(self, toxic: Toxic[A]) -> None:
         self.toxic = toxic
