@@ -92,6 +92,17 @@ def test_updating_limit_data_keeps_the_bytes_already_passed() -> None:
             await writer2.drain()
             assert await read_to_eof(reader2) == b"c" * 600
             writer2.close()
+            reader3, writer3 = await asyncio.open_connection(*proxy.address)
+            writer3.write(b"d" * 500)
+            await writer3.drain()
+            assert await read_exactly(reader3, 500) == b"d" * 500
+            handle.remove()                      # a toxic added again counts from 0
+            del handle
+            proxy.add_toxic("limit_data", bytes=600)
+            writer3.write(b"e" * 700)
+            await writer3.drain()
+            assert await read_to_eof(reader3) == b"e" * 600
+            writer3.close()
 
     run(main())
 

@@ -49,6 +49,7 @@ import abc
 import asyncio
 import builtins
 import ipaddress
+import itertools
 import logging
 import math
 import random
@@ -412,6 +413,12 @@ def _client_in(addr: tuple[str, int] | None, nets: tuple[Network, ...]) -> bool:
 A = TypeVar("A", bound=Attributes)
 
 
+_STATE_KEYS = itertools.count(1)
+"""Numbers the toxics' state keys: unlike ``id()``, never reused by a toxic built
+after another was freed, so a toxic added again never finds its predecessor's
+state on a connection."""
+
+
 class Toxic(Element, Generic[A]):
     """One toxic's shared settings.  Immutable once built; build through
     :func:`midway.chain.toxics.make_toxic` or a subclass's constructor (both
@@ -465,7 +472,7 @@ class Toxic(Element, Generic[A]):
         self.seed: int = seed if seed is not None else _fresh_seed()
         """The seed in use (given, or drawn and logged on the first connection)."""
         self._seed_logged = self.seed_given or rng is not None
-        self.state_key = f"midway.toxic-state.{id(self)}"
+        self.state_key = f"midway.toxic-state.{next(_STATE_KEYS)}"
         """The key of this toxic's per-connection state in ``info.extra``, for
         stages that keep some (:attr:`ToxicStage.stateful`).  An update hands it
         to the new toxic, so the state outlives the update, as Toxiproxy keeps a
