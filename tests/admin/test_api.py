@@ -11,11 +11,12 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..helpers import needs
+from ..helpers import needs, proxy_process, wait_until
 from .conftest import Admin, EchoServer, Reply, port_of, refused, round_trip
 
 pytestmark = pytest.mark.timeout(60)
@@ -611,3 +612,38 @@ def test_toxics_toggled_over_http_mid_transfer_keep_the_stream_intact(
     assert changes > 20
     assert total == len(blob)
     assert received.hexdigest() == hashlib.sha256(blob).hexdigest()
+
+
+def test_a_toxic_of_the_timeline_is_listed_changed_only_in_the_file_and_reset(
+        tmp_path: Path, echo: EchoServer) -> None:
+    # A timed toxic belongs to the file: PATCH and DELETE answer 409 saying so
+    # (removing one would start the proxy's timeline over), /reset removes it.
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+admin = "127.0.0.1:0"
+
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = "{echo.address}"
+
+[[proxy.web.toxics]]
+type = "latency"
+name = "slow"
+attributes = {{ latency = 1 }}
+until_s = 600
+""")
+    with proxy_process("--config", str(config)) as process:
+        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
+        api = Admin(process)
+        line = next(line for line in process.stderr_lines if "admin API" in line)
+        api.port = int(line.rsplit(":", 1)[1])
+        assert [t["name"] for t in api.get("/proxies/web/toxics").json] == ["slow"]
+        for reply in (api.request("PATCH", "/proxies/web/toxics/slow",
+                                  {"attributes": {"latency": 2}}),
+                      api.delete("/proxies/web/toxics/slow")):
+            assert reply.status == 409
+            assert "timeline" in reply.json["error"] and reply.json["status"] == 409
+        assert api.get("/proxies/web/toxics/slow").json["attributes"]["latency"] == 1
+        assert api.post("/reset").status == 204
+        assert api.get("/proxies/web/toxics").json == []

@@ -24,6 +24,7 @@ from ..helpers import (
     flooding_upstream,
     proxy_process,
     read_exactly,
+    read_to_eof,
     run,
     send_blob,
     serve,
@@ -65,6 +66,43 @@ def test_latency_toxic_adds_its_delay_to_open_and_new_connections() -> None:
             assert proxy.toxics == []
             for w in (writer, writer2):
                 w.close()
+
+    run(main())
+
+
+@pytest.mark.one_mode
+def test_updating_limit_data_keeps_the_bytes_already_passed() -> None:
+    # Toxiproxy keeps limit_data's count in the connection's stub across an
+    # update: lowering the limit below what already passed closes at the next
+    # byte, it does not start counting again.
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            handle = proxy.add_toxic("limit_data", bytes=1000)
+            writer.write(b"a" * 500)
+            await writer.drain()
+            assert await read_exactly(reader, 500) == b"a" * 500
+            handle.update(bytes=600)
+            writer.write(b"b" * 500)
+            await writer.drain()
+            assert await read_to_eof(reader) == b"b" * 100
+            writer.close()
+            reader2, writer2 = await asyncio.open_connection(*proxy.address)
+            writer2.write(b"c" * 700)            # a new connection counts from 0
+            await writer2.drain()
+            assert await read_to_eof(reader2) == b"c" * 600
+            writer2.close()
+            reader3, writer3 = await asyncio.open_connection(*proxy.address)
+            writer3.write(b"d" * 500)
+            await writer3.drain()
+            assert await read_exactly(reader3, 500) == b"d" * 500
+            handle.remove()                      # a toxic added again counts from 0
+            del handle
+            proxy.add_toxic("limit_data", bytes=600)
+            writer3.write(b"e" * 700)
+            await writer3.drain()
+            assert await read_to_eof(reader3) == b"e" * 600
+            writer3.close()
 
     run(main())
 

@@ -49,6 +49,7 @@ import abc
 import asyncio
 import builtins
 import ipaddress
+import itertools
 import logging
 import math
 import random
@@ -412,6 +413,12 @@ def _client_in(addr: tuple[str, int] | None, nets: tuple[Network, ...]) -> bool:
 A = TypeVar("A", bound=Attributes)
 
 
+_STATE_KEYS = itertools.count(1)
+"""Numbers the toxics' state keys: unlike ``id()``, never reused by a toxic built
+after another was freed, so a toxic added again never finds its predecessor's
+state on a connection."""
+
+
 class Toxic(Element, Generic[A]):
     """One toxic's shared settings.  Immutable once built; build through
     :func:`midway.chain.toxics.make_toxic` or a subclass's constructor (both
@@ -465,6 +472,11 @@ class Toxic(Element, Generic[A]):
         self.seed: int = seed if seed is not None else _fresh_seed()
         """The seed in use (given, or drawn and logged on the first connection)."""
         self._seed_logged = self.seed_given or rng is not None
+        self.state_key = f"midway.toxic-state.{next(_STATE_KEYS)}"
+        """The key of this toxic's per-connection state in ``info.extra``, for
+        stages that keep some (:attr:`ToxicStage.stateful`).  An update hands it
+        to the new toxic, so the state outlives the update, as Toxiproxy keeps a
+        stateful toxic's state in the connection's stub."""
         self.created_at: float | None = clock.now() if clock is not None else None
         """Creation time on the relay's clock; ``None`` until first needed if no
         clock was given (see the module doc)."""
@@ -491,6 +503,10 @@ class Toxic(Element, Generic[A]):
             return None
         inner = self.make_stage()
         inner.rng = rng
+        if inner.stateful:
+            state = info.extra.setdefault(self.state_key, {})
+            assert isinstance(state, dict)
+            inner.adopt_state(state)
         stage: Stage = AfterGate(inner, self) if self.conditions.after_s > 0 else inner
         watch: Stage | None = None
         finder = self._finder()
@@ -547,6 +563,16 @@ class Toxic(Element, Generic[A]):
 class ToxicStage(Stage, Generic[A]):
     """Base of the per-connection stages: the toxic's attributes, and waits that
     switch the stage to bypass once cut short."""
+
+    stateful: ClassVar[bool] = False
+    """Whether the stage keeps per-connection state across an update of its toxic
+    (Toxiproxy's ``StatefulToxic``: only ``limit_data``, whose count of bytes
+    passed goes on).  Such a stage gets it through :meth:`adopt_state`."""
+
+    def adopt_state(self, state: dict[str, object]) -> None:
+        """Take this connection's state dict for the toxic: empty on a new
+        connection, what the replaced stage left in it after an update.  It lives
+        in ``info.extra`` until the connection closes."""
 
     def __init__(self, toxic: Toxic[A]) -> None:
         self.toxic = toxic

@@ -9,8 +9,11 @@ on unchanged.
 
 Attributes: ``bytes`` (bytes, default 0).
 
-Removal: nothing is held, nothing to flush; the count is per stage and goes with
-it.  Memory: nothing held.
+Update: the count goes on, as in Toxiproxy (whose ``LimitDataToxicState`` lives
+in the connection's stub): a limit lowered below what already passed closes the
+connection at its next chunk, with none of it passed.  Removal: nothing is held,
+nothing to flush; the count goes with the toxic (one added again counts from 0).
+Memory: nothing held.
 """
 
 from __future__ import annotations
@@ -31,15 +34,31 @@ class LimitDataAttributes(Attributes):
 
 
 class LimitDataStage(ToxicStage[LimitDataAttributes]):
+    stateful = True
+
     def __init__(self, toxic: Toxic[LimitDataAttributes]) -> None:
         super().__init__(toxic)
-        self.passed = 0
+        self.state: dict[str, object] = {}
         self.closed = False
+
+    def adopt_state(self, state: dict[str, object]) -> None:
+        self.state = state
+
+    @property
+    def passed(self) -> int:
+        """Bytes passed on this connection, over every update of the toxic."""
+        passed = self.state.get("passed", 0)
+        assert isinstance(passed, int)
+        return passed
+
+    @passed.setter
+    def passed(self, value: int) -> None:
+        self.state["passed"] = value
 
     async def data(self, data: bytes, out: Output) -> None:
         if self.closed:
             return
-        remaining = self.attributes.bytes - self.passed
+        remaining = max(0, self.attributes.bytes - self.passed)
         if remaining < len(data):
             data = data[:remaining]
         if data:

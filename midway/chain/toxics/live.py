@@ -128,6 +128,8 @@ def update_toxic(
     )
     # The after_s condition keeps counting from the original creation.
     new.created_at = old.created_at
+    # Per-connection state (limit_data's count) goes on, as in Toxiproxy.
+    new.state_key = old.state_key
     host.replace_element(old, new)
     return new
 
