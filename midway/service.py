@@ -715,7 +715,7 @@ class Connection(Dialer):
 
     __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
                  "pending", "_route", "upstream", "work", "cancelled", "client_end",
-                 "upstream_end", "lease")
+                 "upstream_end", "lease", "spare")
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
@@ -760,6 +760,9 @@ class Connection(Dialer):
         """Streams that replaced the sockets for the relay (TLS), when a layer did."""
         self.lease: SourceLease | None = None
         """This connection's count against its source (released at *closed*)."""
+        self.spare: list[Any] = _NO_CANDIDATES
+        """The upstreams not tried yet when one accepted, while an outbound layer
+        runs: the next to try if its TLS handshake fails."""
 
     # -- inbound, route, choose, dial ------------------------------------------
 
@@ -841,6 +844,8 @@ class Connection(Dialer):
     def dial_connected(self, sock: socket.socket, target: UpstreamState) -> None:
         """The upstream accepted: *outbound* (if any), then *open* and *relay*."""
         service = self.service
+        if service.outbound:
+            self.spare = self.candidates
         self.candidates = _NO_CANDIDATES
         self.upstream = sock
         target.connected()
@@ -897,6 +902,10 @@ class Connection(Dialer):
             self.finish(CloseReason.REJECTED, str(exc))
             return
         except TlsFailed as exc:
+            if self.phase is Phase.OUTBOUND and self.spare:
+                self.work = None
+                self._next_after_tls(str(exc))
+                return
             log.warning("conn %d (%s): tls: %s", self.info.id, self.service.name, exc)
             self.finish(CloseReason.TLS_FAILED, str(exc))
             return
@@ -910,6 +919,27 @@ class Connection(Dialer):
             watch.stop()
         self.work = None
         self._relay()
+
+    def _next_after_tls(self, detail: str) -> None:
+        """The upstream accepted but its TLS handshake failed: give it up (it
+        counts as a failed attempt, towards passive health too) and dial the next
+        one, as a refused connect would.  Nothing of the client's was sent to it:
+        the relay had not begun."""
+        target = self.target
+        detail = detail.removeprefix(f"upstream {target.address}: ")  # the log names it
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            self.poller.forget(upstream.fileno())
+            close_socket(self.upstream_end or upstream)
+        self.upstream_end = None
+        info = self.info
+        info.upstream = None
+        info.upstream_addr = info.upstream_local_addr = None
+        target.abandoned()
+        self.candidates, self.spare = self.spare, _NO_CANDIDATES
+        self.phase = _DIAL
+        self.dial_failed(target, DialFailure.TLS_FAILED, detail)
+        self.dial_next(DialFailure.TLS_FAILED)
 
     def _attach_all(self) -> Attached:
         attached: Attached | None = None

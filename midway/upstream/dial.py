@@ -77,6 +77,9 @@ class DialFailure(enum.StrEnum):
     """No upstream was eligible (all down or drained); nothing was dialled."""
     OUT_OF_DESCRIPTORS = "out_of_descriptors"
     """midway could not open a socket (EMFILE, ENFILE)."""
+    TLS_FAILED = "tls_failed"
+    """The upstream accepted, then the TLS handshake with it failed
+    (``upstream_tls``: told by the service, after the dial)."""
     OTHER = "other"
 
 

@@ -107,6 +107,13 @@ class UpstreamState:
         self.connects += 1
         self.active += 1
 
+    def abandoned(self) -> None:
+        """A connection :meth:`connected` counted was given up before it was
+        relayed (its TLS handshake failed, told by :meth:`connect_failed`): one
+        less active, and no verdict of its own on the upstream's health."""
+        if self.active > 0:
+            self.active -= 1
+
     def closed(self, *, reset_before_response: bool = False) -> None:
         """A connection :meth:`connected` earlier has ended.  With
         ``reset_before_response`` (the upstream reset it before sending a byte)

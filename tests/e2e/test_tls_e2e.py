@@ -234,6 +234,31 @@ def test_origination_fails_verification_with_a_clear_log_line(pki: Pki, ca: str)
     assert "Traceback" not in log
 
 
+def test_a_failed_upstream_handshake_tries_the_next_upstream(pki: Pki) -> None:
+    """As HAProxy's retry-on conn-failure: an upstream whose certificate does not
+    verify is a failed attempt, and the client is served by the next one."""
+    _needs("openssl")
+    with s_server(pki.other_cert, pki.other_key) as bad, \
+            s_server(pki.server_cert, pki.server_key) as good, proxy_process(
+            "127.0.0.1:0", f"localhost:{bad}", f"localhost:{good}", "--upstream-tls",
+            "--upstream-tls-ca", str(pki.ca)) as mw:
+        for _ in range(4):  # round robin: at least two of them start with the bad one
+            with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
+                plain.sendall(b"midway\n")
+                answer = b""
+                while b"\n" not in answer:
+                    chunk = plain.recv(100)
+                    assert chunk, f"closed: {mw.stderr_text()}"
+                    answer += chunk
+            assert answer.strip() == b"yawdim"
+        assert wait_until(lambda: "trying the next one" in mw.stderr_text())
+        log = mw.stderr_text()
+    line = next(x for x in log.splitlines() if "trying the next one" in x)
+    assert f"upstream localhost:{bad} failed: certificate verify failed: " in line, line
+    assert "(tls_failed)" in line, line
+    assert "Traceback" not in log
+
+
 def _tls_upstream(pki: Pki, listener: socket.socket, result: dict[str, object],
                   down: bytes) -> None:
     """A TLS upstream for one connection: read BLOB_SIZE bytes, answer ``down``,
