@@ -155,8 +155,9 @@ def test_snapshot_shows_what_the_admin_api_lists() -> None:
     s, clock, _ = pool(UpstreamSpec(A, weight=3), UpstreamSpec(B, backup=True),
                        health=HealthSettings(interval_s=1.0))
     s.upstreams[1].health.check_failed("timed out")
-    at = s.snapshot()[1]["last_check"]["at"]
-    assert s.snapshot() == [
+    snapshot = s.snapshot()  # one: each maps the clock to wall time anew (to the ms)
+    at = snapshot[1]["last_check"]["at"]
+    assert snapshot == [
         {"address": "10.0.0.5:6379", "weight": 3, "backup": False, "state": "up", "active": 0,
          "connects": 0, "connect_failures": 0, "last_check": None},
         {"address": "10.0.0.6:6379", "weight": 1, "backup": True, "state": "down", "active": 0,
