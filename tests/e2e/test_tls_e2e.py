@@ -198,19 +198,24 @@ def test_a_client_that_sends_nothing_is_closed_after_the_handshake_timeout(pki: 
     assert "tls: handshake timed out after 0.5 s" in mw.stderr_text()
 
 
+def reversed_line(mw: helpers.ProxyProcess) -> bytes:
+    """Send ``midway`` through ``mw`` to an ``s_server -rev`` upstream: its answer."""
+    with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
+        plain.sendall(b"midway\n")
+        answer = b""
+        while b"\n" not in answer:
+            chunk = plain.recv(100)
+            assert chunk, f"closed: {mw.stderr_text()}"
+            answer += chunk
+    return answer.strip()
+
+
 def test_origination_to_openssl_s_server(pki: Pki) -> None:
     _needs("openssl")
     with s_server(pki.server_cert, pki.server_key) as up, proxy_process(
             "127.0.0.1:0", f"localhost:{up}", "--upstream-tls",
             "--upstream-tls-ca", str(pki.ca)) as mw:
-        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
-            plain.sendall(b"midway\n")
-            answer = b""
-            while b"\n" not in answer:
-                chunk = plain.recv(100)
-                assert chunk, f"closed: {mw.stderr_text()}"
-                answer += chunk
-    assert answer.strip() == b"yawdim"  # reversed by s_server: it decrypted our bytes
+        assert reversed_line(mw) == b"yawdim"  # reversed by s_server: it decrypted our bytes
 
 
 @pytest.mark.parametrize("ca", ["wrong", "system"])
@@ -243,14 +248,7 @@ def test_a_failed_upstream_handshake_tries_the_next_upstream(pki: Pki) -> None:
             "127.0.0.1:0", f"localhost:{bad}", f"localhost:{good}", "--upstream-tls",
             "--upstream-tls-ca", str(pki.ca)) as mw:
         for _ in range(4):  # round robin: at least two of them start with the bad one
-            with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
-                plain.sendall(b"midway\n")
-                answer = b""
-                while b"\n" not in answer:
-                    chunk = plain.recv(100)
-                    assert chunk, f"closed: {mw.stderr_text()}"
-                    answer += chunk
-            assert answer.strip() == b"yawdim"
+            assert reversed_line(mw) == b"yawdim"
         assert wait_until(lambda: "trying the next one" in mw.stderr_text())
         log = mw.stderr_text()
     line = next(x for x in log.splitlines() if "trying the next one" in x)
