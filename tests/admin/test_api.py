@@ -395,6 +395,11 @@ def test_toxic_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
     error(admin.post("/proxies/q/toxics", {"type": "latency", "stream": "sideways"}), 400,
           "stream was invalid, can be either upstream or downstream")
     for body in ({"type": "latency", "attributes": {"latency": "slow"}},
+                 # A number is a JSON number: text is never converted, so "1_000"
+                 # (which Python's int() would take) is refused like "slow".
+                 {"type": "latency", "attributes": {"latency": "1_000"}},
+                 {"type": "latency", "attributes": {"latency": "1000"}},
+                 {"type": "latency", "toxicity": "0.5"},
                  {"type": "latency", "attributes": {"latency": 1.5}},
                  {"type": "latency", "attributes": {"latency": -1}},
                  {"type": "latency", "attributes": {"latency": 2 ** 63}},  # Go's int64
@@ -436,6 +441,7 @@ def test_update_toxic_merges_attributes(admin: Admin, echo: EchoServer) -> None:
     assert reply.json["toxicity"] == 0.5
     before = admin.get("/proxies/u/toxics").json
     for bad in ({"attributes": {"latency": -5}}, {"attributes": {"nope": 1}},
+                {"attributes": {"latency": "1_000"}},
                 {"toxicity": "all"}, {"attributes": [1]}):
         assert admin.post("/proxies/u/toxics/latency_downstream", bad).status == 400, bad
     assert admin.get("/proxies/u/toxics").json == before
