@@ -415,11 +415,17 @@ class ToxiproxyAPI:
         return _json(200, toxic_json(updated))
 
     async def toxic_delete(self, proxy: str, toxic: str, body: bytes) -> Response:
-        await self._spec(proxy, toxic)
+        """Remove it, as Toxiproxy does; a toxic of the timeline too: its spec
+        leaves the target, which takes it out of the timeline (removed now, its
+        later events cancelled) and lets the rest of the scenario play on."""
+        try:
+            gone = await self._spec(proxy, toxic)
+        except TimedToxic as exc:
+            gone = exc.spec
 
         def delete(target: Target) -> Edit:
             config = self._proxy(target, proxy)
-            toxics = tuple(t for t in config.toxics if t.name != toxic)
+            toxics = tuple(t for t in config.toxics if t != gone)
             return Edit(target.with_proxy(dataclasses.replace(config, toxics=toxics)))
 
         await self.host.change(delete)
@@ -478,15 +484,18 @@ class ToxiproxyAPI:
 
     async def _spec(self, proxy: str, toxic: str) -> ToxicSpec:
         """The toxic's spec in the target: one the configuration or the API put
-        there (a toxic of the timeline is changed in the configuration)."""
+        there.  Raises :class:`TimedToxic` (409) for an active toxic of the
+        timeline, 404 for any other name."""
         config = self._proxy(self.host.target, proxy)
         for spec in config.toxics:
             if spec.name == toxic and spec.at_s == 0 and spec.until_s is None:
                 return spec
-        if any(t["name"] == toxic for t in (await self._view(proxy)).toxics):
-            raise ApiError(f"toxic {toxic!r} is on the configuration's timeline "
-                           "(at_s/until_s): change it in the configuration file", 409)
-        raise ApiError(TOXIC_NOT_FOUND, 404)
+        listed = next((t for t in (await self._view(proxy)).toxics if t["name"] == toxic), None)
+        timed = [s for s in config.toxics if s.name == toxic]
+        if listed is None or not timed:
+            raise ApiError(TOXIC_NOT_FOUND, 404)
+        # Names repeat only in windows apart: the active one is the one listed.
+        raise TimedToxic(toxic, next((s for s in timed if _lists_as(s, listed)), timed[0]))
 
     async def _answer(self, status: int, name: str) -> Response:
         config = self._proxy(self.host.target, name)
@@ -530,6 +539,25 @@ class ToxiproxyAPI:
             # first worker that answered sees them.
             "upstreams": list(view.upstreams) if view is not None else [],
         }
+
+
+class TimedToxic(ApiError):
+    """A change asked of a toxic of the timeline, which only the configuration
+    changes (409); ``spec`` is the one active now."""
+
+    def __init__(self, name: str, spec: ToxicSpec) -> None:
+        super().__init__(
+            f"toxic {name!r} belongs to the configuration's timeline (at_s/until_s), "
+            "which adds and removes it at set times; the API does not change such a "
+            "toxic, the file describes the scenario: change it there and reload, or "
+            "DELETE it", 409)
+        self.spec = spec
+
+
+def _lists_as(spec: ToxicSpec, listed: Mapping[str, Any]) -> bool:
+    """Whether a toxic listed by a worker (Toxiproxy's JSON) is built from ``spec``."""
+    return (listed["type"], listed["stream"], listed["toxicity"], listed["attributes"]) == (
+        spec.type, spec.stream, spec.toxicity, dict(spec.attributes))
 
 
 def _toxic_from_body(body: bytes, proxy_seed: int) -> Toxic[Any]:

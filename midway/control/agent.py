@@ -206,6 +206,8 @@ class WorkerAgent:
             service.retire_elements(*rebuilt)
         _change_toxics(service, change)
         service.reconfigure(dataclasses.replace(new, listen=service.config.listen))
+        if change.toxics.drop:
+            self.runtime.drop_timed(service.name, change.toxics.drop)
         if change.toxics.timeline:
             self.runtime.restart_timeline(service.name)
         if change.reset:

@@ -620,10 +620,11 @@ def test_toxics_toggled_over_http_mid_transfer_keep_the_stream_intact(
     assert received.hexdigest() == hashlib.sha256(blob).hexdigest()
 
 
-def test_a_toxic_of_the_timeline_is_listed_changed_only_in_the_file_and_reset(
+def test_a_toxic_of_the_timeline_is_deleted_for_good_but_changed_only_in_the_file(
         tmp_path: Path, echo: EchoServer) -> None:
-    # A timed toxic belongs to the file: PATCH and DELETE answer 409 saying so
-    # (removing one would start the proxy's timeline over), /reset removes it.
+    # DELETE removes a timed toxic as Toxiproxy removes any toxic, and the rest of
+    # the timeline plays on (not over); PATCH answers 409 saying why; /reset
+    # removes the others.
     config = tmp_path / "midway.toml"
     config.write_text(f"""
 [server]
@@ -638,18 +639,46 @@ type = "latency"
 name = "slow"
 attributes = {{ latency = 1 }}
 until_s = 600
+
+[[proxy.web.toxics]]
+type = "latency"
+name = "later"
+at_s = 0.5
+until_s = 600
+
+[[proxy.web.toxics]]
+type = "timeout"
+name = "future"
+at_s = 600
 """)
     with proxy_process("--config", str(config)) as process:
         assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
         api = Admin(process)
         line = next(line for line in process.stderr_lines if "admin API" in line)
         api.port = int(line.rsplit(":", 1)[1])
-        assert [t["name"] for t in api.get("/proxies/web/toxics").json] == ["slow"]
+
+        def names() -> list[str]:
+            return [t["name"] for t in api.get("/proxies/web/toxics").json]
+
+        assert wait_until(lambda: names() == ["slow", "later"], timeout=10)
         for reply in (api.request("PATCH", "/proxies/web/toxics/slow",
                                   {"attributes": {"latency": 2}}),
-                      api.delete("/proxies/web/toxics/slow")):
+                      api.post("/proxies/web/toxics/slow", {"toxicity": 0.5})):
             assert reply.status == 409
-            assert "timeline" in reply.json["error"] and reply.json["status"] == 409
+            assert reply.json["status"] == 409
+            assert reply.json["error"].startswith(
+                "toxic 'slow' belongs to the configuration's timeline (at_s/until_s), which "
+                "adds and removes it at set times; the API does not change such a toxic"), \
+                reply.json
         assert api.get("/proxies/web/toxics/slow").json["attributes"]["latency"] == 1
+        assert api.delete("/proxies/web/toxics/slow").status == 204
+        # Gone, and "later" stays: a timeline started over would have taken it
+        # out until 0.5 s from now.
+        assert names() == ["later"]
+        error(api.get("/proxies/web/toxics/slow"), 404, "toxic not found")
+        error(api.delete("/proxies/web/toxics/future"), 404, "toxic not found")  # not yet added
+        # The name is free again, as in Toxiproxy.
+        assert api.post("/proxies/web/toxics", {"type": "latency", "name": "slow"}).status == 200
+        assert api.delete("/proxies/web/toxics/slow").status == 204
         assert api.post("/reset").status == 204
         assert api.get("/proxies/web/toxics").json == []

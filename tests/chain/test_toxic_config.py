@@ -285,6 +285,37 @@ def test_timeline_leaves_toxics_it_did_not_add() -> None:
     asyncio.run(main())
 
 
+def test_a_dropped_toxic_goes_now_and_the_timeline_never_brings_it_back() -> None:
+    """The admin API's DELETE of a timed toxic: that one window leaves the
+    scenario; the others (the same name later included) play on, on time."""
+    config = proxy_with({"type": "latency", "name": "a", "at_s": 1, "until_s": 3},
+                        {"type": "latency", "name": "a", "at_s": 4, "until_s": 6},
+                        {"type": "timeout", "name": "b", "at_s": 2},
+                        {"type": "timeout", "name": "c", "at_s": 5})
+    host = FakeProxy(build_elements(config))
+    clock = FakeClock()
+
+    async def main() -> None:
+        timeline = Timeline(host, config.toxics, clock=clock)
+        task = asyncio.create_task(timeline.run())
+        await clock.advance(1.5)
+        assert [e.name for e in host.elements] == ["a"]
+        timeline.drop(config.toxics[0])
+        timeline.drop(config.toxics[3])  # not added yet: it never will be
+        assert host.elements == []
+        await clock.advance(1.0)
+        assert [e.name for e in host.elements] == ["b"]
+        await clock.advance(2.0)  # at 4 s: the second window of "a"
+        assert [e.name for e in host.elements] == ["b", "a"]
+        await clock.advance(3.0)
+        assert [e.name for e in host.elements] == ["b"]
+        await asyncio.wait_for(task, 1)
+
+    asyncio.run(main())
+    assert host.log == [("add", "a"), ("remove", "a"), ("add", "b"), ("add", "a"),
+                        ("remove", "a")]
+
+
 # -- the live toxic set ----------------------------------------------------------
 
 
