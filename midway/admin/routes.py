@@ -585,10 +585,20 @@ def _toxic_from_body(body: bytes, proxy_seed: int) -> Toxic[Any]:
         raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
 
 
+MAX_ID_DIGITS = 20
+"""Digits of the largest connection id: ids are unsigned 64-bit counts
+(:class:`~midway.control.worker.ConnectionIds`), 2**64 - 1 has 20.  Longer text
+names no connection; without the cap ``int()`` would refuse 4300 digits or more
+(ValueError, Python's int_max_str_digits) and the request would answer 500."""
+
+
 def _connection_id(text: str) -> int:
-    """A connection id from the path; one that is not a whole number ≥ 1 names
-    no connection (404, as an unknown one)."""
-    if not text.isdigit() or int(text) < 1:
+    """A connection id from the path: ASCII decimal digits only (``str.isdigit``
+    also takes ``²`` or ``٣``, which ``int()`` refuses or reads as 3), at most
+    :data:`MAX_ID_DIGITS`.  Anything else, or 0, names no connection (404
+    ``connection not found``, as an unknown one)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_ID_DIGITS \
+            or int(text) < 1:
         raise ApiError(CONNECTION_NOT_FOUND, 404)
     return int(text)
 
