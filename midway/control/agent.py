@@ -37,9 +37,9 @@ from ..chain.toxics.live import (
     ToxicExists,
     ToxicNotFound,
     add_toxic,
-    get_toxic,
     list_toxics,
     remove_toxic,
+    replace_toxic,
     toxic_json,
     update_toxic,
 )
@@ -291,11 +291,9 @@ def _change_toxics(service: ProxyService, change: ProxyPlan) -> None:
             toxics.add.append(spec)
     for spec in toxics.replace:
         try:
-            old = get_toxic(service, spec.name)
+            replace_toxic(service, build_toxic(spec, clock=LoopClock()))
         except ToxicNotFound:
             toxics.add.append(spec)
-            continue
-        service.replace_element(old, build_toxic(spec, clock=LoopClock()))
     for spec in toxics.add:
         try:
             add_toxic(service, build_toxic(spec, clock=LoopClock()))
