@@ -159,7 +159,9 @@ class ToxiproxyAPI:
             (("connections",), "GET"): self.connection_index,
             (("connections", "*"), "GET"): self.connection_show,
             (("connections", "*"), "DELETE"): self.connection_delete,
+            (("connections", "*", "toxics"), "GET"): self.connection_toxic_index,
             (("connections", "*", "toxics"), "POST"): self.connection_toxic,
+            (("connections", "*", "toxics", "*"), "DELETE"): self.connection_toxic_delete,
         }
         self._shapes = {shape for shape, _ in self._routes}
 
@@ -466,6 +468,23 @@ class ToxiproxyAPI:
         if answer is None:  # it closed meanwhile
             raise ApiError(CONNECTION_NOT_FOUND, 404)
         return _json(200, answer)
+
+    async def connection_toxic_index(self, id: str, body: bytes,
+                                     query: Mapping[str, str]) -> Response:
+        """The toxics of this connection's own (the proxy's are under
+        ``/proxies/NAME/toxics``)."""
+        toxics = await self.host.connection_toxics(_connection_id(id))
+        if toxics is None:
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        return _json(200, toxics)
+
+    async def connection_toxic_delete(self, id: str, toxic: str, body: bytes,
+                                      query: Mapping[str, str]) -> Response:
+        """Remove a toxic of this connection's own, live: what it holds is
+        flushed, nothing lost (404 ``toxic not found``; 409 for the proxy's)."""
+        if not await self.host.remove_connection_toxic(_connection_id(id), toxic):
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        return Response(204)
 
     # -- helpers -------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..admin.host import ProxyView
 from ..chain.registry import rebuild_elements
+from ..chain.toxics.base import Toxic
 from ..chain.toxics.config import build_toxic
 from ..chain.toxics.live import (
     ToxicExists,
@@ -62,6 +63,8 @@ from .commands import (
     Command,
     CommandFailed,
     ListConnections,
+    ListConnectionToxics,
+    RemoveConnectionToxic,
     Views,
 )
 from .connections import close_connection, find_connection, list_connections
@@ -115,6 +118,8 @@ class WorkerAgent:
             ListConnections: self._connections,
             CloseConnection: self._close_connection,
             AddConnectionToxic: self._add_connection_toxic,
+            ListConnectionToxics: self._connection_toxics,
+            RemoveConnectionToxic: self._remove_connection_toxic,
         }
 
     async def start(self) -> None:
@@ -255,6 +260,31 @@ class WorkerAgent:
         toxic = build_toxic(spec, clock=LoopClock())
         service.add_connection_element(relay, toxic)
         return toxic_json(toxic)
+
+    def _connection_toxics(self, command: ListConnectionToxics) -> list[dict[str, Any]] | None:
+        found = find_connection(self.runtime, command.id)
+        if found is None:
+            return None
+        service, item = found
+        own = service.live[item].own if isinstance(item, Relay) else ()
+        return [toxic_json(e) for e in own if isinstance(e, Toxic)]
+
+    def _remove_connection_toxic(self, command: RemoveConnectionToxic) -> bool | None:
+        found = find_connection(self.runtime, command.id)
+        if found is None:
+            return None
+        service, item = found
+        own = service.live[item].own if isinstance(item, Relay) else ()
+        toxic = next((e for e in own if e.name == command.name), None)
+        if toxic is not None:
+            assert isinstance(item, Relay)
+            service.remove_connection_element(item, toxic)
+            return True
+        if any(t.name == command.name for t in list_toxics(service)):
+            raise CommandFailed(
+                f"toxic {command.name!r} is proxy {service.name!r}'s, on all its connections: "
+                f"remove it with DELETE /proxies/{service.name}/toxics/{command.name}", 409)
+        raise CommandFailed("toxic not found", 404)
 
     # -- metrics ------------------------------------------------------------------
 

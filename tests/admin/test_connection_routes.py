@@ -21,7 +21,7 @@ from midway.control.commands import LocalHandle
 from midway.control.plane import ControlPlane
 from midway.control.process import SingleFleet
 
-from ..helpers import run, serve
+from ..helpers import read_exactly, run, serve
 
 NOT_FOUND = {"error": "connection not found", "status": 404}
 
@@ -70,5 +70,40 @@ def test_an_id_that_is_not_ascii_decimal_is_connection_not_found(method: str,
                                     {"type": "latency"}) == (404, NOT_FOUND), text
             status, _ = await answer(api, "GET", f"/connections/{id}")
             assert status == 200  # the connection is there, under its own id
+
+    run(scenario())
+
+
+def test_a_connections_own_toxic_is_listed_and_removed_live_with_nothing_lost() -> None:
+    async def scenario() -> None:
+        async with one_connection() as (api, id, reader, writer):
+            assert await answer(api, "GET", f"/connections/{id}/toxics") == (200, [])
+            status, toxic = await answer(api, "POST", f"/connections/{id}/toxics",
+                                         {"type": "blackhole", "name": "cable"})
+            assert status == 200, toxic
+            assert await answer(api, "GET", f"/connections/{id}/toxics") == (200, [toxic])
+            writer.write(b"held back")  # the echo's answer is held by the blackhole
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.3)
+
+            assert await answer(api, "DELETE", f"/connections/{id}/toxics/cable") == (204, None)
+            assert await read_exactly(reader, 9) == b"held back"  # flushed, in order
+            assert await answer(api, "GET", f"/connections/{id}/toxics") == (200, [])
+            status, row = await answer(api, "GET", f"/connections/{id}")
+            assert (status, row["toxics"]) == (200, [])
+            writer.write(b"goes on")
+            assert await read_exactly(reader, 7) == b"goes on"
+
+            # Gone, never there, or the proxy's: said in words.
+            assert await answer(api, "DELETE", f"/connections/{id}/toxics/cable") == (
+                404, {"error": "toxic not found", "status": 404})
+            assert (await answer(api, "POST", "/proxies/p/toxics", {"type": "noop"}))[0] == 200
+            status, error = await answer(api, "DELETE", f"/connections/{id}/toxics/noop_downstream")
+            assert status == 409 and "DELETE /proxies/p/toxics/noop_downstream" in error["error"]
+            status, listed = await answer(api, "GET", "/proxies/p/toxics")
+            assert [t["name"] for t in listed] == ["noop_downstream"]  # left alone
+            for path in (f"/connections/{id + 100}/toxics/cable", "/connections/²/toxics/cable"):
+                assert await answer(api, "DELETE", path) == (404, NOT_FOUND)
+            assert await answer(api, "GET", f"/connections/{id + 100}/toxics") == (404, NOT_FOUND)
 
     run(scenario())
