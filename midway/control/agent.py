@@ -274,12 +274,11 @@ class WorkerAgent:
         if found is None:
             return None
         service, item = found
-        own = service.live[item].own if isinstance(item, Relay) else ()
-        toxic = next((e for e in own if e.name == command.name), None)
-        if toxic is not None:
-            assert isinstance(item, Relay)
-            service.remove_connection_element(item, toxic)
-            return True
+        if isinstance(item, Relay):  # one still connecting has none of its own yet
+            toxic = next((e for e in service.live[item].own if e.name == command.name), None)
+            if toxic is not None:
+                service.remove_connection_element(item, toxic)
+                return True
         if any(t.name == command.name for t in list_toxics(service)):
             raise CommandFailed(
                 f"toxic {command.name!r} is proxy {service.name!r}'s, on all its connections: "
