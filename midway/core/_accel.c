@@ -399,22 +399,17 @@ static PyObject *Engine_dispatch(Engine *e, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_fileno(Engine *e, PyObject *unused) {
-    return PyLong_FromLong(e->epfd);
-}
-
-static Py_ssize_t Engine_len(Engine *e) {
-    return e->live;
-}
-
 static PyMethodDef Engine_methods[] = {
     {"dispatch", (PyCFunction)Engine_dispatch, METH_NOARGS, "Relay what is ready."},
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Drop every connection; close."},
     {NULL}
 };
 
-static PySequenceMethods Engine_seq = {.sq_length = (lenfunc)Engine_len};
+static PyMemberDef Engine_members[] = {
+    {"epfd", T_INT, offsetof(Engine, epfd), READONLY, "The epoll descriptor (-1: closed)."},
+    {"live", T_PYSSIZET, offsetof(Engine, live), READONLY, "Relays in C mode now."},
+    {NULL}
+};
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -427,7 +422,7 @@ static PyTypeObject EngineType = {
     .tp_traverse = (traverseproc)Engine_traverse,
     .tp_clear = (inquiry)Engine_clear,
     .tp_methods = Engine_methods,
-    .tp_as_sequence = &Engine_seq,
+    .tp_members = Engine_members,
 };
 
 /* -- Core -------------------------------------------------------------------- */

@@ -26,10 +26,11 @@ ENV_PURE = "MIDWAY_PURE_PYTHON"
 if TYPE_CHECKING:
     class Engine:
         def __init__(self, report: Any, time: Any) -> None: ...
+        epfd: int
+        live: int
+
         def dispatch(self) -> None: ...
-        def fileno(self) -> int: ...
         def close(self) -> None: ...
-        def __len__(self) -> int: ...
 
     class Core:
         """What the relay reads of its C part (see _accel.c)."""
@@ -96,7 +97,7 @@ def engine_for(loop: asyncio.AbstractEventLoop) -> Engine | None:
         # Stamps come from CLOCK_MONOTONIC, the clock of both loops' time() (a
         # bound loop.time would keep the loop alive through this dictionary).
         engine = _engines[loop] = Engine(report, time.monotonic)
-        loop.add_reader(engine.fileno(), engine.dispatch)
+        loop.add_reader(engine.epfd, engine.dispatch)
     return engine
 
 

@@ -254,7 +254,8 @@ def test_many_connections_closing_in_one_batch_each_end_cleanly() -> None:
             assert read_to_eof(u_app) == b"%d" % i
             c_app.close()
             u_app.close()
-        assert len(accel.engine_for(loop) or ()) == 0
+        engine = accel.engine_for(loop)
+        assert engine is not None and engine.live == 0
     helpers.run(main())
 
 
