@@ -84,6 +84,7 @@ struct Engine {
     int epfd;
     PyObject *report, *time;
     PyObject *leaving;   /* Cores that left during this dispatch (kept alive) */
+    PyObject *stop[3];   /* a KeyboardInterrupt or SystemExit raised in a call */
     int dispatching;
     Py_ssize_t live;
     Core **owner;        /* owner[fd]: the Core relaying descriptor fd, or NULL */
@@ -95,6 +96,13 @@ struct Engine {
 
 static void report(Engine *e, PyObject *where) {
     PyObject *type, *value, *tb;
+    if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)
+        || PyErr_ExceptionMatches(PyExc_SystemExit)) { /* not for the handler: raised */
+        if (e->stop[0] == NULL)
+            PyErr_Fetch(&e->stop[0], &e->stop[1], &e->stop[2]);
+        PyErr_Clear();
+        return;
+    }
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
     if (value != NULL && tb != NULL)
@@ -178,10 +186,12 @@ static void leave(Core *c, int closing) {
     c->prev = c->next = NULL;
     c->engine = NULL;
     e->live--;
-    /* The engine's reference: kept to the end of the batch when dispatching. */
-    if (e->dispatching && e->leaving != NULL && PyList_Append(e->leaving, (PyObject *)c) < 0)
-        PyErr_Clear(); /* out of memory: no event of this batch may follow */
-    Py_DECREF(c);
+    /* The engine's reference: kept to the end of the batch when dispatching (if
+       the list cannot take it, leaked rather than freed while maybe in use). */
+    if (e->dispatching && (e->leaving == NULL || PyList_Append(e->leaving, (PyObject *)c) < 0))
+        PyErr_Clear();
+    else
+        Py_DECREF(c);
 }
 
 /* -- moving bytes ----------------------------------------------------------- */
@@ -199,6 +209,9 @@ static void ended(Core *c, int i) {
         shutdown(d->dst, SHUT_WR);
     d->fin = 1;
     c->ended++;
+    /* The EOF stays readable: stop asking now (a reset is still reported). */
+    if (c->ended < 2 && c->mask[i] != UNREGISTERED && ctl(c, i, wanted(c, i)) < 0)
+        return;
     call(c, c->ended == 2 ? s_end : s_half, NULL, NULL);
 }
 
@@ -362,6 +375,8 @@ static int Engine_clear(Engine *e) {
     Py_CLEAR(e->report);
     Py_CLEAR(e->time);
     Py_CLEAR(e->leaving);
+    for (int i = 0; i < 3; i++)
+        Py_CLEAR(e->stop[i]);
     return 0;
 }
 
@@ -393,6 +408,11 @@ static PyObject *Engine_dispatch(Engine *e, PyObject *unused) {
     }
     e->dispatching = 0;
     int failed = e->leaving == NULL ? 0 : PyList_SetSlice(e->leaving, 0, PY_SSIZE_T_MAX, NULL);
+    if (e->stop[0] != NULL) {
+        PyErr_Restore(e->stop[0], e->stop[1], e->stop[2]);
+        e->stop[0] = e->stop[1] = e->stop[2] = NULL;
+        failed = -1;
+    }
     Py_DECREF(e);
     if (failed < 0)
         return NULL;

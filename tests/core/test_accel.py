@@ -269,3 +269,64 @@ def test_pure_python_is_chosen_by_the_environment() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=30, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def _half_close_both(c_app: socket.socket, u_app: socket.socket) -> None:
+    c_app.shutdown(socket.SHUT_WR)
+    u_app.shutdown(socket.SHUT_WR)
+
+
+def test_an_error_in_a_callback_is_reported_and_the_engine_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A callback of the C part that raises is reported to the loop's exception
+    handler; the other connections of the batch and later ones are relayed."""
+    def broken(self: Relay[Any]) -> None:
+        raise RuntimeError("broken half-close")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        monkeypatch.setattr(Relay, "_c_half", broken)
+        c_app, c_end, u_app, u_end = _pairs()
+        closed: asyncio.Future[Relay[Any]] = loop.create_future()
+        relay = make_relay(c_end, u_end, closed)
+        relay.start()
+        _half_close_both(c_app, u_app)
+        done = await asyncio.wait_for(closed, 5)  # the second FIN still ends it
+        assert done.reason is CloseReason.EOF
+        assert [str(c["exception"]) for c in reported] == ["broken half-close"]
+        monkeypatch.undo()
+        c2, e2, u2, f2 = _pairs()  # the engine still relays
+        closed2: asyncio.Future[Relay[Any]] = loop.create_future()
+        make_relay(e2, f2, closed2).start()
+        c2.sendall(b"still")
+        u2.settimeout(5)
+        assert await asyncio.to_thread(u2.recv, 10) == b"still"
+        _half_close_both(c2, u2)
+        await asyncio.wait_for(closed2, 5)
+        for sock in (c_app, u_app, c2, u2):
+            sock.close()
+    helpers.run(main())
+
+
+def test_keyboard_interrupt_in_a_callback_is_raised_not_swallowed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(self: Relay[Any]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Relay, "_c_half", interrupted)
+    c_app, c_end, u_app, u_end = _pairs()
+
+    async def main() -> None:
+        closed: asyncio.Future[Relay[Any]] = asyncio.get_running_loop().create_future()
+        make_relay(c_end, u_end, closed).start()
+        c_app.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(5)  # interrupted long before
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            helpers.run(main())
+    finally:
+        for sock in (c_app, u_app, c_end, u_end):
+            sock.close()
