@@ -37,6 +37,8 @@ class Proxy:
     threads: int = 1
     loop: str | None = None
     args: tuple[str, ...] = ()
+    pure: bool = False
+    """midway without its compiled relay (MIDWAY_PURE_PYTHON=1)."""
 
     def argv(self, listen: int, upstream: int, workdir: Path) -> list[str]:
         builder = {
@@ -149,7 +151,9 @@ def describe(proxy: Proxy) -> str:
         + (f" `--loop {proxy.loop}`" if proxy.loop else "")
         + "".join(f" `{a}`" for a in proxy.args)
         + ", defaults otherwise"
-        + ("" if proxy.loop else " (the event loop is midway's default choice)"),
+        + ("" if proxy.loop else " (the event loop is midway's default choice)")
+        + (", pure Python (`MIDWAY_PURE_PYTHON=1`: no compiled relay)" if proxy.pure
+           else _compiled_note()),
         "haproxy": f"`haproxy -db`, mode tcp, `option splice-auto`, `nbthread {n}`, "
         "maxconn sized to RLIMIT_NOFILE, no logging",
         "nginx": f"nginx stream module, `worker_processes {n}`, `proxy_pass`, default "
@@ -194,6 +198,9 @@ def started(
     if proxy.kind == "midway":
         # do not leave __pycache__ directories in the midway checkout
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        env.pop("MIDWAY_PURE_PYTHON", None)
+        if proxy.pure:
+            env["MIDWAY_PURE_PYTHON"] = "1"
     child = procs.spawn(proxy.name, argv, cpus=cpus, logdir=workdir, cwd=REPO, env=env)
     try:
         procs.wait_listening(port, child, START_TIMEOUT)
@@ -223,9 +230,18 @@ def midway_help() -> str | None:
     return (done.stdout + done.stderr).decode(errors="replace")
 
 
+def _compiled_note() -> str:
+    """How the default midway runs its relay: with the compiled part if it was built."""
+    found = list((REPO / "midway" / "core").glob("_accel*.so"))
+    return ", with its compiled relay" if found else \
+        ", pure Python (the compiled relay is not built: `pip install -e .` builds it)"
+
+
 def parse(name: str) -> Proxy:
-    """A proxy from its command-line name: direct, midway, midway-uvloop, midway-asyncio,
-    haproxy, nginx, socat."""
+    """A proxy from its command-line name: direct, midway, midway-pure, midway-uvloop,
+    midway-asyncio, haproxy, nginx, socat."""
+    if name == "midway-pure":
+        return Proxy(name, "midway", pure=True)
     if name == "midway-uvloop":
         return Proxy(name, "midway", loop="uvloop")
     if name == "midway-asyncio":
@@ -233,5 +249,6 @@ def parse(name: str) -> Proxy:
     if name in KINDS:
         return Proxy(name, name)
     raise ValueError(
-        f"unknown proxy {name!r} (choose from {', '.join(KINDS)}, midway-uvloop, midway-asyncio)"
+        f"unknown proxy {name!r} (choose from {', '.join(KINDS)}, midway-pure, midway-uvloop, "
+        "midway-asyncio)"
     )

@@ -39,7 +39,7 @@ from bench.scenarios import BY_NAME, SCENARIOS, Scenario, Settings  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH / "results" / "latest.md"
-DEFAULT_PROXIES = "direct,midway,haproxy,nginx,socat"
+DEFAULT_PROXIES = "direct,midway,midway-pure,haproxy,nginx,socat"
 APT_PACKAGES = [
     "haproxy",
     "nginx-light",
@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--proxies",
         default=DEFAULT_PROXIES,
-        help="comma-separated subset of: direct,midway,midway-uvloop,midway-asyncio,haproxy,nginx,"
+        help="comma-separated subset of: direct,midway,midway-pure,midway-uvloop,midway-asyncio,"
+        "haproxy,nginx,"
         "socat "
         f"(default: {DEFAULT_PROXIES})",
     )

@@ -4,9 +4,8 @@
 A connection is in one of two places in a :class:`~midway.service.ProxyService`:
 ``connecting`` (accepted, not relaying yet: state ``connecting``, path ``none``)
 or ``live`` (a :class:`~midway.core.relay.Relay` and its record).  Its state
-comes from the relay's two flows: a flow whose source sent its FIN is at end of
-stream, so ``up.eof`` is a client that half-closed, ``down.eof`` an upstream
-that did.  Byte counts are the relay's delivered counts, as in the access log
+comes from the relay's two directions (:meth:`~midway.core.relay.Relay.ends`): a
+client that sent its FIN has half-closed, and so has an upstream that did.  Byte counts are the relay's delivered counts, as in the access log
 (one ioctl per direction per connection listed: for a listing, not a loop).
 """
 
@@ -33,9 +32,9 @@ Found = tuple[ProxyService, Relay[ConnectionInfo] | Connection]
 
 
 def _state(relay: Relay[ConnectionInfo]) -> str:
-    up, down = relay.up.eof, relay.down.eof
+    up, down, first = relay.ends()
     if up and down:  # both ended: closing; name who ended first
-        return "half-closed by upstream" if relay.first_close == "upstream" \
+        return "half-closed by upstream" if first == "upstream" \
             else "half-closed by client"
     if up:
         return "half-closed by client"

@@ -98,6 +98,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import describe_oserror
 from . import splice as _splice
+from .accel import AVAILABLE as _ACCEL
+from .accel import Core, engine_for
 from .deadlines import deadlines_for
 from .observer import CloseReason
 from .poller import poller_for
@@ -605,7 +607,7 @@ class _StreamFlow(Flow):
             self._on_stream_readable()
 
 
-class Relay(Generic[InfoT]):
+class Relay(Core, Generic[InfoT]):
     """Relays bytes between ``client`` and ``upstream`` (connected, non-blocking
     endpoints: plain sockets, or streams that can only copy).
 
@@ -615,13 +617,24 @@ class Relay(Generic[InfoT]):
     description of the connection; the relay only carries it.
 
     ``on_close(relay)`` is called exactly once, after both endpoints are closed; by
-    then ``reason``, ``detail``, ``first_close`` and the byte counts are final."""
+    then ``reason``, ``detail``, ``first_close`` and the byte counts are final.
+
+    **C mode.**  Where the compiled relay is available (:mod:`midway.core.accel`)
+    and both endpoints are plain sockets with no prefix, the relay starts in C
+    mode: the loop's :class:`~midway.core.accel.Engine` moves the bytes (the fast
+    path's copy, in C), and its :class:`Flow` and :class:`Sender` objects are not
+    even made.  The C part calls back only when a direction ends, on a failure, and
+    on a full 64 KiB read while splice is allowed (bulk data: splice in Python
+    moves it for less).  Anything that needs the flows (a chain attached,
+    :meth:`close_after_flush`, :meth:`flow`, :attr:`up`/:attr:`down`) first takes
+    the connection back into Python (:meth:`_python`) with everything the C part
+    held, counted and saw, so the rules of this module hold in both modes."""
 
     # An idle connection is mostly this object: slots, not a dict (~1 KiB less each).
     __slots__ = ("loop", "poller", "client", "upstream", "info", "on_close", "timers", "closed",
                  "started", "reason", "detail", "first_close", "splice", "path",
                  "connect_time_s", "reset", "_prefixes", "_closing", "_deadlines", "deadline_token",
-                 "_ended", "up", "down")
+                 "_ended", "_up", "_down", "_engine")
 
     def __init__(
         self,
@@ -664,52 +677,95 @@ class Relay(Generic[InfoT]):
         self.deadline_token = 0
         """The idle or half-close deadline scheduled (see :mod:`midway.core.deadlines`)."""
         self._ended = 0
+        self._up: Flow | None = None
+        self._down: Flow | None = None
+        self._engine = engine_for(self.loop) if (
+            _ACCEL and plain_client and plain_upstream and not client_prefix
+            and not upstream_prefix) else None
+        """The compiled relay's engine while the relay is (or will start) in C mode."""
+        if self._engine is None:
+            self._make_flows()
+
+    def _make_flows(self) -> tuple[Flow, Flow]:
+        client, upstream = self.client, self.upstream
         to_upstream = Sender(self, upstream, UPSTREAM_SIDE)
         to_client = Sender(self, client, CLIENT)
-        up = Flow if plain_client else _StreamFlow
-        down = Flow if plain_upstream else _StreamFlow
-        self.up = up(self, "upstream", client, CLIENT, to_upstream, to_client)
-        self.down = down(self, "downstream", upstream, UPSTREAM_SIDE, to_client, to_upstream)
+        up = Flow if can_splice(client) else _StreamFlow
+        down = Flow if can_splice(upstream) else _StreamFlow
+        self._up = up(self, "upstream", client, CLIENT, to_upstream, to_client)
+        self._down = down(self, "downstream", upstream, UPSTREAM_SIDE, to_client, to_upstream)
+        return self._up, self._down
 
     # -- public ------------------------------------------------------------
+
+    @property
+    def up(self) -> Flow:
+        """The client → upstream direction (takes a C-mode relay back into Python)."""
+        return self._python()[0]
+
+    @property
+    def down(self) -> Flow:
+        """The upstream → client direction (takes a C-mode relay back into Python)."""
+        return self._python()[1]
 
     @property
     def bytes_up(self) -> int:
         """Bytes delivered to the upstream (see "Counting" above): final once
         closed; while open, what its kernel has sent so far (one ioctl per call:
         for scrapes and tests, not per chunk), so the count never goes back."""
-        return self._delivered(self.up.sender)
+        if self._up is None:
+            return self._c_delivered(self.c_up_delivered, self.upstream)
+        return self._delivered(self._up.sender)
 
     @property
     def bytes_down(self) -> int:
         """Bytes delivered to the client, as :attr:`bytes_up`; replies of
         upstream-direction elements included."""
-        return self._delivered(self.down.sender)
+        if self._down is None:
+            return self._c_delivered(self.c_down_delivered, self.client)
+        return self._delivered(self._down.sender)
 
     @property
     def bytes_up_read(self) -> int:
         """Bytes read from the client so far."""
-        return self.up.bytes_read
+        return self.c_up_read if self._up is None else self._up.bytes_read
 
     @property
     def bytes_down_read(self) -> int:
         """Bytes read from the upstream so far."""
-        return self.down.bytes_read
+        return self.c_down_read if self._down is None else self._down.bytes_read
+
+    def ends(self) -> tuple[bool, bool, str | None]:
+        """Whether the client and the upstream have sent their FIN, and which
+        side ended first (None while neither has), in either mode."""
+        if self._up is None or self._down is None:
+            first = self.first_close or _FIRST[self.c_first]
+            return self.c_up_eof, self.c_down_eof, first
+        return self._up.eof, self._down.eof, self.first_close
 
     def _delivered(self, sender: Sender) -> int:
         if self.closed:
             return sender.delivered
         return sender.delivered - _unsent(sender.sock, sender.delivered)
 
+    def _c_delivered(self, delivered: int, sock: Endpoint) -> int:
+        if self.closed or not self.started:
+            return delivered
+        return delivered - _unsent(sock, delivered)
+
     def flow(self, direction: str) -> Flow:
-        return self.up if direction == "upstream" else self.down
+        up, down = self._python()
+        return up if direction == "upstream" else down
 
     def copy_only(self) -> None:
         """Leave the zero-copy path in both directions, for good (bytes already in
         a pipe are delivered first)."""
         if self.splice:
             self.splice = False
-            for flow in (self.up, self.down):
+            if self._up is None or self._down is None:
+                self.c_splice_ok = 0  # C mode copies anyway; no bulk hand-over now
+                return
+            for flow in (self._up, self._down):
                 flow.can_splice = False
                 if self.started:
                     flow.use_copy()
@@ -717,14 +773,30 @@ class Relay(Generic[InfoT]):
     def start(self) -> None:
         """Begin relaying.  Call once."""
         self.started = True
+        engine = self._engine
+        if engine is not None and self._up is None:
+            cfd, ufd = self.client.fileno(), self.upstream.fileno()
+            # The dial left the upstream socket on the poller: one epoll only.
+            self.poller.forget(cfd)
+            self.poller.forget(ufd)
+            try:
+                self._c_start(engine, cfd, ufd, self.splice, self.loop.time())
+            except OSError:
+                self._engine = None
+                self._make_flows()  # relay in Python then
+            else:
+                self._arm()
+                return
+        up, down = self._up, self._down
+        assert up is not None and down is not None
         # A reset on a socket nobody reads or writes (reading paused for
         # back-pressure, or a side already half-closed) is seen at once too.
-        self.poller.watch(self.up.src_fd, self._client_failed)
-        self.poller.watch(self.down.src_fd, self._upstream_failed)
+        self.poller.watch(up.src_fd, self._client_failed)
+        self.poller.watch(down.src_fd, self._upstream_failed)
         client_prefix, upstream_prefix = self._prefixes
         self._prefixes = (b"", b"")
-        self.up.start(self.splice, client_prefix)
-        self.down.start(self.splice, upstream_prefix)
+        up.start(self.splice, client_prefix)
+        down.start(self.splice, upstream_prefix)
         self._arm()
 
     def close(self, reason: CloseReason, detail: str = "", *,
@@ -744,9 +816,30 @@ class Relay(Generic[InfoT]):
         now = self.loop.time()
         # Each socket is reset if the direction into it is cut short (the other
         # may still end cleanly: a finished response keeps its FIN).
+        if self._up is None or self._down is None:
+            self._finish(reason, detail, PROXY,
+                         reset_upstream=self._c_cut_short(0, now, quiet_s),
+                         reset_client=self._c_cut_short(1, now, quiet_s))
+            return
         self._finish(reason, detail, PROXY,
-                     reset_upstream=self.up.cut_short(now, quiet_s),
-                     reset_client=self.down.cut_short(now, quiet_s))
+                     reset_upstream=self._up.cut_short(now, quiet_s),
+                     reset_client=self._down.cut_short(now, quiet_s))
+
+    def _c_cut_short(self, direction: int, now: float, quiet_s: float) -> bool:
+        """:meth:`Flow.cut_short` in C mode (0: client → upstream, 1: back)."""
+        if direction == 0:
+            fin, held, eof = self.c_up_fin, self.c_up_held, self.c_up_eof
+            read, read_at, src = self.c_up_read, self.c_up_read_at, self.client
+        else:
+            fin, held, eof = self.c_down_fin, self.c_down_held, self.c_down_eof
+            read, read_at, src = self.c_down_read, self.c_down_read_at, self.upstream
+        if fin:
+            return False
+        if held:
+            return True
+        if eof:
+            return False
+        return (read > 0 and now - read_at < quiet_s) or _unread(src.fileno()) > 0
 
     def abort(self, reason: CloseReason, detail: str = "", side: str = PROXY) -> None:
         """Reset both sockets (RST) now."""
@@ -757,17 +850,81 @@ class Relay(Generic[InfoT]):
         then FIN both ways and close (bounded by the half-close timeout)."""
         if self.closed or self._closing is not None:
             return
+        flows = self._python()
         self._closing = (reason, detail)
         if self.first_close is None:
             self.first_close = PROXY
         self.timers.half_closed(self.loop.time())
         self._arm()
-        for flow in (self.up, self.down):
+        for flow in flows:
             flow._stop_reading()
             flow.eof = True
             if flow.chain is not None:
                 flow.chain.halt()
             flow.sender.send_eof()
+
+    # -- C mode: taking the connection back, and the C part's calls --------------
+
+    def _python(self) -> tuple[Flow, Flow]:
+        """The two flows, made now if the relay is in C mode: it then leaves the
+        engine, and the flows go on from the state the C part left (counts, ends,
+        bytes it held), registered on the poller as :meth:`start` would."""
+        if self._up is not None and self._down is not None:
+            return self._up, self._down
+        up, down = self._make_flows()
+        if not self.started:
+            return up, down
+        held_up, held_down = self._c_export()
+        self._engine = None
+        self._ended = self.c_ended
+        if self.first_close is None:
+            self.first_close = _FIRST[self.c_first]
+        up.bytes_read, up.read_at, up.eof = self.c_up_read, self.c_up_read_at, self.c_up_eof
+        down.bytes_read, down.read_at, down.eof = (self.c_down_read, self.c_down_read_at,
+                                                   self.c_down_eof)
+        up.sender.delivered, up.sender.fin_sent = self.c_up_delivered, self.c_up_fin
+        down.sender.delivered, down.sender.fin_sent = self.c_down_delivered, self.c_down_fin
+        if self.closed:
+            return up, down
+        self.timers.last_activity = max(self.timers.last_activity, self.c_last_activity)
+        self.poller.watch(up.src_fd, self._client_failed)
+        self.poller.watch(down.src_fd, self._upstream_failed)
+        for flow, held in ((up, held_up), (down, held_down)):
+            flow.can_splice = self.splice
+            if held:
+                sender = flow.sender
+                sender.buf = bytearray(held)
+                self.poller.add_writer(sender.fd, sender._on_writable)
+                sender.on_drained = flow._resume
+            elif not flow.eof:
+                flow._read(flow.fast_reader)
+        return up, down
+
+    def _c_half(self) -> None:
+        """C mode: the first direction ended (its FIN passed on)."""
+        self.timers.half_closed(self.loop.time())
+        self._arm()
+
+    def _c_end(self) -> None:
+        """C mode: both directions ended, every byte delivered."""
+        reason, detail = self._closing or (CloseReason.EOF, "")
+        self._finish(reason, detail, _FIRST[self.c_first] or PROXY)
+
+    def _c_fail(self, side: int, err: int) -> None:
+        """C mode: ``err`` on the client (0) or the upstream (1) socket."""
+        self._failed(UPSTREAM_SIDE if side else CLIENT, OSError(err, os.strerror(err)))
+
+    def _c_bulk(self, direction: int) -> None:
+        """C mode: a full read while splice is allowed: bulk data, which the flows
+        move zero-copy (as :meth:`Flow._on_readable` switches)."""
+        flow = self._python()[direction]
+        if self.closed or not flow.can_splice or flow.chained:
+            return
+        flow.fast_reader = flow._on_readable_splice
+        if flow.reading:
+            self.poller.add_reader(flow.src_fd, flow.fast_reader)
+        if self.path == "copy":
+            self.path = "splice"
 
     # -- events from flows and senders ---------------------------------------
 
@@ -797,6 +954,8 @@ class Relay(Generic[InfoT]):
     # -- timers -----------------------------------------------------------
 
     def _arm(self) -> None:
+        if self._up is None and self.started:
+            self.timers.last_activity = self.c_last_activity
         deadline = self.timers.next_deadline()
         if deadline is not None and not self.closed:
             self._deadlines.schedule(deadline, self)
@@ -804,6 +963,8 @@ class Relay(Generic[InfoT]):
             self._deadlines.cancel(self)
 
     def deadline_passed(self) -> None:
+        if self._up is None and self.started:
+            self.timers.last_activity = self.c_last_activity
         reason = self.timers.expired(self.loop.time())
         if reason is None:
             self._arm()
@@ -822,25 +983,44 @@ class Relay(Generic[InfoT]):
         self.reason = reason
         self.detail = detail
         self.reset = reset_client or reset_upstream
+        self._deadlines.cancel(self)
+        up, down = self._up, self._down
+        if up is None or down is None:  # C mode
+            if self.first_close is None:
+                self.first_close = _FIRST[self.c_first] or side
+            if self.started:
+                self._c_leave(type(self.client) is socket.socket
+                              and type(self.upstream) is socket.socket)
+            if reset_client:
+                self.c_down_delivered -= _unsent(self.client, self.c_down_delivered)
+            if reset_upstream:
+                self.c_up_delivered -= _unsent(self.upstream, self.c_up_delivered)
+            close_socket(self.client, reset=reset_client)
+            close_socket(self.upstream, reset=reset_upstream)
+            self.on_close(self)
+            return
         if self.first_close is None:
             self.first_close = side
-        self._deadlines.cancel(self)
         # Before the descriptors are closed (and their numbers reused): the flows'
         # remove_reader/remove_writer below then cost nothing.
         # A plain socket (a Flow, not a _StreamFlow) is closed right below.
-        self.poller.forget(self.up.src_fd, closing=type(self.up) is Flow)
-        self.poller.forget(self.down.src_fd, closing=type(self.down) is Flow)
-        for flow in (self.up, self.down):
+        self.poller.forget(up.src_fd, closing=type(up) is Flow)
+        self.poller.forget(down.src_fd, closing=type(down) is Flow)
+        for flow in (up, down):
             flow.stop()
             flow.sender.stop()
         # A reset discards what the kernel has not sent yet: not delivered.
         if reset_client:
-            self.down.sender.delivered -= _unsent(self.client, self.down.sender.delivered)
+            down.sender.delivered -= _unsent(self.client, down.sender.delivered)
         if reset_upstream:
-            self.up.sender.delivered -= _unsent(self.upstream, self.up.sender.delivered)
+            up.sender.delivered -= _unsent(self.upstream, up.sender.delivered)
         close_socket(self.client, reset=reset_client)
         close_socket(self.upstream, reset=reset_upstream)
         self.on_close(self)
+
+
+_FIRST: tuple[str | None, str, str] = (None, CLIENT, UPSTREAM_SIDE)
+"""The C part's ``c_first`` (0: nobody yet, 1: the client, 2: the upstream) in words."""
 
 
 def _unread(fd: int) -> int:

@@ -1,0 +1,110 @@
+"""The optional compiled relay of plain connections (``midway/core/_accel.c``).
+
+pip builds it from source with the machine's C compiler when it installs midway
+on Linux; where it could not be built, or with ``MIDWAY_PURE_PYTHON=1`` in the
+environment, every relay runs in Python alone, with the same behaviour (the test
+suite runs both ways).  What it does and when a relay uses it is in
+:mod:`midway.core.relay` ("C mode") and in ``_accel.c``.
+
+One :class:`Engine` per event loop, registered with it as one reader, made by
+:func:`engine_for`; a forked child starts with none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["AVAILABLE", "Core", "engine_for", "ENV_PURE"]
+
+ENV_PURE = "MIDWAY_PURE_PYTHON"
+"""Set to 1 to leave the compiled relay unused (pure Python, as without it)."""
+
+if TYPE_CHECKING:
+    class Engine:
+        def __init__(self, report: Any, time: Any) -> None: ...
+        epfd: int
+        live: int
+
+        def dispatch(self) -> None: ...
+        def close(self) -> None: ...
+
+    class Core:
+        """What the relay reads of its C part (see _accel.c)."""
+
+        c_up_read: int
+        c_down_read: int
+        c_up_delivered: int
+        c_down_delivered: int
+        c_up_read_at: float
+        c_down_read_at: float
+        c_up_eof: bool
+        c_down_eof: bool
+        c_up_fin: bool
+        c_down_fin: bool
+        c_up_held: int
+        c_down_held: int
+        c_last_activity: float
+        c_ended: int
+        c_first: int
+        c_splice_ok: int
+        c_fast: bool
+
+        def _c_start(self, engine: Engine, client_fd: int, upstream_fd: int, splice_ok: bool,
+                     now: float) -> None: ...
+        def _c_leave(self, closing: bool = False) -> None: ...
+        def _c_export(self) -> tuple[bytes, bytes]: ...
+
+    AVAILABLE: bool
+else:
+    try:
+        if os.environ.get(ENV_PURE, "") not in ("", "0"):
+            raise ImportError(f"{ENV_PURE} is set")
+        from ._accel import Core, Engine
+    except ImportError:
+        AVAILABLE = False
+
+        class Core:
+            """Stand-in base of the relay where the compiled part is absent."""
+
+            __slots__ = ()
+    else:
+        AVAILABLE = True
+"""Whether relays may run in C mode in this process."""
+
+_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine] = \
+    weakref.WeakKeyDictionary()
+
+
+def engine_for(loop: asyncio.AbstractEventLoop) -> Engine | None:
+    """The engine of ``loop`` (made and registered on first use), or None when
+    the compiled relay is not available."""
+    if not AVAILABLE:
+        return None
+    engine = _engines.get(loop)
+    if engine is None:
+        ref = weakref.ref(loop)
+
+        def report(exc: BaseException, relay: object) -> None:
+            owner = ref()
+            context = {"message": f"Exception in relay callback of {relay!r}", "exception": exc}
+            if owner is not None:
+                owner.call_exception_handler(context)
+
+        # Stamps come from CLOCK_MONOTONIC, the clock of both loops' time() (a
+        # bound loop.time would keep the loop alive through this dictionary).
+        engine = _engines[loop] = Engine(report, time.monotonic)
+        loop.add_reader(engine.epfd, engine.dispatch)
+    return engine
+
+
+def _forget_all_in_child() -> None:
+    global _engines
+    _engines = weakref.WeakKeyDictionary()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)
