@@ -856,8 +856,10 @@ class Connection(Dialer):
         info.upstream = target.text
         if not address.is_unix:
             info.upstream_addr = target.pair or _ip_pair(_peername(sock))
-            if service.elements or service.outbound or service.host.observers:
-                # Someone may read it, maybe after the socket is closed: now.
+            if service.elements or service.outbound:
+                # An element or a layer may read it, maybe after the socket is
+                # closed: now.  (Observers are told only what OpenedConnection
+                # names, and the admin API reads it while the socket is open.)
                 info.upstream_local_addr = _ip_pair(_sockname(sock))
             else:  # only a live reader (the admin API) may ask: when it does
                 info.upstream_local_from(sock)
