@@ -15,12 +15,12 @@ import itertools
 import logging
 import os
 import resource
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from .chain.base import Element
 from .chain.registry import build_elements
 from .chain.toxics.config import build_toxic
-from .config.schema import Config, ProxyConfig, ServerConfig
+from .config.schema import Config, ProxyConfig, ServerConfig, ToxicSpec
 from .config.target import keep_ports
 from .core.accesslog import AccessLog
 from .core.clock import LoopClock
@@ -386,6 +386,14 @@ class Runtime:
             if spec.at_s == 0 and spec.until_s is not None:  # there from the start
                 service.add_element(build_toxic(spec, clock=LoopClock()))
         self._start_timeline(service)
+
+    def drop_timed(self, name: str, specs: Sequence[ToxicSpec]) -> None:
+        """Take timed toxics out of the proxy's timeline (:meth:`Timeline.drop`):
+        removed now if present, never added or removed by it again."""
+        timeline = self._timeline_of.get(name)
+        if timeline is not None:
+            for spec in specs:
+                timeline.drop(spec)
 
     def _start_timeline(self, service: ProxyService) -> None:
         """Play the proxy's timed toxics (``at_s``/``until_s``), if it has any."""

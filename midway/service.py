@@ -418,6 +418,16 @@ class ProxyService:
         self._restage(relay, rec)
         return True
 
+    def remove_connection_element(self, relay: Relay[ConnectionInfo], element: Element) -> None:
+        """Remove ``element``, one of the open connection ``relay``'s own (see
+        :meth:`add_connection_element`), live: held bytes are flushed, none
+        lost; then it is closed, as at the connection's end."""
+        rec = self.live[relay]
+        rec.own = tuple(e for e in rec.own if e is not element)
+        rec.attached.pop(element, None)
+        self._restage(relay, rec)
+        element.close()
+
     def remove_element(self, element: Element) -> None:
         """Remove a chain element everywhere; held bytes are flushed, none lost."""
         self.elements.remove(element)

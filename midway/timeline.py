@@ -16,8 +16,10 @@ from the moment the timeline was made (the proxy's start), so a late wake-up doe
 not push later events back.  Adding and removing go through
 :mod:`midway.chain.toxics.live`, so they apply to open connections without losing
 a byte.  The timeline only removes the toxic it added itself: if that toxic was
-removed (or replaced) through the API meanwhile, its removal is a no-op; an
-addition whose name is taken at that moment is skipped with a warning.
+removed (or replaced) meanwhile, its removal is a no-op; an addition whose name
+is taken at that moment is skipped with a warning.  :meth:`Timeline.drop` takes
+one toxic out of the scenario (the admin API's DELETE): its toxic goes now and
+its later events are cancelled, so nothing the timeline does brings it back.
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ class Timeline:
         self.host = host
         self.proxy = proxy
         self.clock = clock or LoopClock()
+        self.specs = tuple(specs)
         self.events = schedule(specs)
         self.started_at = self.clock.now()
+        self.dropped: set[int] = set()
+        """Spec indexes taken out by :meth:`drop`: their events are skipped."""
         self.active: dict[int, Toxic[Any]] = {}
         """The toxic each spec index put in the chain (by identity, not by name)."""
         for index, spec in enumerate(specs):
@@ -96,6 +101,8 @@ class Timeline:
     def apply(self, event: TimelineEvent) -> None:
         """Carry out one event now."""
         spec = event.spec
+        if event.index in self.dropped:
+            return
         if event.action == ADD:
             toxic = build_toxic(spec, clock=self.clock)
             try:
@@ -113,3 +120,17 @@ class Timeline:
             self.host.remove_element(removed)
             log.info("%s: timeline at %g s: removed toxic %r", self.proxy, event.at_s,
                      spec.name)
+
+    def drop(self, spec: ToxicSpec) -> None:
+        """Take ``spec`` out of the scenario: remove the toxic it put in the chain
+        (if still there) and skip its events from now on."""
+        for index, candidate in enumerate(self.specs):
+            if candidate != spec or index in self.dropped:
+                continue
+            self.dropped.add(index)
+            removed = self.active.pop(index, None)
+            if removed is not None and any(e is removed for e in self.host.elements):
+                self.host.remove_element(removed)
+            log.info("%s: timeline: toxic %r taken out of it (removed now, its later "
+                     "events cancelled)", self.proxy, spec.name)
+            return

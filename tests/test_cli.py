@@ -287,6 +287,22 @@ def test_check_conflicting_config(tmp_path: Path) -> None:
     assert "configuration OK" not in result.stdout
 
 
+@pytest.mark.parametrize("form", ["quick", "config"])
+def test_check_refuses_trusted_networks_without_proxy_protocol_in(form: str,
+                                                                  tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[proxy.web]\nlisten = ":0"\nupstreams = "h:1"\n'
+                    'proxy_protocol_trusted = ["10.0.0.0/8"]\n')
+    where = ["--config", str(path)] if form == "config" else [
+        "127.0.0.1:0", "h:1", "--proxy-protocol-trusted", "10.0.0.0/8"]
+    result = run("--check", *where)
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    start = "proxy.web.proxy_protocol_trusted" if form == "config" else "--proxy-protocol-trusted"
+    assert line.startswith(f"midway: {start}: set, but proxy_protocol_in is off"), line
+    assert "configuration OK" not in result.stdout
+
+
 # --- exit 1: serving could not start ----------------------------------------------
 
 

@@ -103,3 +103,16 @@ class AdminHost(Protocol):
         None if no worker has it.  Raises :class:`HostError` (409: the
         connection has an element of that name, or is still connecting)."""
         ...
+
+    async def connection_toxics(self, id: int) -> list[dict[str, Any]] | None:
+        """The toxics of connection ``id``'s own (those
+        :meth:`add_connection_toxic` attached), as Toxiproxy's JSON; None if no
+        worker has it."""
+        ...
+
+    async def remove_connection_toxic(self, id: int, name: str) -> bool:
+        """Remove the toxic ``name`` of connection ``id``'s own, live (held
+        bytes flushed); False if no worker has the connection.  Raises
+        :class:`HostError` (404: it has no toxic of its own by that name, 409:
+        ``name`` is its proxy's)."""
+        ...

@@ -159,7 +159,9 @@ class ToxiproxyAPI:
             (("connections",), "GET"): self.connection_index,
             (("connections", "*"), "GET"): self.connection_show,
             (("connections", "*"), "DELETE"): self.connection_delete,
+            (("connections", "*", "toxics"), "GET"): self.connection_toxic_index,
             (("connections", "*", "toxics"), "POST"): self.connection_toxic,
+            (("connections", "*", "toxics", "*"), "DELETE"): self.connection_toxic_delete,
         }
         self._shapes = {shape for shape, _ in self._routes}
 
@@ -415,11 +417,17 @@ class ToxiproxyAPI:
         return _json(200, toxic_json(updated))
 
     async def toxic_delete(self, proxy: str, toxic: str, body: bytes) -> Response:
-        await self._spec(proxy, toxic)
+        """Remove it, as Toxiproxy does; a toxic of the timeline too: its spec
+        leaves the target, which takes it out of the timeline (removed now, its
+        later events cancelled) and lets the rest of the scenario play on."""
+        try:
+            gone = await self._spec(proxy, toxic)
+        except TimedToxic as exc:
+            gone = exc.spec
 
         def delete(target: Target) -> Edit:
             config = self._proxy(target, proxy)
-            toxics = tuple(t for t in config.toxics if t.name != toxic)
+            toxics = tuple(t for t in config.toxics if t != gone)
             return Edit(target.with_proxy(dataclasses.replace(config, toxics=toxics)))
 
         await self.host.change(delete)
@@ -461,6 +469,23 @@ class ToxiproxyAPI:
             raise ApiError(CONNECTION_NOT_FOUND, 404)
         return _json(200, answer)
 
+    async def connection_toxic_index(self, id: str, body: bytes,
+                                     query: Mapping[str, str]) -> Response:
+        """The toxics of this connection's own (the proxy's are under
+        ``/proxies/NAME/toxics``)."""
+        toxics = await self.host.connection_toxics(_connection_id(id))
+        if toxics is None:
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        return _json(200, toxics)
+
+    async def connection_toxic_delete(self, id: str, toxic: str, body: bytes,
+                                      query: Mapping[str, str]) -> Response:
+        """Remove a toxic of this connection's own, live: what it holds is
+        flushed, nothing lost (404 ``toxic not found``; 409 for the proxy's)."""
+        if not await self.host.remove_connection_toxic(_connection_id(id), toxic):
+            raise ApiError(CONNECTION_NOT_FOUND, 404)
+        return Response(204)
+
     # -- helpers -------------------------------------------------------------
 
     def _proxy(self, target: Target, name: str) -> ProxyConfig:
@@ -478,15 +503,18 @@ class ToxiproxyAPI:
 
     async def _spec(self, proxy: str, toxic: str) -> ToxicSpec:
         """The toxic's spec in the target: one the configuration or the API put
-        there (a toxic of the timeline is changed in the configuration)."""
+        there.  Raises :class:`TimedToxic` (409) for an active toxic of the
+        timeline, 404 for any other name."""
         config = self._proxy(self.host.target, proxy)
         for spec in config.toxics:
             if spec.name == toxic and spec.at_s == 0 and spec.until_s is None:
                 return spec
-        if any(t["name"] == toxic for t in (await self._view(proxy)).toxics):
-            raise ApiError(f"toxic {toxic!r} is on the configuration's timeline "
-                           "(at_s/until_s): change it in the configuration file", 409)
-        raise ApiError(TOXIC_NOT_FOUND, 404)
+        listed = next((t for t in (await self._view(proxy)).toxics if t["name"] == toxic), None)
+        timed = [s for s in config.toxics if s.name == toxic]
+        if listed is None or not timed:
+            raise ApiError(TOXIC_NOT_FOUND, 404)
+        # Names repeat only in windows apart: the active one is the one listed.
+        raise TimedToxic(toxic, next((s for s in timed if _lists_as(s, listed)), timed[0]))
 
     async def _answer(self, status: int, name: str) -> Response:
         config = self._proxy(self.host.target, name)
@@ -532,6 +560,25 @@ class ToxiproxyAPI:
         }
 
 
+class TimedToxic(ApiError):
+    """A change asked of a toxic of the timeline, which only the configuration
+    changes (409); ``spec`` is the one active now."""
+
+    def __init__(self, name: str, spec: ToxicSpec) -> None:
+        super().__init__(
+            f"toxic {name!r} belongs to the configuration's timeline (at_s/until_s), "
+            "which adds and removes it at set times; the API does not change such a "
+            "toxic, the file describes the scenario: change it there and reload, or "
+            "DELETE it", 409)
+        self.spec = spec
+
+
+def _lists_as(spec: ToxicSpec, listed: Mapping[str, Any]) -> bool:
+    """Whether a toxic listed by a worker (Toxiproxy's JSON) is built from ``spec``."""
+    return (listed["type"], listed["stream"], listed["toxicity"], listed["attributes"]) == (
+        spec.type, spec.stream, spec.toxicity, dict(spec.attributes))
+
+
 def _toxic_from_body(body: bytes, proxy_seed: int) -> Toxic[Any]:
     """A toxic from a request body, with Toxiproxy's defaults and errors."""
     data = _object(body, TOXIC_FIELDS)
@@ -557,10 +604,20 @@ def _toxic_from_body(body: bytes, proxy_seed: int) -> Toxic[Any]:
         raise ApiError(f"{BAD_BODY}: {exc}", 400) from None
 
 
+MAX_ID_DIGITS = 20
+"""Digits of the largest connection id: ids are unsigned 64-bit counts
+(:class:`~midway.control.worker.ConnectionIds`), 2**64 - 1 has 20.  Longer text
+names no connection; without the cap ``int()`` would refuse 4300 digits or more
+(ValueError, Python's int_max_str_digits) and the request would answer 500."""
+
+
 def _connection_id(text: str) -> int:
-    """A connection id from the path; one that is not a whole number ≥ 1 names
-    no connection (404, as an unknown one)."""
-    if not text.isdigit() or int(text) < 1:
+    """A connection id from the path: ASCII decimal digits only (``str.isdigit``
+    also takes ``²`` or ``٣``, which ``int()`` refuses or reads as 3), at most
+    :data:`MAX_ID_DIGITS`.  Anything else, or 0, names no connection (404
+    ``connection not found``, as an unknown one)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_ID_DIGITS \
+            or int(text) < 1:
         raise ApiError(CONNECTION_NOT_FOUND, 404)
     return int(text)
 

@@ -139,8 +139,10 @@ class ConnectionInfo:
         """Set when the connection has ended: ``True`` when its sockets were aborted
         with a TCP RST rather than closed with a FIN."""
         self.alpn = alpn
-        """The application protocol agreed with the client by ALPN (``h2``), when
-        midway terminated its TLS and one was agreed."""
+        """The application protocol agreed with the client by ALPN (``h2``): by
+        midway's own handshake when it terminates TLS (``None`` when none was
+        agreed), else the ALPN TLV of a received PROXY v2 header (the balancer's
+        handshake); ``None`` when neither names one."""
         self.proxy_header = proxy_header
         """The PROXY protocol header the connection began with (``proxy_protocol_in``),
         with every v2 TLV (``alpn``, ``authority``, ``ssl``, ``unique_id``, raw

@@ -335,7 +335,7 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
         _upstreams(upstreams, f"{path}.upstreams")
     if routes:
         kwargs["routes"] = routes
-    _check_proxy_protocol(kwargs, path)
+    _check_proxy_protocol(kwargs, path, own_trusted="proxy_protocol_trusted" in rest)
     for key in _PROXY_LISTS:
         if key in table:
             parser = _LIST_PARSERS.get(key)
@@ -405,9 +405,12 @@ def _routes(value: Any, path: str, balance: str) -> tuple[RouteSpec, ...]:
     return tuple(out)
 
 
-def _check_proxy_protocol(options: Mapping[str, Any], path: str) -> None:
-    """``proxy_protocol_trusted``: valid networks, and some when a header is
-    expected (a PROXY header from anyone would let anyone choose their address)."""
+def _check_proxy_protocol(options: Mapping[str, Any], path: str, own_trusted: bool) -> None:
+    """``proxy_protocol_trusted``: valid networks, some when a header is expected
+    (a PROXY header from anyone would let anyone choose their address), and none
+    in a proxy's own table that reads no header (where the list would do nothing).
+    A list inherited from ``[defaults]`` may go unused by some proxies:
+    :func:`config_from_dict` checks that one proxy uses it."""
     from ..upstream.access import parse_network
 
     trusted = options.get("proxy_protocol_trusted", ())
@@ -422,6 +425,14 @@ def _check_proxy_protocol(options: Mapping[str, Any], path: str) -> None:
                           "required when proxy_protocol_in is on: the networks of the load "
                           "balancers allowed to send a PROXY header (e.g. [\"10.0.0.0/8\"]); "
                           "a header from anyone would let anyone choose their address")
+    if own_trusted and trusted and options.get("proxy_protocol_in", "off") == "off":
+        raise ConfigError(f"{path}.proxy_protocol_trusted", _trusted_unused(""))
+
+
+def _trusted_unused(where: str) -> str:
+    return (f"set, but proxy_protocol_in is off{where}: no PROXY header is read, so the "
+            "trusted networks would do nothing; set proxy_protocol_in (v1, v2 or any) "
+            "or remove proxy_protocol_trusted")
 
 
 def _families(address: Address) -> set[str]:
@@ -562,6 +573,10 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         _proxy(name, _table(table, f"proxy.{name}"), defaults)
         for name, table in proxies_table.items()
     ]
+    if defaults.get("proxy_protocol_trusted") and proxies \
+            and all(p.proxy_protocol_in == "off" for p in proxies):
+        raise ConfigError("defaults.proxy_protocol_trusted",
+                          _trusted_unused(" in every proxy"))
     # TOML itself rejects a table defined twice, so names are unique here; a dict
     # built by code is unique by construction too.
     _check_listeners(proxies)

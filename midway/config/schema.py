@@ -529,8 +529,8 @@ class ProxyConfig:
         "The networks (CIDR, e.g. 10.0.0.0/8, or a bare address) of the load "
         "balancers allowed to send a PROXY header; required when proxy_protocol_in "
         "is on, unless every listener is a unix socket (whose file permissions "
-        "decide who connects).  On the command line, repeat the flag once per "
-        "network.",
+        "decide who connects), and an error when it is off (the list would do "
+        "nothing).  On the command line, repeat the flag once per network.",
         metavar="CIDR",
     )
     proxy_protocol_timeout_s: float = option(

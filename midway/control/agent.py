@@ -32,14 +32,15 @@ from typing import Any
 
 from ..admin.host import ProxyView
 from ..chain.registry import rebuild_elements
+from ..chain.toxics.base import Toxic
 from ..chain.toxics.config import build_toxic
 from ..chain.toxics.live import (
     ToxicExists,
     ToxicNotFound,
     add_toxic,
-    get_toxic,
     list_toxics,
     remove_toxic,
+    replace_toxic,
     toxic_json,
     update_toxic,
 )
@@ -62,6 +63,8 @@ from .commands import (
     Command,
     CommandFailed,
     ListConnections,
+    ListConnectionToxics,
+    RemoveConnectionToxic,
     Views,
 )
 from .connections import close_connection, find_connection, list_connections
@@ -115,6 +118,8 @@ class WorkerAgent:
             ListConnections: self._connections,
             CloseConnection: self._close_connection,
             AddConnectionToxic: self._add_connection_toxic,
+            ListConnectionToxics: self._connection_toxics,
+            RemoveConnectionToxic: self._remove_connection_toxic,
         }
 
     async def start(self) -> None:
@@ -206,6 +211,8 @@ class WorkerAgent:
             service.retire_elements(*rebuilt)
         _change_toxics(service, change)
         service.reconfigure(dataclasses.replace(new, listen=service.config.listen))
+        if change.toxics.drop:
+            self.runtime.drop_timed(service.name, change.toxics.drop)
         if change.toxics.timeline:
             self.runtime.restart_timeline(service.name)
         if change.reset:
@@ -254,6 +261,30 @@ class WorkerAgent:
         service.add_connection_element(relay, toxic)
         return toxic_json(toxic)
 
+    def _connection_toxics(self, command: ListConnectionToxics) -> list[dict[str, Any]] | None:
+        found = find_connection(self.runtime, command.id)
+        if found is None:
+            return None
+        service, item = found
+        own = service.live[item].own if isinstance(item, Relay) else ()
+        return [toxic_json(e) for e in own if isinstance(e, Toxic)]
+
+    def _remove_connection_toxic(self, command: RemoveConnectionToxic) -> bool | None:
+        found = find_connection(self.runtime, command.id)
+        if found is None:
+            return None
+        service, item = found
+        if isinstance(item, Relay):  # one still connecting has none of its own yet
+            toxic = next((e for e in service.live[item].own if e.name == command.name), None)
+            if toxic is not None:
+                service.remove_connection_element(item, toxic)
+                return True
+        if any(t.name == command.name for t in list_toxics(service)):
+            raise CommandFailed(
+                f"toxic {command.name!r} is proxy {service.name!r}'s, on all its connections: "
+                f"remove it with DELETE /proxies/{service.name}/toxics/{command.name}", 409)
+        raise CommandFailed("toxic not found", 404)
+
     # -- metrics ------------------------------------------------------------------
 
     def _declare(self) -> None:
@@ -289,11 +320,9 @@ def _change_toxics(service: ProxyService, change: ProxyPlan) -> None:
             toxics.add.append(spec)
     for spec in toxics.replace:
         try:
-            old = get_toxic(service, spec.name)
+            replace_toxic(service, build_toxic(spec, clock=LoopClock()))
         except ToxicNotFound:
             toxics.add.append(spec)
-            continue
-        service.replace_element(old, build_toxic(spec, clock=LoopClock()))
     for spec in toxics.add:
         try:
             add_toxic(service, build_toxic(spec, clock=LoopClock()))

@@ -25,7 +25,8 @@ from ..config.target import Target
 from ..errors import MidwayError
 
 __all__ = ["Command", "Apply", "Applied", "Views", "CollectMetrics", "ListConnections",
-           "CloseConnection", "AddConnectionToxic", "CommandFailed",
+           "CloseConnection", "AddConnectionToxic", "ListConnectionToxics",
+           "RemoveConnectionToxic", "CommandFailed",
            "WorkerLost", "WorkerHandle", "LocalHandle", "COMMAND_TIMEOUT_S"]
 
 COMMAND_TIMEOUT_S = 10.0
@@ -98,6 +99,26 @@ class AddConnectionToxic(Command):
 
     id: int
     spec: ToxicSpec
+
+
+@dataclass(frozen=True)
+class ListConnectionToxics(Command):
+    """The toxics of connection ``id``'s own (those :class:`AddConnectionToxic`
+    attached), each as Toxiproxy's JSON; None when this worker has no such
+    connection."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class RemoveConnectionToxic(Command):
+    """Remove the toxic ``name`` of connection ``id``'s own, live (held bytes
+    flushed).  Answered with True, or None when this worker has no such
+    connection; raises :class:`CommandFailed`: 404 when the connection has no
+    toxic of its own by that name, 409 when ``name`` is its proxy's."""
+
+    id: int
+    name: str
 
 
 class CommandFailed(MidwayError):

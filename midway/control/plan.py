@@ -17,7 +17,8 @@ what it should run, and sorts each difference by what applying it costs:
   kept by open connections until they close), its toxics (by name: added,
   removed, updated in place when only toxicity or attributes differ, replaced
   otherwise; open connections get these, as Toxiproxy's do), its timed toxics
-  (the timeline starts over) and whether it is enabled;
+  (the timeline starts over, except for an API change that only removes some:
+  those are **dropped**, the rest plays on) and whether it is enabled;
 * server settings: those a running process can take (drain timeout, log level,
   connection limit, access log, admin token) are applied, and those it cannot
   (``workers``, ``loop``, ``admin``) keep their running value and are named in
@@ -63,9 +64,14 @@ class ToxicPlan:
     """Anything else differs: a new toxic takes the old one's place."""
     timeline: bool = False
     """The timed toxics differ: the proxy's timeline starts over."""
+    drop: list[ToxicSpec] = field(default_factory=list)
+    """Timed toxics an API change took out (and changed nothing else timed): each
+    one's toxic is removed if it is there and its later events are cancelled;
+    the timeline plays on.  (A reload that removes some starts it over.)"""
 
     def __bool__(self) -> bool:
-        return bool(self.remove or self.add or self.update or self.replace or self.timeline)
+        return bool(self.remove or self.add or self.update or self.replace or self.timeline
+                    or self.drop)
 
 
 @dataclass
@@ -142,7 +148,7 @@ def _proxy_plan(old: ProxyConfig, new: ProxyConfig, *, reload: bool) -> ProxyPla
     change.dump = any(getattr(old, k) != getattr(new, k) for k in DUMP_KEYS)
     change.hooks = old.hooks != new.hooks or (reload and bool(new.hooks))
     change.certificates = reload and bool(new.tls_cert or new.upstream_tls)
-    change.toxics = _toxic_plan(old.toxics, new.toxics)
+    change.toxics = _toxic_plan(old.toxics, new.toxics, reload=reload)
     return change
 
 
@@ -150,7 +156,8 @@ def _plain(spec: ToxicSpec) -> bool:
     return spec.at_s == 0 and spec.until_s is None
 
 
-def _toxic_plan(old: tuple[ToxicSpec, ...], new: tuple[ToxicSpec, ...]) -> ToxicPlan:
+def _toxic_plan(old: tuple[ToxicSpec, ...], new: tuple[ToxicSpec, ...], *,
+                reload: bool) -> ToxicPlan:
     result = ToxicPlan()
     before = {s.name: s for s in old if _plain(s)}
     after = {s.name: s for s in new if _plain(s)}
@@ -163,8 +170,29 @@ def _toxic_plan(old: tuple[ToxicSpec, ...], new: tuple[ToxicSpec, ...]) -> Toxic
             in_place = (current.type, current.stream, current.conditions, current.seed) == \
                 (spec.type, spec.stream, spec.conditions, spec.seed)
             (result.update if in_place else result.replace).append(spec)
-    result.timeline = [s for s in old if not _plain(s)] != [s for s in new if not _plain(s)]
+    timed_before = [s for s in old if not _plain(s)]
+    timed_after = [s for s in new if not _plain(s)]
+    if timed_before != timed_after:
+        dropped = _removed(timed_before, timed_after)
+        if not reload and dropped is not None:
+            result.drop = dropped
+        else:
+            result.timeline = True
     return result
+
+
+def _removed(before: list[ToxicSpec], after: list[ToxicSpec]) -> list[ToxicSpec] | None:
+    """The specs of ``before`` missing from ``after`` when ``after`` is ``before``
+    with some taken out (in order), else ``None``."""
+    rest = iter(after)
+    removed: list[ToxicSpec] = []
+    following = next(rest, None)
+    for spec in before:
+        if spec == following:
+            following = next(rest, None)
+        else:
+            removed.append(spec)
+    return removed if following is None else None
 
 
 def live_server(old: ServerConfig, new: ServerConfig) -> tuple[ServerConfig, list[str]]:

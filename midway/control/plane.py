@@ -54,6 +54,8 @@ from .commands import (
     Command,
     CommandFailed,
     ListConnections,
+    ListConnectionToxics,
+    RemoveConnectionToxic,
     Views,
     WorkerHandle,
     WorkerLost,
@@ -327,14 +329,33 @@ class ControlPlane:
     async def add_connection_toxic(self, id: int, spec: ToxicSpec) -> dict[str, Any] | None:
         """Attach a toxic to connection ``id`` alone; its JSON, or None (no
         worker has it).  Raises :class:`HostError` (409: a name it has)."""
+        answer: dict[str, Any] | None = await self._on_connection(AddConnectionToxic(id, spec))
+        return answer
+
+    async def connection_toxics(self, id: int) -> list[dict[str, Any]] | None:
+        """Connection ``id``'s own toxics; None (no worker has it)."""
+        answer: list[dict[str, Any]] | None = await self._on_connection(ListConnectionToxics(id))
+        return answer
+
+    async def remove_connection_toxic(self, id: int, name: str) -> bool:
+        """Remove the toxic ``name`` of connection ``id``'s own; False (no
+        worker has it).  Raises :class:`HostError` (404: no such toxic of its
+        own, 409: the proxy's)."""
+        return bool(await self._on_connection(RemoveConnectionToxic(id, name)))
+
+    async def _on_connection(self, command: Command) -> Any:
+        """``command`` (about one connection) sent to every worker: the answer
+        of the one that has the connection (not None), else None.  Raises
+        :class:`HostError`: that worker's refusal, or 503 naming a worker that
+        did not answer while none had it."""
         handles = self.fleet.handles()
-        answers = await asyncio.gather(*(h.call(AddConnectionToxic(id, spec)) for h in handles),
+        answers = await asyncio.gather(*(h.call(command) for h in handles),
                                        return_exceptions=True)
         for answer in answers:
             if isinstance(answer, CommandFailed):  # the worker that has it refused
                 raise HostError(answer.message, answer.status)
         for answer in answers:
-            if isinstance(answer, dict):
+            if answer is not None and not isinstance(answer, BaseException):
                 return answer
         failed = [(h, a) for h, a in zip(handles, answers, strict=True)
                   if isinstance(a, BaseException)]

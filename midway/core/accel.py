@@ -18,6 +18,8 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from .perloop import PerLoop
+
 __all__ = ["AVAILABLE", "Core", "engine_for", "ENV_PURE"]
 
 ENV_PURE = "MIDWAY_PURE_PYTHON"
@@ -75,36 +77,30 @@ else:
         AVAILABLE = True
 """Whether relays may run in C mode in this process."""
 
-_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine] = \
-    weakref.WeakKeyDictionary()
+def _make_engine(loop: asyncio.AbstractEventLoop) -> Engine:
+    ref = weakref.ref(loop)
+
+    def report(exc: BaseException, relay: object) -> None:
+        owner = ref()
+        context = {"message": f"Exception in relay callback of {relay!r}", "exception": exc}
+        if owner is not None:
+            owner.call_exception_handler(context)
+
+    # Stamps come from CLOCK_MONOTONIC, the clock of both loops' time() (a bound
+    # loop.time would keep the loop alive through the per-loop cache).
+    engine = Engine(report, time.monotonic)
+    loop.add_reader(engine.epfd, engine.dispatch)
+    return engine
+
+
+_engines = PerLoop(_make_engine)
 
 
 def engine_for(loop: asyncio.AbstractEventLoop) -> Engine | None:
     """The engine of ``loop`` (made and registered on first use), or None when
     the compiled relay is not available."""
-    if not AVAILABLE:
-        return None
-    engine = _engines.get(loop)
-    if engine is None:
-        ref = weakref.ref(loop)
-
-        def report(exc: BaseException, relay: object) -> None:
-            owner = ref()
-            context = {"message": f"Exception in relay callback of {relay!r}", "exception": exc}
-            if owner is not None:
-                owner.call_exception_handler(context)
-
-        # Stamps come from CLOCK_MONOTONIC, the clock of both loops' time() (a
-        # bound loop.time would keep the loop alive through this dictionary).
-        engine = _engines[loop] = Engine(report, time.monotonic)
-        loop.add_reader(engine.epfd, engine.dispatch)
-    return engine
-
-
-def _forget_all_in_child() -> None:
-    global _engines
-    _engines = weakref.WeakKeyDictionary()
+    return _engines.get(loop) if AVAILABLE else None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_all_in_child)
+    os.register_at_fork(after_in_child=_engines.forget_all)

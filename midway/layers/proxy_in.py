@@ -37,7 +37,9 @@ line is handed back, exactly.  Nothing is buffered beyond the parser's cap.
 The AUTHORITY TLV (the client's SNI, as the balancer saw it) becomes the route
 key ``sni``: a proxy with SNI routes behind a balancer that terminated TLS routes
 by it; a ClientHello peek after this layer, which reads the client's own bytes,
-overrides it.
+overrides it.  The ALPN TLV (the protocol the balancer agreed with the client)
+becomes ``info.alpn``, for hooks; when midway terminates TLS itself, its own
+handshake's protocol (or none) replaces it.
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ class ProxyProtocolIn:
             conn.set_local(*destination)
         if header.authority:
             conn.route["sni"] = header.authority
+        if header.alpn:
+            # The protocol the balancer agreed with the client, when it terminated
+            # TLS; a TLS termination after this layer sets its own (even none).
+            # Not a route key: proxy_protocol_out sends the header's bytes as they came.
+            info.alpn = header.alpn.decode("utf-8", "backslashreplace")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn %d (%s): PROXY v%d %s from %s", info.id, info.proxy,
                       header.version, header.command, info.client)

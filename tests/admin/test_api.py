@@ -395,6 +395,11 @@ def test_toxic_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
     error(admin.post("/proxies/q/toxics", {"type": "latency", "stream": "sideways"}), 400,
           "stream was invalid, can be either upstream or downstream")
     for body in ({"type": "latency", "attributes": {"latency": "slow"}},
+                 # A number is a JSON number: text is never converted, so "1_000"
+                 # (which Python's int() would take) is refused like "slow".
+                 {"type": "latency", "attributes": {"latency": "1_000"}},
+                 {"type": "latency", "attributes": {"latency": "1000"}},
+                 {"type": "latency", "toxicity": "0.5"},
                  {"type": "latency", "attributes": {"latency": 1.5}},
                  {"type": "latency", "attributes": {"latency": -1}},
                  {"type": "latency", "attributes": {"latency": 2 ** 63}},  # Go's int64
@@ -436,6 +441,7 @@ def test_update_toxic_merges_attributes(admin: Admin, echo: EchoServer) -> None:
     assert reply.json["toxicity"] == 0.5
     before = admin.get("/proxies/u/toxics").json
     for bad in ({"attributes": {"latency": -5}}, {"attributes": {"nope": 1}},
+                {"attributes": {"latency": "1_000"}},
                 {"toxicity": "all"}, {"attributes": [1]}):
         assert admin.post("/proxies/u/toxics/latency_downstream", bad).status == 400, bad
     assert admin.get("/proxies/u/toxics").json == before
@@ -614,10 +620,11 @@ def test_toxics_toggled_over_http_mid_transfer_keep_the_stream_intact(
     assert received.hexdigest() == hashlib.sha256(blob).hexdigest()
 
 
-def test_a_toxic_of_the_timeline_is_listed_changed_only_in_the_file_and_reset(
+def test_a_toxic_of_the_timeline_is_deleted_for_good_but_changed_only_in_the_file(
         tmp_path: Path, echo: EchoServer) -> None:
-    # A timed toxic belongs to the file: PATCH and DELETE answer 409 saying so
-    # (removing one would start the proxy's timeline over), /reset removes it.
+    # DELETE removes a timed toxic as Toxiproxy removes any toxic, and the rest of
+    # the timeline plays on (not over); PATCH answers 409 saying why; /reset
+    # removes the others.
     config = tmp_path / "midway.toml"
     config.write_text(f"""
 [server]
@@ -632,18 +639,46 @@ type = "latency"
 name = "slow"
 attributes = {{ latency = 1 }}
 until_s = 600
+
+[[proxy.web.toxics]]
+type = "latency"
+name = "later"
+at_s = 0.5
+until_s = 600
+
+[[proxy.web.toxics]]
+type = "timeout"
+name = "future"
+at_s = 600
 """)
     with proxy_process("--config", str(config)) as process:
         assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
         api = Admin(process)
         line = next(line for line in process.stderr_lines if "admin API" in line)
         api.port = int(line.rsplit(":", 1)[1])
-        assert [t["name"] for t in api.get("/proxies/web/toxics").json] == ["slow"]
+
+        def names() -> list[str]:
+            return [t["name"] for t in api.get("/proxies/web/toxics").json]
+
+        assert wait_until(lambda: names() == ["slow", "later"], timeout=10)
         for reply in (api.request("PATCH", "/proxies/web/toxics/slow",
                                   {"attributes": {"latency": 2}}),
-                      api.delete("/proxies/web/toxics/slow")):
+                      api.post("/proxies/web/toxics/slow", {"toxicity": 0.5})):
             assert reply.status == 409
-            assert "timeline" in reply.json["error"] and reply.json["status"] == 409
+            assert reply.json["status"] == 409
+            assert reply.json["error"].startswith(
+                "toxic 'slow' belongs to the configuration's timeline (at_s/until_s), which "
+                "adds and removes it at set times; the API does not change such a toxic"), \
+                reply.json
         assert api.get("/proxies/web/toxics/slow").json["attributes"]["latency"] == 1
+        assert api.delete("/proxies/web/toxics/slow").status == 204
+        # Gone, and "later" stays: a timeline started over would have taken it
+        # out until 0.5 s from now.
+        assert names() == ["later"]
+        error(api.get("/proxies/web/toxics/slow"), 404, "toxic not found")
+        error(api.delete("/proxies/web/toxics/future"), 404, "toxic not found")  # not yet added
+        # The name is free again, as in Toxiproxy.
+        assert api.post("/proxies/web/toxics", {"type": "latency", "name": "slow"}).status == 200
+        assert api.delete("/proxies/web/toxics/slow").status == 204
         assert api.post("/reset").status == 204
         assert api.get("/proxies/web/toxics").json == []

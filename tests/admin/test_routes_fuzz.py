@@ -1,5 +1,5 @@
 """The routes fed arbitrary requests (hypothesis), with no HTTP server: whatever the
-method, path and body, the answer is a status below 500 (nothing here binds a busy
+method, path (connection ids in any script's digits included) and body, the answer is a status below 500 (nothing here binds a busy
 address), an error is Toxiproxy's JSON shape, and nothing raises."""
 
 from __future__ import annotations
@@ -29,12 +29,19 @@ json_values = st.recursive(
         | st.text(max_size=8), inner, max_size=5),
     max_leaves=20)
 bodies = st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=64))
-segments = st.sampled_from(["proxies", "p", "toxics", "latency_downstream", "ghost", ""]) \
-    | st.text(max_size=10)
+# Ids as a client might mistype them: digits of other scripts (str.isdigit()
+# takes "²" and "٣", int() refuses the one and reads the other), too many digits.
+ids = st.sampled_from(["1", "0", "²", "٣", "1" * 5000, "%C2%B2", "-1"]) \
+    | st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=4)
+segments = st.sampled_from(["proxies", "p", "toxics", "latency_downstream", "ghost", "",
+                            "connections"]) | ids | st.text(max_size=10)
+queries = st.sampled_from(["", "?reset=true", "?reset=²", "?proxy=p", "?proxy=%FF"])
 paths = st.sampled_from(["/proxies", "/proxies/p", "/proxies/p/toxics", "/populate", "/reset",
                          "/proxies/p/toxics/latency_downstream", "/version", "/metrics",
-                         "/reload"]) \
-    | st.lists(segments, min_size=0, max_size=5).map(lambda s: "/" + "/".join(s))
+                         "/reload", "/connections"]) \
+    | st.lists(segments, min_size=0, max_size=5).map(lambda s: "/" + "/".join(s)) \
+    | st.tuples(ids, st.sampled_from(["", "/toxics", "/toxics/latency_downstream"]),
+                queries).map(lambda t: f"/connections/{t[0]}{t[1]}{t[2]}")
 methods = st.sampled_from(["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD"])
 
 

@@ -153,6 +153,33 @@ def test_toxic_flag_becomes_a_toml_table() -> None:
     assert toxic_table_from_spec("latency:latency=lots")["attributes"] == {"latency": "lots"}
 
 
+@pytest.mark.parametrize(("text", "value"), [
+    ("100", 100), ("+7", 7), ("-3", -3), ("0.5", 0.5), (".5", 0.5), ("2.", 2.0), ("1e3", 1000.0),
+    # What int() or float() would also take, and a flag should not: text.
+    ("1_000", "1_000"), ("1_0.5", "1_0.5"), ("0x10", "0x10"), ("inf", "inf"), ("nan", "nan"),
+    ("\u0661\u0662", "\u0661\u0662"),  # Arabic-Indic digits
+])
+def test_a_flag_number_is_plain_decimal(text: str, value: object) -> None:
+    table = toxic_table_from_spec(f"corrupt:probability={text},toxicity={text},first_n={text}")
+    got = [table["attributes"]["probability"], table["toxicity"], table["conditions"]["first_n"]]
+    assert [(v, type(v)) for v in got] == [(value, type(value))] * 3
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("latency:latency=1_000", "attributes.latency: must be an integer (milliseconds), got '1_000'"),
+    ("corrupt:probability=0_5", "attributes.probability: must be a number"),
+    ("latency:toxicity=1_0", "toxicity: must be a number from 0 to 1, got '1_0'"),
+    ("latency:first_n=1_0", "conditions.first_n: must be an integer of at least 1, got '1_0'"),
+])
+def test_a_flag_number_with_underscores_is_an_error_naming_its_key(spec: str,
+                                                                    message: str) -> None:
+    from midway.cli import build_parser, config_from_args
+
+    with pytest.raises(ConfigError) as info:
+        config_from_args(build_parser().parse_args(["127.0.0.1:0", "127.0.0.1:1", "--toxic", spec]))
+    assert str(info.value).startswith(f"--toxic {spec!r}: {message}"), info.value
+
+
 @pytest.mark.parametrize("spec", [":latency=1", "latency:latency", "latency:=3",
                                   "latency:latency=1,latency=2"])
 def test_malformed_toxic_flag(spec: str) -> None:
@@ -256,6 +283,37 @@ def test_timeline_leaves_toxics_it_did_not_add() -> None:
             ("x", "latency"), ("y", "timeout")]
 
     asyncio.run(main())
+
+
+def test_a_dropped_toxic_goes_now_and_the_timeline_never_brings_it_back() -> None:
+    """The admin API's DELETE of a timed toxic: that one window leaves the
+    scenario; the others (the same name later included) play on, on time."""
+    config = proxy_with({"type": "latency", "name": "a", "at_s": 1, "until_s": 3},
+                        {"type": "latency", "name": "a", "at_s": 4, "until_s": 6},
+                        {"type": "timeout", "name": "b", "at_s": 2},
+                        {"type": "timeout", "name": "c", "at_s": 5})
+    host = FakeProxy(build_elements(config))
+    clock = FakeClock()
+
+    async def main() -> None:
+        timeline = Timeline(host, config.toxics, clock=clock)
+        task = asyncio.create_task(timeline.run())
+        await clock.advance(1.5)
+        assert [e.name for e in host.elements] == ["a"]
+        timeline.drop(config.toxics[0])
+        timeline.drop(config.toxics[3])  # not added yet: it never will be
+        assert host.elements == []
+        await clock.advance(1.0)
+        assert [e.name for e in host.elements] == ["b"]
+        await clock.advance(2.0)  # at 4 s: the second window of "a"
+        assert [e.name for e in host.elements] == ["b", "a"]
+        await clock.advance(3.0)
+        assert [e.name for e in host.elements] == ["b"]
+        await asyncio.wait_for(task, 1)
+
+    asyncio.run(main())
+    assert host.log == [("add", "a"), ("remove", "a"), ("add", "b"), ("add", "a"),
+                        ("remove", "a")]
 
 
 # -- the live toxic set ----------------------------------------------------------

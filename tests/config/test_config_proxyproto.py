@@ -78,6 +78,34 @@ def test_mistakes_are_errors_naming_the_key(table: dict[str, Any], path: str, wo
     assert words in exc.message
 
 
+@pytest.mark.parametrize("proxy_protocol_in", [None, "off"])
+def test_trusted_networks_without_proxy_protocol_in_are_an_error(
+        proxy_protocol_in: str | None) -> None:
+    """The list would do nothing: no header is read, any peer connects."""
+    table: dict[str, Any] = {"upstreams": "127.0.0.1:1", "proxy_protocol_trusted": ["10.0.0.0/8"]}
+    if proxy_protocol_in is not None:
+        table["proxy_protocol_in"] = proxy_protocol_in
+    exc = error(**table)
+    assert str(exc).startswith("proxy.p.proxy_protocol_trusted: set, but proxy_protocol_in "
+                               "is off"), exc
+
+
+def test_trusted_networks_in_defaults_need_one_proxy_that_reads_a_header() -> None:
+    def load(first_in: str) -> Any:
+        return config_from_dict({
+            "defaults": {"proxy_protocol_trusted": ["10.0.0.0/8"]},
+            "proxy": {"a": {"listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1",
+                            "proxy_protocol_in": first_in},
+                      "b": {"listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1"}}})
+
+    a, b = load("v2").proxies  # b inherits a list it does not use: that is fine
+    assert (a.proxy_protocol_trusted, b.proxy_protocol_in) == (("10.0.0.0/8",), "off")
+    with pytest.raises(ConfigError) as caught:
+        load("off")
+    assert caught.value.path == "defaults.proxy_protocol_trusted"
+    assert "proxy_protocol_in is off in every proxy" in caught.value.message
+
+
 def test_routes_do_not_belong_in_defaults() -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_dict({"defaults": {"routes": []}})

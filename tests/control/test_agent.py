@@ -21,7 +21,7 @@ from midway.config.target import Target
 from midway.control.agent import WorkerAgent
 from midway.control.commands import Apply, CommandFailed
 
-from ..helpers import run, serve
+from ..helpers import read_exactly, read_to_eof, run, serve
 
 
 def proxy(name: str, **options: object) -> ProxyConfig:
@@ -97,6 +97,41 @@ def test_a_reload_swaps_the_dump_for_new_connections_only(tmp_path: object) -> N
                 while service.retired:  # its last connection closed: dropped
                     await asyncio.sleep(0.01)
             assert [e for e in service.elements if isinstance(e, DumpElement)] == dumps[1:]
+            await agent.runtime.shutdown(0)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("changed", [{}, {"seed": 2}], ids=["bytes", "bytes-and-seed"])
+def test_a_reload_that_changes_limit_data_keeps_its_count_on_open_connections(
+        changed: dict[str, object]) -> None:
+    # A new seed (or conditions) makes the reload replace the toxic rather than
+    # update it in place: the count of bytes passed must go on all the same.
+    def config(port: int, limit: int, **more: object) -> ProxyConfig:
+        return proxy("p", upstreams=f"127.0.0.1:{port}", toxics=[
+            {"type": "limit_data", "name": "cap", "seed": 1, "attributes": {"bytes": limit},
+             **more}])
+
+    async def scenario() -> None:
+        async with serve() as port:
+            agent = WorkerAgent(Target(Config(proxies=(config(port, 1000),))))
+            await agent.start()
+            host, _, listen_port = agent.runtime.services["p"].addresses[0].rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(listen_port))
+            writer.write(b"a" * 500)
+            assert await read_exactly(reader, 500) == b"a" * 500
+            running = agent.running()
+            lowered = dataclasses.replace(config(port, 600, **changed),
+                                          listen=running.config.proxies[0].listen)
+            await agent.execute(Apply(Target(dataclasses.replace(
+                running.config, proxies=(lowered,))), reload=True))
+            writer.write(b"b" * 500)
+            assert await read_to_eof(reader) == b"b" * 100  # 500 + 100: closed at 600
+            writer.close()
+            reader, writer = await asyncio.open_connection(host, int(listen_port))
+            writer.write(b"c" * 700)  # a new connection counts from 0
+            assert await read_to_eof(reader) == b"c" * 600
+            writer.close()
             await agent.runtime.shutdown(0)
 
     run(scenario())

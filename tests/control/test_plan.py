@@ -105,6 +105,21 @@ def test_timed_toxics_restart_the_timeline() -> None:
     assert change.toxics.timeline and not change.toxics.add
 
 
+def test_timed_toxics_taken_out_by_the_api_are_dropped_and_the_timeline_plays_on() -> None:
+    one, two, three = (latency(1, name, at_s=at) for name, at in (("t", 1.0), ("u", 2.0),
+                                                                  ("v", 3.0)))
+    before = dataclasses.replace(proxy(), toxics=(latency(1, "a"), one, two, three))
+    after = dataclasses.replace(proxy(), toxics=(latency(1, "a"), two))
+    (change,) = plan(target(before), target(after)).change
+    assert (change.toxics.drop, change.toxics.timeline) == ([one, three], False)
+    # A reload plays the file's scenario from the start; so does any other change.
+    (change,) = plan(target(before), target(after), reload=True).change
+    assert (change.toxics.drop, change.toxics.timeline) == ([], True)
+    changed = dataclasses.replace(proxy(), toxics=(latency(2, "t", at_s=1.0), two))
+    (change,) = plan(target(before), target(changed)).change
+    assert (change.toxics.drop, change.toxics.timeline) == ([], True)
+
+
 def test_enable_disable_and_reset() -> None:
     (change,) = plan(target(proxy()), target(proxy(), disabled=frozenset({"web"}))).change
     assert change.enable is False

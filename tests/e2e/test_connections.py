@@ -3,7 +3,7 @@
 ``workers = 2``) with its proxy, client, bytes and state; ``DELETE`` closes one
 (the client sees a FIN or, with ``?reset=true``, a reset; the access log says
 ``killed``) while its neighbours go on exchanging data; a toxic added to one
-connection slows that one alone; ``midway connections`` prints the table,
+connection slows that one alone, until it is removed; ``midway connections`` prints the table,
 sorted, and says clearly when the API cannot be reached."""
 
 from __future__ import annotations
@@ -208,6 +208,16 @@ def test_workers_2_connections_of_both_workers_are_listed_and_steered(echo_port:
         assert status == 200
         assert roundtrip(slow, b"slow") >= SLOW_S
         assert all(roundtrip(s, b"fast") < SLOW_S for s in socks if s is not slow)
+
+        # Listed and removed through the supervisor: the connection is fast again.
+        slow_id = rows[client_of(slow)]["id"]
+        status, own = api.request("GET", f"/connections/{slow_id}/toxics")
+        assert status == 200 and [t["name"] for t in own] == ["latency_downstream"], own
+        assert api.request("DELETE", f"/connections/{slow_id}/toxics/latency_downstream")[0] == 204
+        assert roundtrip(slow, b"fast again") < SLOW_S
+        assert api.request("GET", f"/connections/{slow_id}/toxics") == (200, [])
+        assert api.request("DELETE", f"/connections/{slow_id}/toxics/latency_downstream") == (
+            404, {"error": "toxic not found", "status": 404})
 
         # Killing one of worker 1's leaves every neighbour (on both workers) flowing.
         victim = on[1][0]

@@ -244,3 +244,78 @@ def test_the_capture_records_the_client_leg_between_the_real_client_and_its_serv
         assert got == [b"hi"]
         assert [(leg.client, leg.server) for leg in legs][0] == (CLIENT, SERVICE)
     run(main())
+
+
+class SeenAlpn(Element):
+    """The ALPN protocol a hook sees at open (``info.alpn``)."""
+
+    name = "seen_alpn"
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def attach(self, info: ConnectionInfo) -> Attachment | None:
+        self.seen.append(info.alpn)
+        return None
+
+
+@pytest.mark.per_loop
+def test_hooks_see_the_alpn_a_v2_header_names() -> None:
+    """A balancer that terminated TLS says in the ALPN TLV what it agreed."""
+    async def main() -> None:
+        got: list[bytes] = []
+        seen = SeenAlpn()
+        async with serve(recording_backend(got)) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", elements=[seen],
+                             proxy_protocol_in="v2", **TRUST_LOOPBACK) as proxy:
+            assert await exchange(proxy.port, build_v2(CLIENT, SERVICE, alpn=b"h2") + b"a") == b"ok"
+            assert await exchange(proxy.port, build_v2(CLIENT, SERVICE) + b"b") == b"ok"
+        assert seen.seen == ["h2", None]
+        assert got == [b"a", b"b"]
+    run(main())
+
+
+@pytest.mark.per_loop
+def test_with_tls_terminated_by_midway_its_own_handshake_s_alpn_wins(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    import ssl
+
+    from ..tlspki import make_pki
+
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+
+    async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    async def over_tls(port: int, offer: list[str]) -> tuple[str | None, bytes]:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        if offer:
+            context.set_alpn_protocols(offer)
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(build_v2(CLIENT, SERVICE, alpn=b"h2"))
+                await writer.drain()
+                await writer.start_tls(context, server_hostname="localhost")
+                agreed = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+                writer.write(b"x")
+                await writer.drain()
+                return agreed, await reader.read()
+            finally:
+                writer.close()
+
+    async def main() -> None:
+        seen = SeenAlpn()
+        async with serve(answer_ok) as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", elements=[seen],
+                             proxy_protocol_in="v2", tls_cert=str(pki.server_chain),
+                             tls_key=str(pki.server_key), tls_alpn=["http/1.1"],
+                             **TRUST_LOOPBACK) as proxy:
+            assert await over_tls(proxy.port, ["http/1.1"]) == ("http/1.1", b"ok")
+            assert await over_tls(proxy.port, []) == (None, b"ok")
+        # The header said h2 both times: midway's handshake agreed http/1.1, then none.
+        assert seen.seen == ["http/1.1", None]
+    run(main())

@@ -98,6 +98,14 @@ def test_v2_tlvs_are_kept_and_the_authority_becomes_the_route_key() -> None:
     assert header.authority == "tls.example.test"
     assert header.ssl is not None and header.ssl.version is not None
     assert conn.route == {"sni": "tls.example.test"}
+    assert conn.info.alpn == "http/1.1"  # hooks see the balancer's protocol
+
+
+def test_a_header_without_alpn_names_no_protocol() -> None:
+    conn = FakeConn([load("proxy_v2_tcp4")])
+    accept(conn)
+    assert conn.info.proxy_header is not None and conn.info.proxy_header.alpn is None
+    assert conn.info.alpn is None
 
 
 def test_local_is_served_with_the_peer_s_own_addresses() -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -211,12 +212,19 @@ def _frozen(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
+    """A flag's number, written in plain ASCII decimal: ``-12``, ``0.5``, ``1e3``.
+    Anything else (``1_000``, ``0x10``, ``inf``, non-ASCII digits, all of which
+    :func:`int` or :func:`float` would take) stays text, for the validation to
+    report with the key's name."""
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    if _DECIMAL.fullmatch(text):
+        return float(text)
     return text
 
 

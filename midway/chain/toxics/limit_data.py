@@ -11,7 +11,9 @@ Attributes: ``bytes`` (bytes, default 0).
 
 Update: the count goes on, as in Toxiproxy (whose ``LimitDataToxicState`` lives
 in the connection's stub): a limit lowered below what already passed closes the
-connection at its next chunk, with none of it passed.  Removal: nothing is held,
+connection at its next chunk, with none of it passed.  So it does when a reload
+replaces the toxic for a new seed or conditions (same type and stream:
+:func:`~midway.chain.toxics.live.replace_toxic`).  Removal: nothing is held,
 nothing to flush; the count goes with the toxic (one added again counts from 0).
 Memory: nothing held.
 """

@@ -31,6 +31,7 @@ __all__ = [
     "get_toxic",
     "add_toxic",
     "update_toxic",
+    "replace_toxic",
     "remove_toxic",
     "reset_toxics",
     "ToxicHandle",
@@ -132,6 +133,20 @@ def update_toxic(
     new.state_key = old.state_key
     host.replace_element(old, new)
     return new
+
+
+def replace_toxic(host: ChainHost, new: Toxic[Any]) -> Toxic[Any]:
+    """Put ``new`` in the place of the toxic of its name, live: a reload that
+    changes more than :func:`update_toxic` can (conditions, seed, stream or
+    type).  Open connections get it as on an update.  With the same type and
+    stream it is the same toxic with other settings, so per-connection state
+    (limit_data's count) goes on; otherwise the new one starts from nothing.
+    Returns the old toxic; raises :class:`ToxicNotFound`."""
+    old = get_toxic(host, new.name)
+    if (new.type, new.stream) == (old.type, old.stream):
+        new.state_key = old.state_key
+    host.replace_element(old, new)
+    return old
 
 
 def remove_toxic(host: ChainHost, name: str) -> Toxic[Any]:
