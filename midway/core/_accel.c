@@ -50,6 +50,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#define ACCEL_ABI 1      /* accel.ABI: what this file offers, checked on import */
 #define READ_SIZE 65536 /* relay.READ_SIZE */
 #define MAX_EVENTS 200  /* poller.MAX_EVENTS */
 #define UNREGISTERED 0xffffffffu
@@ -608,6 +609,10 @@ PyMODINIT_FUNC PyInit__accel(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddIntConstant(m, "ABI", ACCEL_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&EngineType);
     Py_INCREF(&CoreType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0

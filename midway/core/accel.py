@@ -13,6 +13,7 @@ One :class:`Engine` per event loop, registered with it as one reader, made by
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import weakref
@@ -21,6 +22,10 @@ from typing import TYPE_CHECKING, Any
 from .perloop import PerLoop
 
 __all__ = ["AVAILABLE", "Core", "engine_for", "ENV_PURE"]
+
+ABI = 1
+"""The interface of ``_accel.c`` this module expects (its ``ACCEL_ABI``): a build
+left from another version of the file is not used."""
 
 ENV_PURE = "MIDWAY_PURE_PYTHON"
 """Set to 1 to leave the compiled relay unused (pure Python, as without it)."""
@@ -65,7 +70,14 @@ else:
     try:
         if os.environ.get(ENV_PURE, "") not in ("", "0"):
             raise ImportError(f"{ENV_PURE} is set")
+        from ._accel import ABI as _BUILT
         from ._accel import Core, Engine
+        if _BUILT != ABI:
+            logging.getLogger("midway").warning(
+                "the compiled relay (%s) was built from another version of midway: "
+                "running in pure Python; rebuild it with `pip install -e .`",
+                os.path.join(os.path.dirname(__file__), "_accel"))
+            raise ImportError("stale build")
     except ImportError:
         AVAILABLE = False
 

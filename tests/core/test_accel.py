@@ -12,8 +12,6 @@ import asyncio
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -31,7 +29,7 @@ from .endpoints import in_threads, make_relay, read_to_eof, sha, tcp_pair
 
 pytestmark = pytest.mark.skipif(
     not accel.AVAILABLE,
-    reason=helpers.needs("the compiled relay", pip="-e . (with a C compiler)"))
+    reason=helpers.needs_accel())
 
 
 def _pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
@@ -257,18 +255,6 @@ def test_many_connections_closing_in_one_batch_each_end_cleanly() -> None:
         engine = accel.engine_for(loop)
         assert engine is not None and engine.live == 0
     helpers.run(main())
-
-
-def test_pure_python_is_chosen_by_the_environment() -> None:
-    code = "from midway.core import accel, relay; print(accel.AVAILABLE, relay._ACCEL)"
-    env = dict(os.environ, **{accel.ENV_PURE: "1"})
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=30, check=True)
-    assert out.stdout.split() == ["False", "False"]
-    env[accel.ENV_PURE] = "0"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=30, check=True)
-    assert out.stdout.split() == ["True", "True"]
 
 
 def _half_close_both(c_app: socket.socket, u_app: socket.socket) -> None:
