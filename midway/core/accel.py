@@ -23,7 +23,7 @@ from .perloop import PerLoop
 
 __all__ = ["AVAILABLE", "Core", "engine_for", "ENV_PURE"]
 
-ABI = 1
+ABI = 2
 """The interface of ``_accel.c`` this module expects (its ``ACCEL_ABI``): a build
 left from another version of the file is not used."""
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
         c_ended: int
         c_first: int
         c_splice_ok: int
-        c_fast: bool
+        c_engine: Engine | None
 
         def _c_start(self, engine: Engine, client_fd: int, upstream_fd: int, splice_ok: bool,
                      now: float) -> None: ...
@@ -70,14 +70,14 @@ else:
     try:
         if os.environ.get(ENV_PURE, "") not in ("", "0"):
             raise ImportError(f"{ENV_PURE} is set")
-        from ._accel import ABI as _BUILT
-        from ._accel import Core, Engine
-        if _BUILT != ABI:
+        from . import _accel
+        if getattr(_accel, "ABI", None) != ABI:
             logging.getLogger("midway").warning(
                 "the compiled relay (%s) was built from another version of midway: "
                 "running in pure Python; rebuild it with `pip install -e .`",
                 os.path.join(os.path.dirname(__file__), "_accel"))
             raise ImportError("stale build")
+        Core, Engine = _accel.Core, _accel.Engine
     except ImportError:
         AVAILABLE = False
 
