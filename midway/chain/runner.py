@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -127,7 +128,8 @@ class DirectionRunner:
     """Runs one direction's stages; the :class:`~midway.core.relay.Chain` of a flow."""
 
     __slots__ = ("flow", "relay", "loop", "direction", "info", "slack", "stages", "wanted",
-                 "outs", "queue", "queued", "pump", "wake", "received_at")
+                 "outs", "queue", "queued", "pump", "wake", "received_at",
+                 "received_wall")
 
     def __init__(self, flow: Flow, relay: Relay[ConnectionInfo], direction: Direction) -> None:
         self.flow = flow
@@ -139,13 +141,14 @@ class DirectionRunner:
         self.stages: list[tuple[object, Stage]] = []
         self.wanted: list[tuple[object, Stage]] = self.stages
         self.outs: list[_Out] = []
-        self.queue: deque[tuple[bytes | None, float]] = deque()
+        self.queue: deque[tuple[bytes | None, float, float]] = deque()
         self.queued = 0
         """Bytes read and not yet taken by the first stage."""
         self.pump: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()
         """Set while the pump has work (a chunk, an EOF or a new stage list)."""
         self.received_at = 0.0
+        self.received_wall = 0.0
 
     def set_stages(self, stages: StageList) -> None:
         wanted = list(stages)
@@ -165,14 +168,16 @@ class DirectionRunner:
         self.pump = self.loop.create_task(self._pump())
 
     def received(self, data: bytes, now: float) -> None:
-        self.queue.append((data, now))
+        # The wall clock too, read here to its full precision: ``now`` is the loop's
+        # clock, which uvloop keeps in whole milliseconds (see Output.received_wall).
+        self.queue.append((data, now, time.time()))
         self.queued += len(data)
         if self.queued >= CHAIN_QUEUE_HIGH:
             self.flow.pause_reading()
         self.wake.set()
 
     def ended(self, now: float) -> None:
-        self.queue.append((None, now))
+        self.queue.append((None, now, time.time()))
         self.wake.set()
 
     def holding(self) -> bool:
@@ -211,7 +216,7 @@ class DirectionRunner:
                     wake.clear()
                     await wake.wait()
                     continue
-                data, self.received_at = self.queue.popleft()
+                data, self.received_at, self.received_wall = self.queue.popleft()
                 if data is None:
                     await self._eof_from(0)
                     continue
@@ -317,6 +322,10 @@ class _Out:
     @received_at.setter
     def received_at(self, value: float) -> None:
         self.runner.received_at = value
+
+    @property
+    def received_wall(self) -> float:
+        return self.runner.received_wall
 
     def now(self) -> float:
         return self.runner.loop.time()

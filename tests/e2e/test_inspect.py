@@ -451,6 +451,44 @@ def test_pcap_of_an_http_exchange_reads_dissects_and_carries_the_exact_bytes(
     assert payload(path, ports["upstream"], midway_port) == RESPONSE
 
 
+@pytest.mark.per_loop
+@needs_tshark
+def test_pcap_times_never_go_back_within_a_tcp_stream(tmp_path: Path) -> None:
+    """A ping-pong of 200 lines: in each of the two TCP streams the frames' times
+    follow their order, so no echo is stamped before the line it answers (uvloop's
+    loop clock counts whole milliseconds: a read stamped with it could be dated up
+    to 1 ms before the packets that caused it)."""
+    path = tmp_path / "pingpong.pcap"
+
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", pcap=str(path)) as proxy:
+            async with connect(proxy) as (reader, writer):
+                for i in range(200):
+                    line = b"ping %d\n" % i
+                    writer.write(line)
+                    assert await read_exactly(reader, len(line)) == line
+                    await asyncio.sleep(0.0003)  # spread the exchanges over clock ticks
+                writer.write_eof()
+                assert await read_to_eof(reader) == b""
+            async with asyncio.timeout(5):
+                while proxy.connections:
+                    await asyncio.sleep(0.01)
+
+    run(main())
+    rows = fields(path, [], "tcp", "tcp.stream", "frame.number", "frame.time_epoch", "tcp.len")
+    streams: dict[str, list[tuple[int, float, int]]] = {}
+    for row in rows:
+        stream, number, epoch, length = row.split("\t")
+        streams.setdefault(stream, []).append((int(number), float(epoch), int(length)))
+    assert len(streams) == 2
+    for frames in streams.values():
+        assert sum(length for _, _, length in frames) == 2 * sum(
+            len(b"ping %d\n" % i) for i in range(200))
+        back = [(a, b) for a, b in zip(frames, frames[1:], strict=False) if b[1] < a[1]]
+        assert back == [], f"frames dated before the frame ahead of them: {back[:3]}"
+
+
 async def reset_after_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.read(100)
     sock = writer.get_extra_info("socket")
