@@ -100,7 +100,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from ..core.cooperate import cooperate
-from ..errors import ConfigError, MidwayError, Rejected
+from ..errors import ConfigError, ElementError, Rejected, traceback_of
 from .base import (
     DIRECTIONS,
     DOWNSTREAM,
@@ -180,9 +180,10 @@ def _cancelled_by_us() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-class HookError(MidwayError):
+class HookError(ElementError):
     """A hook failed (raised, or returned something that is not bytes); the
-    message names the hook and the callback, the cause is chained."""
+    message names the hook and the callback, the hook's exception (if any) is
+    chained as the cause, and only its traceback is logged."""
 
 
 # --- loading ----------------------------------------------------------------
@@ -796,8 +797,9 @@ class _HookStage(Stage):
             self._wake_drained()
 
     def _injection_failed(self, exc: BaseException) -> None:
-        log.error("conn %d (%s): sending data injected by hook %s failed; resetting",
-                  self.ctx.id, self.ctx.proxy, self.ctx._element.spec, exc_info=exc)
+        log.error("conn %d (%s): sending data injected by hook %s failed (%s); resetting",
+                  self.ctx.id, self.ctx.proxy, self.ctx._element.spec, exc,
+                  exc_info=traceback_of(exc))
         if self.out is not None:
             self.out.reset(f"hook {self.ctx._element.spec}: injection failed")
 

@@ -60,6 +60,7 @@ from collections.abc import Sequence
 from ..core.cooperate import cooperate
 from ..core.observer import CloseReason
 from ..core.relay import PROXY, Flow, Relay
+from ..errors import traceback_of
 from .base import ConnectionInfo, Direction, Stage
 
 __all__ = [
@@ -243,8 +244,9 @@ class DirectionRunner:
         relay = self.relay
         if relay.closed:
             return
-        log.error("conn %d (%s): %s chain element failed; closing this connection",
-                  self.info.id, self.info.proxy, self.direction, exc_info=exc)
+        log.error("conn %d (%s): %s chain element failed (%s); closing this connection",
+                  self.info.id, self.info.proxy, self.direction, exc,
+                  exc_info=traceback_of(exc))
         relay.abort(CloseReason.ERROR,
                     f"{self.direction} element raised {type(exc).__name__}: {exc}", PROXY)
 

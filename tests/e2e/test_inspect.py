@@ -254,9 +254,59 @@ def test_a_raising_hook_closes_its_connection_only_and_logs_once() -> None:
             errors = [r for r in log_records.records if r.levelno >= logging.ERROR]
             assert len(errors) == 1, [r.getMessage() for r in errors]
             assert errors[0].exc_info is not None
+            assert f"hook {HOOKS}:Explode raised in on_data: ValueError" in errors[0].getMessage()
             text = logging.Formatter().formatException(errors[0].exc_info)
-            assert f"hook {HOOKS}:Explode raised in on_data: ValueError" in text
             assert "the hook cannot handle boom" in text
+
+    run(main())
+
+
+class ReturnsText:
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> str:
+        return data.decode()
+
+
+class RefusesBadly:
+    def on_connect(self, ctx: HookContext) -> None:
+        raise KeyError("no such tenant")
+
+
+@pytest.mark.per_loop
+@pytest.mark.parametrize(("hook", "message", "traceback_has"), [
+    ("Explode", "hook tests.e2e.test_inspect:Explode raised in on_data: ValueError: "
+                "the hook cannot handle boom", 'raise ValueError("the hook cannot handle boom")'),
+    ("RefusesBadly", "hook tests.e2e.test_inspect:RefusesBadly raised in on_connect: "
+                     "KeyError: 'no such tenant'", 'raise KeyError("no such tenant")'),
+    ("ReturnsText", "hook tests.e2e.test_inspect:ReturnsText: on_data returned str; "
+                    "return bytes (encode it)", None),
+])
+def test_a_failing_hook_is_logged_as_its_own_error_not_midways(
+        hook: str, message: str, traceback_has: str | None) -> None:
+    """One error line that says what the hook did, and the traceback of the hook's
+    own code only: none of midway's frames (the chain runner, the service), none
+    at all when the hook raised nothing (a wrong return type)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", hooks=[f"{HOOKS}:{hook}"]) as proxy:
+            with midway_log() as log_records:
+                async with connect(proxy) as (reader, writer):
+                    writer.write(b"boom")
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await read_to_eof(reader, timeout=5) == b""
+                async with asyncio.timeout(5):
+                    while proxy.connections:
+                        await asyncio.sleep(0.01)
+            errors = [r for r in log_records.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+            assert message in errors[0].getMessage()
+            assert errors[0].getMessage().endswith("closing this connection")
+            if traceback_has is None:
+                assert errors[0].exc_info is None
+            else:
+                assert errors[0].exc_info is not None
+                text = logging.Formatter().formatException(errors[0].exc_info)
+                assert traceback_has in text
+                assert "runner.py" not in text and "service.py" not in text, text
 
     run(main())
 
