@@ -261,6 +261,52 @@ def test_a_raising_hook_closes_its_connection_only_and_logs_once() -> None:
     run(main())
 
 
+class Goodbye:
+    """Answers QUIT itself, then closes: SMTP's 221, POP3's +OK."""
+
+    framing = "line"
+
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes | None:
+        if direction == "upstream" and data.startswith(b"QUIT"):
+            ctx.send_to_client(b"221 bye\r\n")
+            ctx.close("client quit")
+            return b""
+        return None
+
+
+class GoodbyeRejected:
+    framing = "line"
+
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes | None:
+        if direction == "upstream" and data.startswith(b"QUIT"):
+            ctx.send_to_client(b"221 bye\r\n")
+            raise Rejected("client quit")
+        return None
+
+
+@pytest.mark.per_loop
+@pytest.mark.parametrize("hook", ["Goodbye", "GoodbyeRejected"])
+@pytest.mark.parametrize("after_quit", [b"", b"NOOP\n"])
+def test_a_hook_that_answers_then_closes_delivers_its_answer(hook: str, after_quit: bytes) -> None:
+    """ctx.close() (or raising Rejected) is graceful: a reply injected just before
+    it reaches the client ahead of the FIN, and what the client sent after the
+    QUIT (pipelined in the same segment) is not passed on."""
+    recorder = Recorder()
+
+    async def main() -> None:
+        async with serve(recorder.handler) as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", hooks=[f"{HOOKS}:{hook}"]) as proxy:
+            async with connect(proxy) as (reader, writer):
+                writer.write(b"HELO x\nQUIT\n" + after_quit)
+                assert await read_to_eof(reader, timeout=5) == b"221 bye\r\n"
+            async with asyncio.timeout(5):
+                while proxy.connections:
+                    await asyncio.sleep(0.01)
+        assert b"".join(recorder.received) == b"HELO x\n"
+
+    run(main())
+
+
 class ReturnsText:
     def on_data(self, direction: str, data: bytes, ctx: HookContext) -> str:
         return data.decode()
