@@ -85,7 +85,7 @@ from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
 from .core.streams import Endpoint, Stream
-from .errors import ListenError, Rejected, TlsFailed, describe_oserror
+from .errors import ListenError, Rejected, TlsFailed, describe_oserror, traceback_of
 from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
@@ -1022,7 +1022,8 @@ class Connection(Dialer):
 
     def _element_failed(self, exc: BaseException) -> None:
         log.error("conn %d (%s): a chain element failed on open (%s); closing this "
-                  "connection", self.info.id, self.service.name, exc, exc_info=exc)
+                  "connection", self.info.id, self.service.name, exc,
+                  exc_info=traceback_of(exc))
         self.finish(CloseReason.ERROR, f"on_open raised {type(exc).__name__}: {exc}")
 
     def finish(self, reason: CloseReason, detail: str, first_close: str = "proxy", *,
