@@ -69,12 +69,8 @@ http {{
         "-e",
         "stderr",
     ]
-    child = procs.spawn("nginx-http", argv, cpus=cpus, logdir=workdir)
-    try:
-        procs.wait_listening(port, child, 10.0)
+    with procs.serving("nginx-http", argv, port, cpus=cpus, logdir=workdir):
         yield port
-    finally:
-        child.stop()
 
 
 @contextlib.contextmanager
@@ -88,12 +84,8 @@ def echo_server(*, cpus: str, workdir: Path) -> Iterator[int]:
         "--lifetime",
         "1800",
     ]
-    child = procs.spawn("echo-server", argv, cpus=cpus, logdir=workdir)
-    try:
-        procs.wait_listening(port, child, 10.0)
+    with procs.serving("echo-server", argv, port, cpus=cpus, logdir=workdir):
         yield port
-    finally:
-        child.stop()
 
 
 @contextlib.contextmanager
@@ -106,9 +98,5 @@ def reserved_port(*, cpus: str, workdir: Path) -> Iterator[int]:
 def iperf3_server(port: int, *, cpus: str, workdir: Path) -> Iterator[procs.Child]:
     """A one-off iperf3 server (serves one test, then exits) on `port`."""
     argv = ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)]
-    child = procs.spawn("iperf3-server", argv, cpus=cpus, logdir=workdir)
-    try:
-        procs.wait_listening(port, child, 10.0)
+    with procs.serving("iperf3-server", argv, port, cpus=cpus, logdir=workdir) as child:
         yield child
-    finally:
-        child.stop()

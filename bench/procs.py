@@ -9,6 +9,7 @@ registered so that an exception or Ctrl-C anywhere still stops it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import resource
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +219,28 @@ def spawn(
     child = Child(name, proc, log)
     _live[proc.pid] = child
     return child
+
+
+@contextlib.contextmanager
+def serving(
+    name: str,
+    argv: list[str],
+    port: int,
+    *,
+    cpus: str | None,
+    logdir: Path,
+    timeout: float = 10.0,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Child]:
+    """`spawn` a server, wait (up to `timeout` s) until it listens on `port`, yield it; always
+    stop it."""
+    child = spawn(name, argv, cpus=cpus, logdir=logdir, cwd=cwd, env=env)
+    try:
+        wait_listening(port, child, timeout)
+        yield child
+    finally:
+        child.stop()
 
 
 def run(argv: list[str], *, cpus: str | None, timeout: float) -> str:

@@ -201,14 +201,11 @@ def started(
         env.pop("MIDWAY_PURE_PYTHON", None)
         if proxy.pure:
             env["MIDWAY_PURE_PYTHON"] = "1"
-    child = procs.spawn(proxy.name, argv, cpus=cpus, logdir=workdir, cwd=REPO, env=env)
-    try:
-        procs.wait_listening(port, child, START_TIMEOUT)
+    with procs.serving(proxy.name, argv, port, cpus=cpus, logdir=workdir,
+                       timeout=START_TIMEOUT, cwd=REPO, env=env) as child:
         if proxy.threads > 1:
             time.sleep(0.5)  # let every worker/thread reach its accept loop
         yield Running(proxy, port, upstream_port, child)
-    finally:
-        child.stop()
 
 
 @cache

@@ -89,13 +89,9 @@ backend be
     @contextlib.contextmanager
     def source_server(*, cpus: str, workdir: Path) -> Iterator[int]:
         port = procs.free_port()
-        child = procs.spawn("tls-source", [sys.executable, str(BENCH / "tls.py"), "source",
-                                           str(port)], cpus=cpus, logdir=workdir)
-        try:
-            procs.wait_listening(port, child, 10.0)
+        argv = [sys.executable, str(BENCH / "tls.py"), "source", str(port)]
+        with procs.serving("tls-source", argv, port, cpus=cpus, logdir=workdir):
             yield port
-        finally:
-            child.stop()
 
     def measure(s: Settings, target: Running) -> dict[str, float]:
         before = target.cpu_seconds()

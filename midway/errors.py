@@ -16,7 +16,9 @@ __all__ = [
     "UpstreamError",
     "Rejected",
     "TlsFailed",
+    "ElementError",
     "describe_oserror",
+    "traceback_of",
 ]
 
 
@@ -58,6 +60,25 @@ class TlsFailed(MidwayError):
     layers, :mod:`midway.layers.tls`).  The message says why in words (``client
     sent no certificate``); the connection is closed with the reason
     ``tls_failed``."""
+
+
+class ElementError(MidwayError):
+    """A chain element's failure told in full by its message (``hook
+    myhooks:Audit raised in on_data: ValueError: ...``, ``... returned str``): the
+    connection is closed, and the log shows that message, with the traceback of
+    the user's exception chained as ``__cause__`` if there is one, and none of
+    midway's own frames, which would only bury the user's (see
+    :func:`traceback_of`)."""
+
+
+def traceback_of(exc: BaseException) -> BaseException | None:
+    """The exception whose traceback to log with a failure ``exc``: for an
+    :class:`ElementError`, the user's exception it chains (``None``: no traceback,
+    the message says it all); for anything else, ``exc`` itself (a defect, where
+    every frame counts)."""
+    if isinstance(exc, ElementError):
+        return exc.__cause__
+    return exc
 
 
 # One place that turns errno values into words a user reads in a log line.

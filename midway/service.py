@@ -85,7 +85,7 @@ from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
 from .core.streams import Endpoint, Stream
-from .errors import ListenError, Rejected, TlsFailed, describe_oserror
+from .errors import ListenError, Rejected, TlsFailed, describe_oserror, traceback_of
 from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
@@ -866,8 +866,10 @@ class Connection(Dialer):
         info.upstream = target.text
         if not address.is_unix:
             info.upstream_addr = target.pair or _ip_pair(_peername(sock))
-            if service.elements or service.outbound or service.host.observers:
-                # Someone may read it, maybe after the socket is closed: now.
+            if service.elements or service.outbound:
+                # An element or a layer may read it, maybe after the socket is
+                # closed: now.  (Observers are told only what OpenedConnection
+                # names, and the admin API reads it while the socket is open.)
                 info.upstream_local_addr = _ip_pair(_sockname(sock))
             else:  # only a live reader (the admin API) may ask: when it does
                 info.upstream_local_from(sock)
@@ -1020,7 +1022,8 @@ class Connection(Dialer):
 
     def _element_failed(self, exc: BaseException) -> None:
         log.error("conn %d (%s): a chain element failed on open (%s); closing this "
-                  "connection", self.info.id, self.service.name, exc, exc_info=exc)
+                  "connection", self.info.id, self.service.name, exc,
+                  exc_info=traceback_of(exc))
         self.finish(CloseReason.ERROR, f"on_open raised {type(exc).__name__}: {exc}")
 
     def finish(self, reason: CloseReason, detail: str, first_close: str = "proxy", *,

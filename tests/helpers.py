@@ -57,6 +57,13 @@ def needs(what: str, *, apt: str = "", pip: str = "", npm: str = "") -> str:
     return f"needs {what} (install: {how})" if how else f"needs {what}"
 
 
+def needs_accel() -> str:
+    """The skip reason of a test of the compiled relay (midway/core/_accel.c)."""
+    if os.environ.get("MIDWAY_PURE_PYTHON", "") not in ("", "0"):
+        return needs("the compiled relay, which this run leaves off (MIDWAY_PURE_PYTHON=1)")
+    return needs("the compiled relay, built by pip with a C compiler", pip="-e .")
+
+
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
     """Run ``coro`` on a fresh event loop (of the current :data:`MODE`), failing
     (not hanging) after ``timeout``."""

@@ -226,6 +226,14 @@ class Output(Protocol):
         """A stage that holds a chunk back moves its stamp forward by the time it
         held it (as Toxiproxy's latency toxic does), so that later delays add up."""
 
+    @property
+    def received_wall(self) -> float:
+        """Wall-clock time (``time.time()``) at which the chunk now being processed
+        was read from its socket, to the microsecond, whatever the loop: for dating
+        it (a capture).  ``received_at`` is on the loop's clock, which uvloop keeps
+        in whole milliseconds, so a wall time derived from it may be up to 1 ms off
+        either way.  No stage moves it."""
+
     def now(self) -> float:
         """The connection's clock (monotonic seconds)."""
 

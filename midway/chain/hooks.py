@@ -100,7 +100,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from ..core.cooperate import cooperate
-from ..errors import ConfigError, MidwayError, Rejected
+from ..errors import ConfigError, ElementError, Rejected, traceback_of
 from .base import (
     DIRECTIONS,
     DOWNSTREAM,
@@ -140,6 +140,11 @@ still running after it closes its connection (reason ``error``, logged); an
 10 s: HAProxy's ``timeout connect`` in its documentation's examples; a
 connection-time check taking longer has failed in all but name."""
 HOOK_CLOSE_TIMEOUT_S = HOOK_CALLBACK_TIMEOUT_S
+
+HOOK_CLOSE_SEND_S = HOOK_CALLBACK_TIMEOUT_S
+"""How long ``ctx.close()`` waits for what the hook injected and returned before
+it to be passed on, before closing anyway (a peer that reads nothing): the same
+bound as a hook's ``on_connect``."""
 """The same bound, under its earlier name."""
 
 HOOK_SLOW_CALL_S = 0.1
@@ -180,9 +185,10 @@ def _cancelled_by_us() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-class HookError(MidwayError):
+class HookError(ElementError):
     """A hook failed (raised, or returned something that is not bytes); the
-    message names the hook and the callback, the cause is chained."""
+    message names the hook and the callback, the hook's exception (if any) is
+    chained as the cause, and only its traceback is logged."""
 
 
 # --- loading ----------------------------------------------------------------
@@ -431,6 +437,8 @@ class HookContext:
         self._stages: dict[Direction, _HookStage] = {}
         self._ended = False
         self._refusal: str | None = None
+        self._closer: asyncio.Task[None] | None = None
+        """The graceful close under way (``close``), once asked for."""
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop, for actions called from a pool thread (blocking hooks)."""
         self._loop_thread = 0
@@ -518,8 +526,10 @@ class HookContext:
         return True
 
     def close(self, reason: str = "closed by hook") -> None:
-        """Close the connection gracefully: what was already sent on is
-        delivered, then FIN both ways.  In ``on_connect``: refuse it."""
+        """Close the connection gracefully: what was already sent on, what the
+        hook injected before this call and what the callback making it returns
+        are delivered, then FIN both ways; nothing read after it is passed on.
+        In ``on_connect``: refuse it."""
         self._end(reason, reset=False)
 
     def reset(self, reason: str = "reset by hook") -> None:
@@ -541,8 +551,26 @@ class HookContext:
             self._refusal = reason
         elif reset:
             out.reset(f"hook {self._element.spec}: {reason}")
-        else:
-            out.close(f"hook {self._element.spec}: {reason}")
+        elif self._closer is None:
+            # The relay's close sends the FINs at once: injections still queued in
+            # a stage (a reply to QUIT) and what the current on_data returns would
+            # be lost.  So stop taking data, let those through, then close.
+            for stage in self._stages.values():
+                stage.closing = True
+            self._closer = asyncio.get_running_loop().create_task(
+                self._close_when_sent(out, f"hook {self._element.spec}: {reason}"))
+
+    async def _close_when_sent(self, out: Output, detail: str) -> None:
+        try:
+            async with asyncio.timeout(HOOK_CLOSE_SEND_S):
+                for stage in self._stages.values():
+                    await stage.drained()
+                    async with stage.lock:  # a batch of sends under way ends first
+                        pass
+        except TimeoutError:
+            log.warning("conn %d (%s): %s: what the hook sent was not passed on within "
+                        "%g s; closing anyway", self.id, self.proxy, detail, HOOK_CLOSE_SEND_S)
+        out.close(detail)
 
     # -- calling the hook --------------------------------------------------------
 
@@ -684,6 +712,9 @@ class _HookStage(Stage):
         self.pending: deque[bytes] = deque()
         self.pending_bytes = 0
         self.ended = False
+        self.closing = False
+        """The hook closed the connection (``ctx.close``): data arriving since is
+        dropped, not handed to the hook."""
         self.dropped = 0
         self._drainer: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -743,13 +774,15 @@ class _HookStage(Stage):
 
     async def _deliver(self, message: bytes, out: Output) -> None:
         ctx = self.ctx
+        if self.closing:
+            self.dropped += len(message)
+            return
         try:
             result = await ctx._call("on_data", self.direction, message, ctx)
         except Rejected as exc:  # as in on_connect: this connection is refused
             log.info("conn %d (%s): hook %s closed the connection: %s", ctx.id, ctx.proxy,
                      ctx._element.spec, exc)
-            self.ended = True
-            out.close(f"hook {ctx._element.spec}: {exc}")
+            ctx._end(str(exc), reset=False)  # as ctx.close(): its injections go first
             return
         chunks = _chunks(result, message, ctx._element.spec)
         other = ctx._stages[DOWNSTREAM if self.direction == UPSTREAM else UPSTREAM]
@@ -796,8 +829,9 @@ class _HookStage(Stage):
             self._wake_drained()
 
     def _injection_failed(self, exc: BaseException) -> None:
-        log.error("conn %d (%s): sending data injected by hook %s failed; resetting",
-                  self.ctx.id, self.ctx.proxy, self.ctx._element.spec, exc_info=exc)
+        log.error("conn %d (%s): sending data injected by hook %s failed (%s); resetting",
+                  self.ctx.id, self.ctx.proxy, self.ctx._element.spec, exc,
+                  exc_info=traceback_of(exc))
         if self.out is not None:
             self.out.reset(f"hook {self.ctx._element.spec}: injection failed")
 

@@ -31,7 +31,9 @@ client leg shows the responses late.  Bytes a stage sends with
 (midway's hooks inject through the chain instead, so theirs are).
 
 Times are wall-clock: the head stamps a chunk with the time it was read from
-its socket, the tail with the time it passed on.  Both handshakes are written
+its socket (``Output.received_wall``, read at that moment: the loop's clock of
+``received_at`` counts whole milliseconds on uvloop, and a time derived from it
+could date a reply before its request), the tail with the time it passed on.  Both handshakes are written
 when the connection's first stage starts (the client leg stamped with the
 time the client was accepted), so connections refused by a hook's
 ``on_connect`` or never connected upstream are not recorded.  At the end,
@@ -181,9 +183,9 @@ class _Tap(Stage):
         capture._open(self.legs)
         conv = self.legs.conversation(self.leg)
         if conv is not None and (self.leg, self.from_client) not in self.legs.fins:
-            t = capture.wall()
-            if self.head:  # when the chunk was read, not when it reached the head
-                t -= out.now() - out.received_at
+            # The head dates a chunk by when it was read, not when it reached the
+            # head; the tail by when midway passed it on.
+            t = out.received_wall if self.head else capture.wall()
             _safely(conv.data, self.from_client, data, t)
             capture.file.flush()
         await out.send(data)

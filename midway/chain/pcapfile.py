@@ -52,6 +52,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import os
 import random
 import struct
@@ -350,7 +351,11 @@ class TcpConversation:
     segments of at most ``max_segment`` bytes, also announced as the MSS option
     of the SYNs.
 
-    Every ``t`` is the wall-clock time (``time.time()``) of the event.  Raises
+    Every ``t`` is the wall-clock time (``time.time()``) of the event.  Times never
+    go back within the conversation: an event dated before the last packet written
+    (a chunk read long ago but recorded after later traffic of this connection,
+    while midway's queue for it was full) is written at that packet's time, since
+    Wireshark analyses a stream in file order.  Raises
     ``ValueError`` for bad addresses, and ``RuntimeError`` for an event that
     cannot follow the ones before it (data after that side's FIN, anything
     after a reset)."""
@@ -393,6 +398,7 @@ class TcpConversation:
             server_isn if server_isn is not None else rand.getrandbits(32),
         )
         self._reset = False
+        self._last_t = -math.inf
         self.packets = 0
         """Packets written so far."""
 
@@ -415,6 +421,9 @@ class TcpConversation:
         payload: bytes = b"",
         options: bytes = b"",
     ) -> None:
+        if t < self._last_t:
+            t = self._last_t
+        self._last_t = t
         header_len = _TCP_HEADER_SIZE + len(options)
         tcp_len = header_len + len(payload)
         tcp = bytearray(

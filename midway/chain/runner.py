@@ -53,12 +53,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 
 from ..core.cooperate import cooperate
 from ..core.observer import CloseReason
 from ..core.relay import PROXY, Flow, Relay
+from ..errors import traceback_of
 from .base import ConnectionInfo, Direction, Stage
 
 __all__ = [
@@ -127,7 +129,8 @@ class DirectionRunner:
     """Runs one direction's stages; the :class:`~midway.core.relay.Chain` of a flow."""
 
     __slots__ = ("flow", "relay", "loop", "direction", "info", "slack", "stages", "wanted",
-                 "outs", "queue", "queued", "pump", "wake", "received_at")
+                 "outs", "queue", "queued", "pump", "wake", "received_at",
+                 "received_wall")
 
     def __init__(self, flow: Flow, relay: Relay[ConnectionInfo], direction: Direction) -> None:
         self.flow = flow
@@ -139,13 +142,14 @@ class DirectionRunner:
         self.stages: list[tuple[object, Stage]] = []
         self.wanted: list[tuple[object, Stage]] = self.stages
         self.outs: list[_Out] = []
-        self.queue: deque[tuple[bytes | None, float]] = deque()
+        self.queue: deque[tuple[bytes | None, float, float]] = deque()
         self.queued = 0
         """Bytes read and not yet taken by the first stage."""
         self.pump: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()
         """Set while the pump has work (a chunk, an EOF or a new stage list)."""
         self.received_at = 0.0
+        self.received_wall = 0.0
 
     def set_stages(self, stages: StageList) -> None:
         wanted = list(stages)
@@ -165,14 +169,16 @@ class DirectionRunner:
         self.pump = self.loop.create_task(self._pump())
 
     def received(self, data: bytes, now: float) -> None:
-        self.queue.append((data, now))
+        # The wall clock too, read here to its full precision: ``now`` is the loop's
+        # clock, which uvloop keeps in whole milliseconds (see Output.received_wall).
+        self.queue.append((data, now, time.time()))
         self.queued += len(data)
         if self.queued >= CHAIN_QUEUE_HIGH:
             self.flow.pause_reading()
         self.wake.set()
 
     def ended(self, now: float) -> None:
-        self.queue.append((None, now))
+        self.queue.append((None, now, time.time()))
         self.wake.set()
 
     def holding(self) -> bool:
@@ -211,7 +217,7 @@ class DirectionRunner:
                     wake.clear()
                     await wake.wait()
                     continue
-                data, self.received_at = self.queue.popleft()
+                data, self.received_at, self.received_wall = self.queue.popleft()
                 if data is None:
                     await self._eof_from(0)
                     continue
@@ -238,8 +244,9 @@ class DirectionRunner:
         relay = self.relay
         if relay.closed:
             return
-        log.error("conn %d (%s): %s chain element failed; closing this connection",
-                  self.info.id, self.info.proxy, self.direction, exc_info=exc)
+        log.error("conn %d (%s): %s chain element failed (%s); closing this connection",
+                  self.info.id, self.info.proxy, self.direction, exc,
+                  exc_info=traceback_of(exc))
         relay.abort(CloseReason.ERROR,
                     f"{self.direction} element raised {type(exc).__name__}: {exc}", PROXY)
 
@@ -317,6 +324,10 @@ class _Out:
     @received_at.setter
     def received_at(self, value: float) -> None:
         self.runner.received_at = value
+
+    @property
+    def received_wall(self) -> float:
+        return self.runner.received_wall
 
     def now(self) -> float:
         return self.runner.loop.time()

@@ -50,6 +50,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#define ACCEL_ABI 2      /* accel.ABI: what this file offers, checked on import */
 #define READ_SIZE 65536 /* relay.READ_SIZE */
 #define MAX_EVENTS 200  /* poller.MAX_EVENTS */
 #define UNREGISTERED 0xffffffffu
@@ -117,25 +118,22 @@ static void report(Engine *e, PyObject *where) {
     Py_XDECREF(tb);
 }
 
-static void call(Core *c, PyObject *name, PyObject *arg1, PyObject *arg2) {
+/* The Relay's method `name` with `argc` (0 to 2) integer arguments. */
+static void call(Core *c, PyObject *name, int argc, long a, long b) {
     Engine *e = c->engine;
     Py_INCREF(e);
-    PyObject *r = PyObject_CallMethodObjArgs((PyObject *)c, name, arg1, arg2, NULL);
+    PyObject *x = argc > 0 ? PyLong_FromLong(a) : NULL, *y = argc > 1 ? PyLong_FromLong(b) : NULL;
+    PyObject *r = (argc > 0 && x == NULL) || (argc > 1 && y == NULL) ? NULL
+        : PyObject_CallMethodObjArgs((PyObject *)c, name, x, y, NULL);
     if (r == NULL)
         report(e, (PyObject *)c);
     Py_XDECREF(r);
+    Py_XDECREF(x);
+    Py_XDECREF(y);
     Py_DECREF(e);
 }
 
-static void fail(Core *c, int side, int err) {
-    PyObject *s = PyLong_FromLong(side), *n = PyLong_FromLong(err);
-    if (s != NULL && n != NULL)
-        call(c, s_fail, s, n);
-    else
-        report(c->engine, (PyObject *)c);
-    Py_XDECREF(s);
-    Py_XDECREF(n);
-}
+#define fail(c, side, err) call((c), s_fail, 2, (side), (err))
 
 /* -- registration --------------------------------------------------------- */
 
@@ -212,7 +210,7 @@ static void ended(Core *c, int i) {
     /* The EOF stays readable: stop asking now (a reset is still reported). */
     if (c->ended < 2 && c->mask[i] != UNREGISTERED && ctl(c, i, wanted(c, i)) < 0)
         return;
-    call(c, c->ended == 2 ? s_end : s_half, NULL, NULL);
+    call(c, c->ended == 2 ? s_end : s_half, 0, 0, 0);
 }
 
 static void on_readable(Core *c, int i, double now) {
@@ -249,14 +247,8 @@ static void on_readable(Core *c, int i, double now) {
         d->len = n - sent;
         d->reading = 0;
     }
-    if (n == READ_SIZE && c->splice_ok) {
-        PyObject *dir = PyLong_FromLong(i);
-        if (dir == NULL)
-            report(c->engine, (PyObject *)c);
-        else
-            call(c, s_bulk, dir, NULL);
-        Py_XDECREF(dir);
-    }
+    if (n == READ_SIZE && c->splice_ok)
+        call(c, s_bulk, 1, i, 0);
 }
 
 static void on_writable(Core *c, int i) {
@@ -508,23 +500,14 @@ static PyObject *Core_c_leave(Core *c, PyObject *args) {
 /* Leave the engine and return what each direction still holds: (up, down). */
 static PyObject *Core_c_export(Core *c, PyObject *unused) {
     leave(c, 0);
-    PyObject *held[2];
-    for (int i = 0; i < 2; i++) {
-        Dir *d = &c->d[i];
-        held[i] = PyBytes_FromStringAndSize(d->held ? d->held + d->off : "", d->len - d->off);
-        if (held[i] == NULL) {
-            Py_XDECREF(held[0]);
-            return NULL;
-        }
-    }
-    for (int i = 0; i < 2; i++) {
+    Dir *up = &c->d[0], *down = &c->d[1];
+    PyObject *r = Py_BuildValue("(y#y#)", up->held ? up->held + up->off : "", up->len - up->off,
+                                down->held ? down->held + down->off : "", down->len - down->off);
+    for (int i = 0; r != NULL && i < 2; i++) {
         PyMem_Free(c->d[i].held);
         c->d[i].held = NULL;
         c->d[i].off = c->d[i].len = 0;
     }
-    PyObject *r = PyTuple_Pack(2, held[0], held[1]);
-    Py_DECREF(held[0]);
-    Py_DECREF(held[1]);
     return r;
 }
 
@@ -540,14 +523,9 @@ static PyObject *Core_held(Core *c, void *dir) {
     return PyLong_FromSsize_t(d->len - d->off);
 }
 
-static PyObject *Core_fast(Core *c, void *unused) {
-    return PyBool_FromLong(c->engine != NULL);
-}
-
 static PyGetSetDef Core_getset[] = {
     {"c_up_held", (getter)Core_held, NULL, "Client bytes the upstream has not taken.", (void *)0},
     {"c_down_held", (getter)Core_held, NULL, "Upstream bytes the client has not taken.", (void *)1},
-    {"c_fast", (getter)Core_fast, NULL, "Whether the engine relays it now.", NULL},
     {NULL}
 };
 
@@ -561,6 +539,7 @@ static PyGetSetDef Core_getset[] = {
 static PyMemberDef Core_members[] = {
     DIR_MEMBERS("up", 0),
     DIR_MEMBERS("down", 1),
+    {"c_engine", T_OBJECT, offsetof(Core, engine), READONLY, "The engine relaying it, or None."},
     {"c_last_activity", T_DOUBLE, offsetof(Core, last_activity), READONLY, NULL},
     {"c_ended", T_INT, offsetof(Core, ended), READONLY, NULL},
     {"c_first", T_INT, offsetof(Core, first), READONLY, "0, or 1 + the side that ended first."},
@@ -597,8 +576,6 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__accel(void) {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CoreType) < 0)
-        return NULL;
     s_half = PyUnicode_InternFromString("_c_half");
     s_end = PyUnicode_InternFromString("_c_end");
     s_fail = PyUnicode_InternFromString("_c_fail");
@@ -608,10 +585,8 @@ PyMODINIT_FUNC PyInit__accel(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&EngineType);
-    Py_INCREF(&CoreType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0
-        || PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI", ACCEL_ABI) < 0
+        || PyModule_AddType(m, &EngineType) < 0 || PyModule_AddType(m, &CoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

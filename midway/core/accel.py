@@ -13,12 +13,19 @@ One :class:`Engine` per event loop, registered with it as one reader, made by
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from .perloop import PerLoop
+
 __all__ = ["AVAILABLE", "Core", "engine_for", "ENV_PURE"]
+
+ABI = 2
+"""The interface of ``_accel.c`` this module expects (its ``ACCEL_ABI``): a build
+left from another version of the file is not used."""
 
 ENV_PURE = "MIDWAY_PURE_PYTHON"
 """Set to 1 to leave the compiled relay unused (pure Python, as without it)."""
@@ -51,7 +58,7 @@ if TYPE_CHECKING:
         c_ended: int
         c_first: int
         c_splice_ok: int
-        c_fast: bool
+        c_engine: Engine | None
 
         def _c_start(self, engine: Engine, client_fd: int, upstream_fd: int, splice_ok: bool,
                      now: float) -> None: ...
@@ -63,7 +70,14 @@ else:
     try:
         if os.environ.get(ENV_PURE, "") not in ("", "0"):
             raise ImportError(f"{ENV_PURE} is set")
-        from ._accel import Core, Engine
+        from . import _accel
+        if getattr(_accel, "ABI", None) != ABI:
+            logging.getLogger("midway").warning(
+                "the compiled relay (%s) was built from another version of midway: "
+                "running in pure Python; rebuild it with `pip install -e .`",
+                os.path.join(os.path.dirname(__file__), "_accel"))
+            raise ImportError("stale build")
+        Core, Engine = _accel.Core, _accel.Engine
     except ImportError:
         AVAILABLE = False
 
@@ -75,36 +89,30 @@ else:
         AVAILABLE = True
 """Whether relays may run in C mode in this process."""
 
-_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine] = \
-    weakref.WeakKeyDictionary()
+def _make_engine(loop: asyncio.AbstractEventLoop) -> Engine:
+    ref = weakref.ref(loop)
+
+    def report(exc: BaseException, relay: object) -> None:
+        owner = ref()
+        context = {"message": f"Exception in relay callback of {relay!r}", "exception": exc}
+        if owner is not None:
+            owner.call_exception_handler(context)
+
+    # Stamps come from CLOCK_MONOTONIC, the clock of both loops' time() (a bound
+    # loop.time would keep the loop alive through the per-loop cache).
+    engine = Engine(report, time.monotonic)
+    loop.add_reader(engine.epfd, engine.dispatch)
+    return engine
+
+
+_engines = PerLoop(_make_engine)
 
 
 def engine_for(loop: asyncio.AbstractEventLoop) -> Engine | None:
     """The engine of ``loop`` (made and registered on first use), or None when
     the compiled relay is not available."""
-    if not AVAILABLE:
-        return None
-    engine = _engines.get(loop)
-    if engine is None:
-        ref = weakref.ref(loop)
-
-        def report(exc: BaseException, relay: object) -> None:
-            owner = ref()
-            context = {"message": f"Exception in relay callback of {relay!r}", "exception": exc}
-            if owner is not None:
-                owner.call_exception_handler(context)
-
-        # Stamps come from CLOCK_MONOTONIC, the clock of both loops' time() (a
-        # bound loop.time would keep the loop alive through this dictionary).
-        engine = _engines[loop] = Engine(report, time.monotonic)
-        loop.add_reader(engine.epfd, engine.dispatch)
-    return engine
-
-
-def _forget_all_in_child() -> None:
-    global _engines
-    _engines = weakref.WeakKeyDictionary()
+    return _engines.get(loop) if AVAILABLE else None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_all_in_child)
+    os.register_at_fork(after_in_child=_engines.forget_all)

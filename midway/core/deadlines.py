@@ -32,6 +32,8 @@ import itertools
 import weakref
 from typing import Protocol
 
+from .perloop import PerLoop
+
 __all__ = ["Deadlines", "Timed", "deadlines_for"]
 
 _REBUILD_MIN = 64
@@ -130,19 +132,9 @@ class Deadlines:
         # and re-arms for the earliest live one.
 
 
-_all: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
-_last: Deadlines | None = None
-"""The one asked for last: an identity test instead of a dictionary look-up."""
+_deadlines: PerLoop[Deadlines] = PerLoop(Deadlines)
 
 
 def deadlines_for(loop: asyncio.AbstractEventLoop) -> Deadlines:
     """The :class:`Deadlines` of ``loop`` (made on first use)."""
-    global _last
-    last = _last
-    if last is not None and last._loop() is loop:
-        return last
-    found = _all.get(loop)
-    if found is None:
-        found = _all[loop] = Deadlines(loop)
-    _last = found
-    return found
+    return _deadlines.get(loop)

@@ -62,6 +62,8 @@ import socket
 import weakref
 from collections.abc import Callable
 
+from .perloop import PerLoop
+
 __all__ = ["Poller", "LoopPoller", "poller_for", "MAX_EVENTS", "AVAILABLE"]
 
 log = logging.getLogger("midway")
@@ -355,32 +357,13 @@ class LoopPoller:
 
 AnyPoller = Poller | LoopPoller
 
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AnyPoller] = weakref.WeakKeyDictionary()
-_last: AnyPoller | None = None
-"""The poller asked for last: one identity test instead of a dictionary look-up on
-the per-connection path (it holds its loop weakly, as the dictionary does)."""
+_pollers: PerLoop[AnyPoller] = PerLoop(lambda loop: Poller(loop) if AVAILABLE else LoopPoller(loop))
 
 
 def poller_for(loop: asyncio.AbstractEventLoop) -> AnyPoller:
     """The poller of ``loop`` (made on first use)."""
-    global _last
-    last = _last
-    if last is not None and last._loop() is loop:
-        return last
-    poller = _pollers.get(loop)
-    if poller is None:
-        poller = Poller(loop) if AVAILABLE else LoopPoller(loop)
-        _pollers[loop] = poller
-    _last = poller
-    return poller
-
-
-def _forget_all_in_child() -> None:
-    """A forked child must not use its parent's epoll (it would share it)."""
-    global _last, _pollers
-    _last = None
-    _pollers = weakref.WeakKeyDictionary()
+    return _pollers.get(loop)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_all_in_child)
+    os.register_at_fork(after_in_child=_pollers.forget_all)  # never share an epoll

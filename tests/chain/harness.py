@@ -26,6 +26,9 @@ __all__ = ["Event", "FakeOutput", "Feeder", "run_stage", "run", "make_info", "EO
 
 T = TypeVar("T")
 
+WALL_AT_ZERO = 1714566896.0
+"""The wall-clock time a :class:`FakeOutput` maps its fake clock's 0 to."""
+
 EOF = None
 """In a script, the end of the stream."""
 
@@ -100,6 +103,9 @@ class FakeOutput:
         self.direction: Direction = direction
         self.info = info if info is not None else make_info()
         self.received_at = self.clock.now()
+        self.received_wall = WALL_AT_ZERO + self.received_at
+        """The wall-clock reading of ``received_at``: the fake clock's 0 is
+        :data:`WALL_AT_ZERO`; a test may set it apart (uvloop's clock is coarse)."""
         self.events: list[Event] = []
         self.sleeps: list[tuple[float, float]] = []
         """Every ``sleep`` call as (time called, seconds asked)."""
@@ -206,6 +212,7 @@ class Feeder:
     async def _deliver(self, at: float, chunk: bytes | None) -> None:
         async with self._lock:
             self.out.received_at = at
+            self.out.received_wall = WALL_AT_ZERO + at
             if self.removed:
                 if chunk is None:
                     await self.out.send_eof()

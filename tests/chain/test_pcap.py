@@ -15,6 +15,7 @@ import pytest
 
 from midway.chain.base import ConnectionInfo
 from midway.chain.pcap import PcapCapture
+from midway.core.clock import FakeClock
 
 from ..helpers import needs
 from .harness import FakeOutput, run
@@ -144,6 +145,36 @@ def test_a_change_between_head_and_tail_shows_as_a_difference_between_legs(
     # An ordinary close: midway's FIN on each leg (the peers' were never seen).
     assert sorted(fields(path, "tcp.flags.fin == 1", "tcp.srcport")) == sorted(
         [str(LISTENER[1]), str(MIDWAY[1])])
+
+
+def test_the_head_dates_a_chunk_by_the_wall_clock_time_it_was_read(tmp_path: Path) -> None:
+    """uvloop's loop clock counts whole milliseconds: a reply read 100 µs after
+    midway sent the request, across a tick of that clock, looks 1 ms old on it.
+    Dated from it, the reply would precede its request in the capture; dated by
+    the wall clock read with it, it follows by its 100 µs."""
+    path = tmp_path / "t.pcap"
+    wall = [T0 + 1.0]
+    cap = PcapCapture.open(str(path), wall=lambda: wall[0], rng=random.Random(1))
+    conn = Connection(cap, info())
+    assert conn.head is not None and conn.tail is not None
+    head_down, tail_up = conn.head.downstream, conn.tail.upstream
+    assert head_down is not None and tail_up is not None
+
+    async def main() -> None:
+        await tail_up.data(b"PING\r\n", FakeOutput(direction="upstream", info=conn.info))
+        out = FakeOutput(clock=FakeClock(start=1.001), direction="downstream", info=conn.info)
+        out.received_at = 1.000            # the loop clock's tick before: "1 ms ago"
+        out.received_wall = T0 + 1.0001    # really read 100 µs after the request
+        wall[0] = T0 + 1.0002              # and reaching the head 100 µs later
+        await head_down.data(b"+PONG\r\n", out)
+
+    run(main())
+    conn.close("eof")
+    cap.close()
+    request, reply = (float(t) for t in fields(
+        path, f"tcp.port == {SERVER[1]} && tcp.len > 0", "frame.time_epoch"))
+    assert request == pytest.approx(T0 + 1.0, abs=1e-6)
+    assert reply == pytest.approx(T0 + 1.0001, abs=1e-6)
 
 
 @pytest.mark.parametrize(("first_close", "rst_from"), [

@@ -235,6 +235,23 @@ def test_reset_and_mid_stream_start() -> None:
         conv.reset(True, T0 + 2)
 
 
+def test_times_never_go_back_within_a_conversation() -> None:
+    """An event dated before what the conversation last wrote (a reply read at
+    T0 + 1 but recorded after a request sent at T0 + 2, midway's queue for it
+    being full) is written at the last time: Wireshark reads a stream in file
+    order, and a stream going back in time shows negative deltas and RTTs."""
+    buf = io.BytesIO()
+    conv = TcpConversation(PcapWriter(buf), ("10.0.0.1", 1), ("10.0.0.2", 2))
+    conv.open(T0)
+    conv.data(True, b"request 2", T0 + 2)
+    conv.data(False, b"reply 1", T0 + 1)
+    conv.data(False, b"reply 2", T0 + 3)
+    conv.fin(True, T0 + 2.5)
+    times = [seg.t for seg in read_pcap(buf.getvalue())]
+    assert times == sorted(times)
+    assert times[3:] == pytest.approx([T0 + 2] * 4 + [T0 + 3] * 4)
+
+
 def test_data_after_fin_is_refused_but_other_side_may_send() -> None:
     conv = TcpConversation(PcapWriter(io.BytesIO()), ("10.0.0.1", 1), ("10.0.0.2", 2))
     conv.open(T0)

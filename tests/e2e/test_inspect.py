@@ -254,9 +254,105 @@ def test_a_raising_hook_closes_its_connection_only_and_logs_once() -> None:
             errors = [r for r in log_records.records if r.levelno >= logging.ERROR]
             assert len(errors) == 1, [r.getMessage() for r in errors]
             assert errors[0].exc_info is not None
+            assert f"hook {HOOKS}:Explode raised in on_data: ValueError" in errors[0].getMessage()
             text = logging.Formatter().formatException(errors[0].exc_info)
-            assert f"hook {HOOKS}:Explode raised in on_data: ValueError" in text
             assert "the hook cannot handle boom" in text
+
+    run(main())
+
+
+class Goodbye:
+    """Answers QUIT itself, then closes: SMTP's 221, POP3's +OK."""
+
+    framing = "line"
+
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes | None:
+        if direction == "upstream" and data.startswith(b"QUIT"):
+            ctx.send_to_client(b"221 bye\r\n")
+            ctx.close("client quit")
+            return b""
+        return None
+
+
+class GoodbyeRejected:
+    framing = "line"
+
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes | None:
+        if direction == "upstream" and data.startswith(b"QUIT"):
+            ctx.send_to_client(b"221 bye\r\n")
+            raise Rejected("client quit")
+        return None
+
+
+@pytest.mark.per_loop
+@pytest.mark.parametrize("hook", ["Goodbye", "GoodbyeRejected"])
+@pytest.mark.parametrize("after_quit", [b"", b"NOOP\n"])
+def test_a_hook_that_answers_then_closes_delivers_its_answer(hook: str, after_quit: bytes) -> None:
+    """ctx.close() (or raising Rejected) is graceful: a reply injected just before
+    it reaches the client ahead of the FIN, and what the client sent after the
+    QUIT (pipelined in the same segment) is not passed on."""
+    recorder = Recorder()
+
+    async def main() -> None:
+        async with serve(recorder.handler) as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", hooks=[f"{HOOKS}:{hook}"]) as proxy:
+            async with connect(proxy) as (reader, writer):
+                writer.write(b"HELO x\nQUIT\n" + after_quit)
+                assert await read_to_eof(reader, timeout=5) == b"221 bye\r\n"
+            async with asyncio.timeout(5):
+                while proxy.connections:
+                    await asyncio.sleep(0.01)
+        assert b"".join(recorder.received) == b"HELO x\n"
+
+    run(main())
+
+
+class ReturnsText:
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> str:
+        return data.decode()
+
+
+class RefusesBadly:
+    def on_connect(self, ctx: HookContext) -> None:
+        raise KeyError("no such tenant")
+
+
+@pytest.mark.per_loop
+@pytest.mark.parametrize(("hook", "message", "traceback_has"), [
+    ("Explode", "hook tests.e2e.test_inspect:Explode raised in on_data: ValueError: "
+                "the hook cannot handle boom", 'raise ValueError("the hook cannot handle boom")'),
+    ("RefusesBadly", "hook tests.e2e.test_inspect:RefusesBadly raised in on_connect: "
+                     "KeyError: 'no such tenant'", 'raise KeyError("no such tenant")'),
+    ("ReturnsText", "hook tests.e2e.test_inspect:ReturnsText: on_data returned str; "
+                    "return bytes (encode it)", None),
+])
+def test_a_failing_hook_is_logged_as_its_own_error_not_midways(
+        hook: str, message: str, traceback_has: str | None) -> None:
+    """One error line that says what the hook did, and the traceback of the hook's
+    own code only: none of midway's frames (the chain runner, the service), none
+    at all when the hook raised nothing (a wrong return type)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", hooks=[f"{HOOKS}:{hook}"]) as proxy:
+            with midway_log() as log_records:
+                async with connect(proxy) as (reader, writer):
+                    writer.write(b"boom")
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await read_to_eof(reader, timeout=5) == b""
+                async with asyncio.timeout(5):
+                    while proxy.connections:
+                        await asyncio.sleep(0.01)
+            errors = [r for r in log_records.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+            assert message in errors[0].getMessage()
+            assert errors[0].getMessage().endswith("closing this connection")
+            if traceback_has is None:
+                assert errors[0].exc_info is None
+            else:
+                assert errors[0].exc_info is not None
+                text = logging.Formatter().formatException(errors[0].exc_info)
+                assert traceback_has in text
+                assert "runner.py" not in text and "service.py" not in text, text
 
     run(main())
 
@@ -449,6 +545,44 @@ def test_pcap_of_an_http_exchange_reads_dissects_and_carries_the_exact_bytes(
     midway_port = int(syns[1].split("\t")[0])
     assert payload(path, midway_port, ports["upstream"]) == REQUEST
     assert payload(path, ports["upstream"], midway_port) == RESPONSE
+
+
+@pytest.mark.per_loop
+@needs_tshark
+def test_pcap_times_never_go_back_within_a_tcp_stream(tmp_path: Path) -> None:
+    """A ping-pong of 200 lines: in each of the two TCP streams the frames' times
+    follow their order, so no echo is stamped before the line it answers (uvloop's
+    loop clock counts whole milliseconds: a read stamped with it could be dated up
+    to 1 ms before the packets that caused it)."""
+    path = tmp_path / "pingpong.pcap"
+
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", pcap=str(path)) as proxy:
+            async with connect(proxy) as (reader, writer):
+                for i in range(200):
+                    line = b"ping %d\n" % i
+                    writer.write(line)
+                    assert await read_exactly(reader, len(line)) == line
+                    await asyncio.sleep(0.0003)  # spread the exchanges over clock ticks
+                writer.write_eof()
+                assert await read_to_eof(reader) == b""
+            async with asyncio.timeout(5):
+                while proxy.connections:
+                    await asyncio.sleep(0.01)
+
+    run(main())
+    rows = fields(path, [], "tcp", "tcp.stream", "frame.number", "frame.time_epoch", "tcp.len")
+    streams: dict[str, list[tuple[int, float, int]]] = {}
+    for row in rows:
+        stream, number, epoch, length = row.split("\t")
+        streams.setdefault(stream, []).append((int(number), float(epoch), int(length)))
+    assert len(streams) == 2
+    for frames in streams.values():
+        assert sum(length for _, _, length in frames) == 2 * sum(
+            len(b"ping %d\n" % i) for i in range(200))
+        back = [(a, b) for a, b in zip(frames, frames[1:], strict=False) if b[1] < a[1]]
+        assert back == [], f"frames dated before the frame ahead of them: {back[:3]}"
 
 
 async def reset_after_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
