@@ -328,10 +328,11 @@ CHAIN_VARIANTS = (
 
 def chain_variants(selected: list[Proxy]) -> tuple[list[Proxy], list[str]]:
     """midway plain and with each chain element (the same options otherwise), and HAProxy
-    as the reference."""
+    as the reference.  ``midway-pure`` adds nothing here: a chained connection is relayed
+    in Python either way."""
     chosen: list[Proxy] = []
     for p in selected:
-        if p.kind == "midway" and p.loop is None:
+        if p.kind == "midway" and p.loop is None and not p.pure:
             chosen.append(p)
             chosen += [Proxy(name, "midway", args=args) for name, args in CHAIN_VARIANTS]
         elif p.kind == "haproxy":
