@@ -111,8 +111,8 @@ def set_stages(relay: Relay[ConnectionInfo], direction: Direction, stages: Stage
     stage may ``reply`` into the other direction's socket, which must then be
     written in order through its sender).  An empty list on a direction that never
     had a stage costs nothing."""
-    if relay.closed:
-        return
+    if relay.closed or (not stages and relay.chain_of(direction) is None):
+        return  # (a relay in C mode stays there)
     if stages:
         relay.copy_only()
     flow = relay.flow(direction)

@@ -753,6 +753,12 @@ class Relay(Core, Generic[InfoT]):
             return delivered
         return delivered - _unsent(sock, delivered)
 
+    def chain_of(self, direction: str) -> Chain | None:
+        """The chain attached to ``direction``, if any (a relay in C mode has none,
+        and stays in C mode)."""
+        flow = self._up if direction == "upstream" else self._down
+        return None if flow is None else flow.chain
+
     def flow(self, direction: str) -> Flow:
         up, down = self._python()
         return up if direction == "upstream" else down

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from midway.chain.base import UPSTREAM, Output, Stage
+from midway.chain.base import DOWNSTREAM, UPSTREAM, Output, Stage
 from midway.chain.runner import set_stages
 from midway.core import accel
 from midway.core import splice as splice_module
@@ -316,3 +316,26 @@ def test_keyboard_interrupt_in_a_callback_is_raised_not_swallowed(
     finally:
         for sock in (c_app, u_app, c_end, u_end):
             sock.close()
+
+
+def test_an_empty_chain_leaves_a_relay_in_c() -> None:
+    """A proxy's elements changed live, none applying to this connection (the
+    service sets each direction's stages to none): it stays in C mode."""
+    async def main() -> None:
+        c_app, c_end, u_app, u_end = _pairs()
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[Relay[Any]] = loop.create_future()
+        relay = make_relay(c_end, u_end, closed)
+        relay.start()
+        for direction in (UPSTREAM, DOWNSTREAM):
+            set_stages(relay, direction, [])
+        assert relay.c_engine is not None and relay.chain_of(UPSTREAM) is None
+        c_app.sendall(b"ping")
+        u_app.settimeout(5)
+        assert await asyncio.to_thread(u_app.recv, 10) == b"ping"
+        _half_close_both(c_app, u_app)
+        done = await asyncio.wait_for(closed, 5)
+        assert done.bytes_up == 4 and done.path == "copy"
+        c_app.close()
+        u_app.close()
+    helpers.run(main())
