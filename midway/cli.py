@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -79,6 +80,17 @@ _FLAG_NAMES = {f.name: info.flag for cls in (ProxyConfig, ServerConfig)
 
 _HEALTH = "health."
 """The ``dest`` prefix of the ``[proxy.NAME.health]`` flags (``--health-interval-s``)."""
+
+
+
+def _relay_kind() -> str:
+    """How plain connections are relayed here (docs: README, Install)."""
+    from .core import accel
+    if accel.AVAILABLE:
+        return "compiled relay"
+    if os.environ.get(accel.ENV_PURE, "") not in ("", "0"):
+        return f"pure Python: {accel.ENV_PURE} is set"
+    return "pure Python: the relay is not compiled"
 
 
 def _flag(name: str) -> str:
@@ -158,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", metavar="FILE", help="read proxies from a TOML file")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit (0 when valid)")
-    parser.add_argument("--version", action="version", version=f"midway {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"midway {__version__} ({_relay_kind()})")
     proxy_group = parser.add_argument_group("proxy options (quick form)")
     _add_schema_flags(proxy_group, ProxyConfig)
     _add_schema_flags(parser.add_argument_group(

@@ -336,10 +336,12 @@ def test_unresolvable_listen_host() -> None:
 # --- exit 0 ------------------------------------------------------------------------
 
 
-def test_version() -> None:
+def test_version_says_how_plain_connections_are_relayed() -> None:
     result = run("--version")
     assert result.returncode == EXIT_OK
-    assert result.stdout.strip() == f"midway {midway.__version__}"
+    from midway.core import accel
+    kind = "compiled relay" if accel.AVAILABLE else "pure Python"
+    assert result.stdout.startswith(f"midway {midway.__version__} ({kind}")
 
 
 def test_help_lists_usage_and_exits_0() -> None:
