@@ -351,20 +351,18 @@ class ProxyService:
                           and first_close == "upstream" and relay.bytes_down == 0)
         observers = self.host.observers
         if observers:
+            up, down, up_read, down_read = (0, 0, 0, 0) if relay is None else relay.counts()
             observers.connection_closed(CloseRecord(
-                proxy=self.name, id=info.id, client=info.client, listener=info.listener,
+                proxy=self.config.name, id=info.id, client=info.client, listener=info.listener,
                 upstream=info.upstream,
                 connect_time_s=None if relay is None else round(relay.connect_time_s, 6),
-                bytes_up=0 if relay is None else relay.bytes_up,
-                bytes_down=0 if relay is None else relay.bytes_down,
-                bytes_up_read=0 if relay is None else relay.bytes_up_read,
-                bytes_down_read=0 if relay is None else relay.bytes_down_read,
+                bytes_up=up, bytes_down=down, bytes_up_read=up_read, bytes_down_read=down_read,
                 duration_s=round(time.time() - info.started_at, 6), first_close=first_close,
-                reason=reason.value, detail=detail,
+                reason=reason._value_, detail=detail,  # (.value: two calls more)
                 path="none" if relay is None else relay.path, started_at=info.started_at,
                 attempts=len(failures) + (info.upstream is not None),
                 failures=tuple({"upstream": str(t.address), "failure": f.value, "detail": d}
-                               for t, f, d in failures),
+                               for t, f, d in failures) if failures else (),
                 worker=self.host.worker, pid=self.host.pid, route=info.route, sni=info.sni,
             ))
         if lease is not None:
@@ -743,7 +741,7 @@ class Connection(Dialer):
             text = format_sockaddr(local) if local else listener.bound
         self.info = ConnectionInfo(
             id=service.host.next_connection_id(),
-            proxy=service.name,
+            proxy=service.config.name,
             peer=addr,  # ConnectionInfo.client is formatted from it when first read
             listener=text,
             started_at=time.time(),

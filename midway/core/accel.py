@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .perloop import PerLoop
@@ -108,10 +109,14 @@ def _make_engine(loop: asyncio.AbstractEventLoop) -> Engine:
 _engines = PerLoop(_make_engine)
 
 
-def engine_for(loop: asyncio.AbstractEventLoop) -> Engine | None:
-    """The engine of ``loop`` (made and registered on first use), or None when
-    the compiled relay is not available."""
-    return _engines.get(loop) if AVAILABLE else None
+def _no_engine(loop: asyncio.AbstractEventLoop) -> Engine | None:
+    return None
+
+
+engine_for: Callable[[asyncio.AbstractEventLoop], Engine | None] = \
+    _engines.get if AVAILABLE else _no_engine
+"""``engine_for(loop)``: the engine of ``loop`` (made and registered on first use),
+or None when the compiled relay is not available."""
 
 
 if hasattr(os, "register_at_fork"):

@@ -662,7 +662,8 @@ class Relay(Core, Generic[InfoT]):
         self.reason: CloseReason | None = None
         self.detail = ""
         self.first_close: str | None = None
-        plain_client, plain_upstream = can_splice(client), can_splice(upstream)
+        plain_client = type(client) is socket.socket  # can_splice(), inline
+        plain_upstream = type(upstream) is socket.socket
         self.splice = splice and _splice.AVAILABLE and plain_client and plain_upstream
         """Whether the zero-copy path may be taken (both endpoints plain sockets)."""
         self.path = "copy"
@@ -734,6 +735,19 @@ class Relay(Core, Generic[InfoT]):
     def bytes_down_read(self) -> int:
         """Bytes read from the upstream so far."""
         return self.c_down_read if self._down is None else self._down.bytes_read
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """:attr:`bytes_up`, :attr:`bytes_down`, :attr:`bytes_up_read` and
+        :attr:`bytes_down_read` in one call (the close record's)."""
+        up, down = self._up, self._down
+        if up is None or down is None:
+            if self.closed:
+                return self.c_up_delivered, self.c_down_delivered, self.c_up_read, self.c_down_read
+            return (self._c_delivered(self.c_up_delivered, self.upstream),
+                    self._c_delivered(self.c_down_delivered, self.client),
+                    self.c_up_read, self.c_down_read)
+        return (self._delivered(up.sender), self._delivered(down.sender), up.bytes_read,
+                down.bytes_read)
 
     def ends(self) -> tuple[bool, bool, str | None]:
         """Whether the client and the upstream have sent their FIN, and which
