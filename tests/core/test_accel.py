@@ -268,3 +268,40 @@ def test_pure_python_is_chosen_by_the_environment() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=30, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("how", ["bulk", "flows"])
+def test_a_reset_after_the_hand_over_of_a_half_closed_connection_is_seen_at_once(
+        how: str) -> None:
+    """The client sent its request and its FIN; the connection is then taken back
+    into Python (bulk data from the upstream, or someone asking for the flows)
+    while the upstream pauses.  The client's reset must still reach the upstream
+    at once, as in pure mode: nothing reads or writes the client socket then."""
+    if how == "bulk" and not splice_module.AVAILABLE:
+        pytest.skip(helpers.needs("splice(2) (Linux)"))
+
+    async def main() -> None:
+        c_app, c_end, u_app, u_end = _pairs()
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[Relay[Any]] = loop.create_future()
+        relay = make_relay(c_end, u_end, closed)
+        relay.start()
+        c_app.sendall(b"GET\n")
+        c_app.shutdown(socket.SHUT_WR)
+        assert await asyncio.to_thread(read_to_eof, u_app) == b"GET\n"
+        answer = b"x" * (4 * READ_SIZE if how == "bulk" else 1000)
+        u_app.sendall(answer)
+        got = bytearray()
+        while len(got) < len(answer):
+            got += await asyncio.to_thread(c_app.recv, 1 << 20)
+        if how == "flows":
+            relay.flow("downstream")
+        assert not relay.c_fast
+        await asyncio.sleep(0.1)
+        c_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c_app.close()
+        done = await asyncio.wait_for(closed, 2)
+        assert done.reason is CloseReason.RESET and done.reset
+        assert done.bytes_down == len(answer)
+        u_app.close()
+    helpers.run(main())
