@@ -305,3 +305,37 @@ def test_a_reset_after_the_hand_over_of_a_half_closed_connection_is_seen_at_once
         assert done.bytes_down == len(answer)
         u_app.close()
     helpers.run(main())
+
+
+def test_a_reset_on_a_paused_client_after_the_hand_over_is_seen_at_once() -> None:
+    """C holds bytes for a full upstream (reading the client paused) when the
+    connection is taken back into Python: nothing reads or writes the client
+    socket then, and its reset must still be seen at once."""
+    async def main() -> None:
+        c_app, c_end, u_app, u_end = _pairs()
+        u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[Relay[Any]] = loop.create_future()
+        relay = make_relay(c_end, u_end, closed, splice=False)
+        relay.start()
+        c_app.setblocking(False)
+        try:
+            while True:
+                c_app.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        deadline = loop.time() + 10
+        while not relay.c_up_held:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)  # the upstream's buffers are full for good
+        up = relay.flow("upstream")
+        assert not relay.c_fast
+        await asyncio.sleep(0.1)
+        assert up.sender.buf and not up.reading  # still paused
+        c_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c_app.close()
+        done = await asyncio.wait_for(closed, 2)
+        assert done.reason is CloseReason.RESET and done.first_close == "client"
+        u_app.close()
+    helpers.run(main())
