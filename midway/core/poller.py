@@ -148,15 +148,19 @@ class Poller:
 
     # -- beyond the loop's ----------------------------------------------------
 
-    def watch(self, fd: int, on_error: ErrorCallback) -> None:
+    def watch(self, fd: int, on_error: ErrorCallback, *, register: bool = False) -> None:
         """Call ``on_error(exc)`` when ``fd`` fails (reset, ...) while it has no
         reader and no writer.  Lasts until :meth:`forget`; it does not register
         the descriptor by itself (a socket is registered by its first reader or
-        writer and stays registered while watched)."""
+        writer and stays registered while watched) unless ``register``: then it
+        is registered at once, for errors only, if it is not yet (a socket
+        nobody will read or write, such as one taken over half-closed)."""
         entry = self._fds.get(fd)
         if entry is None:
             entry = self._fds[fd] = _Entry()
         entry.on_error = on_error
+        if register and entry.kernel < 0:
+            self._arm(fd, entry)
 
     def forget(self, fd: int, *, closing: bool = False) -> None:
         """Drop every callback of ``fd`` and unregister it; call before closing it.
@@ -344,7 +348,7 @@ class LoopPoller:
     def remove_writer(self, fd: int) -> bool:
         return self._the_loop().remove_writer(fd)
 
-    def watch(self, fd: int, on_error: ErrorCallback) -> None:
+    def watch(self, fd: int, on_error: ErrorCallback, *, register: bool = False) -> None:
         """Nothing to do: errors reach the reader or writer when there is one."""
 
     def forget(self, fd: int, *, closing: bool = False) -> None:

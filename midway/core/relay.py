@@ -918,6 +918,13 @@ class Relay(Core, Generic[InfoT]):
                 sender.on_drained = flow._resume
             elif not flow.eof:
                 flow._read(flow.fast_reader)
+        # A socket neither read (its source sent its FIN, or reading it is paused
+        # for bytes held) nor written must still be polled, for its reset: the
+        # pure relay's sockets stay registered from their first read on.
+        for flow, on_error, reverse_held in ((up, self._client_failed, held_down),
+                                             (down, self._upstream_failed, held_up)):
+            if not flow.reading and not reverse_held:
+                self.poller.watch(flow.src_fd, on_error, register=True)
         return up, down
 
     def _c_half(self) -> None:

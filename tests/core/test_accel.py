@@ -339,3 +339,73 @@ def test_an_empty_chain_leaves_a_relay_in_c() -> None:
         c_app.close()
         u_app.close()
     helpers.run(main())
+
+
+def test_a_reset_after_the_hand_over_of_a_half_closed_connection_is_seen_at_once(
+        how: str) -> None:
+    """The client sent its request and its FIN; the connection is then taken back
+    into Python (bulk data from the upstream, or someone asking for the flows)
+    while the upstream pauses.  The client's reset must still reach the upstream
+    at once, as in pure mode: nothing reads or writes the client socket then."""
+    if how == "bulk" and not splice_module.AVAILABLE:
+        pytest.skip(helpers.needs("splice(2) (Linux)"))
+
+    async def main() -> None:
+        c_app, c_end, u_app, u_end = _pairs()
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[Relay[Any]] = loop.create_future()
+        relay = make_relay(c_end, u_end, closed)
+        relay.start()
+        c_app.sendall(b"GET\n")
+        c_app.shutdown(socket.SHUT_WR)
+        assert await asyncio.to_thread(read_to_eof, u_app) == b"GET\n"
+        answer = b"x" * (4 * READ_SIZE if how == "bulk" else 1000)
+        u_app.sendall(answer)
+        got = bytearray()
+        while len(got) < len(answer):
+            got += await asyncio.to_thread(c_app.recv, 1 << 20)
+        if how == "flows":
+            relay.flow("downstream")
+        assert relay.c_engine is None
+        await asyncio.sleep(0.1)
+        c_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c_app.close()
+        done = await asyncio.wait_for(closed, 2)
+        assert done.reason is CloseReason.RESET and done.reset
+        assert done.bytes_down == len(answer)
+        u_app.close()
+    helpers.run(main())
+
+
+def test_a_reset_on_a_paused_client_after_the_hand_over_is_seen_at_once() -> None:
+    """C holds bytes for a full upstream (reading the client paused) when the
+    connection is taken back into Python: nothing reads or writes the client
+    socket then, and its reset must still be seen at once."""
+    async def main() -> None:
+        c_app, c_end, u_app, u_end = _pairs()
+        u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[Relay[Any]] = loop.create_future()
+        relay = make_relay(c_end, u_end, closed, splice=False)
+        relay.start()
+        c_app.setblocking(False)
+        try:
+            while True:
+                c_app.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        deadline = loop.time() + 10
+        while not relay.c_up_held:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)  # the upstream's buffers are full for good
+        up = relay.flow("upstream")
+        assert relay.c_engine is None
+        await asyncio.sleep(0.1)
+        assert up.sender.buf and not up.reading  # still paused
+        c_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c_app.close()
+        done = await asyncio.wait_for(closed, 2)
+        assert done.reason is CloseReason.RESET and done.first_close == "client"
+        u_app.close()
+    helpers.run(main())
