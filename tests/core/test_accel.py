@@ -341,6 +341,7 @@ def test_an_empty_chain_leaves_a_relay_in_c() -> None:
     helpers.run(main())
 
 
+@pytest.mark.parametrize("how", ["bulk", "flows"])
 def test_a_reset_after_the_hand_over_of_a_half_closed_connection_is_seen_at_once(
         how: str) -> None:
     """The client sent its request and its FIN; the connection is then taken back
