@@ -347,8 +347,10 @@ class ProxyService:
                 except Exception:
                     log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
         if target is not None and info.upstream is not None:  # connected(): closed() too
+            # The upstream's own socket failed (not the client's: an upstream that
+            # half-closed first is not to blame for a client's reset).
             target.closed(reset_before_response=relay is not None and reason is CloseReason.RESET
-                          and first_close == "upstream" and relay.bytes_down == 0)
+                          and relay.failed_side == "upstream" and relay.bytes_down == 0)
         observers = self.host.observers
         if observers:
             up, down, up_read, down_read = (0, 0, 0, 0) if relay is None else relay.counts()

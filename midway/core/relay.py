@@ -634,7 +634,7 @@ class Relay(Core, Generic[InfoT]):
     __slots__ = ("loop", "poller", "client", "upstream", "info", "on_close", "timers", "closed",
                  "started", "reason", "detail", "first_close", "splice", "path",
                  "connect_time_s", "reset", "_prefixes", "_closing", "_deadlines", "deadline_token",
-                 "_ended", "_up", "_down", "_engine")
+                 "_ended", "_up", "_down", "_engine", "failed_side")
 
     def __init__(
         self,
@@ -678,6 +678,8 @@ class Relay(Core, Generic[InfoT]):
         self.deadline_token = 0
         """The idle or half-close deadline scheduled (see :mod:`midway.core.deadlines`)."""
         self._ended = 0
+        self.failed_side: str | None = None
+        """The side whose socket failed (reset, broken pipe), when one did."""
         self._up: Flow | None = None
         self._down: Flow | None = None
         self._engine = engine_for(self.loop) if (
@@ -970,6 +972,7 @@ class Relay(Core, Generic[InfoT]):
 
     def _failed(self, side: str, exc: OSError) -> None:
         if not self.closed:
+            self.failed_side = side
             self.abort(CloseReason.RESET, f"{side}: {describe_oserror(exc)}", side)
 
     def _client_failed(self, exc: OSError) -> None:

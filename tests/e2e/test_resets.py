@@ -253,3 +253,52 @@ def test_second_signal_resets_cut_downloads() -> None:
                 outcome = "reset"
             c.close()
             assert (outcome, got < DOWNLOAD) == ("reset", True), (outcome, got)
+
+
+class _Health(Records):
+    """Close records, and every health change told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.health: list[tuple[str, bool]] = []
+
+    def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
+        self.health.append((upstream, up))
+
+
+def _fin_first(conn: socket.socket) -> None:
+    """Send nothing and half-close at once (a server with nothing to say), then
+    hold the socket until the peer goes."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(5)
+        while conn.recv(100):
+            pass
+    conn.close()
+
+
+def test_a_client_reset_after_the_upstream_half_closed_does_not_eject_it() -> None:
+    """Passive health counts resets *by the upstream* before its first byte; a
+    client that resets after the upstream's empty FIN is not the upstream's
+    fault, however often it happens (the trial ejected a healthy upstream)."""
+    async def one(address: tuple[str, int]) -> None:
+        reader, writer = await asyncio.open_connection(*address)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the upstream's FIN
+        _reset(writer.get_extra_info("socket").dup())
+        writer.transport.abort()
+
+    async def main() -> None:
+        observer = _Health()
+        with _threaded_server(_fin_first) as port:
+            async with midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", health={"eject_after": 2},
+                                    observers=[observer]) as proxy:
+                for _ in range(5):
+                    await one(proxy.address)
+                records = await observer.wait(5)
+                assert {r.reason for r in records} == {"reset"}
+                assert {r.first_close for r in records} == {"upstream"}
+                assert all(r.detail.startswith("client:") for r in records), records
+                assert (f"127.0.0.1:{port}", False) not in observer.health
+                await one(proxy.address)  # still dialled: not ejected
+
+    run(main(), timeout=60)
