@@ -294,6 +294,17 @@ def without_socat(selected: list[Proxy]) -> tuple[list[Proxy], list[str]]:
     return chosen, notes
 
 
+def with_copy_variant(selected: list[Proxy]) -> tuple[list[Proxy], list[str]]:
+    """The proxies chosen, and midway with ``--no-splice`` after the default midway:
+    bulk that its compiled relay copies, beside bulk that splice moves."""
+    chosen: list[Proxy] = []
+    for p in selected:
+        chosen.append(p)
+        if p.kind == "midway" and p.loop is None and not p.pure and not p.args:
+            chosen.append(Proxy("midway --no-splice", "midway", args=("--no-splice",)))
+    return chosen, []
+
+
 # ---------------------------------------------------------------------------------------------
 # multi-core: midway --workers 2 vs HAProxy nbthread 2
 
@@ -369,6 +380,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         backend=backends.reserved_port,
         measure=measure_bulk,
         tools=("iperf3",),
+        variants=with_copy_variant,
     ),
     Scenario(
         name="keepalive",
