@@ -38,6 +38,30 @@ def _pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket
     return client_app, client_end, upstream_app, upstream_end
 
 
+async def _paused_client() -> tuple[socket.socket, socket.socket, Relay[Any],
+                                    asyncio.Future[Relay[Any]]]:
+    """A C-mode relay holding client bytes for an upstream that reads nothing (so
+    reading the client is paused): the client's and upstream's application ends,
+    the relay, and the future its close resolves."""
+    c_app, c_end, u_app, u_end = _pairs()
+    u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = asyncio.get_running_loop()
+    closed: asyncio.Future[Relay[Any]] = loop.create_future()
+    relay = make_relay(c_end, u_end, closed, splice=False)
+    relay.start()
+    c_app.setblocking(False)
+    try:
+        while True:
+            c_app.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    deadline = loop.time() + 10
+    while not relay.c_up_held:
+        assert loop.time() < deadline, "the relay never held bytes"
+        await asyncio.sleep(0.005)
+    return c_app, u_app, relay, closed
+
+
 def test_a_plain_relay_runs_in_c_and_relays_both_ways_with_counts() -> None:
     async def main() -> None:
         c_app, c_end, u_app, u_end = _pairs()
@@ -142,22 +166,7 @@ def test_a_reset_on_a_paused_client_is_seen_at_once() -> None:
     """Reading the client is paused (the upstream is full) when the client
     resets: the relay resets the upstream too, long before any timeout."""
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        loop = asyncio.get_running_loop()
-        closed: asyncio.Future[Relay[Any]] = loop.create_future()
-        relay = make_relay(c_end, u_end, closed, splice=False)
-        relay.start()
-        c_app.setblocking(False)
-        try:
-            while True:
-                c_app.send(b"x" * 65536)
-        except BlockingIOError:
-            pass
-        deadline = loop.time() + 10
-        while not relay.c_up_held:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.005)
+        c_app, u_app, relay, closed = await _paused_client()
         c_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c_app.close()
         done = await asyncio.wait_for(closed, 5)
@@ -383,22 +392,7 @@ def test_a_reset_on_a_paused_client_after_the_hand_over_is_seen_at_once() -> Non
     connection is taken back into Python: nothing reads or writes the client
     socket then, and its reset must still be seen at once."""
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        loop = asyncio.get_running_loop()
-        closed: asyncio.Future[Relay[Any]] = loop.create_future()
-        relay = make_relay(c_end, u_end, closed, splice=False)
-        relay.start()
-        c_app.setblocking(False)
-        try:
-            while True:
-                c_app.send(b"x" * 65536)
-        except BlockingIOError:
-            pass
-        deadline = loop.time() + 10
-        while not relay.c_up_held:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.005)
+        c_app, u_app, relay, closed = await _paused_client()
         await asyncio.sleep(0.2)  # the upstream's buffers are full for good
         up = relay.flow("upstream")
         assert relay.c_engine is None
