@@ -624,8 +624,8 @@ class Relay(Core, Generic[InfoT]):
     mode: the loop's :class:`~midway.core.accel.Engine` moves the bytes (the fast
     path's copy, in C), and its :class:`Flow` and :class:`Sender` objects are not
     even made.  The C part calls back only when a direction ends, on a failure, and
-    on a full 64 KiB read while splice is allowed (bulk data: splice in Python
-    moves it for less).  Anything that needs the flows (a chain attached,
+    on 64 KiB read in one wake-up while splice is allowed (bulk data: the flows
+    splice it).  Anything that needs the flows (a chain attached,
     :meth:`close_after_flush`, :meth:`flow`, :attr:`up`/:attr:`down`) first takes
     the connection back into Python (:meth:`_python`) with everything the C part
     held, counted and saw, so the rules of this module hold in both modes."""

@@ -45,9 +45,11 @@ def connect(port: int) -> socket.socket:
 
 
 def refuses(port: int) -> bool:
+    """Nothing listens: refused, or reset (a listener closed with the handshake in
+    its queue resets it)."""
     try:
         connect(port).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     return False
 
