@@ -944,7 +944,7 @@ class Relay(Core, Generic[InfoT]):
         self._failed(UPSTREAM_SIDE if side else CLIENT, OSError(err, os.strerror(err)))
 
     def _c_bulk(self, direction: int) -> None:
-        """C mode: a full read while splice is allowed: bulk data, which the flows
+        """C mode: 64 KiB in one wake-up while splice is allowed: bulk, which the flows
         move zero-copy (as :meth:`Flow._on_readable` switches)."""
         flow = self._python()[direction]
         if self.closed or not flow.can_splice or flow.chained:

@@ -38,17 +38,27 @@ def _pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket
     return client_app, client_end, upstream_app, upstream_end
 
 
+async def _started(*, upstream_sndbuf: int = 0, **options: Any) -> tuple[
+        socket.socket, socket.socket, Relay[Any], asyncio.Future[Relay[Any]]]:
+    """A relay between two loopback pairs, started (``options`` as make_relay's):
+    the client's and the upstream's application ends, the relay, and the future
+    its close resolves."""
+    c_app, c_end, u_app, u_end = _pairs()
+    if upstream_sndbuf:
+        u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, upstream_sndbuf)
+    closed: asyncio.Future[Relay[Any]] = asyncio.get_running_loop().create_future()
+    relay = make_relay(c_end, u_end, closed, **options)
+    relay.start()
+    return c_app, u_app, relay, closed
+
+
 async def _paused_client() -> tuple[socket.socket, socket.socket, Relay[Any],
                                     asyncio.Future[Relay[Any]]]:
     """A C-mode relay holding client bytes for an upstream that reads nothing (so
     reading the client is paused): the client's and upstream's application ends,
     the relay, and the future its close resolves."""
-    c_app, c_end, u_app, u_end = _pairs()
-    u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c_app, u_app, relay, closed = await _started(upstream_sndbuf=4096, splice=False)
     loop = asyncio.get_running_loop()
-    closed: asyncio.Future[Relay[Any]] = loop.create_future()
-    relay = make_relay(c_end, u_end, closed, splice=False)
-    relay.start()
     c_app.setblocking(False)
     try:
         while True:
@@ -64,10 +74,7 @@ async def _paused_client() -> tuple[socket.socket, socket.socket, Relay[Any],
 
 def test_a_plain_relay_runs_in_c_and_relays_both_ways_with_counts() -> None:
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        closed: asyncio.Future[Relay[Any]] = asyncio.get_running_loop().create_future()
-        relay = make_relay(c_end, u_end, closed)
-        relay.start()
+        c_app, u_app, relay, closed = await _started()
         assert relay.c_engine is not None and relay.path == "copy"
 
         def client() -> bytes:
@@ -100,11 +107,7 @@ def test_bytes_held_for_a_full_upstream_are_handed_to_python_in_order() -> None:
     """The upstream does not read: C holds one read and stops reading the
     client; a chain attached then takes the connection back with those bytes."""
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        u_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        closed: asyncio.Future[Relay[Any]] = asyncio.get_running_loop().create_future()
-        relay = make_relay(c_end, u_end, closed, splice=False)
-        relay.start()
+        c_app, u_app, relay, closed = await _started(upstream_sndbuf=4096, splice=False)
         blob = os.urandom(3 << 20)
         sender = asyncio.get_running_loop().run_in_executor(None, c_app.sendall, blob)
         loop = asyncio.get_running_loop()
@@ -142,10 +145,7 @@ def test_a_full_read_hands_bulk_data_to_splice() -> None:
         pytest.skip(helpers.needs("splice(2) (Linux)"))
 
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        closed: asyncio.Future[Relay[Any]] = asyncio.get_running_loop().create_future()
-        relay = make_relay(c_end, u_end, closed)
-        relay.start()
+        c_app, u_app, relay, closed = await _started()
         blob = os.urandom(8 * READ_SIZE + 123)
 
         def client() -> None:
@@ -183,11 +183,7 @@ def test_a_reset_on_a_paused_client_is_seen_at_once() -> None:
 @pytest.mark.parametrize("busy", [False, True])
 def test_close_by_midway_fins_a_quiet_connection_and_resets_a_busy_one(busy: bool) -> None:
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        loop = asyncio.get_running_loop()
-        closed: asyncio.Future[Relay[Any]] = loop.create_future()
-        relay = make_relay(c_end, u_end, closed)
-        relay.start()
+        c_app, u_app, relay, closed = await _started()
         c_app.sendall(b"hello")
         u_app.settimeout(5)
         assert await asyncio.to_thread(u_app.recv, 100) == b"hello"
@@ -215,11 +211,8 @@ def test_close_by_midway_fins_a_quiet_connection_and_resets_a_busy_one(busy: boo
 
 def test_idle_timeout_counts_activity_seen_in_c() -> None:
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
+        c_app, u_app, relay, closed = await _started(idle_timeout_s=0.4)
         loop = asyncio.get_running_loop()
-        closed: asyncio.Future[Relay[Any]] = loop.create_future()
-        relay = make_relay(c_end, u_end, closed, idle_timeout_s=0.4)
-        relay.start()
         u_app.settimeout(5)
         for _ in range(6):  # 0.9 s of activity every 0.15 s: never idle for 0.4 s
             last = loop.time()
@@ -244,10 +237,7 @@ def test_many_connections_closing_in_one_batch_each_end_cleanly() -> None:
         relays = []
         apps = []
         for _ in range(200):
-            c_app, c_end, u_app, u_end = _pairs()
-            closed: asyncio.Future[Relay[Any]] = loop.create_future()
-            relay = make_relay(c_end, u_end, closed)
-            relay.start()
+            c_app, u_app, relay, closed = await _started()
             relays.append(closed)
             apps.append((c_app, u_app))
         for i, (c_app, u_app) in enumerate(apps):  # all at once, then one loop turn
@@ -283,18 +273,13 @@ def test_an_error_in_a_callback_is_reported_and_the_engine_goes_on(
         reported: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _, context: reported.append(context))
         monkeypatch.setattr(Relay, "_c_half", broken)
-        c_app, c_end, u_app, u_end = _pairs()
-        closed: asyncio.Future[Relay[Any]] = loop.create_future()
-        relay = make_relay(c_end, u_end, closed)
-        relay.start()
+        c_app, u_app, relay, closed = await _started()
         _half_close_both(c_app, u_app)
         done = await asyncio.wait_for(closed, 5)  # the second FIN still ends it
         assert done.reason is CloseReason.EOF
         assert [str(c["exception"]) for c in reported] == ["broken half-close"]
         monkeypatch.undo()
-        c2, e2, u2, f2 = _pairs()  # the engine still relays
-        closed2: asyncio.Future[Relay[Any]] = loop.create_future()
-        make_relay(e2, f2, closed2).start()
+        c2, u2, _, closed2 = await _started()  # the engine still relays
         c2.sendall(b"still")
         u2.settimeout(5)
         assert await asyncio.to_thread(u2.recv, 10) == b"still"
@@ -331,11 +316,7 @@ def test_an_empty_chain_leaves_a_relay_in_c() -> None:
     """A proxy's elements changed live, none applying to this connection (the
     service sets each direction's stages to none): it stays in C mode."""
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        loop = asyncio.get_running_loop()
-        closed: asyncio.Future[Relay[Any]] = loop.create_future()
-        relay = make_relay(c_end, u_end, closed)
-        relay.start()
+        c_app, u_app, relay, closed = await _started()
         for direction in (UPSTREAM, DOWNSTREAM):
             set_stages(relay, direction, [])
         assert relay.c_engine is not None and relay.chain_of(UPSTREAM) is None
@@ -361,11 +342,7 @@ def test_a_reset_after_the_hand_over_of_a_half_closed_connection_is_seen_at_once
         pytest.skip(helpers.needs("splice(2) (Linux)"))
 
     async def main() -> None:
-        c_app, c_end, u_app, u_end = _pairs()
-        loop = asyncio.get_running_loop()
-        closed: asyncio.Future[Relay[Any]] = loop.create_future()
-        relay = make_relay(c_end, u_end, closed)
-        relay.start()
+        c_app, u_app, relay, closed = await _started()
         c_app.sendall(b"GET\n")
         c_app.shutdown(socket.SHUT_WR)
         assert await asyncio.to_thread(read_to_eof, u_app) == b"GET\n"
