@@ -175,7 +175,7 @@ def test_proxy_names_are_bounded_and_never_break_a_url(admin: Admin, echo: EchoS
         reply = admin.post("/proxies", {"name": name, "upstream": echo.address})
         assert reply.status == 400, (name, reply.body)
         assert reply.json["error"] == (
-            "bad request body: name: a proxy name is 1-64 letters, digits, '_', '.' or '-'")
+            "bad request body: name: a proxy name is 1-64 letters, digits, '_', '.', '-' or ':'")
         reply = admin.post("/populate", [{"name": name, "upstream": echo.address}])
         assert reply.status == 400, (name, reply.body)
     create(admin, "x" * 64, echo.address)

@@ -1,0 +1,37 @@
+"""What real Toxiproxy clients send that Toxiproxy accepts, over raw HTTP: each
+test is one request shape a published client uses, answered as Toxiproxy
+answers it (``api.go``, ``stream/direction.go`` of Shopify/toxiproxy v2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import Admin, EchoServer, port_of, round_trip
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_proxy_named_after_its_upstream_host_and_port(admin: Admin, echo: EchoServer) -> None:
+    # testcontainers-java's ToxiproxyContainer.getProxy(host, port) names the proxy
+    # "host:port" (client.createProxy(upstream, "0.0.0.0:" + port, upstream)).
+    name = "rabbitmq:5672"
+    reply = admin.post("/proxies", {"name": name, "listen": "127.0.0.1:0",
+                                    "upstream": echo.address})
+    assert reply.status == 201, reply.body
+    assert reply.json["name"] == name
+    assert round_trip(port_of(reply.json["listen"])) == b"ping"
+    assert list(admin.get("/proxies").json) == [name]
+    assert admin.get(f"/proxies/{name}").json["name"] == name
+    reply = admin.post(f"/proxies/{name}/toxics", {"type": "latency",
+                                                  "attributes": {"latency": 10}})
+    assert reply.status == 200, reply.body
+    assert admin.get(f"/proxies/{name}/toxics/latency_downstream").status == 200
+    reply = admin.post("/populate", [{"name": "kafka:9092", "listen": "127.0.0.1:0",
+                                      "upstream": echo.address}])
+    assert reply.status == 201, reply.body
+    assert admin.delete(f"/proxies/{name}").status == 204
+    assert admin.delete("/proxies/kafka:9092").status == 204
+    # A name still never starts with a colon or holds a slash.
+    for bad in (":5672", "a/b:1"):
+        assert admin.post("/proxies", {"name": bad, "upstream": echo.address}).status == 400
+
