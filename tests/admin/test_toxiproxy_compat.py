@@ -35,3 +35,26 @@ def test_proxy_named_after_its_upstream_host_and_port(admin: Admin, echo: EchoSe
     for bad in (":5672", "a/b:1"):
         assert admin.post("/proxies", {"name": bad, "upstream": echo.address}).status == 400
 
+
+@pytest.mark.parametrize("stream, direction", [("UpStream", "upstream"),
+                                               ("DOWNSTREAM", "downstream"),
+                                               ("Upstream", "upstream")])
+def test_stream_is_read_in_any_case(admin: Admin, echo: EchoServer, stream: str,
+                                    direction: str) -> None:
+    # Toxiproxy.Net sends its enum as "UpStream" / "DownStream"; Toxiproxy's
+    # ParseDirection lower-cases the text, and the default name keeps it as sent.
+    admin.post("/proxies", {"name": "cased", "listen": "127.0.0.1:0", "upstream": echo.address})
+    reply = admin.post("/proxies/cased/toxics", {"type": "latency", "stream": stream,
+                                                 "attributes": {"latency": 300}})
+    assert reply.status == 200, reply.body
+    assert reply.json["name"] == f"latency_{stream}"
+    assert reply.json["stream"] == direction
+    assert admin.get(f"/proxies/cased/toxics/latency_{stream}").json["stream"] == direction
+    # The toxic is on that direction: the other one's default name is free.
+    reply = admin.post("/proxies/cased/toxics", {"type": "latency", "stream": direction})
+    assert reply.status == 200, reply.body
+    listed = [(t["name"], t["stream"]) for t in admin.get("/proxies/cased/toxics").json]
+    assert (f"latency_{stream}", direction) in listed
+    assert admin.post("/proxies/cased/toxics", {"type": "latency",
+                                                "stream": "sideways"}).status == 400
+
