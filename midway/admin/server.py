@@ -54,6 +54,7 @@ from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config.addresses import parse_address
 from ..config.schema import ProxyConfig
@@ -297,7 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(Response(400, _error_body("bad Content-Length", 400)))
             return
         body = self.rfile.read(length) if length else b""
-        page = static.serve(self.command, self.path)
+        target = _origin_form(self.path)
+        page = static.serve(self.command, target)
         if page is not None:  # the dashboard's files: no data in them, no token
             self._send(page)
             return
@@ -307,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "this admin API needs a token: send Authorization: Bearer TOKEN", 401),
                 headers=(("WWW-Authenticate", 'Bearer realm="midway"'),)))
             return
-        coro = self.server.api.handle(self.command, self.path, body,
+        coro = self.server.api.handle(self.command, target, body,
                                       self.headers.get("User-Agent", ""),
                                       from_ui=_from_ui(self.headers))
         try:
@@ -343,6 +345,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("admin API: %s: %s", self.address_string(), format % args)
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of a request target.  An absolute URI
+    (``GET http://127.0.0.1:8474/version``, what a client that takes the API for
+    its HTTP proxy sends) becomes its path: RFC 9112 section 3.2.2 has servers
+    accept that form, and Go's net/http, Toxiproxy's server, does."""
+    if not target[:8].lower().startswith(("http://", "https://")):
+        return target
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # "http://[::1/x": no path can be told; it names no route
+        return target
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _authorized(header: str, token: str) -> bool:

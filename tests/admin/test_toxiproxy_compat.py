@@ -4,6 +4,8 @@ answers it (``api.go``, ``stream/direction.go`` of Shopify/toxiproxy v2)."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from .conftest import Admin, EchoServer, port_of, round_trip
@@ -58,3 +60,17 @@ def test_stream_is_read_in_any_case(admin: Admin, echo: EchoServer, stream: str,
     assert admin.post("/proxies/cased/toxics", {"type": "latency",
                                                 "stream": "sideways"}).status == 400
 
+
+def test_absolute_form_request_target(admin: Admin, echo: EchoServer) -> None:
+    # RFC 9112 3.2.2: a server must accept a request line with an absolute URI
+    # (what a client configured to use the API as its HTTP proxy sends); Go's
+    # net/http does.
+    with socket.create_connection((admin.host, admin.port), timeout=10) as sock:
+        sock.sendall(f"GET http://{admin.host}:{admin.port}/version HTTP/1.1\r\n"
+                     f"Host: {admin.host}:{admin.port}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    assert b'"version"' in body
