@@ -74,3 +74,59 @@ def test_absolute_form_request_target(admin: Admin, echo: EchoServer) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer
     assert b'"version"' in body
+
+
+def _exchange(admin: Admin, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes (or 10 s)."""
+    with socket.create_connection((admin.host, admin.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _chunked(*pieces: bytes, trailer: bytes = b"") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n" + trailer + b"\r\n"
+
+
+def test_chunked_request_bodies(admin: Admin, echo: EchoServer) -> None:
+    # .NET's PostAsJsonAsync and Refit stream a JSON body as Transfer-Encoding:
+    # chunked (no Content-Length); Go's server, Toxiproxy's, reads it.
+    body = b'{"name": "chunky", "listen": "127.0.0.1:0", "upstream": "%s"}' % echo.address.encode()
+    head = (b"POST /proxies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    with socket.create_connection((admin.host, admin.port), timeout=10) as sock:
+        # Cut anywhere, with a chunk extension and a trailer; then a second request
+        # on the same connection is read from where the first body ended.
+        chunks = (b"7;ext=1\r\n" + body[:7] + b"\r\n"
+                  + _chunked(body[7:30], body[30:], trailer=b"X-Trailer: 1\r\n"))
+        sock.sendall(head + chunks
+                     + b"GET /proxies/chunky HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 201 "), answer
+    assert answer.count(b'"name":"chunky"') == 2 and b"HTTP/1.1 200 " in answer, answer
+    assert round_trip(port_of(admin.get("/proxies/chunky").json["listen"])) == b"ping"
+    toxic = b'{"type": "latency", "stream": "UpStream"}'
+    answer = _exchange(admin, b"POST /proxies/chunky/toxics HTTP/1.1\r\nHost: x\r\n"
+                              b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                       + _chunked(toxic))
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"latency_UpStream" in answer, answer
+
+
+@pytest.mark.parametrize("coding, chunks, status", [
+    (b"chunked", b"zz\r\n{}\r\n0\r\n\r\n", 400),              # not a hex size
+    (b"chunked", b"-2\r\n{}\r\n0\r\n\r\n", 400),
+    (b"chunked", b"2\r\n{}XX0\r\n\r\n", 400),                  # no CRLF after the data
+    (b"chunked", b"%x\r\n" % (2 << 20), 413),                   # past MAX_BODY
+    (b"gzip, chunked", b"2\r\n{}\r\n0\r\n\r\n", 501),           # a coding midway cannot undo
+])
+def test_bad_chunked_bodies_are_refused_and_change_nothing(
+        admin: Admin, coding: bytes, chunks: bytes, status: int) -> None:
+    answer = _exchange(admin, b"POST /populate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                              + coding + b"\r\n\r\n" + chunks)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer
+    assert b"Connection: close" in answer
+    assert admin.get("/proxies").json == {}
