@@ -5,6 +5,7 @@ answers it (``api.go``, ``stream/direction.go`` of Shopify/toxiproxy v2)."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -130,3 +131,48 @@ def test_bad_chunked_bodies_are_refused_and_change_nothing(
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer
     assert b"Connection: close" in answer
     assert admin.get("/proxies").json == {}
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the proxy closes ``sock`` (EOF or reset) within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_updating_a_timeout_toxic_keeps_its_connections(admin: Admin, echo: EchoServer) -> None:
+    # Toxiproxy's link update interrupts the toxic and runs the new one; only a
+    # removal runs the timeout toxic's Cleanup, which closes the connection.
+    proxy = admin.post("/proxies", {"name": "hole", "listen": "127.0.0.1:0",
+                                    "upstream": echo.address}).json
+    admin.post("/proxies/hole/toxics", {"type": "timeout", "attributes": {"timeout": 0}})
+    with socket.create_connection(("127.0.0.1", port_of(proxy["listen"])), timeout=5) as sock:
+        sock.sendall(b"lost")                       # dropped by the toxic
+        assert not _closed_within(sock, 0.3)
+        # Healing it by toxicity: the connection goes on, and carries data again.
+        reply = admin.request("PATCH", "/proxies/hole/toxics/timeout_downstream",
+                              {"toxicity": 0})
+        assert reply.status == 200, reply.body
+        assert not _closed_within(sock, 0.3)
+        sock.settimeout(5)
+        sock.sendall(b"ping")
+        assert sock.recv(100) == b"ping"
+        # Back on, with a timeout: the close comes that long after the update.
+        started = time.monotonic()
+        reply = admin.request("PATCH", "/proxies/hole/toxics/timeout_downstream",
+                              {"toxicity": 1, "attributes": {"timeout": 400}})
+        assert reply.status == 200, reply.body
+        assert not _closed_within(sock, 0.2)
+        assert _closed_within(sock, 5)
+        assert 0.35 <= time.monotonic() - started < 5
+    # Removing it still closes the connections it was dropping data on.
+    admin.request("PATCH", "/proxies/hole/toxics/timeout_downstream", {"attributes": {"timeout": 0}})
+    with socket.create_connection(("127.0.0.1", port_of(proxy["listen"])), timeout=5) as sock:
+        sock.sendall(b"lost")
+        assert not _closed_within(sock, 0.2)
+        assert admin.delete("/proxies/hole/toxics/timeout_downstream").status == 204
+        assert _closed_within(sock, 5)
