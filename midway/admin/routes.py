@@ -582,13 +582,16 @@ def _lists_as(spec: ToxicSpec, listed: Mapping[str, Any]) -> bool:
 def _toxic_from_body(body: bytes, proxy_seed: int) -> Toxic[Any]:
     """A toxic from a request body, with Toxiproxy's defaults and errors."""
     data = _object(body, TOXIC_FIELDS)
-    stream = data.get("stream")
-    if stream is None or stream == "":
-        stream = DEFAULT_TOXIC_STREAM
+    given = data.get("stream")
+    if given is None or given == "":
+        given = DEFAULT_TOXIC_STREAM
+    # Toxiproxy's ParseDirection lower-cases the text (Toxiproxy.Net sends
+    # "UpStream"); its default name keeps the text as sent.
+    stream = given.lower() if isinstance(given, str) else None
     if stream not in ("upstream", "downstream"):
         raise ApiError(INVALID_STREAM, 400)
     kind = data.get("type")
-    name = data.get("name") or f"{kind}_{stream}"
+    name = data.get("name") or f"{kind}_{given}"
     if not isinstance(name, str):
         raise ApiError(f"{BAD_BODY}: name: expected a string, got {name!r}", 400)
     if not isinstance(kind, str) or kind not in TOXICS:

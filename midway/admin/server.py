@@ -21,8 +21,8 @@ or hostile one costs a bounded share:
   of its first byte, however the client dribbles it (slowloris), or the
   connection is dropped; an idle keep-alive connection is closed after
   :data:`IDLE_TIMEOUT_S`;
-* a body must be sent with Content-Length (chunked bodies get 411) and be at
-  most :data:`MAX_BODY` bytes (413); http.server caps a request or header line
+* a body is sent with Content-Length or chunked (another transfer coding gets
+  501) and is at most :data:`MAX_BODY` bytes (413); http.server caps a request or header line
   at 64 KiB (414, 431) and a request at 100 headers (431);
 * a route that does not answer within :data:`ROUTE_TIMEOUT_S` gets 503, as
   Toxiproxy's own timeout handler does;
@@ -54,6 +54,7 @@ from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config.addresses import parse_address
 from ..config.schema import ProxyConfig
@@ -280,24 +281,14 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PATCH = do_DELETE = do_PUT = do_HEAD = do_OPTIONS = do_GET
 
     def _dispatch(self) -> None:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # the body is not read: the connection is unusable
-            self._send(Response(411, _error_body("send the body with a Content-Length", 411)))
-            return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
-            self.close_connection = True  # the body is not read
-            if length > MAX_BODY:
-                self._send(Response(413, _error_body(
-                    f"request body larger than {MAX_BODY} bytes", 413)))
-            else:
-                self._send(Response(400, _error_body("bad Content-Length", 400)))
+            body = self._body()
+        except _BodyError as exc:
+            self.close_connection = True  # the body is not read whole: the connection is unusable
+            self._send(Response(exc.status, _error_body(exc.message, exc.status)))
             return
-        body = self.rfile.read(length) if length else b""
-        page = static.serve(self.command, self.path)
+        target = _origin_form(self.path)
+        page = static.serve(self.command, target)
         if page is not None:  # the dashboard's files: no data in them, no token
             self._send(page)
             return
@@ -307,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "this admin API needs a token: send Authorization: Bearer TOKEN", 401),
                 headers=(("WWW-Authenticate", 'Bearer realm="midway"'),)))
             return
-        coro = self.server.api.handle(self.command, self.path, body,
+        coro = self.server.api.handle(self.command, target, body,
                                       self.headers.get("User-Agent", ""),
                                       from_ui=_from_ui(self.headers))
         try:
@@ -326,6 +317,30 @@ class _Handler(BaseHTTPRequestHandler):
             response = Response(500, _error_body(f"{type(exc).__name__}: {exc}", 500))
         self._send(response)
 
+    def _body(self) -> bytes:
+        """The request body: ``Content-Length`` bytes, or a chunked body decoded
+        (RFC 9112 section 7.1; .NET's ``PostAsJsonAsync`` and Refit send one),
+        at most :data:`MAX_BODY` bytes either way."""
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None:
+            if coding.strip().lower() != "chunked":
+                raise _BodyError(501, f"transfer coding {coding!r} not supported: "
+                                      "send the body chunked or with a Content-Length")
+            # A Content-Length beside it is ignored (RFC 9112 section 6.3), and the
+            # connection closed after the answer, as such a request may be an attack.
+            if self.headers.get("Content-Length") is not None:
+                self.close_connection = True
+            return _read_chunked(self.rfile)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length > MAX_BODY:
+            raise _BodyError(413, f"request body larger than {MAX_BODY} bytes")
+        if length < 0:
+            raise _BodyError(400, "bad Content-Length")
+        return self.rfile.read(length) if length else b""
+
     def _send(self, response: Response) -> None:
         # The answer gets a timeout of its own, not what is left of the request's.
         self.connection.settimeout(REQUEST_TIMEOUT_S)
@@ -343,6 +358,68 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("admin API: %s: %s", self.address_string(), format % args)
+
+
+class _BodyError(Exception):
+    """A request body that cannot be read: answered with ``status`` and the
+    connection closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_CHUNK_LINE_MAX = 4096
+"""Longest chunk-size line (size and extensions) or trailer line, in bytes."""
+_TRAILERS_MAX = 100
+"""Most trailer lines, as http.server's cap on header lines."""
+
+
+def _read_chunked(rfile: io.BufferedIOBase) -> bytes:
+    """A chunked body (RFC 9112 section 7.1) from ``rfile``, decoded: chunk
+    extensions and trailers are read and ignored.  More than :data:`MAX_BODY`
+    bytes answer 413, a malformed chunk 400; the request's deadline bounds the
+    whole read."""
+    body = bytearray()
+    while True:
+        line = rfile.readline(_CHUNK_LINE_MAX + 1)
+        if not line.endswith(b"\n"):
+            raise _BodyError(400, "bad chunked body: chunk size line too long or cut")
+        size_text = line.split(b";", 1)[0].strip()
+        if not size_text or len(size_text) > 16 or any(
+                c not in b"0123456789abcdefABCDEF" for c in size_text):
+            raise _BodyError(400, f"bad chunked body: chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        if len(body) + size > MAX_BODY:
+            raise _BodyError(413, f"request body larger than {MAX_BODY} bytes")
+        data = rfile.read(size)
+        if len(data) < size or rfile.readline(3) not in (b"\r\n", b"\n"):
+            raise _BodyError(400, "bad chunked body: a chunk is cut or not followed by CRLF")
+        body += data
+    for _ in range(_TRAILERS_MAX + 1):
+        line = rfile.readline(_CHUNK_LINE_MAX + 1)
+        if line in (b"\r\n", b"\n"):
+            return bytes(body)
+        if not line.endswith(b"\n"):
+            raise _BodyError(400, "bad chunked body: trailer line too long or cut")
+    raise _BodyError(400, f"bad chunked body: more than {_TRAILERS_MAX} trailer lines")
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of a request target.  An absolute URI
+    (``GET http://127.0.0.1:8474/version``, what a client that takes the API for
+    its HTTP proxy sends) becomes its path: RFC 9112 section 3.2.2 has servers
+    accept that form, and Go's net/http, Toxiproxy's server, does."""
+    if not target[:8].lower().startswith(("http://", "https://")):
+        return target
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # "http://[::1/x": no path can be told; it names no route
+        return target
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _authorized(header: str, token: str) -> bool:

@@ -395,7 +395,7 @@ def _routes(value: Any, path: str, balance: str) -> tuple[RouteSpec, ...]:
         if "name" in route and (not isinstance(label, str)
                                 or proxy_name_problem(label) is not None):
             raise ConfigError(f"{where}.name", "a route name is 1-64 letters, digits, '_', "
-                                               "'.' or '-'")
+                                               "'.', '-' or ':'")
         if label in names:
             raise ConfigError(f"{where}.name", f"{label!r} already names {names[label]}")
         names[label] = where

@@ -68,7 +68,10 @@ TLS_VERSIONS = ("1.2", "1.3")
 NAME_MAX_LEN = 64
 """Longest proxy or toxic name, in characters: enough for any descriptive name,
 short enough for a log column and a URL (Toxiproxy sets no limit)."""
-_PROXY_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX_LEN - 1}}}")
+_PROXY_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{NAME_MAX_LEN - 1}}}")
+"""A letter or digit, then letters, digits, ``_``, ``.``, ``-`` or ``:``.  The colon
+is there for Toxiproxy's clients: testcontainers-java's
+``ToxiproxyContainer.getProxy(host, port)`` names a proxy ``host:port``."""
 _TOXIC_NAME_FORBIDDEN = frozenset("/?#%")
 """Characters that end or change a URL path segment when a client does not quote
 them (toxiproxy-python does not)."""
@@ -78,7 +81,7 @@ def proxy_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a proxy, or ``None`` if it can."""
     if _PROXY_NAME_RE.fullmatch(name):
         return None
-    return f"a proxy name is 1-{NAME_MAX_LEN} letters, digits, '_', '.' or '-'"
+    return f"a proxy name is 1-{NAME_MAX_LEN} letters, digits, '_', '.', '-' or ':'"
 
 
 def toxic_name_problem(name: str) -> str | None:

@@ -480,6 +480,11 @@ class Toxic(Element, Generic[A]):
         self.created_at: float | None = clock.now() if clock is not None else None
         """Creation time on the relay's clock; ``None`` until first needed if no
         clock was given (see the module doc)."""
+        self.superseded = False
+        """Set (the one change after building) when an update puts another toxic of
+        the same type and stream in its place: its stages are then ending because
+        of an update, not a removal.  Only ``timeout`` tells the two apart, as
+        Toxiproxy runs a toxic's ``Cleanup`` on removal and not on update."""
 
     def connection_rng(self, sequence: int) -> random.Random:
         """The random source of connection number ``sequence``: the injected

@@ -117,8 +117,9 @@ def update_toxic(
     :class:`~midway.chain.toxics.ToxicError` (nothing changed) for a bad value.
 
     Open connections get the new settings at once: each drops its old stage
-    (flushing what it held, as on removal) and draws its toxicity again, as
-    Toxiproxy does when it updates a toxic."""
+    (flushing what it held, as on removal, but a ``timeout`` toxic's connections
+    are not closed) and draws its toxicity again, as Toxiproxy does when it
+    updates a toxic."""
     old = get_toxic(host, name)
     merged = {**old.attributes.to_json(), **(attributes or {})}
     new = make_toxic(
@@ -131,6 +132,7 @@ def update_toxic(
     new.created_at = old.created_at
     # Per-connection state (limit_data's count) goes on, as in Toxiproxy.
     new.state_key = old.state_key
+    old.superseded = True
     host.replace_element(old, new)
     return new
 
@@ -145,6 +147,7 @@ def replace_toxic(host: ChainHost, new: Toxic[Any]) -> Toxic[Any]:
     old = get_toxic(host, new.name)
     if (new.type, new.stream) == (old.type, old.stream):
         new.state_key = old.state_key
+        old.superseded = True
     host.replace_element(old, new)
     return old
 

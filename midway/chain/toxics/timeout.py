@@ -14,7 +14,10 @@ Attributes: ``timeout`` (ms, default 0).
 Removal closes the connection (Toxiproxy's ``Cleanup``, covered by its test
 ``TestTimeoutToxicClosesConnectionOnRemove``): bytes were dropped, so the stream
 could not go on intact.  This is the one toxic whose removal ends connections, and
-the only one that drops data on purpose.
+the only one that drops data on purpose.  An update does not close them
+(Toxiproxy's link update interrupts the toxic and runs the new one, with no
+``Cleanup``): the new settings apply from the update, the timer armed afresh, and
+an update to toxicity 0 lets data through again (what was dropped stays lost).
 
 The timer: a task owned by the stage, armed by ``start(out)`` if the relay calls it
 when the stage is installed, else by the first chunk or EOF (see
@@ -76,7 +79,8 @@ class TimeoutStage(ToxicStage[TimeoutAttributes]):
 
     async def flush(self, out: Output) -> None:
         self._stop()
-        out.close(f"timeout toxic {self.toxic.name!r} removed")
+        if not self.toxic.superseded:  # removed, not updated: the stream is not whole
+            out.close(f"timeout toxic {self.toxic.name!r} removed")
 
     def _stop(self) -> None:
         self.ended = True
