@@ -37,8 +37,8 @@
  * one that leaves during a dispatch stays alive until the batch is done, since
  * the C code that called Python may still be using it.
  *
- * Timestamps come from the Engine's `time` callable (the loops' clock), read
- * once a batch.
+ * Timestamps come from CLOCK_MONOTONIC (time.monotonic(), the clock of both
+ * loops' time()), read once a batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,6 +50,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ACCEL_ABI 3      /* accel.ABI: what this file offers, checked on import */
@@ -88,7 +89,7 @@ typedef struct Core {
 struct Engine {
     PyObject_HEAD
     int epfd;
-    PyObject *report, *time, *others;
+    PyObject *report, *others;
     PyObject *leaving;   /* Cores that left during this dispatch (kept alive) */
     PyObject *stop[3];   /* a KeyboardInterrupt or SystemExit raised in a call */
     int dispatching;
@@ -286,14 +287,6 @@ static void on_writable(Core *c, int i) {
     d->reading = !d->eof;
 }
 
-static int so_error(int fd) {
-    int err = 0;
-    socklen_t len = sizeof err;
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        return 0;
-    return err;
-}
-
 static void on_event(Core *c, int side, unsigned ev, double now) {
     int called = 0;
     if (c->d[side].reading && (ev & (EPOLLIN | WAKE))) {
@@ -309,7 +302,9 @@ static void on_event(Core *c, int side, unsigned ev, double now) {
             return;
     }
     if (!called && (ev & WAKE)) {
-        int err = so_error(c->d[side].src);
+        int err = 0; /* stays 0 if getsockopt fails */
+        socklen_t len = sizeof err;
+        getsockopt(c->d[side].src, SOL_SOCKET, SO_ERROR, &err, &len);
         if (err) {
             fail(c, side, err);
             return;
@@ -331,9 +326,9 @@ static void on_event(Core *c, int side, unsigned ev, double now) {
 /* -- Engine ------------------------------------------------------------------ */
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *names[] = {"report", "time", "others", NULL};
-    PyObject *report_cb, *time_cb, *others_cb;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO", names, &report_cb, &time_cb, &others_cb))
+    static char *names[] = {"report", "others", NULL};
+    PyObject *report_cb, *others_cb;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", names, &report_cb, &others_cb))
         return NULL;
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (e == NULL)
@@ -348,7 +343,6 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         return NULL;
     }
     e->report = Py_NewRef(report_cb);
-    e->time = Py_NewRef(time_cb);
     e->others = Py_NewRef(others_cb);
     return (PyObject *)e;
 }
@@ -372,7 +366,6 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     for (Core *c = e->head.next; c != NULL && c != &e->head; c = c->next)
         Py_VISIT((PyObject *)c);
     Py_VISIT(e->report);
-    Py_VISIT(e->time);
     Py_VISIT(e->others);
     Py_VISIT(e->leaving);
     return 0;
@@ -381,7 +374,6 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
 static int Engine_clear(Engine *e) {
     Py_XDECREF(Engine_close(e, NULL));
     Py_CLEAR(e->report);
-    Py_CLEAR(e->time);
     Py_CLEAR(e->others);
     Py_CLEAR(e->leaving);
     for (int i = 0; i < 3; i++)
@@ -403,11 +395,10 @@ static PyObject *Engine_dispatch(Engine *e, PyObject *unused) {
     int n = epoll_wait(e->epfd, evs, MAX_EVENTS, 0);
     if (n <= 0)
         Py_RETURN_NONE; /* EINTR: the loop calls again; EBADF: closed */
-    PyObject *t = PyObject_CallNoArgs(e->time), *rest = NULL;
-    double now = t == NULL ? -1.0 : PyFloat_AsDouble(t);
-    Py_XDECREF(t);
-    if (now == -1.0 && PyErr_Occurred())
-        return NULL;
+    PyObject *rest = NULL;
+    struct timespec ts; /* CLOCK_MONOTONIC: time.monotonic(), both loops' clock */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     Py_INCREF(e);
     e->dispatching = 1;
     for (int k = 0; k < n; k++) {
@@ -461,7 +452,7 @@ static PyTypeObject EngineType = {
     .tp_name = "midway.core._accel.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Engine(report, time, others): one epoll relaying plain connections in C.",
+    .tp_doc = "Engine(report, others): one epoll relaying plain connections in C.",
     .tp_new = Engine_new,
     .tp_dealloc = (destructor)Engine_dealloc,
     .tp_traverse = (traverseproc)Engine_traverse,

@@ -28,7 +28,7 @@ ENV_PURE = "MIDWAY_PURE_PYTHON"
 
 if TYPE_CHECKING:
     class Engine:
-        def __init__(self, report: Any, time: Any, others: Any) -> None: ...
+        def __init__(self, report: Any, others: Any) -> None: ...
         epfd: int
         live: int
 

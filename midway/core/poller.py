@@ -59,7 +59,6 @@ import logging
 import os
 import select
 import socket
-import time
 import weakref
 from collections.abc import Callable
 
@@ -118,7 +117,7 @@ class Poller:
         it owns the epoll, shared (through a ``dup``) with this poller, and the loop's
         one reader; it relays its connections and passes the other events here."""
         if accel.AVAILABLE:
-            engine = self.engine = accel.Engine(self._report, time.monotonic, self._run)
+            engine = self.engine = accel.Engine(self._report, self._run)
             self._epoll = select.epoll.fromfd(os.dup(engine.epfd))
             loop.add_reader(engine.epfd, engine.dispatch)
         else:
