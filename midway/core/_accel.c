@@ -4,10 +4,12 @@
  * -------------------
  * A relay (midway/core/relay.py) whose two endpoints are plain TCP sockets, with
  * no chain element and no prefix, starts in "C mode": its Relay object (a Python
- * subclass of Core) hands both descriptors to the loop's Engine, one epoll of its
- * own registered with the event loop as a single reader.  On each wake-up
- * Engine.dispatch takes the ready events and moves the bytes here, with no
- * Python frame per event: recv into one shared buffer, send it on (up to ROUNDS
+ * subclass of Core) hands both descriptors to the loop's Engine.  The Engine owns
+ * the epoll of the Python poller (poller.py, which uses a dup of it), so the event
+ * loop has one reader for every socket midway polls, and a dialled upstream is
+ * registered once.  On each wake-up Engine.dispatch takes the ready events, passes
+ * those of descriptors it does not relay to the poller in one call, and moves the
+ * bytes of its own here, with no Python frame per event: recv into one shared buffer, send it on (up to ROUNDS
  * reads a wake-up), keep what the kernel did not take and stop reading until it
  * drained (at most one read held per direction), pass an EOF on as
  * shutdown(SHUT_WR), and a failure (reset, broken pipe) up to Python.
@@ -35,8 +37,8 @@
  * one that leaves during a dispatch stays alive until the batch is done, since
  * the C code that called Python may still be using it.
  *
- * Timestamps come from the Engine's `time` callable (the loops' clock), read
- * once a batch.
+ * Timestamps come from CLOCK_MONOTONIC (time.monotonic(), the clock of both
+ * loops' time()), read once a batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -48,9 +50,10 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
-#define ACCEL_ABI 2      /* accel.ABI: what this file offers, checked on import */
+#define ACCEL_ABI 3      /* accel.ABI: what this file offers, checked on import */
 #define CHUNK 16384     /* bytes per read (HAProxy's default bufsize) */
 #define ROUNDS 64       /* reads per wake-up at most: 1 MiB, as splice.py's rounds */
 #define BULK 4          /* full reads in a row that make bulk data: relay.READ_SIZE */
@@ -86,7 +89,7 @@ typedef struct Core {
 struct Engine {
     PyObject_HEAD
     int epfd;
-    PyObject *report, *time;
+    PyObject *report, *others;
     PyObject *leaving;   /* Cores that left during this dispatch (kept alive) */
     PyObject *stop[3];   /* a KeyboardInterrupt or SystemExit raised in a call */
     int dispatching;
@@ -284,14 +287,6 @@ static void on_writable(Core *c, int i) {
     d->reading = !d->eof;
 }
 
-static int so_error(int fd) {
-    int err = 0;
-    socklen_t len = sizeof err;
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        return 0;
-    return err;
-}
-
 static void on_event(Core *c, int side, unsigned ev, double now) {
     int called = 0;
     if (c->d[side].reading && (ev & (EPOLLIN | WAKE))) {
@@ -307,7 +302,9 @@ static void on_event(Core *c, int side, unsigned ev, double now) {
             return;
     }
     if (!called && (ev & WAKE)) {
-        int err = so_error(c->d[side].src);
+        int err = 0; /* stays 0 if getsockopt fails */
+        socklen_t len = sizeof err;
+        getsockopt(c->d[side].src, SOL_SOCKET, SO_ERROR, &err, &len);
         if (err) {
             fail(c, side, err);
             return;
@@ -329,9 +326,9 @@ static void on_event(Core *c, int side, unsigned ev, double now) {
 /* -- Engine ------------------------------------------------------------------ */
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *names[] = {"report", "time", NULL};
-    PyObject *report_cb, *time_cb;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", names, &report_cb, &time_cb))
+    static char *names[] = {"report", "others", NULL};
+    PyObject *report_cb, *others_cb;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", names, &report_cb, &others_cb))
         return NULL;
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (e == NULL)
@@ -345,10 +342,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         Py_DECREF(e);
         return NULL;
     }
-    Py_INCREF(report_cb);
-    Py_INCREF(time_cb);
-    e->report = report_cb;
-    e->time = time_cb;
+    e->report = Py_NewRef(report_cb);
+    e->others = Py_NewRef(others_cb);
     return (PyObject *)e;
 }
 
@@ -371,7 +366,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     for (Core *c = e->head.next; c != NULL && c != &e->head; c = c->next)
         Py_VISIT((PyObject *)c);
     Py_VISIT(e->report);
-    Py_VISIT(e->time);
+    Py_VISIT(e->others);
     Py_VISIT(e->leaving);
     return 0;
 }
@@ -379,7 +374,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
 static int Engine_clear(Engine *e) {
     Py_XDECREF(Engine_close(e, NULL));
     Py_CLEAR(e->report);
-    Py_CLEAR(e->time);
+    Py_CLEAR(e->others);
     Py_CLEAR(e->leaving);
     for (int i = 0; i < 3; i++)
         Py_CLEAR(e->stop[i]);
@@ -392,23 +387,33 @@ static void Engine_dealloc(Engine *e) {
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
+/* Relay what is ready, and pass the events of descriptors no relay here owns to
+   `others` (the Python poller sharing this epoll) as [(fd, events)].  Such an
+   event lost to a failure is no loss: the epoll is level-triggered. */
 static PyObject *Engine_dispatch(Engine *e, PyObject *unused) {
     struct epoll_event evs[MAX_EVENTS];
     int n = epoll_wait(e->epfd, evs, MAX_EVENTS, 0);
     if (n <= 0)
         Py_RETURN_NONE; /* EINTR: the loop calls again; EBADF: closed */
-    PyObject *t = PyObject_CallNoArgs(e->time);
-    double now = t == NULL ? -1.0 : PyFloat_AsDouble(t);
-    Py_XDECREF(t);
-    if (now == -1.0 && PyErr_Occurred())
-        return NULL;
+    PyObject *rest = NULL;
+    struct timespec ts; /* CLOCK_MONOTONIC: time.monotonic(), both loops' clock */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     Py_INCREF(e);
     e->dispatching = 1;
     for (int k = 0; k < n; k++) {
         int fd = (int)evs[k].data.u64;
         Core *c = fd < e->owners ? e->owner[fd] : NULL;
-        if (c != NULL) /* NULL: its relay left earlier in this batch */
+        if (c != NULL) { /* NULL: Python's, or its relay left earlier in this batch */
             on_event(c, c->d[0].src == fd ? 0 : 1, evs[k].events, now);
+            continue;
+        }
+        PyObject *item = Py_BuildValue("(iI)", fd, evs[k].events);
+        if (rest == NULL)
+            rest = PyList_New(0);
+        if (item == NULL || rest == NULL || PyList_Append(rest, item) < 0)
+            PyErr_Clear();
+        Py_XDECREF(item);
     }
     e->dispatching = 0;
     int failed = e->leaving == NULL ? 0 : PyList_SetSlice(e->leaving, 0, PY_SSIZE_T_MAX, NULL);
@@ -417,6 +422,12 @@ static PyObject *Engine_dispatch(Engine *e, PyObject *unused) {
         e->stop[0] = e->stop[1] = e->stop[2] = NULL;
         failed = -1;
     }
+    if (rest != NULL) {
+        PyObject *r = failed < 0 ? NULL : PyObject_CallOneArg(e->others, rest);
+        failed = r == NULL ? -1 : failed; /* the poller reports all but a stop */
+        Py_XDECREF(r);
+        Py_DECREF(rest);
+    }
     Py_DECREF(e);
     if (failed < 0)
         return NULL;
@@ -424,7 +435,8 @@ static PyObject *Engine_dispatch(Engine *e, PyObject *unused) {
 }
 
 static PyMethodDef Engine_methods[] = {
-    {"dispatch", (PyCFunction)Engine_dispatch, METH_NOARGS, "Relay what is ready."},
+    {"dispatch", (PyCFunction)Engine_dispatch, METH_NOARGS,
+     "Relay what is ready; pass the other descriptors' events to others()."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Drop every connection; close."},
     {NULL}
 };
@@ -440,7 +452,7 @@ static PyTypeObject EngineType = {
     .tp_name = "midway.core._accel.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Engine(report, time): one epoll relaying plain connections in C.",
+    .tp_doc = "Engine(report, others): one epoll relaying plain connections in C.",
     .tp_new = Engine_new,
     .tp_dealloc = (destructor)Engine_dealloc,
     .tp_traverse = (traverseproc)Engine_traverse,
@@ -453,9 +465,10 @@ static PyTypeObject EngineType = {
 
 static PyObject *Core_c_start(Core *c, PyObject *args) {
     Engine *e;
-    int cfd, ufd, splice_ok;
+    int cfd, ufd, splice_ok, had[2] = {-1, -1};
     double now;
-    if (!PyArg_ParseTuple(args, "O!iipd", &EngineType, &e, &cfd, &ufd, &splice_ok, &now))
+    if (!PyArg_ParseTuple(args, "O!iipd|ii", &EngineType, &e, &cfd, &ufd, &splice_ok, &now,
+                          &had[0], &had[1]))
         return NULL;
     if (c->engine != NULL || e->epfd < 0 || cfd < 0 || ufd < 0 || cfd == ufd) {
         PyErr_SetString(PyExc_RuntimeError, "relay already started, engine closed, or bad fds");
@@ -479,12 +492,13 @@ static PyObject *Core_c_start(Core *c, PyObject *args) {
     c->last_activity = now;
     c->ended = c->first = 0;
     c->splice_ok = splice_ok;
-    for (int side = 0; side < 2; side++) {
+    for (int side = 0; side < 2; side++) { /* had: registered by the Python poller */
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)c->d[side].src};
-        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->d[side].src, &ev) < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            if (side)
-                epoll_ctl(e->epfd, EPOLL_CTL_DEL, cfd, NULL);
+        int op = had[side] < 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+        if (had[side] != EPOLLIN && epoll_ctl(e->epfd, op, c->d[side].src, &ev) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError); /* Python relays it then: from nothing */
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, cfd, NULL);
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, ufd, NULL);
             return NULL;
         }
         c->mask[side] = EPOLLIN;
@@ -557,7 +571,8 @@ static PyMemberDef Core_members[] = {
 
 static PyMethodDef Core_methods[] = {
     {"_c_start", (PyCFunction)Core_c_start, METH_VARARGS,
-     "_c_start(engine, client_fd, upstream_fd, splice_ok, now): relay in C."},
+     "_c_start(engine, client_fd, upstream_fd, splice_ok, now, client_mask=-1, "
+     "upstream_mask=-1): relay in C (a mask: what the fd is registered for already)."},
     {"_c_leave", (PyCFunction)Core_c_leave, METH_VARARGS,
      "_c_leave(closing=False): stop relaying (closing: the caller closes both fds next)."},
     {"_c_export", (PyCFunction)Core_c_export, METH_NOARGS,

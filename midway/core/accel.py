@@ -6,25 +6,20 @@ environment, every relay runs in Python alone, with the same behaviour (the test
 suite runs both ways).  What it does and when a relay uses it is in
 :mod:`midway.core.relay` ("C mode") and in ``_accel.c``.
 
-One :class:`Engine` per event loop, registered with it as one reader, made by
-:func:`engine_for`; a forked child starts with none.
+One :class:`Engine` per event loop: the poller's (:mod:`midway.core.poller`),
+whose epoll it shares, so the loop has one reader for every socket midway
+polls; :func:`~midway.core.poller.engine_for` gives it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import time
-import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .perloop import PerLoop
+__all__ = ["AVAILABLE", "Core", "Engine", "ENV_PURE"]
 
-__all__ = ["AVAILABLE", "Core", "engine_for", "ENV_PURE"]
-
-ABI = 2
+ABI = 3
 """The interface of ``_accel.c`` this module expects (its ``ACCEL_ABI``): a build
 left from another version of the file is not used."""
 
@@ -33,7 +28,7 @@ ENV_PURE = "MIDWAY_PURE_PYTHON"
 
 if TYPE_CHECKING:
     class Engine:
-        def __init__(self, report: Any, time: Any) -> None: ...
+        def __init__(self, report: Any, others: Any) -> None: ...
         epfd: int
         live: int
 
@@ -62,7 +57,7 @@ if TYPE_CHECKING:
         c_engine: Engine | None
 
         def _c_start(self, engine: Engine, client_fd: int, upstream_fd: int, splice_ok: bool,
-                     now: float) -> None: ...
+                     now: float, client_mask: int = -1, upstream_mask: int = -1) -> None: ...
         def _c_leave(self, closing: bool = False) -> None: ...
         def _c_export(self) -> tuple[bytes, bytes]: ...
 
@@ -86,38 +81,8 @@ else:
             """Stand-in base of the relay where the compiled part is absent."""
 
             __slots__ = ()
+
+        Engine = None
     else:
         AVAILABLE = True
 """Whether relays may run in C mode in this process."""
-
-def _make_engine(loop: asyncio.AbstractEventLoop) -> Engine:
-    ref = weakref.ref(loop)
-
-    def report(exc: BaseException, relay: object) -> None:
-        owner = ref()
-        context = {"message": f"Exception in relay callback of {relay!r}", "exception": exc}
-        if owner is not None:
-            owner.call_exception_handler(context)
-
-    # Stamps come from CLOCK_MONOTONIC, the clock of both loops' time() (a bound
-    # loop.time would keep the loop alive through the per-loop cache).
-    engine = Engine(report, time.monotonic)
-    loop.add_reader(engine.epfd, engine.dispatch)
-    return engine
-
-
-_engines = PerLoop(_make_engine)
-
-
-def _no_engine(loop: asyncio.AbstractEventLoop) -> Engine | None:
-    return None
-
-
-engine_for: Callable[[asyncio.AbstractEventLoop], Engine | None] = \
-    _engines.get if AVAILABLE else _no_engine
-"""``engine_for(loop)``: the engine of ``loop`` (made and registered on first use),
-or None when the compiled relay is not available."""
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_engines.forget_all)

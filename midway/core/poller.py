@@ -62,9 +62,10 @@ import socket
 import weakref
 from collections.abc import Callable
 
+from . import accel
 from .perloop import PerLoop
 
-__all__ = ["Poller", "LoopPoller", "poller_for", "MAX_EVENTS", "AVAILABLE"]
+__all__ = ["Poller", "LoopPoller", "poller_for", "engine_for", "MAX_EVENTS", "AVAILABLE"]
 
 log = logging.getLogger("midway")
 
@@ -103,7 +104,6 @@ class Poller:
     """Readiness callbacks for descriptors, on one ``epoll`` inside ``loop``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._epoll = select.epoll()
         self._fds: dict[int, _Entry] = {}
         self._stale: set[int] | None = None
         """During a dispatch, descriptors forgotten since the batch was fetched."""
@@ -112,7 +112,17 @@ class Poller:
         hang-up (``EPOLLERR``/``EPOLLHUP``).  A connecting socket's writer reads
         ``SO_ERROR`` only then: a connect that succeeded reports ``EPOLLOUT`` alone."""
         self._loop = weakref.ref(loop)
-        loop.add_reader(self._epoll.fileno(), self._dispatch)
+        self.engine: accel.Engine | None = None
+        """The compiled relay's engine (:mod:`midway.core.accel`), when there is one:
+        it owns the epoll, shared (through a ``dup``) with this poller, and the loop's
+        one reader; it relays its connections and passes the other events here."""
+        if accel.AVAILABLE:
+            engine = self.engine = accel.Engine(self._report, self._run)
+            self._epoll = select.epoll.fromfd(os.dup(engine.epfd))
+            loop.add_reader(engine.epfd, engine.dispatch)
+        else:
+            self._epoll = select.epoll()
+            loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     # -- the loop's interface -------------------------------------------------
 
@@ -183,13 +193,26 @@ class Poller:
         if self._stale is not None:
             self._stale.add(fd)
 
+    def hand_over(self, fd: int) -> int:
+        """Drop every callback of ``fd`` but leave it registered, for the engine,
+        which shares the epoll, to take over: the mask it is registered with (-1:
+        none).  The relay of a dialled upstream thus costs one ``epoll_ctl`` (its
+        interest changed), not an unregister here and a register there."""
+        entry = self._fds.pop(fd, None)
+        if self._stale is not None:
+            self._stale.add(fd)
+        return -1 if entry is None else entry.kernel
+
     def close(self) -> None:
         """Stop polling (the loop is closing); callbacks are dropped."""
         loop = self._loop()
+        engine = self.engine
         if loop is not None and not loop.is_closed():
-            loop.remove_reader(self._epoll.fileno())
+            loop.remove_reader(self._epoll.fileno() if engine is None else engine.epfd)
         self._fds.clear()
         self._epoll.close()
+        if engine is not None:
+            engine.close()
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -209,6 +232,10 @@ class Poller:
             events = self._epoll.poll(0, MAX_EVENTS)
         except InterruptedError:
             return
+        self._run(events)
+
+    def _run(self, events: list[tuple[int, int]]) -> None:
+        """Call the callbacks of ``events``: polled here, or passed on by the engine."""
         fds = self._fds
         stale: set[int] = set()
         self._stale = stale
@@ -303,6 +330,7 @@ class Poller:
             self._report(error, callback)
 
     def _report(self, exc: BaseException, callback: object) -> None:
+        """A callback raised (the engine's: ``callback`` is the relay)."""
         loop = self._loop()
         context = {"message": f"Exception in poller callback {callback!r}", "exception": exc}
         if loop is not None:
@@ -327,6 +355,8 @@ class LoopPoller:
 
     failed = True
     """Not known here: a connecting socket's writer always reads ``SO_ERROR``."""
+    engine = None
+    """No compiled relay here (it needs epoll)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)
@@ -355,6 +385,10 @@ class LoopPoller:
         self.remove_reader(fd)
         self.remove_writer(fd)
 
+    def hand_over(self, fd: int) -> int:
+        self.forget(fd)
+        return -1
+
     def close(self) -> None:
         pass
 
@@ -367,6 +401,12 @@ _pollers: PerLoop[AnyPoller] = PerLoop(lambda loop: Poller(loop) if AVAILABLE el
 poller_for: Callable[[asyncio.AbstractEventLoop], AnyPoller] = _pollers.get
 """``poller_for(loop)``: the poller of ``loop`` (made on first use).  The cache's
 own method, not a function around it: one call less, several times a connection."""
+
+
+def engine_for(loop: asyncio.AbstractEventLoop) -> accel.Engine | None:
+    """The compiled relay's engine of ``loop`` (its poller's), or None when the
+    compiled relay is not available."""
+    return _pollers.get(loop).engine
 
 
 if hasattr(os, "register_at_fork"):

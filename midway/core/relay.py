@@ -99,7 +99,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..errors import describe_oserror
 from . import splice as _splice
 from .accel import AVAILABLE as _ACCEL
-from .accel import Core, engine_for
+from .accel import Core
 from .deadlines import deadlines_for
 from .observer import CloseReason
 from .poller import poller_for
@@ -682,7 +682,7 @@ class Relay(Core, Generic[InfoT]):
         """The side whose socket failed (reset, broken pipe), when one did."""
         self._up: Flow | None = None
         self._down: Flow | None = None
-        self._engine = engine_for(self.loop) if (
+        self._engine = self.poller.engine if (
             _ACCEL and plain_client and plain_upstream and not client_prefix
             and not upstream_prefix) else None
         """The compiled relay's engine while the relay is (or will start) in C mode."""
@@ -798,11 +798,12 @@ class Relay(Core, Generic[InfoT]):
         engine = self._engine
         if engine is not None and self._up is None:
             cfd, ufd = self.client.fileno(), self.upstream.fileno()
-            # The dial left the upstream socket on the poller: one epoll only.
-            self.poller.forget(cfd)
-            self.poller.forget(ufd)
+            # The dial left the upstream socket registered on the poller's epoll,
+            # which is the engine's too: it takes the registration over.
+            poller = self.poller
             try:
-                self._c_start(engine, cfd, ufd, self.splice, self.loop.time())
+                self._c_start(engine, cfd, ufd, self.splice, self.loop.time(),
+                              poller.hand_over(cfd), poller.hand_over(ufd))
             except OSError:
                 self._engine = None
                 self._make_flows()  # relay in Python then

@@ -22,6 +22,7 @@ from midway.chain.runner import set_stages
 from midway.core import accel
 from midway.core import splice as splice_module
 from midway.core.observer import CloseReason
+from midway.core.poller import engine_for
 from midway.core.relay import READ_SIZE, Relay
 
 from .. import helpers
@@ -251,7 +252,7 @@ def test_many_connections_closing_in_one_batch_each_end_cleanly() -> None:
             assert read_to_eof(u_app) == b"%d" % i
             c_app.close()
             u_app.close()
-        engine = accel.engine_for(loop)
+        engine = engine_for(loop)
         assert engine is not None and engine.live == 0
     helpers.run(main())
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -13,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from midway.core import accel
 from midway.core import poller as poller_module
-from midway.core.poller import Poller, poller_for
+from midway.core.poller import Poller, engine_for, poller_for
 
 from .. import helpers
 
@@ -287,5 +290,58 @@ def test_a_raising_callback_is_reported_and_others_still_run(
         for s in (a, a_peer, b, b_peer):
             p.forget(s.fileno())
             s.close()
+
+    run(loop_factory, main())
+
+
+def test_hand_over_leaves_the_descriptor_registered_with_its_mask(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """What the compiled relay's start relies on: a descriptor handed over keeps its
+    kernel registration (the engine changes it with one ``epoll_ctl``) and its
+    callbacks are gone; one nobody registered is reported as such."""
+    async def main() -> None:
+        p = poller_for(asyncio.get_running_loop())
+        assert isinstance(p, Poller)
+        a, a_peer = pair()
+        called: list[str] = []
+        p.add_writer(a.fileno(), lambda: called.append("writer"))
+        assert p.hand_over(a.fileno()) == select.EPOLLOUT
+        a_peer.send(b"x")
+        await turns()
+        assert called == []  # the writer left with the hand-over (it was writable)
+        with pytest.raises(FileExistsError):  # still in the epoll set
+            p._epoll.register(a.fileno(), select.EPOLLIN)
+        p._epoll.unregister(a.fileno())
+        assert p.hand_over(a_peer.fileno()) == -1
+        a.close()
+        a_peer.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.skipif(not accel.AVAILABLE, reason=helpers.needs_accel())
+def test_with_the_compiled_relay_the_poller_and_engine_share_one_epoll(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """One epoll per loop: what the poller registers is in the engine's set, and its
+    callbacks run from the engine's dispatch (the loop's one reader)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        p = poller_for(loop)
+        engine = engine_for(loop)
+        assert engine is not None and p.engine is engine
+        a, a_peer = pair()
+        got = loop.create_future()
+        p.add_reader(a.fileno(), lambda: got.done() or got.set_result(a.recv(10)))
+        same = select.epoll.fromfd(os.dup(engine.epfd))
+        try:
+            with pytest.raises(FileExistsError):
+                same.register(a.fileno(), select.EPOLLIN)
+        finally:
+            same.close()
+        a_peer.send(b"through")
+        assert await asyncio.wait_for(got, 5) == b"through"
+        p.forget(a.fileno())
+        a.close()
+        a_peer.close()
 
     run(loop_factory, main())
