@@ -108,8 +108,11 @@ def _help(info: OptionInfo, default: Any) -> str:
         text += f" One of: {', '.join(info.choices)}."
     if info.const is not None:
         text += f" Given alone: {info.const}."
+    word = next((w for w, value in info.words if value == default), None)
     if isinstance(default, bool):
         text += f" Default: {'on' if default else 'off'}."
+    elif word is not None:  # retries: all, not the -1 that stands for it
+        text += f" Default: {word}."
     elif default not in ("", ()):
         unit = f" {info.unit}" if info.unit else ""
         text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}{unit}."

@@ -395,6 +395,14 @@ def test_help_of_a_number_option_still_says_what_0_means() -> None:
     assert "0: never close an idle connection." in _help_of("--idle-timeout-s")
 
 
+def test_help_names_a_default_that_is_a_word_by_its_word() -> None:
+    """--retries' default is 'all' (stored as -1): the help says all, as
+    docs/configuration.md does, not a -1 that --retries would refuse."""
+    text = _help_of("--retries")
+    assert "Default: all." in text
+    assert "-1" not in text
+
+
 def test_a_word_option_given_neither_a_number_nor_its_word_says_both() -> None:
     result = run("--workers", "two", "127.0.0.1:0", "h:1")
     assert result.returncode == EXIT_USAGE
