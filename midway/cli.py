@@ -18,7 +18,7 @@ import os
 import sys
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ._version import __version__
 from .chain.registry import check_elements
@@ -162,8 +162,24 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
         group.add_argument(_flag(prefix + field.name), **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, naming the closest flag for a mistyped one, as a mistyped key of
+    the file gets the closest key."""
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [w.partition("=")[0] for w in message.removeprefix(prefix).split()
+                     if w.startswith("--")]
+            close = difflib.get_close_matches(flags[0], self._option_string_actions, n=1) \
+                if flags else []
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="midway", usage=_USAGE, epilog=_EPILOG,
         description="A TCP proxy: every client connection gets its own upstream connection.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

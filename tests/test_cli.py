@@ -403,6 +403,18 @@ def test_help_names_a_default_that_is_a_word_by_its_word() -> None:
     assert "-1" not in text
 
 
+@pytest.mark.parametrize(("typo", "meant"), [("--idel-timeout-s", "--idle-timeout-s"),
+                                              ("--acess-log", "--access-log"),
+                                              ("--no-splcie", "--no-splice")])
+def test_a_mistyped_flag_is_named_with_the_closest_one(typo: str, meant: str) -> None:
+    """As a mistyped key of the file is (README, "Configuration file")."""
+    result = run(typo, "5", "127.0.0.1:0", "127.0.0.1:1")
+    assert result.returncode == EXIT_USAGE
+    assert f"midway: error: unrecognized arguments: {typo}" in result.stderr
+    assert f"did you mean '{meant}'?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_word_option_given_neither_a_number_nor_its_word_says_both() -> None:
     result = run("--workers", "two", "127.0.0.1:0", "h:1")
     assert result.returncode == EXIT_USAGE
