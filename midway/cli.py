@@ -18,7 +18,7 @@ import os
 import sys
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ._version import __version__
 from .chain.registry import check_elements
@@ -108,8 +108,11 @@ def _help(info: OptionInfo, default: Any) -> str:
         text += f" One of: {', '.join(info.choices)}."
     if info.const is not None:
         text += f" Given alone: {info.const}."
+    word = next((w for w, value in info.words if value == default), None)
     if isinstance(default, bool):
         text += f" Default: {'on' if default else 'off'}."
+    elif word is not None:  # retries: all, not the -1 that stands for it
+        text += f" Default: {word}."
     elif default not in ("", ()):
         unit = f" {info.unit}" if info.unit else ""
         text += f" Default: {default:g}{unit}." if isinstance(default, float) else f" Default: {default}{unit}."
@@ -159,8 +162,24 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
         group.add_argument(_flag(prefix + field.name), **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, naming the closest flag for a mistyped one, as a mistyped key of
+    the file gets the closest key."""
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [w.partition("=")[0] for w in message.removeprefix(prefix).split()
+                     if w.startswith("--")]
+            close = difflib.get_close_matches(flags[0], self._option_string_actions, n=1) \
+                if flags else []
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="midway", usage=_USAGE, epilog=_EPILOG,
         description="A TCP proxy: every client connection gets its own upstream connection.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

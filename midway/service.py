@@ -859,7 +859,7 @@ class Connection(Dialer):
         self.candidates = _NO_CANDIDATES
         self.upstream = sock
         target.connected()
-        if service._failing:
+        if service._failing and not service.outbound:  # else once the layers succeed
             service._upstream_recovered(target)
         info = self.info
         address = target.address
@@ -899,6 +899,8 @@ class Connection(Dialer):
                 self.phase = Phase.OUTBOUND
                 for layer in self.service.outbound:
                     await layer.connect(self)
+                if self.service._failing:
+                    self.service._upstream_recovered(self.target)
                 self.phase = _OPEN
                 attached = self._attach_all()
             for attachment in list(attached.values()):
@@ -914,9 +916,9 @@ class Connection(Dialer):
             self.finish(CloseReason.REJECTED, str(exc))
             return
         except TlsFailed as exc:
-            if self.phase is Phase.OUTBOUND and self.spare:
+            if self.phase is Phase.OUTBOUND:
                 self.work = None
-                self._next_after_tls(str(exc))
+                self._upstream_tls_failed(str(exc))
                 return
             log.warning("conn %d (%s): tls: %s", self.info.id, self.service.name, exc)
             self.finish(CloseReason.TLS_FAILED, str(exc))
@@ -932,13 +934,14 @@ class Connection(Dialer):
         self.work = None
         self._relay()
 
-    def _next_after_tls(self, detail: str) -> None:
+    def _upstream_tls_failed(self, message: str) -> None:
         """The upstream accepted but its TLS handshake failed: give it up (it
-        counts as a failed attempt, towards passive health too) and dial the next
-        one, as a refused connect would.  Nothing of the client's was sent to it:
-        the relay had not begun."""
+        counts as a failed attempt, towards passive health too, and is listed in
+        the access log's ``failures``) and dial the next one, as a refused connect
+        would; with none left, close the client (``tls_failed``).  Nothing of the
+        client's was sent to it: the relay had not begun."""
         target = self.target
-        detail = detail.removeprefix(f"upstream {target.address}: ")  # the log names it
+        detail = message.removeprefix(f"upstream {target.address}: ")  # the log names it
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             self.poller.forget(upstream.fileno())
@@ -951,7 +954,11 @@ class Connection(Dialer):
         self.candidates, self.spare = self.spare, _NO_CANDIDATES
         self.phase = _DIAL
         self.dial_failed(target, DialFailure.TLS_FAILED, detail)
-        self.dial_next(DialFailure.TLS_FAILED)
+        if self.candidates:
+            self.dial_next(DialFailure.TLS_FAILED)
+            return
+        log.warning("conn %d (%s): tls: %s", info.id, self.service.name, message)
+        self.finish(CloseReason.TLS_FAILED, message)
 
     def _attach_all(self) -> Attached:
         attached: Attached | None = None

@@ -144,6 +144,8 @@ def request(admin: str, method: str, path: str) -> tuple[int, bytes]:
 def _get(admin: str, path: str) -> Any:
     status, body = request(admin, "GET", path)
     if status == 401:
+        if os.environ.get(TOKEN_ENV, ""):
+            raise AdminError(f"the admin API refused the token of {TOKEN_ENV}")
         raise AdminError(f"the admin API needs a token: set {TOKEN_ENV}")
     if status != 200:
         raise AdminError(f"GET {path}: {status} {body[:200].decode(errors='replace')}")

@@ -325,6 +325,19 @@ def test_listen_address_in_use_from_config_file(tmp_path: Path, busy_port: int) 
     assert "proxy a" in line  # which of the file's proxies could not start
 
 
+def test_a_unix_listener_on_a_file_that_is_not_a_socket_says_so(tmp_path: Path) -> None:
+    """A stale socket is replaced, a live one is "in use"; a regular file is left
+    alone, and the message says what it is rather than "address already in use"."""
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me\n")
+    result = run(f"unix:{path}", "127.0.0.1:80")
+    assert result.returncode == EXIT_START_FAILED
+    line = assert_one_clean_line(result.stderr)
+    assert line.endswith(f"cannot listen on unix:{path}: {path} exists and is not a "
+                         "socket (midway replaces only a stale socket)"), line
+    assert path.read_text() == "keep me\n"
+
+
 def test_unresolvable_listen_host() -> None:
     result = run("no-such-host.invalid:0", "127.0.0.1:80")
     assert result.returncode == EXIT_START_FAILED
@@ -393,6 +406,26 @@ def test_every_string_option_is_checked_for_its_help() -> None:
 
 def test_help_of_a_number_option_still_says_what_0_means() -> None:
     assert "0: never close an idle connection." in _help_of("--idle-timeout-s")
+
+
+def test_help_names_a_default_that_is_a_word_by_its_word() -> None:
+    """--retries' default is 'all' (stored as -1): the help says all, as
+    docs/configuration.md does, not a -1 that --retries would refuse."""
+    text = _help_of("--retries")
+    assert "Default: all." in text
+    assert "-1" not in text
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("--idel-timeout-s", "--idle-timeout-s"),
+                                              ("--acess-log", "--access-log"),
+                                              ("--no-splcie", "--no-splice")])
+def test_a_mistyped_flag_is_named_with_the_closest_one(typo: str, meant: str) -> None:
+    """As a mistyped key of the file is (README, "Configuration file")."""
+    result = run(typo, "5", "127.0.0.1:0", "127.0.0.1:1")
+    assert result.returncode == EXIT_USAGE
+    assert f"midway: error: unrecognized arguments: {typo}" in result.stderr
+    assert f"did you mean '{meant}'?" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_word_option_given_neither_a_number_nor_its_word_says_both() -> None:

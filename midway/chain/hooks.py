@@ -100,6 +100,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from ..core.cooperate import cooperate
+from ..core.observer import CloseReason
 from ..errors import ConfigError, ElementError, Rejected, traceback_of
 from .base import (
     DIRECTIONS,
@@ -646,7 +647,9 @@ class HookContext:
         self._ended = True
         for stage in self._stages.values():
             stage.close()
-        if "on_close" not in self._element.has:
+        if "on_close" not in self._element.has or reason == CloseReason.REJECTED:
+            # An on_connect (this hook's or another's) refused the connection: it
+            # never opened, so there is nothing for on_close to end (docs/inspection.md).
             return
         element = self._element
         try:

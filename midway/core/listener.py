@@ -75,9 +75,19 @@ def open_listening_socket(address: Address, backlog: int, *,
             sock.close()
             raise
     except OSError as exc:
-        raise ListenError(f"cannot listen on {address}: {describe_oserror(exc)}") from exc
+        why = describe_oserror(exc)
+        if exc.errno == errno.EADDRINUSE and _not_a_socket(address.path):
+            why = f"{address.path} exists and is not a socket (midway replaces only a stale socket)"
+        raise ListenError(f"cannot listen on {address}: {why}") from exc
     sock.setblocking(False)
     return sock
+
+
+def _not_a_socket(path: str) -> bool:
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,

@@ -212,6 +212,29 @@ def test_top_says_when_midway_does_not_answer(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
 
 
+def test_top_says_whether_its_token_is_missing_or_refused(tmp_path: Path,
+                                                          echo: EchoServer) -> None:
+    running = start_midway(tmp_path, echo, extra='admin_token = "s3cret"')
+    try:
+        def top(token: str | None) -> subprocess.CompletedProcess[str]:
+            env = {k: v for k, v in os.environ.items() if k != "MIDWAY_ADMIN_TOKEN"}
+            if token is not None:
+                env["MIDWAY_ADMIN_TOKEN"] = token
+            return subprocess.run([sys.executable, "-m", "midway", "top", "--admin",
+                                   f"127.0.0.1:{running.admin.port}"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=20)
+        missing, wrong, right = top(None), top("wrong"), top("s3cret")
+    finally:
+        running.process.stop()
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "midway top: the admin API needs a token: set MIDWAY_ADMIN_TOKEN"
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip() == ("midway top: the admin API refused the token of "
+                                    "MIDWAY_ADMIN_TOKEN")
+    assert right.returncode == 0, right.stderr
+    assert right.stdout.startswith("PROXY")
+
+
 # -- what top draws from given answers (no midway) ----------------------------
 
 def snapshot(connections: list[dict[str, object]], upstreams: list[dict[str, object]] | None

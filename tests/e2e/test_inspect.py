@@ -227,6 +227,62 @@ def test_drop_inject_and_reject() -> None:
     run(main())
 
 
+class Bouncer:
+    """Refuses the first connection in on_connect (``refuse``: by raising, or by
+    ctx.close); records every on_close it gets."""
+
+    closed: list[tuple[int, str]] = []
+    refuse = "raise"
+
+    def on_connect(self, ctx: HookContext) -> None:
+        if ctx.info.sequence == 1:
+            if Bouncer.refuse == "raise":
+                raise Rejected("not you")
+            ctx.close("not you either")
+        self.id = ctx.id
+
+    def on_close(self, ctx: HookContext, reason: str) -> None:
+        Bouncer.closed.append((self.id, reason))
+
+
+class Bystander:
+    """A second hook, after the refusing one: its on_close is not called either."""
+
+    closed: list[str] = []
+
+    def on_close(self, ctx: HookContext, reason: str) -> None:
+        Bystander.closed.append(reason)
+
+
+@pytest.mark.one_mode
+@pytest.mark.parametrize("refuse", ["raise", "close"])
+def test_on_close_is_not_called_for_a_connection_on_connect_refused(refuse: str) -> None:
+    """docs/inspection.md: on_close "is not called for a connection that on_connect
+    (of this hook or a later one) refused" (an on_close that reads what
+    on_connect set up would fail on it)."""
+    Bouncer.closed, Bouncer.refuse, Bystander.closed = [], refuse, []
+    closes = Closes()
+
+    async def main() -> None:
+        async with serve(Recorder(reply=b"ok\n").handler) as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}",
+                hooks=[f"{HOOKS}:Bystander", f"{HOOKS}:Bouncer"], observers=[closes]) as proxy:
+            async with connect(proxy) as (reader, writer):  # refused
+                with contextlib.suppress(ConnectionResetError):
+                    assert await read_to_eof(reader) == b""
+            async with connect(proxy) as (reader, writer):  # accepted
+                writer.write(b"x\n")
+                assert await read_exactly(reader, 3) == b"ok\n"
+                writer.write_eof()
+                assert await read_to_eof(reader) == b""
+            assert await asyncio.to_thread(wait_until, lambda: len(closes.records) == 2)
+        assert [r.reason for r in closes.records] == ["rejected", "eof"]
+        assert Bouncer.closed == [(2, "eof")]
+        assert Bystander.closed == ["eof"]
+
+    run(main())
+
+
 class Explode:
     def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes:
         if b"boom" in data:

@@ -231,9 +231,9 @@ def test_origination_fails_verification_with_a_clear_log_line(pki: Pki, ca: str)
             # Closed, nothing relayed (with a FIN: this client sent nothing yet; one
             # that had would get a reset, as the kernel does for unread bytes).
             assert plain.recv(100) == b""
-        assert wait_until(lambda: "verify failed" in mw.stderr_text())
+        assert wait_until(lambda: "tls: upstream" in mw.stderr_text())
         log = mw.stderr_text()
-    line = next(x for x in log.splitlines() if "verify failed" in x)
+    line = next(x for x in log.splitlines() if "tls: upstream" in x)
     reason = "unable to get local issuer certificate" if ca == "wrong" else "self-signed certificate"
     assert f"tls: upstream 127.0.0.1:{up}: certificate verify failed: {reason}" in line
     assert "Traceback" not in log
@@ -254,6 +254,39 @@ def test_a_failed_upstream_handshake_tries_the_next_upstream(pki: Pki) -> None:
     line = next(x for x in log.splitlines() if "trying the next one" in x)
     assert f"upstream localhost:{bad} failed: certificate verify failed: " in line, line
     assert "(tls_failed)" in line, line
+    assert "Traceback" not in log
+
+
+def test_the_last_upstreams_failed_handshake_is_a_failed_attempt_too(
+        pki: Pki, tmp_path: Path) -> None:
+    """docs/tls.md: a failed upstream handshake counts towards passive health and
+    is listed in the access log's ``failures``, also when no upstream is left to
+    try: a lone upstream whose certificate never verifies is ejected after
+    ``eject_after`` connections, as a refusing one is, not \"connects again\"."""
+    _needs("openssl")
+    access = tmp_path / "access.log"
+    with s_server(pki.other_cert, pki.other_key) as bad, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{bad}", "--upstream-tls", "--health-eject-after", "2",
+            "--access-log", str(access)) as mw:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
+                assert plain.recv(100) == b""  # closed, nothing relayed
+        assert wait_until(lambda: "is down" in mw.stderr_text(), 10), mw.stderr_text()
+        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
+            assert plain.recv(100) == b""  # ejected: closed at once, no_upstream
+        assert wait_until(lambda: len(access.read_text().splitlines()) == 3, 10)
+        log = mw.stderr_text()
+    down = next(x for x in log.splitlines() if "is down" in x)
+    assert f"upstream 127.0.0.1:{bad} of proxy default is down: certificate verify failed" in down
+    assert f"upstream 127.0.0.1:{bad} failed: certificate verify failed" in log
+    assert "connects again" not in log, log
+    first, second, third = (json.loads(x) for x in access.read_text().splitlines())
+    for record in (first, second):
+        assert record["reason"] == "tls_failed", record
+        assert record["upstream"] is None, record
+        assert record["attempts"] == 1, record
+        assert [f["failure"] for f in record["failures"]] == ["tls_failed"], record
+    assert third["reason"] == "no_upstream", third
     assert "Traceback" not in log
 
 
