@@ -67,6 +67,7 @@ ids, the admission gate, observers, ``reuse_port``), which
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import socket
@@ -219,31 +220,97 @@ class ProxyService:
     def bind(self) -> None:
         """Open every listener (not yet accepting).  All or nothing: on failure the
         ones opened are closed and :class:`ListenError` names the address."""
+        self.listeners = self._open(self.config.listen)
+
+    def _open(self, addresses: Sequence[Address]) -> list[Listener]:
+        """New listeners on ``addresses``, not yet accepting; all or nothing, as
+        :meth:`bind`."""
         socks = []
         try:
-            for address in self.config.listen:
+            for address in addresses:
                 socks.append((address, open_listening_socket(
                     address, self.config.backlog, reuse_port=self.host.reuse_port)))
         except ListenError:
             for _, sock in socks:
                 sock.close()
             raise
-        self.listeners = [
+        listeners = [
             Listener(address, sock, self._on_accept, self._can_accept) for address, sock in socks
         ]
-        for listener in self.listeners:
+        for listener in listeners:
             listener.set_nodelay(self.config.tcp_nodelay)
+        return listeners
+
+    def relisten(self, listen: tuple[Address, ...]) -> None:
+        """Listen on ``listen`` instead of :attr:`config`'s addresses, and make it
+        the configured list.  A listener whose address stays is left as it is:
+        its socket and the clients in its accept queue are never closed, so not
+        one connection to it is refused during the change.  Added addresses are
+        opened (accepting if the proxy is), removed ones closed.  An added address
+        may overlap a removed one (``:8080`` replacing ``127.0.0.1:8080``): when
+        it cannot be bound beside them, the removed ones are closed first and it
+        is tried again.  All or nothing: on :class:`ListenError` the proxy
+        listens where it did (a removed address taken meanwhile by another
+        process is logged and left out)."""
+        if not self.listeners:  # closed (midway is stopping): nothing to move
+            self.config = dataclasses.replace(self.config, listen=listen)
+            return
+        current = dict(zip(self.config.listen, self.listeners, strict=True))
+        removed = [(a, ln) for a, ln in current.items() if a not in listen]
+        added = [a for a in listen if a not in current]
+        try:
+            opened = dict(zip(added, self._open(added), strict=True))
+        except ListenError:
+            if not removed:
+                raise
+            for _, listener in removed:
+                listener.close()
+            try:
+                opened = dict(zip(added, self._open(added), strict=True))
+            except ListenError:
+                self._reopen(current, removed)
+                raise
+        else:
+            for _, listener in removed:
+                listener.close()
+        kept = {a: ln for a, ln in current.items() if a in listen}
+        self.listeners = [kept[a] if a in kept else opened[a] for a in listen]
+        self.config = dataclasses.replace(self.config, listen=listen)
+        self._announce(opened.values())
+
+    def _reopen(self, current: dict[Address, Listener],
+                removed: list[tuple[Address, Listener]]) -> None:
+        """After a failed :meth:`relisten`: open the removed addresses again."""
+        closed = {a for a, _ in removed}
+        listeners: dict[Address, Listener] = {}
+        for address, listener in current.items():
+            if address not in closed:
+                listeners[address] = listener
+                continue
+            try:
+                listeners[address] = self._open([address])[0]
+            except ListenError as exc:
+                log.error("%s: cannot listen again on %s: %s", self.name, address, exc)
+        self.listeners = list(listeners.values())
+        self.config = dataclasses.replace(self.config, listen=tuple(listeners))
+        self._announce([ln for a, ln in listeners.items() if a in closed])
 
     def start_accepting(self) -> None:
         self.accepting = True
-        for listener in self.listeners:
+        self._announce(self.listeners)
+        self._tell_health(self.pool.upstreams)
+        self._sync_checks()
+
+    def _announce(self, listeners: Iterable[Listener]) -> None:
+        """Start ``listeners`` accepting if the proxy is, saying so."""
+        if not self.accepting:
+            return
+        for listener in listeners:
             listener.resume()
             log.info("%s: listening on %s, forwarding to %s%s", self.name, listener.bound,
                      _upstream_list(self.pool) or "nothing",
                      "".join(f"; SNI route {name} to {_upstream_list(pool)}"
                              for name, pool in self._route_sets.items()))
-        self._tell_health(self.pool.upstreams)
-        self._sync_checks()
 
     def stop_accepting(self) -> None:
         self.accepting = False

@@ -1,0 +1,96 @@
+"""A reload (or an API update) that changes a proxy's listen list: the addresses
+that stay keep their listening sockets, so a client connecting to one of them
+during the change is served, never refused or reset; addresses added start
+listening, addresses removed stop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+import midway
+from midway.errors import ListenError
+
+from ..helpers import free_port, read_exactly, run, serve
+
+
+def _queued_client(port: int) -> socket.socket:
+    """A client whose handshake the kernel has completed: it sits in the
+    listener's accept queue (the event loop has not run since)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setblocking(False)
+    return sock
+
+
+async def _echoes(sock: socket.socket, payload: bytes = b"ping") -> bytes:
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await read_exactly(reader, len(payload), timeout=5)
+    finally:
+        writer.close()
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.one_mode
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_an_address_kept_by_a_listen_change_keeps_its_queued_clients(change: str) -> None:
+    """A client queued on the kept address while the list changes (another
+    address added, or one removed) is served: the kept socket was not closed
+    and bound again (which resets every queued handshake and refuses
+    connections until the new socket listens)."""
+    kept, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    before, after = ([kept], [kept, other]) if change == "add" else ([kept, other], [kept])
+
+    async def main() -> tuple[bytes, bool]:
+        async with serve() as echo, midway.Proxy(before, f"127.0.0.1:{echo}") as proxy:
+            assert proxy.runtime is not None
+            queued = _queued_client(int(kept.rsplit(":", 1)[1]))
+            # In the same turn of the loop: the client is still in the kernel's queue.
+            proxy.runtime.update_proxy(midway.proxy_config(after, f"127.0.0.1:{echo}",
+                                                           name=proxy.config.name))
+            got = await _echoes(queued)
+            other_refused = await asyncio.to_thread(_refused, int(other.rsplit(":", 1)[1]))
+            return got, other_refused
+
+    got, other_refused = run(main())
+    assert got == b"ping"
+    assert other_refused == (change == "remove")
+
+
+@pytest.mark.one_mode
+def test_a_listen_change_that_cannot_bind_leaves_the_kept_address_serving() -> None:
+    """The added address is taken by another process: the update fails, naming
+    it, and the kept address never stopped listening (its queued client is
+    served); the proxy listens where it did."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    kept = f"127.0.0.1:{free_port()}"
+    busy = f"127.0.0.1:{taken.getsockname()[1]}"
+
+    async def main() -> tuple[str, bytes, list[str]]:
+        async with serve() as echo, midway.Proxy(kept, f"127.0.0.1:{echo}") as proxy:
+            assert proxy.runtime is not None
+            queued = _queued_client(int(kept.rsplit(":", 1)[1]))
+            with pytest.raises(ListenError) as failure:
+                proxy.runtime.update_proxy(midway.proxy_config(
+                    [kept, busy], f"127.0.0.1:{echo}", name=proxy.config.name))
+            got = await _echoes(queued)
+            return str(failure.value), got, proxy.service.addresses
+
+    try:
+        error, got, addresses = run(main())
+    finally:
+        taken.close()
+    assert busy in error and "in use" in error
+    assert got == b"ping"
+    assert addresses == [kept]
