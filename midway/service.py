@@ -373,7 +373,10 @@ class ProxyService:
 
     def _attempt_failed(self, conn: Connection, target: UpstreamState, failure: DialFailure,
                         detail: str) -> None:
-        target.connect_failed(detail)
+        if failure is not DialFailure.OUT_OF_DESCRIPTORS:
+            # Out of descriptors is midway's shortage, not the upstream's fault:
+            # ejecting a healthy upstream would refuse clients once descriptors free.
+            target.connect_failed(detail)
         observers = self.host.observers
         if observers:
             observers.connect_failed(self.name, str(target.address), failure.value, detail)
