@@ -1044,17 +1044,26 @@ class Connection(Dialer):
         config = service.config
         upstream = self.upstream
         assert upstream is not None
+        try:
+            relay = Relay(
+                self.client_end or self.client, self.upstream_end or upstream, self.info,
+                idle_timeout_s=config.idle_timeout_s,
+                half_close_timeout_s=config.half_close_timeout_s,
+                on_close=service.relay_closed,
+                splice=config.splice,
+                loop=self.loop,
+                client_prefix=self.pending,
+            )
+        except OSError as exc:
+            # Out of descriptors as the relay starts (the compiled relay's engine
+            # is opened with the first connection it relays): this client is
+            # closed; the slot and both sockets are freed.
+            log.warning("conn %d (%s) from %s: cannot relay: %s", self.info.id, service.name,
+                        self.info.client, describe_oserror(exc))
+            self.finish(CloseReason.ERROR, describe_oserror(exc))
+            return
         service._connecting.discard(self)
         self.phase = _RELAY
-        relay = Relay(
-            self.client_end or self.client, self.upstream_end or upstream, self.info,
-            idle_timeout_s=config.idle_timeout_s,
-            half_close_timeout_s=config.half_close_timeout_s,
-            on_close=service.relay_closed,
-            splice=config.splice,
-            loop=self.loop,
-            client_prefix=self.pending,
-        )
         self.pending = b""
         relay.connect_time_s = time.perf_counter() - self.started
         service.live[relay] = _Relayed(self.attached, self.target, self.failures, self.lease)
