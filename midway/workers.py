@@ -261,6 +261,7 @@ class Supervisor:
                 log.info("supervisor %d: started %d workers", os.getpid(), self.count)
                 notify.notify(notify.READY)
                 await stop
+            reloads.stopping = True
             notify.notify(notify.STOPPING)
             self._stop(signal.Signals[signals.first] if signals.first else signal.SIGTERM)
             await asyncio.gather(*keepers, return_exceptions=True)
