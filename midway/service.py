@@ -255,45 +255,54 @@ class ProxyService:
         if not self.listeners:  # closed (midway is stopping): nothing to move
             self.config = dataclasses.replace(self.config, listen=listen)
             return
-        current = dict(zip(self.config.listen, self.listeners, strict=True))
-        removed = [(a, ln) for a, ln in current.items() if a not in listen]
-        added = [a for a in listen if a not in current]
+        current = list(zip(self.config.listen, self.listeners, strict=True))
+        spare = list(current)
+        plan: list[Listener | Address] = []  # per new address: its kept listener, or itself
+        for address in listen:
+            match = next((pair for pair in spare if pair[0] == address), None)
+            if match is None:
+                plan.append(address)
+            else:
+                spare.remove(match)
+                plan.append(match[1])
+        removed = [listener for _, listener in spare]
+        added = [a for a in plan if isinstance(a, Address)]
         try:
-            opened = dict(zip(added, self._open(added), strict=True))
+            opened = self._open(added)
         except ListenError:
             if not removed:
                 raise
-            for _, listener in removed:
+            for listener in removed:
                 listener.close()
             try:
-                opened = dict(zip(added, self._open(added), strict=True))
+                opened = self._open(added)
             except ListenError:
                 self._reopen(current, removed)
                 raise
         else:
-            for _, listener in removed:
+            for listener in removed:
                 listener.close()
-        kept = {a: ln for a, ln in current.items() if a in listen}
-        self.listeners = [kept[a] if a in kept else opened[a] for a in listen]
+        fresh = iter(opened)
+        self.listeners = [next(fresh) if isinstance(a, Address) else a for a in plan]
         self.config = dataclasses.replace(self.config, listen=listen)
-        self._announce(opened.values())
+        self._announce(opened)
 
-    def _reopen(self, current: dict[Address, Listener],
-                removed: list[tuple[Address, Listener]]) -> None:
+    def _reopen(self, current: list[tuple[Address, Listener]], removed: list[Listener]) -> None:
         """After a failed :meth:`relisten`: open the removed addresses again."""
-        closed = {a for a, _ in removed}
-        listeners: dict[Address, Listener] = {}
-        for address, listener in current.items():
-            if address not in closed:
-                listeners[address] = listener
-                continue
-            try:
-                listeners[address] = self._open([address])[0]
-            except ListenError as exc:
-                log.error("%s: cannot listen again on %s: %s", self.name, address, exc)
-        self.listeners = list(listeners.values())
-        self.config = dataclasses.replace(self.config, listen=tuple(listeners))
-        self._announce([ln for a, ln in listeners.items() if a in closed])
+        pairs: list[tuple[Address, Listener]] = []
+        reopened = []
+        for address, listener in current:
+            if listener in removed:
+                try:
+                    listener = self._open([address])[0]
+                except ListenError as exc:
+                    log.error("%s: cannot listen again on %s: %s", self.name, address, exc)
+                    continue
+                reopened.append(listener)
+            pairs.append((address, listener))
+        self.listeners = [listener for _, listener in pairs]
+        self.config = dataclasses.replace(self.config, listen=tuple(a for a, _ in pairs))
+        self._announce(reopened)
 
     def start_accepting(self) -> None:
         self.accepting = True

@@ -11,6 +11,8 @@ import socket
 import pytest
 
 import midway
+from midway.config.addresses import Address
+from midway.config.target import keep_ports
 from midway.errors import ListenError
 
 from ..helpers import free_port, read_exactly, run, serve
@@ -94,3 +96,32 @@ def test_a_listen_change_that_cannot_bind_leaves_the_kept_address_serving() -> N
     assert busy in error and "in use" in error
     assert got == b"ping"
     assert addresses == [kept]
+
+
+@pytest.mark.one_mode
+def test_a_port_0_address_keeps_its_port_and_socket_when_another_is_added() -> None:
+    """``127.0.0.1:0`` stays where it was bound (as a same-length change keeps
+    it), and its queued client is served, when an address is added beside it."""
+    other = f"127.0.0.1:{free_port()}"
+
+    async def main() -> tuple[int, bytes, list[str]]:
+        async with serve() as echo, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{echo}") as proxy:
+            assert proxy.runtime is not None
+            port = proxy.port
+            queued = _queued_client(port)
+            proxy.runtime.update_proxy(midway.proxy_config(["127.0.0.1:0", other],
+                                                           f"127.0.0.1:{echo}",
+                                                           name=proxy.config.name))
+            return port, await _echoes(queued), proxy.service.addresses
+
+    port, got, addresses = run(main())
+    assert got == b"ping"
+    assert addresses == [f"127.0.0.1:{port}", other]
+
+
+def test_keep_ports_gives_each_port_0_address_a_port_the_new_list_does_not_name() -> None:
+    current = (Address("127.0.0.1", 5000), Address("127.0.0.1", 6000))
+    assert keep_ports((Address("127.0.0.1", 6000), Address("127.0.0.1", 0)), current) == (
+        Address("127.0.0.1", 6000), Address("127.0.0.1", 5000))
+    assert keep_ports((Address("127.0.0.1", 0),), current) == (Address("127.0.0.1", 5000),)
+    assert keep_ports((Address("::1", 0),), current) == (Address("::1", 0),)
