@@ -568,10 +568,17 @@ class ProxyService:
         self.pool.reconfigure(_specs(config), balance=config.balance,
                               health=health_settings(config.health),
                               empty_ok=bool(config.routes))
+        resize = config.backlog != self.config.backlog
         self.config = config
         for listener in self.listeners:
             if listener.nodelay is not None and listener.nodelay != config.tcp_nodelay:
                 listener.set_nodelay(config.tcp_nodelay)
+            if resize:  # listen() again on a listening socket resizes its queue
+                try:
+                    listener.sock.listen(config.backlog)
+                except OSError as exc:
+                    log.warning("%s: %s keeps its backlog: %s", self.name, listener.bound,
+                                describe_oserror(exc))
         self.access = _access(config)
         self.sources.limit = config.max_connections_per_source
         self.retries = None if config.retries < 0 else config.retries

@@ -6,7 +6,9 @@ listening, addresses removed stop."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import subprocess
 
 import pytest
 
@@ -15,7 +17,7 @@ from midway.config.addresses import Address
 from midway.config.target import keep_ports
 from midway.errors import ListenError
 
-from ..helpers import free_port, read_exactly, run, serve
+from ..helpers import free_port, needs, read_exactly, run, serve
 
 
 def _queued_client(port: int) -> socket.socket:
@@ -125,3 +127,29 @@ def test_keep_ports_gives_each_port_0_address_a_port_the_new_list_does_not_name(
         Address("127.0.0.1", 6000), Address("127.0.0.1", 5000))
     assert keep_ports((Address("127.0.0.1", 0),), current) == (Address("127.0.0.1", 5000),)
     assert keep_ports((Address("::1", 0),), current) == (Address("::1", 0),)
+
+
+def _listen_backlog(port: int) -> int:
+    """The backlog the kernel applies to the listener on ``port`` (``ss``'s
+    Send-Q of a listening socket)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout.split()
+    return int(out[2])
+
+
+@pytest.mark.one_mode
+@pytest.mark.skipif(not shutil.which("ss"), reason=needs("ss", apt="iproute2"))
+def test_a_changed_backlog_applies_to_the_listener_it_keeps() -> None:
+    """A reload that says ``changed web (backlog)`` applies it: the listening
+    socket is kept, its accept queue resized."""
+    async def main() -> tuple[int, int]:
+        async with serve() as echo, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{echo}",
+                                                 backlog=16) as proxy:
+            assert proxy.runtime is not None
+            before = await asyncio.to_thread(_listen_backlog, proxy.port)
+            proxy.runtime.update_proxy(midway.proxy_config(
+                f"127.0.0.1:{proxy.port}", f"127.0.0.1:{echo}", name=proxy.config.name,
+                backlog=64))
+            return before, await asyncio.to_thread(_listen_backlog, proxy.port)
+
+    assert run(main()) == (16, 64)
