@@ -247,9 +247,9 @@ class ProxyService:
         its socket and the clients in its accept queue are never closed, so not
         one connection to it is refused during the change.  Added addresses are
         opened (accepting if the proxy is), removed ones closed.  An added address
-        may overlap a removed one (``:8080`` replacing ``127.0.0.1:8080``): when
-        it cannot be bound beside them, the removed ones are closed first and it
-        is tried again.  All or nothing: on :class:`ListenError` the proxy
+        may overlap a removed one on the same port (``:8080`` replacing
+        ``127.0.0.1:8080``): when it cannot be bound beside them, the removed
+        ones are closed first and it is tried again.  All or nothing: on :class:`ListenError` the proxy
         listens where it did (a removed address taken meanwhile by another
         process is logged and left out)."""
         if not self.listeners:  # closed (midway is stopping): nothing to move
@@ -270,8 +270,9 @@ class ProxyService:
         try:
             opened = self._open(added)
         except ListenError:
-            if not removed:
-                raise
+            ports = {a.port for a in added if not a.is_unix}
+            if not any(listener.port in ports for listener in removed):
+                raise  # no overlap to make room for: the cause is elsewhere
             for listener in removed:
                 listener.close()
             try:

@@ -153,3 +153,49 @@ def test_a_changed_backlog_applies_to_the_listener_it_keeps() -> None:
             return before, await asyncio.to_thread(_listen_backlog, proxy.port)
 
     assert run(main()) == (16, 64)
+
+
+@pytest.mark.one_mode
+def test_a_listener_moves_onto_the_wildcard_of_its_port() -> None:
+    """``127.0.0.1:P`` replaced by ``:P``, which cannot be bound beside it: the
+    old socket is closed first, then the wildcard serves (IPv4 too)."""
+    port = free_port()
+
+    async def main() -> tuple[list[str], bytes]:
+        async with serve() as echo, midway.Proxy(f"127.0.0.1:{port}",
+                                                 f"127.0.0.1:{echo}") as proxy:
+            assert proxy.runtime is not None
+            proxy.runtime.update_proxy(midway.proxy_config(f":{port}", f"127.0.0.1:{echo}",
+                                                           name=proxy.config.name))
+            client = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 5)
+            client.setblocking(False)
+            return proxy.service.addresses, await _echoes(client)
+
+    addresses, got = run(main())
+    assert len(addresses) == 1 and addresses[0].endswith(f":{port}")
+    assert got == b"ping"
+
+
+@pytest.mark.one_mode
+def test_a_failed_change_leaves_a_removed_address_listening() -> None:
+    """``[kept, gone]`` to ``[kept, taken]``: the taken address fails the change,
+    and ``gone``, which it would have removed, never stopped listening."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    kept, gone = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    busy = f"127.0.0.1:{taken.getsockname()[1]}"
+
+    async def main() -> tuple[bytes, list[str]]:
+        async with serve() as echo, midway.Proxy([kept, gone], f"127.0.0.1:{echo}") as proxy:
+            assert proxy.runtime is not None
+            queued = _queued_client(int(gone.rsplit(":", 1)[1]))
+            with pytest.raises(ListenError):
+                proxy.runtime.update_proxy(midway.proxy_config(
+                    [kept, busy], f"127.0.0.1:{echo}", name=proxy.config.name))
+            return await _echoes(queued), proxy.service.addresses
+
+    try:
+        got, addresses = run(main())
+    finally:
+        taken.close()
+    assert got == b"ping"
+    assert addresses == [kept, gone]
