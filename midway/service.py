@@ -249,9 +249,9 @@ class ProxyService:
         opened (accepting if the proxy is), removed ones closed.  An added address
         may overlap a removed one on the same port (``:8080`` replacing
         ``127.0.0.1:8080``): when it cannot be bound beside them, the removed
-        ones are closed first and it is tried again.  All or nothing: on :class:`ListenError` the proxy
-        listens where it did (a removed address taken meanwhile by another
-        process is logged and left out)."""
+        ones are closed first and it is tried again.  All or nothing: on
+        :class:`ListenError` the proxy listens where it did (a removed address
+        taken meanwhile by another process is logged and left out)."""
         if not self.listeners:  # closed (midway is stopping): nothing to move
             self.config = dataclasses.replace(self.config, listen=listen)
             return

@@ -9,10 +9,10 @@ Every worker is a whole midway data plane (its own event loop and runtime,
 sockets, so there is no shared accept queue and no lock.  The supervisor (the
 parent) first binds each listener once *without listening*
 (:class:`Reservations`): that checks the address up front (one clear error,
-exit 1, before any worker starts; checked without SO_REUSEPORT first, so a
-port another program shares with SO_REUSEPORT is refused too), turns port 0 into one real port that every
-worker then shares, and holds the port while workers come and go.  A socket
-that does not listen receives no connection.  A change that adds or moves a
+exit 1, before any worker starts; bound without SO_REUSEPORT first, so that a
+port another program shares with SO_REUSEPORT is refused too), turns port 0
+into one real port that every worker then shares, and holds the port while
+workers come and go.  A socket that does not listen receives no connection.  A change that adds or moves a
 listener (the API, a reload) reserves the new address first, and one no longer
 used is let go once every worker has moved.
 
