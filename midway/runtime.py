@@ -285,7 +285,8 @@ class Runtime:
     def update_proxy(self, config: ProxyConfig, *, enabled: bool | None = None) -> ProxyService:
         """Change a live proxy, and (with ``enabled``) start or stop its listening
         in the same step.  Open connections keep going; new ones use the new
-        settings.  Listeners are rebound only if the listen addresses changed or
+        settings.  Only the listen addresses added are bound (the ones that stay
+        keep their sockets, see :meth:`ProxyService.relisten`), all of them if
         the proxy is being enabled.  All or nothing: on a :class:`ListenError`
         the proxy is as it was (listening where it was, if it was)."""
         service = self.services[config.name]
@@ -294,36 +295,25 @@ class Runtime:
         enable = service.enabled if enabled is None else enabled
         if not enable:
             self.enable_proxy(config.name, False)
-        elif not service.enabled or config.listen != service.config.listen:
-            was_listening = service.enabled
+        elif not service.enabled:
             previous = service.config
-            service.close_listeners()
             service.config = config
             try:
                 service.bind()
             except ListenError:
                 service.config = previous
-                if was_listening:
-                    self._listen_again(service)
                 raise
             _pin_ports(service)
             service.enabled = True
             if not self.stopping:
                 service.start_accepting()
             config = dataclasses.replace(config, listen=service.config.listen)
+        elif config.listen != service.config.listen:
+            service.relisten(config.listen)  # the addresses that stay keep their sockets
+            _pin_ports(service)
+            config = dataclasses.replace(config, listen=service.config.listen)
         service.reconfigure(config)
         return service
-
-    def _listen_again(self, service: ProxyService) -> None:
-        """Rebind a proxy's previous listeners after a failed move; should even
-        that fail (another process took the port meanwhile), it ends disabled."""
-        try:
-            service.bind()
-        except ListenError as exc:
-            service.enabled = False
-            log.error("%s: disabled: cannot listen again where it was: %s", service.name, exc)
-            return
-        service.start_accepting()
 
     def enable_proxy(self, name: str, enabled: bool) -> None:
         """Start or stop a proxy's listening (Toxiproxy's ``enabled``); disabling

@@ -67,6 +67,7 @@ ids, the admission gate, observers, ``reuse_port``), which
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import socket
@@ -219,31 +220,107 @@ class ProxyService:
     def bind(self) -> None:
         """Open every listener (not yet accepting).  All or nothing: on failure the
         ones opened are closed and :class:`ListenError` names the address."""
+        self.listeners = self._open(self.config.listen)
+
+    def _open(self, addresses: Sequence[Address]) -> list[Listener]:
+        """New listeners on ``addresses``, not yet accepting; all or nothing, as
+        :meth:`bind`."""
         socks = []
         try:
-            for address in self.config.listen:
+            for address in addresses:
                 socks.append((address, open_listening_socket(
                     address, self.config.backlog, reuse_port=self.host.reuse_port)))
         except ListenError:
             for _, sock in socks:
                 sock.close()
             raise
-        self.listeners = [
+        listeners = [
             Listener(address, sock, self._on_accept, self._can_accept) for address, sock in socks
         ]
-        for listener in self.listeners:
+        for listener in listeners:
             listener.set_nodelay(self.config.tcp_nodelay)
+        return listeners
+
+    def relisten(self, listen: tuple[Address, ...]) -> None:
+        """Listen on ``listen`` instead of :attr:`config`'s addresses, and make it
+        the configured list.  A listener whose address stays is left as it is:
+        its socket and the clients in its accept queue are never closed, so not
+        one connection to it is refused during the change.  Added addresses are
+        opened (accepting if the proxy is), removed ones closed.  An added address
+        may overlap a removed one on the same port (``:8080`` replacing
+        ``127.0.0.1:8080``): when it cannot be bound beside them, the removed
+        ones are closed first and it is tried again.  All or nothing: on
+        :class:`ListenError` the proxy listens where it did (a removed address
+        taken meanwhile by another process is logged and left out)."""
+        if not self.listeners:  # closed (midway is stopping): nothing to move
+            self.config = dataclasses.replace(self.config, listen=listen)
+            return
+        current = list(zip(self.config.listen, self.listeners, strict=True))
+        spare = list(current)
+        plan: list[Listener | Address] = []  # per new address: its kept listener, or itself
+        for address in listen:
+            match = next((pair for pair in spare if pair[0] == address), None)
+            if match is None:
+                plan.append(address)
+            else:
+                spare.remove(match)
+                plan.append(match[1])
+        removed = [listener for _, listener in spare]
+        added = [a for a in plan if isinstance(a, Address)]
+        try:
+            opened = self._open(added)
+        except ListenError:
+            ports = {a.port for a in added if not a.is_unix}
+            if not any(listener.port in ports for listener in removed):
+                raise  # no overlap to make room for: the cause is elsewhere
+            for listener in removed:
+                listener.close()
+            try:
+                opened = self._open(added)
+            except ListenError:
+                self._reopen(current, removed)
+                raise
+        else:
+            for listener in removed:
+                listener.close()
+        fresh = iter(opened)
+        self.listeners = [next(fresh) if isinstance(a, Address) else a for a in plan]
+        self.config = dataclasses.replace(self.config, listen=listen)
+        self._announce(opened)
+
+    def _reopen(self, current: list[tuple[Address, Listener]], removed: list[Listener]) -> None:
+        """After a failed :meth:`relisten`: open the removed addresses again."""
+        pairs: list[tuple[Address, Listener]] = []
+        reopened = []
+        for address, listener in current:
+            if listener in removed:
+                try:
+                    listener = self._open([address])[0]
+                except ListenError as exc:
+                    log.error("%s: cannot listen again on %s: %s", self.name, address, exc)
+                    continue
+                reopened.append(listener)
+            pairs.append((address, listener))
+        self.listeners = [listener for _, listener in pairs]
+        self.config = dataclasses.replace(self.config, listen=tuple(a for a, _ in pairs))
+        self._announce(reopened)
 
     def start_accepting(self) -> None:
         self.accepting = True
-        for listener in self.listeners:
+        self._announce(self.listeners)
+        self._tell_health(self.pool.upstreams)
+        self._sync_checks()
+
+    def _announce(self, listeners: Iterable[Listener]) -> None:
+        """Start ``listeners`` accepting if the proxy is, saying so."""
+        if not self.accepting:
+            return
+        for listener in listeners:
             listener.resume()
             log.info("%s: listening on %s, forwarding to %s%s", self.name, listener.bound,
                      _upstream_list(self.pool) or "nothing",
                      "".join(f"; SNI route {name} to {_upstream_list(pool)}"
                              for name, pool in self._route_sets.items()))
-        self._tell_health(self.pool.upstreams)
-        self._sync_checks()
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -306,7 +383,10 @@ class ProxyService:
 
     def _attempt_failed(self, conn: Connection, target: UpstreamState, failure: DialFailure,
                         detail: str) -> None:
-        target.connect_failed(detail)
+        if failure is not DialFailure.OUT_OF_DESCRIPTORS:
+            # Out of descriptors is midway's shortage, not the upstream's fault:
+            # ejecting a healthy upstream would refuse clients once descriptors free.
+            target.connect_failed(detail)
         observers = self.host.observers
         if observers:
             observers.connect_failed(self.name, str(target.address), failure.value, detail)
@@ -489,10 +569,17 @@ class ProxyService:
         self.pool.reconfigure(_specs(config), balance=config.balance,
                               health=health_settings(config.health),
                               empty_ok=bool(config.routes))
+        resize = config.backlog != self.config.backlog
         self.config = config
         for listener in self.listeners:
             if listener.nodelay is not None and listener.nodelay != config.tcp_nodelay:
                 listener.set_nodelay(config.tcp_nodelay)
+            if resize:  # listen() again on a listening socket resizes its queue
+                try:
+                    listener.sock.listen(config.backlog)
+                except OSError as exc:
+                    log.warning("%s: %s keeps its backlog: %s", self.name, listener.bound,
+                                describe_oserror(exc))
         self.access = _access(config)
         self.sources.limit = config.max_connections_per_source
         self.retries = None if config.retries < 0 else config.retries
@@ -981,17 +1068,26 @@ class Connection(Dialer):
         config = service.config
         upstream = self.upstream
         assert upstream is not None
+        try:
+            relay = Relay(
+                self.client_end or self.client, self.upstream_end or upstream, self.info,
+                idle_timeout_s=config.idle_timeout_s,
+                half_close_timeout_s=config.half_close_timeout_s,
+                on_close=service.relay_closed,
+                splice=config.splice,
+                loop=self.loop,
+                client_prefix=self.pending,
+            )
+        except OSError as exc:
+            # Out of descriptors as the relay starts (the compiled relay's engine
+            # is opened with the first connection it relays): this client is
+            # closed; the slot and both sockets are freed.
+            log.warning("conn %d (%s) from %s: cannot relay: %s", self.info.id, service.name,
+                        self.info.client, describe_oserror(exc))
+            self.finish(CloseReason.ERROR, describe_oserror(exc))
+            return
         service._connecting.discard(self)
         self.phase = _RELAY
-        relay = Relay(
-            self.client_end or self.client, self.upstream_end or upstream, self.info,
-            idle_timeout_s=config.idle_timeout_s,
-            half_close_timeout_s=config.half_close_timeout_s,
-            on_close=service.relay_closed,
-            splice=config.splice,
-            loop=self.loop,
-            client_prefix=self.pending,
-        )
         self.pending = b""
         relay.connect_time_s = time.perf_counter() - self.started
         service.live[relay] = _Relayed(self.attached, self.target, self.failures, self.lease)

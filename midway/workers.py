@@ -9,9 +9,10 @@ Every worker is a whole midway data plane (its own event loop and runtime,
 sockets, so there is no shared accept queue and no lock.  The supervisor (the
 parent) first binds each listener once *without listening*
 (:class:`Reservations`): that checks the address up front (one clear error,
-exit 1, before any worker starts), turns port 0 into one real port that every
-worker then shares, and holds the port while workers come and go.  A socket
-that does not listen receives no connection.  A change that adds or moves a
+exit 1, before any worker starts; bound without SO_REUSEPORT first, so that a
+port another program shares with SO_REUSEPORT is refused too), turns port 0
+into one real port that every worker then shares, and holds the port while
+workers come and go.  A socket that does not listen receives no connection.  A change that adds or moves a
 listener (the API, a reload) reserves the new address first, and one no longer
 used is let go once every worker has moved.
 
@@ -127,7 +128,7 @@ class Reservations:
                     sock = self._held.get((address.host, address.port)) if address.port else None
                     if sock is None:
                         try:
-                            sock = bind_tcp(address, backlog=None, reuse_port=True)
+                            sock = self._bind(address)
                         except ListenError as exc:
                             raise ListenError(f"proxy {proxy.name}: {exc}") from exc
                         new[(address.host, sock.getsockname()[1])] = sock
@@ -140,6 +141,21 @@ class Reservations:
         self._held.update(new)
         return dataclasses.replace(target, config=dataclasses.replace(target.config,
                                                                       proxies=tuple(proxies)))
+
+    def _bind(self, address: Address) -> socket.socket:
+        """A reservation for a new address.  SO_REUSEPORT would also let it join
+        a port another program of the same user listens on with SO_REUSEPORT
+        (HAProxy, nginx's ``reuseport``, another midway's workers), and the
+        kernel would then split that port's clients between the two: so the port
+        is first bound without it, which fails as a single process does
+        (address already in use).  Not when a reservation held here shares the
+        port (a listener moving from ``127.0.0.1:8080`` to ``:8080``): that
+        conflict is midway's own workers."""
+        if address.port == 0 or all(port != address.port for _, port in self._held):
+            probe = bind_tcp(address, backlog=None)
+            address = dataclasses.replace(address, port=probe.getsockname()[1])
+            probe.close()
+        return bind_tcp(address, backlog=None, reuse_port=True)
 
     def release(self, target: Target) -> None:
         """Let go of every address ``target`` does not listen on."""
@@ -245,6 +261,7 @@ class Supervisor:
                 log.info("supervisor %d: started %d workers", os.getpid(), self.count)
                 notify.notify(notify.READY)
                 await stop
+            reloads.stopping = True
             notify.notify(notify.STOPPING)
             self._stop(signal.Signals[signals.first] if signals.first else signal.SIGTERM)
             await asyncio.gather(*keepers, return_exceptions=True)

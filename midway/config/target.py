@@ -59,11 +59,20 @@ class Edit:
 
 
 def keep_ports(new: tuple[Address, ...], current: tuple[Address, ...]) -> tuple[Address, ...]:
-    """Port 0 ("any port") in a changed configuration keeps the port already in
-    use at the same host: a proxy asked on port 0 stays where it was bound."""
-    if len(new) != len(current):
-        return new
-    return tuple(
-        old if address.port == 0 and not address.is_unix and address.host == old.host else address
-        for address, old in zip(new, current, strict=True)
-    )
+    """Port 0 ("any port") in a changed configuration keeps a port already in
+    use at the same host: each port-0 address takes, in order, the first current
+    address of its host that the new list does not name itself, so a proxy asked
+    on port 0 stays where it was bound, also when addresses are added or removed
+    beside it."""
+    spare = [a for a in current if not a.is_unix and a not in new]
+    kept: list[Address] = []
+    for address in new:
+        match = None
+        if address.port == 0 and not address.is_unix:
+            match = next((a for a in spare if a.host == address.host), None)
+        if match is None:
+            kept.append(address)
+        else:
+            spare.remove(match)
+            kept.append(match)
+    return tuple(kept)

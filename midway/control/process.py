@@ -140,13 +140,19 @@ class Admin:
 class Reloads:
     """SIGHUP's handler: a reload in a task (one after the other: the plane's
     lock orders them); the reload logs its own errors.  A SIGHUP before the
-    control plane exists (still starting) is logged and ignored."""
+    control plane exists (still starting) is logged and ignored, and so is one
+    once midway is stopping (:attr:`stopping`): a reload then would bind the
+    ports of proxies it adds, whose clients nothing would ever serve."""
 
     def __init__(self) -> None:
         self.plane: ControlPlane | None = None
+        self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def hangup(self) -> None:
+        if self.stopping:
+            log.warning("SIGHUP while stopping: ignored")
+            return
         if self.plane is None:
             log.warning("SIGHUP while starting: ignored (send it again once listening)")
             return
@@ -190,6 +196,7 @@ async def serve(config: Config, loader: Loader | None = None) -> int:
     reloads.plane = plane
     notify.notify(notify.READY)
     await signals.stop.wait()
+    reloads.stopping = True
     notify.notify(notify.STOPPING)
     if admin is not None:
         await admin.stop()

@@ -18,18 +18,27 @@ from collections.abc import Awaitable, Callable
 from ..config.addresses import Address
 from ..core.clock import Clock
 from ..errors import UpstreamError, describe_oserror
-from .dial import dial
+from .dial import DialFailure, dial
 from .expect import ExpectMatcher, Verdict
 from .health import CheckSchedule, HealthMachine, HealthSettings
 
-__all__ = ["check_once", "run_checks", "Check", "READ_SIZE"]
+__all__ = ["check_once", "run_checks", "Check", "NoVerdict", "READ_SIZE"]
 
 READ_SIZE = 4096
 """Bytes asked of each read of a check reply: a reply worth checking is short, and
 the matcher bounds what is kept anyway."""
 
 Check = Callable[[Address, HealthSettings], Awaitable[str | None]]
-"""``check(address, settings)`` → None when it passed, else why it failed."""
+"""``check(address, settings)`` → None when it passed, else why it failed (a
+:class:`NoVerdict` when it could not be made)."""
+
+
+class NoVerdict(str):
+    """Why a check could not be made at all (midway ran out of descriptors for
+    its socket): it says nothing about the upstream, whose health stays as it
+    was."""
+
+    __slots__ = ()
 
 
 async def check_once(address: Address, settings: HealthSettings) -> str | None:
@@ -60,7 +69,10 @@ async def check_once(address: Address, settings: HealthSettings) -> str | None:
         matcher.timed_out()
     except UpstreamError as exc:
         # The dialer's message starts with the address, which the log line names already.
-        return str(exc).removeprefix(f"{address}: ")
+        reason = str(exc).removeprefix(f"{address}: ")
+        if getattr(exc, "failure", None) is DialFailure.OUT_OF_DESCRIPTORS:
+            return NoVerdict(reason)
+        return reason
     except OSError as exc:  # send or receive failed, e.g. reset by the upstream
         return describe_oserror(exc)
     return None if matcher.verdict is Verdict.PASS else matcher.reason
@@ -81,6 +93,6 @@ async def run_checks(
         reason = await check(address, health.settings)
         if reason is None:
             health.check_passed()
-        else:
+        elif not isinstance(reason, NoVerdict):
             health.check_failed(reason)
         await clock.sleep(schedule.next_delay())

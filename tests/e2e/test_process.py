@@ -192,6 +192,40 @@ splice = {"true" if helpers.MODE.path == "splice" else "false"}
             assert "too many open files" in proxy.stderr_text()
 
 
+@pytest.mark.one_mode
+def test_running_out_of_descriptors_does_not_eject_the_upstream(echo: EchoServer,
+                                                                tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Descriptors run out while dialling the upstream (a limit above what they
+    allow): that is midway's shortage, not the upstream's failure, so passive
+    health does not take the upstream out, and the first client after the storm
+    is served at once (not ``no_upstream`` for the 10 s of an ejection)."""
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+max_connections = 1000
+[proxy.storm]
+listen = "127.0.0.1:0"
+upstreams = ["127.0.0.1:{echo.port}"]
+backlog = 512
+""")
+    with proxy_process("--config", str(config), preexec=_low_nofile) as proxy:
+        storm = []
+        for _ in range(150):  # far more than 64 descriptors allow
+            try:
+                storm.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=2))
+            except OSError:
+                break
+        assert wait_until(lambda: "too many open files" in proxy.stderr_text(), timeout=10), \
+            proxy.stderr_text()
+        for s in storm:
+            s.close()
+        time.sleep(0.5)  # the storm's closes are handled
+        served = wait_until(lambda: _try_roundtrip(proxy.port), timeout=3)
+        log = proxy.stderr_text()
+    assert served, log
+    assert " is down" not in log and "no upstream is up" not in log, log
+
+
 def _try_roundtrip(port: int) -> bool:
     try:
         return _roundtrip(port, b"again", timeout=1) == b"again"

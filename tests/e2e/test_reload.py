@@ -327,6 +327,39 @@ def test_a_removed_proxy_drains_then_is_closed(tmp_path: Path, echo_port: int) -
 
 
 @pytest.mark.one_mode
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sighup_while_draining_is_ignored(tmp_path: Path, echo_port: int,
+                                            workers: int) -> None:
+    """SIGTERM, then SIGHUP with a file that adds a proxy: midway is stopping, so
+    the reload is not run (said in one line): the new proxy's port is not bound,
+    where a client's handshake would complete and then hang until the exit."""
+    config = tmp_path / "midway.toml"
+    upstream = f"127.0.0.1:{echo_port}"
+    server = {"drain_timeout_s": 30, "workers": workers}
+    late = helpers.free_port()
+    write_config(config, {"web": {"listen": "127.0.0.1:0", "upstreams": upstream}}, server)
+    with proxy_process("--config", str(config)) as proxy:
+        assert wait_until(lambda: count(proxy, "listening on") >= workers, timeout=30)
+        if workers > 1:
+            assert wait_until(lambda: count(proxy, "started 2 workers") > 0, timeout=30)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as live:
+            assert exchange(live, b"before") == b"before"
+            proxy.signal(signal.SIGTERM)
+            assert wait_until(lambda: count(proxy, "draining 1 connection") > 0, timeout=10)
+            write_config(config, {"web": {"listen": f"127.0.0.1:{proxy.port}",
+                                          "upstreams": upstream},
+                                  "late": {"listen": f"127.0.0.1:{late}",
+                                           "upstreams": upstream}}, server)
+            proxy.signal(signal.SIGHUP)
+            assert wait_until(lambda: count(proxy, "SIGHUP while stopping: ignored") > 0,
+                              timeout=10), proxy.stderr_text()
+            assert refused(late)
+            assert count(proxy, "reload: done") == 0
+            assert exchange(live, b"during") == b"during"
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
 def test_a_reload_imports_an_edited_hook_module_anew(tmp_path: Path, echo_port: int) -> None:
     hook = tmp_path / "tagger.py"
     hook.write_text("def on_data(direction, data, ctx):\n    return data.replace(b'x', b'A')\n")

@@ -10,12 +10,14 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..helpers import ProxyProcess, proxy_process, threaded_echo, wait_until
+from ..helpers import ROOT, ProxyProcess, proxy_process, threaded_echo, wait_until
 
 pytestmark = [pytest.mark.one_mode, pytest.mark.timeout(120)]
 
@@ -172,3 +174,54 @@ def test_a_single_process_names_itself_worker_1(echo_port: int, tmp_path: Path) 
     assert [r["id"] for r in got] == [1, 2, 3]
     assert {(r["worker"], r["pid"]) for r in got} == {(1, proxy.pid)}
 
+
+
+def _shared_listener() -> socket.socket:
+    """What another program of the same user listens with (HAProxy, nginx with
+    ``reuseport``, another midway's workers): SO_REUSEPORT, which would let
+    midway's workers bind beside it and take a share of its connections."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock
+
+
+def test_workers_refuse_a_port_another_program_shares_with_reuseport(echo_port: int) -> None:
+    """At start: exit 1 naming the address in use, as a single process does, not
+    two programs silently splitting one port's clients."""
+    other = _shared_listener()
+    port = other.getsockname()[1]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "midway", f"127.0.0.1:{port}", f"127.0.0.1:{echo_port}",
+             "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        other.close()
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in done.stderr
+
+
+def test_a_reload_refuses_a_port_another_program_shares_with_reuseport(
+        echo_port: int, tmp_path: Path) -> None:
+    """At reload: the new listener is refused and named, the rest runs on."""
+    other = _shared_listener()
+    port = other.getsockname()[1]
+    config = tmp_path / "midway.toml"
+    proxy = f'[proxy.default]\nlisten = "127.0.0.1:0"\nupstreams = ["127.0.0.1:{echo_port}"]\n'
+    config.write_text(f"[server]\nworkers = 2\n{proxy}")
+    try:
+        with supervised("--config", str(config)) as (midway, _):
+            assert wait_until(lambda: "started 2 workers" in midway.stderr_text(), timeout=30)
+            config.write_text(f'[server]\nworkers = 2\n{proxy}[proxy.taken]\n'
+                              f'listen = "127.0.0.1:{port}"\nupstreams = ["127.0.0.1:{echo_port}"]\n')
+            midway.signal(signal.SIGHUP)
+            assert wait_until(lambda: "reload: " in midway.stderr_text()
+                              and "SIGHUP" in midway.stderr_text(), timeout=30)
+            assert wait_until(lambda: f"127.0.0.1:{port}: address already in use"
+                              in midway.stderr_text(), timeout=10), midway.stderr_text()
+            with connect(midway.port) as client:
+                assert roundtrip(client, b"still") == b"still"
+    finally:
+        other.close()

@@ -9,9 +9,14 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import pytest
+
 from midway.config.addresses import Address
 from midway.core.clock import FakeClock
+from midway.errors import UpstreamError
+from midway.upstream import checker
 from midway.upstream.checker import check_once, run_checks
+from midway.upstream.dial import DialFailure
 from midway.upstream.health import CheckSchedule, HealthChange, HealthMachine, HealthSettings
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -111,3 +116,32 @@ def test_check_loop_timing_and_state_on_a_fake_clock() -> None:
         "upstream 10.0.0.6:6379 of proxy redis is down: connection refused (3 checks)",
         "upstream 10.0.0.6:6379 of proxy redis is up: check passed (2 checks)",
     ]
+
+
+def test_a_check_midway_could_not_make_for_want_of_descriptors_says_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check's socket could not be opened (EMFILE): that is midway's
+    shortage, so the upstream stays up (three such checks would otherwise take
+    it down, and clients with it)."""
+    async def no_descriptor(address: Address, timeout_s: float) -> socket.socket:
+        error = UpstreamError(f"{address}: too many open files (process limit)")
+        error.failure = DialFailure.OUT_OF_DESCRIPTORS  # type: ignore[attr-defined]
+        raise error
+
+    monkeypatch.setattr(checker, "dial", no_descriptor)
+
+    async def go() -> tuple[bool, list[str]]:
+        clock = FakeClock()
+        changes: list[HealthChange] = []
+        health = HealthMachine(HealthSettings(interval_s=1.0, rise=2, fall=3),
+                               "upstream 10.0.0.6:6379 of proxy redis", clock.now, changes.append)
+        task = asyncio.create_task(run_checks(Address("10.0.0.6", 6379), health,
+                                              CheckSchedule(1.0, random.Random(3), spread=0.0),
+                                              clock))
+        await clock.advance(10.0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return health.up, [c.text for c in changes]
+
+    up, texts = asyncio.run(go())
+    assert up and texts == []
