@@ -27,6 +27,7 @@ from .config.load import (
     admin_token,
     build_options,
     check_admin,
+    check_listen_paths,
     check_server_outputs,
     check_workers,
     config_from_dict,
@@ -362,6 +363,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
         admin_token(config.server)
         check_workers(config.server, config.proxies)
         for proxy in config.proxies:
+            check_listen_paths(proxy)
             check_elements(proxy)
             check_tls(proxy)
     except ConfigError as exc:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["main", "fetch", "format_table", "sort_rows", "check_admin_address", "DEFAULT_ADMIN",
+__all__ = ["main", "fetch", "proxy_names", "format_table", "sort_rows", "check_admin_address", "DEFAULT_ADMIN",
            "TOKEN_ENV", "UnreachableAdmin"]
 
 DEFAULT_ADMIN = "127.0.0.1:8474"
@@ -56,15 +56,25 @@ def check_admin_address(text: str) -> str:
 
 def fetch(admin: str, proxy: str = "", token: str = "") -> list[dict[str, Any]]:
     """``GET /connections`` from the admin API at ``admin`` (``HOST:PORT``)."""
-    url = f"http://{admin}/connections" + (f"?proxy={quote(proxy)}" if proxy else "")
+    rows: list[dict[str, Any]] = _get(admin, "/connections" + (
+        f"?proxy={quote(proxy)}" if proxy else ""), token)
+    return rows
+
+
+def proxy_names(admin: str, token: str = "") -> list[str]:
+    """The names of the proxies the admin API at ``admin`` serves (``GET /proxies``)."""
+    return sorted(_get(admin, "/proxies", token))
+
+
+def _get(admin: str, path: str, token: str) -> Any:
+    url = f"http://{admin}{path}"
     headers = {"User-Agent": "midway-connections"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                     timeout=TIMEOUT_S) as response:
-            rows: list[dict[str, Any]] = json.loads(response.read())
-            return rows
+            return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise UnreachableAdmin(f"the admin API at {admin} answered {exc.code}: "
                                f"{_error_text(exc)}") from None
@@ -139,15 +149,24 @@ def _token(path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``midway connections``: 0 with the table printed, 1 when the admin API
-    cannot be reached or refuses (the reason on stderr), 2 for a bad command line."""
+    cannot be reached or refuses, or ``--proxy`` names no proxy (the reason on
+    stderr), 2 for a bad command line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if problem := check_admin_address(args.admin):
         parser.error(f"--admin: {problem}")
     try:
-        rows = fetch(args.admin, args.proxy, _token(args.admin_token_file))
+        token = _token(args.admin_token_file)
+        rows = fetch(args.admin, args.proxy, token)
+        # An empty list for a name the API does not know is a typo, not an idle proxy.
+        names = proxy_names(args.admin, token) if args.proxy and not rows else [args.proxy]
     except UnreachableAdmin as exc:
         print(f"midway connections: {exc}", file=sys.stderr)
+        return 1
+    if args.proxy not in names and args.proxy:
+        known = ", ".join(names) or "none"
+        print(f"midway connections: --proxy: no proxy named {args.proxy!r} (proxies: {known})",
+              file=sys.stderr)
         return 1
     print(format_table(sort_rows(rows, args.sort)))
     return 0

@@ -448,6 +448,6 @@ async def _serve(replay: Replay) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await replay.stop()
-    log.info("replay: stopped (%d clients, %d played to the end, %d failed)", replay.accepted,
-             replay.completed, len(replay.failures))
+    log.info("replay: stopped (%d client%s, %d played to the end, %d failed)", replay.accepted,
+             "" if replay.accepted == 1 else "s", replay.completed, len(replay.failures))
     return 0

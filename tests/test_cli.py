@@ -244,6 +244,24 @@ def test_check_refuses_an_access_log_that_is_a_directory(tmp_path: Path) -> None
     assert "it is a directory" in assert_one_clean_line(result.stderr)
 
 
+def test_check_refuses_a_unix_listener_it_could_not_create(tmp_path: Path) -> None:
+    """What would stop the start is said by --check: a socket file in a directory that
+    does not exist, or where a file that is not a socket is."""
+    missing = tmp_path / "no" / "such" / "m.sock"
+    result = run("--check", f"unix:{missing}", "127.0.0.1:80")
+    assert result.returncode == EXIT_USAGE
+    assert f"no directory {missing.parent}" in assert_one_clean_line(result.stderr)
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    config = tmp_path / "m.toml"
+    config.write_text(f'[proxy.p]\nlisten = ["unix:{tmp_path / "notes.txt"}"]\n'
+                      'upstreams = ["127.0.0.1:80"]\n')
+    result = run("--check", "--config", str(config))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert "proxy.p.listen" in line and "exists and is not a socket" in line
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+
 @pytest.mark.parametrize(("flag", "key"), [("--pcap", "pcap"), ("--dump-file", "dump_file")])
 def test_check_names_output_flags_on_the_command_line_and_keys_in_a_file(
         flag: str, key: str, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import stat
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -531,6 +532,22 @@ def check_writable(path: str, key: str) -> None:
         raise ConfigError(key, f"cannot write {path}: it is a directory")
     if not os.access(path if os.path.exists(path) else folder, os.W_OK):
         raise ConfigError(key, f"cannot write {path}: permission denied")
+
+
+def check_listen_paths(proxy: ProxyConfig) -> None:
+    """Each unix-socket listener's file can be made: its directory exists, and
+    nothing but a socket (a stale one is replaced) is there.  Raises
+    :class:`ConfigError` at the proxy's ``listen``."""
+    for address in proxy.listen:
+        if not address.is_unix or not address.path:
+            continue
+        folder = os.path.dirname(os.path.abspath(address.path))
+        where = f"proxy.{proxy.name}.listen"
+        if not os.path.isdir(folder):
+            raise ConfigError(where, f"cannot listen on {address}: no directory {folder}")
+        if os.path.exists(address.path) and not stat.S_ISSOCK(os.stat(address.path).st_mode):
+            raise ConfigError(where, f"cannot listen on {address}: {address.path} exists and "
+                              "is not a socket")
 
 
 def check_server_outputs(server: ServerConfig) -> None:

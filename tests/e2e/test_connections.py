@@ -133,6 +133,15 @@ def test_one_process_lists_kills_and_slows_single_connections(echo_port: int,
                              capture_output=True, text=True, timeout=30,
                              env={**os.environ, "MIDWAY_ADMIN_TOKEN": "s3cret"})
         assert [int(line.split()[0]) for line in out.stdout.splitlines()[1:]] == ids
+        # --proxy: one proxy's; a name no proxy has is a mistake, said as such.
+        out = cli("--admin", f"127.0.0.1:{api.port}", "--proxy", "default",
+                  "--admin-token-file", str(token))
+        assert out.returncode == 0 and len(out.stdout.splitlines()) == 5, out.stderr
+        out = cli("--admin", f"127.0.0.1:{api.port}", "--proxy", "defualt",
+                  "--admin-token-file", str(token))
+        assert out.returncode == 1 and out.stdout == ""
+        assert "no proxy named 'defualt' (proxies: default)" in out.stderr
+        assert "Traceback" not in out.stderr
 
         # A toxic on one connection slows that one alone.
         status, toxic = api.request("POST", f"/connections/{ids[2]}/toxics",

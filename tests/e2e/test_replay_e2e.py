@@ -113,7 +113,7 @@ def test_a_recorded_curl_session_replays_byte_identical(tmp_path: Path) -> None:
         replayed = [curl(port, p) for p in paths]
     assert replayed == recorded
     assert not [line for line in log if "WARNING" in line], log
-    assert any("3 played to the end, 0 failed" in line for line in log), log
+    assert any("stopped (3 clients, 3 played to the end, 0 failed)" in line for line in log), log
 
     # Another request than the recording's: logged with a hex diff, closed.
     with replaying(capture, port) as log:
