@@ -3,8 +3,11 @@ a real ``python -m midway --config`` with two proxies to an echo server: it load
 with no console error, lists the proxies, its throughput graph follows a known
 load, the toxic form slows round trips by the latency asked and removing the
 toxic restores them, a kill closes exactly that connection, it keeps working
-through a reload, and it says when midway has gone away (and when it is back).  Then the files as served (content
-types, policy, no path escapes) and ``GET /toxic-types``.
+through a reload, and it says when midway has gone away (and when it is back); a
+toxic added to one connection from its row and removed there; the focus kept
+through the redraws and the headers sorting from the keyboard; no sideways
+scrolling at a phone's width.  Then the files as served (content types, policy,
+no path escapes) and ``GET /toxic-types``.
 
 With ``MIDWAY_SCREENSHOTS=DIR`` the load test saves the page to DIR/dashboard.png
 (the README's picture)."""
@@ -37,6 +40,7 @@ try:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 except ImportError:  # the test extra has it; without it these tests are skipped
     webdriver = None
@@ -432,3 +436,129 @@ def test_page_keeps_working_while_midway_reloads(browser: Any, tmp_path: Path,
         assert console_errors(browser) == []
     finally:
         midway.process.stop()
+
+
+# -- per-connection toxics, keyboard, narrow windows ----------------------------------
+
+def echo_time(sock: socket.socket) -> float:
+    start = time.monotonic()
+    sock.sendall(b"z" * 10)
+    got = b""
+    while len(got) < 10:
+        got += sock.recv(100)
+    return time.monotonic() - start
+
+
+def connection_row(browser: Any, client: str) -> Any:
+    for tr in browser.find_elements(By.CSS_SELECTOR, "#connections tbody tr"):
+        if tr.find_elements(By.XPATH, f'td[text()="{client}"]'):
+            return tr
+    return None
+
+
+@browser_missing
+def test_per_connection_toxic_added_and_removed_from_the_page(browser: Any,
+                                                             midway: Midway) -> None:
+    """A connection's row offers "toxic": the proxy's form then adds the toxic to
+    that connection alone; the row lists it with a remove button, which takes it
+    off live (the connection stays open, its neighbour never slowed)."""
+    port = midway.port("web")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as target, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as other:
+        for sock in (target, other):
+            assert echo_time(sock) < 0.2
+        client = f"127.0.0.1:{target.getsockname()[1]}"
+        open_page(browser, midway)
+        assert wait_until(lambda: connection_row(browser, client) is not None, UI_WAIT_S)
+        number = int(connection_row(browser, client).get_attribute("data-id"))
+        connection_row(browser, client).find_element(By.CSS_SELECTOR, "button.add-toxic").click()
+        web = section(browser, "web")
+        assert web.find_element(By.NAME, "connection").get_attribute("value") == str(number)
+        Select(web.find_element(By.NAME, "type")).select_by_visible_text("latency")
+        latency = web.find_element(By.NAME, "attr-latency")
+        latency.clear()
+        latency.send_keys("300")
+        web.find_element(By.CSS_SELECTOR, ".toxic-form .submit").click()
+        assert wait_until(lambda: [t["name"] for t in midway.admin.get(
+            f"/connections/{number}/toxics").json] == ["latency_downstream"], 5)
+        assert midway.admin.get("/proxies/web").json["toxics"] == []
+        assert echo_time(target) >= 0.3
+        assert echo_time(other) < 0.2
+        remove = 'button.remove-conn-toxic[data-toxic="latency_downstream"]'
+        assert wait_until(lambda: connection_row(browser, client) is not None
+                          and connection_row(browser, client).find_elements(
+                              By.CSS_SELECTOR, remove), UI_WAIT_S)
+        connection_row(browser, client).find_element(By.CSS_SELECTOR, remove).click()
+        assert wait_until(lambda: midway.admin.get(
+            f"/connections/{number}/toxics").json == [], 5)
+        assert echo_time(target) < 0.2
+        assert wait_until(lambda: not connection_row(browser, client).find_elements(
+            By.CSS_SELECTOR, remove), UI_WAIT_S)
+    assert console_errors(browser) == []
+
+
+@browser_missing
+def test_keyboard_focus_survives_the_polls_and_headers_sort(browser: Any,
+                                                            midway: Midway) -> None:
+    """The page redraws each second: a button reached with Tab keeps the focus
+    through the redraws (Enter then acts on it), and the column headers are
+    buttons, so the table sorts from the keyboard."""
+    port = midway.port("web")
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        for sock in socks:
+            assert echo_time(sock) < 1
+        assert midway.admin.post("/proxies/web/toxics", {"type": "noop"}).status == 200
+        open_page(browser, midway)
+        rows = "#connections tbody tr"
+        assert wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 2
+                          and browser.find_elements(By.CSS_SELECTOR, "tr[data-toxic] .edit"),
+                          UI_WAIT_S)
+        focused = 'return document.activeElement.closest("tr")?.dataset.id ?? null'
+        browser.execute_script("arguments[0].focus()", browser.find_element(
+            By.CSS_SELECTOR, f"{rows} button.kill"))
+        number = browser.execute_script(focused)
+        assert number is not None
+        time.sleep(2.5)  # two redraws
+        assert browser.execute_script(focused) == number
+        assert browser.execute_script("return document.activeElement.className") == "kill"
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        assert wait_until(lambda: len(midway.admin.get("/connections").json) == 1, 5)
+
+        browser.execute_script("arguments[0].focus()", browser.find_element(
+            By.CSS_SELECTOR, 'tr[data-toxic="noop_downstream"] button.edit'))
+        time.sleep(2.5)
+        assert browser.execute_script("return document.activeElement.className") == "edit"
+
+        header = browser.find_element(By.CSS_SELECTOR, '#connections th[data-key="client"]')
+        button = header.find_element(By.TAG_NAME, "button")
+        browser.execute_script("arguments[0].focus()", button)
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        assert wait_until(lambda: header.get_attribute("aria-sort") == "ascending", 2)
+        browser.switch_to.active_element.send_keys(" ")
+        assert wait_until(lambda: header.get_attribute("aria-sort") == "descending", 2)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert console_errors(browser) == []
+
+
+@browser_missing
+def test_narrow_window_scrolls_only_the_tables(browser: Any, midway: Midway) -> None:
+    """At a phone's width the page itself does not scroll sideways: the graphs
+    shrink to fit and only the wide connections table scrolls in its box."""
+    size = browser.get_window_size()
+    with socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5) as sock:
+        assert echo_time(sock) < 1
+        try:
+            browser.set_window_size(360, 800)
+            open_page(browser, midway)
+            assert wait_until(lambda: browser.find_elements(
+                By.CSS_SELECTOR, "#connections tbody tr"), UI_WAIT_S)
+            width = browser.execute_script("return document.documentElement.clientWidth")
+            assert browser.execute_script(
+                "return document.documentElement.scrollWidth") <= width
+            for canvas in browser.find_elements(By.TAG_NAME, "canvas"):
+                assert canvas.rect["x"] + canvas.rect["width"] <= width
+        finally:
+            browser.set_window_size(size["width"], size["height"])
