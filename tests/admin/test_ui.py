@@ -14,6 +14,7 @@ With ``MIDWAY_SCREENSHOTS=DIR`` the load test saves the page to DIR/dashboard.pn
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -104,7 +105,7 @@ def browser() -> Iterator[Any]:
                  "--window-size=1280,1000"):
         options.add_argument(flag)
     options.binary_location = CHROMIUM
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
         yield driver
@@ -114,7 +115,8 @@ def browser() -> Iterator[Any]:
 
 def open_page(browser: Any, midway: Midway) -> None:
     browser.get(midway.url)
-    browser.get_log("browser")  # start each test with an empty log
+    browser.get_log("browser")  # start each test with empty logs
+    browser.get_log("performance")
     assert wait_until(lambda: browser.find_element(By.TAG_NAME, "body")
                       .get_attribute("data-connected") == "true", UI_WAIT_S)
 
@@ -128,6 +130,22 @@ def console_errors(browser: Any) -> list[dict[str, Any]]:
     /connections (it asks, gets 404 and says "not available")."""
     return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
             and not ("/connections " in e["message"] and "404" in e["message"])]
+
+
+def failed_requests(browser: Any) -> list[tuple[str, str, str]]:
+    """(method, url, error) of each request the browser saw fail since the
+    last call (DevTools' Network.loadingFailed: what its network panel shows
+    in red), from the performance log."""
+    sent: dict[str, tuple[str, str]] = {}
+    failed = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent":
+            sent[params["requestId"]] = (params["request"]["method"], params["request"]["url"])
+        elif message["method"] == "Network.loadingFailed":
+            failed.append((*sent.get(params["requestId"], ("?", "?")), params["errorText"]))
+    return failed
 
 
 def timed_round_trip(port: int) -> float:
@@ -161,6 +179,7 @@ def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway,
     if os.environ.get("MIDWAY_SCREENSHOTS"):
         screenshot(browser, midway, Path(os.environ["MIDWAY_SCREENSHOTS"]) / "dashboard.png")
     assert console_errors(browser) == []
+    assert failed_requests(browser) == []
 
 
 SCREENSHOT_WIDTH = 1024
@@ -256,6 +275,7 @@ def test_latency_toxic_from_the_form_slows_round_trips_and_removing_restores(
     assert wait_until(lambda: midway.admin.get("/proxies/web").json["toxics"] == [], 5)
     assert min(timed_round_trip(port) for _ in range(3)) < 0.15
     assert console_errors(browser) == []
+    assert failed_requests(browser) == []
 
 
 @browser_missing
@@ -303,6 +323,7 @@ def test_kill_from_the_table_closes_exactly_that_connection(browser: Any,
         for sock in (socks[0], socks[2]):  # the neighbours keep flowing
             sock.sendall(b"still")
             assert sock.recv(10) == b"still"
+        assert failed_requests(browser) == []
     finally:
         for sock in socks:
             sock.close()
@@ -449,6 +470,13 @@ def echo_time(sock: socket.socket) -> float:
     return time.monotonic() - start
 
 
+def click(browser: Any, css: str) -> None:
+    """Click the element ``css`` names, found and clicked at once: the page
+    redraws its rows each second, so an element found first may be gone by the
+    time a separate click reaches it."""
+    browser.execute_script("document.querySelector(arguments[0]).click()", css)
+
+
 def connection_row(browser: Any, client: str) -> Any:
     for tr in browser.find_elements(By.CSS_SELECTOR, "#connections tbody tr"):
         if tr.find_elements(By.XPATH, f'td[text()="{client}"]'):
@@ -471,7 +499,8 @@ def test_per_connection_toxic_added_and_removed_from_the_page(browser: Any,
         open_page(browser, midway)
         assert wait_until(lambda: connection_row(browser, client) is not None, UI_WAIT_S)
         number = int(connection_row(browser, client).get_attribute("data-id"))
-        connection_row(browser, client).find_element(By.CSS_SELECTOR, "button.add-toxic").click()
+        row = f'#connections tbody tr[data-id="{number}"]'
+        click(browser, f"{row} button.add-toxic")
         web = section(browser, "web")
         assert web.find_element(By.NAME, "connection").get_attribute("value") == str(number)
         Select(web.find_element(By.NAME, "type")).select_by_visible_text("latency")
@@ -484,17 +513,15 @@ def test_per_connection_toxic_added_and_removed_from_the_page(browser: Any,
         assert midway.admin.get("/proxies/web").json["toxics"] == []
         assert echo_time(target) >= 0.3
         assert echo_time(other) < 0.2
-        remove = 'button.remove-conn-toxic[data-toxic="latency_downstream"]'
-        assert wait_until(lambda: connection_row(browser, client) is not None
-                          and connection_row(browser, client).find_elements(
-                              By.CSS_SELECTOR, remove), UI_WAIT_S)
-        connection_row(browser, client).find_element(By.CSS_SELECTOR, remove).click()
+        remove = f'{row} button.remove-conn-toxic[data-toxic="latency_downstream"]'
+        assert wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, remove), UI_WAIT_S)
+        click(browser, remove)
         assert wait_until(lambda: midway.admin.get(
             f"/connections/{number}/toxics").json == [], 5)
         assert echo_time(target) < 0.2
-        assert wait_until(lambda: not connection_row(browser, client).find_elements(
-            By.CSS_SELECTOR, remove), UI_WAIT_S)
+        assert wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, remove), UI_WAIT_S)
     assert console_errors(browser) == []
+    assert failed_requests(browser) == []
 
 
 @browser_missing

@@ -45,7 +45,9 @@ async function api(method, path, body) {
     try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
     throw new ApiError(response.status, message);
   }
-  if (response.status === 204) return null;
+  // A 204's (empty) body is read all the same: a response left unread is
+  // cancelled, which the browser's network panel shows as a failed request.
+  if (response.status === 204) { await response.text(); return null; }
   const type = response.headers.get("Content-Type") || "";
   return type.includes("json") ? response.json() : response.text();
 }
