@@ -3,14 +3,18 @@ a real ``python -m midway --config`` with two proxies to an echo server: it load
 with no console error, lists the proxies, its throughput graph follows a known
 load, the toxic form slows round trips by the latency asked and removing the
 toxic restores them, a kill closes exactly that connection, it keeps working
-through a reload, and it says when midway has gone away (and when it is back).  Then the files as served (content
-types, policy, no path escapes) and ``GET /toxic-types``.
+through a reload, and it says when midway has gone away (and when it is back); a
+toxic added to one connection from its row and removed there; the focus kept
+through the redraws and the headers sorting from the keyboard; no sideways
+scrolling at a phone's width.  Then the files as served (content types, policy,
+no path escapes) and ``GET /toxic-types``.
 
 With ``MIDWAY_SCREENSHOTS=DIR`` the load test saves the page to DIR/dashboard.png
 (the README's picture)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -37,6 +41,7 @@ try:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 except ImportError:  # the test extra has it; without it these tests are skipped
     webdriver = None
@@ -100,7 +105,7 @@ def browser() -> Iterator[Any]:
                  "--window-size=1280,1000"):
         options.add_argument(flag)
     options.binary_location = CHROMIUM
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
         yield driver
@@ -110,7 +115,8 @@ def browser() -> Iterator[Any]:
 
 def open_page(browser: Any, midway: Midway) -> None:
     browser.get(midway.url)
-    browser.get_log("browser")  # start each test with an empty log
+    browser.get_log("browser")  # start each test with empty logs
+    browser.get_log("performance")
     assert wait_until(lambda: browser.find_element(By.TAG_NAME, "body")
                       .get_attribute("data-connected") == "true", UI_WAIT_S)
 
@@ -124,6 +130,22 @@ def console_errors(browser: Any) -> list[dict[str, Any]]:
     /connections (it asks, gets 404 and says "not available")."""
     return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
             and not ("/connections " in e["message"] and "404" in e["message"])]
+
+
+def failed_requests(browser: Any) -> list[tuple[str, str, str]]:
+    """(method, url, error) of each request the browser saw fail since the
+    last call (DevTools' Network.loadingFailed: what its network panel shows
+    in red), from the performance log."""
+    sent: dict[str, tuple[str, str]] = {}
+    failed = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent":
+            sent[params["requestId"]] = (params["request"]["method"], params["request"]["url"])
+        elif message["method"] == "Network.loadingFailed":
+            failed.append((*sent.get(params["requestId"], ("?", "?")), params["errorText"]))
+    return failed
 
 
 def timed_round_trip(port: int) -> float:
@@ -157,6 +179,7 @@ def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway,
     if os.environ.get("MIDWAY_SCREENSHOTS"):
         screenshot(browser, midway, Path(os.environ["MIDWAY_SCREENSHOTS"]) / "dashboard.png")
     assert console_errors(browser) == []
+    assert failed_requests(browser) == []
 
 
 SCREENSHOT_WIDTH = 1024
@@ -252,6 +275,7 @@ def test_latency_toxic_from_the_form_slows_round_trips_and_removing_restores(
     assert wait_until(lambda: midway.admin.get("/proxies/web").json["toxics"] == [], 5)
     assert min(timed_round_trip(port) for _ in range(3)) < 0.15
     assert console_errors(browser) == []
+    assert failed_requests(browser) == []
 
 
 @browser_missing
@@ -299,6 +323,7 @@ def test_kill_from_the_table_closes_exactly_that_connection(browser: Any,
         for sock in (socks[0], socks[2]):  # the neighbours keep flowing
             sock.sendall(b"still")
             assert sock.recv(10) == b"still"
+        assert failed_requests(browser) == []
     finally:
         for sock in socks:
             sock.close()
@@ -432,3 +457,135 @@ def test_page_keeps_working_while_midway_reloads(browser: Any, tmp_path: Path,
         assert console_errors(browser) == []
     finally:
         midway.process.stop()
+
+
+# -- per-connection toxics, keyboard, narrow windows ----------------------------------
+
+def echo_time(sock: socket.socket) -> float:
+    start = time.monotonic()
+    sock.sendall(b"z" * 10)
+    got = b""
+    while len(got) < 10:
+        got += sock.recv(100)
+    return time.monotonic() - start
+
+
+def click(browser: Any, css: str) -> None:
+    """Click the element ``css`` names, found and clicked at once: the page
+    redraws its rows each second, so an element found first may be gone by the
+    time a separate click reaches it."""
+    browser.execute_script("document.querySelector(arguments[0]).click()", css)
+
+
+def connection_row(browser: Any, client: str) -> Any:
+    for tr in browser.find_elements(By.CSS_SELECTOR, "#connections tbody tr"):
+        if tr.find_elements(By.XPATH, f'td[text()="{client}"]'):
+            return tr
+    return None
+
+
+@browser_missing
+def test_per_connection_toxic_added_and_removed_from_the_page(browser: Any,
+                                                             midway: Midway) -> None:
+    """A connection's row offers "toxic": the proxy's form then adds the toxic to
+    that connection alone; the row lists it with a remove button, which takes it
+    off live (the connection stays open, its neighbour never slowed)."""
+    port = midway.port("web")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as target, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as other:
+        for sock in (target, other):
+            assert echo_time(sock) < 0.2
+        client = f"127.0.0.1:{target.getsockname()[1]}"
+        open_page(browser, midway)
+        assert wait_until(lambda: connection_row(browser, client) is not None, UI_WAIT_S)
+        number = int(connection_row(browser, client).get_attribute("data-id"))
+        row = f'#connections tbody tr[data-id="{number}"]'
+        click(browser, f"{row} button.add-toxic")
+        web = section(browser, "web")
+        assert web.find_element(By.NAME, "connection").get_attribute("value") == str(number)
+        Select(web.find_element(By.NAME, "type")).select_by_visible_text("latency")
+        latency = web.find_element(By.NAME, "attr-latency")
+        latency.clear()
+        latency.send_keys("300")
+        web.find_element(By.CSS_SELECTOR, ".toxic-form .submit").click()
+        assert wait_until(lambda: [t["name"] for t in midway.admin.get(
+            f"/connections/{number}/toxics").json] == ["latency_downstream"], 5)
+        assert midway.admin.get("/proxies/web").json["toxics"] == []
+        assert echo_time(target) >= 0.3
+        assert echo_time(other) < 0.2
+        remove = f'{row} button.remove-conn-toxic[data-toxic="latency_downstream"]'
+        assert wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, remove), UI_WAIT_S)
+        click(browser, remove)
+        assert wait_until(lambda: midway.admin.get(
+            f"/connections/{number}/toxics").json == [], 5)
+        assert echo_time(target) < 0.2
+        assert wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, remove), UI_WAIT_S)
+    assert console_errors(browser) == []
+    assert failed_requests(browser) == []
+
+
+@browser_missing
+def test_keyboard_focus_survives_the_polls_and_headers_sort(browser: Any,
+                                                            midway: Midway) -> None:
+    """The page redraws each second: a button reached with Tab keeps the focus
+    through the redraws (Enter then acts on it), and the column headers are
+    buttons, so the table sorts from the keyboard."""
+    port = midway.port("web")
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        for sock in socks:
+            assert echo_time(sock) < 1
+        assert midway.admin.post("/proxies/web/toxics", {"type": "noop"}).status == 200
+        open_page(browser, midway)
+        rows = "#connections tbody tr"
+        assert wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 2
+                          and browser.find_elements(By.CSS_SELECTOR, "tr[data-toxic] .edit"),
+                          UI_WAIT_S)
+        focused = 'return document.activeElement.closest("tr")?.dataset.id ?? null'
+        browser.execute_script("arguments[0].focus()", browser.find_element(
+            By.CSS_SELECTOR, f"{rows} button.kill"))
+        number = browser.execute_script(focused)
+        assert number is not None
+        time.sleep(2.5)  # two redraws
+        assert browser.execute_script(focused) == number
+        assert browser.execute_script("return document.activeElement.className") == "kill"
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        assert wait_until(lambda: len(midway.admin.get("/connections").json) == 1, 5)
+
+        browser.execute_script("arguments[0].focus()", browser.find_element(
+            By.CSS_SELECTOR, 'tr[data-toxic="noop_downstream"] button.edit'))
+        time.sleep(2.5)
+        assert browser.execute_script("return document.activeElement.className") == "edit"
+
+        header = browser.find_element(By.CSS_SELECTOR, '#connections th[data-key="client"]')
+        button = header.find_element(By.TAG_NAME, "button")
+        browser.execute_script("arguments[0].focus()", button)
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        assert wait_until(lambda: header.get_attribute("aria-sort") == "ascending", 2)
+        browser.switch_to.active_element.send_keys(" ")
+        assert wait_until(lambda: header.get_attribute("aria-sort") == "descending", 2)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert console_errors(browser) == []
+
+
+@browser_missing
+def test_narrow_window_scrolls_only_the_tables(browser: Any, midway: Midway) -> None:
+    """At a phone's width the page itself does not scroll sideways: the graphs
+    shrink to fit and only the wide connections table scrolls in its box."""
+    size = browser.get_window_size()
+    with socket.create_connection(("127.0.0.1", midway.port("web")), timeout=5) as sock:
+        assert echo_time(sock) < 1
+        try:
+            browser.set_window_size(360, 800)
+            open_page(browser, midway)
+            assert wait_until(lambda: browser.find_elements(
+                By.CSS_SELECTOR, "#connections tbody tr"), UI_WAIT_S)
+            width = browser.execute_script("return document.documentElement.clientWidth")
+            assert browser.execute_script(
+                "return document.documentElement.scrollWidth") <= width
+            for canvas in browser.find_elements(By.TAG_NAME, "canvas"):
+                assert canvas.rect["x"] + canvas.rect["width"] <= width
+        finally:
+            browser.set_window_size(size["width"], size["height"])

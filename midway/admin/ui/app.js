@@ -45,7 +45,9 @@ async function api(method, path, body) {
     try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
     throw new ApiError(response.status, message);
   }
-  if (response.status === 204) return null;
+  // A 204's (empty) body is read all the same: a response left unread is
+  // cancelled, which the browser's network panel shows as a failed request.
+  if (response.status === 204) { await response.text(); return null; }
   const type = response.headers.get("Content-Type") || "";
   return type.includes("json") ? response.json() : response.text();
 }
@@ -185,6 +187,19 @@ function el(tag, text, attributes = {}) {
   return node;
 }
 
+// The page redraws its rows each second: a button with the focus (reached
+// with Tab) would lose it at every redraw.  Buttons in redrawn rows carry a
+// data-focus key; after a redraw the new button with the same key gets the
+// focus back.
+function keepFocus(redraw) {
+  const key = document.activeElement && document.activeElement.dataset
+    && document.activeElement.dataset.focus;
+  redraw();
+  if (!key || document.activeElement.dataset.focus === key) return;
+  const again = document.querySelector(`[data-focus="${CSS.escape(key)}"]`);
+  if (again) again.focus();
+}
+
 function formatBytes(n, suffix = "") {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0;
@@ -206,7 +221,9 @@ function render() {
   for (const section of box.querySelectorAll("section.proxy")) {
     if (!names.includes(section.dataset.proxy)) section.remove();
   }
-  for (const name of names) renderProxy(box, state.proxies[name]);
+  keepFocus(() => {
+    for (const name of names) renderProxy(box, state.proxies[name]);
+  });
   // A proxy added live (a reload, POST /proxies) takes its place in name order;
   // sections are moved only when out of order (moving one loses a form's focus).
   const shown = [...box.querySelectorAll("section.proxy")].map((s) => s.dataset.proxy);
@@ -215,7 +232,7 @@ function render() {
       box.append(box.querySelector(`section.proxy[data-proxy="${CSS.escape(name)}"]`));
     }
   }
-  renderConnections(names);
+  keepFocus(() => renderConnections(names));
 }
 
 function renderProxy(box, proxy) {
@@ -329,9 +346,12 @@ function renderToxics(section, proxy) {
   const rows = proxy.toxics.map((toxic) => {
     const row = el("tr", null, { "data-toxic": toxic.name });
     const attributes = Object.entries(toxic.attributes).map(([k, v]) => `${k}=${v}`).join(", ");
-    const edit = el("button", "edit", { class: "edit" });
+    const key = `${proxy.name}\n${toxic.name}`;
+    const edit = el("button", "edit", { class: "edit", "data-focus": `edit\n${key}`,
+                                        "aria-label": `edit toxic ${toxic.name} of ${proxy.name}` });
     edit.addEventListener("click", () => startEditing(section, toxic));
-    const remove = el("button", "remove", { class: "remove" });
+    const remove = el("button", "remove", { class: "remove", "data-focus": `remove\n${key}`,
+                                            "aria-label": `remove toxic ${toxic.name} of ${proxy.name}` });
     remove.addEventListener("click", () => removeToxic(section, proxy.name, toxic.name));
     const actions = el("td");
     actions.append(edit, " ", remove);
@@ -349,7 +369,9 @@ function startEditing(section, toxic) {
   form.elements.stream.value = toxic.stream;
   form.elements.toxicity.value = toxic.toxicity;
   form.elements.name.value = toxic.name;
-  for (const field of [form.elements.type, form.elements.stream, form.elements.name]) field.disabled = true;
+  for (const field of [form.elements.type, form.elements.stream, form.elements.name,
+                       form.elements.connection]) field.disabled = true;
+  form.elements.connection.value = "";
   fillAttributes(form, toxic.attributes);
   form.querySelector(".submit").textContent = "update toxic";
   form.querySelector(".cancel").hidden = false;
@@ -358,7 +380,8 @@ function startEditing(section, toxic) {
 function stopEditing(section) {
   const form = section.querySelector(".toxic-form");
   delete state.editing[section.dataset.proxy];
-  for (const field of [form.elements.type, form.elements.stream, form.elements.name]) field.disabled = false;
+  for (const field of [form.elements.type, form.elements.stream, form.elements.name,
+                       form.elements.connection]) field.disabled = false;
   form.elements.name.value = "";
   form.querySelector(".submit").textContent = "add toxic";
   form.querySelector(".cancel").hidden = true;
@@ -374,10 +397,13 @@ async function submitToxic(section) {
   }
   const body = { toxicity: Number(form.elements.toxicity.value), attributes };
   const editing = state.editing[proxy];
+  const connection = form.elements.connection.value.trim();
   const error = form.querySelector(".error");
   error.textContent = "";
   try {
-    const base = `/proxies/${encodeURIComponent(proxy)}/toxics`;
+    const base = connection && !editing
+      ? `/connections/${encodeURIComponent(connection)}/toxics`
+      : `/proxies/${encodeURIComponent(proxy)}/toxics`;
     if (editing) {
       await api("POST", `${base}/${encodeURIComponent(editing)}`, body);
       stopEditing(section);
@@ -385,6 +411,7 @@ async function submitToxic(section) {
       Object.assign(body, { type: form.elements.type.value, stream: form.elements.stream.value });
       if (form.elements.name.value) body.name = form.elements.name.value;
       await api("POST", base, body);
+      form.elements.connection.value = "";  // the next one is the proxy's unless asked again
     }
   } catch (e) {
     error.textContent = e.message;
@@ -431,19 +458,77 @@ function renderConnections(names) {
         : String(x ?? "").localeCompare(String(y ?? ""));
       return asc ? order : -order;
     });
-  status.textContent = `${shown.length} of ${state.connections.length} shown`;
+  status.textContent = `${shown.length} of ${state.connections.length} shown`
+    + (state.notice && state.notice.until > Date.now() ? ` · ${state.notice.text}` : "");
   body.replaceChildren(...shown.map((c) => {
     const row = el("tr", null, { "data-id": c.id });
     row.append(el("td", c.id), el("td", c.proxy), el("td", c.client), el("td", c.upstream),
                el("td", `${Number(c.age_s).toFixed(1)} s`), el("td", formatBytes(c.bytes_up)),
-               el("td", formatBytes(c.bytes_down)), el("td", c.state), el("td", c.path));
-    const kill = el("button", "kill", { class: "kill" });
+               el("td", formatBytes(c.bytes_down)), el("td", c.state), el("td", c.path),
+               connectionToxics(c));
+    const kill = el("button", "kill", { class: "kill", "data-focus": `kill\n${c.id}`,
+                                        "aria-label": `kill connection ${c.id}` });
     kill.addEventListener("click", () => killConnection(c.id));
-    const cell = el("td");
-    cell.append(kill);
+    const add = el("button", "toxic", { class: "add-toxic", "data-focus": `add-toxic\n${c.id}`,
+                                        "aria-label": `add a toxic to connection ${c.id}` });
+    add.addEventListener("click", () => toxicForConnection(c));
+    const cell = el("td", null, { class: "actions" });
+    cell.append(kill, " ", add);
     row.append(cell);
     return row;
   }));
+}
+
+// A connection's toxics (GET /connections lists their names, its proxy's
+// first): those of its own (POSTed to /connections/ID/toxics) with a remove
+// button; its proxy's are removed in the proxy's section.
+function connectionToxics(c) {
+  const cell = el("td", null, { class: "conn-toxics" });
+  const proxy = state.proxies[c.proxy];
+  const shared = new Set(proxy ? proxy.toxics.map((t) => t.name) : []);
+  for (const name of c.toxics || []) {
+    if (shared.has(name)) {
+      cell.append(el("span", name, { class: "shared", title: `a toxic of proxy ${c.proxy}` }), " ");
+      continue;
+    }
+    const remove = el("button", `${name} ×`, {
+      class: "remove-conn-toxic", "data-toxic": name, "data-focus": `conn-toxic\n${c.id}\n${name}`,
+      "aria-label": `remove toxic ${name} from connection ${c.id}`,
+    });
+    remove.addEventListener("click", () => removeConnectionToxic(c.id, name));
+    cell.append(remove, " ");
+  }
+  return cell;
+}
+
+// "toxic" in a connection's row: the proxy's toxic form, aimed at that connection.
+function toxicForConnection(c) {
+  const section = document.querySelector(`section.proxy[data-proxy="${CSS.escape(c.proxy)}"]`);
+  if (!section) return;
+  if (state.editing[c.proxy]) stopEditing(section);
+  const form = section.querySelector(".toxic-form");
+  form.elements.connection.value = c.id;
+  form.scrollIntoView({ block: "nearest" });
+  form.elements.type.focus();
+}
+
+async function removeConnectionToxic(id, name) {
+  try {
+    await api("DELETE", `/connections/${encodeURIComponent(id)}/toxics/${encodeURIComponent(name)}`);
+    const c = (state.connections || []).find((x) => x.id === id);
+    if (c) c.toxics = c.toxics.filter((t) => t !== name);
+    render();
+  } catch (e) {
+    notice(`connection ${id}, toxic ${name}: ${e.message}`);
+  }
+}
+
+// A failed action's message, kept next to the count for a while (the
+// table's status line is rewritten at every poll).
+const NOTICE_MS = 10000;
+function notice(text) {
+  state.notice = { text, until: Date.now() + NOTICE_MS };
+  render();
 }
 
 async function killConnection(id) {
@@ -452,17 +537,25 @@ async function killConnection(id) {
     state.connections = state.connections.filter((c) => c.id !== id);
     render();
   } catch (e) {
-    document.getElementById("conn-status").textContent = `kill ${id}: ${e.message}`;
+    notice(`kill ${id}: ${e.message}`);
   }
 }
 
+// Each sortable header holds a button (Tab reaches it, Enter or Space sorts);
+// aria-sort says the order to a screen reader.
 for (const th of document.querySelectorAll("#connections th[data-key]")) {
-  th.addEventListener("click", () => {
+  const button = el("button", th.textContent, { type: "button", class: "sort" });
+  th.replaceChildren(button);
+  button.addEventListener("click", () => {
     const key = th.dataset.key;
     state.sort = { key, asc: state.sort.key === key ? !state.sort.asc : true };
-    for (const other of document.querySelectorAll("#connections th")) other.classList.remove("sorted", "asc");
+    for (const other of document.querySelectorAll("#connections th")) {
+      other.classList.remove("sorted", "asc");
+      other.removeAttribute("aria-sort");
+    }
     th.classList.add("sorted");
     th.classList.toggle("asc", state.sort.asc);
+    th.setAttribute("aria-sort", state.sort.asc ? "ascending" : "descending");
     render();
   });
 }
