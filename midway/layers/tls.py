@@ -164,6 +164,11 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
             raise ConfigError(f"{where}.{key_key if key else cert_key}",
                               f"the private key does not match the certificate in "
                               f"{cert}{order}") from exc
+        if exc.reason == "NO_CERTIFICATE_ASSIGNED":  # OpenSSL's words for a key of the other type
+            raise ConfigError(f"{where}.{key_key if key else cert_key}",
+                              f"the private key does not match the certificate in "
+                              f"{cert} (a key of another type: RSA for an ECDSA "
+                              "certificate, or the reverse)") from exc
         if exc.reason is None:  # "PEM lib": a damaged block, of the certificates or the key
             damaged = _damaged_certificate(cert)
             if damaged is not None:

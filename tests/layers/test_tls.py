@@ -92,6 +92,24 @@ def test_a_key_of_another_certificate_names_tls_key(pki: Pki) -> None:
     assert err.message == f"the private key does not match the certificate in {pki.server_cert}"
 
 
+def test_a_key_of_another_type_names_tls_key(tmp_path: Path, pki: Pki) -> None:
+    # An RSA key for an EC certificate (or the reverse): OpenSSL says "no
+    # certificate assigned", which named tls_cert and not the problem.
+    rsa_key = tmp_path / "rsa.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
+                    "rsa_keygen_bits:2048", "-out", str(rsa_key)],
+                   check=True, capture_output=True, timeout=60)
+    err = refused(proxy(tls_cert=str(pki.server_cert), tls_key=str(rsa_key)))
+    assert (err.path, err.message) == (
+        "proxy.web.tls_key", f"the private key does not match the certificate in "
+                             f"{pki.server_cert} (a key of another type: RSA for an "
+                             "ECDSA certificate, or the reverse)")
+    err = refused(proxy(upstream_tls=True, upstream_tls_cert=str(pki.client_cert),
+                        upstream_tls_key=str(rsa_key)))
+    assert err.path == "proxy.web.upstream_tls_key"
+    assert "the private key does not match the certificate" in err.message
+
+
 def test_a_chain_with_the_ca_first_says_the_leaf_must_come_first(tmp_path: Path, pki: Pki) -> None:
     reversed_chain = tmp_path / "reversed.pem"
     reversed_chain.write_text(pki.ca.read_text() + pki.server_cert.read_text())
