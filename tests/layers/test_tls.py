@@ -149,6 +149,36 @@ def test_a_damaged_certificate_or_key_is_named_in_words(tmp_path: Path, pki: Pki
                                      "damaged (not a valid X.509 certificate)")
 
 
+def test_an_expired_certificate_is_served_with_a_warning(
+        tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    # Loaded (as HAProxy and nginx do: a late renewal must not stop the proxy),
+    # but said at every start and reload: clients refuse it at each handshake.
+    ca_key = pki.ca.parent / "ca.key"
+    csr, expired = tmp_path / "old.csr", tmp_path / "old.pem"
+    subprocess.run(["openssl", "req", "-new", "-key", str(pki.server_key), "-subj",
+                    "/CN=localhost", "-out", str(csr)], check=True, capture_output=True,
+                   timeout=30)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki.ca),
+                    "-CAkey", str(ca_key), "-days", "-1", "-out", str(expired)],
+                   check=True, capture_output=True, timeout=30)
+    with caplog.at_level(logging.WARNING, logger="midway"):
+        inbound, _ = build_tls_layers(proxy(tls_cert=str(expired), tls_key=str(pki.server_key)))
+    assert inbound
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"proxy.web.tls_cert: the certificate in {expired} "
+                                  "expired on ")
+    assert warnings[0].endswith("GMT: clients will refuse it; renew it and reload")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="midway"):
+        build_tls_layers(proxy(upstream_tls=True, upstream_tls_cert=str(expired),
+                               upstream_tls_key=str(pki.server_key)))
+        build_tls_layers(proxy(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"proxy.web.upstream_tls_cert: the certificate in {expired} expired on "), warnings
+
+
 def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(
         tmp_path: Path, pki: Pki) -> None:
     encrypted = tmp_path / "encrypted.key"
