@@ -38,6 +38,7 @@ import binascii
 import logging
 import re
 import ssl
+import time
 
 from ..config.schema import ProxyConfig
 from ..core.tlsstream import TlsStream
@@ -164,6 +165,11 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
             raise ConfigError(f"{where}.{key_key if key else cert_key}",
                               f"the private key does not match the certificate in "
                               f"{cert}{order}") from exc
+        if exc.reason == "NO_CERTIFICATE_ASSIGNED":  # OpenSSL's words for a key of the other type
+            raise ConfigError(f"{where}.{key_key if key else cert_key}",
+                              f"the private key does not match the certificate in "
+                              f"{cert} (a key of another type: RSA for an ECDSA "
+                              "certificate, or the reverse)") from exc
         if exc.reason is None:  # "PEM lib": a damaged block, of the certificates or the key
             damaged = _damaged_certificate(cert)
             if damaged is not None:
@@ -173,6 +179,29 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
                               "(not a valid PEM private key)") from exc
         raise ConfigError(f"{where}.{cert_key}", f"cannot load {cert}: "
                           f"{describe_tls_error(exc, 'peer')}") from exc
+
+
+def _warn_if_out_of_date(path: str, key: str) -> None:
+    """Log a warning when the first certificate of ``path`` (the leaf) has
+    expired or is not valid yet.  It is served all the same (as HAProxy and
+    nginx do): a renewal that comes late must not stop the proxy, but every
+    client will refuse it, so each start and reload says so."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:  # not in this Python: nothing to say
+        return
+    try:
+        fields = decode(path)
+        not_before, not_after = fields["notBefore"], fields["notAfter"]
+        start, end = ssl.cert_time_to_seconds(not_before), ssl.cert_time_to_seconds(not_after)
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return
+    now = time.time()
+    if now >= end:
+        log.warning("%s: the certificate in %s expired on %s: clients will refuse it; "
+                    "renew it and reload", key, path, not_after)
+    elif now < start:
+        log.warning("%s: the certificate in %s is not valid before %s (is the clock "
+                    "right?): clients will refuse it until then", key, path, not_before)
 
 
 def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
@@ -269,12 +298,16 @@ def build_tls_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...],
     outbound: tuple[OutboundLayer, ...] = ()
     if config.tls_cert:
         inbound = (TlsTermination(server_context(config), config.tls_handshake_timeout_s),)
+        _warn_if_out_of_date(config.tls_cert, f"proxy.{config.name}.tls_cert")
     if config.upstream_tls:
         if not config.upstream_tls_verify:
             log.warning("%s: upstream_tls_verify is off: upstream certificates are not "
                         "checked (anyone on the path can pose as the upstream)", config.name)
         outbound = (TlsOrigination(client_context(config), config.tls_handshake_timeout_s,
                                    config.upstream_tls_sni),)
+        if config.upstream_tls_cert:
+            _warn_if_out_of_date(config.upstream_tls_cert,
+                                 f"proxy.{config.name}.upstream_tls_cert")
     return inbound, outbound
 
 

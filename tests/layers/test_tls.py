@@ -92,6 +92,24 @@ def test_a_key_of_another_certificate_names_tls_key(pki: Pki) -> None:
     assert err.message == f"the private key does not match the certificate in {pki.server_cert}"
 
 
+def test_a_key_of_another_type_names_tls_key(tmp_path: Path, pki: Pki) -> None:
+    # An RSA key for an EC certificate (or the reverse): OpenSSL says "no
+    # certificate assigned", which named tls_cert and not the problem.
+    rsa_key = tmp_path / "rsa.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
+                    "rsa_keygen_bits:2048", "-out", str(rsa_key)],
+                   check=True, capture_output=True, timeout=60)
+    err = refused(proxy(tls_cert=str(pki.server_cert), tls_key=str(rsa_key)))
+    assert (err.path, err.message) == (
+        "proxy.web.tls_key", f"the private key does not match the certificate in "
+                             f"{pki.server_cert} (a key of another type: RSA for an "
+                             "ECDSA certificate, or the reverse)")
+    err = refused(proxy(upstream_tls=True, upstream_tls_cert=str(pki.client_cert),
+                        upstream_tls_key=str(rsa_key)))
+    assert err.path == "proxy.web.upstream_tls_key"
+    assert "the private key does not match the certificate" in err.message
+
+
 def test_a_chain_with_the_ca_first_says_the_leaf_must_come_first(tmp_path: Path, pki: Pki) -> None:
     reversed_chain = tmp_path / "reversed.pem"
     reversed_chain.write_text(pki.ca.read_text() + pki.server_cert.read_text())
@@ -129,6 +147,36 @@ def test_a_damaged_certificate_or_key_is_named_in_words(tmp_path: Path, pki: Pki
     assert (err.path, err.message) == (
         "proxy.web.upstream_tls_ca", f"cannot load {chain}: certificate 2 of the file is "
                                      "damaged (not a valid X.509 certificate)")
+
+
+def test_an_expired_certificate_is_served_with_a_warning(
+        tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    # Loaded (as HAProxy and nginx do: a late renewal must not stop the proxy),
+    # but said at every start and reload: clients refuse it at each handshake.
+    ca_key = pki.ca.parent / "ca.key"
+    csr, expired = tmp_path / "old.csr", tmp_path / "old.pem"
+    subprocess.run(["openssl", "req", "-new", "-key", str(pki.server_key), "-subj",
+                    "/CN=localhost", "-out", str(csr)], check=True, capture_output=True,
+                   timeout=30)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki.ca),
+                    "-CAkey", str(ca_key), "-days", "-1", "-out", str(expired)],
+                   check=True, capture_output=True, timeout=30)
+    with caplog.at_level(logging.WARNING, logger="midway"):
+        inbound, _ = build_tls_layers(proxy(tls_cert=str(expired), tls_key=str(pki.server_key)))
+    assert inbound
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"proxy.web.tls_cert: the certificate in {expired} "
+                                  "expired on ")
+    assert warnings[0].endswith("GMT: clients will refuse it; renew it and reload")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="midway"):
+        build_tls_layers(proxy(upstream_tls=True, upstream_tls_cert=str(expired),
+                               upstream_tls_key=str(pki.server_key)))
+        build_tls_layers(proxy(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"proxy.web.upstream_tls_cert: the certificate in {expired} expired on "), warnings
 
 
 def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(
