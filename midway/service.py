@@ -1079,9 +1079,10 @@ class Connection(Dialer):
                 client_prefix=self.pending,
             )
         except OSError as exc:
-            # Out of descriptors as the relay starts (the compiled relay's engine
-            # is opened with the first connection it relays): this client is
-            # closed; the slot and both sockets are freed.
+            # A relay that cannot be made (a backstop: it opens no descriptor
+            # itself, the compiled relay's engine being opened with the loop's
+            # poller, before the first listener): this client is closed; the slot
+            # and both sockets are freed.
             log.warning("conn %d (%s) from %s: cannot relay: %s", self.info.id, service.name,
                         self.info.client, describe_oserror(exc))
             self.finish(CloseReason.ERROR, describe_oserror(exc))

@@ -345,11 +345,12 @@ def test_listen_address_in_use_from_config_file(tmp_path: Path, busy_port: int) 
 
 def test_a_unix_listener_on_a_file_that_is_not_a_socket_says_so(tmp_path: Path) -> None:
     """A stale socket is replaced, a live one is "in use"; a regular file is left
-    alone, and the message says what it is rather than "address already in use"."""
+    alone, and the message says what it is rather than "address already in use".
+    It is known before binding, so it is refused as a configuration mistake."""
     path = tmp_path / "notes.txt"
     path.write_text("keep me\n")
     result = run(f"unix:{path}", "127.0.0.1:80")
-    assert result.returncode == EXIT_START_FAILED
+    assert result.returncode == EXIT_USAGE
     line = assert_one_clean_line(result.stderr)
     assert line.endswith(f"cannot listen on unix:{path}: {path} exists and is not a "
                          "socket (midway replaces only a stale socket)"), line

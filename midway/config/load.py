@@ -547,7 +547,7 @@ def check_listen_paths(proxy: ProxyConfig) -> None:
             raise ConfigError(where, f"cannot listen on {address}: no directory {folder}")
         if os.path.exists(address.path) and not stat.S_ISSOCK(os.stat(address.path).st_mode):
             raise ConfigError(where, f"cannot listen on {address}: {address.path} exists and "
-                              "is not a socket")
+                              "is not a socket (midway replaces only a stale socket)")
 
 
 def check_server_outputs(server: ServerConfig) -> None:

@@ -7,7 +7,10 @@ The listening, relayed and connecting sockets are watched by one
 The epoll descriptor itself is registered once with the loop as an ordinary
 reader; when it is readable :meth:`Poller._dispatch` takes up to
 :data:`MAX_EVENTS` events with ``poll(0, n)`` and calls the callbacks (inline: a
-new connection passes through this loop several times).  Timers (see
+new connection passes through this loop several times).  With the compiled relay
+(:mod:`midway.core.accel`) the epoll is its ``Engine``'s, of which the poller holds
+a ``dup``: the engine is the loop's reader, relays its own connections in C and
+hands the other events to :meth:`Poller._run` in one call.  Timers (see
 :mod:`midway.core.deadlines`), tasks and everything else stay on the loop.
 
 Why, and not the loop's watchers:

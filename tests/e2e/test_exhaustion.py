@@ -1,7 +1,8 @@
-"""Running out of descriptors where midway starts a connection's relay (the
-compiled relay opens its event-loop engine, an epoll descriptor, with the first
-connection it relays): that one client is closed and counted as closed, its
-slot and its sockets freed; the next client is served."""
+"""A connection's relay that cannot be made (out of descriptors): that one client
+is closed and counted as closed, its slot and its sockets freed; the next client
+is served.  The compiled relay's engine, an epoll descriptor, once opened with
+the first connection relayed, is opened with the loop's poller before the first
+listener, so no connection depends on opening it."""
 
 from __future__ import annotations
 

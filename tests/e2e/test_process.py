@@ -172,12 +172,7 @@ backlog = 512
 splice = {"true" if helpers.MODE.path == "splice" else "false"}
 """)
     with proxy_process("--config", str(config), preexec=_low_nofile) as proxy:
-        storm = []
-        for _ in range(150):  # far more than 64 descriptors allow
-            try:
-                storm.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=2))
-            except OSError:
-                break
+        storm = _storm(proxy.port)
         time.sleep(0.5)
         cpu_before = proxy.cpu_seconds()
         time.sleep(1.5)
@@ -190,6 +185,18 @@ splice = {"true" if helpers.MODE.path == "splice" else "false"}
         assert wait_until(lambda: _try_roundtrip(proxy.port), timeout=10)
         if server_limit:
             assert "too many open files" in proxy.stderr_text()
+
+
+def _storm(port: int, clients: int = 150) -> list[socket.socket]:
+    """Up to ``clients`` connections held open (far more than 64 descriptors allow),
+    until one cannot be made."""
+    storm = []
+    for _ in range(clients):
+        try:
+            storm.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        except OSError:
+            break
+    return storm
 
 
 @pytest.mark.one_mode
@@ -209,12 +216,7 @@ upstreams = ["127.0.0.1:{echo.port}"]
 backlog = 512
 """)
     with proxy_process("--config", str(config), preexec=_low_nofile) as proxy:
-        storm = []
-        for _ in range(150):  # far more than 64 descriptors allow
-            try:
-                storm.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=2))
-            except OSError:
-                break
+        storm = _storm(proxy.port)
         assert wait_until(lambda: "too many open files" in proxy.stderr_text(), timeout=10), \
             proxy.stderr_text()
         for s in storm:
