@@ -498,12 +498,15 @@ class ProxyService:
         """Add ``element`` to the open connection ``relay`` alone (an admin
         ``POST /connections/ID/toxics``), live, after the proxy's elements but
         before those that keep the last place.  It leaves with the connection
-        (closed then).  False when it does not apply to this connection."""
+        (closed then).  False when it does not apply to this connection (a
+        ``noop``, or a toxicity roll that left it out): it is kept among the
+        connection's own all the same, listed and removable, as Toxiproxy lists a
+        toxic whatever its toxicity."""
         rec = self.live[relay]
         attachment = element.attach(relay.info)
+        rec.own = (*rec.own, element)
         if attachment is None:
             return False
-        rec.own = (*rec.own, element)
         rec.own_attached()[element] = attachment
         self._restage(relay, rec)
         return True
