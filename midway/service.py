@@ -81,7 +81,13 @@ from .config.addresses import Address, format_sockaddr
 from .config.load import health_settings
 from .config.schema import ProxyConfig
 from .core.clock import LoopClock
-from .core.listener import Listener, open_listening_socket
+from .core.listener import (
+    Listener,
+    SocketOptions,
+    keepalive_options,
+    open_listening_socket,
+    set_options,
+)
 from .core.observer import CloseReason, CloseRecord, Observers
 from .core.poller import poller_for
 from .core.relay import Relay, close_socket
@@ -181,6 +187,8 @@ class ProxyService:
         self.sources = SourceLimiter(config.max_connections_per_source)
         """Live connections per client IP (counted even while the limit is off)."""
         self.retries: int | None = None if config.retries < 0 else config.retries
+        self.keepalive: SocketOptions = _keepalive(config)
+        """The keepalive options of both sockets of a connection (``()``: off)."""
         self.check: Check = check_once
         """One active health check (injectable for tests)."""
         self._checks: dict[Address, tuple[asyncio.Task[None], HealthMachine, float]] = {}
@@ -239,6 +247,8 @@ class ProxyService:
         ]
         for listener in listeners:
             listener.set_nodelay(self.config.tcp_nodelay)
+            if self.keepalive:
+                listener.set_keepalive(self.keepalive)
         return listeners
 
     def relisten(self, listen: tuple[Address, ...]) -> None:
@@ -488,12 +498,15 @@ class ProxyService:
         """Add ``element`` to the open connection ``relay`` alone (an admin
         ``POST /connections/ID/toxics``), live, after the proxy's elements but
         before those that keep the last place.  It leaves with the connection
-        (closed then).  False when it does not apply to this connection."""
+        (closed then).  False when it does not apply to this connection (a
+        ``noop``, or a toxicity roll that left it out): it is kept among the
+        connection's own all the same, listed and removable, as Toxiproxy lists a
+        toxic whatever its toxicity."""
         rec = self.live[relay]
         attachment = element.attach(relay.info)
+        rec.own = (*rec.own, element)
         if attachment is None:
             return False
-        rec.own = (*rec.own, element)
         rec.own_attached()[element] = attachment
         self._restage(relay, rec)
         return True
@@ -571,15 +584,19 @@ class ProxyService:
                               empty_ok=bool(config.routes))
         resize = config.backlog != self.config.backlog
         self.config = config
+        keepalive = _keepalive(config)
         for listener in self.listeners:
             if listener.nodelay is not None and listener.nodelay != config.tcp_nodelay:
                 listener.set_nodelay(config.tcp_nodelay)
+            if keepalive != self.keepalive:
+                listener.set_keepalive(keepalive or keepalive_options(0))
             if resize:  # listen() again on a listening socket resizes its queue
                 try:
                     listener.sock.listen(config.backlog)
                 except OSError as exc:
                     log.warning("%s: %s keeps its backlog: %s", self.name, listener.bound,
                                 describe_oserror(exc))
+        self.keepalive = keepalive
         self.access = _access(config)
         self.sources.limit = config.max_connections_per_source
         self.retries = None if config.retries < 0 else config.retries
@@ -842,6 +859,9 @@ class Connection(Dialer):
         if service.config.tcp_nodelay and listener.nodelay is not True \
                 and self.info.client_addr is not None:
             _nodelay(client)  # not inherited from the listener (see Listener.set_nodelay)
+        if service.keepalive and listener.keepalive != service.keepalive \
+                and self.info.client_addr is not None:
+            _set_options(client, service.keepalive)  # not inherited (as TCP_NODELAY)
         self.attached: Attached = _NO_ATTACHMENTS
         self.failures: list[_Failure] | None = None
         """The failed attempts (made on the first failure)."""
@@ -962,6 +982,8 @@ class Connection(Dialer):
                 info.upstream_local_from(sock)
             if service.config.tcp_nodelay:
                 _nodelay(sock)
+            if service.keepalive:
+                _set_options(sock, service.keepalive)
         if service.outbound:
             self.work = self.loop.create_task(self._prepare(None))
             return
@@ -1299,6 +1321,21 @@ class _ResetWatch:
 def _nodelay(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def _keepalive(config: ProxyConfig) -> SocketOptions:
+    """``tcp_keepalive_*`` as the options to set (``()``: keepalive is off)."""
+    if not config.tcp_keepalive_s:
+        return ()
+    return keepalive_options(config.tcp_keepalive_s, config.tcp_keepalive_interval_s,
+                             config.tcp_keepalive_probes)
+
+
+def _set_options(sock: socket.socket, options: SocketOptions) -> None:
+    try:
+        set_options(sock, options)
     except OSError:
         pass
 

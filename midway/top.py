@@ -47,7 +47,7 @@ DESCENDING = ("age_s", "bytes_up", "bytes_down")
 """Sorted largest first (the oldest, the busiest); ``id`` smallest first, as a number."""
 CONNECTION_COLUMNS = (("id", 8), ("proxy", 12), ("client", 22), ("upstream", 22),
                       ("age_s", 8), ("bytes_up", 10), ("bytes_down", 10), ("state", 10),
-                      ("path", 10))
+                      ("path", 10), ("toxics", 24))
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -223,6 +223,8 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
                 value = f"{value:.1f}s"
             elif key.startswith("bytes_") and isinstance(value, int | float):
                 value = _bytes(value)
+            elif key == "toxics" and isinstance(value, list):
+                value = ",".join(map(str, value)) or "-"
             cells.append(f"{str(value):<{width}.{width}}")
         lines.append(" ".join(cells))
     return lines

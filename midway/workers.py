@@ -246,16 +246,19 @@ class Supervisor:
         plane.reloaded.append(self._reloaded)
         reloads = Reloads()
         signals = StopSignals(self._forward, reloads.hangup)
-        keepers = [asyncio.get_running_loop().create_task(self._keep(n), name=f"midway worker {n}")
-                   for n in range(1, self.count + 1)]
-        admin = None
+        keepers: list[asyncio.Task[None]] = []
+        admin = Admin(plane, self.config.server.admin) if self.config.server.admin else None
         try:
+            if admin is not None:
+                admin.bind()  # before any worker starts: a port in use starts none
+            keepers = [asyncio.get_running_loop().create_task(self._keep(n),
+                                                              name=f"midway worker {n}")
+                       for n in range(1, self.count + 1)]
             stop = asyncio.get_running_loop().create_task(signals.stop.wait())
             await asyncio.wait([stop, asyncio.ensure_future(self._all_started.wait())],
                                return_when=asyncio.FIRST_COMPLETED)
             if self._all_started.is_set() and not self.stopping and not stop.done():
-                if self.config.server.admin:
-                    admin = Admin(plane, self.config.server.admin)
+                if admin is not None:
                     admin.start()
                 reloads.plane = plane
                 log.info("supervisor %d: started %d workers", os.getpid(), self.count)

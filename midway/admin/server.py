@@ -99,9 +99,9 @@ class AdminServer:
     when it is not empty, every request must carry ``Authorization: Bearer
     TOKEN`` or is answered 401.
 
-    :meth:`start` binds (raising :class:`ListenError`) and must be called on the
-    event loop the routes run on; :meth:`stop` stops accepting and closes the
-    socket."""
+    :meth:`start` binds (raising :class:`ListenError`), unless :meth:`bind` did
+    already, and must be called on the event loop the routes run on; :meth:`stop`
+    stops accepting and closes the socket."""
 
     def __init__(self, api: ToxiproxyAPI, address: str,
                  token: Callable[[], str] = lambda: "") -> None:
@@ -110,11 +110,20 @@ class AdminServer:
         self.token = token
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Take the address now (raising :class:`ListenError`), to serve it from
+        :meth:`start`: clients that come meanwhile wait in the listen queue."""
+        if self._sock is None:
+            self._sock = bind_tcp(parse_address(self.requested, listen=True), backlog=BACKLOG,
+                                  what=" for the admin API")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        sock = bind_tcp(parse_address(self.requested, listen=True), backlog=BACKLOG,
-                        what=" for the admin API")
+        self.bind()
+        sock, self._sock = self._sock, None
+        assert sock is not None
         httpd = _HTTPServer(sock, self.api, loop, self.token)
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, args=(_POLL_S,),
@@ -137,6 +146,9 @@ class AdminServer:
     async def stop(self) -> None:
         """Stop accepting and close the listening socket (requests being answered
         finish on their own threads)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:  # bound, never served
+            sock.close()
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return

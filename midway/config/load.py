@@ -337,6 +337,10 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     if routes:
         kwargs["routes"] = routes
     _check_proxy_protocol(kwargs, path, own_trusted="proxy_protocol_trusted" in rest)
+    for key in ("tcp_keepalive_interval_s", "tcp_keepalive_probes"):
+        if kwargs.get(key) and not kwargs.get("tcp_keepalive_s"):
+            raise ConfigError(_join(path, key), "needs tcp_keepalive_s (the idle time before "
+                                                "the first probe): keepalive is off without it")
     for key in _PROXY_LISTS:
         if key in table:
             parser = _LIST_PARSERS.get(key)

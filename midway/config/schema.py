@@ -164,6 +164,9 @@ class ToxicSpec:
     """The toxic's random seed: its own, else the proxy's (``None``: drawn and logged)."""
 
 
+KEEPALIVE_MAX_S = 32767
+"""The longest keepalive idle time or interval Linux accepts (``TCP_KEEPIDLE``)."""
+
 RETRIES_ALL = -1
 """``retries``' default: after a failed connect, try every other eligible upstream
 once (``all`` in the file and on the command line)."""
@@ -329,6 +332,29 @@ class ProxyConfig:
         True,
         "Set TCP_NODELAY on both sockets so small writes are not delayed by Nagle's "
         "algorithm (what HAProxy and Envoy do).",
+    )
+    tcp_keepalive_s: float = option(
+        0.0,
+        "Send TCP keepalive probes on both sockets of a connection once it has been "
+        "idle this long, so that a peer that vanished (powered off, its network cut) "
+        "is noticed and the connection closed, and firewalls and NAT keep the flow "
+        "(HAProxy's option tcpka, nginx's so_keepalive; rounded up to whole seconds).",
+        unit="seconds", zero="no keepalive probes (the operating system's default)",
+        minimum=0, maximum=KEEPALIVE_MAX_S, metavar="SECONDS",
+    )
+    tcp_keepalive_interval_s: float = option(
+        0.0,
+        "With tcp_keepalive_s: how long to wait for an answer to a keepalive probe "
+        "before sending the next (rounded up to whole seconds).",
+        unit="seconds", zero="the operating system's interval (Linux: 75 s)",
+        minimum=0, maximum=KEEPALIVE_MAX_S, metavar="SECONDS",
+    )
+    tcp_keepalive_probes: int = option(
+        0,
+        "With tcp_keepalive_s: unanswered probes after which the kernel gives up on "
+        "the peer; the connection is then closed as if reset.",
+        zero="the operating system's count (Linux: 9)",
+        minimum=0, maximum=127, metavar="N",
     )
     splice: bool = option(
         True,

@@ -378,7 +378,8 @@ def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
 def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> str:
     """What a reload changed, for its log line: ``2 proxies: db, web; added db;
     removed cache; changed web (idle_timeout_s, upstreams)`` (``configuration unchanged`` when
-    the file said what was running).  Pure."""
+    the file said what was running), and which kept proxies had their TLS files read
+    again.  Pure."""
     before = {p.name: p for p in old}
     after = {p.name: p for p in new}
     count = len(after)
@@ -396,7 +397,16 @@ def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> st
         parts.append(f"changed {', '.join(changed)}")
     if not (added or removed or changed):
         parts.append("configuration unchanged")
+    # Certificates and CAs are read from their files at every reload, changed or not.
+    renewed = sorted(name for name in after.keys() & before.keys()
+                     if any(getattr(after[name], key) for key in _TLS_FILES))
+    if renewed:
+        parts.append(f"TLS files read again: {', '.join(renewed)}")
     return "; ".join(parts)
+
+
+_TLS_FILES = ("tls_cert", "tls_client_ca", "upstream_tls_ca", "upstream_tls_cert")
+"""The options naming files a reload reads again (a key goes with its certificate)."""
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

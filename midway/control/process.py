@@ -123,6 +123,10 @@ class Admin:
         self.server = AdminServer(ToxiproxyAPI(plane), address, token=lambda: self._token)
         plane.reloaded.append(self.refresh)
 
+    def bind(self) -> None:
+        """Take the address before serving it (see :meth:`AdminServer.bind`)."""
+        self.server.bind()
+
     def start(self) -> None:
         self.server.start()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
 import socket
 import stat
@@ -37,7 +38,7 @@ from ..errors import ListenError, describe_oserror
 from .poller import poller_for
 
 __all__ = ["Listener", "open_listening_socket", "bind_tcp", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S",
-           "NODELAY_INHERITED"]
+           "NODELAY_INHERITED", "SocketOptions", "keepalive_options", "set_options"]
 
 log = logging.getLogger("midway")
 
@@ -50,9 +51,35 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 
 NODELAY_INHERITED = sys.platform.startswith("linux")
-"""Whether accepted TCP sockets inherit ``TCP_NODELAY`` from their listener (Linux's
-``inet_csk_clone_lock`` copies the listener's options; checked by
-tests/unit/test_listener.py).  Elsewhere it is set on each accepted socket."""
+"""Whether accepted TCP sockets inherit ``TCP_NODELAY`` and the keepalive options
+from their listener (Linux's ``inet_csk_clone_lock`` copies the listener's options,
+and a clone of a listener with ``SO_KEEPALIVE`` starts its keepalive timer; checked
+by tests/core/test_listener.py).  Elsewhere they are set on each accepted socket."""
+
+SocketOptions = tuple[tuple[int, int, int], ...]
+"""``setsockopt`` calls as (level, option, value) triples, made in order."""
+
+
+def keepalive_options(idle_s: float, interval_s: float = 0, probes: int = 0) -> SocketOptions:
+    """The options that give a TCP socket keepalive probes after ``idle_s`` seconds
+    without traffic, then every ``interval_s`` until ``probes`` go unanswered (0:
+    the system's own; seconds rounded up, as the kernel counts whole ones).
+    ``idle_s`` 0 turns keepalive off.  Options this platform lacks are left out."""
+    if not idle_s:
+        return ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0),)
+    out = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s),
+                        ("TCP_KEEPCNT", probes)):
+        option = getattr(socket, name, None)
+        if value and option is not None:
+            out.append((socket.IPPROTO_TCP, option, max(1, math.ceil(value))))
+    return tuple(out)
+
+
+def set_options(sock: socket.socket, options: SocketOptions) -> None:
+    """Make the ``setsockopt`` calls of ``options`` on ``sock``; raises OSError."""
+    for level, option, value in options:
+        sock.setsockopt(level, option, value)
 
 
 def open_listening_socket(address: Address, backlog: int, *,
@@ -181,6 +208,9 @@ class Listener:
         self.nodelay: bool | None = None
         """The ``TCP_NODELAY`` accepted sockets inherit (see :meth:`set_nodelay`);
         ``None``: not known to be inherited, set it on each connection."""
+        self.keepalive: SocketOptions | None = None
+        """The keepalive options accepted sockets inherit (see
+        :meth:`set_keepalive`); ``None``: not known to be inherited."""
         name = sock.getsockname()
         wildcard = address.is_unix or address.host in ("", "0.0.0.0", "::")
         self.local: tuple[str, int] | None = None if wildcard else (str(name[0]), int(name[1]))
@@ -215,6 +245,20 @@ class Listener:
         except OSError:
             return False
         self.nodelay = on
+        return True
+
+    def set_keepalive(self, options: SocketOptions) -> bool:
+        """Set :func:`keepalive_options` on the listening socket, for the
+        connections it accepts from now on (those open keep theirs); whether
+        they inherit them, as :meth:`set_nodelay`."""
+        self.keepalive = None
+        if self.address.is_unix or not NODELAY_INHERITED:
+            return False
+        try:
+            set_options(self.sock, options)
+        except OSError:
+            return False
+        self.keepalive = options
         return True
 
     def resume(self) -> None:

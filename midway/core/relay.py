@@ -98,7 +98,6 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import describe_oserror
 from . import splice as _splice
-from .accel import AVAILABLE as _ACCEL
 from .accel import Core
 from .deadlines import deadlines_for
 from .observer import CloseReason
@@ -683,9 +682,10 @@ class Relay(Core, Generic[InfoT]):
         self._up: Flow | None = None
         self._down: Flow | None = None
         self._engine = self.poller.engine if (
-            _ACCEL and plain_client and plain_upstream and not client_prefix
-            and not upstream_prefix) else None
-        """The compiled relay's engine while the relay is (or will start) in C mode."""
+            plain_client and plain_upstream and not client_prefix and not upstream_prefix) \
+            else None
+        """The compiled relay's engine while the relay is (or will start) in C mode
+        (the poller has none without the compiled relay)."""
         if self._engine is None:
             self._make_flows()
 

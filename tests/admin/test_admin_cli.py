@@ -61,6 +61,19 @@ def test_admin_port_in_use_exits_1() -> None:
     assert "admin API" in result.stderr and "address already in use" in result.stderr
 
 
+def test_admin_port_in_use_with_workers_exits_1_before_any_worker_starts() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = run("127.0.0.1:0", "127.0.0.1:1", "--workers", "2", "--admin",
+                     f"127.0.0.1:{port}")
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for the admin API: address already in use" \
+        in result.stderr
+    assert "listening on" not in result.stderr and "[worker" not in result.stderr, \
+        result.stderr  # no worker started (nor had to be stopped)
+    assert "Traceback" not in result.stderr
+
+
 def test_config_proxies_and_their_toxics_show_in_the_api(tmp_path: Path,
                                                          echo: EchoServer) -> None:
     config = tmp_path / "midway.toml"

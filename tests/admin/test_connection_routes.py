@@ -107,3 +107,25 @@ def test_a_connections_own_toxic_is_listed_and_removed_live_with_nothing_lost() 
             assert await answer(api, "GET", f"/connections/{id + 100}/toxics") == (404, NOT_FOUND)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("toxic", [{"type": "noop", "name": "n"},
+                                   {"type": "latency", "name": "n", "toxicity": 0.0,
+                                    "attributes": {"latency": 10_000}}])
+def test_a_connections_own_toxic_that_does_not_apply_is_listed_removable_and_harmless(
+        toxic: dict[str, Any]) -> None:
+    """A ``noop``, or a toxicity roll that leaves the connection out, still is one
+    of its toxics (as Toxiproxy lists a toxic whatever its toxicity): answered,
+    listed, in the way of a second one of its name, and removed."""
+    async def scenario() -> None:
+        async with one_connection() as (api, id, reader, writer):
+            status, added = await answer(api, "POST", f"/connections/{id}/toxics", toxic)
+            assert status == 200, added
+            assert await answer(api, "GET", f"/connections/{id}/toxics") == (200, [added])
+            assert (await answer(api, "POST", f"/connections/{id}/toxics", toxic))[0] == 409
+            writer.write(b"unharmed")
+            assert await read_exactly(reader, 8, timeout=2) == b"unharmed"
+            assert await answer(api, "DELETE", f"/connections/{id}/toxics/n") == (204, None)
+            assert await answer(api, "GET", f"/connections/{id}/toxics") == (200, [])
+
+    run(scenario())

@@ -123,7 +123,8 @@ def test_top_in_a_terminal_shows_proxies_and_quits_cleanly(midway: Midway, tmux:
             client = f"127.0.0.1:{sock.getsockname()[1]}"
             assert wait_until(lambda: client in tmux.screen(), 5), tmux.screen()
         if os.environ.get("MIDWAY_SCREENSHOTS"):
-            render_terminal(tmux.screen(), Path(os.environ["MIDWAY_SCREENSHOTS"], "top.png"))
+            render_terminal(tmux.screen(),
+                            Path(os.environ["MIDWAY_SCREENSHOTS"], "top.png").resolve())
         tmux("send-keys", "-t", "top", "q")
         # The shell prints after top: curses left the alternate screen, so the
         # shell's line is on the restored normal screen and top's table is gone.
@@ -286,6 +287,16 @@ def test_connections_sort_by_id_as_numbers() -> None:
     lines = render_lines(snapshot([connection(10, 1), connection(2, 5), connection(1, 3)]),
                          None, view)
     assert ids_shown(lines) == [2, 1, 10]
+
+
+def test_each_connection_shows_the_toxics_acting_on_it() -> None:
+    """The proxy's and the connection's own (the API's ``toxics`` of the row)."""
+    slow = {**connection(1, 1), "toxics": ["latency_downstream", "cable"]}
+    lines = render_lines(snapshot([slow, {**connection(2, 1), "toxics": []}]), None, View())
+    header = next(line for line in lines if line.startswith("ID "))
+    assert header.split()[-1] == "TOXICS"
+    rows = {line.split()[0]: line.split()[-1] for line in lines[lines.index(header) + 1:]}
+    assert rows == {"1": "latency_downstream,cable", "2": "-"}
 
 
 def test_upstreams_show_their_health_and_last_check() -> None:

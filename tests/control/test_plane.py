@@ -205,3 +205,7 @@ def test_the_reload_log_says_what_changed() -> None:
                                          proxy("db")]) \
         == "2 proxies: db, web; added db; removed cache; changed web (idle_timeout_s, retries)"
     assert reload_summary([web], []) == "0 proxies: none; removed web"
+    # A certificate renewed in place changes no key, but the reload read it again.
+    tls = proxy("tls", tls_cert="/etc/midway/tls.pem")
+    assert reload_summary([web, tls], [web, tls]) \
+        == "2 proxies: tls, web; configuration unchanged; TLS files read again: tls"

@@ -11,7 +11,12 @@ import sys
 import pytest
 
 from midway.config.addresses import parse_address
-from midway.core.listener import NODELAY_INHERITED, Listener, open_listening_socket
+from midway.core.listener import (
+    NODELAY_INHERITED,
+    Listener,
+    keepalive_options,
+    open_listening_socket,
+)
 
 
 async def _accepted(nodelay: bool | None, clients: int = 1,
@@ -51,6 +56,41 @@ def test_accepted_sockets_inherit_tcp_nodelay_from_the_listener(on: bool) -> Non
             listener.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux behaviour")
+def test_accepted_sockets_inherit_the_keepalive_options_from_the_listener() -> None:
+    """What lets the service set ``tcp_keepalive_*`` once, on the listener."""
+    async def main() -> None:
+        address = parse_address("127.0.0.1:0", listen=True)
+        got: list[socket.socket] = []
+        listener = Listener(address, open_listening_socket(address, 16),
+                            lambda sock, addr, lst: got.append(sock), lambda: True)
+        assert listener.set_keepalive(keepalive_options(7.2, 2, 3))
+        listener.resume()
+        peer = socket.create_connection(("127.0.0.1", listener.port))
+        try:
+            async with asyncio.timeout(5):
+                while not got:
+                    await asyncio.sleep(0.01)
+            sock = got[0]
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert [sock.getsockopt(socket.IPPROTO_TCP, option) for option in
+                    (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)] == [8, 2, 3]
+        finally:
+            peer.close()
+            for sock in got:
+                sock.close()
+            listener.close()
+
+    asyncio.run(main())
+
+
+def test_keepalive_options_round_up_to_whole_seconds_and_leave_zeros_to_the_system() -> None:
+    on = keepalive_options(0.5, 0, 0)
+    assert on == ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                  (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1))
+    assert keepalive_options(0) == ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0),)
 
 
 def test_the_gate_is_asked_before_each_accept() -> None:
