@@ -70,6 +70,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterable, Sequence, Set
@@ -78,7 +79,7 @@ from typing import Any, Protocol
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
 from .chain.runner import set_stages
 from .config.addresses import Address, format_sockaddr
-from .config.load import health_settings
+from .config.load import file_mode, health_settings
 from .config.schema import ProxyConfig
 from .core.clock import LoopClock
 from .core.listener import (
@@ -237,7 +238,8 @@ class ProxyService:
         try:
             for address in addresses:
                 socks.append((address, open_listening_socket(
-                    address, self.config.backlog, reuse_port=self.host.reuse_port)))
+                    address, self.config.backlog, reuse_port=self.host.reuse_port,
+                    unix_mode=file_mode(self.config.unix_mode))))
         except ListenError:
             for _, sock in socks:
                 sock.close()
@@ -583,6 +585,7 @@ class ProxyService:
                               health=health_settings(config.health),
                               empty_ok=bool(config.routes))
         resize = config.backlog != self.config.backlog
+        mode = file_mode(config.unix_mode) if config.unix_mode != self.config.unix_mode else None
         self.config = config
         keepalive = _keepalive(config)
         for listener in self.listeners:
@@ -590,6 +593,12 @@ class ProxyService:
                 listener.set_nodelay(config.tcp_nodelay)
             if keepalive != self.keepalive:
                 listener.set_keepalive(keepalive or keepalive_options(0))
+            if mode is not None and listener.address.path is not None:
+                try:
+                    os.chmod(listener.address.path, mode)
+                except OSError as exc:
+                    log.warning("%s: %s keeps its mode: %s", self.name, listener.bound,
+                                describe_oserror(exc))
             if resize:  # listen() again on a listening socket resizes its queue
                 try:
                     listener.sock.listen(config.backlog)

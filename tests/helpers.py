@@ -239,9 +239,9 @@ class ProxyProcess:
             if not line:
                 raise AssertionError(f"midway exited early: {''.join(self.stderr_lines)}")
             self.stderr_lines.append(line)
-            match = re.search(r"listening on \[?[^\s\]]*\]?:(\d+)", line)
-            if match:
-                return int(match.group(1))
+            match = re.search(r"listening on (?:unix:\S+?[,\s]|\[?[^\s\]]*\]?:(\d+))", line)
+            if match:  # a unix listener has no port: 0
+                return int(match.group(1) or 0)
         raise AssertionError("midway did not start listening in time")
 
     @property

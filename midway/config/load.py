@@ -58,7 +58,7 @@ from .schema import (
 
 __all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "check_admin",
            "check_writable", "check_server_outputs", "check_workers", "admin_token",
-           "register_list_parser", "ListParser"]
+           "register_list_parser", "ListParser", "file_mode"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -337,6 +337,9 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     if routes:
         kwargs["routes"] = routes
     _check_proxy_protocol(kwargs, path, own_trusted="proxy_protocol_trusted" in rest)
+    if kwargs.get("unix_mode") and file_mode(kwargs["unix_mode"]) is None:
+        raise ConfigError(_join(path, "unix_mode"), f"expected an octal mode such as \"660\", "
+                                                    f"got {kwargs['unix_mode']!r}")
     for key in ("tcp_keepalive_interval_s", "tcp_keepalive_probes"):
         if kwargs.get(key) and not kwargs.get("tcp_keepalive_s"):
             raise ConfigError(_join(path, key), "needs tcp_keepalive_s (the idle time before "
@@ -348,6 +351,15 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
                 raise ConfigError(_join(path, key), "cannot be checked: no parser is registered")
             kwargs[key] = parser(table[key], _join(path, key), kwargs)
     return ProxyConfig(name=name, **kwargs)
+
+
+def file_mode(text: str) -> int | None:
+    """``unix_mode`` as permission bits (``"660"``, ``"0660"``, ``"0o660"``), or
+    None when it is not an octal mode of at most 0o7777."""
+    digits = text.removeprefix("0o")
+    if not 3 <= len(digits) <= 4 or any(c not in "01234567" for c in digits):
+        return None
+    return int(digits, 8)
 
 
 def _routes(value: Any, path: str, balance: str) -> tuple[RouteSpec, ...]:

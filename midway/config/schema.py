@@ -378,6 +378,15 @@ class ProxyConfig:
         provenance="nginx's default listen backlog on Linux",
         minimum=1, maximum=65535, metavar="N",
     )
+    unix_mode: str = option(
+        "",
+        "The permissions of a unix listener's socket file, in octal, set before it "
+        "accepts: connecting needs write permission, so \"660\" lets midway's user and "
+        "group connect and \"666\" everyone (HAProxy's bind mode).",
+        zero="(empty) what midway's umask gives (with 022, srwxr-xr-x: only midway's "
+             "user and root can connect)",
+        metavar="OCTAL",
+    )
     # TLS termination and origination (docs/tls.md).
     tls_cert: str = option(
         "",

@@ -83,10 +83,11 @@ def set_options(sock: socket.socket, options: SocketOptions) -> None:
 
 
 def open_listening_socket(address: Address, backlog: int, *,
-                          reuse_port: bool = False) -> socket.socket:
+                          reuse_port: bool = False, unix_mode: int | None = None) -> socket.socket:
     """Bind and listen on ``address`` (TCP or unix); non-blocking.  Raises
     :class:`ListenError` naming it.  ``reuse_port`` sets SO_REUSEPORT so several
-    workers can share the address."""
+    workers can share the address; ``unix_mode``: the permissions of a unix
+    socket's file, set before it listens (None: the umask's)."""
     if not address.is_unix:
         sock = bind_tcp(address, backlog=backlog, reuse_port=reuse_port)
         sock.setblocking(False)
@@ -97,6 +98,8 @@ def open_listening_socket(address: Address, backlog: int, *,
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(address.path)
+            if unix_mode is not None:
+                os.chmod(address.path, unix_mode)
             sock.listen(backlog)
         except BaseException:
             sock.close()
