@@ -7,6 +7,9 @@ Library code raises these (with the low-level cause chained) and never calls
 from __future__ import annotations
 
 import errno
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 __all__ = [
     "MidwayError",
@@ -19,7 +22,11 @@ __all__ = [
     "ElementError",
     "describe_oserror",
     "traceback_of",
+    "at_callers_line",
 ]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class MidwayError(Exception):
@@ -79,6 +86,28 @@ def traceback_of(exc: BaseException) -> BaseException | None:
     if isinstance(exc, ElementError):
         return exc.__cause__
     return exc
+
+
+def at_callers_line(fn: Callable[P, R]) -> Callable[P, R]:
+    """For the entry points of the Python API: a :class:`MidwayError` (a mistake
+    in the caller's settings, a name in use, a port taken) leaves with midway's own
+    frames dropped, so its traceback ends at the caller's line, and pytest hides
+    this wrapper's frame too (``__tracebackhide__``).  The message names the
+    problem; the frames that built it are not the caller's concern.  A cause that
+    is a MidwayError too (a translation whose message includes it) is dropped; any
+    other cause (an ``OSError``, a user's hook) is kept.  Other exceptions,
+    midway's defects, keep every frame."""
+    @functools.wraps(fn)
+    def entry(*args: P.args, **kwargs: P.kwargs) -> R:
+        __tracebackhide__ = True  # noqa: F841 (read by pytest)
+        try:
+            return fn(*args, **kwargs)
+        except MidwayError as exc:
+            if isinstance(exc.__cause__, MidwayError):
+                exc.__cause__ = None
+                exc.__suppress_context__ = True
+            raise exc.with_traceback(None)  # noqa: B904 (re-raised as it is)
+    return entry
 
 
 # One place that turns errno values into words a user reads in a log line.

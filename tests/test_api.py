@@ -46,3 +46,28 @@ def test_background_proxy_start_errors_reach_the_caller() -> None:
     with pytest.raises(midway.ListenError, match="address already in use"):
         midway.BackgroundProxy(f"127.0.0.1:{port}", "127.0.0.1:9").start()
     taken.close()
+
+
+def test_a_defect_keeps_its_frames_and_a_low_level_cause_is_kept() -> None:
+    import traceback
+
+    from midway.errors import at_callers_line
+
+    @at_callers_line
+    def defect() -> None:
+        raise KeyError("a bug in midway")
+
+    @at_callers_line
+    def port_taken() -> None:
+        try:
+            raise OSError(98, "Address already in use")
+        except OSError as exc:
+            raise midway.ListenError("cannot listen on 127.0.0.1:1: address in use") from exc
+
+    with pytest.raises(KeyError) as bug:
+        defect()
+    assert [f.name for f in traceback.extract_tb(bug.value.__traceback__)][-1] == "defect"
+    with pytest.raises(midway.ListenError) as taken:
+        port_taken()
+    assert [f.name for f in traceback.extract_tb(taken.value.__traceback__)][-1] == "entry"
+    assert isinstance(taken.value.__cause__, OSError)
