@@ -157,8 +157,16 @@ class BackgroundProxy(Background[Proxy]):
                 ...                          # nothing gets through
         """
         handle = self.call(lambda: self.proxy.add_toxic(type, **kwargs))
-        handle.runner = self.call
+        handle.runner = self._for_handles
         return handle
+
+    def _for_handles(self, fn: Callable[[], T]) -> T:
+        """A handle's runner: on the proxy's loop while it runs; once stopped, right
+        here (no loop touches the proxy any more), so that removing a toxic after
+        its proxy stopped does nothing, as with :class:`~midway.Proxy`."""
+        if self._loop is None:
+            return fn()
+        return self.call(fn)
 
     @property
     def toxics(self) -> list[Toxic[Any]]:
