@@ -69,8 +69,8 @@ class Proxy:
         self._observers = list(observers)
         self.runtime: Runtime | None = None
 
+    @at_callers_line
     async def start(self) -> None:
-        __tracebackhide__ = True  # noqa: F841 (read by pytest)
         from .config.schema import Config
 
         self.runtime = Runtime(Config(proxies=(self.config,)), observers=self._observers,
@@ -85,6 +85,7 @@ class Proxy:
             self.runtime = None
 
     async def __aenter__(self) -> Proxy:
+        __tracebackhide__ = True  # noqa: F841 (read by pytest)
         await self.start()
         return self
 
