@@ -26,7 +26,7 @@ from .config.load import config_from_dict
 from .config.schema import ProxyConfig
 from .core.clock import LoopClock
 from .core.observer import Observer
-from .errors import MidwayError
+from .errors import MidwayError, at_callers_line
 from .runtime import Runtime
 from .service import ProxyService
 
@@ -53,6 +53,7 @@ class Proxy:
     ``listen`` may use port 0; the bound address is :attr:`address`.  Keyword
     options are :class:`~midway.config.schema.ProxyConfig` fields."""
 
+    @at_callers_line
     def __init__(
         self,
         listen: str | Sequence[str] = "127.0.0.1:0",
@@ -68,6 +69,7 @@ class Proxy:
         self._observers = list(observers)
         self.runtime: Runtime | None = None
 
+    @at_callers_line
     async def start(self) -> None:
         from .config.schema import Config
 
@@ -83,6 +85,7 @@ class Proxy:
             self.runtime = None
 
     async def __aenter__(self) -> Proxy:
+        __tracebackhide__ = True  # noqa: F841 (read by pytest)
         await self.start()
         return self
 
@@ -129,6 +132,7 @@ class Proxy:
 
     # -- fault injection (Toxiproxy's toxics; see docs/faults.md) ---------------
 
+    @at_callers_line
     def add_toxic(self, type: str, *, name: str | None = None, stream: str = "downstream",
                   toxicity: float = 1.0, conditions: dict[str, Any] | None = None,
                   seed: int | None = None, **attributes: Any) -> ToxicHandle:
@@ -159,14 +163,17 @@ class Proxy:
     def enabled(self) -> bool:
         return self.service.enabled
 
+    @at_callers_line
     def disable(self) -> None:
         """Take the proxy down: stop listening and close its connections (Toxiproxy's
         ``enabled = false``).  :meth:`enable` brings it back on the same address."""
         self._runtime.enable_proxy(self.config.name, False)
 
+    @at_callers_line
     def enable(self) -> None:
         self._runtime.enable_proxy(self.config.name, True)
 
+    @at_callers_line
     def reset(self) -> None:
         """Enable the proxy and remove every toxic (Toxiproxy's ``POST /reset``)."""
         self.enable()

@@ -7,6 +7,10 @@ Library code raises these (with the low-level cause chained) and never calls
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, cast
 
 __all__ = [
     "MidwayError",
@@ -19,7 +23,11 @@ __all__ = [
     "ElementError",
     "describe_oserror",
     "traceback_of",
+    "at_callers_line",
 ]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class MidwayError(Exception):
@@ -79,6 +87,43 @@ def traceback_of(exc: BaseException) -> BaseException | None:
     if isinstance(exc, ElementError):
         return exc.__cause__
     return exc
+
+
+def at_callers_line(fn: Callable[P, R]) -> Callable[P, R]:
+    """For the entry points of the Python API (functions and coroutine
+    functions): a :class:`MidwayError` (a mistake in the caller's settings, a name
+    in use, a port taken) leaves with midway's own frames dropped, so its
+    traceback ends at the caller's line, and pytest hides this wrapper's frame too
+    (``__tracebackhide__``).  The message names the problem; the frames that built
+    it are not the caller's concern.  A cause that is a MidwayError too (a
+    translation whose message includes it) is dropped; any other cause (an
+    ``OSError``, a user's hook) is kept.  Other exceptions, midway's defects, keep
+    every frame."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def entry_async(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True  # noqa: F841 (read by pytest)
+            try:
+                return await fn(*args, **kwargs)
+            except MidwayError as exc:
+                raise _bare(exc)  # noqa: B904 (re-raised as it is)
+        return cast("Callable[P, R]", entry_async)
+
+    @functools.wraps(fn)
+    def entry(*args: P.args, **kwargs: P.kwargs) -> R:
+        __tracebackhide__ = True  # noqa: F841 (read by pytest)
+        try:
+            return fn(*args, **kwargs)
+        except MidwayError as exc:
+            raise _bare(exc)  # noqa: B904 (re-raised as it is)
+    return entry
+
+
+def _bare(exc: MidwayError) -> MidwayError:
+    if isinstance(exc.__cause__, MidwayError):
+        exc.__cause__ = None
+        exc.__suppress_context__ = True
+    return exc.with_traceback(None)
 
 
 # One place that turns errno values into words a user reads in a log line.

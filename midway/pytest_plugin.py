@@ -56,6 +56,7 @@ def midway_proxy() -> Iterator[ProxyFactory]:
 
     def start(upstream: str | Sequence[str], listen: str | Sequence[str] = "127.0.0.1:0",
               **options: Any) -> BackgroundProxy:
+        __tracebackhide__ = True  # noqa: F841 (read by pytest)
         proxy = BackgroundProxy(listen, upstream, **options).start()
         started.append(proxy)
         return proxy
@@ -75,6 +76,7 @@ def midway_replay() -> Iterator[ReplayFactory]:
 
     def start(capture: str | os.PathLike[str], listen: str = "127.0.0.1:0",
               **options: Any) -> BackgroundReplay:
+        __tracebackhide__ = True  # noqa: F841 (read by pytest)
         replay = BackgroundReplay(capture, listen, **options).start()
         started.append(replay)
         return replay

@@ -21,7 +21,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 from .api import Proxy
 from .chain.toxics import Toxic
 from .chain.toxics.live import ToxicHandle
-from .errors import MidwayError
+from .errors import MidwayError, at_callers_line
 
 __all__ = ["Background", "BackgroundProxy"]
 
@@ -55,6 +55,7 @@ class Background(Generic[S]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
+    @at_callers_line
     def start(self) -> Self:
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -86,12 +87,14 @@ class Background(Generic[S]):
             raise failure[0]
         return self
 
+    @at_callers_line
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the service's loop and return its result (thread-safe)."""
         async def wrapper() -> T:
             return fn()
         return self.run(wrapper())
 
+    @at_callers_line
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the service's loop and wait for its result."""
         if self._loop is None:
@@ -106,6 +109,7 @@ class Background(Generic[S]):
             self._loop = None
             self._thread = None
 
+    @at_callers_line
     def __enter__(self) -> Self:
         return self.start()
 
@@ -135,6 +139,7 @@ class BackgroundProxy(Background[Proxy]):
 
     def __init__(self, listen: str | Sequence[str] = "127.0.0.1:0",
                  upstreams: str | Sequence[str] = (), **kwargs: Any) -> None:
+        __tracebackhide__ = True  # noqa: F841 (read by pytest)
         super().__init__(Proxy(listen, upstreams, **kwargs))
 
     @property
@@ -143,6 +148,7 @@ class BackgroundProxy(Background[Proxy]):
 
     # -- fault injection: Proxy's methods, run on the proxy's loop ---------------
 
+    @at_callers_line
     def add_toxic(self, type: str, **kwargs: Any) -> ToxicHandle:
         """:meth:`Proxy.add_toxic <midway.Proxy.add_toxic>`, thread-safe; the
         handle's ``remove``/``update`` are thread-safe too::
@@ -151,18 +157,29 @@ class BackgroundProxy(Background[Proxy]):
                 ...                          # nothing gets through
         """
         handle = self.call(lambda: self.proxy.add_toxic(type, **kwargs))
-        handle.runner = self.call
+        handle.runner = self._for_handles
         return handle
+
+    def _for_handles(self, fn: Callable[[], T]) -> T:
+        """A handle's runner: on the proxy's loop while it runs; once stopped, right
+        here (no loop touches the proxy any more), so that removing a toxic after
+        its proxy stopped does nothing, as with :class:`~midway.Proxy`."""
+        if self._loop is None:
+            return fn()
+        return self.call(fn)
 
     @property
     def toxics(self) -> list[Toxic[Any]]:
         return self.call(lambda: self.proxy.toxics)
 
+    @at_callers_line
     def disable(self) -> None:
         self.call(self.proxy.disable)
 
+    @at_callers_line
     def enable(self) -> None:
         self.call(self.proxy.enable)
 
+    @at_callers_line
     def reset(self) -> None:
         self.call(self.proxy.reset)

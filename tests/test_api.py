@@ -46,3 +46,41 @@ def test_background_proxy_start_errors_reach_the_caller() -> None:
     with pytest.raises(midway.ListenError, match="address already in use"):
         midway.BackgroundProxy(f"127.0.0.1:{port}", "127.0.0.1:9").start()
     taken.close()
+
+
+def test_a_defect_keeps_its_frames_and_a_low_level_cause_is_kept() -> None:
+    import traceback
+
+    from midway.errors import at_callers_line
+
+    @at_callers_line
+    def defect() -> None:
+        raise KeyError("a bug in midway")
+
+    @at_callers_line
+    def port_taken() -> None:
+        try:
+            raise OSError(98, "Address already in use")
+        except OSError as exc:
+            raise midway.ListenError("cannot listen on 127.0.0.1:1: address in use") from exc
+
+    with pytest.raises(KeyError) as bug:
+        defect()
+    assert [f.name for f in traceback.extract_tb(bug.value.__traceback__)][-1] == "defect"
+    with pytest.raises(midway.ListenError) as taken:
+        port_taken()
+    assert [f.name for f in traceback.extract_tb(taken.value.__traceback__)][-1] == "entry"
+    assert isinstance(taken.value.__cause__, OSError)
+
+
+def test_a_handle_outliving_its_background_proxy_is_gone() -> None:
+    """remove() does nothing once the toxic is gone, and a stopped proxy has none
+    left: tearing down a toxic after its proxy (an ExitStack, a fixture of wider
+    scope) must not fail, as with the asyncio Proxy."""
+    with midway.BackgroundProxy("127.0.0.1:0", "127.0.0.1:9") as proxy:
+        handle = proxy.add_toxic("latency", latency=100)
+        assert handle.active
+    handle.remove()
+    assert not handle.active
+    with pytest.raises(midway.MidwayError, match="not running"):
+        proxy.add_toxic("latency", latency=100)

@@ -69,3 +69,60 @@ def test_two():
 """)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+MISUSES = """
+import asyncio
+import socket
+
+import midway
+
+
+def test_unknown_type(midway_proxy):
+    midway_proxy("127.0.0.1:9").add_toxic("latncy", latency=100)
+
+
+def test_unknown_attribute(midway_proxy):
+    midway_proxy("127.0.0.1:9").add_toxic("latency", latence=100)
+
+
+def test_bad_update(midway_proxy):
+    midway_proxy("127.0.0.1:9").add_toxic("latency", latency=1).update(rate=3)
+
+
+def test_bad_upstream(midway_proxy):
+    midway_proxy("nonsense")
+
+
+def test_async_api():
+    async def main():
+        async with midway.Proxy("127.0.0.1:0", "127.0.0.1:9") as proxy:
+            proxy.add_toxic("latency", jitter=-1)
+    asyncio.run(main())
+
+
+def test_async_port_taken():
+    taken = socket.create_server(("127.0.0.1", 0))
+    async def main():
+        async with midway.Proxy(f"127.0.0.1:{taken.getsockname()[1]}", "127.0.0.1:9"):
+            pass
+    asyncio.run(main())
+"""
+
+
+def test_a_misuse_is_reported_at_the_users_line(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, MISUSES)
+    out = result.stdout
+    assert "6 failed" in out, out
+    for message in ("type: unknown toxic type 'latncy' (known: bandwidth,",
+                    "attributes.latence: unknown attribute of the latency toxic",
+                    "attributes.rate: unknown attribute of the latency toxic",
+                    "upstreams[0]: 'nonsense': expected host:port",
+                    "attributes.jitter: must not be negative",
+                    "ListenError: proxy default: cannot listen on 127.0.0.1:"):
+        assert message in out
+    # no frame shown is midway's, nor the thread hand-over of BackgroundProxy
+    # (concurrent.futures); the async test's own asyncio.run frames are the user's
+    frames = re.findall(r"^(\S+\.py):\d+: ", out, re.M)
+    assert frames.count("test_example.py") == 8, out  # one per test, two with a main()
+    assert not [f for f in frames if "/midway/" in f or "concurrent" in f], out

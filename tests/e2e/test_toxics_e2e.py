@@ -229,6 +229,46 @@ def test_background_proxy_toxic_makes_a_blocking_client_time_out() -> None:
     server.close()
 
 
+def test_removing_timeout_closes_only_the_connections_it_applied_to() -> None:
+    """Toxiproxy's Cleanup closes every connection on the toxic's stream; midway
+    spares those its conditions (or toxicity) left out (docs/faults.md)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            handle = proxy.add_toxic("timeout", timeout=0, stream="upstream",
+                                     conditions={"first_n": 1})
+            hit_reader, hit_writer = await asyncio.open_connection(*proxy.address)
+            spared_reader, spared_writer = await asyncio.open_connection(*proxy.address)
+            assert await rtt(spared_reader, spared_writer) < 1
+            handle.remove()
+            assert await asyncio.wait_for(hit_reader.read(1), 5) == b""
+            assert await rtt(spared_reader, spared_writer) < 1
+            for writer in (hit_writer, spared_writer):
+                writer.close()
+    run(main())
+
+
+def test_reset_peer_resets_when_it_fires_and_only_then() -> None:
+    """Toxiproxy sets SO_LINGER 0 at a connection's start only: a reset_peer added
+    later closes with a FIN, one present at the start makes every close an RST.
+    midway resets when the toxic fires, live or not, and closes normally otherwise."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            with proxy.add_toxic("reset_peer", toxicity=0):
+                reader, writer = await asyncio.open_connection(*proxy.address)
+                assert await rtt(reader, writer) < 1
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(1), 5) == b""   # a FIN
+                writer.close()
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            assert await rtt(reader, writer) < 1
+            proxy.add_toxic("reset_peer")                                 # added live
+            writer.write(b"x")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(1), 5)
+            writer.close()
+    run(main())
+
+
 # -- in a midway process: memory, --toxic, timeline -----------------------------
 
 

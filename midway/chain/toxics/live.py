@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from ...errors import MidwayError
+from ...errors import MidwayError, at_callers_line
 from ..base import UPSTREAM, Element
 from . import make_toxic
 from .base import Toxic
@@ -201,6 +201,7 @@ class ToxicHandle:
         """Whether the toxic is still on the proxy."""
         return bool(self.runner(lambda: any(e is self._toxic for e in self._host.elements)))
 
+    @at_callers_line
     def remove(self) -> None:
         """Remove the toxic, live (held bytes are flushed, none lost).  Does nothing
         if it is already gone."""
@@ -209,6 +210,7 @@ class ToxicHandle:
                 self._host.remove_element(self._toxic)
         self.runner(remove)
 
+    @at_callers_line
     def update(self, *, toxicity: float | None = None, **attributes: Any) -> Toxic[Any]:
         """Change the toxicity and/or some attributes, live (see
         :func:`update_toxic`).  Raises :class:`ToxicNotFound` if it was removed,

@@ -14,7 +14,11 @@ Attributes: ``timeout`` (ms, default 0).
 Deliberate difference: Toxiproxy's wait cannot be interrupted, so removing the toxic
 during it still resets the connection and loses the held chunk.  In midway removal
 cancels the pending reset and passes the held chunk (or end of stream) on, so no
-byte is lost.  Memory: one chunk held.
+byte is lost.  Toxiproxy also sets ``SO_LINGER`` 0 only when a connection starts
+with a ``reset_peer`` on the proxy, so one added to an open connection closes it
+with a FIN, and a connection that started with one ends with an RST however it
+closes (toxicity 0, never fired, removed); midway sends the RST when the toxic
+fires, and only then.  Memory: one chunk held.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ Attributes: ``timeout`` (ms, default 0).
 
 Removal closes the connection (Toxiproxy's ``Cleanup``, covered by its test
 ``TestTimeoutToxicClosesConnectionOnRemove``): bytes were dropped, so the stream
-could not go on intact.  This is the one toxic whose removal ends connections, and
-the only one that drops data on purpose.  An update does not close them
+could not go on intact.  Only connections the toxic applied to are closed: one
+that its toxicity or conditions left out stays open (Toxiproxy's ``Cleanup`` runs
+on every connection's stub, noop or not, and closes them all).  This is the one
+toxic whose removal ends connections, and the only one that drops data on purpose.  An update does not close them
 (Toxiproxy's link update interrupts the toxic and runs the new one, with no
 ``Cleanup``): the new settings apply from the update, the timer armed afresh, and
 an update to toxicity 0 lets data through again (what was dropped stays lost).
