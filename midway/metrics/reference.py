@@ -93,7 +93,12 @@ worker that dies is restarted from zero, but the supervisor keeps what it had
 counted at the last scrape and goes on adding it, so the sums do not drop (a
 drop would look like a reset to `rate()` and `increase()`, which would then
 count the whole total again); what the dead worker counted after the last
-scrape is lost.  Restarting midway itself starts every counter at zero again,
+scrape is lost.  The connections a dead worker had open die with it (their
+clients see a reset) and are never counted as closed: they stay in
+`midway_connections_total` but in no `midway_closes_total` or
+`midway_connection_seconds`, and leave `midway_connections_active` at once, so
+from then on accepted minus closed exceeds `midway_connections_active` by their
+number (as last scraped).  Restarting midway itself starts every counter at zero again,
 which Prometheus treats as a counter reset.
 
 A proxy removed (by a reload or `DELETE /proxies/NAME`) disappears from

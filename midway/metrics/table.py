@@ -94,7 +94,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "Client connections open now (connecting or relaying).",
         ("proxy",),
         notes="Accepted minus closed: `midway_connections_total` minus the sum of "
-              "`midway_closes_total` over reasons.",
+              "`midway_closes_total` over reasons, less the connections of any worker "
+              "that died with them open (see Workers).",
     ),
     MetricSpec(
         "midway_bytes_total", Kind.COUNTER,

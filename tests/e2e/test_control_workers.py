@@ -393,3 +393,47 @@ def test_counters_do_not_go_back_when_a_worker_is_restarted(echo_port: int,
         assert value(after, "midway_connections_active", **labels) == 0
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(20) == 0
+
+
+def test_a_worker_killed_with_connections_open_keeps_the_counters_and_docs_say_how(
+        echo_port: int) -> None:
+    """kill -9 of a worker holding connections: no counter goes back, the gauge
+    drops to what is really open, and the dead worker's connections are the
+    documented gap between accepted and closed (docs/metrics.md, Workers)."""
+    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
+                    "--admin", "127.0.0.1:0") as (proxy, pids):
+        first = both_up(proxy)
+        pids |= set(first.values())
+        api = Api(proxy)
+        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        held = []
+        for i in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"%d" % i)
+            assert sock.recv(16) == b"%d" % i
+            held.append(sock)
+        try:
+            assert wait_until(lambda: len(api.request("GET", "/connections")[1]) == 20, timeout=10)
+            ids = [c["id"] for c in api.request("GET", "/connections")[1]]
+            on_worker_2 = sum(1 for i in ids if i % 2 == 0)  # worker w numbers w, w+2, ...
+            labels = {"proxy": "default"}
+            before = api.request("GET", "/metrics")[1].decode()
+            assert value(before, "midway_connections_active", **labels) == 20
+            os.kill(first[2], signal.SIGKILL)
+            assert wait_until(lambda: workers(proxy).get(2) not in (None, first[2]), timeout=30), \
+                proxy.stderr_text()
+            pids |= children(proxy.pid)
+        finally:
+            for sock in held:
+                sock.close()
+        load(port, 10, size=10)
+        assert wait_until(lambda: value(api.request("GET", "/metrics")[1].decode(),
+                                        "midway_connections_active", **labels) == 0, timeout=10)
+        after = api.request("GET", "/metrics")[1].decode()
+        assert value(after, "midway_connections_total", **labels) == 30
+        closes = sum(value(after, "midway_closes_total", **labels, reason=reason)
+                     for reason in ("eof", "reset"))
+        assert closes == 30 - on_worker_2
+        assert value(after, "midway_connection_seconds_count", **labels) == closes
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0

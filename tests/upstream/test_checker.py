@@ -118,6 +118,45 @@ def test_check_loop_timing_and_state_on_a_fake_clock() -> None:
     ]
 
 
+def test_a_hung_upstream_is_down_after_fall_intervals_and_fall_timeouts() -> None:
+    """An upstream that accepts but never answers (SIGSTOPped): each check lasts
+    timeout_s and the next starts interval_s after it ended, so it is marked down
+    fall x (interval_s + timeout_s) after its last pass, as docs/balancing.md says
+    (measured with redis-server under SIGSTOP: 6 s for 1 s, 1 s and fall 3, as HAProxy)."""
+    async def go() -> tuple[float, list[str]]:
+        clock = FakeClock()
+        changes: list[HealthChange] = []
+        settings = HealthSettings(interval_s=1.0, timeout_s=1.0, rise=2, fall=3)
+        calls = 0
+        down_at: list[float] = []
+
+        async def hangs_after_one_pass(address: Address, s: HealthSettings) -> str | None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return None
+            await clock.sleep(s.timeout_s)
+            return "no reply within the timeout"
+
+        def record(change: HealthChange) -> None:
+            changes.append(change)
+            down_at.append(clock.now())
+        health = HealthMachine(settings, "upstream 10.0.0.6:6379 of proxy redis", clock.now,
+                               record)
+        schedule = CheckSchedule(1.0, random.Random(3), spread=0.0)
+        task = asyncio.create_task(run_checks(Address("10.0.0.6", 6379), health, schedule,
+                                              clock, hangs_after_one_pass))
+        await clock.advance(20.0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        first = CheckSchedule(1.0, random.Random(3)).first_delay()
+        return down_at[0] - first, [c.text for c in changes]
+    after_pass, texts = asyncio.run(go())
+    assert after_pass == pytest.approx(3 * (1.0 + 1.0))
+    assert texts == ["upstream 10.0.0.6:6379 of proxy redis is down: "
+                     "no reply within the timeout (3 checks)"]
+
+
 def test_a_check_midway_could_not_make_for_want_of_descriptors_says_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The check's socket could not be opened (EMFILE): that is midway's
