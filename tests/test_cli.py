@@ -660,6 +660,25 @@ def test_relays_then_stops_cleanly_on_signal(signame: str, upstream: socket.sock
     assert log.rstrip().endswith("stopped")
 
 
+def test_an_ipv4_mapped_ipv6_listen_address_serves_ipv4_clients(upstream: socket.socket) -> None:
+    # [::ffff:127.0.0.1] is 127.0.0.1 written as IPv6: it used to fail with
+    # "invalid argument" (Linux refuses it on an IPv6-only socket).
+    up_port = upstream.getsockname()[1]
+    proc, stderr, port = _start("[::ffff:127.0.0.1]:0", f"127.0.0.1:{up_port}")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as client:
+            client.sendall(b"ping")
+            conn, _ = upstream.accept()
+            with conn:
+                conn.settimeout(TIMEOUT_S)
+                assert conn.recv(16) == b"ping"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    assert proc.returncode == EXIT_OK, stderr.rest(timeout=TIMEOUT_S)
+
+
 def test_sigterm_right_after_listening_still_stops_cleanly() -> None:
     proc, stderr, _ = _start("127.0.0.1:0", "127.0.0.1:9")
     try:
