@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +19,8 @@ from typing import IO
 import pytest
 
 import midway
+
+from .helpers import needs
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20
@@ -355,6 +359,33 @@ def test_a_unix_listener_on_a_file_that_is_not_a_socket_says_so(tmp_path: Path) 
     assert line.endswith(f"cannot listen on unix:{path}: {path} exists and is not a "
                          "socket (midway replaces only a stale socket)"), line
     assert path.read_text() == "keep me\n"
+
+
+def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """midway run as user nobody, who may not bind a privileged port."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip(needs("root and setpriv, to run midway as nobody", apt="util-linux"))
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           "--inh-caps=-all", *midway_cmd(*args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("where", ["LISTEN", "--admin"])
+def test_a_privileged_port_as_an_unprivileged_user_says_so_at_check_and_start(
+        where: str, check: list[str]) -> None:
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if start < 2:
+        pytest.skip(needs("privileged ports (sysctl net.ipv4.ip_unprivileged_port_start > 1)"))
+    low = f"127.0.0.1:{start - 1}"
+    args = [low, "127.0.0.1:80"] if where == "LISTEN" else ["127.0.0.1:0", "127.0.0.1:80",
+                                                            "--admin", low]
+    result = _as_nobody(*check, *args)
+    assert result.returncode == EXIT_USAGE, result
+    line = assert_one_clean_line(result.stderr)
+    flag = "--admin: " if where == "--admin" else ""
+    assert line == (f"midway: {flag}cannot listen on {low}: a port below {start} needs root "
+                    "or CAP_NET_BIND_SERVICE"), line
 
 
 def test_unresolvable_listen_host() -> None:

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..config.addresses import Address
+from ..config.addresses import Address, privileged_port
 from ..errors import ListenError, describe_oserror
 from .poller import poller_for
 
@@ -135,7 +135,8 @@ def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
             sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ListenError(f"{where}: {describe_oserror(exc)}") from exc
+        why = (exc.errno == errno.EACCES and privileged_port(address.port)) or describe_oserror(exc)
+        raise ListenError(f"{where}: {why}") from exc
     return sock
 
 
