@@ -20,7 +20,7 @@ import pytest
 
 import midway
 
-from .helpers import needs
+from .helpers import needs, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20
@@ -719,6 +719,39 @@ def test_sigterm_right_after_listening_still_stops_cleanly() -> None:
         _stop(proc)
     assert proc.returncode == EXIT_OK
     assert stderr.rest(timeout=TIMEOUT_S).rstrip().endswith("stopped")
+
+
+SLOW_HOOK = """
+import pathlib, sys, time
+
+if sys.argv[0].endswith("worker.py"):  # a worker, not the supervisor's check of it
+    pathlib.Path(__file__).with_suffix(".started").touch()
+    time.sleep(3)
+
+
+class Pass:
+    def on_connect(self, ctx):
+        pass
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_the_workers_start_stops_them_without_a_traceback(
+        signame: str, tmp_path: Path) -> None:
+    (tmp_path / "slowhook.py").write_text(SLOW_HOOK)
+    proc = subprocess.Popen(midway_cmd("127.0.0.1:0", "127.0.0.1:9", "--workers", "2",
+                                       "--hook", "slowhook:Pass"),
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{REPO}:{tmp_path}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # A worker is starting (importing the hook) when the supervisor is told to stop.
+        assert wait_until((tmp_path / "slowhook.started").exists, timeout=TIMEOUT_S)
+        proc.send_signal(getattr(signal, signame))
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    assert "Traceback" not in stderr
+    assert proc.returncode == EXIT_OK, stderr
 
 
 def test_the_hook_example_of_the_error_message_exists_and_loads() -> None:
