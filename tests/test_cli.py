@@ -575,6 +575,22 @@ def test_replay_on_a_busy_port_says_address_in_use(tmp_path: Path, busy_port: in
     assert line.endswith(f"replay: cannot listen on 127.0.0.1:{busy_port}: address already in use")
 
 
+def test_replay_listens_on_an_ipv4_mapped_ipv6_address(tmp_path: Path) -> None:
+    proc = subprocess.Popen(midway_cmd("replay", str(_pcap(tmp_path / "one.pcap")),
+                                       "--listen", "[::ffff:127.0.0.1]:0"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    stderr = _LineReader(proc.stderr)
+    try:
+        line = stderr.wait_for("listening on", time.monotonic() + TIMEOUT_S)
+        port = int(line.rsplit("listening on 127.0.0.1:", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as client:
+            client.sendall(b"PING\r\n")
+            assert client.recv(16) == b"+PONG\r\n"
+    finally:
+        _stop(proc)
+
+
 @pytest.mark.parametrize("name", ["top", "connections"])
 @pytest.mark.parametrize(("admin", "words"), [
     ("nonsense", "expected HOST:PORT (e.g. 127.0.0.1:8474), got 'nonsense'"),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import AddressError
 
-__all__ = ["Address", "parse_address", "format_sockaddr", "privileged_port"]
+__all__ = ["Address", "parse_address", "format_sockaddr", "privileged_port", "unmapped"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,14 @@ def privileged_port(port: int) -> str:
     if not 0 < port < start or caps & _CAP_NET_BIND_SERVICE:
         return ""
     return f"a port below {start} needs root or CAP_NET_BIND_SERVICE"
+
+
+def unmapped(host: str) -> str:
+    """``host``, or the IPv4 address an IPv4-mapped IPv6 one stands for
+    (``::ffff:127.0.0.1`` is ``127.0.0.1``): Linux refuses to bind a mapped
+    address on an IPv6-only socket."""
+    try:
+        v4 = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+    except ValueError:
+        return host
+    return str(v4) if v4 else host

@@ -41,7 +41,7 @@ from ..errors import AddressError, ConfigError
 from ..upstream.access import AccessList
 from ..upstream.balancers import MAX_WEIGHT
 from ..upstream.health import HealthSettings
-from .addresses import Address, parse_address, privileged_port
+from .addresses import Address, parse_address, privileged_port, unmapped
 from .describe import describe_value
 from .schema import (
     BALANCERS,
@@ -572,7 +572,7 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        return ipaddress.ip_address(unmapped(host).split("%", 1)[0]).is_loopback
     except ValueError:
         return False
 

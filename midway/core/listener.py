@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -33,7 +32,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..config.addresses import Address, privileged_port
+from ..config.addresses import Address, privileged_port, unmapped
 from ..errors import ListenError, describe_oserror
 from .poller import poller_for
 
@@ -115,9 +114,8 @@ def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
                                        flags=socket.AI_PASSIVE)
             family, _, _, _, sockaddr = infos[0]
             dual = False
-            if family == socket.AF_INET6 and (
-                    v4 := ipaddress.IPv6Address(sockaddr[0].split("%", 1)[0]).ipv4_mapped):
-                family, sockaddr = socket.AF_INET, (str(v4), address.port)  # [::ffff:127.0.0.1]
+            if family == socket.AF_INET6 and (v4 := unmapped(sockaddr[0])) != sockaddr[0]:
+                family, sockaddr = socket.AF_INET, (v4, address.port)  # [::ffff:127.0.0.1]
     except socket.gaierror as exc:
         raise ListenError(f"{where}: cannot resolve {address.host!r} ({exc.strerror})") from exc
     try:
