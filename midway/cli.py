@@ -27,6 +27,7 @@ from .config.load import (
     admin_token,
     build_options,
     check_admin,
+    check_admin_port,
     check_listen_paths,
     check_server_outputs,
     check_workers,
@@ -353,13 +354,14 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
     """Everything that would stop a start and can be known without binding,
     for ``--check``, a start and a reload alike: hooks import (anew), every
     output file (access log, dump, capture) can be written, the admin token
-    can be read, TLS certificates, keys and CAs load, the event loop asked for is installed, what the workers
+    can be read and its port bound, TLS certificates, keys and CAs load, the event loop asked for is installed, what the workers
     cannot share is not asked of them.  An error names what the user typed:
     the flag when it came from the command line, the key when it came from the
     file.  Raises :class:`ConfigError`."""
     proxy_flags, server_flags = _split(args)
     try:
         check_server_outputs(config.server)
+        check_admin_port(config.server)
         admin_token(config.server)
         check_workers(config.server, config.proxies)
         for proxy in config.proxies:
@@ -370,6 +372,8 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
         key = exc.path.rsplit(".", 1)[-1]
         typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
                  else not args.config)
+        if typed and key.startswith("listen"):  # LISTEN, whose address the message names
+            raise ConfigError("", exc.message) from exc
         if typed:
             raise ConfigError("", f"{_flag(key)}: {exc.message}") from exc
         raise

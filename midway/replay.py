@@ -74,7 +74,7 @@ from typing import Literal, NoReturn
 
 from .chain.dumpfmt import hexdump
 from .chain.pcapread import PcapReadError, RecordedConnection, read_connections, upstream_legs
-from .config.addresses import format_sockaddr, parse_address
+from .config.addresses import format_sockaddr, parse_address, unmapped
 from .errors import AddressError, MidwayError, describe_oserror
 from .testing import Background
 
@@ -183,8 +183,8 @@ class Replay:
             assert self.listen.path is not None
             self._server = await asyncio.start_unix_server(self._accept, self.listen.path)
         else:
-            self._server = await asyncio.start_server(self._accept, self.listen.host or None,
-                                                      self.listen.port)
+            self._server = await asyncio.start_server(
+                self._accept, unmapped(self.listen.host) or None, self.listen.port)
         count = len(self.scripts)
         log.info("replay: %d recorded connection%s, listening on %s", count,
                  "" if count == 1 else "s", format_sockaddr(self._server.sockets[0].getsockname()))

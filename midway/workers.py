@@ -25,9 +25,10 @@ started as new programs (``python -m midway.control.worker``; see that module
 for why not a bare fork) with their own process group, so a terminal's Ctrl-C
 reaches the supervisor alone, which forwards it.
 
-Signals: the first SIGTERM or SIGINT is forwarded to every worker, and each
-drains as a single process would; a second one is forwarded too, and they close
-everything at once.  SIGHUP reloads: the supervisor reads and validates the
+Signals: the first SIGTERM or SIGINT is forwarded to every worker (as SIGTERM,
+which a worker still starting dies of quietly where a SIGINT would interrupt its
+imports with a traceback), and each drains as a single process would; a second
+one is forwarded too, and they close everything at once.  SIGHUP reloads: the supervisor reads and validates the
 file once (as ``--check`` would) and sends the new target to every worker.
 
 A worker that exits unexpectedly is started again with the target in force
@@ -266,12 +267,12 @@ class Supervisor:
                 await stop
             reloads.stopping = True
             notify.notify(notify.STOPPING)
-            self._stop(signal.Signals[signals.first] if signals.first else signal.SIGTERM)
+            self._stop()
             await asyncio.gather(*keepers, return_exceptions=True)
         except ListenError as exc:  # the admin API could not bind
             log.error("%s", exc)
             self.exit_code = 1
-            self._stop(signal.SIGTERM)
+            self._stop()
             await asyncio.gather(*keepers, return_exceptions=True)
         finally:
             if admin is not None:
@@ -282,17 +283,20 @@ class Supervisor:
             self._counters.close()
         return self.exit_code
 
-    def _stop(self, signum: int) -> None:
+    def _stop(self) -> None:
+        """Drain: SIGTERM to every worker, whichever signal stopped the supervisor.
+        A worker takes SIGINT as SIGTERM once it serves, but one still starting
+        (importing) would die of a SIGINT with a traceback; a SIGTERM stops it quietly."""
         if not self.stopping:
             self.stopping = True
             self._wake.set()
             for worker in self.workers.values():
-                worker.signal(signum)
+                worker.signal(signal.SIGTERM)
 
     def _forward(self, signame: str) -> None:
-        """A second SIGTERM/SIGINT: forwarded, every worker closes everything."""
+        """A second SIGTERM/SIGINT: forwarded (as SIGTERM), every worker closes everything."""
         for worker in self.workers.values():
-            worker.signal(signal.Signals[signame])
+            worker.signal(signal.SIGTERM)
 
     def _reloaded(self) -> None:
         if self.plane is not None:
@@ -315,7 +319,7 @@ class Supervisor:
                 # It could not even start (it logged why): give up rather than loop.
                 log.error("worker %d could not start; stopping", number)
                 self.exit_code = 1
-                self._stop(signal.SIGTERM)
+                self._stop()
                 self._all_started.set()
                 return
             age = time.monotonic() - worker.born

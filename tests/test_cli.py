@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +19,8 @@ from typing import IO
 import pytest
 
 import midway
+
+from .helpers import needs, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20
@@ -357,6 +361,33 @@ def test_a_unix_listener_on_a_file_that_is_not_a_socket_says_so(tmp_path: Path) 
     assert path.read_text() == "keep me\n"
 
 
+def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """midway run as user nobody, who may not bind a privileged port."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip(needs("root and setpriv, to run midway as nobody", apt="util-linux"))
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           "--inh-caps=-all", *midway_cmd(*args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("where", ["LISTEN", "--admin"])
+def test_a_privileged_port_as_an_unprivileged_user_says_so_at_check_and_start(
+        where: str, check: list[str]) -> None:
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if start < 2:
+        pytest.skip(needs("privileged ports (sysctl net.ipv4.ip_unprivileged_port_start > 1)"))
+    low = f"127.0.0.1:{start - 1}"
+    args = [low, "127.0.0.1:80"] if where == "LISTEN" else ["127.0.0.1:0", "127.0.0.1:80",
+                                                            "--admin", low]
+    result = _as_nobody(*check, *args)
+    assert result.returncode == EXIT_USAGE, result
+    line = assert_one_clean_line(result.stderr)
+    flag = "--admin: " if where == "--admin" else ""
+    assert line == (f"midway: {flag}cannot listen on {low}: a port below {start} needs root "
+                    "or CAP_NET_BIND_SERVICE"), line
+
+
 def test_unresolvable_listen_host() -> None:
     result = run("no-such-host.invalid:0", "127.0.0.1:80")
     assert result.returncode == EXIT_START_FAILED
@@ -544,6 +575,22 @@ def test_replay_on_a_busy_port_says_address_in_use(tmp_path: Path, busy_port: in
     assert line.endswith(f"replay: cannot listen on 127.0.0.1:{busy_port}: address already in use")
 
 
+def test_replay_listens_on_an_ipv4_mapped_ipv6_address(tmp_path: Path) -> None:
+    proc = subprocess.Popen(midway_cmd("replay", str(_pcap(tmp_path / "one.pcap")),
+                                       "--listen", "[::ffff:127.0.0.1]:0"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    stderr = _LineReader(proc.stderr)
+    try:
+        line = stderr.wait_for("listening on", time.monotonic() + TIMEOUT_S)
+        port = int(line.rsplit("listening on 127.0.0.1:", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as client:
+            client.sendall(b"PING\r\n")
+            assert client.recv(16) == b"+PONG\r\n"
+    finally:
+        _stop(proc)
+
+
 @pytest.mark.parametrize("name", ["top", "connections"])
 @pytest.mark.parametrize(("admin", "words"), [
     ("nonsense", "expected HOST:PORT (e.g. 127.0.0.1:8474), got 'nonsense'"),
@@ -660,6 +707,25 @@ def test_relays_then_stops_cleanly_on_signal(signame: str, upstream: socket.sock
     assert log.rstrip().endswith("stopped")
 
 
+def test_an_ipv4_mapped_ipv6_listen_address_serves_ipv4_clients(upstream: socket.socket) -> None:
+    # [::ffff:127.0.0.1] is 127.0.0.1 written as IPv6: it used to fail with
+    # "invalid argument" (Linux refuses it on an IPv6-only socket).
+    up_port = upstream.getsockname()[1]
+    proc, stderr, port = _start("[::ffff:127.0.0.1]:0", f"127.0.0.1:{up_port}")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as client:
+            client.sendall(b"ping")
+            conn, _ = upstream.accept()
+            with conn:
+                conn.settimeout(TIMEOUT_S)
+                assert conn.recv(16) == b"ping"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    assert proc.returncode == EXIT_OK, stderr.rest(timeout=TIMEOUT_S)
+
+
 def test_sigterm_right_after_listening_still_stops_cleanly() -> None:
     proc, stderr, _ = _start("127.0.0.1:0", "127.0.0.1:9")
     try:
@@ -669,6 +735,39 @@ def test_sigterm_right_after_listening_still_stops_cleanly() -> None:
         _stop(proc)
     assert proc.returncode == EXIT_OK
     assert stderr.rest(timeout=TIMEOUT_S).rstrip().endswith("stopped")
+
+
+SLOW_HOOK = """
+import pathlib, sys, time
+
+if sys.argv[0].endswith("worker.py"):  # a worker, not the supervisor's check of it
+    pathlib.Path(__file__).with_suffix(".started").touch()
+    time.sleep(3)
+
+
+class Pass:
+    def on_connect(self, ctx):
+        pass
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_the_workers_start_stops_them_without_a_traceback(
+        signame: str, tmp_path: Path) -> None:
+    (tmp_path / "slowhook.py").write_text(SLOW_HOOK)
+    proc = subprocess.Popen(midway_cmd("127.0.0.1:0", "127.0.0.1:9", "--workers", "2",
+                                       "--hook", "slowhook:Pass"),
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{REPO}:{tmp_path}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # A worker is starting (importing the hook) when the supervisor is told to stop.
+        assert wait_until((tmp_path / "slowhook.started").exists, timeout=TIMEOUT_S)
+        proc.send_signal(getattr(signal, signame))
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    assert "Traceback" not in stderr
+    assert proc.returncode == EXIT_OK, stderr
 
 
 def test_the_hook_example_of_the_error_message_exists_and_loads() -> None:

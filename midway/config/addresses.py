@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import AddressError
 
-__all__ = ["Address", "parse_address", "format_sockaddr"]
+__all__ = ["Address", "parse_address", "format_sockaddr", "privileged_port", "unmapped"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,34 @@ def format_sockaddr(addr: object) -> str:
         path = addr.decode(errors="replace") if isinstance(addr, bytes) else addr
         return f"unix:{path}" if path else "unix:"
     return str(addr)
+
+
+_CAP_NET_BIND_SERVICE = 1 << 10
+
+
+def privileged_port(port: int) -> str:
+    """Why this process may not bind TCP ``port``, known without binding: on
+    Linux a port below net.ipv4.ip_unprivileged_port_start (1024 unless set)
+    needs the CAP_NET_BIND_SERVICE capability, which root has.  "" when it may,
+    or where it cannot be told."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            start = int(f.read())
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        return ""
+    if not 0 < port < start or caps & _CAP_NET_BIND_SERVICE:
+        return ""
+    return f"a port below {start} needs root or CAP_NET_BIND_SERVICE"
+
+
+def unmapped(host: str) -> str:
+    """``host``, or the IPv4 address an IPv4-mapped IPv6 one stands for
+    (``::ffff:127.0.0.1`` is ``127.0.0.1``): Linux refuses to bind a mapped
+    address on an IPv6-only socket."""
+    try:
+        v4 = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+    except ValueError:
+        return host
+    return str(v4) if v4 else host

@@ -41,7 +41,7 @@ from ..errors import AddressError, ConfigError
 from ..upstream.access import AccessList
 from ..upstream.balancers import MAX_WEIGHT
 from ..upstream.health import HealthSettings
-from .addresses import Address, parse_address
+from .addresses import Address, parse_address, privileged_port, unmapped
 from .describe import describe_value
 from .schema import (
     BALANCERS,
@@ -57,8 +57,8 @@ from .schema import (
 )
 
 __all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "check_admin",
-           "check_writable", "check_server_outputs", "check_workers", "admin_token",
-           "register_list_parser", "ListParser", "file_mode"]
+           "check_admin_port", "check_writable", "check_server_outputs", "check_workers",
+           "admin_token", "register_list_parser", "ListParser", "file_mode"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -505,6 +505,14 @@ def check_admin(server: ServerConfig) -> None:
                                                      "not both")
 
 
+def check_admin_port(server: ServerConfig) -> None:
+    """The admin API's port is one this process may bind (see
+    :func:`~.addresses.privileged_port`).  Raises :class:`ConfigError` for
+    ``server.admin``."""
+    if server.admin and (why := privileged_port(parse_address(server.admin, listen=True).port)):
+        raise ConfigError("server.admin", f"cannot listen on {server.admin}: {why}")
+
+
 def admin_token(server: ServerConfig) -> str:
     """The admin token in force: ``admin_token``, or the first line of
     ``admin_token_file`` (read now), or ``""`` for none.  Raises
@@ -551,14 +559,17 @@ def check_writable(path: str, key: str) -> None:
 
 
 def check_listen_paths(proxy: ProxyConfig) -> None:
-    """Each unix-socket listener's file can be made: its directory exists, and
-    nothing but a socket (a stale one is replaced) is there.  Raises
+    """Each listener can be made, as far as is known without binding: a TCP port
+    below 1024 only with the privilege to bind it; a unix socket's directory
+    exists, and nothing but a socket (a stale one is replaced) is there.  Raises
     :class:`ConfigError` at the proxy's ``listen``."""
+    where = f"proxy.{proxy.name}.listen"
     for address in proxy.listen:
+        if not address.is_unix and (why := privileged_port(address.port)):
+            raise ConfigError(where, f"cannot listen on {address}: {why}")
         if not address.is_unix or not address.path:
             continue
         folder = os.path.dirname(os.path.abspath(address.path))
-        where = f"proxy.{proxy.name}.listen"
         if not os.path.isdir(folder):
             raise ConfigError(where, f"cannot listen on {address}: no directory {folder}")
         if os.path.exists(address.path) and not stat.S_ISSOCK(os.stat(address.path).st_mode):
@@ -577,7 +588,7 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        return ipaddress.ip_address(unmapped(host).split("%", 1)[0]).is_loopback
     except ValueError:
         return False
 

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..config.addresses import Address
+from ..config.addresses import Address, privileged_port, unmapped
 from ..errors import ListenError, describe_oserror
 from .poller import poller_for
 
@@ -125,7 +125,9 @@ def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
     """The one place a TCP address becomes a bound socket: the proxies' listeners,
     the admin API's and the supervisor's port reservations.  An empty host or
     ``::`` binds every interface, IPv6 and IPv4 together where the system can
-    (else IPv4's); a name is resolved for a passive socket.  SO_REUSEADDR is set
+    (else IPv4's); a name is resolved for a passive socket.  An IPv4-mapped IPv6
+    address (``[::ffff:127.0.0.1]``) binds its IPv4 address, which Linux refuses
+    on an IPv6-only socket.  SO_REUSEADDR is set
     (a restart does not wait for TIME_WAIT), SO_REUSEPORT with ``reuse_port``.
     The socket listens with ``backlog``, or (``None``) is only bound, which holds
     the port without receiving connections.  Blocking, as made.  Raises
@@ -142,6 +144,8 @@ def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
                                        flags=socket.AI_PASSIVE)
             family, _, _, _, sockaddr = infos[0]
             dual = False
+            if family == socket.AF_INET6 and (v4 := unmapped(sockaddr[0])) != sockaddr[0]:
+                family, sockaddr = socket.AF_INET, (v4, address.port)  # [::ffff:127.0.0.1]
     except socket.gaierror as exc:
         raise ListenError(f"{where}: cannot resolve {address.host!r} ({exc.strerror})") from exc
     try:
@@ -159,7 +163,8 @@ def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
             sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ListenError(f"{where}: {describe_oserror(exc)}") from exc
+        why = (exc.errno == errno.EACCES and privileged_port(address.port)) or describe_oserror(exc)
+        raise ListenError(f"{where}: {why}") from exc
     return sock
 
 

@@ -31,7 +31,7 @@ def test_non_loopback_admin_needs_explicit_consent(address: str) -> None:
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:8474", "localhost:8474", "[::1]:8474",
-                                     "127.0.0.2:8474"])
+                                     "127.0.0.2:8474", "[::ffff:127.0.0.1]:8474"])
 def test_loopback_admin_is_accepted(address: str) -> None:
     result = run("--admin", address, "--check")
     assert result.returncode == 0, result.stderr
