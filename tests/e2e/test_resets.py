@@ -234,8 +234,9 @@ def test_idle_timeout_with_bytes_queued_resets() -> None:
 
 def test_idle_timeout_resets_the_upstream_whose_download_was_cut() -> None:
     """The direction toward the upstream is quiet, but the upstream's own bytes
-    were cut (held for a reader that stopped): it learns so by a reset, as
-    docs/guarantees.md says, not by a FIN that would pass for a delivered stream."""
+    were cut (a download larger than midway and the kernel hold, so some wait
+    unread for a reader that stopped): it learns so by a reset, as
+    docs/guarantees.md says."""
     upstream_saw: list[str] = []
 
     def download(conn: socket.socket) -> None:
