@@ -232,6 +232,38 @@ def test_idle_timeout_with_bytes_queued_resets() -> None:
     run(main())
 
 
+def test_idle_timeout_resets_the_upstream_whose_download_was_cut() -> None:
+    """The direction toward the upstream is quiet, but the upstream's own bytes
+    were cut (a download larger than midway and the kernel hold, so some wait
+    unread for a reader that stopped): it learns so by a reset, as
+    docs/guarantees.md says."""
+    upstream_saw: list[str] = []
+
+    def download(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(b"d" * DOWNLOAD)
+                upstream_saw.append("eof" if conn.recv(1) == b"" else "data")
+            except ConnectionResetError:
+                upstream_saw.append("reset")
+            except OSError as exc:
+                upstream_saw.append(repr(exc))
+
+    async def main() -> None:
+        records = Records()
+        with _threaded_server(download) as port:
+            async with midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", idle_timeout_s=0.3,
+                                    observers=[records]) as proxy:
+                (reader,) = await _slow_readers(proxy.address, 1)
+                await records.wait(1, timeout=5)
+                assert await asyncio.to_thread(wait_until, lambda: bool(upstream_saw))
+                assert upstream_saw == ["reset"]
+                assert records.records[0].reason == "idle_timeout"
+                _close_held()
+
+    run(main())
+
+
 def test_second_signal_resets_cut_downloads() -> None:
     with _threaded_server(_download) as port, proxy_process(
             "127.0.0.1:0", f"127.0.0.1:{port}", "--drain-timeout-s", "60") as proxy:
