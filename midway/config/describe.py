@@ -28,7 +28,7 @@ def describe_value(value: Any) -> str:
     if isinstance(value, Mapping):
         return "a table"
     if isinstance(value, list | tuple):
-        return "an array"
+        return "an array" if value else "an empty array"
     # datetime before date: a datetime is a date too.
     if isinstance(value, datetime.datetime):
         return f"a date-time ({value.isoformat()})"

@@ -239,6 +239,9 @@ def test_an_address_of_the_wrong_type_is_named_in_words(tmp_path: Path) -> None:
     err = load_error(tmp_path, '[proxy.a]\nlisten = {}\nupstreams = "h:1"\n')
     assert str(err) == ("proxy.a.listen: expected an address or a non-empty list of "
                         "addresses, got a table")
+    err = load_error(tmp_path, '[proxy.a]\nlisten = ":1"\nupstreams = []\n')
+    assert str(err) == ("proxy.a.upstreams: expected an address or a non-empty list of "
+                        "addresses, got an empty array")
     err = load_error(tmp_path, 'server = 1979-05-27T07:32:00Z\n')
     assert str(err) == "server: expected a table, got a date-time (1979-05-27T07:32:00+00:00)"
 
