@@ -378,7 +378,8 @@ def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
 def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> str:
     """What a reload changed, for its log line: ``2 proxies: db, web; added db;
     removed cache; changed web (idle_timeout_s, upstreams)`` (``configuration unchanged`` when
-    the file said what was running).  Pure."""
+    the file said what was running), then the proxies whose hooks were imported
+    again (``hooks imported anew (api)``).  Pure."""
     before = {p.name: p for p in old}
     after = {p.name: p for p in new}
     count = len(after)
@@ -396,6 +397,9 @@ def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> st
         parts.append(f"changed {', '.join(changed)}")
     if not (added or removed or changed):
         parts.append("configuration unchanged")
+    hooked = sorted(name for name, proxy in after.items() if proxy.hooks)
+    if hooked:  # every reload imports them again: an edited hook file is applied
+        parts.append(f"hooks imported anew ({', '.join(hooked)})")
     return "; ".join(parts)
 
 

@@ -205,3 +205,7 @@ def test_the_reload_log_says_what_changed() -> None:
                                          proxy("db")]) \
         == "2 proxies: db, web; added db; removed cache; changed web (idle_timeout_s, retries)"
     assert reload_summary([web], []) == "0 proxies: none; removed web"
+    # An edited hook file is applied though the configuration is the same: say so.
+    audited = proxy("api", hooks=("myhooks:Audit",))
+    assert reload_summary([web, audited], [web, audited]) \
+        == "2 proxies: api, web; configuration unchanged; hooks imported anew (api)"
