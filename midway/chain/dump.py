@@ -15,7 +15,8 @@ Nothing on the data path ever waits for the output.  Formatted text goes to a
 or a file) that does the blocking writes.  The queue holds at most
 :data:`DUMP_QUEUE_CHARS` characters; when it is full (the terminal, the pipe
 reader or the disk cannot keep up) further chunks are *not formatted at all*,
-only counted, and once the output has caught up one line says how many chunks
+only counted (open, end-of-stream and close lines have room of their own, so
+every connection's end is still shown), and once the output has caught up one line says how many chunks
 and bytes of traffic were skipped.  The traffic itself is always relayed in
 full: the dump drops lines, never bytes.  A write error (``| head`` exiting,
 disk full) is logged once and the dump stops; the proxy goes on.
@@ -102,8 +103,12 @@ class DumpWriter:
         self._wall = wall
         self._notices = DumpFormatter(color=self.color)
         self._cond = threading.Condition()
-        self._items: deque[str] = deque()
+        self._items: deque[tuple[str, bool]] = deque()
+        """Text to write, each with whether it is an event's (see :meth:`write`)."""
         self._queued = 0
+        self._queued_events = 0
+        """Characters of open, end-of-stream and close lines queued (not in
+        ``_queued``, which counts chunks and notices)."""
         self._skipped_chunks = 0
         self._skipped_bytes = 0
         self._closing = False
@@ -125,19 +130,24 @@ class DumpWriter:
             self._skipped_bytes += traffic_bytes
             self.skipped_total += 1
 
-    def write(self, text: str) -> None:
+    def write(self, text: str, *, event: bool = False) -> None:
         """Queue ``text`` (whole lines).  Dropped, and counted as skipped, if the
-        queue is full or the output failed."""
+        queue is full or the output failed.  An ``event`` (an open, end-of-stream
+        or close line) is bounded on its own, by another ``max_chars`` of event
+        text, so that a flood of chunks cannot hide how its connections ended."""
         with self._cond:
             if self._broken or self._closing:
                 return
-            if self._queued >= self.max_chars:
+            if (self._queued_events if event else self._queued) >= self.max_chars:
                 self._skipped_chunks += 1
                 self.skipped_total += 1
                 return
             self._put_notice()
-            self._items.append(text)
-            self._queued += len(text)
+            self._items.append((text, event))
+            if event:
+                self._queued_events += len(text)
+            else:
+                self._queued += len(text)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=f"midway dump {self.target}")
@@ -147,7 +157,7 @@ class DumpWriter:
     def _put_notice(self) -> None:
         if self._skipped_chunks:
             notice = self._notices.dropped(self._wall(), self._skipped_chunks, self._skipped_bytes)
-            self._items.append(notice)
+            self._items.append((notice, False))
             self._queued += len(notice)
             self._skipped_chunks = self._skipped_bytes = 0
 
@@ -160,20 +170,23 @@ class DumpWriter:
                     return
                 batch = list(self._items)
                 self._items.clear()
-            size = sum(len(text) for text in batch)
+            events = sum(len(text) for text, event in batch if event)
+            size = sum(len(text) for text, event in batch if not event)
             try:
-                _write_all(self.fd, "".join(batch).encode("utf-8", "surrogateescape"))
+                _write_all(self.fd, "".join(text for text, _ in batch).encode(
+                    "utf-8", "surrogateescape"))
             except OSError as exc:
                 with self._cond:
                     self._broken = True
                     self._items.clear()
-                    self._queued = 0
+                    self._queued = self._queued_events = 0
                 log.error("dump: cannot write to %s (%s); the dump stopped, traffic goes on",
                           "standard output" if self.target == STDOUT else self.target,
                           exc.strerror or exc)
                 return
             with self._cond:
                 self._queued -= size
+                self._queued_events -= events
 
     def release(self) -> None:
         """One user is done; the last one closes the writer."""
@@ -273,7 +286,8 @@ class _DumpStage(Stage):
     async def eof(self, out: Output) -> None:
         element = self.element
         element.writer.write(
-            element.formatter.half_closed(self.counts.info.id, self.direction, element.wall()))
+            element.formatter.half_closed(self.counts.info.id, self.direction, element.wall()),
+            event=True)
         await out.send_eof()
 
 
@@ -314,7 +328,8 @@ class DumpElement(Element):
         counts.started = True
         info = counts.info
         self.writer.write(self.formatter.opened(
-            info.id, self.wall(), client=info.client, upstream=info.upstream, proxy=info.proxy))
+            info.id, self.wall(), client=info.client, upstream=info.upstream, proxy=info.proxy),
+            event=True)
 
     def _closed_conn(self, counts: _Counts, reason: str) -> None:
         if not counts.started:
@@ -325,7 +340,7 @@ class DumpElement(Element):
         now = self.wall()
         self.writer.write(self.formatter.closed(
             info.id, now, reason=reason, bytes_up=counts.up, bytes_down=counts.down,
-            duration_s=max(0.0, now - info.started_at)))
+            duration_s=max(0.0, now - info.started_at)), event=True)
 
     def close(self) -> None:
         if not self._closed:

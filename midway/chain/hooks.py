@@ -179,6 +179,21 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _pool_instance
 
 
+_CALLERS = tuple(os.path.dirname(path) + os.sep for path in (
+    os.path.dirname(__file__), asyncio.__file__, concurrent.futures.__file__))
+
+
+def _from_the_hook(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` from the hook's first frame on: without the frames of midway
+    (:meth:`_HookStage._call`), asyncio or the thread pool that called it, which
+    come first and would only bury the hook's own.  Unchanged if no frame is
+    the hook's."""
+    start = tb
+    while start is not None and start.tb_frame.f_code.co_filename.startswith(_CALLERS):
+        start = start.tb_next
+    return start if start is not None else tb
+
+
 def _cancelled_by_us() -> bool:
     """In an ``except CancelledError``: was the running task itself cancelled (the
     relay closing), rather than user code raising ``CancelledError``?"""
@@ -617,6 +632,7 @@ class HookContext:
             raise self._failure(name, exc) from exc
 
     def _failure(self, name: str, exc: BaseException) -> HookError:
+        exc.__traceback__ = _from_the_hook(exc.__traceback__)
         return HookError(f"hook {self._element.spec} raised in {name}: "
                          f"{type(exc).__name__}: {exc}")
 

@@ -378,8 +378,8 @@ def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
 def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> str:
     """What a reload changed, for its log line: ``2 proxies: db, web; added db;
     removed cache; changed web (idle_timeout_s, upstreams)`` (``configuration unchanged`` when
-    the file said what was running), and which kept proxies had their TLS files read
-    again.  Pure."""
+    the file said what was running), then the kept proxies whose files were read
+    again: ``TLS files read again (web)``, ``hooks imported anew (api)``.  Pure."""
     before = {p.name: p for p in old}
     after = {p.name: p for p in new}
     count = len(after)
@@ -397,11 +397,15 @@ def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> st
         parts.append(f"changed {', '.join(changed)}")
     if not (added or removed or changed):
         parts.append("configuration unchanged")
-    # Certificates and CAs are read from their files at every reload, changed or not.
-    renewed = sorted(name for name in after.keys() & before.keys()
-                     if any(getattr(after[name], key) for key in _TLS_FILES))
+    # Every reload reads certificates and CAs from their files and imports hooks
+    # again, changed or not: a file renewed or edited in place is applied.
+    kept = sorted(after.keys() & before.keys())
+    renewed = [name for name in kept if any(getattr(after[name], key) for key in _TLS_FILES)]
     if renewed:
-        parts.append(f"TLS files read again: {', '.join(renewed)}")
+        parts.append(f"TLS files read again ({', '.join(renewed)})")
+    hooked = [name for name in kept if after[name].hooks]
+    if hooked:
+        parts.append(f"hooks imported anew ({', '.join(hooked)})")
     return "; ".join(parts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC
@@ -191,6 +192,45 @@ def test_a_stalled_output_never_blocks_and_skipped_chunks_are_counted() -> None:
     text = seen.decode(errors="replace")
     assert "dump output fell behind:" in text
     assert "chunks (" in text and "bytes of traffic) not shown" in text
+
+
+def test_a_flood_skips_chunks_but_keeps_every_open_eof_and_close_line() -> None:
+    """The queue is full: the flood's chunks are skipped, but the connection's
+    open, end-of-stream and close lines (the byte totals a user looks for after a
+    flood) are still written, and the notice counts only the skipped chunks."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:  # fill the pipe so that the writer's thread blocks on its first write
+        while True:
+            os.write(w, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    writer = DumpWriter(w, target="pipe", owned=True, max_chars=10_000)
+    chunk = bytes(range(256)) * 16  # 4 KiB: ~20 KB of hexdump each
+    drive(dump_element(writer, "hex"),
+          [("upstream", chunk)] * 50 + [("upstream", None), ("downstream", None)])
+    seen = bytearray()
+    reader = threading.Thread(target=lambda: seen.extend(_read_to_eof(r)))
+    reader.start()
+    writer.close(timeout_s=10)
+    reader.join(10)
+    os.close(r)
+    text = seen.decode(errors="replace")
+    assert "#1 open: client" in text
+    assert "#1 client → server end of stream (FIN)" in text
+    assert "#1 client ← server end of stream (FIN)" in text
+    assert "#1 closed (eof) after 1.500 s: client → server 204800 bytes" in text
+    shown = text.count("#1 client → server 4096 bytes")
+    assert 0 < shown < 50
+    assert f"fell behind: {50 - shown} chunks ({(50 - shown) * 4096} bytes" in text
+
+
+def _read_to_eof(fd: int) -> bytes:
+    data = bytearray()
+    while chunk := os.read(fd, 1 << 20):
+        data += chunk
+    return bytes(data)
 
 
 def test_writers_are_shared_per_target_and_closed_by_the_last_user(tmp_path: Path) -> None:

@@ -208,4 +208,8 @@ def test_the_reload_log_says_what_changed() -> None:
     # A certificate renewed in place changes no key, but the reload read it again.
     tls = proxy("tls", tls_cert="/etc/midway/tls.pem")
     assert reload_summary([web, tls], [web, tls]) \
-        == "2 proxies: tls, web; configuration unchanged; TLS files read again: tls"
+        == "2 proxies: tls, web; configuration unchanged; TLS files read again (tls)"
+    # An edited hook file is applied though the configuration is the same: say so.
+    audited = proxy("api", hooks=("myhooks:Audit",))
+    assert reload_summary([web, audited], [web, audited]) \
+        == "2 proxies: api, web; configuration unchanged; hooks imported anew (api)"

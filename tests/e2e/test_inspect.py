@@ -368,6 +368,10 @@ class ReturnsText:
         return data.decode()
 
 
+class ExplodesInThread(Explode):
+    blocking = True
+
+
 class RefusesBadly:
     def on_connect(self, ctx: HookContext) -> None:
         raise KeyError("no such tenant")
@@ -377,6 +381,9 @@ class RefusesBadly:
 @pytest.mark.parametrize(("hook", "message", "traceback_has"), [
     ("Explode", "hook tests.e2e.test_inspect:Explode raised in on_data: ValueError: "
                 "the hook cannot handle boom", 'raise ValueError("the hook cannot handle boom")'),
+    ("ExplodesInThread", "hook tests.e2e.test_inspect:ExplodesInThread raised in on_data: "
+                         "ValueError: the hook cannot handle boom",
+     'raise ValueError("the hook cannot handle boom")'),
     ("RefusesBadly", "hook tests.e2e.test_inspect:RefusesBadly raised in on_connect: "
                      "KeyError: 'no such tenant'", 'raise KeyError("no such tenant")'),
     ("ReturnsText", "hook tests.e2e.test_inspect:ReturnsText: on_data returned str; "
@@ -409,6 +416,8 @@ def test_a_failing_hook_is_logged_as_its_own_error_not_midways(
                 text = logging.Formatter().formatException(errors[0].exc_info)
                 assert traceback_has in text
                 assert "runner.py" not in text and "service.py" not in text, text
+                assert "midway/chain/hooks.py" not in text, text   # where midway called it
+                assert "concurrent/futures" not in text, text      # the pool's thread
 
     run(main())
 
