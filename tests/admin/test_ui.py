@@ -29,7 +29,8 @@ import pytest
 
 from midway.chain.toxics import TOXICS
 
-from ..helpers import ProxyProcess, free_port, needs, wait_until
+from ..helpers import ProxyProcess, free_port, needs
+from ..helpers import wait_until as _wait_until
 from .conftest import Admin, EchoServer, port_of, round_trip
 from .screenshots import save_small_png
 
@@ -39,12 +40,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 except ImportError:  # the test extra has it; without it these tests are skipped
     webdriver = None
+
+    class StaleElementReferenceException(Exception):  # type: ignore[no-redef]
+        """Never raised without selenium."""
 
 browser_missing = pytest.mark.skipif(
     webdriver is None or not CHROMIUM or not CHROMEDRIVER,
@@ -53,6 +58,18 @@ browser_missing = pytest.mark.skipif(
 
 UI_WAIT_S = 10.0
 """How long the page may take to show a change: it polls each second."""
+
+
+def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
+    """:func:`tests.helpers.wait_until` for the page: an element the page
+    replaced while the predicate read it (it redraws each second) means "not
+    yet", not a failure."""
+    def settled() -> bool:
+        try:
+            return bool(predicate())
+        except StaleElementReferenceException:
+            return False
+    return _wait_until(settled, timeout)
 
 
 @dataclass
@@ -121,6 +138,14 @@ def open_page(browser: Any, midway: Midway) -> None:
                       .get_attribute("data-connected") == "true", UI_WAIT_S)
 
 
+def proxies_shown(browser: Any) -> list[str]:
+    """The proxies' sections on the page, read in one step: the page redraws them
+    each second, so an element found before a redraw may be gone when read."""
+    names: list[str] = browser.execute_script(
+        "return [...document.querySelectorAll('section.proxy')].map(s => s.dataset.proxy)")
+    return names
+
+
 def section(browser: Any, proxy: str) -> Any:
     return browser.find_element(By.CSS_SELECTOR, f'section.proxy[data-proxy="{proxy}"]')
 
@@ -161,9 +186,7 @@ def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway,
     assert wait_until(lambda: browser.find_element(By.TAG_NAME, "body")
                       .get_attribute("data-connected") == "true", UI_WAIT_S)
     assert browser.current_url == midway.url
-    names = [s.get_attribute("data-proxy")
-             for s in browser.find_elements(By.CSS_SELECTOR, "section.proxy")]
-    assert names == ["cache", "web"]
+    assert proxies_shown(browser) == ["cache", "web"]
     web = section(browser, "web")
     assert f"127.0.0.1:{midway.port('web')}" in web.find_element(By.CSS_SELECTOR, ".addresses").text
     # Its upstream, up (no health checks configured: none has run).
@@ -441,11 +464,10 @@ def test_page_keeps_working_while_midway_reloads(browser: Any, tmp_path: Path,
             reloads = midway.process.stderr_text().count("reload: done")
             midway.process.signal(signal.SIGHUP)
             deadline = time.monotonic() + UI_WAIT_S
-            shown: list[str | None] = []
+            shown: list[str] = []
             while time.monotonic() < deadline:
                 assert not banner.is_displayed(), "the page said disconnected during a reload"
-                shown = [s.get_attribute("data-proxy")
-                         for s in browser.find_elements(By.CSS_SELECTOR, "section.proxy")]
+                shown = proxies_shown(browser)
                 if shown == ["db", "web"]:
                     break
                 time.sleep(0.1)
