@@ -779,3 +779,22 @@ def test_the_hook_example_of_the_error_message_exists_and_loads() -> None:
     assert result.returncode == EXIT_OK, result.stderr
     hooks_doc = (REPO / "midway" / "chain" / "hooks.py").read_text().split('"""', 2)[1]
     assert f"--hook {example}" in hooks_doc
+
+
+@pytest.mark.parametrize(("line", "key", "words"), [
+    ("tcp_keepalive_interval_s = 5", "tcp_keepalive_interval_s", "needs tcp_keepalive_s"),
+    ("tcp_keepalive_probes = 5", "tcp_keepalive_probes", "needs tcp_keepalive_s"),
+    *[(f'unix_mode = "{bad}"', "unix_mode",
+       f'expected an octal mode such as "660", got {bad!r}') for bad in ("999", "rw", "66",
+                                                                      "07777777")],
+])
+def test_a_socket_option_check_refuses_names_the_key(tmp_path: Path, line: str, key: str,
+                                                     words: str) -> None:
+    """``tcp_keepalive_*`` without the idle time, a ``unix_mode`` that is not octal
+    (tests/e2e/test_keepalive.py and test_unix_mode.py show what the good ones do)."""
+    path = tmp_path / "midway.toml"
+    path.write_text(f'[proxy.p]\nlisten = "unix:{tmp_path}/s"\nupstreams = ["127.0.0.1:1"]\n'
+                    f"{line}\n")
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    assert assert_one_clean_line(result.stderr).startswith(f"midway: proxy.p.{key}: {words}")
