@@ -1,6 +1,6 @@
 """What one connection costs the proxy, in figures that machine load does not distort.
 
-`python bench/conncost.py [--proxy midway|haproxy] [--loop asyncio|uvloop] WHAT`, WHAT one of:
+`python bench/conncost.py [--proxy midway|haproxy|floor] [--loop asyncio|uvloop] WHAT`, WHAT one of:
 
 * ``syscalls``: ``strace -c -f -p PID`` on the proxy over N connect/send/recv/close loops
   (system calls per connection, by name);
@@ -120,6 +120,8 @@ backend b
 """)
             cfg.flush()
             argv = ["haproxy", "-db", "-f", cfg.name]
+        elif args.proxy == "floor":
+            argv = [sys.executable, str(HERE / "floor.py"), str(listen), str(ports[0])]
         else:
             runner = [sys.executable, str(Path(__file__).resolve()), "--serve-midway"]
             argv = [*runner, f"127.0.0.1:{listen}", *(f"127.0.0.1:{p}" for p in ports),
@@ -358,7 +360,7 @@ def main() -> None:
         sys.exit(serve_midway(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["syscalls", "calls", "cpu", "idle"])
-    parser.add_argument("--proxy", choices=["midway", "haproxy"], default="midway")
+    parser.add_argument("--proxy", choices=["midway", "haproxy", "floor"], default="midway")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--count", type=int, default=2000, help="connections per run")
     parser.add_argument("--concurrency", type=int, default=8)
