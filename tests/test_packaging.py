@@ -42,7 +42,7 @@ def _build(kind: str, tree: Path, out: Path, **env: str) -> Path:
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = tmp_path_factory.mktemp("checkout")
-    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, tree)
     for name in ("midway", "tests"):
@@ -53,7 +53,7 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_sdist_holds_what_the_build_needs_and_no_part_of_the_test_suite(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {name.partition("/")[2] for name in tar.getnames()}
-    needed = {"pyproject.toml", "setup.py", "README.md", "midway/core/_accel.c",
+    needed = {"pyproject.toml", "setup.py", "README.md", "LICENSE", "midway/core/_accel.c",
               "midway/admin/ui/index.html", "midway/py.typed", "midway/cli.py"}
     assert needed <= names
     # The suite runs from a checkout; a few of its files alone (no helpers) is junk.
@@ -70,6 +70,7 @@ def test_the_sdist_builds_without_a_compiler_and_runs_in_pure_python(
         names = whl.namelist()
         whl.extractall(tmp_path / "site")
     assert "midway/admin/ui/app.js" in names
+    assert [name for name in names if name.endswith(".dist-info/licenses/LICENSE")]  # MIT's terms
     assert not [name for name in names if name.endswith((".so", ".c"))]
     env = {k: v for k, v in os.environ.items() if k != "MIDWAY_PURE_PYTHON"}
     version = subprocess.run([sys.executable, "-m", "midway", "--version"], cwd=tmp_path,
