@@ -53,6 +53,7 @@ from typing import Any, Protocol
 
 from ..config.addresses import Address, format_sockaddr
 from ..core.deadlines import Deadlines, deadlines_for
+from ..core.perloop import PerLoop
 from ..core.poller import LoopPoller, Poller, poller_for
 from ..core.relay import close_socket
 from ..errors import UpstreamError, describe_oserror
@@ -125,11 +126,42 @@ ADDRESS_MIN_S = 2.0
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
+_lookups: PerLoop[dict[tuple[str, int], asyncio.Future[list[tuple[int, Any]]]]] = \
+    PerLoop(lambda loop: {})
+"""The lookups under way on each loop, by (host, port)."""
+
+
 async def loop_resolver(host: str, port: int) -> list[tuple[int, Any]]:
-    """The default :data:`Resolver`: the running loop's ``getaddrinfo``."""
+    """The default :data:`Resolver`: the running loop's ``getaddrinfo``, which runs
+    in the loop's default executor (a few threads).  Connections that ask for the
+    same (host, port) while a lookup of it is under way share that lookup's answer
+    (as fresh as asking again): a slow or unanswered name holds one thread, not one
+    per connection, and so cannot starve the lookups of other names.  A waiter that
+    is cancelled (its connect timeout) leaves the lookup to the others."""
     loop = asyncio.get_running_loop()
+    under_way = _lookups.get(loop)
+    key = (host, port)
+    lookup = under_way.get(key)
+    if lookup is None:
+        lookup = under_way[key] = asyncio.ensure_future(_getaddrinfo(loop, host, port))
+        lookup.add_done_callback(lambda done: _lookup_done(under_way, key, done))
+    return await asyncio.shield(lookup)
+
+
+async def _getaddrinfo(loop: asyncio.AbstractEventLoop, host: str,
+                       port: int) -> list[tuple[int, Any]]:
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def _lookup_done(under_way: dict[tuple[str, int], Any], key: tuple[str, int],
+                 done: asyncio.Future[Any]) -> None:
+    """A lookup ended: the next connection asks again (DNS changes are followed).
+    Its error is marked retrieved: every waiter may have been cancelled."""
+    if under_way.get(key) is done:
+        del under_way[key]
+    if not done.cancelled():
+        done.exception()
 
 
 class Target(Protocol):

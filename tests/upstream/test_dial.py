@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from midway.config.addresses import Address
 from midway.errors import UpstreamError
-from midway.upstream.dial import Dialer, DialFailure, dial
+from midway.upstream.dial import Dialer, DialFailure, dial, loop_resolver
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -38,7 +39,6 @@ class Recorder(Dialer):
         loop = asyncio.get_running_loop()
         self.events: list[tuple[str, str, str]] = []
         self.done: asyncio.Future[socket.socket | None] = loop.create_future()
-        from midway.upstream.dial import loop_resolver
         self.init_dial(loop, [_Upstream(a) for a in candidates], timeout_s,
                        resolve or loop_resolver)
 
@@ -335,4 +335,48 @@ def test_a_lookup_that_never_answers_times_out_naming_the_lookup() -> None:
         assert await d.done is None
         assert d.events[0] == ("timed_out", "slow.test:80",
                                "connect timed out after 5 s (looking up 'slow.test')")
+    run(main())
+
+
+class _GatedDns:
+    """``socket.getaddrinfo`` for the loop's executor: every name is 127.0.0.1,
+    and a lookup of ``slow.test`` blocks until :attr:`release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.asked: list[str] = []
+
+    def __call__(self, host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        self.asked.append(host)
+        if host == "slow.test":
+            self.release.wait(30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+
+def test_connections_asking_for_one_name_share_its_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forty connections to a name whose lookup hangs hold one thread, not forty
+    (the executor has at most 32): a lookup of another name still answers."""
+    dns = _GatedDns()
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+
+    async def main() -> None:
+        waiters = [asyncio.ensure_future(loop_resolver("slow.test", 80)) for _ in range(40)]
+        try:
+            async with asyncio.timeout(10):
+                while not dns.asked:
+                    await asyncio.sleep(0.01)
+            async with asyncio.timeout(10):
+                assert await loop_resolver("fast.test", 80) == [
+                    (socket.AF_INET, ("127.0.0.1", 80))]
+            assert dns.asked == ["slow.test", "fast.test"]
+            for w in waiters[1:]:
+                w.cancel()  # their connect timeouts: the lookup goes on for the first
+        finally:
+            dns.release.set()
+        async with asyncio.timeout(10):
+            assert await waiters[0] == [(socket.AF_INET, ("127.0.0.1", 80))]
+        # The next connection asks again: DNS changes are followed.
+        await loop_resolver("slow.test", 80)
+        assert dns.asked == ["slow.test", "fast.test", "slow.test"]
     run(main())
