@@ -6,11 +6,9 @@ hand), and the IP-literal path runs with no task."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +16,8 @@ import pytest
 from midway.config.addresses import Address
 from midway.errors import UpstreamError
 from midway.upstream.dial import Dialer, DialFailure, dial, loop_resolver
+
+from ..helpers import black_hole
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -70,24 +70,6 @@ def _closed_port() -> int:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
-
-
-@contextlib.contextmanager
-def _black_hole() -> Iterator[tuple[str, int]]:
-    """The address of a listener whose accept queue is full: Linux drops further
-    SYNs, so a connect to it neither succeeds nor fails until its timeout."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        fillers = [socket.socket() for _ in range(4)]
-        try:
-            for f in fillers:
-                f.setblocking(False)
-                f.connect_ex(server.getsockname())
-            yield server.getsockname()
-        finally:
-            for f in fillers:
-                f.close()
 
 
 class _HandClock:
@@ -173,25 +155,13 @@ def test_timed_out_when_the_upstream_never_answers_the_handshake() -> None:
     async def main() -> None:
         # A listener whose accept queue is full drops further SYNs (Linux): the
         # connect neither succeeds nor fails, so only the timeout ends it.
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        address = Address("127.0.0.1", server.getsockname()[1])
-        fillers = []
-        for _ in range(4):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(("127.0.0.1", address.port))
-            fillers.append(f)
-        await asyncio.sleep(0.05)
-        d = Recorder([address], timeout_s=0.3)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        assert await d.result() is None
-        elapsed = loop.time() - started
-        for f in fillers:
-            f.close()
-        server.close()
+        with black_hole() as holed:
+            address = Address(*holed)
+            d = Recorder([address], timeout_s=0.3)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await d.result() is None
+            elapsed = loop.time() - started
         assert d.events[0] == ("timed_out", str(address), "connect timed out after 0.3 s")
         assert 0.25 <= elapsed < 2.0
     run(main())
@@ -282,7 +252,7 @@ def test_a_name_whose_first_address_never_answers_reaches_the_next() -> None:
     """An AAAA record where IPv6 is black-holed: the first address gets its share
     of the connect timeout (5 s over 2 addresses), then the next one connects."""
     async def main() -> None:
-        with _black_hole() as holed, socket.create_server(("127.0.0.1", 0)) as server:
+        with black_hole() as holed, socket.create_server(("127.0.0.1", 0)) as server:
             live = server.getsockname()
             d = Recorder([Address("both.test", 80)], timeout_s=5,
                          resolve=_resolving_to([holed, live]))
@@ -302,7 +272,7 @@ def test_a_name_whose_first_address_never_answers_reaches_the_next() -> None:
 
 def test_a_name_whose_addresses_never_answer_names_each_in_the_timeout() -> None:
     async def main() -> None:
-        with _black_hole() as a, _black_hole() as b, _black_hole() as c:
+        with black_hole() as a, black_hole() as b, black_hole() as c:
             d = Recorder([Address("dark.test", 80)], timeout_s=5,
                          resolve=_resolving_to([a, b, c]))
             clock = _on_hand_clock(d)
