@@ -458,6 +458,7 @@ class ProxyService:
                 failures=tuple({"upstream": str(t.address), "failure": f.value, "detail": d}
                                for t, f, d in failures) if failures else (),
                 worker=self.host.worker, pid=self.host.pid, route=info.route, sni=info.sni,
+                upstream_addr=info.upstream_addr and format_sockaddr(info.upstream_addr),
             ))
         if lease is not None:
             lease.release()

@@ -194,6 +194,25 @@ def threaded_echo(*, hold_after_eof: bool = False) -> Iterator[int]:
         server.close()
 
 
+@contextlib.contextmanager
+def black_hole() -> Iterator[tuple[str, int]]:
+    """The address of a listener whose accept queue is full: Linux drops further
+    SYNs, so a connect to it neither succeeds nor fails until its timeout."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        try:
+            for f in fillers:
+                f.setblocking(False)
+                f.connect_ex(server.getsockname())
+            time.sleep(0.05)  # the handshakes complete and fill the queue
+            yield server.getsockname()
+        finally:
+            for f in fillers:
+                f.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -65,7 +65,9 @@ _REQUIRED_PROXY_KEYS = (
     ("upstreams", "`UPSTREAM ...` (further arguments)", "upstream entry, or list of them",
      "Where to forward each connection: `host:port`, `[v6]:port` or `unix:/path` "
      "(port 1-65535, host required).  Several are used as `balance` says; a name is "
-     "looked up on every connection, so DNS changes are followed.  An entry is an "
+     "looked up on every connection, so DNS changes are followed, and its addresses "
+     "are tried in turn until one accepts (docs/balancing.md, *Upstreams given by "
+     "name*).  An entry is an "
      "address, the quick form `ADDRESS,weight=N`, `ADDRESS,backup` (what the command "
      "line takes), or a table `{address = ..., weight = N, backup = true}`: see "
      "*Upstream entries* below.  Optional when the proxy has `routes`: they are then "

@@ -302,7 +302,8 @@ class ProxyConfig:
     connect_timeout_s: float = option(
         5.0,
         "How long to wait for an upstream to accept a connection (name lookup "
-        "included) before trying the next upstream.",
+        "included) before trying the next upstream.  A name's addresses share it: "
+        "each gets the time left over the addresses left, at least 2 s.",
         unit="seconds", zero="no timeout: wait as long as the operating system does",
         provenance="Envoy's cluster connect_timeout default", minimum=0, metavar="SECONDS",
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..chain.base import ConnectionInfo, Element
 from ..chain.toxics.base import Toxic
+from ..config.addresses import format_sockaddr
 from ..core.observer import CloseReason
 from ..core.relay import Relay
 from ..runtime import Runtime
@@ -56,12 +57,12 @@ def connection_json(service: ProxyService, item: Relay[ConnectionInfo] | Connect
         rec = service.live[item]
         attached = [e for e in (*service.elements, *rec.own) if e in rec.attached]
         return {"id": info.id, "proxy": service.name, "worker": worker, "client": info.client,
-                "upstream": info.upstream, "age_s": round(now - info.started_at, 3),
-                "bytes_up": item.bytes_up, "bytes_down": item.bytes_down,
+                "upstream": info.upstream, "upstream_addr": info.upstream_addr and format_sockaddr(info.upstream_addr),
+                "age_s": round(now - info.started_at, 3), "bytes_up": item.bytes_up, "bytes_down": item.bytes_down,
                 "state": _state(item), "path": item.path, "toxics": _toxics(iter(attached))}
     return {"id": info.id, "proxy": service.name, "worker": worker, "client": info.client,
-            "upstream": info.upstream, "age_s": round(now - info.started_at, 3),
-            "bytes_up": 0, "bytes_down": 0, "state": "connecting", "path": "none",
+            "upstream": info.upstream, "upstream_addr": None,
+            "age_s": round(now - info.started_at, 3), "bytes_up": 0, "bytes_down": 0, "state": "connecting", "path": "none",
             "toxics": _toxics(iter(item.attached))}
 
 

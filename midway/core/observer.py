@@ -128,6 +128,10 @@ class CloseRecord:
     """The TLS server name the client asked for (from its ClientHello, a
     terminated handshake, or a received PROXY v2 header's AUTHORITY); ``None``
     when none was seen."""
+    upstream_addr: str | None = None
+    """The address connected to: for an upstream given by name, the one it resolved
+    to that accepted (nginx's ``$upstream_addr``); as ``upstream`` for an IP
+    address; ``None`` for a unix socket or when none accepted."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

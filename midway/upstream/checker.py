@@ -50,7 +50,9 @@ async def check_once(address: Address, settings: HealthSettings) -> str | None:
     connected = False
     try:
         async with asyncio.timeout(settings.timeout_s):
-            sock = await dial(address, 0)  # the timeout above covers connecting too
+            # The timeout above covers the whole check; given to the dialer too, it
+            # shares it among a name's addresses as for a client's connection.
+            sock = await dial(address, settings.timeout_s)
             connected = True
             try:
                 if settings.send:

@@ -13,11 +13,17 @@ which covers its name lookup and every address the lookup returned.
 * **Host names** are resolved for each connection (DNS changes are followed) by an
   injectable :data:`Resolver`, by default the loop's ``getaddrinfo`` (which runs off
   the loop); the task that awaits it ends there, and every address returned is then
-  tried in turn by the same callback connect.
+  tried in turn, in the resolver's order, by the same callback connect.  Each address
+  gets a share of the time left, as Go's dialer gives it: the time left divided by
+  the addresses left, but at least :data:`ADDRESS_MIN_S` (or all that is left), so
+  that an address that never answers (an AAAA record where IPv6 is black-holed)
+  leaves time for the next one instead of timing the whole name out.
 * **Unix sockets** take the callback connect too.
 
 Each failed attempt is reported once with a :class:`DialFailure` and a detail string
-(``connection refused``, ``connect timed out after 5 s``): the service logs it, the
+(``connection refused``, ``connect timed out after 5 s``; for a name, each address
+tried and how it failed, ``[::1]:80: connection refused; 127.0.0.2:80: no answer``,
+so a log line says what the name resolved to): the service logs it, the
 access log records it, the upstream's passive health and a metrics observer count
 it, all from the same value.  An upstream that accepts and then resets before the
 relay begins (``SO_ERROR`` is ``ECONNRESET``) is :attr:`DialFailure.RESET`, and the
@@ -45,14 +51,15 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ..config.addresses import Address
+from ..config.addresses import Address, format_sockaddr
 from ..core.deadlines import Deadlines, deadlines_for
+from ..core.perloop import PerLoop
 from ..core.poller import LoopPoller, Poller, poller_for
 from ..core.relay import close_socket
 from ..errors import UpstreamError, describe_oserror
 
 __all__ = ["dial", "Resolver", "Dialer", "DialFailure", "Target", "failure_of",
-           "loop_resolver"]
+           "loop_resolver", "ADDRESS_MIN_S"]
 
 Resolver = Callable[[str, int], Awaitable[list[tuple[int, Any]]]]
 """``resolve(host, port)`` → [(family, sockaddr), ...]; raises :class:`socket.gaierror`
@@ -111,15 +118,50 @@ _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN})
 """``connect`` is under way: EINPROGRESS for TCP; EAGAIN for a unix socket whose
 listener's backlog is full (asyncio's ``sock_connect`` waits for writable on both)."""
 
+ADDRESS_MIN_S = 2.0
+"""The least time one address of a name is given before the next one is tried
+(unless less is left of the connect timeout): Go's ``net`` dialer's minimum."""
+
 # One syscall for a non-blocking socket where the platform allows it.
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
+_lookups: PerLoop[dict[tuple[str, int], asyncio.Future[list[tuple[int, Any]]]]] = \
+    PerLoop(lambda loop: {})
+"""The lookups under way on each loop, by (host, port)."""
+
+
 async def loop_resolver(host: str, port: int) -> list[tuple[int, Any]]:
-    """The default :data:`Resolver`: the running loop's ``getaddrinfo``."""
+    """The default :data:`Resolver`: the running loop's ``getaddrinfo``, which runs
+    in the loop's default executor (a few threads).  Connections that ask for the
+    same (host, port) while a lookup of it is under way share that lookup's answer
+    (as fresh as asking again): a slow or unanswered name holds one thread, not one
+    per connection, and so cannot starve the lookups of other names.  A waiter that
+    is cancelled (its connect timeout) leaves the lookup to the others."""
     loop = asyncio.get_running_loop()
+    under_way = _lookups.get(loop)
+    key = (host, port)
+    lookup = under_way.get(key)
+    if lookup is None:
+        lookup = under_way[key] = asyncio.ensure_future(_getaddrinfo(loop, host, port))
+        lookup.add_done_callback(lambda done: _lookup_done(under_way, key, done))
+    return await asyncio.shield(lookup)
+
+
+async def _getaddrinfo(loop: asyncio.AbstractEventLoop, host: str,
+                       port: int) -> list[tuple[int, Any]]:
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def _lookup_done(under_way: dict[tuple[str, int], Any], key: tuple[str, int],
+                 done: asyncio.Future[Any]) -> None:
+    """A lookup ended: the next connection asks again (DNS changes are followed).
+    Its error is marked retrieved: every waiter may have been cancelled."""
+    if under_way.get(key) is done:
+        del under_way[key]
+    if not done.cancelled():
+        done.exception()
 
 
 class Target(Protocol):
@@ -139,7 +181,8 @@ class Dialer:
     :meth:`cancel_dial` came first."""
 
     __slots__ = ("loop", "poller", "connect_timeout_s", "resolve", "candidates", "target",
-                 "sock", "addrs", "detail", "deadlines", "deadline_token", "task")
+                 "sock", "addrs", "sockaddr", "until", "detail", "deadlines", "deadline_token",
+                 "task")
 
     def init_dial(self, loop: asyncio.AbstractEventLoop, candidates: list[Any],
                   connect_timeout_s: float, resolve: Resolver) -> None:
@@ -155,8 +198,12 @@ class Dialer:
         """The socket whose connect is under way."""
         self.addrs: list[tuple[int, Any]] | None = None
         """The current name's resolved addresses not tried yet."""
+        self.sockaddr: Any = None
+        """The current name's address being connected to."""
+        self.until = 0.0
+        """When the current name's connect timeout passes (0: no timeout)."""
         self.detail = ""
-        """Why the current upstream's earlier addresses failed (a name's)."""
+        """Each of the current name's addresses tried so far, and how it failed."""
         self.deadlines: Deadlines = deadlines_for(loop)
         self.deadline_token = 0
         """The connect timeout scheduled (0: none)."""
@@ -197,7 +244,10 @@ class Dialer:
                 err = self._connect(socket.AF_UNIX, address.path)
             else:
                 self.detail = ""
-                self._arm_timer()
+                self.addrs = []
+                if self.connect_timeout_s > 0:
+                    self.until = self.loop.time() + self.connect_timeout_s
+                    self.deadlines.schedule(self.until, self)
                 self.task = self.loop.create_task(self._lookup(address))
                 return
             if err is None:
@@ -276,33 +326,72 @@ class Dialer:
         """One address of the current upstream failed: try its next address, or
         report the upstream and try the next one."""
         if self.addrs is not None:
-            self.detail = f"{self.detail}; {detail}" if self.detail else detail
-            while self.addrs:
-                family, sockaddr = self.addrs.pop(0)
-                failed = self._connect(family, sockaddr)
-                if failed is None:
-                    return
-                err = failed[0]
-                self.detail = f"{self.detail}; {failed[1]}"
-            detail = self.detail
+            self._note(detail)
+            err = self._next_address(err)
+            if err:
+                self._name_failed(err)
+            return
         self._stop_timer()
         failure = failure_of(err)
         self.dial_failed(self.target, failure, detail)
         self.dial_next(failure)
+
+    def _name_failed(self, err: int) -> None:
+        """Every address of the current name failed (``err``: the last one's)."""
+        self._stop_timer()
+        failure = failure_of(err)
+        self.dial_failed(self.target, failure, self.detail)
+        self.dial_next(failure)
+
+    def _next_address(self, err: int) -> int:
+        """Connect to the current name's next address that does not fail at once,
+        each given its share of the time left (see the module's theory); 0 when one
+        is under way, else the ``errno`` of the last failure (``err`` when no
+        address was left)."""
+        addrs = self.addrs
+        assert addrs is not None
+        while addrs:
+            family, self.sockaddr = addrs.pop(0)
+            if self.until:
+                now = self.loop.time()
+                left = self.until - now
+                share = max(left / (len(addrs) + 1), min(left, ADDRESS_MIN_S))
+                self.deadlines.schedule(now + share, self)
+            failed = self._connect(family, self.sockaddr)
+            if failed is None:
+                return 0
+            err = failed[0] or errno.EIO
+            self._note(failed[1])
+        return err
+
+    def _note(self, detail: str) -> None:
+        """Add how the current address of a name failed to :attr:`detail`."""
+        note = f"{format_sockaddr(self.sockaddr)}: {detail}"
+        self.detail = f"{self.detail}; {note}" if self.detail else note
 
     def _stop_timer(self) -> None:
         if self.deadline_token:
             self.deadlines.cancel(self)
 
     def deadline_passed(self) -> None:
-        """The connect timeout (see :mod:`midway.core.deadlines`)."""
+        """The connect timeout, or one address's share of it (see
+        :mod:`midway.core.deadlines`)."""
         if self.sock is not None:
             _discard(self.poller, self._take())
+        detail = f"connect timed out after {self.connect_timeout_s:g} s"
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        self.dial_failed(self.target, DialFailure.TIMED_OUT,
-                         f"connect timed out after {self.connect_timeout_s:g} s")
+            detail = f"{detail} (looking up {self.target.address.host!r})"
+        elif self.addrs is not None:
+            self._note("no answer")
+            if self.addrs and self.loop.time() < self.until:  # this address's share is over
+                err = self._next_address(errno.ETIMEDOUT)
+                if err:
+                    self._name_failed(err)
+                return
+            detail = f"{detail} ({self.detail})"
+        self.dial_failed(self.target, DialFailure.TIMED_OUT, detail)
         self.dial_next(DialFailure.TIMED_OUT)
 
     async def _lookup(self, address: Address) -> None:
@@ -323,10 +412,9 @@ class Dialer:
                              f"{address.host!r} resolved to no address")
             self.dial_next(DialFailure.RESOLVE_FAILED)
             return
-        family, sockaddr = self.addrs.pop(0)
-        failed = self._connect(family, sockaddr)
-        if failed is not None:
-            self._address_failed(*failed)
+        err = self._next_address(0)
+        if err:
+            self._name_failed(err)
 
 
 def _discard(poller: Poller | LoopPoller, sock: socket.socket) -> None:

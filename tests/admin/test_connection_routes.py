@@ -27,13 +27,14 @@ NOT_FOUND = {"error": "connection not found", "status": 404}
 
 
 @asynccontextmanager
-async def one_connection() -> AsyncIterator[tuple[ToxiproxyAPI, int,
-                                                  asyncio.StreamReader, asyncio.StreamWriter]]:
-    """The API over one worker whose proxy ``p`` (to an echo server) holds one
-    open connection; yields the API, that connection's id and its two ends."""
+async def one_connection(host: str = "127.0.0.1") -> AsyncIterator[tuple[
+        ToxiproxyAPI, int, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """The API over one worker whose proxy ``p`` (to an echo server on 127.0.0.1,
+    at ``host``) holds one open connection; yields the API, that connection's id
+    and its two ends."""
     async with serve() as echo:
         config = config_from_dict({"proxy": {"p": {"listen": "127.0.0.1:0",
-                                                   "upstreams": f"127.0.0.1:{echo}"}}})
+                                                   "upstreams": f"{host}:{echo}"}}})
         agent = WorkerAgent(Target(config))
         await agent.start()
         try:
@@ -71,6 +72,16 @@ def test_an_id_that_is_not_ascii_decimal_is_connection_not_found(method: str,
             status, _ = await answer(api, "GET", f"/connections/{id}")
             assert status == 200  # the connection is there, under its own id
 
+    run(scenario())
+
+
+def test_a_connection_to_a_name_shows_the_address_it_resolved_to() -> None:
+    async def scenario() -> None:
+        async with one_connection("localhost") as (api, id, reader, writer):
+            status, row = await answer(api, "GET", f"/connections/{id}")
+            port = row["upstream"].rpartition(":")[2]
+            assert (status, row["upstream"], row["upstream_addr"]) == (
+                200, f"localhost:{port}", f"127.0.0.1:{port}")
     run(scenario())
 
 

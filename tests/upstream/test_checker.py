@@ -14,10 +14,12 @@ import pytest
 from midway.config.addresses import Address
 from midway.core.clock import FakeClock
 from midway.errors import UpstreamError
-from midway.upstream import checker
+from midway.upstream import checker, dial
 from midway.upstream.checker import check_once, run_checks
 from midway.upstream.dial import DialFailure
 from midway.upstream.health import CheckSchedule, HealthChange, HealthMachine, HealthSettings
+
+from ..helpers import black_hole
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -184,3 +186,21 @@ def test_a_check_midway_could_not_make_for_want_of_descriptors_says_nothing(
 
     up, texts = asyncio.run(go())
     assert up and texts == []
+
+
+def test_a_name_whose_first_address_never_answers_passes_through_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for a client's connection, each address of a name gets its share of the
+    check's timeout: a black-holed first address does not fail the check."""
+    monkeypatch.setattr(dial, "ADDRESS_MIN_S", 0.1)  # shares of 0.25 s, not 2 s
+
+    async def go() -> str | None:
+        async with server(redis_like) as live:
+            with black_hole() as holed:
+                answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", holed),
+                           (socket.AF_INET, socket.SOCK_STREAM, 6, "", (live.host, live.port))]
+                monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
+                return await check_once(Address("both.test", 6379),
+                                        HealthSettings(interval_s=1.0, timeout_s=0.5,
+                                                       send=b"PING\r\n", expect=b"+PONG"))
+    assert run(go()) is None

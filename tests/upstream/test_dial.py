@@ -1,19 +1,23 @@
 """The one dialer over real loopback sockets: each failure gets its DialFailure
 (refused, timed out, resolve failed, reset, unreachable), every resolved address of
-a name is tried, and the IP-literal path runs with no task."""
+a name is tried (each within its share of the connect timeout, on a clock moved by
+hand), and the IP-literal path runs with no task."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import struct
+import threading
 from typing import Any
 
 import pytest
 
 from midway.config.addresses import Address
 from midway.errors import UpstreamError
-from midway.upstream.dial import Dialer, DialFailure, dial
+from midway.upstream.dial import Dialer, DialFailure, dial, loop_resolver
+
+from ..helpers import black_hole
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -35,7 +39,6 @@ class Recorder(Dialer):
         loop = asyncio.get_running_loop()
         self.events: list[tuple[str, str, str]] = []
         self.done: asyncio.Future[socket.socket | None] = loop.create_future()
-        from midway.upstream.dial import loop_resolver
         self.init_dial(loop, [_Upstream(a) for a in candidates], timeout_s,
                        resolve or loop_resolver)
 
@@ -67,6 +70,56 @@ def _closed_port() -> int:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+class _HandClock:
+    """The loop, but its time moved by hand; and the dialer's deadlines recorded,
+    to be passed by calling ``deadline_passed`` (no real timer fires)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.now = 100.0
+        self.deadline: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    def time(self) -> float:
+        return self.now
+
+    def schedule(self, when: float, owner: Any) -> None:
+        owner.deadline_token, self.deadline = 1, when
+
+    def cancel(self, owner: Any) -> None:
+        owner.deadline_token, self.deadline = 0, None
+
+    def pass_deadline(self, owner: Any) -> None:
+        """Move the clock to the deadline and pass it, as the real heap would."""
+        assert self.deadline is not None
+        self.now = self.deadline
+        self.cancel(owner)
+        owner.deadline_passed()
+
+
+def _on_hand_clock(d: Dialer) -> _HandClock:
+    clock = _HandClock(d.loop)
+    d.loop = clock  # type: ignore[assignment]
+    d.deadlines = clock  # type: ignore[assignment]
+    return clock
+
+
+def _resolving_to(addrs: list[tuple[str, int]]) -> Any:
+    """A resolver that answers every name with ``addrs`` (IPv4)."""
+    async def resolve(host: str, port: int) -> list[tuple[int, Any]]:
+        return [(socket.AF_INET, a) for a in addrs]
+    return resolve
+
+
+async def _connecting(d: Dialer) -> None:
+    """Let the lookup task run until the first address is being connected to."""
+    async with asyncio.timeout(10):
+        while d.task is not None or d.sock is None:
+            await asyncio.sleep(0)
 
 
 def test_refused_then_the_next_upstream_connects_with_no_task() -> None:
@@ -102,25 +155,13 @@ def test_timed_out_when_the_upstream_never_answers_the_handshake() -> None:
     async def main() -> None:
         # A listener whose accept queue is full drops further SYNs (Linux): the
         # connect neither succeeds nor fails, so only the timeout ends it.
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        address = Address("127.0.0.1", server.getsockname()[1])
-        fillers = []
-        for _ in range(4):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(("127.0.0.1", address.port))
-            fillers.append(f)
-        await asyncio.sleep(0.05)
-        d = Recorder([address], timeout_s=0.3)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        assert await d.result() is None
-        elapsed = loop.time() - started
-        for f in fillers:
-            f.close()
-        server.close()
+        with black_hole() as holed:
+            address = Address(*holed)
+            d = Recorder([address], timeout_s=0.3)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await d.result() is None
+            elapsed = loop.time() - started
         assert d.events[0] == ("timed_out", str(address), "connect timed out after 0.3 s")
         assert 0.25 <= elapsed < 2.0
     run(main())
@@ -162,7 +203,9 @@ def test_a_name_whose_addresses_all_fail_names_each_failure() -> None:
 
         d = Recorder([Address("two.test", 80)], resolve=resolve)
         assert await d.result() is None
-        assert d.events[0] == ("refused", "two.test:80", "connection refused; connection refused")
+        assert d.events[0] == ("refused", "two.test:80",
+                               f"127.0.0.1:{dead1}: connection refused; "
+                               f"127.0.0.1:{dead2}: connection refused")
     run(main())
 
 
@@ -202,4 +245,108 @@ def test_dial_coroutine_raises_with_the_failure() -> None:
             await dial(Address("127.0.0.1", _closed_port()), 5)
         assert info.value.failure is DialFailure.REFUSED  # type: ignore[attr-defined]
         assert str(info.value).endswith(": connection refused")
+    run(main())
+
+
+def test_a_name_whose_first_address_never_answers_reaches_the_next() -> None:
+    """An AAAA record where IPv6 is black-holed: the first address gets its share
+    of the connect timeout (5 s over 2 addresses), then the next one connects."""
+    async def main() -> None:
+        with black_hole() as holed, socket.create_server(("127.0.0.1", 0)) as server:
+            live = server.getsockname()
+            d = Recorder([Address("both.test", 80)], timeout_s=5,
+                         resolve=_resolving_to([holed, live]))
+            clock = _on_hand_clock(d)
+            d.dial_next()
+            assert clock.deadline == 105.0  # the name's connect timeout, lookup included
+            await _connecting(d)
+            assert clock.deadline == 102.5  # the first address's share
+            clock.pass_deadline(d)
+            async with asyncio.timeout(10):
+                sock = await d.done
+            assert sock is not None and sock.getpeername() == live
+            sock.close()
+        assert d.events == [("connected", "both.test:80", "")]
+    run(main())
+
+
+def test_a_name_whose_addresses_never_answer_names_each_in_the_timeout() -> None:
+    async def main() -> None:
+        with black_hole() as a, black_hole() as b, black_hole() as c:
+            d = Recorder([Address("dark.test", 80)], timeout_s=5,
+                         resolve=_resolving_to([a, b, c]))
+            clock = _on_hand_clock(d)
+            d.dial_next()
+            await _connecting(d)
+            # 5 s over 3 addresses is under the 2 s minimum: 2 s, 2 s, then what is left.
+            seen = []
+            while clock.deadline is not None:
+                seen.append(clock.deadline)
+                clock.pass_deadline(d)
+            assert seen == [102.0, 104.0, 105.0]
+            assert await d.done is None
+        notes = "; ".join(f"127.0.0.1:{h[1]}: no answer" for h in (a, b, c))
+        assert d.events == [("timed_out", "dark.test:80", f"connect timed out after 5 s ({notes})"),
+                            ("given_up", "timed_out", "")]
+    run(main())
+
+
+def test_a_lookup_that_never_answers_times_out_naming_the_lookup() -> None:
+    async def main() -> None:
+        async def resolve(host: str, p: int) -> list[tuple[int, Any]]:
+            await asyncio.sleep(3600)
+            return []
+
+        d = Recorder([Address("slow.test", 80)], timeout_s=5, resolve=resolve)
+        clock = _on_hand_clock(d)
+        d.dial_next()
+        await asyncio.sleep(0)
+        clock.pass_deadline(d)
+        assert await d.done is None
+        assert d.events[0] == ("timed_out", "slow.test:80",
+                               "connect timed out after 5 s (looking up 'slow.test')")
+    run(main())
+
+
+class _GatedDns:
+    """``socket.getaddrinfo`` for the loop's executor: every name is 127.0.0.1,
+    and a lookup of ``slow.test`` blocks until :attr:`release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.asked: list[str] = []
+
+    def __call__(self, host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        self.asked.append(host)
+        if host == "slow.test":
+            self.release.wait(30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+
+def test_connections_asking_for_one_name_share_its_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forty connections to a name whose lookup hangs hold one thread, not forty
+    (the executor has at most 32): a lookup of another name still answers."""
+    dns = _GatedDns()
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+
+    async def main() -> None:
+        waiters = [asyncio.ensure_future(loop_resolver("slow.test", 80)) for _ in range(40)]
+        try:
+            async with asyncio.timeout(10):
+                while not dns.asked:
+                    await asyncio.sleep(0.01)
+            async with asyncio.timeout(10):
+                assert await loop_resolver("fast.test", 80) == [
+                    (socket.AF_INET, ("127.0.0.1", 80))]
+            assert dns.asked == ["slow.test", "fast.test"]
+            for w in waiters[1:]:
+                w.cancel()  # their connect timeouts: the lookup goes on for the first
+        finally:
+            dns.release.set()
+        async with asyncio.timeout(10):
+            assert await waiters[0] == [(socket.AF_INET, ("127.0.0.1", 80))]
+        # The next connection asks again: DNS changes are followed.
+        await loop_resolver("slow.test", 80)
+        assert dns.asked == ["slow.test", "fast.test", "slow.test"]
     run(main())
