@@ -446,6 +446,10 @@ class ProxyService:
         observers = self.host.observers
         if observers:
             up, down, up_read, down_read = (0, 0, 0, 0) if relay is None else relay.counts()
+            upstream_addr = None  # as `upstream` for an IP address; for a name, what it resolved to
+            if info.upstream_addr is not None and target is not None:
+                upstream_addr = target.text if target.pair is not None \
+                    else format_sockaddr(info.upstream_addr)
             observers.connection_closed(CloseRecord(
                 proxy=self.config.name, id=info.id, client=info.client, listener=info.listener,
                 upstream=info.upstream,
@@ -458,7 +462,7 @@ class ProxyService:
                 failures=tuple({"upstream": str(t.address), "failure": f.value, "detail": d}
                                for t, f, d in failures) if failures else (),
                 worker=self.host.worker, pid=self.host.pid, route=info.route, sni=info.sni,
-                upstream_addr=info.upstream_addr and format_sockaddr(info.upstream_addr),
+                upstream_addr=upstream_addr,
             ))
         if lease is not None:
             lease.release()
