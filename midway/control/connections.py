@@ -20,7 +20,7 @@ from ..chain.toxics.base import Toxic
 from ..chain.toxics.live import ToxicExists, ToxicHandle
 from ..core.observer import CloseReason
 from ..core.relay import Relay
-from ..errors import MidwayError
+from ..errors import MidwayError, at_callers_line
 from ..runtime import Runtime
 from ..service import Connection, ProxyService
 
@@ -194,6 +194,7 @@ class ConnectionToxicHandle(ToxicHandle):
         self.connection = relay.info.id
         """The id of the connection it is on."""
 
+    @at_callers_line
     def update(self, *, toxicity: float | None = None, **attributes: Any) -> Toxic[Any]:
         raise MidwayError(f"toxic {self.name!r} is connection {self.connection}'s own: it has "
                           "no update; remove it and add it again")
