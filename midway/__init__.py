@@ -19,6 +19,7 @@ from .chain.toxics import config as _toxic_config  # noqa: F401  (registers the 
 from .chain.toxics.live import ToxicExists, ToxicHandle, ToxicNotFound
 from .config.load import config_from_dict, load_config
 from .config.schema import Config, ProxyConfig, ServerConfig
+from .control.connections import ConnectionNotFound, ConnectionToxicHandle, StillConnecting
 from .core.observer import CloseReason, CloseRecord
 from .errors import ConfigError, ListenError, MidwayError, Rejected, UpstreamError
 from .replay import BackgroundReplay, Replay
@@ -54,4 +55,7 @@ __all__ = [
     "ToxicError",
     "ToxicExists",
     "ToxicNotFound",
+    "ConnectionToxicHandle",
+    "ConnectionNotFound",
+    "StillConnecting",
 ]

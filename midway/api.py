@@ -24,6 +24,15 @@ from .chain.toxics import Toxic, make_toxic
 from .chain.toxics.live import ToxicHandle, add_toxic, list_toxics, reset_toxics
 from .config.load import config_from_dict
 from .config.schema import ProxyConfig
+from .control.connections import (
+    ConnectionNotFound,
+    ConnectionToxicHandle,
+    Found,
+    add_connection_toxic,
+    connection_toxics,
+    find_connection,
+    list_connections,
+)
 from .core.clock import LoopClock
 from .core.observer import Observer
 from .errors import MidwayError, at_callers_line
@@ -120,7 +129,8 @@ class Proxy:
 
     @property
     def connections(self) -> int:
-        """Connections open right now (connecting or relaying)."""
+        """How many connections are open right now (connecting or relaying);
+        :meth:`list_connections` lists them."""
         return self.service.active
 
     def add_element(self, element: Element, index: int | None = None) -> None:
@@ -158,6 +168,57 @@ class Proxy:
     def toxics(self) -> list[Toxic[Any]]:
         """The proxy's toxics, in Toxiproxy's order (upstream ones first)."""
         return list_toxics(self.service)
+
+    # -- one connection (the admin API's /connections; see docs/faults.md) ------
+
+    @at_callers_line
+    def list_connections(self) -> list[dict[str, Any]]:
+        """The proxy's open connections (those still connecting too), oldest
+        first, each as ``GET /connections`` shows it: ``{"id": 7, "client":
+        "127.0.0.1:50312", "upstream": ..., "state": "open", "toxics": [...],
+        ...}``.  :attr:`connections` is how many there are."""
+        return list_connections(self._runtime, self._runtime.worker, self.config.name)
+
+    @at_callers_line
+    def add_connection_toxic(self, connection: int, type: str, *, name: str | None = None,
+                             stream: str = "downstream", toxicity: float = 1.0,
+                             conditions: dict[str, Any] | None = None, seed: int | None = None,
+                             **attributes: Any) -> ConnectionToxicHandle:
+        """Add a toxic to the open connection of id ``connection`` alone, live
+        (``POST /connections/ID/toxics``): no other connection gets it, and it
+        goes with the connection.  Arguments as for :meth:`add_toxic`, whose
+        errors it raises too; also :class:`ConnectionNotFound` (no such open
+        connection of this proxy) and
+        :class:`~midway.control.connections.StillConnecting`.  The handle's
+        :meth:`~ConnectionToxicHandle.remove` does nothing once the connection
+        has ended::
+
+            first = proxy.list_connections()[0]["id"]
+            with proxy.add_connection_toxic(first, "latency", latency=200):
+                ...                     # that connection's replies 200 ms late
+        """
+        found = self._connection(connection)
+        toxic_name = name if name is not None else f"{type}_{stream}"
+        relay, toxic = add_connection_toxic(found, toxic_name, lambda: make_toxic(
+            type, name=name, stream=stream, toxicity=toxicity, attributes=attributes,
+            conditions=conditions, clock=LoopClock(),
+            seed=seed if seed is not None else self.config.seed or None))
+        return ConnectionToxicHandle(found[0], relay, toxic)
+
+    @at_callers_line
+    def connection_toxics(self, connection: int) -> list[Toxic[Any]]:
+        """The toxics of connection ``connection``'s own (the proxy's are
+        :attr:`toxics`).  Raises :class:`ConnectionNotFound`."""
+        return connection_toxics(self._connection(connection))
+
+    def _connection(self, connection: int) -> Found:
+        if isinstance(connection, bool) or not isinstance(connection, int):
+            raise MidwayError(f"connection: expected a connection id (an int, the 'id' of "
+                              f"list_connections()), got {connection!r}")
+        found = find_connection(self._runtime, connection)
+        if found is None or found[0].name != self.config.name:
+            raise ConnectionNotFound(connection, self.config.name)
+        return found
 
     @property
     def enabled(self) -> bool:

@@ -70,6 +70,9 @@ examples:
   midway :6380 10.0.0.5:6379 10.0.0.6:6379,weight=3 10.0.0.7:6379,backup \
          --balance least_connections --health-interval-s 2 \
          --health-send 'PING\r\n' --health-expect +PONG
+  midway :5433 10.0.0.5:5432 --health-interval-s 2 \
+         --health-send-hex '00 00 00 08 04 d2 16 2f' --health-expect-hex 4e
+                                                (PostgreSQL's SSLRequest; 'N': no TLS)
   midway 127.0.0.1:6380 127.0.0.1:6379 --toxic latency:latency=100,jitter=10
   midway --admin 127.0.0.1:8474                 (Toxiproxy's HTTP API)
   midway --config midway.toml"""
@@ -226,10 +229,16 @@ def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     for key, value in given.items():
         if key.startswith(_HEALTH):
             try:
-                health[key.removeprefix(_HEALTH)] = (_unescape(value) if isinstance(value, str)
-                                                     else value)
+                health[key.removeprefix(_HEALTH)] = (
+                    _unescape(value) if isinstance(value, str) and not key.endswith("_hex")
+                    else value)
             except ValueError as exc:
                 raise ConfigError("", f"{_flag(key)}: {exc}") from None
+    for text_key in ("send", "expect"):
+        if health.get(text_key) and health.get(f"{text_key}_hex"):
+            raise ConfigError("", f"{_flag(_HEALTH + text_key + '_hex')}: give "
+                                  f"{_flag(_HEALTH + text_key)} (text) or "
+                                  f"{_flag(_HEALTH + text_key + '_hex')} (bytes in hex), not both")
     if health:
         proxy["health"] = health
     server = {k: given[k] for k in server_keys if k in given}

@@ -12,7 +12,22 @@ test can ask for it::
 
 ``midway_proxy(upstream, listen="127.0.0.1:0", **options)`` starts a
 :class:`~midway.BackgroundProxy` (options are those of :class:`~midway.Proxy`)
-and stops it when the test ends.
+and stops it when the test ends.  A toxic can go on one connection alone::
+
+    def test_one_client_reset(midway_proxy):
+        proxy = midway_proxy("127.0.0.1:6379")                   # a redis-server
+        a = socket.create_connection(proxy.address, timeout=5)
+        b = socket.create_connection(proxy.address, timeout=5)
+        for client in (a, b):
+            client.sendall(b"PING\r\n")
+            assert client.recv(100) == b"+PONG\r\n"
+        first = proxy.list_connections()[0]["id"]                # a's: the oldest
+        with proxy.add_connection_toxic(first, "reset_peer"):
+            a.sendall(b"PING\r\n")
+            with pytest.raises(ConnectionResetError):
+                a.recv(100)
+            b.sendall(b"PING\r\n")
+            assert b.recv(100) == b"+PONG\r\n"                   # b is untouched
 
 ``midway_replay(capture, listen="127.0.0.1:0", **options)`` starts a
 :class:`~midway.replay.BackgroundReplay`: a fake upstream answering from a

@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 from .api import Proxy
 from .chain.toxics import Toxic
 from .chain.toxics.live import ToxicHandle
+from .control.connections import ConnectionToxicHandle
 from .errors import MidwayError, at_callers_line
 
 __all__ = ["Background", "BackgroundProxy"]
@@ -171,6 +172,28 @@ class BackgroundProxy(Background[Proxy]):
     @property
     def toxics(self) -> list[Toxic[Any]]:
         return self.call(lambda: self.proxy.toxics)
+
+    def list_connections(self) -> list[dict[str, Any]]:
+        """:meth:`Proxy.list_connections <midway.Proxy.list_connections>`, thread-safe."""
+        return self.call(self.proxy.list_connections)
+
+    @at_callers_line
+    def add_connection_toxic(self, connection: int, type: str,
+                             **kwargs: Any) -> ConnectionToxicHandle:
+        """:meth:`Proxy.add_connection_toxic <midway.Proxy.add_connection_toxic>`,
+        thread-safe; so is the handle's ``remove``::
+
+            first = proxy.list_connections()[0]["id"]
+            with proxy.add_connection_toxic(first, "reset_peer", timeout=0):
+                ...                          # that connection is reset, no other
+        """
+        handle = self.call(lambda: self.proxy.add_connection_toxic(connection, type, **kwargs))
+        handle.runner = self._for_handles
+        return handle
+
+    @at_callers_line
+    def connection_toxics(self, connection: int) -> list[Toxic[Any]]:
+        return self.call(lambda: self.proxy.connection_toxics(connection))
 
     @at_callers_line
     def disable(self) -> None:

@@ -13,6 +13,7 @@ def test_public_api_is_explicit() -> None:
         "Attachment", "Output", "ConnectionInfo", "CloseReason", "CloseRecord", "MidwayError",
         "ConfigError", "ListenError", "UpstreamError", "Rejected",
         "ToxicHandle", "ToxicError", "ToxicExists", "ToxicNotFound", "Replay", "BackgroundReplay",
+        "ConnectionToxicHandle", "ConnectionNotFound", "StillConnecting",
     ])
     for name in midway.__all__:
         assert hasattr(midway, name), name

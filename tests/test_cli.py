@@ -293,6 +293,25 @@ def test_check_fails_on_a_hook_that_cannot_be_imported(tmp_path: Path) -> None:
     assert assert_one_clean_line(result.stderr).startswith("midway: proxy.p.hooks[1]: ")
 
 
+@pytest.mark.parametrize("check", [("--check",), ()], ids=["check", "start"])
+def test_bad_health_hex_is_refused_naming_the_key_and_the_text(check: tuple[str, ...],
+                                                                tmp_path: Path) -> None:
+    """At --check as at a start, on the command line as in a file."""
+    result = run(*check, "127.0.0.1:0", "h:1", "--health-send-hex", "00 00 00 8")
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr) == (
+        "midway: --health-send-hex: '00 00 00 8': the last byte has one digit, '8' (two "
+        "digits a byte, e.g. '00 00 00 08 04 d2 16 2f')")
+    path = tmp_path / "m.toml"
+    path.write_text('[proxy.pg]\nlisten = ":0"\nupstreams = "h:1"\n[proxy.pg.health]\n'
+                    'expect = "N"\nexpect_hex = "4e"\n')
+    result = run(*check, "--config", str(path))
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith(
+        "midway: proxy.pg.health.expect_hex: give expect (text) or expect_hex (bytes in hex), "
+        "not both")
+
+
 def test_check_says_proxy_or_proxies() -> None:
     result = run("--check", "127.0.0.1:0", "h:1")
     assert result.stdout.strip() == "midway: configuration OK (1 proxy: default)"

@@ -94,6 +94,10 @@ def test_bad_upstream(midway_proxy):
     midway_proxy("nonsense")
 
 
+def test_no_such_connection(midway_proxy):
+    midway_proxy("127.0.0.1:9").add_connection_toxic(12345, "latency", latency=100)
+
+
 def test_async_api():
     async def main():
         async with midway.Proxy("127.0.0.1:0", "127.0.0.1:9") as proxy:
@@ -113,8 +117,10 @@ def test_async_port_taken():
 def test_a_misuse_is_reported_at_the_users_line(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, MISUSES)
     out = result.stdout
-    assert "6 failed" in out, out
-    for message in ("type: unknown toxic type 'latncy' (known: bandwidth,",
+    assert "7 failed" in out, out
+    for message in ("ConnectionNotFound: connection not found: 12345 is not an open "
+                    "connection of proxy 'default'",
+                    "type: unknown toxic type 'latncy' (known: bandwidth,",
                     "attributes.latence: unknown attribute of the latency toxic",
                     "attributes.rate: unknown attribute of the latency toxic",
                     "upstreams[0]: 'nonsense': expected host:port",
@@ -124,5 +130,5 @@ def test_a_misuse_is_reported_at_the_users_line(tmp_path: Path) -> None:
     # no frame shown is midway's, nor the thread hand-over of BackgroundProxy
     # (concurrent.futures); the async test's own asyncio.run frames are the user's
     frames = re.findall(r"^(\S+\.py):\d+: ", out, re.M)
-    assert frames.count("test_example.py") == 8, out  # one per test, two with a main()
+    assert frames.count("test_example.py") == 9, out  # one per test, two with a main()
     assert not [f for f in frames if "/midway/" in f or "concurrent" in f], out

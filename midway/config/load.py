@@ -43,6 +43,7 @@ from ..upstream.balancers import MAX_WEIGHT
 from ..upstream.health import HealthSettings
 from .addresses import Address, parse_address, privileged_port, unmapped
 from .describe import describe_value
+from .hexbytes import parse_hex
 from .schema import (
     BALANCERS,
     Config,
@@ -56,7 +57,7 @@ from .schema import (
     proxy_name_problem,
 )
 
-__all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "check_admin",
+__all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "health_bytes", "check_admin",
            "check_admin_port", "check_writable", "check_server_outputs", "check_workers",
            "admin_token", "register_list_parser", "ListParser", "file_mode"]
 
@@ -275,21 +276,68 @@ def _health(table: Mapping[str, Any], path: str) -> HealthConfig:
     """``[proxy.NAME.health]`` (already merged over ``[defaults.health]``)."""
     health = HealthConfig(**build_options(HealthConfig, table, path))
     try:
+        health_bytes(health)
+    except ValueError as exc:  # "send_hex: '0g': 'g' at character 2 is not ..."
+        key, _, message = str(exc).partition(": ")
+        raise ConfigError(_join(path, key), message) from None
+    try:
         health_settings(health)
     except ValueError as exc:  # "timeout_s: must be more than 0; ..."
         key, _, message = str(exc).partition("; ")[0].partition(": ")
+        if getattr(health, f"{key}_hex", ""):  # expect's bytes given as expect_hex
+            key = f"{key}_hex"
         raise ConfigError(_join(path, key), message) from None
     return health
 
 
+_HEX_KEYS = {"send_hex": "send", "expect_hex": "expect"}
+"""Each hex key and the text key it stands in for: a table gives one of the two."""
+
+
 def health_settings(health: HealthConfig) -> HealthSettings:
-    """The health machine's settings for a validated ``[proxy.NAME.health]``
-    (``send``/``expect`` as UTF-8 bytes).  Raises :class:`ValueError` as
-    :class:`~midway.upstream.health.HealthSettings` does."""
+    """The health machine's settings for a validated ``[proxy.NAME.health]``.
+    Raises :class:`ValueError` ("KEY: message") as :func:`health_bytes` and
+    :class:`~midway.upstream.health.HealthSettings` do."""
+    send, expect = health_bytes(health)
     return HealthSettings(
         interval_s=health.interval_s, timeout_s=health.timeout_s, rise=health.rise,
-        fall=health.fall, send=health.send.encode(), expect=health.expect.encode(),
+        fall=health.fall, send=send, expect=expect,
         eject_after=health.eject_after, eject_s=health.eject_s)
+
+
+_HEX_KEYS = {"send_hex": "send", "expect_hex": "expect"}
+"""Each hex key and the text key it stands in for: a table gives one of the two."""
+
+
+def health_bytes(health: HealthConfig) -> tuple[bytes, bytes]:
+    """What a check sends and expects: ``send``/``expect`` as UTF-8, or
+    ``send_hex``/``expect_hex`` decoded.  Raises :class:`ValueError`
+    ("send_hex: message") for bad hex, or a text key and its hex key both set."""
+    found = []
+    for hex_key, text_key in _HEX_KEYS.items():
+        hex_text, text = getattr(health, hex_key), getattr(health, text_key)
+        if hex_text and text:
+            raise ValueError(f"{hex_key}: give {text_key} (text) or {hex_key} (bytes in hex), "
+                             "not both")
+        try:
+            found.append(parse_hex(hex_text) if hex_text else text.encode())
+        except ValueError as exc:
+            raise ValueError(f"{hex_key}: {exc}") from None
+    return found[0], found[1]
+
+
+def _merge_health(defaults: Mapping[str, Any], table: Mapping[str, Any]) -> dict[str, Any]:
+    """``[proxy.NAME.health]`` over ``[defaults.health]``, key by key, except that
+    a proxy's ``send`` replaces the defaults' ``send_hex`` and the other way
+    round (likewise ``expect``): they are one setting written two ways."""
+    merged = dict(defaults)
+    for hex_key, text_key in _HEX_KEYS.items():
+        if hex_key in table and text_key not in table:
+            merged.pop(text_key, None)
+        if text_key in table and hex_key not in table:
+            merged.pop(hex_key, None)
+    merged.update(table)
+    return merged
 
 
 def _check_access(kwargs: Mapping[str, Any], path: str) -> None:
@@ -320,8 +368,8 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     kwargs.update(build_options(ProxyConfig, rest, path))
     if "allow" in rest or "deny" in rest:
         _check_access(kwargs, path)
-    health = {**defaults.get("health", {}),
-              **_table(table.get("health", {}), _join(path, "health"))}
+    health = _merge_health(defaults.get("health", {}),
+                           _table(table.get("health", {}), _join(path, "health")))
     kwargs["health"] = _health(health, _join(path, "health"))
     routes = _routes(table[_ROUTES], f"{path}.{_ROUTES}", kwargs.get("balance", "round_robin")) \
         if _ROUTES in table else ()

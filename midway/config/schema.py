@@ -239,14 +239,29 @@ class HealthConfig:
     send: str = option(
         "",
         "Bytes a check writes after connecting (TOML escapes such as \"PING\\r\\n\" "
-        "work, on the command line too; sent as UTF-8).",
+        "work, on the command line too; sent as UTF-8).  For binary bytes, send_hex.",
         zero="(empty) send nothing", metavar="TEXT",
     )
     expect: str = option(
         "",
         "Bytes that must appear in the reply, within timeout_s and the first 16 KiB, "
-        "for the check to pass (escapes as for send).",
+        "for the check to pass (escapes as for send).  For binary bytes, expect_hex.",
         zero="(empty) the check passes once connected (and send written)", metavar="TEXT",
+    )
+    send_hex: str = option(
+        "",
+        "send's bytes written in hex, for binary protocols (HAProxy's tcp-check "
+        "send-binary): two digits a byte, either case, spaces allowed between bytes "
+        "(PostgreSQL's SSLRequest: \"00 00 00 08 04 d2 16 2f\").  Give send or "
+        "send_hex, not both; either one set in a proxy's table replaces the other "
+        "inherited from [defaults.health].",
+        zero="(empty) send as send says", metavar="HEX",
+    )
+    expect_hex: str = option(
+        "",
+        "expect's bytes written in hex (HAProxy's tcp-check expect binary), as for "
+        "send_hex.  Give expect or expect_hex, not both.",
+        zero="(empty) expect as expect says", metavar="HEX",
     )
     eject_after: int = option(
         DEFAULT_EJECT_AFTER,

@@ -32,7 +32,6 @@ from typing import Any
 
 from ..admin.host import ProxyView
 from ..chain.registry import rebuild_elements
-from ..chain.toxics.base import Toxic
 from ..chain.toxics.config import build_toxic
 from ..chain.toxics.live import (
     ToxicExists,
@@ -67,7 +66,14 @@ from .commands import (
     RemoveConnectionToxic,
     Views,
 )
-from .connections import close_connection, find_connection, list_connections
+from .connections import (
+    StillConnecting,
+    add_connection_toxic,
+    close_connection,
+    connection_toxics,
+    find_connection,
+    list_connections,
+)
 from .plan import Plan, ProxyPlan, plan
 
 __all__ = ["WorkerAgent", "worker_path", "localize"]
@@ -249,25 +255,20 @@ class WorkerAgent:
         found = find_connection(self.runtime, command.id)
         if found is None:
             return None
-        service, relay = found
-        if not isinstance(relay, Relay):
-            raise CommandFailed(f"connection {command.id} is still connecting: add its toxic "
-                                "once it relays", 409)
-        spec = command.spec
-        rec = service.live[relay]
-        if any(e.name == spec.name for e in (*service.elements, *rec.own)):
-            raise CommandFailed("toxic already exists", 409)
-        toxic = build_toxic(spec, clock=LoopClock())
-        service.add_connection_element(relay, toxic)
+        try:
+            _, toxic = add_connection_toxic(
+                found, command.spec.name, lambda: build_toxic(command.spec, clock=LoopClock()))
+        except StillConnecting as exc:
+            raise CommandFailed(str(exc), 409) from None
+        except ToxicExists:
+            raise CommandFailed("toxic already exists", 409) from None  # Toxiproxy's words
         return toxic_json(toxic)
 
     def _connection_toxics(self, command: ListConnectionToxics) -> list[dict[str, Any]] | None:
         found = find_connection(self.runtime, command.id)
         if found is None:
             return None
-        service, item = found
-        own = service.live[item].own if isinstance(item, Relay) else ()
-        return [toxic_json(e) for e in own if isinstance(e, Toxic)]
+        return [toxic_json(t) for t in connection_toxics(found)]
 
     def _remove_connection_toxic(self, command: RemoveConnectionToxic) -> bool | None:
         found = find_connection(self.runtime, command.id)

@@ -12,19 +12,22 @@ client that sent its FIN has half-closed, and so has an upstream that did.  Byte
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..chain.base import ConnectionInfo, Element
 from ..chain.toxics.base import Toxic
+from ..chain.toxics.live import ToxicExists, ToxicHandle
 from ..config.addresses import format_sockaddr
 from ..core.observer import CloseReason
 from ..core.relay import Relay
+from ..errors import MidwayError, at_callers_line
 from ..runtime import Runtime
 from ..service import Connection, ProxyService
 
 __all__ = ["connection_json", "list_connections", "find_connection", "close_connection",
-           "KILLED_DETAIL"]
+           "add_connection_toxic", "connection_toxics", "ConnectionNotFound", "StillConnecting",
+           "ConnectionToxicHandle", "KILLED_DETAIL"]
 
 KILLED_DETAIL = "closed through the admin API"
 """The access log's ``detail`` of a connection closed by ``DELETE /connections/ID``."""
@@ -111,3 +114,91 @@ def close_connection(runtime: Runtime, id: int, reset: bool) -> bool:
     else:
         item.cancel(CloseReason.KILLED, KILLED_DETAIL, reset=reset)
     return True
+
+
+class ConnectionNotFound(MidwayError, LookupError):
+    """No open connection of that id (it ended, or never was); the admin API's
+    404 ``connection not found``."""
+
+    def __init__(self, id: int, proxy: str) -> None:
+        self.id = id
+        super().__init__(f"connection not found: {id} is not an open connection of proxy "
+                         f"{proxy!r} (it has ended, or never was; see list_connections())")
+
+
+class StillConnecting(MidwayError):
+    """The connection has no relay yet (layers, dial, ``on_open``): a toxic of its
+    own can be added once it relays."""
+
+    def __init__(self, id: int) -> None:
+        super().__init__(f"connection {id} is still connecting: add its toxic once it relays")
+
+
+def add_connection_toxic(found: Found, name: str,
+                         make: Callable[[], Toxic[Any]]) -> tuple[Relay[ConnectionInfo], Toxic[Any]]:
+    """Attach the toxic ``make()`` builds (called once nothing stands in its way)
+    and that is called ``name``, to the connection ``found`` alone, live (see
+    :meth:`~midway.service.ProxyService.add_connection_element`); returns the
+    relay and the toxic.  Raises :class:`StillConnecting`,
+    :class:`~midway.chain.toxics.live.ToxicExists` when the proxy or the
+    connection has an element of that name, or what ``make`` raises (and
+    changes nothing)."""
+    service, item = found
+    if not isinstance(item, Relay):
+        raise StillConnecting(item.info.id)
+    if any(e.name == name for e in (*service.elements, *service.live[item].own)):
+        raise ToxicExists(name)
+    toxic = make()
+    service.add_connection_element(item, toxic)
+    return item, toxic
+
+
+def connection_toxics(found: Found) -> list[Toxic[Any]]:
+    """The toxics of the connection's own (not its proxy's), in the order added."""
+    service, item = found
+    own = service.live[item].own if isinstance(item, Relay) else ()
+    return [e for e in own if isinstance(e, Toxic)]
+
+
+class _OwnChain:
+    """One open connection's own elements, as the chain a :class:`ToxicHandle`
+    works on: empty once the connection (or its proxy) ended."""
+
+    def __init__(self, service: ProxyService, relay: Relay[ConnectionInfo]) -> None:
+        self._service = service
+        self._relay = relay
+
+    @property
+    def elements(self) -> list[Element]:
+        rec = self._service.live.get(self._relay)
+        return list(rec.own) if rec is not None else []
+
+    def add_element(self, element: Element, index: int | None = None) -> None:
+        self._service.add_connection_element(self._relay, element)
+
+    def remove_element(self, element: Element) -> None:
+        self._service.remove_connection_element(self._relay, element)
+
+    def replace_element(self, old: Element, new: Element) -> None:
+        raise MidwayError("a connection's own toxic has no update")  # update() says so first
+
+
+class ConnectionToxicHandle(ToxicHandle):
+    """A toxic added to one connection from Python: :meth:`remove` it (it does
+    nothing once the toxic, the connection or the proxy is gone), or use the
+    handle as a context manager.  There is no :meth:`update`, as in the admin
+    API: remove it and add it again."""
+
+    def __init__(self, service: ProxyService, relay: Relay[ConnectionInfo],
+                 toxic: Toxic[Any]) -> None:
+        super().__init__(_OwnChain(service, relay), toxic)
+        self.connection = relay.info.id
+        """The id of the connection it is on."""
+
+    @at_callers_line
+    def update(self, *, toxicity: float | None = None, **attributes: Any) -> Toxic[Any]:
+        raise MidwayError(f"toxic {self.name!r} is connection {self.connection}'s own: it has "
+                          "no update; remove it and add it again")
+
+    def __repr__(self) -> str:
+        return f"<ConnectionToxicHandle {self.toxic!r} on connection {self.connection}>"

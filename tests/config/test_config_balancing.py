@@ -9,7 +9,7 @@ import tomllib
 import pytest
 
 from midway.cli import build_parser, config_from_args
-from midway.config.load import config_from_dict
+from midway.config.load import config_from_dict, health_settings
 from midway.config.schema import ProxyConfig
 from midway.errors import ConfigError
 
@@ -73,6 +73,44 @@ def test_a_bad_health_key_is_named(table: str, message: str) -> None:
     assert error(ONE + f'upstreams = "a:1"\n[proxy.redis.health]\n{table}\n').startswith(message)
 
 
+SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+
+
+def test_hex_keys_give_binary_bytes_and_replace_the_defaults_text_keys() -> None:
+    proxy = load(ONE + 'upstreams = "a:1"\n[proxy.redis.health]\n'
+                       'send_hex = "00 00 00 08 04 D2 16 2f"\nexpect_hex = "4e"\n')
+    assert health_settings(proxy.health).send == SSL_REQUEST
+    assert health_settings(proxy.health).expect == b"N"
+    # One setting written two ways: the proxy's hex key replaces the defaults'
+    # text key (and the other way round) instead of clashing with it.
+    inherited = load('[defaults.health]\nsend = "PING"\nexpect_hex = "2b"\n' + ONE +
+                     'upstreams = "a:1"\n[proxy.redis.health]\nsend_hex = "ff"\n'
+                     'expect = "+PONG"\n')
+    settings = health_settings(inherited.health)
+    assert (settings.send, settings.expect) == (b"\xff", b"+PONG")
+    kept = load('[defaults.health]\nexpect_hex = "2b"\n' + ONE + 'upstreams = "a:1"\n')
+    assert health_settings(kept.health).expect == b"+"
+
+
+@pytest.mark.parametrize(("where", "table", "message"), [
+    ("proxy.redis.health", 'send = "x"\nsend_hex = "00"',
+     "proxy.redis.health.send_hex: give send (text) or send_hex (bytes in hex), not both"),
+    ("defaults.health", 'expect = "x"\nexpect_hex = "00"',
+     "defaults.health.expect_hex: give expect (text) or expect_hex (bytes in hex), not both"),
+    ("proxy.redis.health", 'send_hex = "04 d2 1"',
+     "proxy.redis.health.send_hex: '04 d2 1': the last byte has one digit, '1'"),
+    ("proxy.redis.health", 'expect_hex = "0x4e"',
+     "proxy.redis.health.expect_hex: '0x4e': 'x' at character 2 is not a hex digit"),
+    ("proxy.redis.health", f'expect_hex = "{"00" * 16385}"',
+     "proxy.redis.health.expect_hex: must be at most 16384 bytes"),
+], ids=["send-both", "expect-both-in-defaults", "one-digit", "0x", "too-long"])
+def test_a_bad_hex_key_is_named_with_its_text(where: str, table: str, message: str) -> None:
+    text = f"[{where}]\n{table}\n" + ONE + 'upstreams = "a:1"\n'
+    if where != "defaults.health":
+        text = ONE + f'upstreams = "a:1"\n[{where}]\n{table}\n'
+    assert error(text).startswith(message)
+
+
 def test_access_rules_retries_and_the_per_source_limit() -> None:
     proxy = load('[defaults]\ndeny = ["192.0.2.0/24"]\nretries = 1\n' + ONE +
                  'upstreams = "a:1"\nallow = ["10.0.0.0/8", "::1"]\n'
@@ -107,6 +145,21 @@ def test_the_health_flags_decode_toml_escapes() -> None:
     assert proxy.health.send == "PING\r\né" and proxy.health.expect == "+PONG"
     assert cli_error(":1", "a:1", "--health-send", r"\q").startswith(
         "--health-send: '\\\\q': unknown escape \\q")
+
+
+def test_the_hex_health_flags_take_hex_and_name_themselves() -> None:
+    proxy = cli(":1", "a:1", "--health-send-hex", "00 00 00 08 04 d2 16 2f",
+                "--health-expect-hex", "4E")
+    assert health_settings(proxy.health).send == SSL_REQUEST
+    assert health_settings(proxy.health).expect == b"N"
+    assert cli_error(":1", "a:1", "--health-send-hex", "0g") == (
+        "--health-send-hex: '0g': 'g' at character 2 is not a hex digit (two digits a byte, "
+        "e.g. '00 00 00 08 04 d2 16 2f')")
+    assert cli_error(":1", "a:1", "--health-expect-hex", r"4e\n").startswith(
+        "--health-expect-hex: '4e\\\\n': '\\\\' at character 3")  # no TOML escapes in hex
+    assert cli_error(":1", "a:1", "--health-send", "PING", "--health-send-hex", "00") == (
+        "--health-send-hex: give --health-send (text) or --health-send-hex (bytes in hex), "
+        "not both")
 
 
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:

@@ -47,7 +47,7 @@ plausible_text = st.sampled_from([
     "localhost:80", "127.0.0.1:6379,weight=3", "127.0.0.1:1,backup", "127.0.0.1:1,weight=x",
     "round_robin", "least_connections", "random", "hash", "off", "v1", "v2", "auto",
     "asyncio", "uvloop", "latency", "downstream", "upstream", "*.example.com", "example.com",
-    "10.0.0.0/8", "info", "", "-",
+    "10.0.0.0/8", "info", "", "-", "00 00 00 08 04 d2 16 2f", "4e", "4", "0x4e",
 ])
 scalars = (st.booleans() | st.integers() | st.integers(-3, 70000)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)

@@ -10,13 +10,16 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +27,7 @@ import pytest
 import midway
 from midway.metrics import Metrics
 
-from ..helpers import needs, proxy_process, run, wait_until
+from ..helpers import free_port, needs, proxy_process, run, wait_until
 from .test_failover import _closed_port, _midway_log
 from .test_relay import Records
 
@@ -201,6 +204,128 @@ def test_an_upstream_that_never_answers_the_check_is_marked_down() -> None:
     assert entry["state"] == "down" and entry["last_check"]["passed"] is False
     assert abs(entry["last_check"]["at"] - time.time()) < 30  # wall-clock seconds
     assert f'midway_upstream_up{{proxy="default",upstream="{address}"}} 0' in metrics
+
+
+SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+"""PostgreSQL's SSLRequest: length 8, code 80877103 (protocol docs, 55.2.10)."""
+
+
+@contextlib.asynccontextmanager
+async def postgres_like(answer: bytes) -> AsyncIterator[str]:
+    """A server that answers an SSLRequest as PostgreSQL does, with one byte
+    (``S``: TLS on, ``N``: off), then waits (a real one would start TLS or read
+    the startup message); anything else is refused as PostgreSQL refuses it."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readexactly(len(SSL_REQUEST))
+            writer.write(answer if request == SSL_REQUEST else b"E invalid length")
+            await writer.drain()
+            if request == SSL_REQUEST:
+                await reader.read()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.mark.per_loop
+def test_a_binary_check_sends_the_sslrequest_and_downs_the_upstream_with_the_wrong_byte() -> None:
+    """``send_hex``/``expect_hex``: the check writes PostgreSQL's 8-byte
+    SSLRequest and expects ``N``; the upstream that answers ``S`` is marked
+    down, its log line quoting the byte, and clients all reach the other."""
+    async def main() -> tuple[list[str], list[bytes], str, str, str, str]:
+        health = Health()
+        async with postgres_like(b"N") as plain, postgres_like(b"S") as tls:
+            with _midway_log() as log:
+                async with midway.Proxy(
+                        "127.0.0.1:0", [plain, tls], observers=[health],
+                        health={"interval_s": 0.2, "timeout_s": 0.3,
+                                "send_hex": "00 00 00 08 04 D2 16 2f", "expect_hex": "4e"},
+                ) as proxy:
+                    await until(lambda: health.went_down(tls) is not None, 5)
+                    await asyncio.sleep(0.5)  # a few more checks of both
+                    replies = []
+                    for _ in range(4):
+                        reader, writer = await connect(proxy)
+                        writer.write(SSL_REQUEST)
+                        replies.append(await asyncio.wait_for(reader.read(1), 5))
+                        writer.close()
+                    return (log.lines, replies, state(proxy, plain)["state"],
+                            state(proxy, tls)["state"], plain, tls)
+
+    lines, replies, plain_state, tls_state, plain, tls = run(main())
+    assert (plain_state, tls_state) == ("up", "down")
+    assert any(f"upstream {tls} of proxy default is down: no b'N' in the reply within the "
+               "timeout (reply b'S') (1 check)" in line for line in lines), lines
+    assert not any(plain in line and "is down" in line for line in lines), lines
+    assert replies == [b"N"] * 4
+
+
+POSTGRES, INITDB, PG_CTL = (shutil.which(n) for n in ("postgres", "initdb", "pg_ctl"))
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[tuple[str, Path]]:
+    """A throwaway PostgreSQL on loopback (ssl off), run as the ``postgres`` user
+    when the tests run as root (it refuses root), in a directory of its own under
+    /tmp (pytest's are root's alone); yields (address, its log)."""
+    assert INITDB is not None and PG_CTL is not None
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    with tempfile.TemporaryDirectory(prefix="midway-pg-") as name:
+        home = Path(name)
+        if as_user:
+            shutil.chown(home, "postgres")
+        port = free_port()  # PostgreSQL cannot listen on port 0
+        data, log = home / "data", home / "log"
+        subprocess.run([*as_user, INITDB, "-D", str(data), "-A", "trust", "-U", "postgres"],
+                       check=True, capture_output=True, timeout=120, cwd=home)
+        subprocess.run([*as_user, PG_CTL, "-D", str(data), "-l", str(log), "-w", "-t", "60",
+                        "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c ssl=off",
+                        "start"], check=True, capture_output=True, timeout=90, cwd=home)
+        try:
+            yield f"127.0.0.1:{port}", log
+        finally:
+            subprocess.run([*as_user, PG_CTL, "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=60, cwd=home)
+
+
+@pytest.mark.one_mode
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not (POSTGRES and INITDB and PG_CTL) or (
+                        os.geteuid() == 0 and not shutil.which("runuser")),
+                    reason=needs("PostgreSQL's postgres, initdb and pg_ctl", apt="postgresql"))
+def test_a_real_postgresql_answers_the_sslrequest_check() -> None:
+    """The SSLRequest check against PostgreSQL itself: ``N`` (ssl off) passes,
+    so expecting ``S`` fails quoting the ``N``; the server logs no complaint
+    about the checks' connections."""
+    async def main(address: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        health = Health()
+        request = {"interval_s": 0.2, "timeout_s": 1, "send_hex": "00 00 00 08 04 d2 16 2f"}
+        with _midway_log() as log:
+            async with midway.Proxy("127.0.0.1:0", address, name="plain", observers=[health],
+                                    health={**request, "expect_hex": "4e"}) as plain, \
+                    midway.Proxy("127.0.0.1:0", address, name="tls", observers=[health],
+                                 health={**request, "expect_hex": "53"}) as tls:
+                await until(lambda: health.went_down(address) is not None, 10)
+                await until(lambda: (state(plain, address)["last_check"] or {}).get("passed")
+                            is True, 10)
+                await asyncio.sleep(1)  # a few more checks
+                return state(plain, address), state(tls, address), log.lines
+
+    with postgres_server() as (address, pg_log):
+        plain, tls, lines = run(main(address), timeout=120)
+        server_log = pg_log.read_text()
+    assert plain["state"] == "up" and tls["state"] == "down"
+    assert any(f"upstream {address} of proxy tls is down: " in line and "(reply b'N')" in line
+               for line in lines), lines
+    assert not any("proxy plain is down" in line for line in lines), lines
+    assert "startup packet" not in server_log and "FATAL" not in server_log, server_log
 
 
 @contextlib.contextmanager

@@ -55,6 +55,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -272,24 +274,28 @@ async def under_load(proxy: ProxyProcess, port: int, rewrite: Any) -> None:
 
 
 @pytest.mark.one_mode
-def test_a_broken_file_changes_nothing_and_names_the_key(tmp_path: Path,
-                                                        echo_port: int) -> None:
+@pytest.mark.parametrize(("broken", "key"), [
+    ({"connect_timeout_s": "soon"}, "proxy.web.connect_timeout_s"),
+    ({"health": {"send_hex": "04 d2 16 2"}}, "proxy.web.health.send_hex: '04 d2 16 2'"),
+], ids=["timeout", "health-hex"])
+def test_a_broken_file_changes_nothing_and_names_the_key(tmp_path: Path, echo_port: int,
+                                                        broken: dict[str, Any], key: str) -> None:
     config = tmp_path / "midway.toml"
     web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
     write_config(config, {"web": web}, {"admin": "127.0.0.1:0"})
     with proxy_process("--config", str(config)) as proxy:
         port, api = port_of(proxy, "web"), admin_port(proxy)
-        write_config(config, {"web": {**web, "listen": f"127.0.0.1:{port}",
-                                      "connect_timeout_s": "soon"}}, {"admin": "127.0.0.1:0"})
+        write_config(config, {"web": {**web, "listen": f"127.0.0.1:{port}", **broken}},
+                     {"admin": "127.0.0.1:0"})
         proxy.signal(signal.SIGHUP)
         assert wait_until(lambda: count(proxy, "still running the previous configuration"))
         line = next(line for line in proxy.stderr_lines if "reload: " in line and "ERROR" in line)
-        assert "proxy.web.connect_timeout_s" in line, line
+        assert key in line, line
         assert roundtrip(port) == b"ping"
         # The API answers the same error, as JSON, and nothing changed either.
         status, body = post(api, "/reload")
         assert status == 400 and body["status"] == 400
-        assert "proxy.web.connect_timeout_s" in body["error"]
+        assert key in body["error"]
         config.write_text("[proxy.web\n")  # not even TOML
         status, body = post(api, "/reload")
         assert status == 400 and "midway.toml" in body["error"], body

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from ..helpers import (
     serve,
     sha256,
     sha256_to_eof,
+    threaded_echo,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -267,6 +269,157 @@ def test_reset_peer_resets_when_it_fires_and_only_then() -> None:
                 await asyncio.wait_for(reader.read(1), 5)
             writer.close()
     run(main())
+
+
+# -- one connection's own toxics, from Python ------------------------------------
+
+
+def connection_of(proxy: midway.Proxy, writer: asyncio.StreamWriter) -> dict[str, Any]:
+    """The proxy's listing of the connection whose client end is ``writer``."""
+    client = f"127.0.0.1:{writer.get_extra_info('sockname')[1]}"
+    return next(c for c in proxy.list_connections() if c["client"] == client)
+
+
+async def silent_for(reader: asyncio.StreamReader, wait_s: float = 0.3) -> bool:
+    """Whether nothing arrives on ``reader`` for ``wait_s`` (held, not lost)."""
+    try:
+        await asyncio.wait_for(reader.read(1), wait_s)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_a_connection_toxic_acts_on_its_connection_alone_until_removed() -> None:
+    """Two clients; a blackhole on one of them: it hears nothing, the other
+    goes on; removed, what it held arrives, nothing lost; removing again is a
+    no-op, and an update is refused (there is none, as in the admin API)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            (r1, w1), (r2, w2) = [await asyncio.open_connection(*proxy.address)
+                                  for _ in range(2)]
+            for reader, writer in ((r1, w1), (r2, w2)):
+                assert await rtt(reader, writer) < 5  # both relaying
+            hit, spared = connection_of(proxy, w1), connection_of(proxy, w2)
+            assert len(proxy.list_connections()) == proxy.connections == 2
+            handle = proxy.add_connection_toxic(hit["id"], "blackhole", name="unplugged")
+            assert isinstance(handle, midway.ConnectionToxicHandle) and handle.active
+            assert connection_of(proxy, w1)["toxics"] == ["unplugged"]
+            assert connection_of(proxy, w2)["toxics"] == []
+            assert [t.name for t in proxy.connection_toxics(hit["id"])] == ["unplugged"]
+            assert proxy.toxics == [] and proxy.connection_toxics(spared["id"]) == []
+            with pytest.raises(midway.ToxicExists, match="'unplugged'"):
+                proxy.add_connection_toxic(hit["id"], "latency", name="unplugged")
+            with pytest.raises(midway.MidwayError, match="no update; remove it and add it"):
+                handle.update(toxicity=0.5)
+            w1.write(b"lost?")
+            assert await silent_for(r1)
+            for _ in range(3):
+                assert await rtt(r2, w2) < 5
+            handle.remove()
+            assert await read_exactly(r1, 5) == b"lost?"
+            assert not handle.active and proxy.connection_toxics(hit["id"]) == []
+            handle.remove()  # idempotent
+            assert await rtt(r1, w1) < 5
+            for writer in (w1, w2):
+                writer.close()
+    run(main())
+
+
+def test_a_reset_peer_on_one_connection_resets_it_and_spares_the_other() -> None:
+    """reset_peer on one connection: its client is reset, the other's echo goes
+    on; then the handle's remove() does nothing, and adding to the ended
+    connection names it (so does an id of the wrong type)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            (r1, w1), (r2, w2) = [await asyncio.open_connection(*proxy.address)
+                                  for _ in range(2)]
+            for reader, writer in ((r1, w1), (r2, w2)):
+                assert await rtt(reader, writer) < 5
+            hit = connection_of(proxy, w1)["id"]
+            with proxy.add_connection_toxic(hit, "reset_peer") as handle:
+                assert handle.name == "reset_peer_downstream" and handle.connection == hit
+                w1.write(b"x")
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(r1.read(1), 5)
+                for _ in range(3):
+                    assert await rtt(r2, w2) < 5
+                async with asyncio.timeout(5):
+                    while proxy.connections != 1:
+                        await asyncio.sleep(0.01)
+                assert not handle.active
+            # the with block's remove() found nothing to do: the connection ended
+            handle.remove()
+            with pytest.raises(midway.ConnectionNotFound) as gone:
+                proxy.add_connection_toxic(hit, "latency", latency=100)
+            assert str(gone.value) == (
+                f"connection not found: {hit} is not an open connection of proxy 'default' "
+                "(it has ended, or never was; see list_connections())")
+            with pytest.raises(midway.ConnectionNotFound):
+                proxy.connection_toxics(hit)
+            with pytest.raises(midway.MidwayError, match="expected a connection id .* got '7'"):
+                proxy.add_connection_toxic("7", "latency")  # type: ignore[arg-type]
+            spared = connection_of(proxy, w2)["id"]
+            with pytest.raises(midway.ToxicError, match="attributes.latence"):
+                proxy.add_connection_toxic(spared, "latency", latence=1)
+            assert proxy.connection_toxics(spared) == []  # a refused toxic left nothing
+            assert await rtt(r2, w2) < 5
+            for writer in (w1, w2):
+                writer.close()
+    run(main())
+
+
+def test_a_connection_still_connecting_takes_no_toxic_yet() -> None:
+    """Its upstream's connect hangs (a full listen queue): listed as
+    ``connecting``, it refuses a toxic with a message that says why."""
+    from .test_balancing import full_listen_queue
+
+    async def main() -> None:
+        with full_listen_queue() as upstream:
+            async with midway.Proxy("127.0.0.1:0", upstream, connect_timeout_s=30) as proxy:
+                _, writer = await asyncio.open_connection(*proxy.address)
+                async with asyncio.timeout(5):
+                    while not proxy.list_connections():
+                        await asyncio.sleep(0.01)
+                (waiting,) = proxy.list_connections()
+                assert waiting["state"] == "connecting"
+                with pytest.raises(midway.StillConnecting) as early:
+                    proxy.add_connection_toxic(waiting["id"], "latency", latency=100)
+                assert str(early.value) == (f"connection {waiting['id']} is still connecting: "
+                                            "add its toxic once it relays")
+                assert proxy.connection_toxics(waiting["id"]) == []
+                writer.close()
+    run(main())
+
+
+def test_a_background_proxy_adds_a_connection_toxic_from_another_thread() -> None:
+    """The same from synchronous code: BackgroundProxy's methods and its
+    handle's remove() run on the proxy's loop; once the proxy stopped, the
+    handle's remove() does nothing."""
+    with threaded_echo() as port:
+        with midway.BackgroundProxy("127.0.0.1:0", f"127.0.0.1:{port}") as proxy:
+            a = socket.create_connection(proxy.address, timeout=5)
+            b = socket.create_connection(proxy.address, timeout=5)
+            for client in (a, b):
+                client.sendall(b"hi")
+                assert client.recv(2) == b"hi"
+            ports = {c["client"]: c["id"] for c in proxy.list_connections()}
+            hit = ports[f"127.0.0.1:{a.getsockname()[1]}"]
+            handle = proxy.add_connection_toxic(hit, "blackhole")
+            assert [t.name for t in proxy.connection_toxics(hit)] == ["blackhole_downstream"]
+            a.sendall(b"held")
+            b.sendall(b"free")
+            assert b.recv(4) == b"free"
+            a.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                a.recv(4)
+            a.settimeout(5)
+            handle.remove()
+            assert a.recv(4) == b"held"
+            again = proxy.add_connection_toxic(hit, "blackhole")
+        again.remove()  # the proxy has stopped: nothing to do, no error
+        assert not again.active
+        a.close()
+        b.close()
 
 
 # -- in a midway process: memory, --toxic, timeline -----------------------------
