@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import http.client
 import json
 import os
@@ -267,7 +268,10 @@ def test_a_binary_check_sends_the_sslrequest_and_downs_the_upstream_with_the_wro
     assert replies == [b"N"] * 4
 
 
-POSTGRES, INITDB, PG_CTL = (shutil.which(n) for n in ("postgres", "initdb", "pg_ctl"))
+# Debian keeps the server's programs off PATH, in /usr/lib/postgresql/VERSION/bin.
+_PG_PATH = os.pathsep.join([os.environ.get("PATH", ""),
+                            *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)])
+POSTGRES, INITDB, PG_CTL = (shutil.which(n, path=_PG_PATH) for n in ("postgres", "initdb", "pg_ctl"))
 
 
 @contextlib.contextmanager
