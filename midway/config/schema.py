@@ -664,6 +664,16 @@ class ServerConfig:
         "Allow the admin API on a non-loopback address.  Whoever reaches the API can "
         "reconfigure and stop every proxy: set admin_token too.",
     )
+    admin_hosts: tuple[str, ...] = option(
+        (),
+        "Host names by which the admin API may be reached, besides IP addresses, "
+        "localhost (and names under .localhost) and admin's own host: a request "
+        "whose Host header names another is answered 403, so that a web page whose "
+        "name an attacker points at this address (DNS rebinding) cannot drive it.  "
+        "'*' allows any name.  On the command line, repeat the flag.",
+        zero="(empty) IP addresses, localhost and admin's own host only",
+        metavar="NAME",
+    )
     admin_token: str = option(
         "",
         "A secret every admin API request must carry as 'Authorization: Bearer TOKEN' "

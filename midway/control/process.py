@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ..admin.host import HostError
 from ..admin.routes import ToxiproxyAPI
 from ..admin.server import AdminServer
+from ..config.addresses import parse_address
 from ..config.load import admin_token
 from ..config.schema import Config
 from ..config.target import Target
@@ -120,7 +121,11 @@ class Admin:
     def __init__(self, plane: ControlPlane, address: str) -> None:
         self.plane = plane
         self._token = admin_token(plane.target.config.server)
-        self.server = AdminServer(ToxiproxyAPI(plane), address, token=lambda: self._token)
+        # The name admin listens on (a bound address is an IP, allowed anyway).
+        own = parse_address(address, listen=True).host
+        self.server = AdminServer(
+            ToxiproxyAPI(plane), address, token=lambda: self._token,
+            hosts=lambda: (own, *plane.target.config.server.admin_hosts))
         plane.reloaded.append(self.refresh)
 
     def bind(self) -> None:
