@@ -23,7 +23,9 @@ or hostile one costs a bounded share:
   :data:`IDLE_TIMEOUT_S`;
 * a body is sent with Content-Length or chunked (another transfer coding gets
   501) and is at most :data:`MAX_BODY` bytes (413); http.server caps a request or header line
-  at 64 KiB (414, 431) and a request at 100 headers (431);
+  at 64 KiB (414, 431) and a request at 100 headers (431); what a front proxy
+  could read otherwise (two Host or Content-Length headers, a Content-Length
+  that is not digits, a header line http.server cannot parse) gets 400;
 * a route that does not answer within :data:`ROUTE_TIMEOUT_S` gets 503, as
   Toxiproxy's own timeout handler does;
 * with an admin token set (``admin_token`` or ``admin_token_file``), a request
@@ -319,6 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         try:
+            _check_headers(self.headers)
             body = self._body()
         except _BodyError as exc:
             self.close_connection = True  # the body is not read whole: the connection is unusable
@@ -372,14 +375,12 @@ class _Handler(BaseHTTPRequestHandler):
             if self.headers.get("Content-Length") is not None:
                 self.close_connection = True
             return _read_chunked(self.rfile)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
+        text = (self.headers.get("Content-Length") or "").strip(" \t") or "0"
+        if not text.isascii() or not text.isdigit():  # int() takes "+2" and "1_0"
+            raise _BodyError(400, f"bad Content-Length: {text[:20]!r}")
+        length = int(text)
         if length > MAX_BODY:
             raise _BodyError(413, f"request body larger than {MAX_BODY} bytes")
-        if length < 0:
-            raise _BodyError(400, "bad Content-Length")
         return self.rfile.read(length) if length else b""
 
     def _send(self, response: Response) -> None:
@@ -447,6 +448,21 @@ def _read_chunked(rfile: io.BufferedIOBase) -> bytes:
         if not line.endswith(b"\n"):
             raise _BodyError(400, "bad chunked body: trailer line too long or cut")
     raise _BodyError(400, f"bad chunked body: more than {_TRAILERS_MAX} trailer lines")
+
+
+def _check_headers(headers: Any) -> None:
+    """Refuse (400, :class:`_BodyError`) what two parsers could read apart (RFC
+    9112 sections 3.2, 5.1 and 6.3): a header line http.server's parser cannot
+    read (``Host : x``, no colon; it would drop it and every line after it), two
+    Host headers, two Content-Length headers."""
+    if headers.defects:
+        raise _BodyError(400, "malformed header line: a name followed by a space, "
+                              "or no colon")
+    if len(headers.get_all("Host") or ()) > 1:
+        raise _BodyError(400, "more than one Host header")
+    lengths = headers.get_all("Content-Length") or ()
+    if len(lengths) > 1:
+        raise _BodyError(400, f"bad Content-Length: {len(lengths)} of them")
 
 
 def _origin_form(target: str) -> str:

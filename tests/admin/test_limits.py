@@ -231,3 +231,25 @@ def test_clients_that_leave_before_the_answer_leave_no_traceback(admin: Admin) -
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
     assert_no_traceback(admin)
+
+
+@pytest.mark.parametrize("head, error", [
+    # What a front proxy and midway could read apart (request smuggling), or a
+    # header the parser would drop with every header after it (the Host's).
+    (b"Content-Length: 2\r\nContent-Length: 40\r\n", "bad Content-Length"),
+    (b"Content-Length: +2\r\n", "bad Content-Length"),
+    (b"Content-Length: 0x2\r\n", "bad Content-Length"),
+    (b"Content-Length: 1_0\r\n", "bad Content-Length"),
+    (b"Host: 127.0.0.1\r\n", "more than one Host header"),
+    (b"Host : evil.example\r\n", "malformed header line"),
+    (b"X-Nothing\r\n", "malformed header line"),
+])
+def test_ambiguous_framing_and_headers_get_400_and_close(admin: Admin, head: bytes,
+                                                         error: str) -> None:
+    with socket.create_connection((admin.host, admin.port), timeout=10) as sock:
+        sock.sendall(b"POST /proxies HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head + b"\r\n{}"
+                     b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, body = read_reply(sock)
+        assert (status, json.loads(body)["error"].split(":")[0]) == (400, error)
+        assert closed_by_server(sock)  # the GET behind it is never answered
+    assert admin.get("/proxies").json == {}
