@@ -685,7 +685,8 @@ class ServerConfig:
     admin_token_file: str = option(
         "",
         "Read the admin token from this file (its first line; surrounding whitespace "
-        "is ignored), again at each reload.",
+        "is ignored), again at each reload.  A warning is logged when other users "
+        "may read it (chmod 600 it).",
         zero="(empty) the token is admin_token", metavar="PATH",
     )
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable
 
@@ -121,6 +122,7 @@ class Admin:
     def __init__(self, plane: ControlPlane, address: str) -> None:
         self.plane = plane
         self._token = admin_token(plane.target.config.server)
+        _warn_if_others_read(plane.target.config.server.admin_token_file)
         # The name admin listens on (a bound address is an IP, allowed anyway).
         own = parse_address(address, listen=True).host
         self.server = AdminServer(
@@ -141,9 +143,22 @@ class Admin:
             self._token = admin_token(self.plane.target.config.server)
         except ConfigError as exc:  # checked by the reload; the file went since
             log.error("admin API: %s; keeping the previous token", exc)
+        _warn_if_others_read(self.plane.target.config.server.admin_token_file)
 
     async def stop(self) -> None:
         await self.server.stop()
+
+
+def _warn_if_others_read(path: str) -> None:
+    """A token file that other users may read gives them the admin API: say so
+    (as ssh does of a key file), at start and at each reload."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode) if path else 0
+    except OSError:
+        return  # admin_token said why
+    if mode & 0o044:
+        log.warning("admin_token_file %s can be read by other users (mode %o): chmod 600 it",
+                    path, mode)
 
 
 class Reloads:
