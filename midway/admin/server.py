@@ -327,7 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is not read whole: the connection is unusable
             self._send(Response(exc.status, _error_body(exc.message, exc.status)))
             return
-        host = self.headers.get("Host")
+        # An absolute URI's authority stands for the Host (RFC 9112 section 3.2.2).
+        host = _authority(self.path) or self.headers.get("Host")
         if not host_allowed(host, self.server.hosts()):
             self._send(self.server.wrong_host(str(host)))
             return
@@ -477,6 +478,13 @@ def _origin_form(target: str) -> str:
     except ValueError:  # "http://[::1/x": no path can be told; it names no route
         return target
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _authority(target: str) -> str | None:
+    """The ``host:port`` of an absolute-URI request target, else None."""
+    if not target[:8].lower().startswith(("http://", "https://")):
+        return None
+    return target.split("/", 3)[2] or None
 
 
 def _authorized(header: str, token: str) -> bool:

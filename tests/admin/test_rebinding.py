@@ -75,6 +75,9 @@ def test_a_rebound_page_changes_nothing(admin: Admin, echo: EchoServer) -> None:
         # A non-browser client naming that host is refused too: a page can set
         # its User-Agent (Firefox lets fetch() do so).
         assert admin.request("GET", "/version", headers={"Host": host}).status == 403
+    # A request target's authority stands for its Host (RFC 9112 section 3.2.2).
+    assert admin.request("GET", "http://evil.example/version").status == 403
+    assert admin.request("GET", f"http://127.0.0.1:{admin.port}/version").status == 200
     assert admin.get("/proxies").json == {}
     # The dashboard on loopback, under every name for it, still works.
     for host in (f"127.0.0.1:{admin.port}", f"localhost:{admin.port}", f"[::1]:{admin.port}"):
