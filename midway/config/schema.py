@@ -662,7 +662,8 @@ class ServerConfig:
     admin_allow_remote: bool = option(
         False,
         "Allow the admin API on a non-loopback address.  Whoever reaches the API can "
-        "reconfigure and stop every proxy: set admin_token too.",
+        "reconfigure and stop every proxy: set admin_token too.  Clients that reach "
+        "it by a name (not an address) need that name in admin_hosts.",
     )
     admin_hosts: tuple[str, ...] = option(
         (),
