@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.server
 import os
 import re
 import signal
@@ -211,6 +212,23 @@ def black_hole() -> Iterator[tuple[str, int]]:
         finally:
             for f in fillers:
                 f.close()
+
+
+@contextlib.contextmanager
+def http_server(root: Path) -> Iterator[int]:
+    """Python's http.server on 127.0.0.1 (a plain HTTP app), serving ``root``."""
+    def handler(*args: object) -> http.server.SimpleHTTPRequestHandler:
+        return http.server.SimpleHTTPRequestHandler(*args, directory=str(root))  # type: ignore[arg-type]
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def free_port() -> int:

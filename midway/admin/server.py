@@ -23,13 +23,19 @@ or hostile one costs a bounded share:
   :data:`IDLE_TIMEOUT_S`;
 * a body is sent with Content-Length or chunked (another transfer coding gets
   501) and is at most :data:`MAX_BODY` bytes (413); http.server caps a request or header line
-  at 64 KiB (414, 431) and a request at 100 headers (431);
+  at 64 KiB (414, 431) and a request at 100 headers (431); what a front proxy
+  could read otherwise (two Host or Content-Length headers, a Content-Length
+  that is not digits, a header line http.server cannot parse) gets 400;
 * a route that does not answer within :data:`ROUTE_TIMEOUT_S` gets 503, as
   Toxiproxy's own timeout handler does;
 * with an admin token set (``admin_token`` or ``admin_token_file``), a request
   without ``Authorization: Bearer TOKEN`` gets 401 (the token compared in
   constant time); with none set, as by default, no header is needed, so
   Toxiproxy's clients work unchanged on loopback;
+* a request whose ``Host`` names a host other than an IP address,
+  ``localhost`` or one of ``admin_hosts`` gets 403 (:func:`host_allowed`): a
+  web page whose name an attacker pointed at this address (DNS rebinding) is
+  same-origin with the API, and its Host is all that tells it apart;
 * ``/`` and ``/ui/...`` (the dashboard's files, :mod:`midway.admin.static`) are
   answered before the token check: they hold no data, and the page asks for
   the token when the API it calls answers 401.
@@ -44,13 +50,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -63,7 +70,7 @@ from . import static
 from .routes import UI_HEADER, Response, ToxiproxyAPI
 
 __all__ = ["AdminServer", "BACKLOG", "MAX_BODY", "MAX_CONNECTIONS", "IDLE_TIMEOUT_S",
-           "REQUEST_TIMEOUT_S", "ROUTE_TIMEOUT_S"]
+           "REQUEST_TIMEOUT_S", "ROUTE_TIMEOUT_S", "host_allowed"]
 
 log = logging.getLogger("midway")
 
@@ -97,17 +104,21 @@ class AdminServer:
     (``host:port``; port 0 picks one, see :attr:`address`).  ``token`` gives the
     admin token in force (asked at each request, so a reload can change it):
     when it is not empty, every request must carry ``Authorization: Bearer
-    TOKEN`` or is answered 401.
+    TOKEN`` or is answered 401.  ``hosts`` gives the names besides IP addresses
+    and ``localhost`` that a request's Host may name (``admin_hosts`` and the
+    admin address's own host; asked at each request too), else 403.
 
     :meth:`start` binds (raising :class:`ListenError`), unless :meth:`bind` did
     already, and must be called on the event loop the routes run on; :meth:`stop`
     stops accepting and closes the socket."""
 
     def __init__(self, api: ToxiproxyAPI, address: str,
-                 token: Callable[[], str] = lambda: "") -> None:
+                 token: Callable[[], str] = lambda: "",
+                 hosts: Callable[[], Collection[str]] = lambda: ()) -> None:
         self.api = api
         self.requested = address
         self.token = token
+        self.hosts = hosts
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -124,7 +135,7 @@ class AdminServer:
         self.bind()
         sock, self._sock = self._sock, None
         assert sock is not None
-        httpd = _HTTPServer(sock, self.api, loop, self.token)
+        httpd = _HTTPServer(sock, self.api, loop, self.token, self.hosts)
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, args=(_POLL_S,),
                                         name="midway-admin", daemon=True)
@@ -164,13 +175,16 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = BACKLOG
 
     def __init__(self, sock: socket.socket, api: ToxiproxyAPI,
-                 loop: asyncio.AbstractEventLoop, token: Callable[[], str]) -> None:
+                 loop: asyncio.AbstractEventLoop, token: Callable[[], str],
+                 hosts: Callable[[], Collection[str]]) -> None:
         self.address_family = sock.family
         self.api = api
         self.loop = loop
         self.token = token
+        self.hosts = hosts
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._refused_logged_at = -_REFUSED_LOG_EVERY_S
+        self._host_logged_at = -_REFUSED_LOG_EVERY_S
         super().__init__(sock.getsockname(), _Handler, bind_and_activate=False)
         self.socket.close()  # the one socketserver made: ours is bound and listening
         self.socket = sock
@@ -210,6 +224,19 @@ class _HTTPServer(ThreadingHTTPServer):
         except OSError as exc:
             log.debug("admin API: %s: cannot send the 503: %s", client_address, exc)
         self.shutdown_request(request)
+
+    def wrong_host(self, host: str) -> Response:
+        """The 403 for a Host :func:`host_allowed` refuses, logged (at most one
+        warning per :data:`_REFUSED_LOG_EVERY_S`: a page may ask each second)."""
+        now = time.monotonic()
+        if now - self._host_logged_at >= _REFUSED_LOG_EVERY_S:
+            self._host_logged_at = now
+            log.warning("admin API: refused a request for Host %r (add the name to "
+                        "admin_hosts if it is yours)", host)
+        return Response(403, _error_body(
+            f"Host {host!r} not allowed: the admin API answers requests for an IP address, "
+            "localhost or a name in admin_hosts (a web page under another name may be a "
+            "DNS rebinding attack)", 403))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """What a peer does (resets, leaves before its answer, times out) is not
@@ -294,10 +321,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         try:
+            _check_headers(self.headers)
             body = self._body()
         except _BodyError as exc:
             self.close_connection = True  # the body is not read whole: the connection is unusable
             self._send(Response(exc.status, _error_body(exc.message, exc.status)))
+            return
+        # An absolute URI's authority stands for the Host (RFC 9112 section 3.2.2).
+        host = _authority(self.path) or self.headers.get("Host")
+        if not host_allowed(host, self.server.hosts()):
+            self._send(self.server.wrong_host(str(host)))
             return
         target = _origin_form(self.path)
         page = static.serve(self.command, target)
@@ -343,14 +376,12 @@ class _Handler(BaseHTTPRequestHandler):
             if self.headers.get("Content-Length") is not None:
                 self.close_connection = True
             return _read_chunked(self.rfile)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
+        text = (self.headers.get("Content-Length") or "").strip(" \t") or "0"
+        if not text.isascii() or not text.isdigit():  # int() takes "+2" and "1_0"
+            raise _BodyError(400, f"bad Content-Length: {text[:20]!r}")
+        length = int(text)
         if length > MAX_BODY:
             raise _BodyError(413, f"request body larger than {MAX_BODY} bytes")
-        if length < 0:
-            raise _BodyError(400, "bad Content-Length")
         return self.rfile.read(length) if length else b""
 
     def _send(self, response: Response) -> None:
@@ -420,6 +451,21 @@ def _read_chunked(rfile: io.BufferedIOBase) -> bytes:
     raise _BodyError(400, f"bad chunked body: more than {_TRAILERS_MAX} trailer lines")
 
 
+def _check_headers(headers: Any) -> None:
+    """Refuse (400, :class:`_BodyError`) what two parsers could read apart (RFC
+    9112 sections 3.2, 5.1 and 6.3): a header line http.server's parser cannot
+    read (``Host : x``, no colon; it would drop it and every line after it), two
+    Host headers, two Content-Length headers."""
+    if headers.defects:
+        raise _BodyError(400, "malformed header line: a name followed by a space, "
+                              "or no colon")
+    if len(headers.get_all("Host") or ()) > 1:
+        raise _BodyError(400, "more than one Host header")
+    lengths = headers.get_all("Content-Length") or ()
+    if len(lengths) > 1:
+        raise _BodyError(400, f"bad Content-Length: {len(lengths)} of them")
+
+
 def _origin_form(target: str) -> str:
     """The path and query of a request target.  An absolute URI
     (``GET http://127.0.0.1:8474/version``, what a client that takes the API for
@@ -434,12 +480,50 @@ def _origin_form(target: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+def _authority(target: str) -> str | None:
+    """The ``host:port`` of an absolute-URI request target, else None."""
+    if not target[:8].lower().startswith(("http://", "https://")):
+        return None
+    return target.split("/", 3)[2] or None
+
+
 def _authorized(header: str, token: str) -> bool:
     """Whether ``header`` is ``Bearer TOKEN`` (RFC 6750; the scheme's case is
     free), compared in constant time so the answer's timing reveals nothing."""
     scheme, _, given = header.strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
                                                               token.encode())
+
+
+def host_allowed(host: str | None, names: Collection[str]) -> bool:
+    """Whether a request's ``Host`` header (None: it has none, as HTTP/1.0 may)
+    can name this API without a DNS rebinding behind it: an IP address (a page
+    whose origin is an address was served by no name an attacker could point
+    here), ``localhost`` or a name under ``.localhost`` (which browsers resolve to
+    loopback themselves, RFC 6761), or one of ``names`` (``*``: any), the port
+    and case aside."""
+    if not host:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6] or [v6]:port
+        literal, bracket, rest = name[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return False
+        try:
+            return ipaddress.ip_address(literal).version == 6
+        except ValueError:
+            return False
+    base, colon, port = name.rpartition(":")
+    if colon and port.isdigit():
+        name = base
+    try:
+        ipaddress.IPv4Address(name)
+        return True
+    except ValueError:
+        pass
+    name = name.removesuffix(".")
+    return (name == "localhost" or name.endswith(".localhost") or "*" in names
+            or name in (n.lower().removesuffix(".") for n in names))
 
 
 def _from_ui(headers: Any) -> bool:

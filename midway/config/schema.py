@@ -678,7 +678,18 @@ class ServerConfig:
     admin_allow_remote: bool = option(
         False,
         "Allow the admin API on a non-loopback address.  Whoever reaches the API can "
-        "reconfigure and stop every proxy: set admin_token too.",
+        "reconfigure and stop every proxy: set admin_token too.  Clients that reach "
+        "it by a name (not an address) need that name in admin_hosts.",
+    )
+    admin_hosts: tuple[str, ...] = option(
+        (),
+        "Host names by which the admin API may be reached, besides IP addresses, "
+        "localhost (and names under .localhost) and admin's own host: a request "
+        "whose Host header names another is answered 403, so that a web page whose "
+        "name an attacker points at this address (DNS rebinding) cannot drive it.  "
+        "'*' allows any name.  On the command line, repeat the flag.",
+        zero="(empty) IP addresses, localhost and admin's own host only",
+        metavar="NAME",
     )
     admin_token: str = option(
         "",
@@ -691,7 +702,8 @@ class ServerConfig:
     admin_token_file: str = option(
         "",
         "Read the admin token from this file (its first line; surrounding whitespace "
-        "is ignored), again at each reload.",
+        "is ignored), again at each reload.  A warning is logged when other users "
+        "may read it (chmod 600 it).",
         zero="(empty) the token is admin_token", metavar="PATH",
     )
 

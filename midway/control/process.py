@@ -16,12 +16,14 @@ import asyncio
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable
 
 from ..admin.host import HostError
 from ..admin.routes import ToxiproxyAPI
 from ..admin.server import AdminServer
+from ..config.addresses import parse_address
 from ..config.load import admin_token
 from ..config.schema import Config
 from ..config.target import Target
@@ -120,7 +122,12 @@ class Admin:
     def __init__(self, plane: ControlPlane, address: str) -> None:
         self.plane = plane
         self._token = admin_token(plane.target.config.server)
-        self.server = AdminServer(ToxiproxyAPI(plane), address, token=lambda: self._token)
+        _warn_if_others_read(plane.target.config.server.admin_token_file)
+        # The name admin listens on (a bound address is an IP, allowed anyway).
+        own = parse_address(address, listen=True).host
+        self.server = AdminServer(
+            ToxiproxyAPI(plane), address, token=lambda: self._token,
+            hosts=lambda: (own, *plane.target.config.server.admin_hosts))
         plane.reloaded.append(self.refresh)
 
     def bind(self) -> None:
@@ -136,9 +143,22 @@ class Admin:
             self._token = admin_token(self.plane.target.config.server)
         except ConfigError as exc:  # checked by the reload; the file went since
             log.error("admin API: %s; keeping the previous token", exc)
+        _warn_if_others_read(self.plane.target.config.server.admin_token_file)
 
     async def stop(self) -> None:
         await self.server.stop()
+
+
+def _warn_if_others_read(path: str) -> None:
+    """A token file that other users may read gives them the admin API: say so
+    (as ssh does of a key file), at start and at each reload."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode) if path else 0
+    except OSError:
+        return  # admin_token said why
+    if mode & 0o044:
+        log.warning("admin_token_file %s can be read by other users (mode %o): chmod 600 it",
+                    path, mode)
 
 
 class Reloads:

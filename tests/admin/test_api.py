@@ -94,7 +94,7 @@ def test_chunked_bodies_are_read_and_oversized_ones_refused(admin: Admin) -> Non
     finally:
         conn.close()
     with socket.create_connection((admin.host, admin.port), timeout=5) as raw:
-        raw.sendall(b"POST /proxies HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+        raw.sendall(b"POST /proxies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2000000\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.1 413 ")
     assert admin.get("/proxies").json == {}
 

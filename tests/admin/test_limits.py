@@ -89,7 +89,7 @@ def test_a_burst_of_200_clients_is_accepted_at_once(admin: Admin) -> None:
                 started = time.monotonic()
                 sock.connect((admin.host, admin.port))
                 connected = time.monotonic() - started
-                sock.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n"
+                sock.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: t\r\n"
                              b"Connection: close\r\n\r\n")
                 status, _, _ = read_reply(sock)
                 result: tuple[int, float, int] | BaseException = (
@@ -122,7 +122,7 @@ def test_connections_past_the_cap_get_503_and_the_cap_frees_up(admin: Admin) -> 
             sock.sendall(b"GET /version HTTP/1.1\r\n")  # a request begun, never finished
             held.append(sock)
         status, headers, body = raw_request(
-            admin, b"GET /version HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n")
+            admin, b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: t\r\n\r\n")
         assert status == 503
         assert headers["connection"] == "close"
         assert body == {"error": f"too many admin connections (at most {MAX_CONNECTIONS})",
@@ -133,7 +133,7 @@ def test_connections_past_the_cap_get_503_and_the_cap_frees_up(admin: Admin) -> 
     # The held connections' threads see the close and free their slots.
     deadline = time.monotonic() + 10
     while True:
-        reply = raw_request(admin, b"GET /proxies HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n")
+        reply = raw_request(admin, b"GET /proxies HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: t\r\n\r\n")
         if reply[0] == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -147,7 +147,7 @@ def test_slow_headers_and_slow_bodies_are_dropped_after_the_request_timeout(
     headers = socket.create_connection((admin.host, admin.port), timeout=0.3)
     body = socket.create_connection((admin.host, admin.port), timeout=0.3)
     headers.sendall(b"GET /version HTTP/1.1\r\n")
-    body.sendall(b"POST /proxies HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    body.sendall(b"POST /proxies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
     started = time.monotonic()
     open_ = {"headers": headers, "body": body}
     dropped: dict[str, float] = {}
@@ -175,7 +175,7 @@ def test_slow_headers_and_slow_bodies_are_dropped_after_the_request_timeout(
 
 
 def test_malformed_requests_get_a_json_4xx(admin: Admin) -> None:
-    ua = b"Host: x\r\nUser-Agent: t\r\n"
+    ua = b"Host: 127.0.0.1\r\nUser-Agent: t\r\n"
     cases: list[tuple[bytes, int, str]] = [
         (b"GET /version HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "Line too long"),
         (b"GET /version HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, "Too many headers"),
@@ -217,7 +217,7 @@ def assert_no_traceback(admin: Admin) -> None:
 
 
 def test_clients_that_leave_before_the_answer_leave_no_traceback(admin: Admin) -> None:
-    request = b"GET /proxies HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n"
+    request = b"GET /proxies HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: t\r\n\r\n"
     for i in range(10):
         sock = socket.create_connection((admin.host, admin.port), timeout=5)
         sock.sendall(request * 3)  # pipelined: the later answers meet a closed socket
@@ -231,3 +231,25 @@ def test_clients_that_leave_before_the_answer_leave_no_traceback(admin: Admin) -
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
     assert_no_traceback(admin)
+
+
+@pytest.mark.parametrize("head, error", [
+    # What a front proxy and midway could read apart (request smuggling), or a
+    # header the parser would drop with every header after it (the Host's).
+    (b"Content-Length: 2\r\nContent-Length: 40\r\n", "bad Content-Length"),
+    (b"Content-Length: +2\r\n", "bad Content-Length"),
+    (b"Content-Length: 0x2\r\n", "bad Content-Length"),
+    (b"Content-Length: 1_0\r\n", "bad Content-Length"),
+    (b"Host: 127.0.0.1\r\n", "more than one Host header"),
+    (b"Host : evil.example\r\n", "malformed header line"),
+    (b"X-Nothing\r\n", "malformed header line"),
+])
+def test_ambiguous_framing_and_headers_get_400_and_close(admin: Admin, head: bytes,
+                                                         error: str) -> None:
+    with socket.create_connection((admin.host, admin.port), timeout=10) as sock:
+        sock.sendall(b"POST /proxies HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head + b"\r\n{}"
+                     b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, body = read_reply(sock)
+        assert (status, json.loads(body)["error"].split(":")[0]) == (400, error)
+        assert closed_by_server(sock)  # the GET behind it is never answered
+    assert admin.get("/proxies").json == {}

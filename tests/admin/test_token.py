@@ -133,3 +133,15 @@ def test_the_token_is_not_a_command_line_flag() -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--admin-token: not a flag" in result.stderr
     assert TOKEN not in result.stderr
+
+
+def test_a_token_file_others_can_read_is_warned_about(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    for mode, warned in ((0o644, True), (0o600, False)):
+        token_file.chmod(mode)
+        with proxy_process("--admin", "127.0.0.1:0", "--admin-token-file", str(token_file)) as p:
+            assert admin_of(p).request("GET", "/version", headers=bearer(TOKEN)).status == 200
+            warning = f"{token_file} can be read by other users (mode 644): chmod 600 it"
+            assert any(warning in line for line in p.stderr_lines) == warned, p.stderr_lines
+    assert TOKEN not in "".join(p.stderr_lines)

@@ -95,7 +95,7 @@ def test_chunked_request_bodies(admin: Admin, echo: EchoServer) -> None:
     # .NET's PostAsJsonAsync and Refit stream a JSON body as Transfer-Encoding:
     # chunked (no Content-Length); Go's server, Toxiproxy's, reads it.
     body = b'{"name": "chunky", "listen": "127.0.0.1:0", "upstream": "%s"}' % echo.address.encode()
-    head = (b"POST /proxies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /proxies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     with socket.create_connection((admin.host, admin.port), timeout=10) as sock:
         # Cut anywhere, with a chunk extension and a trailer; then a second request
@@ -103,7 +103,7 @@ def test_chunked_request_bodies(admin: Admin, echo: EchoServer) -> None:
         chunks = (b"7;ext=1\r\n" + body[:7] + b"\r\n"
                   + _chunked(body[7:30], body[30:], trailer=b"X-Trailer: 1\r\n"))
         sock.sendall(head + chunks
-                     + b"GET /proxies/chunky HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                     + b"GET /proxies/chunky HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -111,7 +111,7 @@ def test_chunked_request_bodies(admin: Admin, echo: EchoServer) -> None:
     assert answer.count(b'"name":"chunky"') == 2 and b"HTTP/1.1 200 " in answer, answer
     assert round_trip(port_of(admin.get("/proxies/chunky").json["listen"])) == b"ping"
     toxic = b'{"type": "latency", "stream": "UpStream"}'
-    answer = _exchange(admin, b"POST /proxies/chunky/toxics HTTP/1.1\r\nHost: x\r\n"
+    answer = _exchange(admin, b"POST /proxies/chunky/toxics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                        + _chunked(toxic))
     assert answer.startswith(b"HTTP/1.1 200 ") and b"latency_UpStream" in answer, answer
@@ -126,7 +126,7 @@ def test_chunked_request_bodies(admin: Admin, echo: EchoServer) -> None:
 ])
 def test_bad_chunked_bodies_are_refused_and_change_nothing(
         admin: Admin, coding: bytes, chunks: bytes, status: int) -> None:
-    answer = _exchange(admin, b"POST /populate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+    answer = _exchange(admin, b"POST /populate HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
                               + coding + b"\r\n\r\n" + chunks)
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer
     assert b"Connection: close" in answer

@@ -6,7 +6,8 @@ toxic restores them, a kill closes exactly that connection, it keeps working
 through a reload, and it says when midway has gone away (and when it is back); a
 toxic added to one connection from its row and removed there; the focus kept
 through the redraws and the headers sorting from the keyboard; no sideways
-scrolling at a phone's width.  Then the files as served (content types, policy,
+scrolling at a phone's width; markup in a name shown as text, and what another
+site's page can send without a preflight changing nothing.  Then the files as served (content types, policy,
 no path escapes) and ``GET /toxic-types``.
 
 With ``MIDWAY_SCREENSHOTS=DIR`` the load test saves the page to DIR/dashboard.png
@@ -29,7 +30,7 @@ import pytest
 
 from midway.chain.toxics import TOXICS
 
-from ..helpers import ProxyProcess, free_port, needs
+from ..helpers import ProxyProcess, free_port, http_server, needs
 from ..helpers import wait_until as _wait_until
 from .conftest import Admin, EchoServer, port_of, round_trip
 from .screenshots import save_small_png
@@ -316,6 +317,60 @@ def test_editing_a_toxic_changes_its_attributes(browser: Any, midway: Midway) ->
     section(browser, "web").find_element(By.CSS_SELECTOR, ".toxic-form .submit").click()
     assert wait_until(lambda: midway.admin.get("/proxies/web/toxics/bandwidth_downstream")
                       .json["attributes"] == {"rate": 250}, 5)
+
+
+@browser_missing
+def test_names_are_shown_as_text_never_as_html(browser: Any, midway: Midway) -> None:
+    """Names come from whoever can reach the API or write the file: markup in
+    one is shown as the characters it is made of."""
+    name = "<b>x<i>y\"'&amp;<img>"
+    assert midway.admin.post("/proxies/web/toxics", {"name": name, "type": "latency"}
+                             ).status == 200
+    open_page(browser, midway)
+    shown = ("return [...document.querySelectorAll('tr[data-toxic]')]"
+             ".filter(r => r.dataset.toxic === arguments[0]).map(r => r.cells[0].textContent)")
+    assert wait_until(lambda: browser.execute_script(shown, name) == [name], UI_WAIT_S)
+    assert browser.find_elements(By.CSS_SELECTOR, "tr[data-toxic] :is(b, i, img)") == []
+    assert console_errors(browser) == []
+
+
+@browser_missing
+def test_another_site_cannot_change_anything(browser: Any, midway: Midway,
+                                            tmp_path: Path) -> None:
+    """What a page of another site can send without a preflight (a form's POST,
+    a no-cors fetch, an image's GET) is refused: nothing changes."""
+    api = f"http://127.0.0.1:{midway.admin.port}"
+    (tmp_path / "index.html").write_text("<title>evil</title><iframe name=sink></iframe>")
+    with http_server(tmp_path) as port:
+        browser.get(f"http://localhost:{port}/")  # another site than 127.0.0.1
+    body = json.dumps({"name": "pwn", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1"})
+    outcome = browser.execute_async_script("""
+        // The form's text/plain body is NAME=VALUE: {"type":"latency","name":"pwn="}
+        const [api, body, done] = arguments;
+        const sent = [];
+        for (const [path, data] of [['/proxies', body], ['/reset', ''],
+                                    ['/proxies/web', '{"enabled":false}']])
+          sent.push(fetch(api + path, {method: 'POST', mode: 'no-cors', body: data,
+                                       headers: {'X-Midway-UI': '1', 'Content-Type': 'text/plain'}})
+                    .then(() => 'answered', (e) => String(e)));
+        sent.push(new Promise((ok) => { const img = new Image();
+          img.onload = img.onerror = () => ok('answered'); img.src = api + '/proxies/web'; }));
+        Promise.all(sent).then((results) => {
+          const form = document.createElement('form');
+          Object.assign(form, {method: 'POST', action: api + '/proxies/web/toxics',
+                               target: 'sink', enctype: 'text/plain'});
+          const field = document.createElement('input');
+          Object.assign(field, {name: '{"type":"latency","name":"pwn', value: '"}'});
+          form.append(field);
+          document.body.append(form);
+          document.querySelector('iframe').onload = () => done(results);
+          form.submit();
+        });
+    """, api, body)
+    assert outcome == ["answered"] * 4
+    assert sorted(midway.admin.get("/proxies").json) == ["cache", "web"]
+    web = midway.admin.get("/proxies/web").json
+    assert web["enabled"] and web["toxics"] == []
 
 
 @browser_missing

@@ -9,7 +9,6 @@ TLS never splices, so each test runs once per event loop (``per_loop``)."""
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from .. import helpers
-from ..helpers import proxy_process, sha256, wait_until
+from ..helpers import http_server, proxy_process, sha256, wait_until
 from ..tlspki import Pki, make_pki
 
 pytestmark = pytest.mark.per_loop
@@ -43,23 +42,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def _needs(tool: str) -> None:
     if shutil.which(tool) is None:
         pytest.skip(helpers.needs(tool, apt=tool))
-
-
-@contextlib.contextmanager
-def http_server(root: Path) -> Iterator[int]:
-    """Python's http.server on 127.0.0.1 (a plain HTTP app), serving ``root``."""
-    def handler(*args: object) -> http.server.SimpleHTTPRequestHandler:
-        return http.server.SimpleHTTPRequestHandler(*args, directory=str(root))  # type: ignore[arg-type]
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @contextlib.contextmanager
