@@ -32,10 +32,11 @@ or hostile one costs a bounded share:
   without ``Authorization: Bearer TOKEN`` gets 401 (the token compared in
   constant time); with none set, as by default, no header is needed, so
   Toxiproxy's clients work unchanged on loopback;
-* a request whose ``Host`` names a host other than an IP address,
-  ``localhost`` or one of ``admin_hosts`` gets 403 (:func:`host_allowed`): a
-  web page whose name an attacker pointed at this address (DNS rebinding) is
-  same-origin with the API, and its Host is all that tells it apart;
+* a request from a browser (:func:`_from_browser`) whose ``Host`` names a host
+  other than an IP address, ``localhost`` or one of ``admin_hosts`` gets 403
+  (:func:`host_allowed`): a web page whose name an attacker pointed at this
+  address (DNS rebinding) is same-origin with the API, and its Host is all that
+  tells it apart;
 * ``/`` and ``/ui/...`` (the dashboard's files, :mod:`midway.admin.static`) are
   answered before the token check: they hold no data, and the page asks for
   the token when the API it calls answers 401.
@@ -329,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # An absolute URI's authority stands for the Host (RFC 9112 section 3.2.2).
         host = _authority(self.path) or self.headers.get("Host")
-        if not host_allowed(host, self.server.hosts()):
+        if _from_browser(self.headers) and not host_allowed(host, self.server.hosts()):
             self._send(self.server.wrong_host(str(host)))
             return
         target = _origin_form(self.path)
@@ -524,6 +525,24 @@ def host_allowed(host: str | None, names: Collection[str]) -> bool:
     name = name.removesuffix(".")
     return (name == "localhost" or name.endswith(".localhost") or "*" in names
             or name in (n.lower().removesuffix(".") for n in names))
+
+
+_BROWSER_HEADERS = ("Origin", "Referer", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest",
+                    UI_HEADER)
+"""Headers that a web page's requests carry and that its script cannot take off:
+browsers send ``Sec-Fetch-*`` with every request (Chrome 76, Firefox 90, Safari
+16.4) and ``Origin`` with every POST; the dashboard sends :data:`UI_HEADER`."""
+
+
+def _from_browser(headers: Any) -> bool:
+    """Whether a request may come from a web page, which is what DNS rebinding
+    needs: a browser's ``User-Agent`` (``Mozilla/...``), or one of
+    :data:`_BROWSER_HEADERS` (a page may set its own User-Agent in Firefox).
+    Other clients (curl, Toxiproxy's clients, midway's own commands) choose their
+    Host themselves, so checking theirs would refuse a remote API reached by a
+    name (``toxiproxy:8474`` from another container) and protect nothing."""
+    return headers.get("User-Agent", "").startswith("Mozilla/") \
+        or any(name in headers for name in _BROWSER_HEADERS)
 
 
 def _from_ui(headers: Any) -> bool:

@@ -678,16 +678,19 @@ class ServerConfig:
     admin_allow_remote: bool = option(
         False,
         "Allow the admin API on a non-loopback address.  Whoever reaches the API can "
-        "reconfigure and stop every proxy: set admin_token too.  Clients that reach "
-        "it by a name (not an address) need that name in admin_hosts.",
+        "reconfigure and stop every proxy: set admin_token too.  A browser that reaches "
+        "it by a name (not an address) needs that name in admin_hosts.",
     )
     admin_hosts: tuple[str, ...] = option(
         (),
-        "Host names by which the admin API may be reached, besides IP addresses, "
-        "localhost (and names under .localhost) and admin's own host: a request "
-        "whose Host header names another is answered 403, so that a web page whose "
-        "name an attacker points at this address (DNS rebinding) cannot drive it.  "
-        "'*' allows any name.  On the command line, repeat the flag.",
+        "Host names by which a browser may reach the admin API, besides IP addresses, "
+        "localhost (and names under .localhost) and admin's own host: a browser's "
+        "request (a Mozilla/ User-Agent, or an Origin, Referer, Sec-Fetch-* or "
+        "X-Midway-UI header) whose Host header names another is answered 403, so that "
+        "a web page whose name an attacker points at this address (DNS rebinding) "
+        "cannot drive it.  Other clients (curl, Toxiproxy's clients, midway top) are "
+        "not checked: they choose their Host.  '*' allows any name.  On the command "
+        "line, repeat the flag.",
         zero="(empty) IP addresses, localhost and admin's own host only",
         metavar="NAME",
     )

@@ -1,8 +1,8 @@
 """DNS rebinding: a web page at ``http://evil.example:PORT/`` whose name the
 attacker then points at 127.0.0.1 is same-origin with the admin API, so it can
 send ``X-Midway-UI`` and gets ``Sec-Fetch-Site: same-origin``.  What gives it
-away is the ``Host`` header, which names the attacker's domain: the API answers
-only a Host that is an IP address, ``localhost`` (or under ``.localhost``), the
+away is the ``Host`` header, which names the attacker's domain: to a request
+that a browser may have sent, the API answers only a Host that is an IP address, ``localhost`` (or under ``.localhost``), the
 admin address's own name or one of ``admin_hosts`` (``*``: any), else 403 and
 nothing changes.  The rule directly (:func:`host_allowed`, fuzzed), then a real
 midway over raw HTTP, then a real Chromium told that evil.example is 127.0.0.1."""
@@ -72,12 +72,16 @@ def test_a_rebound_page_changes_nothing(admin: Admin, echo: EchoServer) -> None:
             assert reply.status == 403, (method, path, reply.body)
             assert reply.json["status"] == 403
             assert "Host" in reply.json["error"] and "admin_hosts" in reply.json["error"]
-        # A non-browser client naming that host is refused too: a page can set
-        # its User-Agent (Firefox lets fetch() do so).
-        assert admin.request("GET", "/version", headers={"Host": host}).status == 403
+        # A page may set its own User-Agent (Firefox lets fetch() do so), but
+        # not take off the Sec-Fetch-* headers or Origin.
+        for mark in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Mode": "cors"},
+                     {"Origin": f"http://{host}"}, {"X-Midway-UI": "1"}):
+            headers = {"User-Agent": "curl/8.0", "Host": host, **mark}
+            assert admin.request("GET", "/version", headers=headers).status == 403, mark
     # A request target's authority stands for its Host (RFC 9112 section 3.2.2).
-    assert admin.request("GET", "http://evil.example/version").status == 403
-    assert admin.request("GET", f"http://127.0.0.1:{admin.port}/version").status == 200
+    assert admin.request("GET", "http://evil.example/version", headers=BROWSER).status == 403
+    assert admin.request("GET", f"http://127.0.0.1:{admin.port}/version",
+                         headers=BROWSER).status == 200
     assert admin.get("/proxies").json == {}
     # The dashboard on loopback, under every name for it, still works.
     for host in (f"127.0.0.1:{admin.port}", f"localhost:{admin.port}", f"[::1]:{admin.port}"):
@@ -86,18 +90,33 @@ def test_a_rebound_page_changes_nothing(admin: Admin, echo: EchoServer) -> None:
         assert admin.request("GET", "/proxies", headers=ui).status == 200
 
 
+def test_clients_other_than_browsers_may_name_the_api_by_any_host(
+        admin: Admin, echo: EchoServer) -> None:
+    """curl, Toxiproxy's clients and midway's commands choose their Host
+    themselves, and no web page is behind them: a remote API reached by a name
+    (``toxiproxy:8474`` from another container) needs no admin_hosts."""
+    body = {"name": "by_name", "listen": "127.0.0.1:0", "upstream": echo.address}
+    headers = {"Host": f"toxiproxy:{admin.port}", "User-Agent": "toxiproxy-python/0.1.1"}
+    assert admin.request("POST", "/proxies", body, headers=headers).status == 201
+    assert admin.request("GET", "http://toxiproxy/proxies", headers=headers).status == 200
+    assert list(admin.get("/proxies").json) == ["by_name"]
+
+
 def test_admin_hosts_lets_a_name_in_and_a_reload_changes_it(tmp_path: Path) -> None:
     config = tmp_path / "midway.toml"
     config.write_text('[server]\nadmin = "127.0.0.1:0"\nadmin_hosts = ["midway.test"]\n')
     with proxy_process("--config", str(config)) as p:
         api = admin_of(p)
-        assert api.request("GET", "/version", headers={"Host": "midway.test:1"}).status == 200
-        assert api.request("GET", "/version", headers={"Host": "other.test"}).status == 403
+        assert api.request("GET", "/version",
+                           headers={**BROWSER, "Host": "midway.test:1"}).status == 200
+        assert api.request("GET", "/version",
+                           headers={**BROWSER, "Host": "other.test"}).status == 403
         assert wait_until(lambda: any("other.test" in line and "admin_hosts" in line
                                       for line in p.stderr_lines))
         config.write_text('[server]\nadmin = "127.0.0.1:0"\nadmin_hosts = ["*"]\n')
         assert api.post("/reload").status == 200
-        assert api.request("GET", "/version", headers={"Host": "other.test"}).status == 200
+        assert api.request("GET", "/version",
+                           headers={**BROWSER, "Host": "other.test"}).status == 200
 
 
 @browser_missing
