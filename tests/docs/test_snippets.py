@@ -1,0 +1,205 @@
+"""What a user copies from the docs works as written: every TOML block passes
+``midway --config FILE --check``, every ``midway LISTEN UPSTREAM ...`` command
+line passes ``--check``, every Python block compiles, every JSON block parses,
+every ``--flag`` named is one midway (or the tool it belongs to) takes, and
+every relative link and ``#anchor`` resolves.
+
+A block's placeholders are filled in as a user would: files under
+/etc/midway, /var/log/midway and /run are made in a temporary directory
+(certificates by openssl), a listening port below 1024 is moved above it, and a
+fragment (keys shown without their table, or a proxy without ``listen`` and
+``upstreams``) is completed with what it leaves out.  Everything runs in
+process: no socket is bound."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shlex
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from midway import cli
+
+from ..helpers import ROOT
+from ..tlspki import Pki, make_pki
+
+DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```", re.M | re.S)
+PYCF_ALLOW_TOP_LEVEL_AWAIT = 0x2000  # ast.PyCF_ALLOW_TOP_LEVEL_AWAIT: the faults.md Python block
+# Flags of other tools that the docs' command lines use (curl, redis-cli, npm, wrk),
+# and `--health-KEY`, the pattern docs/configuration.md names.
+OTHER_FLAGS = {"--cacert", "--resolve", "--pipe", "--prefix", "--latency", "--health-"}
+SUBCOMMANDS = ("replay", "connections", "top")
+
+
+def fenced(lang: str) -> Iterator[tuple[str, str]]:
+    """(``file:line``, body) of every block fenced as ``lang``."""
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for match in FENCE.finditer(text):
+            if match.group(1) == lang:
+                where = f"{doc.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}"
+                yield where, match.group(2)
+
+
+def blocks(lang: str) -> list[object]:
+    return [pytest.param(body, id=where) for where, body in fenced(lang)]
+
+
+def command_lines() -> list[object]:
+    """Every ``midway LISTEN UPSTREAM ...`` line of the docs' shell blocks
+    (backslash continuations joined, comments cut): the subcommands and the
+    usage synopsis (LISTEN, FILE) are not runnable as they stand."""
+    found = []
+    for where, body in fenced("sh"):
+        for line in body.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True) if line.startswith("midway ") else []
+            if (words and words[1:2] and words[1] not in SUBCOMMANDS
+                    and "LISTEN" not in words and "FILE" not in words):
+                found.append(pytest.param(words[1:], id=f"{where}: {shlex.join(words)}"))
+    return found
+
+
+# -- placeholders ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Pki]:
+    """The certificates, made (or the test skipped) only for a block that names one."""
+    return functools.cache(lambda: make_pki(tmp_path_factory.mktemp("pki")))
+
+
+def placeholder(path: str, tmp: Path, pki: Callable[[], Pki]) -> str:
+    """Where ``path`` of the doc is here, with what it names in it."""
+    name = Path(path).name
+    local = tmp / name
+    if name.endswith((".pem", ".key", ".crt")):
+        source = (pki().server_key if name.endswith(".key") else
+                  pki().ca if "ca" in name.split(".")[0].split("-") else pki().server_chain)
+        local.write_bytes(source.read_bytes())
+    elif name == "token":
+        local.write_text("secret\n")
+    return str(local)
+
+
+def filled(text: str, tmp: Path, pki: Callable[[], Pki]) -> str:
+    text = re.sub(r"(?<![\w.])/(?:etc/midway|var/log/midway|run(?:/midway)?)/[\w.-]+",
+                  lambda m: placeholder(m.group(0), tmp, pki), text)
+    text = re.sub(r"unix:/run/[\w.-]+", lambda m: f"unix:{tmp / Path(m.group(0)).name}", text)
+    # Listening below 1024 needs root, which --check knows: move such a port up.
+    return re.sub(r"(?<=:)(\d{1,3})(?=[\"\s,]|$)", lambda m: str(int(m.group(1)) + 10000), text)
+
+
+def completed(body: str) -> str:
+    """A fragment made a whole file: bare keys go into a proxy's table, and a
+    proxy without ``listen`` or ``upstreams`` gets them."""
+    data = tomllib.loads(body)
+    if set(data) - {"server", "defaults", "proxy"}:
+        body, data = "[proxy.fragment]\n" + body, tomllib.loads("[proxy.fragment]\n" + body)
+    for name, table in data.get("proxy", {}).items():
+        missing = "".join(line for key, line in (("listen", 'listen = "127.0.0.1:0"\n'),
+                                                 ("upstreams", 'upstreams = "127.0.0.1:9"\n'))
+                          if key not in table and not (key == "upstreams" and "routes" in table))
+        header = f"[proxy.{name}]"
+        at = re.search(rf"^{re.escape(header)}[^\n]*\n", body, re.M)
+        body = (body[:at.end()] + missing + body[at.end():] if at
+                else f"{header}\n{missing}" + body) if missing else body
+    return body
+
+
+def check(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main([*args, "--check"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "configuration OK" in out, err
+
+
+# -- the tests -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", blocks("toml"))
+def test_toml_block_passes_check(body: str, tmp_path: Path, pki: Callable[[], Pki],
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "midway.toml"
+    config.write_text(completed(filled(body, tmp_path, pki)))
+    check(["--config", str(config)], capsys)
+
+
+@pytest.mark.parametrize("args", command_lines())
+def test_command_line_passes_check(args: list[str], tmp_path: Path, pki: Callable[[], Pki],
+                                   capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for word in args:  # the files the command names, made as a user has them
+        if word.endswith((".pem", ".key")):
+            placeholder(word, tmp_path, pki)
+        elif word.endswith(".toml"):
+            (tmp_path / word).write_text('[proxy.a]\nlisten = "127.0.0.1:0"\nupstreams = "127.0.0.1:9"\n')
+        elif word.startswith("./") and ".py:" in word:
+            module, _, attr = word.partition(":")
+            (tmp_path / module).write_text(f"class {attr}:\n    def on_data(self, direction, data, ctx):\n"
+                                         "        return data\n")
+    check([filled(word, tmp_path, pki) for word in args], capsys)
+
+
+@pytest.mark.parametrize("body", blocks("python"))
+def test_python_block_compiles(body: str) -> None:
+    compile(body, "<doc>", "exec", flags=PYCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+@pytest.mark.parametrize("body", blocks("json"))
+def test_json_block_parses(body: str) -> None:
+    json.loads(body)
+
+
+def midway_flags(capsys: pytest.CaptureFixture[str]) -> set[str]:
+    """Every flag of ``midway --help`` and its subcommands' ``--help``."""
+    flags = set()
+    for argv in (["--help"], *([name, "--help"] for name in SUBCOMMANDS)):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        flags |= set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+    return flags
+
+
+def test_every_flag_named_exists(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench.run
+    from midway.layers import fuzz
+    known = midway_flags(capsys) | OTHER_FLAGS
+    for module in (bench.run, fuzz):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        known |= set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+    named = {(doc.relative_to(ROOT).as_posix(), flag) for doc in DOCS
+             for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", doc.read_text(encoding="utf-8"))}
+    assert sorted((doc, flag) for doc, flag in named if flag not in known) == []
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(doc: Path) -> set[str]:
+    """A repeated heading's anchor gets ``-1``, ``-2``, ... as on GitHub."""
+    found, seen = set(), dict[str, int]()
+    for heading in re.findall(r"^#+ (.*)$", FENCE.sub("", doc.read_text(encoding="utf-8")), re.M):
+        count = seen[slug(heading)] = seen.get(slug(heading), -1) + 1
+        found.add(f"{slug(heading)}-{count}" if count else slug(heading))
+    return found
+
+
+def test_links_and_anchors_resolve() -> None:
+    broken = []
+    for doc in DOCS:
+        for link in re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", doc.read_text(encoding="utf-8"))):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (doc.parent / path).resolve() if path else doc
+            if not target.exists() or (anchor and target.suffix == ".md"
+                                       and anchor not in anchors(target)):
+                broken.append(f"{doc.relative_to(ROOT)}: {link}")
+    assert broken == []
