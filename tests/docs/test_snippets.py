@@ -203,3 +203,21 @@ def test_links_and_anchors_resolve() -> None:
                                        and anchor not in anchors(target)):
                 broken.append(f"{doc.relative_to(ROOT)}: {link}")
     assert broken == []
+
+
+def test_readme_access_log_names_every_field_reason_and_failure() -> None:
+    """The README's "Logs" section: its example line has the access log's keys,
+    in order, and its lists of ``reason`` and ``failures`` values are the enums'."""
+    from dataclasses import fields
+
+    from midway.core.observer import CloseReason, CloseRecord
+    from midway.upstream.dial import DialFailure
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    logs = text[text.index("## Logs"):text.index("## Running it as a service")]
+    block = FENCE.search(logs)
+    assert block and block.group(1) == "json"
+    assert list(json.loads(block.group(2))) == [f.name for f in fields(CloseRecord)]
+    reasons = logs[logs.index("`reason` is one of"):logs.index("`first_close` is")]
+    assert set(re.findall(r"`([a-z_]+)`", reasons)) - {"reason", "route", "sni", "null"} == set(CloseReason)
+    failures = logs[logs.index("with a reason:"):logs.index("A failing upstream")]
+    assert set(re.findall(r"`([a-z_]+)`", failures)) - {"upstream_tls"} == set(DialFailure)
