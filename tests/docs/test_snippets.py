@@ -19,11 +19,15 @@ import re
 import shlex
 import tomllib
 from collections.abc import Callable, Iterator
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 
 from midway import cli
+from midway.config import schema
+from midway.core.observer import CloseReason, CloseRecord
+from midway.upstream.dial import DialFailure
 
 from ..helpers import ROOT
 from ..tlspki import Pki, make_pki
@@ -208,10 +212,6 @@ def test_links_and_anchors_resolve() -> None:
 def test_readme_access_log_names_every_field_reason_and_failure() -> None:
     """The README's "Logs" section: its example line has the access log's keys,
     in order, and its lists of ``reason`` and ``failures`` values are the enums'."""
-    from dataclasses import fields
-
-    from midway.core.observer import CloseReason, CloseRecord
-    from midway.upstream.dial import DialFailure
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     logs = text[text.index("## Logs"):text.index("## Running it as a service")]
     block = FENCE.search(logs)
@@ -221,3 +221,58 @@ def test_readme_access_log_names_every_field_reason_and_failure() -> None:
     assert set(re.findall(r"`([a-z_]+)`", reasons)) - {"reason", "route", "sni", "null"} == set(CloseReason)
     failures = logs[logs.index("with a reason:"):logs.index("A failing upstream")]
     assert set(re.findall(r"`([a-z_]+)`", failures)) - {"upstream_tls"} == set(DialFailure)
+
+
+def table_defaults(doc: str, heading: str) -> dict[str, str]:
+    """``{key: default cell}`` of the first table after ``heading`` in ``doc``
+    that has a Default column; a ``--flag`` key is named as its option."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lower().startswith("| key")
+                 or line.startswith("| flag"))
+    column = [c.strip().lower() for c in lines[start].strip("|").split("|")].index("default")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        key = re.match(r"`(?:--)?([\w-]+)", cells[0])
+        assert key, line
+        rows[key.group(1).replace("-", "_")] = cells[column]
+    return rows
+
+
+def schema_default(cls: type, key: str) -> object:
+    field = next((f for f, _ in schema.options_of(cls) if f.name == key), None)
+    assert field is not None, f"{key}: not an option of {cls.__name__}"
+    return field.default if field.default is not MISSING else field.default_factory()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("doc", "heading", "classes"), [
+    ("README.md", "## Command line", ("ProxyConfig", "ServerConfig")),
+    ("docs/balancing.md", "## Health checks", ("HealthConfig",)),
+    ("docs/proxy-protocol.md", "## Configuration", ("ProxyConfig",)),
+])
+def test_hand_written_tables_of_keys_match_the_schema(doc: str, heading: str,
+                                                      classes: tuple[str, ...]) -> None:
+    """A table of keys written by hand (configuration.md is generated) names
+    options that exist, with the schema's defaults: a number the table gives
+    is the default, and so is a literal in backticks."""
+    checked = 0
+    for key, cell in table_defaults(doc, heading).items():
+        number = re.match(r"`?(\d[\d.]*)`?(?!\S)", cell)
+        literal = re.fullmatch(r"`(.*)`", cell)
+        if not (number or literal):  # words: "off", "none", "splice on"
+            continue
+        owner = next((getattr(schema, c) for c in classes
+                      if any(f.name == key for f, _ in schema.options_of(getattr(schema, c)))),
+                     getattr(schema, classes[0]))
+        default = schema_default(owner, key)
+        if number:
+            assert float(number.group(1)) == default, (doc, key, cell, default)
+        else:
+            value = list(default) if isinstance(default, tuple) else default
+            assert literal and literal.group(1) in (str(value), json.dumps(value)), (
+                doc, key, cell, default)
+        checked += 1
+    assert checked >= 4
