@@ -26,6 +26,8 @@ import pytest
 
 from midway import cli
 from midway.config import schema
+from midway.config.load import config_from_dict
+from midway.control.plane import reload_summary
 from midway.core.observer import CloseReason, CloseRecord
 from midway.upstream.dial import DialFailure
 
@@ -276,3 +278,17 @@ def test_hand_written_tables_of_keys_match_the_schema(doc: str, heading: str,
                 doc, key, cell, default)
         checked += 1
     assert checked >= 4
+
+
+def test_readme_reload_line_is_what_that_reload_logs() -> None:
+    """The README's example reload line (cache removed, db added, web's
+    upstreams and idle timeout changed) is what :func:`reload_summary` writes
+    for that reload, keys in its order."""
+    def proxies(**tables: dict[str, object]) -> list[schema.ProxyConfig]:
+        return list(config_from_dict({"proxy": {
+            name: {"listen": f"127.0.0.1:{8000 + i}", "upstreams": "127.0.0.1:9", **table}
+            for i, (name, table) in enumerate(tables.items())}}).proxies)
+    logged = reload_summary(proxies(cache={}, web={}),
+                            proxies(db={}, web={"upstreams": "127.0.0.1:10", "idle_timeout_s": 5}))
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"`reload: done ({logged})`" in readme
