@@ -29,6 +29,7 @@ from midway.config import schema
 from midway.config.load import config_from_dict
 from midway.control.plane import reload_summary
 from midway.core.observer import CloseReason, CloseRecord
+from midway.metrics.table import BY_NAME
 from midway.upstream.dial import DialFailure
 
 from ..helpers import ROOT
@@ -292,3 +293,13 @@ def test_readme_reload_line_is_what_that_reload_logs() -> None:
                             proxies(db={}, web={"upstreams": "127.0.0.1:10", "idle_timeout_s": 5}))
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert f"`reload: done ({logged})`" in readme
+
+
+def test_every_metric_named_exists() -> None:
+    """A ``midway_...`` name in the docs (a query, a prose mention) is a metric
+    /metrics serves, or one of its histogram series, or a pytest fixture."""
+    fixtures = {"midway_proxy", "midway_replay"}
+    series = {name + suffix for name in BY_NAME for suffix in ("", "_bucket", "_sum", "_count")}
+    named = {(doc.relative_to(ROOT).as_posix(), name) for doc in DOCS
+             for name in re.findall(r"\bmidway_[a-z_]+", doc.read_text(encoding="utf-8"))}
+    assert sorted((doc, name) for doc, name in named if name not in series | fixtures) == []
