@@ -303,3 +303,15 @@ def test_every_metric_named_exists() -> None:
     named = {(doc.relative_to(ROOT).as_posix(), name) for doc in DOCS
              for name in re.findall(r"\bmidway_[a-z_]+", doc.read_text(encoding="utf-8"))}
     assert sorted((doc, name) for doc, name in named if name not in series | fixtures) == []
+
+
+def test_every_repository_path_named_exists() -> None:
+    """A path into the repository in the docs' text (``midway/replay.py``,
+    ``tests/e2e/test_peers_proxyproto.py``) names a file or directory there;
+    files that a run writes or that a user's own test has are the exceptions."""
+    outputs = {"bench/results/latest.md", "tests/data/session.pcap", ".ci/node"}
+    named = {(doc.relative_to(ROOT).as_posix(), path) for doc in DOCS
+             for path in re.findall(r"(?<![\w/.-])(?:midway|tests|bench|examples|docs|\.ci)/"
+                                    r"[\w./-]*\w", doc.read_text(encoding="utf-8"))}
+    assert sorted((doc, path) for doc, path in named
+                  if path not in outputs and not (ROOT / path).exists()) == []
