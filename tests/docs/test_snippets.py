@@ -315,3 +315,17 @@ def test_every_repository_path_named_exists() -> None:
                                     r"[\w./-]*\w", doc.read_text(encoding="utf-8"))}
     assert sorted((doc, path) for doc, path in named
                   if path not in outputs and not (ROOT / path).exists()) == []
+
+
+def test_architecture_module_table_names_existing_modules() -> None:
+    """docs/architecture.md's table of modules: each row's first cell names
+    files beside the first one (``midway/upstream/balancers/``, ``health.py``)."""
+    missing = []
+    for line in (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `midway"):
+            first, *others = re.findall(r"`([^`]+)`", line.split(" | ")[0])
+            folder = Path(first.rstrip("/")).parent
+            missing += [name for name in [first, *(n if n.startswith("midway/") else
+                                                   str(folder / n) for n in others)]
+                        if not (ROOT / name).exists()]
+    assert missing == []
