@@ -329,3 +329,19 @@ def test_architecture_module_table_names_existing_modules() -> None:
                                                    str(folder / n) for n in others)]
                         if not (ROOT / name).exists()]
     assert missing == []
+
+
+def test_readme_names_the_keys_that_have_no_flag() -> None:
+    """"Every option of the configuration file is also a flag, except three":
+    the three are the schema's options without a flag and the table keys
+    without one (configuration.md's ``—``)."""
+    without = {f.name for cls in (schema.ServerConfig, schema.ProxyConfig)
+               for f, info in schema.options_of(cls) if not info.cli}
+    without |= {"routes"}  # `[[proxy.NAME.routes]]`: a table, no flag (reference.py)
+    reference = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert {key for key, flag in re.findall(r"^\| `(\w+)` \| (\S+) \|", reference, re.M)
+            if flag == "—"} <= without
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    sentence = readme[readme.index("is also a flag, except three:"):]
+    sentence = sentence[:sentence.index("`midway --help` lists them")]
+    assert without <= set(re.findall(r"`(\w+)`", sentence)) and len(without) == 3, sentence
