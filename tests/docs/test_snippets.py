@@ -98,7 +98,7 @@ def filled(text: str, tmp: Path, pki: Callable[[], Pki]) -> str:
                   lambda m: placeholder(m.group(0), tmp, pki), text)
     text = re.sub(r"unix:/run/[\w.-]+", lambda m: f"unix:{tmp / Path(m.group(0)).name}", text)
     # Listening below 1024 needs root, which --check knows: move such a port up.
-    return re.sub(r"(?<=:)(\d{1,3})(?=[\"\s,]|$)", lambda m: str(int(m.group(1)) + 10000), text)
+    return re.sub(r"(?<=:)([1-9]\d{0,2})(?=[\"\s,]|$)", lambda m: str(int(m.group(1)) + 10000), text)
 
 
 def completed(body: str) -> str:
