@@ -59,12 +59,13 @@ def blocks(lang: str) -> list[object]:
 
 
 def command_lines() -> list[object]:
-    """Every ``midway LISTEN UPSTREAM ...`` line of the docs' shell blocks
-    (backslash continuations joined, comments cut): the subcommands and the
+    """Every ``midway LISTEN UPSTREAM ...`` (or ``python -m midway ...``) line
+    of the docs' shell blocks (backslash continuations joined, comments cut): the subcommands and the
     usage synopsis (LISTEN, FILE) are not runnable as they stand."""
     found = []
     for where, body in fenced("sh"):
         for line in body.replace("\\\n", " ").splitlines():
+            line = line.removeprefix("python -m ")  # the README's first command
             words = shlex.split(line, comments=True) if line.startswith("midway ") else []
             if (words and words[1:2] and words[1] not in SUBCOMMANDS
                     and "LISTEN" not in words and "FILE" not in words):
@@ -345,3 +346,12 @@ def test_readme_names_the_keys_that_have_no_flag() -> None:
     sentence = readme[readme.index("is also a flag, except three:"):]
     sentence = sentence[:sentence.index("`midway --help` lists them")]
     assert without <= set(re.findall(r"`(\w+)`", sentence)) and len(without) == 3, sentence
+
+
+def test_every_extra_installed_exists() -> None:
+    """``pip install '.[test]'``, ``'.[fast]'``: extras the package declares."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"]
+    named = {extra for doc in DOCS
+             for extra in re.findall(r"pip install (?:-e )?'\.\[(\w+)\]'", doc.read_text(encoding="utf-8"))}
+    assert named and named <= set(declared)
