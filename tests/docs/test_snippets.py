@@ -1,8 +1,11 @@
 """What a user copies from the docs works as written: every TOML block passes
 ``midway --config FILE --check``, every ``midway LISTEN UPSTREAM ...`` command
 line passes ``--check``, every Python block compiles, every JSON block parses,
-every ``--flag`` named is one midway (or the tool it belongs to) takes, and
-every relative link and ``#anchor`` resolves.
+every ``--flag`` named is one midway (or the tool it belongs to) takes, every
+relative link and ``#anchor`` resolves, every repository path, metric and
+``pip install`` extra named exists, and what the docs list by hand (tables of
+keys and defaults, the access log's fields and reasons, a reload's log line)
+is what the code has.
 
 A block's placeholders are filled in as a user would: files under
 /etc/midway, /var/log/midway and /run are made in a temporary directory
