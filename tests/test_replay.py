@@ -215,3 +215,26 @@ def test_cli_names_a_bad_capture(tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr + pcapng.stderr
     bad_listen = replay_cli(str(tmp_path / "x.pcapng"), "--timing", "slow")
     assert bad_listen.returncode == 2 and "invalid choice" in bad_listen.stderr
+
+
+def test_the_mismatch_shown_in_docs_faults_md_is_what_replay_logs() -> None:
+    """docs/faults.md's example (a client naming another port in its ``Host``
+    header) is, after its first line's addresses, the failure replay writes."""
+    request = b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: curl/7.88.1\r\n" \
+              b"Accept: */*\r\n\r\n"
+
+    def recorded(conv: TcpConversation) -> None:
+        conv.data(True, request % 8080, T0 + 0.1)
+        conv.data(False, b"HTTP/1.0 200 OK\r\n\r\n", T0 + 0.2)
+
+    async def main() -> Replay:
+        async with Replay(scripts(recorded)) as replay:
+            await talk(replay.address, request % 8081)
+            return replay
+
+    [failure] = run(main()).failures
+    doc = (ROOT / "docs" / "faults.md").read_text(encoding="utf-8")
+    sample = doc[doc.index("```\nreplay: connection 1") + 4:]
+    sample = sample[:sample.index("```")].rstrip("\n")
+    first, _, rest = failure.partition("\n")
+    assert sample.endswith("): " + first.partition("): ")[2] + "\n" + rest)

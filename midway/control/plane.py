@@ -377,7 +377,7 @@ def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
 
 def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> str:
     """What a reload changed, for its log line: ``2 proxies: db, web; added db;
-    removed cache; changed web (idle_timeout_s, upstreams)`` (``configuration unchanged`` when
+    removed cache; changed web (upstreams, idle_timeout_s)`` (``configuration unchanged`` when
     the file said what was running), then the kept proxies whose files were read
     again: ``TLS files read again (web)``, ``hooks imported anew (api)``.  Pure."""
     before = {p.name: p for p in old}

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -178,6 +179,29 @@ def test_a_client_that_sends_nothing_is_closed_after_the_handshake_timeout(pki: 
         assert wait_until(lambda: "handshake timed out" in mw.stderr_text())
     assert 0.4 <= waited < 5
     assert "tls: handshake timed out after 0.5 s" in mw.stderr_text()
+
+
+def test_a_client_that_resets_during_the_handshake_is_a_reset(pki: Pki, tmp_path: Path) -> None:
+    """docs/tls.md: a reset during the handshake is a reset (reason ``reset``,
+    no ``tls:`` line), as anywhere else; not a failed handshake."""
+    access_log = tmp_path / "access.log"
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key), "--access-log", str(access_log)) as mw:
+        hello = ssl.MemoryBIO()
+        tls = ssl.create_default_context(cafile=str(pki.ca)).wrap_bio(
+            ssl.MemoryBIO(), hello, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as raw:
+            raw.sendall(hello.read())
+            assert raw.recv(1)  # midway answered: the handshake is under way
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert wait_until(lambda: access_log.exists() and access_log.read_text().strip() != "")
+        [record] = [json.loads(line) for line in access_log.read_text().splitlines()]
+        log = mw.stderr_text()
+    assert (record["reason"], record["first_close"]) == ("reset", "client")
+    assert "tls:" not in log, log
 
 
 def reversed_line(mw: helpers.ProxyProcess) -> bytes:
