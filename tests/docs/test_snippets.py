@@ -225,7 +225,7 @@ def test_readme_access_log_names_every_field_reason_and_failure() -> None:
     assert block and block.group(1) == "json"
     assert list(json.loads(block.group(2))) == [f.name for f in fields(CloseRecord)]
     reasons = logs[logs.index("`reason` is one of"):logs.index("`first_close` is")]
-    assert set(re.findall(r"`([a-z_]+)`", reasons)) - {"reason", "route", "sni", "null"} == set(CloseReason)
+    assert set(re.findall(r"`([a-z_]+)`", reasons)) - {"reason", "route", "sni", "upstream_addr", "null"} == set(CloseReason)
     failures = logs[logs.index("with a reason:"):logs.index("A failing upstream")]
     assert set(re.findall(r"`([a-z_]+)`", failures)) - {"upstream_tls"} == set(DialFailure)
 
