@@ -604,6 +604,39 @@ def test_a_bad_admin_address_is_a_usage_error(name: str, admin: str, words: str)
     assert f"midway {name}: error: --admin: {words}" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["top", "connections"])
+@pytest.mark.parametrize(("kind", "words"), [
+    ("missing", "cannot read {path}: No such file or directory"),
+    ("directory", "cannot read {path}: Is a directory"),
+    ("empty", "{path}: the first line is empty (expected the token)"),
+])
+def test_an_admin_token_file_it_cannot_use_is_a_usage_error(name: str, kind: str, words: str,
+                                                            tmp_path: Path) -> None:
+    """Checked before the admin API is asked: the address here answers nothing."""
+    path = tmp_path / kind
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("\n")
+    result = run(name, "--admin", "127.0.0.1:9", "--admin-token-file", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    assert "Traceback" not in result.stderr
+    assert (f"midway {name}: error: --admin-token-file: {words.format(path=path)}"
+            in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize("name", ["top", "connections"])
+def test_an_admin_client_refuses_a_token_as_a_flag_without_echoing_it(name: str) -> None:
+    # argparse took --admin-token for an abbreviation of --admin-token-file and
+    # printed the secret as a path it could not read.
+    result = run(name, "--admin", "127.0.0.1:9", "--admin-token", "s3cret")
+    assert result.returncode == EXIT_USAGE
+    assert "s3cret" not in result.stderr
+    assert (f"midway {name}: error: --admin-token: not a flag (other users could read it in "
+            "the process list); use --admin-token-file PATH or $MIDWAY_ADMIN_TOKEN"
+            in result.stderr.splitlines())
+
+
 @pytest.mark.parametrize(("name", "words"), [
     ("top", "midway top: midway at 127.0.0.1:{port} does not answer: connection refused"),
     ("connections", "midway connections: cannot reach the admin API at 127.0.0.1:{port}: "
