@@ -33,7 +33,7 @@ from typing import Any
 from .connections import add_token_flags, check_admin_address, read_token
 from .errors import describe_oserror
 
-__all__ = ["main", "Snapshot", "fetch", "render_lines"]
+__all__ = ["main", "build_parser", "Snapshot", "fetch", "render_lines"]
 
 DEFAULT_ADMIN = "127.0.0.1:8474"
 """Toxiproxy's port, where ``midway --admin`` is usually put."""
@@ -330,13 +330,18 @@ def _draw(screen: Any, now: Snapshot | None, before: Snapshot | None, view: View
     screen.refresh()
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midway top",
                                      description="A running midway in the terminal, "
                                                  "from its admin API.")
     parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT",
                         help=f"the admin API's address (default {DEFAULT_ADMIN})")
     add_token_flags(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if problem := check_admin_address(args.admin):
         parser.error(f"--admin: {problem}")

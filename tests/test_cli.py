@@ -513,6 +513,21 @@ def test_each_subcommand_has_its_own_help(name: str) -> None:
     assert result.stdout.startswith(f"usage: midway {name} ")
 
 
+@pytest.mark.parametrize("name", ["", "replay", "connections", "top"])
+def test_every_flag_of_every_parser_has_a_help_text(name: str) -> None:
+    import importlib
+    parser = importlib.import_module(f"midway.{name or 'cli'}").build_parser()
+    undocumented = [action.option_strings[0] for action in parser._actions
+                    if action.option_strings and not action.help]
+    assert undocumented == []
+
+
+def test_replay_log_level_help_says_its_default() -> None:
+    from midway.replay import build_parser
+    (action,) = [a for a in build_parser()._actions if "--log-level" in a.option_strings]
+    assert action.help is not None and "Default: info" in action.help
+
+
 @pytest.mark.parametrize(("args", "words"), [
     (["tpo"], "unknown subcommand 'tpo'; did you mean 'midway top'?"),
     (["conections", "--admin", "127.0.0.1:1"],
