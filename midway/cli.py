@@ -354,7 +354,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
     """Everything that would stop a start and can be known without binding,
     for ``--check``, a start and a reload alike: hooks import (anew), every
     output file (access log, dump, capture) can be written, the admin token
-    can be read and its port bound, TLS certificates, keys and CAs load, the event loop asked for is installed, what the workers
+    can be read and its port bound, every listen host name resolves, TLS certificates, keys and CAs load, the event loop asked for is installed, what the workers
     cannot share is not asked of them.  An error names what the user typed:
     the flag when it came from the command line, the key when it came from the
     file.  Raises :class:`ConfigError`."""

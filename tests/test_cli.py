@@ -388,12 +388,29 @@ def test_a_privileged_port_as_an_unprivileged_user_says_so_at_check_and_start(
                     "or CAP_NET_BIND_SERVICE"), line
 
 
-def test_unresolvable_listen_host() -> None:
-    result = run("no-such-host.invalid:0", "127.0.0.1:80")
-    assert result.returncode == EXIT_START_FAILED
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize(("where", "args", "flag"), [
+    ("LISTEN", ["no-such-host.invalid:0", "127.0.0.1:80"], ""),
+    ("--admin", ["127.0.0.1:0", "127.0.0.1:80", "--admin-allow-remote",
+                 "--admin", "no-such-host.invalid:0"], "--admin: "),
+])
+def test_an_unresolvable_listen_host_is_refused_alike_at_check_and_start(
+        where: str, args: list[str], flag: str, check: list[str]) -> None:
+    result = run(*check, *args)
+    assert result.returncode == EXIT_USAGE, result
     line = assert_one_clean_line(result.stderr)
-    assert "no-such-host.invalid" in line
-    assert "cannot resolve" in line
+    assert line.startswith(f"midway: {flag}cannot listen on no-such-host.invalid:0: cannot "
+                           "resolve 'no-such-host.invalid' ("), line
+
+
+def test_an_unresolvable_listen_host_in_a_file_is_named_by_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "midway.toml"
+    path.write_text('[proxy.web]\nlisten = ["127.0.0.1:0", "no-such-host.invalid:0"]\n'
+                    'upstreams = ["127.0.0.1:80"]\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    assert assert_one_clean_line(result.stderr).startswith(
+        "midway: proxy.web.listen: cannot listen on no-such-host.invalid:0: cannot resolve ")
 
 
 # --- exit 0 ------------------------------------------------------------------------

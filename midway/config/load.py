@@ -41,7 +41,7 @@ from ..errors import AddressError, ConfigError
 from ..upstream.access import AccessList
 from ..upstream.balancers import MAX_WEIGHT
 from ..upstream.health import HealthSettings
-from .addresses import Address, parse_address, privileged_port, unmapped
+from .addresses import Address, parse_address, privileged_port, resolve_listen, unmapped
 from .describe import describe_value
 from .schema import (
     BALANCERS,
@@ -507,10 +507,17 @@ def check_admin(server: ServerConfig) -> None:
 
 def check_admin_port(server: ServerConfig) -> None:
     """The admin API's port is one this process may bind (see
-    :func:`~.addresses.privileged_port`).  Raises :class:`ConfigError` for
+    :func:`~.addresses.privileged_port`), on a host name that resolves.  Raises :class:`ConfigError` for
     ``server.admin``."""
-    if server.admin and (why := privileged_port(parse_address(server.admin, listen=True).port)):
+    if not server.admin:
+        return
+    address = parse_address(server.admin, listen=True)
+    if why := privileged_port(address.port):
         raise ConfigError("server.admin", f"cannot listen on {server.admin}: {why}")
+    try:
+        resolve_listen(address)
+    except AddressError as exc:
+        raise ConfigError("server.admin", f"cannot listen on {server.admin}: {exc}") from exc
 
 
 def admin_token(server: ServerConfig) -> str:
@@ -560,13 +567,19 @@ def check_writable(path: str, key: str) -> None:
 
 def check_listen_paths(proxy: ProxyConfig) -> None:
     """Each listener can be made, as far as is known without binding: a TCP port
-    below 1024 only with the privilege to bind it; a unix socket's directory
+    below 1024 only with the privilege to bind it, its host name resolves (as a
+    start resolves it: :func:`~.addresses.resolve_listen`); a unix socket's directory
     exists, and nothing but a socket (a stale one is replaced) is there.  Raises
     :class:`ConfigError` at the proxy's ``listen``."""
     where = f"proxy.{proxy.name}.listen"
     for address in proxy.listen:
         if not address.is_unix and (why := privileged_port(address.port)):
             raise ConfigError(where, f"cannot listen on {address}: {why}")
+        if not address.is_unix:
+            try:
+                resolve_listen(address)
+            except AddressError as exc:
+                raise ConfigError(where, f"cannot listen on {address}: {exc}") from exc
         if not address.is_unix or not address.path:
             continue
         folder = os.path.dirname(os.path.abspath(address.path))
