@@ -4,7 +4,8 @@
 Flags are generated from the configuration schema, so the command line, the TOML
 keys and the reference documentation cannot drift apart.  Only this module turns
 errors into exit codes: 0 after a clean stop, 1 when serving could not start (a
-listener could not bind), 2 for a bad command line or configuration.
+listener could not bind), 2 for a bad command line or configuration, 130 for
+Ctrl-C before serving began.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ __all__ = ["main", "build_parser", "preflight", "load", "loop_factory"]
 log = logging.getLogger("midway")
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (SIGINT) before serving: 128 + 2, as a shell reports it.
+(Serving, SIGINT drains and stops cleanly: exit 0.)"""
 
 SUBCOMMANDS = {
     "replay": ("CAPTURE [options]", "serve a --pcap capture as a fake upstream"),
@@ -424,7 +428,15 @@ def _not_an_address(word: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """``midway ...``; Ctrl-C before serving (while hooks import, names resolve,
+    a subcommand waits) exits :data:`EXIT_INTERRUPTED`, without a traceback."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return _subcommand(argv[0], argv[1:])
     if argv[:1] and not {"-h", "--help"} & set(argv) and (problem := _not_an_address(argv[0])):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -833,6 +833,68 @@ def test_a_stop_signal_while_the_workers_start_stops_them_without_a_traceback(
         _stop(proc)
     assert "Traceback" not in stderr
     assert proc.returncode == EXIT_OK, stderr
+
+
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as a shell reports a command Ctrl-C stopped."""
+
+SLOW_IMPORT_HOOK = """
+import pathlib, time
+
+pathlib.Path(__file__).with_suffix(".started").touch()
+time.sleep(10)
+
+
+class Pass:
+    def on_connect(self, ctx):
+        pass
+"""
+
+
+def _interrupt(proc: subprocess.Popen[str], ready: Callable[[], object]) -> None:
+    """Ctrl-C to ``proc`` once ``ready()`` has returned: it exits 130, no traceback."""
+    try:
+        ready()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    assert "Traceback" not in stderr
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_ctrl_c_while_the_configuration_is_checked_exits_130_without_a_traceback(
+        check: list[str], tmp_path: Path) -> None:
+    """Before serving (here: while a hook imports) Ctrl-C stops midway at once."""
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT_HOOK)
+    proc = subprocess.Popen(midway_cmd(*check, "127.0.0.1:0", "127.0.0.1:9", "--hook",
+                                       "slowimport:Pass"),
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{REPO}:{tmp_path}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _interrupt(proc, lambda: wait_until((tmp_path / "slowimport.started").exists,
+                                        timeout=TIMEOUT_S))
+
+
+@pytest.mark.parametrize("name", ["connections", "top"])
+def test_ctrl_c_while_an_admin_client_waits_for_the_api_exits_130_without_a_traceback(
+        name: str, upstream: socket.socket) -> None:
+    """``upstream`` here is an admin API that accepts and never answers."""
+    proc = subprocess.Popen(midway_cmd(name, "--admin", f"127.0.0.1:{upstream.getsockname()[1]}"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    accepted: list[socket.socket] = []
+
+    def asked() -> None:  # once its request is read, the client waits for the answer
+        accepted.append(upstream.accept()[0])
+        accepted[0].settimeout(TIMEOUT_S)
+        assert accepted[0].recv(4096).startswith(b"GET ")
+
+    try:
+        _interrupt(proc, asked)
+    finally:
+        for conn in accepted:
+            conn.close()
 
 
 def test_the_hook_example_of_the_error_message_exists_and_loads() -> None:
