@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -386,6 +387,30 @@ def test_a_privileged_port_as_an_unprivileged_user_says_so_at_check_and_start(
     flag = "--admin: " if where == "--admin" else ""
     assert line == (f"midway: {flag}cannot listen on {low}: a port below {start} needs root "
                     "or CAP_NET_BIND_SERVICE"), line
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("mode", [0o755, 0o700])
+def test_a_file_in_a_directory_the_user_may_not_write_is_refused_at_check_and_start(
+        mode: int, check: list[str]) -> None:
+    """As nobody: a unix listener (and an access log) in a directory of root's it
+    may read only (0o755), or not even look into (0o700, the directory under it)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:
+        os.chmod(top, 0o755)
+        locked = Path(top, "locked")
+        locked.mkdir(mode=mode)
+        folder = locked if mode == 0o755 else locked / "sub"
+        if mode == 0o700:
+            folder.mkdir()
+        sock = f"unix:{folder}/m.sock"
+        result = _as_nobody(*check, sock, "127.0.0.1:80")
+        log = _as_nobody("--check", "127.0.0.1:0", "127.0.0.1:80", "--access-log",
+                         f"{folder}/access.log")
+    assert result.returncode == EXIT_USAGE, result
+    assert assert_one_clean_line(result.stderr) == f"midway: cannot listen on {sock}: permission denied"
+    assert log.returncode == EXIT_USAGE, log
+    assert assert_one_clean_line(log.stderr) == (f"midway: --access-log: cannot write "
+                                                 f"{folder}/access.log: permission denied")
 
 
 @pytest.mark.parametrize("check", [["--check"], []])

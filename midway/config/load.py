@@ -552,13 +552,27 @@ def check_workers(server: ServerConfig, proxies: typing.Iterable[ProxyConfig]) -
                                   f"{address}: unix-socket listeners need workers = 1")
 
 
+def _no_folder(folder: str) -> str:
+    """Why no file can be made in ``folder`` because of the folder itself: it is
+    not there ("no directory FOLDER"), or a directory on the way may not be
+    looked into ("permission denied", as opening the file would say); "" else."""
+    try:
+        if stat.S_ISDIR(os.stat(folder).st_mode):
+            return ""
+    except PermissionError:
+        return "permission denied"
+    except OSError:
+        pass
+    return f"no directory {folder}"
+
+
 def check_writable(path: str, key: str) -> None:
     """Whether a file midway will open for writing (appending or replacing) can
     be, checked without creating it: its directory exists and may be written,
     and it is not itself a directory.  Raises :class:`ConfigError` at ``key``."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(key, f"cannot write {path}: no directory {folder}")
+    if why := _no_folder(folder):
+        raise ConfigError(key, f"cannot write {path}: {why}")
     if os.path.isdir(path):
         raise ConfigError(key, f"cannot write {path}: it is a directory")
     if not os.access(path if os.path.exists(path) else folder, os.W_OK):
@@ -569,7 +583,7 @@ def check_listen_paths(proxy: ProxyConfig) -> None:
     """Each listener can be made, as far as is known without binding: a TCP port
     below 1024 only with the privilege to bind it, its host name resolves (as a
     start resolves it: :func:`~.addresses.resolve_listen`); a unix socket's directory
-    exists, and nothing but a socket (a stale one is replaced) is there.  Raises
+    exists and may be written, and nothing but a socket (a stale one is replaced) is there.  Raises
     :class:`ConfigError` at the proxy's ``listen``."""
     where = f"proxy.{proxy.name}.listen"
     for address in proxy.listen:
@@ -583,8 +597,11 @@ def check_listen_paths(proxy: ProxyConfig) -> None:
         if not address.is_unix or not address.path:
             continue
         folder = os.path.dirname(os.path.abspath(address.path))
-        if not os.path.isdir(folder):
-            raise ConfigError(where, f"cannot listen on {address}: no directory {folder}")
+        why = _no_folder(folder)
+        if not why and not os.access(folder, os.W_OK | os.X_OK):  # to make the socket file
+            why = "permission denied"
+        if why:
+            raise ConfigError(where, f"cannot listen on {address}: {why}")
         if os.path.exists(address.path) and not stat.S_ISSOCK(os.stat(address.path).st_mode):
             raise ConfigError(where, f"cannot listen on {address}: {address.path} exists and "
                               "is not a socket (midway replaces only a stale socket)")
