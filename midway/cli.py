@@ -265,7 +265,10 @@ def _unescape(text: str) -> str:
             code = text[i + 2:i + 2 + digits]
             if len(code) != digits or any(d not in "0123456789abcdefABCDEF" for d in code):
                 raise ValueError(f"{text!r}: \\{e} needs {digits} hex digits")
-            out.append(chr(int(code, 16)))  # ValueError past U+10FFFF
+            point = int(code, 16)
+            if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF:  # as TOML refuses them
+                raise ValueError(f"{text!r}: \\{e}{code} is not a Unicode scalar value")
+            out.append(chr(point))
             i += 2 + digits
         else:
             raise ValueError(f"{text!r}: unknown escape \\{e} (TOML's: \\b \\t \\n "
@@ -348,7 +351,7 @@ def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str],
         index = int(key[key.find("[") + 1:-1]) if "[" in key else 0
         what, value = ("LISTEN", listen) if key.startswith("listen") else ("UPSTREAM", upstreams[index])
         message = exc.message
-        if not message.startswith(repr(value)):
+        if not message.startswith((repr(value), f"{value}: ")):  # named once
             message = f"{value!r}: {message}"
         return ConfigError("", f"{what} {message}")
     return ConfigError("", f"{_flag(key)}: {exc.message}")

@@ -109,7 +109,19 @@ def test_the_health_flags_decode_toml_escapes() -> None:
         "--health-send: '\\\\q': unknown escape \\q")
 
 
+@pytest.mark.parametrize("escape", [r"\U00110000", r"\ud800", r"\uDFFF"])
+def test_a_health_flag_escape_that_is_no_character_is_refused_as_toml_refuses_it(
+        escape: str) -> None:
+    # Past U+10FFFF (chr() refused it in its own words) or a surrogate (the start
+    # failed encoding it as UTF-8, with a garbled flag name).
+    assert cli_error(":1", "a:1", "--health-send", f"x{escape}") == (
+        f"--health-send: 'x\\\\{escape[1:]}': {escape} is not a Unicode scalar value")
+
+
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
+    # A message that names the address already does not get it twice.
+    assert cli_error("unix:/tmp/m.sock", "a:1", "--workers", "2") == (
+        "LISTEN unix:/tmp/m.sock: unix-socket listeners need workers = 1")
     assert cli_error(":1", "a:1", "b:1,weight=999") == (
         "UPSTREAM 'b:1,weight=999': weight: must be 0-256 (0 = drained), got 999")
     assert cli_error(":1", "a:1", "--health-rise", "0") == (
