@@ -274,6 +274,13 @@ def _upstream(fields: Mapping[str, Any], path: str) -> UpstreamConfig:
 def _health(table: Mapping[str, Any], path: str) -> HealthConfig:
     """``[proxy.NAME.health]`` (already merged over ``[defaults.health]``)."""
     health = HealthConfig(**build_options(HealthConfig, table, path))
+    for key in ("send", "expect"):
+        text = getattr(health, key)
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: only a dictionary holds one
+            raise ConfigError(_join(path, key), f"{text!r} cannot be sent as UTF-8 (a lone "
+                                                f"surrogate at position {exc.start})") from None
     try:
         health_settings(health)
     except ValueError as exc:  # "timeout_s: must be more than 0; ..."

@@ -118,6 +118,16 @@ def test_a_health_flag_escape_that_is_no_character_is_refused_as_toml_refuses_it
         f"--health-send: 'x\\\\{escape[1:]}': {escape} is not a Unicode scalar value")
 
 
+@pytest.mark.parametrize("key", ["send", "expect"])
+def test_health_text_that_is_no_utf_8_from_a_dictionary_names_its_key(key: str) -> None:
+    """TOML cannot hold a lone surrogate; a dictionary (the Python API) can."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"proxy": {"redis": {"listen": ":6380", "upstreams": "a:1",
+                                              "health": {key: "PING\ud800"}}}})
+    assert str(info.value) == (f"proxy.redis.health.{key}: 'PING\\ud800' cannot be sent as "
+                               "UTF-8 (a lone surrogate at position 4)")
+
+
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
     # A message that names the address already does not get it twice.
     assert cli_error("unix:/tmp/m.sock", "a:1", "--workers", "2") == (
