@@ -30,6 +30,7 @@ from .config.load import (
     check_admin,
     check_admin_port,
     check_listen_paths,
+    check_resolved_listeners,
     check_server_outputs,
     check_workers,
     config_from_dict,
@@ -375,6 +376,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
             check_listen_paths(proxy)
             check_elements(proxy)
             check_tls(proxy)
+        check_resolved_listeners(config.proxies)
     except ConfigError as exc:
         key = exc.path.rsplit(".", 1)[-1]
         typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")

@@ -428,6 +428,26 @@ def test_an_unresolvable_listen_host_is_refused_alike_at_check_and_start(
                            "resolve 'no-such-host.invalid' ("), line
 
 
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_listeners_whose_names_resolve_to_one_address_conflict_at_check_and_start(
+        check: list[str], tmp_path: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    # What localhost binds here (127.0.0.1, or ::1 first on some systems).
+    host = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM,
+                              flags=socket.AI_PASSIVE)[0][4][0]
+    same = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    path = tmp_path / "midway.toml"
+    path.write_text(f'[proxy.a]\nlisten = "localhost:{port}"\nupstreams = ["127.0.0.1:80"]\n'
+                    f'[proxy.b]\nlisten = "{same}"\nupstreams = ["127.0.0.1:80"]\n')
+    result = run(*check, "--config", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    assert assert_one_clean_line(result.stderr) == (
+        f"midway: proxy.b.listen[0]: {same} conflicts with localhost:{port} already used by "
+        f"proxy.a (both are {host})")
+
+
 def test_an_unresolvable_listen_host_in_a_file_is_named_by_its_key(tmp_path: Path) -> None:
     path = tmp_path / "midway.toml"
     path.write_text('[proxy.web]\nlisten = ["127.0.0.1:0", "no-such-host.invalid:0"]\n'

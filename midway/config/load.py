@@ -58,7 +58,8 @@ from .schema import (
 
 __all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "check_admin",
            "check_admin_port", "check_writable", "check_server_outputs", "check_workers",
-           "admin_token", "register_list_parser", "ListParser", "file_mode"]
+           "check_resolved_listeners", "admin_token", "register_list_parser", "ListParser",
+           "file_mode"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -612,6 +613,29 @@ def check_listen_paths(proxy: ProxyConfig) -> None:
         if os.path.exists(address.path) and not stat.S_ISSOCK(os.stat(address.path).st_mode):
             raise ConfigError(where, f"cannot listen on {address}: {address.path} exists and "
                               "is not a socket (midway replaces only a stale socket)")
+
+
+def check_resolved_listeners(proxies: typing.Iterable[ProxyConfig]) -> None:
+    """Listeners that name a host conflict with any other that resolves to the
+    same address and port, as binding them would (``localhost:6380`` and
+    ``127.0.0.1:6380``; the configuration compares what was written).  Raises
+    :class:`ConfigError` at the second listener."""
+    seen: list[tuple[str, Address, Any]] = []
+    for proxy in proxies:
+        for i, address in enumerate(proxy.listen):
+            if address.is_unix or address.port == 0:
+                continue
+            try:
+                family, sockaddr, _ = resolve_listen(address)
+            except AddressError:
+                continue  # check_listen_paths says so
+            bound = (family, sockaddr[0], address.port)
+            for where, other, other_bound in seen:
+                if bound == other_bound and not (address.is_ip_literal and other.is_ip_literal):
+                    raise ConfigError(f"proxy.{proxy.name}.listen[{i}]",
+                                      f"{address} conflicts with {other} already used by "
+                                      f"{where} (both are {sockaddr[0]})")
+            seen.append((f"proxy.{proxy.name}", address, bound))
 
 
 def check_server_outputs(server: ServerConfig) -> None:
