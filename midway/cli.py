@@ -130,6 +130,18 @@ def _help(info: OptionInfo, default: Any) -> str:
     return text.replace("%", "%%")
 
 
+def _float(text: str) -> float:
+    """A number flag, as :func:`float` takes it; a whole number stays an int, so
+    that a refusal quotes it as typed (``got -1``, not ``got -1.0``)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+_float.__name__ = "float"  # argparse's words: "invalid float value: 'abc'"
+
+
 def _with_words(kind: Any, words: dict[str, Any]) -> Any:
     """An argparse type that also accepts the option's words (e.g. ``auto``),
     and says so when given neither."""
@@ -161,6 +173,7 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
             kwargs["action"] = "append"
             kwargs["metavar"] = info.metavar or None
         else:
+            kind = _float if kind is float else kind
             kwargs["type"] = _with_words(kind, dict(info.words)) if info.words else kind
             kwargs["metavar"] = info.metavar or ("|".join(info.choices) if info.choices else None)
             if info.const is not None:

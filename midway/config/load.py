@@ -137,6 +137,7 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {describe_value(value)}")
         return value
+    written = value  # a refusal quotes a number as written: -5, not -5.0
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
@@ -154,9 +155,9 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
             raise ConfigError(path, f"{value!r} is not one of: {choices}")
         return value
     if info.minimum is not None and value < info.minimum:
-        raise ConfigError(path, f"must be at least {info.minimum:g}, got {value!r}")
+        raise ConfigError(path, f"must be at least {info.minimum:g}, got {written!r}")
     if info.maximum is not None and value > info.maximum:
-        raise ConfigError(path, f"must be at most {info.maximum:g}, got {value!r}")
+        raise ConfigError(path, f"must be at most {info.maximum:g}, got {written!r}")
     return value
 
 

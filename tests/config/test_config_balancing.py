@@ -128,6 +128,17 @@ def test_health_text_that_is_no_utf_8_from_a_dictionary_names_its_key(key: str) 
                                "UTF-8 (a lone surrogate at position 4)")
 
 
+def test_a_number_out_of_range_is_quoted_as_written() -> None:
+    # Whole seconds were shown converted: "got -1.0" for a typed -1.
+    assert cli_error(":1", "a:1", "--connect-timeout-s", "-1") == (
+        "--connect-timeout-s: must be at least 0, got -1")
+    assert cli_error(":1", "a:1", "--drain-timeout-s", "-0.5") == (
+        "--drain-timeout-s: must be at least 0, got -0.5")
+    assert error(ONE + 'upstreams = "a:1"\nidle_timeout_s = -5\n') == (
+        "proxy.redis.idle_timeout_s: must be at least 0, got -5")
+    assert cli(":1", "a:1", "--connect-timeout-s", "2").connect_timeout_s == 2.0
+
+
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
     # A message that names the address already does not get it twice.
     assert cli_error("unix:/tmp/m.sock", "a:1", "--workers", "2") == (
