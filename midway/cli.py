@@ -4,7 +4,8 @@
 Flags are generated from the configuration schema, so the command line, the TOML
 keys and the reference documentation cannot drift apart.  Only this module turns
 errors into exit codes: 0 after a clean stop, 1 when serving could not start (a
-listener could not bind), 2 for a bad command line or configuration.
+listener could not bind), 2 for a bad command line or configuration, 130 for
+Ctrl-C before serving began.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .config.load import (
     check_admin,
     check_admin_port,
     check_listen_paths,
+    check_resolved_listeners,
     check_server_outputs,
     check_workers,
     config_from_dict,
@@ -45,6 +47,9 @@ __all__ = ["main", "build_parser", "preflight", "load", "loop_factory"]
 log = logging.getLogger("midway")
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (SIGINT) before serving: 128 + 2, as a shell reports it.
+(Serving, SIGINT drains and stops cleanly: exit 0.)"""
 
 SUBCOMMANDS = {
     "replay": ("CAPTURE [options]", "serve a --pcap capture as a fake upstream"),
@@ -128,6 +133,18 @@ def _help(info: OptionInfo, default: Any) -> str:
     return text.replace("%", "%%")
 
 
+def _float(text: str) -> float:
+    """A number flag, as :func:`float` takes it; a whole number stays an int, so
+    that a refusal quotes it as typed (``got -1``, not ``got -1.0``)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+_float.__name__ = "float"  # argparse's words: "invalid float value: 'abc'"
+
+
 def _with_words(kind: Any, words: dict[str, Any]) -> Any:
     """An argparse type that also accepts the option's words (e.g. ``auto``),
     and says so when given neither."""
@@ -159,6 +176,7 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
             kwargs["action"] = "append"
             kwargs["metavar"] = info.metavar or None
         else:
+            kind = _float if kind is float else kind
             kwargs["type"] = _with_words(kind, dict(info.words)) if info.words else kind
             kwargs["metavar"] = info.metavar or ("|".join(info.choices) if info.choices else None)
             if info.const is not None:
@@ -270,7 +288,10 @@ def _unescape(text: str) -> str:
             code = text[i + 2:i + 2 + digits]
             if len(code) != digits or any(d not in "0123456789abcdefABCDEF" for d in code):
                 raise ValueError(f"{text!r}: \\{e} needs {digits} hex digits")
-            out.append(chr(int(code, 16)))  # ValueError past U+10FFFF
+            point = int(code, 16)
+            if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF:  # as TOML refuses them
+                raise ValueError(f"{text!r}: \\{e}{code} is not a Unicode scalar value")
+            out.append(chr(point))
             i += 2 + digits
         else:
             raise ValueError(f"{text!r}: unknown escape \\{e} (TOML's: \\b \\t \\n "
@@ -353,7 +374,7 @@ def _as_cli_error(exc: ConfigError, listen: str, upstreams: list[str],
         index = int(key[key.find("[") + 1:-1]) if "[" in key else 0
         what, value = ("LISTEN", listen) if key.startswith("listen") else ("UPSTREAM", upstreams[index])
         message = exc.message
-        if not message.startswith(repr(value)):
+        if not message.startswith((repr(value), f"{value}: ")):  # named once
             message = f"{value!r}: {message}"
         return ConfigError("", f"{what} {message}")
     return ConfigError("", f"{_flag(key)}: {exc.message}")
@@ -363,7 +384,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
     """Everything that would stop a start and can be known without binding,
     for ``--check``, a start and a reload alike: hooks import (anew), every
     output file (access log, dump, capture) can be written, the admin token
-    can be read and its port bound, TLS certificates, keys and CAs load, the event loop asked for is installed, what the workers
+    can be read and its port bound, every listen host name resolves, TLS certificates, keys and CAs load, the event loop asked for is installed, what the workers
     cannot share is not asked of them.  An error names what the user typed:
     the flag when it came from the command line, the key when it came from the
     file.  Raises :class:`ConfigError`."""
@@ -377,6 +398,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
             check_listen_paths(proxy)
             check_elements(proxy)
             check_tls(proxy)
+        check_resolved_listeners(config.proxies)
     except ConfigError as exc:
         key = exc.path.rsplit(".", 1)[-1]
         typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
@@ -433,7 +455,15 @@ def _not_an_address(word: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """``midway ...``; Ctrl-C before serving (while hooks import, names resolve,
+    a subcommand waits) exits :data:`EXIT_INTERRUPTED`, without a traceback."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return _subcommand(argv[0], argv[1:])
     if argv[:1] and not {"-h", "--help"} & set(argv) and (problem := _not_an_address(argv[0])):

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 __all__ = ["main", "fetch", "proxy_names", "format_table", "sort_rows", "check_admin_address", "DEFAULT_ADMIN",
-           "TOKEN_ENV", "UnreachableAdmin"]
+           "TOKEN_ENV", "UnreachableAdmin", "add_token_flags", "read_token"]
 
 DEFAULT_ADMIN = "127.0.0.1:8474"
 """Toxiproxy's port, where ``--admin`` is usually put."""
@@ -131,32 +131,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sort", choices=("id", "bytes", "age"), default="id",
                         help="order: by id (default), most bytes first, or oldest first")
     parser.add_argument("--proxy", default="", metavar="NAME", help="only this proxy's")
-    parser.add_argument("--admin-token-file", default="", metavar="PATH",
-                        help=f"the admin token's file (else ${TOKEN_ENV}, else no token)")
+    add_token_flags(parser)
     return parser
 
 
-def _token(path: str) -> str:
+class _RefuseSecret(argparse.Action):
+    """``--admin-token``, declared so that argparse does not take it for an
+    abbreviation of ``--admin-token-file`` (and print the secret as a path)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error("--admin-token: not a flag (other users could read it in the process "
+                     f"list); use --admin-token-file PATH or ${TOKEN_ENV}")
+
+
+def add_token_flags(parser: argparse.ArgumentParser) -> None:
+    """``--admin-token-file`` of the admin API's clients (``midway connections``,
+    ``midway top``), and the refusal of a token given as a flag."""
+    parser.add_argument("--admin-token-file", default="", metavar="PATH",
+                        help=f"the admin token's file (else ${TOKEN_ENV}, else no token)")
+    parser.add_argument("--admin-token", action=_RefuseSecret, nargs="?", help=argparse.SUPPRESS)
+
+
+def read_token(parser: argparse.ArgumentParser, path: str) -> str:
+    """The token of ``--admin-token-file PATH`` (its first line, as the server
+    reads it), else of ``$MIDWAY_ADMIN_TOKEN``, else "".  A file that cannot be
+    read, or whose first line is empty, is a usage error (exit 2)."""
     if not path:
         return os.environ.get(TOKEN_ENV, "").strip()
     try:
         with open(path, encoding="utf-8") as file:
-            return file.readline().strip()
+            token = file.readline().strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UnreachableAdmin(f"--admin-token-file: cannot read {path}: {reason}") from None
+        parser.error(f"--admin-token-file: cannot read {path}: {reason}")
+    if not token:
+        parser.error(f"--admin-token-file: {path}: the first line is empty (expected the token)")
+    return token
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``midway connections``: 0 with the table printed, 1 when the admin API
     cannot be reached or refuses, or ``--proxy`` names no proxy (the reason on
-    stderr), 2 for a bad command line."""
+    stderr), 2 for a bad command line (a token file it cannot read included)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if problem := check_admin_address(args.admin):
         parser.error(f"--admin: {problem}")
+    token = read_token(parser, args.admin_token_file)
     try:
-        token = _token(args.admin_token_file)
         rows = fetch(args.admin, args.proxy, token)
         # An empty list for a name the API does not know is a typo, not an idle proxy.
         names = proxy_names(args.admin, token) if args.proxy and not rows else [args.proxy]

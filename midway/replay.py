@@ -409,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"close a client silent this long while a reply waits on it. "
                              f"Default: {WAIT_S:g}.")
     parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error"))
+                        choices=("debug", "info", "warning", "error"),
+                        help="least severity of the log lines written to standard error. "
+                             "Default: info.")
     return parser
 
 

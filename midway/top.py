@@ -15,7 +15,8 @@ tables once, as plain text, and exits.
 
 A midway without ``/connections`` (404) shows "connections: not available"; a
 midway that does not answer shows "disconnected" and is asked again each second.
-The admin token, if the API needs one, comes from ``MIDWAY_ADMIN_TOKEN``.
+The admin token, if the API needs one, comes from ``--admin-token-file PATH``
+(its first line), else ``MIDWAY_ADMIN_TOKEN``, as for ``midway connections``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connections import check_admin_address
+from .connections import add_token_flags, check_admin_address, read_token
 from .errors import describe_oserror
 
-__all__ = ["main", "Snapshot", "fetch", "render_lines"]
+__all__ = ["main", "build_parser", "Snapshot", "fetch", "render_lines"]
 
 DEFAULT_ADMIN = "127.0.0.1:8474"
 """Toxiproxy's port, where ``midway --admin`` is usually put."""
@@ -124,10 +124,9 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
-def request(admin: str, method: str, path: str) -> tuple[int, bytes]:
+def request(admin: str, method: str, path: str, token: str = "") -> tuple[int, bytes]:
     host, _, port = admin.rpartition(":")
     headers = {"User-Agent": "midway-top"}
-    token = os.environ.get(TOKEN_ENV, "")
     if token:
         headers["Authorization"] = f"Bearer {token}"
     conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=REQUEST_TIMEOUT_S)
@@ -141,22 +140,24 @@ def request(admin: str, method: str, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def _get(admin: str, path: str) -> Any:
-    status, body = request(admin, "GET", path)
+def _get(admin: str, path: str, token: str, source: str) -> Any:
+    status, body = request(admin, "GET", path, token)
     if status == 401:
-        if os.environ.get(TOKEN_ENV, ""):
-            raise AdminError(f"the admin API refused the token of {TOKEN_ENV}")
-        raise AdminError(f"the admin API needs a token: set {TOKEN_ENV}")
+        if token:
+            raise AdminError(f"the admin API refused the token of {source}")
+        raise AdminError(f"the admin API needs a token: give --admin-token-file PATH or "
+                         f"set {TOKEN_ENV}")
     if status != 200:
         raise AdminError(f"GET {path}: {status} {body[:200].decode(errors='replace')}")
     return body
 
 
-def fetch(admin: str) -> Snapshot:
-    """One poll of the admin API (raises :class:`AdminError`)."""
-    proxies = json.loads(_get(admin, "/proxies"))
-    metrics = parse_metrics(_get(admin, "/metrics").decode())
-    status, body = request(admin, "GET", "/connections")
+def fetch(admin: str, token: str = "", source: str = TOKEN_ENV) -> Snapshot:
+    """One poll of the admin API, with ``token`` (read from ``source``, which a
+    refusal names).  Raises :class:`AdminError`."""
+    proxies = json.loads(_get(admin, "/proxies", token, source))
+    metrics = parse_metrics(_get(admin, "/metrics", token, source).decode())
+    status, body = request(admin, "GET", "/connections", token)
     connections = json.loads(body) if status == 200 else None
     return Snapshot(time.monotonic(), proxies, metrics, connections)
 
@@ -242,9 +243,9 @@ def _last_check(check: Any) -> str:
     return f"{when} failed ({check.get('reason') or 'no reason given'})"
 
 
-def _plain(admin: str) -> int:
+def _plain(admin: str, token: str, source: str) -> int:
     try:
-        snapshot = fetch(admin)
+        snapshot = fetch(admin, token, source)
     except AdminError as exc:
         print(f"midway top: {exc}", file=sys.stderr)
         return 1
@@ -252,7 +253,7 @@ def _plain(admin: str) -> int:
     return 0
 
 
-def _curses(admin: str) -> int:
+def _curses(admin: str, token: str, source: str) -> int:
     import curses
 
     def loop(screen: Any) -> None:
@@ -266,7 +267,7 @@ def _curses(admin: str) -> int:
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + REFRESH_S
                 try:
-                    before, now = now, fetch(admin)
+                    before, now = now, fetch(admin, token, source)
                     view.error = ""
                 except AdminError as exc:
                     view.error = f"disconnected: {exc}"
@@ -285,16 +286,16 @@ def _curses(admin: str) -> int:
             elif key == curses.KEY_UP:
                 view.move(-1)
             elif key == ord("k") and view.shown:
-                view.say(_kill(admin, view.shown[view.selected]))
+                view.say(_kill(admin, view.shown[view.selected], token))
                 next_poll = 0.0  # show it gone at once
 
     curses.wrapper(loop)
     return 0
 
 
-def _kill(admin: str, connection: dict[str, Any]) -> str:
+def _kill(admin: str, connection: dict[str, Any], token: str) -> str:
     try:
-        status, body = request(admin, "DELETE", f"/connections/{connection['id']}")
+        status, body = request(admin, "DELETE", f"/connections/{connection['id']}", token)
     except AdminError as exc:
         return str(exc)
     if status == 204:
@@ -329,16 +330,23 @@ def _draw(screen: Any, now: Snapshot | None, before: Snapshot | None, view: View
     screen.refresh()
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midway top",
                                      description="A running midway in the terminal, "
                                                  "from its admin API.")
     parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT",
-                        help=f"the admin API's address (default {DEFAULT_ADMIN}); "
-                             f"a token, if needed, from ${TOKEN_ENV}")
+                        help=f"the admin API's address (default {DEFAULT_ADMIN})")
+    add_token_flags(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if problem := check_admin_address(args.admin):
         parser.error(f"--admin: {problem}")
+    token = read_token(parser, args.admin_token_file)
+    source = f"--admin-token-file {args.admin_token_file}" if args.admin_token_file else TOKEN_ENV
     if not sys.stdout.isatty():
-        return _plain(args.admin)
-    return _curses(args.admin)
+        return _plain(args.admin, token, source)
+    return _curses(args.admin, token, source)

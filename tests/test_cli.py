@@ -10,9 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -407,12 +408,73 @@ def test_a_privileged_port_as_an_unprivileged_user_says_so_at_check_and_start(
                     "or CAP_NET_BIND_SERVICE"), line
 
 
-def test_unresolvable_listen_host() -> None:
-    result = run("no-such-host.invalid:0", "127.0.0.1:80")
-    assert result.returncode == EXIT_START_FAILED
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("mode", [0o755, 0o700])
+def test_a_file_in_a_directory_the_user_may_not_write_is_refused_at_check_and_start(
+        mode: int, check: list[str]) -> None:
+    """As nobody: a unix listener (and an access log) in a directory of root's it
+    may read only (0o755), or not even look into (0o700, the directory under it)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:
+        os.chmod(top, 0o755)
+        locked = Path(top, "locked")
+        locked.mkdir(mode=mode)
+        folder = locked if mode == 0o755 else locked / "sub"
+        if mode == 0o700:
+            folder.mkdir()
+        sock = f"unix:{folder}/m.sock"
+        result = _as_nobody(*check, sock, "127.0.0.1:80")
+        log = _as_nobody("--check", "127.0.0.1:0", "127.0.0.1:80", "--access-log",
+                         f"{folder}/access.log")
+    assert result.returncode == EXIT_USAGE, result
+    assert assert_one_clean_line(result.stderr) == f"midway: cannot listen on {sock}: permission denied"
+    assert log.returncode == EXIT_USAGE, log
+    assert assert_one_clean_line(log.stderr) == (f"midway: --access-log: cannot write "
+                                                 f"{folder}/access.log: permission denied")
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize(("where", "args", "flag"), [
+    ("LISTEN", ["no-such-host.invalid:0", "127.0.0.1:80"], ""),
+    ("--admin", ["127.0.0.1:0", "127.0.0.1:80", "--admin-allow-remote",
+                 "--admin", "no-such-host.invalid:0"], "--admin: "),
+])
+def test_an_unresolvable_listen_host_is_refused_alike_at_check_and_start(
+        where: str, args: list[str], flag: str, check: list[str]) -> None:
+    result = run(*check, *args)
+    assert result.returncode == EXIT_USAGE, result
     line = assert_one_clean_line(result.stderr)
-    assert "no-such-host.invalid" in line
-    assert "cannot resolve" in line
+    assert line.startswith(f"midway: {flag}cannot listen on no-such-host.invalid:0: cannot "
+                           "resolve 'no-such-host.invalid' ("), line
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_listeners_whose_names_resolve_to_one_address_conflict_at_check_and_start(
+        check: list[str], tmp_path: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    # What localhost binds here (127.0.0.1, or ::1 first on some systems).
+    host = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM,
+                              flags=socket.AI_PASSIVE)[0][4][0]
+    same = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    path = tmp_path / "midway.toml"
+    path.write_text(f'[proxy.a]\nlisten = "localhost:{port}"\nupstreams = ["127.0.0.1:80"]\n'
+                    f'[proxy.b]\nlisten = "{same}"\nupstreams = ["127.0.0.1:80"]\n')
+    result = run(*check, "--config", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    assert assert_one_clean_line(result.stderr) == (
+        f"midway: proxy.b.listen[0]: {same} conflicts with localhost:{port} already used by "
+        f"proxy.a (both are {host})")
+
+
+def test_an_unresolvable_listen_host_in_a_file_is_named_by_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "midway.toml"
+    path.write_text('[proxy.web]\nlisten = ["127.0.0.1:0", "no-such-host.invalid:0"]\n'
+                    'upstreams = ["127.0.0.1:80"]\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    assert assert_one_clean_line(result.stderr).startswith(
+        "midway: proxy.web.listen: cannot listen on no-such-host.invalid:0: cannot resolve ")
 
 
 # --- exit 0 ------------------------------------------------------------------------
@@ -532,6 +594,21 @@ def test_each_subcommand_has_its_own_help(name: str) -> None:
     assert result.stdout.startswith(f"usage: midway {name} ")
 
 
+@pytest.mark.parametrize("name", ["", "replay", "connections", "top"])
+def test_every_flag_of_every_parser_has_a_help_text(name: str) -> None:
+    import importlib
+    parser = importlib.import_module(f"midway.{name or 'cli'}").build_parser()
+    undocumented = [action.option_strings[0] for action in parser._actions
+                    if action.option_strings and not action.help]
+    assert undocumented == []
+
+
+def test_replay_log_level_help_says_its_default() -> None:
+    from midway.replay import build_parser
+    (action,) = [a for a in build_parser()._actions if "--log-level" in a.option_strings]
+    assert action.help is not None and "Default: info" in action.help
+
+
 @pytest.mark.parametrize(("args", "words"), [
     (["tpo"], "unknown subcommand 'tpo'; did you mean 'midway top'?"),
     (["conections", "--admin", "127.0.0.1:1"],
@@ -621,6 +698,39 @@ def test_a_bad_admin_address_is_a_usage_error(name: str, admin: str, words: str)
     assert result.returncode == EXIT_USAGE
     assert "Traceback" not in result.stderr
     assert f"midway {name}: error: --admin: {words}" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["top", "connections"])
+@pytest.mark.parametrize(("kind", "words"), [
+    ("missing", "cannot read {path}: No such file or directory"),
+    ("directory", "cannot read {path}: Is a directory"),
+    ("empty", "{path}: the first line is empty (expected the token)"),
+])
+def test_an_admin_token_file_it_cannot_use_is_a_usage_error(name: str, kind: str, words: str,
+                                                            tmp_path: Path) -> None:
+    """Checked before the admin API is asked: the address here answers nothing."""
+    path = tmp_path / kind
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("\n")
+    result = run(name, "--admin", "127.0.0.1:9", "--admin-token-file", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    assert "Traceback" not in result.stderr
+    assert (f"midway {name}: error: --admin-token-file: {words.format(path=path)}"
+            in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize("name", ["top", "connections"])
+def test_an_admin_client_refuses_a_token_as_a_flag_without_echoing_it(name: str) -> None:
+    # argparse took --admin-token for an abbreviation of --admin-token-file and
+    # printed the secret as a path it could not read.
+    result = run(name, "--admin", "127.0.0.1:9", "--admin-token", "s3cret")
+    assert result.returncode == EXIT_USAGE
+    assert "s3cret" not in result.stderr
+    assert (f"midway {name}: error: --admin-token: not a flag (other users could read it in "
+            "the process list); use --admin-token-file PATH or $MIDWAY_ADMIN_TOKEN"
+            in result.stderr.splitlines())
 
 
 @pytest.mark.parametrize(("name", "words"), [
@@ -787,6 +897,68 @@ def test_a_stop_signal_while_the_workers_start_stops_them_without_a_traceback(
         _stop(proc)
     assert "Traceback" not in stderr
     assert proc.returncode == EXIT_OK, stderr
+
+
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as a shell reports a command Ctrl-C stopped."""
+
+SLOW_IMPORT_HOOK = """
+import pathlib, time
+
+pathlib.Path(__file__).with_suffix(".started").touch()
+time.sleep(10)
+
+
+class Pass:
+    def on_connect(self, ctx):
+        pass
+"""
+
+
+def _interrupt(proc: subprocess.Popen[str], ready: Callable[[], object]) -> None:
+    """Ctrl-C to ``proc`` once ``ready()`` has returned: it exits 130, no traceback."""
+    try:
+        ready()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc)
+    assert "Traceback" not in stderr
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_ctrl_c_while_the_configuration_is_checked_exits_130_without_a_traceback(
+        check: list[str], tmp_path: Path) -> None:
+    """Before serving (here: while a hook imports) Ctrl-C stops midway at once."""
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT_HOOK)
+    proc = subprocess.Popen(midway_cmd(*check, "127.0.0.1:0", "127.0.0.1:9", "--hook",
+                                       "slowimport:Pass"),
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{REPO}:{tmp_path}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _interrupt(proc, lambda: wait_until((tmp_path / "slowimport.started").exists,
+                                        timeout=TIMEOUT_S))
+
+
+@pytest.mark.parametrize("name", ["connections", "top"])
+def test_ctrl_c_while_an_admin_client_waits_for_the_api_exits_130_without_a_traceback(
+        name: str, upstream: socket.socket) -> None:
+    """``upstream`` here is an admin API that accepts and never answers."""
+    proc = subprocess.Popen(midway_cmd(name, "--admin", f"127.0.0.1:{upstream.getsockname()[1]}"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    accepted: list[socket.socket] = []
+
+    def asked() -> None:  # once its request is read, the client waits for the answer
+        accepted.append(upstream.accept()[0])
+        accepted[0].settimeout(TIMEOUT_S)
+        assert accepted[0].recv(4096).startswith(b"GET ")
+
+    try:
+        _interrupt(proc, asked)
+    finally:
+        for conn in accepted:
+            conn.close()
 
 
 def test_the_hook_example_of_the_error_message_exists_and_loads() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import AddressError
 
-__all__ = ["Address", "parse_address", "format_sockaddr", "privileged_port", "unmapped"]
+__all__ = ["Address", "parse_address", "format_sockaddr", "privileged_port", "unmapped",
+           "resolve_listen"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,29 @@ def privileged_port(port: int) -> str:
     if not 0 < port < start or caps & _CAP_NET_BIND_SERVICE:
         return ""
     return f"a port below {start} needs root or CAP_NET_BIND_SERVICE"
+
+
+def resolve_listen(address: Address) -> tuple[int, Any, bool]:
+    """Where TCP ``address`` binds: (family, sockaddr, dual stack).  An empty
+    host or ``::`` is every interface, IPv6 and IPv4 together where the system
+    can (else IPv4's); a name is resolved for a passive socket; an IPv4-mapped
+    IPv6 address (``[::ffff:127.0.0.1]``) is its IPv4 address, which Linux
+    refuses on an IPv6-only socket.  The one resolution of a start and of
+    ``--check``.  Raises :class:`AddressError` when the name does not resolve."""
+    if address.host in ("", "::") and socket.has_dualstack_ipv6():
+        return socket.AF_INET6, ("::", address.port), True
+    if address.host == "":
+        return socket.AF_INET, ("0.0.0.0", address.port), False
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise AddressError(f"cannot resolve {address.host!r} ({exc.strerror})") from exc
+    family, _, _, _, sockaddr = infos[0]
+    host = str(sockaddr[0])
+    if family == socket.AF_INET6 and (v4 := unmapped(host)) != host:
+        return socket.AF_INET, (v4, address.port), False  # [::ffff:127.0.0.1]
+    return family, sockaddr, False
 
 
 def unmapped(host: str) -> str:

@@ -41,7 +41,7 @@ from ..errors import AddressError, ConfigError
 from ..upstream.access import AccessList
 from ..upstream.balancers import MAX_WEIGHT
 from ..upstream.health import HealthSettings
-from .addresses import Address, parse_address, privileged_port, unmapped
+from .addresses import Address, parse_address, privileged_port, resolve_listen, unmapped
 from .describe import describe_value
 from .hexbytes import parse_hex
 from .schema import (
@@ -59,7 +59,8 @@ from .schema import (
 
 __all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "health_bytes", "check_admin",
            "check_admin_port", "check_writable", "check_server_outputs", "check_workers",
-           "admin_token", "register_list_parser", "ListParser", "file_mode"]
+           "check_resolved_listeners", "admin_token", "register_list_parser", "ListParser",
+           "file_mode"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -137,6 +138,7 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {describe_value(value)}")
         return value
+    written = value  # a refusal quotes a number as written: -5, not -5.0
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
@@ -154,9 +156,9 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
             raise ConfigError(path, f"{value!r} is not one of: {choices}")
         return value
     if info.minimum is not None and value < info.minimum:
-        raise ConfigError(path, f"must be at least {info.minimum:g}, got {value!r}")
+        raise ConfigError(path, f"must be at least {info.minimum:g}, got {written!r}")
     if info.maximum is not None and value > info.maximum:
-        raise ConfigError(path, f"must be at most {info.maximum:g}, got {value!r}")
+        raise ConfigError(path, f"must be at most {info.maximum:g}, got {written!r}")
     return value
 
 
@@ -275,6 +277,13 @@ def _upstream(fields: Mapping[str, Any], path: str) -> UpstreamConfig:
 def _health(table: Mapping[str, Any], path: str) -> HealthConfig:
     """``[proxy.NAME.health]`` (already merged over ``[defaults.health]``)."""
     health = HealthConfig(**build_options(HealthConfig, table, path))
+    for key in ("send", "expect"):
+        text = getattr(health, key)
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: only a dictionary holds one
+            raise ConfigError(_join(path, key), f"{text!r} cannot be sent as UTF-8 (a lone "
+                                                f"surrogate at position {exc.start})") from None
     try:
         health_bytes(health)
     except ValueError as exc:  # "send_hex: '0g': 'g' at character 2 is not ..."
@@ -555,10 +564,17 @@ def check_admin(server: ServerConfig) -> None:
 
 def check_admin_port(server: ServerConfig) -> None:
     """The admin API's port is one this process may bind (see
-    :func:`~.addresses.privileged_port`).  Raises :class:`ConfigError` for
+    :func:`~.addresses.privileged_port`), on a host name that resolves.  Raises :class:`ConfigError` for
     ``server.admin``."""
-    if server.admin and (why := privileged_port(parse_address(server.admin, listen=True).port)):
+    if not server.admin:
+        return
+    address = parse_address(server.admin, listen=True)
+    if why := privileged_port(address.port):
         raise ConfigError("server.admin", f"cannot listen on {server.admin}: {why}")
+    try:
+        resolve_listen(address)
+    except AddressError as exc:
+        raise ConfigError("server.admin", f"cannot listen on {server.admin}: {exc}") from exc
 
 
 def admin_token(server: ServerConfig) -> str:
@@ -593,13 +609,27 @@ def check_workers(server: ServerConfig, proxies: typing.Iterable[ProxyConfig]) -
                                   f"{address}: unix-socket listeners need workers = 1")
 
 
+def _no_folder(folder: str) -> str:
+    """Why no file can be made in ``folder`` because of the folder itself: it is
+    not there ("no directory FOLDER"), or a directory on the way may not be
+    looked into ("permission denied", as opening the file would say); "" else."""
+    try:
+        if stat.S_ISDIR(os.stat(folder).st_mode):
+            return ""
+    except PermissionError:
+        return "permission denied"
+    except OSError:
+        pass
+    return f"no directory {folder}"
+
+
 def check_writable(path: str, key: str) -> None:
     """Whether a file midway will open for writing (appending or replacing) can
     be, checked without creating it: its directory exists and may be written,
     and it is not itself a directory.  Raises :class:`ConfigError` at ``key``."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(key, f"cannot write {path}: no directory {folder}")
+    if why := _no_folder(folder):
+        raise ConfigError(key, f"cannot write {path}: {why}")
     if os.path.isdir(path):
         raise ConfigError(key, f"cannot write {path}: it is a directory")
     if not os.access(path if os.path.exists(path) else folder, os.W_OK):
@@ -608,21 +638,53 @@ def check_writable(path: str, key: str) -> None:
 
 def check_listen_paths(proxy: ProxyConfig) -> None:
     """Each listener can be made, as far as is known without binding: a TCP port
-    below 1024 only with the privilege to bind it; a unix socket's directory
-    exists, and nothing but a socket (a stale one is replaced) is there.  Raises
+    below 1024 only with the privilege to bind it, its host name resolves (as a
+    start resolves it: :func:`~.addresses.resolve_listen`); a unix socket's directory
+    exists and may be written, and nothing but a socket (a stale one is replaced) is there.  Raises
     :class:`ConfigError` at the proxy's ``listen``."""
     where = f"proxy.{proxy.name}.listen"
     for address in proxy.listen:
         if not address.is_unix and (why := privileged_port(address.port)):
             raise ConfigError(where, f"cannot listen on {address}: {why}")
+        if not address.is_unix:
+            try:
+                resolve_listen(address)
+            except AddressError as exc:
+                raise ConfigError(where, f"cannot listen on {address}: {exc}") from exc
         if not address.is_unix or not address.path:
             continue
         folder = os.path.dirname(os.path.abspath(address.path))
-        if not os.path.isdir(folder):
-            raise ConfigError(where, f"cannot listen on {address}: no directory {folder}")
+        why = _no_folder(folder)
+        if not why and not os.access(folder, os.W_OK | os.X_OK):  # to make the socket file
+            why = "permission denied"
+        if why:
+            raise ConfigError(where, f"cannot listen on {address}: {why}")
         if os.path.exists(address.path) and not stat.S_ISSOCK(os.stat(address.path).st_mode):
             raise ConfigError(where, f"cannot listen on {address}: {address.path} exists and "
                               "is not a socket (midway replaces only a stale socket)")
+
+
+def check_resolved_listeners(proxies: typing.Iterable[ProxyConfig]) -> None:
+    """Listeners that name a host conflict with any other that resolves to the
+    same address and port, as binding them would (``localhost:6380`` and
+    ``127.0.0.1:6380``; the configuration compares what was written).  Raises
+    :class:`ConfigError` at the second listener."""
+    seen: list[tuple[str, Address, Any]] = []
+    for proxy in proxies:
+        for i, address in enumerate(proxy.listen):
+            if address.is_unix or address.port == 0:
+                continue
+            try:
+                family, sockaddr, _ = resolve_listen(address)
+            except AddressError:
+                continue  # check_listen_paths says so
+            bound = (family, sockaddr[0], address.port)
+            for where, other, other_bound in seen:
+                if bound == other_bound and not (address.is_ip_literal and other.is_ip_literal):
+                    raise ConfigError(f"proxy.{proxy.name}.listen[{i}]",
+                                      f"{address} conflicts with {other} already used by "
+                                      f"{where} (both are {sockaddr[0]})")
+            seen.append((f"proxy.{proxy.name}", address, bound))
 
 
 def check_server_outputs(server: ServerConfig) -> None:

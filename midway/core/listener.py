@@ -31,10 +31,9 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
-from typing import Any
 
-from ..config.addresses import Address, privileged_port, unmapped
-from ..errors import ListenError, describe_oserror
+from ..config.addresses import Address, privileged_port, resolve_listen
+from ..errors import AddressError, ListenError, describe_oserror
 from .poller import poller_for
 
 __all__ = ["Listener", "open_listening_socket", "bind_tcp", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S",
@@ -123,31 +122,17 @@ def _not_a_socket(path: str) -> bool:
 def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
              what: str = "") -> socket.socket:
     """The one place a TCP address becomes a bound socket: the proxies' listeners,
-    the admin API's and the supervisor's port reservations.  An empty host or
-    ``::`` binds every interface, IPv6 and IPv4 together where the system can
-    (else IPv4's); a name is resolved for a passive socket.  An IPv4-mapped IPv6
-    address (``[::ffff:127.0.0.1]``) binds its IPv4 address, which Linux refuses
-    on an IPv6-only socket.  SO_REUSEADDR is set
+    the admin API's and the supervisor's port reservations, at the sockaddr
+    :func:`~midway.config.addresses.resolve_listen` gives.  SO_REUSEADDR is set
     (a restart does not wait for TIME_WAIT), SO_REUSEPORT with ``reuse_port``.
     The socket listens with ``backlog``, or (``None``) is only bound, which holds
     the port without receiving connections.  Blocking, as made.  Raises
     :class:`ListenError` naming the address (and ``what`` listens there)."""
     where = f"cannot listen on {address}{what}"
-    sockaddr: Any
     try:
-        if address.host in ("", "::") and socket.has_dualstack_ipv6():
-            family, sockaddr, dual = socket.AF_INET6, ("::", address.port), True
-        elif address.host == "":
-            family, sockaddr, dual = socket.AF_INET, ("0.0.0.0", address.port), False
-        else:
-            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-            family, _, _, _, sockaddr = infos[0]
-            dual = False
-            if family == socket.AF_INET6 and (v4 := unmapped(sockaddr[0])) != sockaddr[0]:
-                family, sockaddr = socket.AF_INET, (v4, address.port)  # [::ffff:127.0.0.1]
-    except socket.gaierror as exc:
-        raise ListenError(f"{where}: cannot resolve {address.host!r} ({exc.strerror})") from exc
+        family, sockaddr, dual = resolve_listen(address)
+    except AddressError as exc:
+        raise ListenError(f"{where}: {exc}") from exc
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:

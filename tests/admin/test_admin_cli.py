@@ -21,7 +21,9 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=20)
 
 
-@pytest.mark.parametrize("address", ["0.0.0.0:8474", ":8474", "[::]:8474", "example.com:8474"])
+@pytest.mark.parametrize("address", ["0.0.0.0:8474", ":8474", "[::]:8474",
+                                     # A name, which --check resolves: this host's own.
+                                     f"{socket.gethostname()}:8474"])
 def test_non_loopback_admin_needs_explicit_consent(address: str) -> None:
     result = run("--admin", address, "--check")
     assert result.returncode == 2

@@ -216,24 +216,35 @@ def test_top_says_when_midway_does_not_answer(tmp_path: Path) -> None:
 def test_top_says_whether_its_token_is_missing_or_refused(tmp_path: Path,
                                                           echo: EchoServer) -> None:
     running = start_midway(tmp_path, echo, extra='admin_token = "s3cret"')
+    right_file, wrong_file = tmp_path / "right", tmp_path / "wrong"
+    right_file.write_text("s3cret\n")
+    wrong_file.write_text("wrong\n")
     try:
-        def top(token: str | None) -> subprocess.CompletedProcess[str]:
+        def top(token: str | None, *args: str) -> subprocess.CompletedProcess[str]:
             env = {k: v for k, v in os.environ.items() if k != "MIDWAY_ADMIN_TOKEN"}
             if token is not None:
                 env["MIDWAY_ADMIN_TOKEN"] = token
             return subprocess.run([sys.executable, "-m", "midway", "top", "--admin",
-                                   f"127.0.0.1:{running.admin.port}"], cwd=ROOT, env=env,
+                                   f"127.0.0.1:{running.admin.port}", *args], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=20)
         missing, wrong, right = top(None), top("wrong"), top("s3cret")
+        # The file, as for midway connections, and over the environment's token.
+        right_by_file = top("wrong", "--admin-token-file", str(right_file))
+        wrong_by_file = top("s3cret", "--admin-token-file", str(wrong_file))
     finally:
         running.process.stop()
     assert missing.returncode == 1
-    assert missing.stderr.strip() == "midway top: the admin API needs a token: set MIDWAY_ADMIN_TOKEN"
+    assert missing.stderr.strip() == ("midway top: the admin API needs a token: give "
+                                      "--admin-token-file PATH or set MIDWAY_ADMIN_TOKEN")
     assert wrong.returncode == 1
     assert wrong.stderr.strip() == ("midway top: the admin API refused the token of "
                                     "MIDWAY_ADMIN_TOKEN")
-    assert right.returncode == 0, right.stderr
-    assert right.stdout.startswith("PROXY")
+    assert wrong_by_file.returncode == 1
+    assert wrong_by_file.stderr.strip() == ("midway top: the admin API refused the token of "
+                                            f"--admin-token-file {wrong_file}")
+    for result in right, right_by_file:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("PROXY")
 
 
 # -- what top draws from given answers (no midway) ----------------------------

@@ -153,16 +153,23 @@ def test_toxic_flag_becomes_a_toml_table() -> None:
     assert toxic_table_from_spec("latency:latency=lots")["attributes"] == {"latency": "lots"}
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("100", 100), ("+7", 7), ("-3", -3), ("0.5", 0.5), (".5", 0.5), ("2.", 2.0), ("1e3", 1000.0),
+@pytest.mark.parametrize(("text", "value", "whole"), [
+    ("100", 100, 100), ("+7", 7, 7), ("-3", -3, -3),
+    # A fraction or an exponent, where a whole number is expected, stays text: the
+    # validation then quotes it as typed ("got '1e3'", not "got 1000.0").
+    ("0.5", 0.5, "0.5"), (".5", 0.5, ".5"), ("2.", 2.0, "2."), ("1e3", 1000.0, "1e3"),
     # What int() or float() would also take, and a flag should not: text.
-    ("1_000", "1_000"), ("1_0.5", "1_0.5"), ("0x10", "0x10"), ("inf", "inf"), ("nan", "nan"),
-    ("\u0661\u0662", "\u0661\u0662"),  # Arabic-Indic digits
+    ("1_000", "1_000", "1_000"), ("1_0.5", "1_0.5", "1_0.5"), ("0x10", "0x10", "0x10"),
+    ("inf", "inf", "inf"), ("nan", "nan", "nan"),
+    ("\u0661\u0662", "\u0661\u0662", "\u0661\u0662"),  # Arabic-Indic digits
 ])
-def test_a_flag_number_is_plain_decimal(text: str, value: object) -> None:
-    table = toxic_table_from_spec(f"corrupt:probability={text},toxicity={text},first_n={text}")
-    got = [table["attributes"]["probability"], table["toxicity"], table["conditions"]["first_n"]]
-    assert [(v, type(v)) for v in got] == [(value, type(value))] * 3
+def test_a_flag_number_is_plain_decimal(text: str, value: object, whole: object) -> None:
+    table = toxic_table_from_spec(f"corrupt:probability={text},toxicity={text},first_n={text},"
+                                  f"seed={text}")
+    numbers = [table["attributes"]["probability"], table["toxicity"]]
+    assert [(v, type(v)) for v in numbers] == [(value, type(value))] * 2
+    whole_numbers = [table["conditions"]["first_n"], table["seed"]]
+    assert [(v, type(v)) for v in whole_numbers] == [(whole, type(whole))] * 2
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -170,9 +177,13 @@ def test_a_flag_number_is_plain_decimal(text: str, value: object) -> None:
     ("corrupt:probability=0_5", "attributes.probability: must be a number"),
     ("latency:toxicity=1_0", "toxicity: must be a number from 0 to 1, got '1_0'"),
     ("latency:first_n=1_0", "conditions.first_n: must be an integer of at least 1, got '1_0'"),
+    ("latency:latency=1e3", "attributes.latency: must be an integer (milliseconds), got '1e3'"),
+    ("bandwidth:rate=2.0", "attributes.rate: must be an integer (KB/s), got '2.0'"),
+    ("latency:first_n=1e1", "conditions.first_n: must be an integer of at least 1, got '1e1'"),
+    ("latency:latency=1,seed=1e3", "seed: expected a whole number of at least 0, got '1e3'"),
 ])
-def test_a_flag_number_with_underscores_is_an_error_naming_its_key(spec: str,
-                                                                    message: str) -> None:
+def test_a_flag_number_it_refuses_is_named_by_its_key_as_typed(spec: str,
+                                                               message: str) -> None:
     from midway.cli import build_parser, config_from_args
 
     with pytest.raises(ConfigError) as info:

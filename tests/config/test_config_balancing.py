@@ -162,7 +162,40 @@ def test_the_hex_health_flags_take_hex_and_name_themselves() -> None:
         "not both")
 
 
+@pytest.mark.parametrize("escape", [r"\U00110000", r"\ud800", r"\uDFFF"])
+def test_a_health_flag_escape_that_is_no_character_is_refused_as_toml_refuses_it(
+        escape: str) -> None:
+    # Past U+10FFFF (chr() refused it in its own words) or a surrogate (the start
+    # failed encoding it as UTF-8, with a garbled flag name).
+    assert cli_error(":1", "a:1", "--health-send", f"x{escape}") == (
+        f"--health-send: 'x\\\\{escape[1:]}': {escape} is not a Unicode scalar value")
+
+
+@pytest.mark.parametrize("key", ["send", "expect"])
+def test_health_text_that_is_no_utf_8_from_a_dictionary_names_its_key(key: str) -> None:
+    """TOML cannot hold a lone surrogate; a dictionary (the Python API) can."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"proxy": {"redis": {"listen": ":6380", "upstreams": "a:1",
+                                              "health": {key: "PING\ud800"}}}})
+    assert str(info.value) == (f"proxy.redis.health.{key}: 'PING\\ud800' cannot be sent as "
+                               "UTF-8 (a lone surrogate at position 4)")
+
+
+def test_a_number_out_of_range_is_quoted_as_written() -> None:
+    # Whole seconds were shown converted: "got -1.0" for a typed -1.
+    assert cli_error(":1", "a:1", "--connect-timeout-s", "-1") == (
+        "--connect-timeout-s: must be at least 0, got -1")
+    assert cli_error(":1", "a:1", "--drain-timeout-s", "-0.5") == (
+        "--drain-timeout-s: must be at least 0, got -0.5")
+    assert error(ONE + 'upstreams = "a:1"\nidle_timeout_s = -5\n') == (
+        "proxy.redis.idle_timeout_s: must be at least 0, got -5")
+    assert cli(":1", "a:1", "--connect-timeout-s", "2").connect_timeout_s == 2.0
+
+
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
+    # A message that names the address already does not get it twice.
+    assert cli_error("unix:/tmp/m.sock", "a:1", "--workers", "2") == (
+        "LISTEN unix:/tmp/m.sock: unix-socket listeners need workers = 1")
     assert cli_error(":1", "a:1", "b:1,weight=999") == (
         "UPSTREAM 'b:1,weight=999': weight: must be 0-256 (0 = drained), got 999")
     assert cli_error(":1", "a:1", "--health-rise", "0") == (

@@ -137,7 +137,8 @@ def toxic_table_from_spec(text: str) -> dict[str, Any]:
                               "e.g. latency:latency=100,jitter=10")
     table: dict[str, Any] = {"type": kind}
     cls = TOXICS.get(kind)
-    own_attributes = {f.name for f in fields(cls.attributes_class)} if cls else set()
+    own_attributes = ({f.name: f.metadata.get("kind", int) for f in fields(cls.attributes_class)}
+                      if cls else {})
     attributes: dict[str, Any] = {}
     conditions: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -151,11 +152,12 @@ def toxic_table_from_spec(text: str) -> dict[str, Any]:
         if key in table or key in attributes or key in conditions:
             raise ConfigError("", f"--toxic {text!r}: {key} is given twice")
         if key in own_attributes:
-            attributes[key] = _number(raw)
+            attributes[key] = _number(raw, own_attributes[key])
         elif key in _SPEC_FIELDS:
-            table[key] = raw if _SPEC_FIELDS[key] is str else _number(raw)
+            table[key] = raw if _SPEC_FIELDS[key] is str else _number(raw, _SPEC_FIELDS[key])
         elif key in _SPEC_CONDITIONS:
-            conditions[key] = raw if _SPEC_CONDITIONS[key] is str else _number(raw)
+            conditions[key] = (raw if _SPEC_CONDITIONS[key] is str
+                               else _number(raw, _SPEC_CONDITIONS[key]))
         else:
             attributes[key] = _number(raw)
     if attributes:
@@ -216,14 +218,15 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def _number(text: str) -> Any:
-    """A flag's number, written in plain ASCII decimal: ``-12``, ``0.5``, ``1e3``.
-    Anything else (``1_000``, ``0x10``, ``inf``, non-ASCII digits, all of which
-    :func:`int` or :func:`float` would take) stays text, for the validation to
-    report with the key's name."""
+def _number(text: str, kind: type | None = None) -> Any:
+    """A flag's number, written in plain ASCII decimal: ``-12``, ``0.5``, ``1e3``
+    (only ``-12`` where ``kind`` is :class:`int`).  Anything else (``1_000``,
+    ``0x10``, ``inf``, non-ASCII digits, all of which :func:`int` or
+    :func:`float` would take; ``1e3`` for a whole number) stays text, for the
+    validation to report with the key's name, quoting what was typed."""
     if _INTEGER.fullmatch(text):
         return int(text)
-    if _DECIMAL.fullmatch(text):
+    if kind is not int and _DECIMAL.fullmatch(text):
         return float(text)
     return text
 
