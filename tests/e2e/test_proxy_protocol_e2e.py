@@ -7,7 +7,10 @@ their reasons; a reconfigure rebuilds the layers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import socket
+import struct
 from typing import Any
 
 import pytest
@@ -17,7 +20,7 @@ from midway.chain.base import Attachment, ConnectionInfo, Element
 from midway.core.observer import Observer
 from midway.layers.proxy_protocol import ProxyProtocolParser, build_v1, build_v2, build_v2_local
 
-from ..helpers import read_to_eof, run, serve
+from ..helpers import fd_count, read_to_eof, run, serve
 
 CLIENT = ("203.0.113.5", 1234)
 SERVICE = ("192.0.2.1", 443)
@@ -141,6 +144,46 @@ def test_local_is_served_with_the_peer_s_own_address() -> None:
         assert got == [b"health?"]
         assert record.client.startswith("127.0.0.1:") and record.reason == "eof"
     run(main())
+
+
+async def _cut_short(port: int, data: bytes) -> None:
+    """Connect, send ``data``, then reset the connection (unless midway closed
+    it first)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(0.001)
+    writer.transport.abort()
+
+
+def test_connections_cut_short_at_any_stage_give_back_their_source_s_slot() -> None:
+    """A soak in small: clients of one source reset during the header, right after
+    it, mid-stream, or let the header time out; each gives back its
+    max_connections_per_source slot and its descriptors, so the source is still
+    served afterwards (a slot kept would refuse it for good)."""
+    async def main() -> None:
+        header = build_v1(("198.51.100.9", 2), SERVICE)
+        async with serve() as port, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}", proxy_protocol_in="v1",
+                             proxy_protocol_timeout_s=0.05, max_connections_per_source=1,
+                             **TRUST_LOOPBACK) as proxy:
+            await asyncio.sleep(0.1)
+            before = fd_count()
+            for _ in range(40):
+                await asyncio.gather(_cut_short(proxy.port, header[:9]),
+                                     _cut_short(proxy.port, header),
+                                     _cut_short(proxy.port, header + b"x" * 5000),
+                                     exchange(proxy.port, header[:9], pause_s=0.1))
+            async with asyncio.timeout(5):
+                while proxy.connections:
+                    await asyncio.sleep(0.02)
+            assert len(proxy.service.sources) == 0, "a source's slot was kept"
+            assert fd_count() <= before + 2, "descriptors left behind"
+            assert await exchange(proxy.port, header, b"still served") == b"still served"
+    run(main(), timeout=60)
 
 
 def test_allow_deny_and_the_per_source_limit_judge_the_real_client() -> None:
