@@ -57,10 +57,10 @@ from .schema import (
     proxy_name_problem,
 )
 
-__all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "health_bytes", "check_admin",
-           "check_admin_port", "check_writable", "check_server_outputs", "check_workers",
-           "check_resolved_listeners", "admin_token", "register_list_parser", "ListParser",
-           "file_mode"]
+__all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "health_bytes",
+           "check_admin", "check_admin_port", "check_writable", "check_server_outputs",
+           "check_workers", "check_resolved_listeners", "admin_token", "register_list_parser",
+           "ListParser", "file_mode"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -312,10 +312,6 @@ def health_settings(health: HealthConfig) -> HealthSettings:
         interval_s=health.interval_s, timeout_s=health.timeout_s, rise=health.rise,
         fall=health.fall, send=send, expect=expect,
         eject_after=health.eject_after, eject_s=health.eject_s)
-
-
-_HEX_KEYS = {"send_hex": "send", "expect_hex": "expect"}
-"""Each hex key and the text key it stands in for: a table gives one of the two."""
 
 
 def health_bytes(health: HealthConfig) -> tuple[bytes, bytes]:
