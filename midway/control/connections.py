@@ -59,14 +59,16 @@ def connection_json(service: ProxyService, item: Relay[ConnectionInfo] | Connect
     if isinstance(item, Relay):
         rec = service.live[item]
         attached = [e for e in (*service.elements, *rec.own) if e in rec.attached]
+        upstream_addr = info.upstream_addr and format_sockaddr(info.upstream_addr)
         return {"id": info.id, "proxy": service.name, "worker": worker, "client": info.client,
-                "upstream": info.upstream, "upstream_addr": info.upstream_addr and format_sockaddr(info.upstream_addr),
-                "age_s": round(now - info.started_at, 3), "bytes_up": item.bytes_up, "bytes_down": item.bytes_down,
-                "state": _state(item), "path": item.path, "toxics": _toxics(iter(attached))}
+                "upstream": info.upstream, "upstream_addr": upstream_addr,
+                "age_s": round(now - info.started_at, 3), "bytes_up": item.bytes_up,
+                "bytes_down": item.bytes_down, "state": _state(item), "path": item.path,
+                "toxics": _toxics(iter(attached))}
     return {"id": info.id, "proxy": service.name, "worker": worker, "client": info.client,
             "upstream": info.upstream, "upstream_addr": None,
-            "age_s": round(now - info.started_at, 3), "bytes_up": 0, "bytes_down": 0, "state": "connecting", "path": "none",
-            "toxics": _toxics(iter(item.attached))}
+            "age_s": round(now - info.started_at, 3), "bytes_up": 0, "bytes_down": 0,
+            "state": "connecting", "path": "none", "toxics": _toxics(iter(item.attached))}
 
 
 def _all(runtime: Runtime, proxy: str = "") -> Iterator[Found]:
@@ -134,8 +136,8 @@ class StillConnecting(MidwayError):
         super().__init__(f"connection {id} is still connecting: add its toxic once it relays")
 
 
-def add_connection_toxic(found: Found, name: str,
-                         make: Callable[[], Toxic[Any]]) -> tuple[Relay[ConnectionInfo], Toxic[Any]]:
+def add_connection_toxic(found: Found, name: str, make: Callable[[], Toxic[Any]],
+                         ) -> tuple[Relay[ConnectionInfo], Toxic[Any]]:
     """Attach the toxic ``make()`` builds (called once nothing stands in its way)
     and that is called ``name``, to the connection ``found`` alone, live (see
     :meth:`~midway.service.ProxyService.add_connection_element`); returns the
