@@ -133,26 +133,45 @@ def _help(info: OptionInfo, default: Any) -> str:
     return text.replace("%", "%%")
 
 
-def _float(text: str) -> float:
-    """A number flag, as :func:`float` takes it; a whole number stays an int, so
-    that a refusal quotes it as typed (``got -1``, not ``got -1.0``)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+class _TypedInt(int):
+    """A whole-number flag's value, shown as typed (see :func:`_number`)."""
+    text = ""
+
+    def __repr__(self) -> str:
+        return self.text
 
 
-_float.__name__ = "float"  # argparse's words: "invalid float value: 'abc'"
+class _TypedFloat(float):
+    """A number flag's value, shown as typed (see :func:`_number`)."""
+    text = ""
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _number(kind: type) -> Any:
+    """An argparse type for a number flag: ``kind``'s value, which a refusal
+    quotes as typed (``got 1e10``, ``got -1``; not ``got 10000000000.0``)."""
+    typed = _TypedInt if kind is int else _TypedFloat
+
+    def convert(text: str) -> Any:
+        value = typed(text)
+        value.text = text
+        return value
+    convert.__name__ = kind.__name__  # argparse's words: "invalid float value: 'abc'"
+    return convert
 
 
 def _with_words(kind: Any, words: dict[str, Any]) -> Any:
     """An argparse type that also accepts the option's words (e.g. ``auto``),
     and says so when given neither."""
+    parse = _number(kind)
+
     def convert(text: str) -> Any:
         if text in words:
             return words[text]
         try:
-            return kind(text)
+            return parse(text)
         except ValueError:
             number = "a whole number" if kind is int else "a number"
             alternatives = " or ".join(repr(w) for w in words)
@@ -176,8 +195,8 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
             kwargs["action"] = "append"
             kwargs["metavar"] = info.metavar or None
         else:
-            kind = _float if kind is float else kind
-            kwargs["type"] = _with_words(kind, dict(info.words)) if info.words else kind
+            kwargs["type"] = (_with_words(kind, dict(info.words)) if info.words
+                              else _number(kind) if kind in (int, float) else kind)
             kwargs["metavar"] = info.metavar or ("|".join(info.choices) if info.choices else None)
             if info.const is not None:
                 kwargs["nargs"] = "?"

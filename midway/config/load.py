@@ -142,12 +142,13 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
+        value = int(value)  # a flag's value keeps its text for the refusal alone
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {describe_value(value)}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(path, f"expected a finite number, got {value!r}")
+            raise ConfigError(path, f"expected a finite number, got {written!r}")
     elif kind is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {describe_value(value)}")

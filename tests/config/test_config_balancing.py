@@ -192,6 +192,19 @@ def test_a_number_out_of_range_is_quoted_as_written() -> None:
     assert cli(":1", "a:1", "--connect-timeout-s", "2").connect_timeout_s == 2.0
 
 
+def test_a_number_flag_is_quoted_as_typed_in_any_notation() -> None:
+    # An exponent, a sign or a digit separator was shown converted:
+    # "got 10000000000.0" for a typed 1e10.
+    assert cli_error(":1", "a:1", "--tcp-keepalive-s", "1e10") == (
+        "--tcp-keepalive-s: must be at most 32767, got 1e10")
+    assert cli_error(":1", "a:1", "--tcp-keepalive-probes", "1_000") == (
+        "--tcp-keepalive-probes: must be at most 127, got 1_000")
+    assert cli_error(":1", "a:1", "--connect-timeout-s", "Infinity") == (
+        "--connect-timeout-s: expected a finite number, got Infinity")
+    proxy = cli(":1", "a:1", "--tcp-keepalive-s", "1e1", "--max-connections", "+5")
+    assert (repr(proxy.tcp_keepalive_s), repr(proxy.max_connections)) == ("10.0", "5")
+
+
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
     # A message that names the address already does not get it twice.
     assert cli_error("unix:/tmp/m.sock", "a:1", "--workers", "2") == (
