@@ -124,6 +124,18 @@ def test_access_rules_retries_and_the_per_source_limit() -> None:
         "defaults.allow[0]: '10.0.0.1/24' has host bits set; did you mean '10.0.0.0/24'?")
 
 
+def test_a_malformed_access_rule_is_named_once_with_its_flag_or_key() -> None:
+    # The text was repeated: "... network ('10.0.0.0/33' does not appear to be an
+    # IPv4 or IPv6 network)".
+    assert cli_error(":1", "a:1", "--allow", "10.0.0.0/33") == (
+        "--allow: '10.0.0.0/33' is not an IPv4 or IPv6 network: an IPv4 prefix length is 0-32")
+    assert cli_error(":1", "a:1", "--deny", "::/8", "--deny", "2001:db8::/129") == (
+        "--deny: '2001:db8::/129' is not an IPv4 or IPv6 network: an IPv6 prefix length "
+        "is 0-128")
+    assert error(ONE + 'upstreams = "a:1"\ndeny = ["10.0.0.0/8", "10.0.0.300"]\n') == (
+        "proxy.redis.deny[1]: '10.0.0.300' is not an IPv4 or IPv6 network")
+
+
 def test_an_unknown_balance_lists_the_registry_names() -> None:
     assert error(ONE + 'upstreams = "a:1"\nbalance = "leastconn"\n') == (
         "proxy.redis.balance: 'leastconn' is not one of: hash_source, least_connections, "
