@@ -17,6 +17,7 @@ import difflib
 import logging
 import os
 import sys
+import textwrap
 import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -220,11 +221,19 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines that break at spaces only: not inside a flag (``--tcp-`` /
+    ``keepalive-s``) or a mode (``srwxr-`` / ``xr-x``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="midway", usage=_USAGE, epilog=_EPILOG,
         description="A TCP proxy: every client connection gets its own upstream connection.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("addresses", nargs="*", metavar="LISTEN UPSTREAM",
                         help="where to listen, then one or more upstreams")
