@@ -398,7 +398,8 @@ class ProxyConfig:
         "",
         "The permissions of a unix listener's socket file, in octal, set before it "
         "accepts: connecting needs write permission, so \"660\" lets midway's user and "
-        "group connect and \"666\" everyone (HAProxy's bind mode).",
+        "group connect and \"666\" everyone (HAProxy's bind mode). Refused on a proxy "
+        "without a unix: listener ([defaults]: when no proxy has one).",
         zero="(empty) what midway's umask gives (with 022, srwxr-xr-x: only midway's "
              "user and root can connect)",
         metavar="OCTAL",

@@ -217,6 +217,23 @@ def test_a_number_flag_is_quoted_as_typed_in_any_notation() -> None:
     assert (repr(proxy.tcp_keepalive_s), repr(proxy.max_connections)) == ("10.0", "5")
 
 
+def test_unix_mode_is_refused_where_no_listener_is_a_unix_socket() -> None:
+    # It was accepted, and did nothing, on a TCP listener.
+    assert cli_error(":1", "a:1", "--unix-mode", "660") == (
+        "--unix-mode: applies to unix: listeners only (this proxy listens on TCP alone)")
+    assert error(ONE + 'upstreams = "a:1"\nunix_mode = "660"\n') == (
+        "proxy.redis.unix_mode: applies to unix: listeners only (this proxy listens on "
+        "TCP alone)")
+    tcp_and_unix = '[proxy.b]\nlisten = [":1", "unix:/tmp/b.sock"]\nupstreams = "a:1"\n'
+    assert load(tcp_and_unix + 'unix_mode = "660"\n').unix_mode == "660"
+    # From [defaults], one proxy with a unix listener is enough.
+    assert load('[defaults]\nunix_mode = "660"\n' + tcp_and_unix + ONE +
+                'upstreams = "a:1"\n').unix_mode == "660"
+    assert error('[defaults]\nunix_mode = "660"\n' + ONE + 'upstreams = "a:1"\n') == (
+        "defaults.unix_mode: applies to unix: listeners only (every proxy listens on "
+        "TCP alone)")
+
+
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
     # A message that names the address already does not get it twice.
     assert cli_error("unix:/tmp/m.sock", "a:1", "--workers", "2") == (
