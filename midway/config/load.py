@@ -558,7 +558,7 @@ def check_admin(server: ServerConfig) -> None:
     if not server.admin:
         return
     try:
-        address = parse_address(server.admin, listen=True)
+        address = parse_address(server.admin, listen=True, unix=False)
     except AddressError as exc:
         raise ConfigError("server.admin", str(exc)) from exc
     if address.is_unix:

@@ -234,6 +234,16 @@ def test_unix_mode_is_refused_where_no_listener_is_a_unix_socket() -> None:
         "TCP alone)")
 
 
+@pytest.mark.parametrize("admin", ["localhost", "127.0.0.1"])
+def test_a_bad_admin_address_lists_only_the_forms_the_admin_api_takes(admin: str) -> None:
+    # unix:/path was listed, and then refused: the admin API listens on TCP.
+    forms = "expected host:port, [ipv6]:port or :port"
+    assert cli_error("--admin", admin) == f"--admin: {admin!r}: {forms}"
+    assert error(f'[server]\nadmin = "{admin}"\n') == f"server.admin: {admin!r}: {forms}"
+    assert cli_error("--admin", "unix:/tmp/a.sock") == (
+        "--admin: the admin API listens on TCP: give host:port")
+
+
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
     # A message that names the address already does not get it twice.
     assert cli_error("unix:/tmp/m.sock", "a:1", "--workers", "2") == (
