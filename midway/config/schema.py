@@ -679,7 +679,8 @@ class ServerConfig:
     admin_allow_remote: bool = option(
         False,
         "Allow the admin API on a non-loopback address.  Whoever reaches the API can "
-        "reconfigure and stop every proxy: set admin_token too.  A browser that reaches "
+        "reconfigure and stop every proxy: set a token too (admin_token_file, "
+        "--admin-token-file; or admin_token in the file).  A browser that reaches "
         "it by a name (not an address) needs that name in admin_hosts.",
     )
     admin_hosts: tuple[str, ...] = option(
@@ -708,7 +709,8 @@ class ServerConfig:
         "Read the admin token from this file (its first line; surrounding whitespace "
         "is ignored), again at each reload.  A warning is logged when other users "
         "may read it (chmod 600 it).",
-        zero="(empty) the token is admin_token", metavar="PATH",
+        zero="(empty) the token is admin_token of the configuration file's [server] "
+             "table; without one, no token is needed", metavar="PATH",
     )
 
 
