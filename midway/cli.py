@@ -17,6 +17,7 @@ import difflib
 import logging
 import os
 import sys
+import textwrap
 import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -133,26 +134,45 @@ def _help(info: OptionInfo, default: Any) -> str:
     return text.replace("%", "%%")
 
 
-def _float(text: str) -> float:
-    """A number flag, as :func:`float` takes it; a whole number stays an int, so
-    that a refusal quotes it as typed (``got -1``, not ``got -1.0``)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+class _TypedInt(int):
+    """A whole-number flag's value, shown as typed (see :func:`_number`)."""
+    text = ""
+
+    def __repr__(self) -> str:
+        return self.text
 
 
-_float.__name__ = "float"  # argparse's words: "invalid float value: 'abc'"
+class _TypedFloat(float):
+    """A number flag's value, shown as typed (see :func:`_number`)."""
+    text = ""
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _number(kind: type) -> Any:
+    """An argparse type for a number flag: ``kind``'s value, which a refusal
+    quotes as typed (``got 1e10``, ``got -1``; not ``got 10000000000.0``)."""
+    typed = _TypedInt if kind is int else _TypedFloat
+
+    def convert(text: str) -> Any:
+        value = typed(text)
+        value.text = text
+        return value
+    convert.__name__ = kind.__name__  # argparse's words: "invalid float value: 'abc'"
+    return convert
 
 
 def _with_words(kind: Any, words: dict[str, Any]) -> Any:
     """An argparse type that also accepts the option's words (e.g. ``auto``),
     and says so when given neither."""
+    parse = _number(kind)
+
     def convert(text: str) -> Any:
         if text in words:
             return words[text]
         try:
-            return kind(text)
+            return parse(text)
         except ValueError:
             number = "a whole number" if kind is int else "a number"
             alternatives = " or ".join(repr(w) for w in words)
@@ -176,8 +196,8 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
             kwargs["action"] = "append"
             kwargs["metavar"] = info.metavar or None
         else:
-            kind = _float if kind is float else kind
-            kwargs["type"] = _with_words(kind, dict(info.words)) if info.words else kind
+            kwargs["type"] = (_with_words(kind, dict(info.words)) if info.words
+                              else _number(kind) if kind in (int, float) else kind)
             kwargs["metavar"] = info.metavar or ("|".join(info.choices) if info.choices else None)
             if info.const is not None:
                 kwargs["nargs"] = "?"
@@ -201,11 +221,19 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines that break at spaces only: not inside a flag (``--tcp-`` /
+    ``keepalive-s``) or a mode (``srwxr-`` / ``xr-x``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="midway", usage=_USAGE, epilog=_EPILOG,
         description="A TCP proxy: every client connection gets its own upstream connection.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("addresses", nargs="*", metavar="LISTEN UPSTREAM",
                         help="where to listen, then one or more upstreams")

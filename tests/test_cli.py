@@ -520,6 +520,26 @@ def _help_of(flag: str) -> str:
     return " ".join(text[start:end].split())
 
 
+def test_the_admin_token_help_says_what_a_flag_user_can_set() -> None:
+    # "Empty: the token is admin_token", "set admin_token too": a key with no flag,
+    # named as if --help's reader could set it.
+    assert _help_of("--admin-token-file").endswith(
+        "Empty ('', the default): the token is admin_token of the configuration file's "
+        "[server] table; without one, no token is needed.")
+    assert "set a token too (admin_token_file, --admin-token-file; or admin_token in " \
+        "the file)" in _help_of("--admin-allow-remote,")
+
+
+@pytest.mark.parametrize("columns", ["60", "80", "120"])
+def test_help_breaks_lines_at_spaces_only(monkeypatch: pytest.MonkeyPatch, columns: str) -> None:
+    """A line of --help broke inside a word at its hyphen ("srwxr-" / "xr-x",
+    "send-" / "proxy"): a flag or a mode cut in two is misread and cannot be copied."""
+    from midway.cli import build_parser
+    monkeypatch.setenv("COLUMNS", columns)
+    lines = build_parser().format_help().splitlines()
+    assert [line for line in lines if line[-2:-1].isalnum() and line.endswith("-")] == []
+
+
 @pytest.mark.parametrize(("flag", "key", "zero"), _string_options())
 def test_help_of_a_string_option_says_what_empty_means(flag: str, key: str, zero: str) -> None:
     """'0:' means nothing for a path (--pcap 0 writes a file named 0): the help

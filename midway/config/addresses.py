@@ -45,8 +45,10 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
-def parse_address(text: str, *, listen: bool) -> Address:
-    """Parse ``text``; ``listen`` allows port 0 and an empty host (all interfaces).
+def parse_address(text: str, *, listen: bool, unix: bool = True) -> Address:
+    """Parse ``text``; ``listen`` allows port 0 and an empty host (all interfaces);
+    ``unix=False``: the caller refuses ``unix:/path`` (the admin API), so a
+    message does not offer it.
 
     Raises :class:`AddressError` with a message that says what is wrong."""
     if not isinstance(text, str):
@@ -69,7 +71,8 @@ def parse_address(text: str, *, listen: bool) -> Address:
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise AddressError(f"{text!r}: expected host:port, [ipv6]:port, :port or unix:/path")
+            forms = "[ipv6]:port, :port or unix:/path" if unix else "[ipv6]:port or :port"
+            raise AddressError(f"{text!r}: expected host:port, {forms}")
         if ":" in host:
             raise AddressError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:{port_text}")
     if not (port_text.isascii() and port_text.isdigit()):

@@ -142,12 +142,13 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
+        value = int(value)  # a flag's value keeps its text for the refusal alone
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {describe_value(value)}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(path, f"expected a finite number, got {value!r}")
+            raise ConfigError(path, f"expected a finite number, got {written!r}")
     elif kind is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {describe_value(value)}")
@@ -393,6 +394,8 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     if kwargs.get("unix_mode") and file_mode(kwargs["unix_mode"]) is None:
         raise ConfigError(_join(path, "unix_mode"), f"expected an octal mode such as \"660\", "
                                                     f"got {kwargs['unix_mode']!r}")
+    if "unix_mode" in rest and rest["unix_mode"] and not _has_unix(kwargs["listen"]):
+        raise ConfigError(_join(path, "unix_mode"), _unix_mode_unused("this proxy"))
     for key in ("tcp_keepalive_interval_s", "tcp_keepalive_probes"):
         if kwargs.get(key) and not kwargs.get("tcp_keepalive_s"):
             raise ConfigError(_join(path, key), "needs tcp_keepalive_s (the idle time before "
@@ -404,6 +407,14 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
                 raise ConfigError(_join(path, key), "cannot be checked: no parser is registered")
             kwargs[key] = parser(table[key], _join(path, key), kwargs)
     return ProxyConfig(name=name, **kwargs)
+
+
+def _has_unix(listen: typing.Iterable[Address]) -> bool:
+    return any(address.is_unix for address in listen)
+
+
+def _unix_mode_unused(who: str) -> str:
+    return f"applies to unix: listeners only ({who} listens on TCP alone)"
 
 
 def file_mode(text: str) -> int | None:
@@ -543,7 +554,7 @@ def check_admin(server: ServerConfig) -> None:
     if not server.admin:
         return
     try:
-        address = parse_address(server.admin, listen=True)
+        address = parse_address(server.admin, listen=True, unix=False)
     except AddressError as exc:
         raise ConfigError("server.admin", str(exc)) from exc
     if address.is_unix:
@@ -727,6 +738,9 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
             and all(p.proxy_protocol_in == "off" for p in proxies):
         raise ConfigError("defaults.proxy_protocol_trusted",
                           _trusted_unused(" in every proxy"))
+    if defaults.get("unix_mode") and proxies \
+            and not any(_has_unix(p.listen) for p in proxies):
+        raise ConfigError("defaults.unix_mode", _unix_mode_unused("every proxy"))
     # TOML itself rejects a table defined twice, so names are unique here; a dict
     # built by code is unique by construction too.
     _check_listeners(proxies)

@@ -398,7 +398,8 @@ class ProxyConfig:
         "",
         "The permissions of a unix listener's socket file, in octal, set before it "
         "accepts: connecting needs write permission, so \"660\" lets midway's user and "
-        "group connect and \"666\" everyone (HAProxy's bind mode).",
+        "group connect and \"666\" everyone (HAProxy's bind mode). Refused on a proxy "
+        "without a unix: listener ([defaults]: when no proxy has one).",
         zero="(empty) what midway's umask gives (with 022, srwxr-xr-x: only midway's "
              "user and root can connect)",
         metavar="OCTAL",
@@ -678,7 +679,8 @@ class ServerConfig:
     admin_allow_remote: bool = option(
         False,
         "Allow the admin API on a non-loopback address.  Whoever reaches the API can "
-        "reconfigure and stop every proxy: set admin_token too.  A browser that reaches "
+        "reconfigure and stop every proxy: set a token too (admin_token_file, "
+        "--admin-token-file; or admin_token in the file).  A browser that reaches "
         "it by a name (not an address) needs that name in admin_hosts.",
     )
     admin_hosts: tuple[str, ...] = option(
@@ -707,7 +709,8 @@ class ServerConfig:
         "Read the admin token from this file (its first line; surrounding whitespace "
         "is ignored), again at each reload.  A warning is logged when other users "
         "may read it (chmod 600 it).",
-        zero="(empty) the token is admin_token", metavar="PATH",
+        zero="(empty) the token is admin_token of the configuration file's [server] "
+             "table; without one, no token is needed", metavar="PATH",
     )
 
 

@@ -79,15 +79,26 @@ def parse_network(text: str) -> Network:
     rule = text.strip()
     try:
         net: Network = ipaddress.ip_network(rule, strict=True)
-    except ValueError as exc:
+    except ValueError:
         try:
             loose = ipaddress.ip_network(rule, strict=False)
         except ValueError:
-            raise ValueError(f"{text!r} is not an IPv4 or IPv6 network ({exc})") from None
+            raise ValueError(f"{text!r} is not an IPv4 or IPv6 network{_why(rule)}") from None
         raise ValueError(f"{text!r} has host bits set; did you mean '{loose}'?") from None
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
         return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
     return net
+
+
+def _why(rule: str) -> str:
+    """What is wrong with a rule that is an address and a bad prefix length
+    (``10.0.0.0/33``); ``ipaddress`` only repeats the rule."""
+    address, slash, _ = rule.partition("/")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ""
+    return f": an IPv{ip.version} prefix length is 0-{ip.max_prefixlen}" if slash else ""
 
 
 class _NetSet:
@@ -133,7 +144,7 @@ class AccessList:
     @classmethod
     def parse(cls, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> AccessList:
         """Raises :class:`ValueError` naming the rule, e.g. ``deny[2]: '10.0.0.300'
-        is not an IPv4 or IPv6 network (...)``."""
+        is not an IPv4 or IPv6 network``."""
 
         def parse_all(name: str, rules: Iterable[str]) -> list[Network]:
             nets = []

@@ -124,6 +124,18 @@ def test_access_rules_retries_and_the_per_source_limit() -> None:
         "defaults.allow[0]: '10.0.0.1/24' has host bits set; did you mean '10.0.0.0/24'?")
 
 
+def test_a_malformed_access_rule_is_named_once_with_its_flag_or_key() -> None:
+    # The text was repeated: "... network ('10.0.0.0/33' does not appear to be an
+    # IPv4 or IPv6 network)".
+    assert cli_error(":1", "a:1", "--allow", "10.0.0.0/33") == (
+        "--allow: '10.0.0.0/33' is not an IPv4 or IPv6 network: an IPv4 prefix length is 0-32")
+    assert cli_error(":1", "a:1", "--deny", "::/8", "--deny", "2001:db8::/129") == (
+        "--deny: '2001:db8::/129' is not an IPv4 or IPv6 network: an IPv6 prefix length "
+        "is 0-128")
+    assert error(ONE + 'upstreams = "a:1"\ndeny = ["10.0.0.0/8", "10.0.0.300"]\n') == (
+        "proxy.redis.deny[1]: '10.0.0.300' is not an IPv4 or IPv6 network")
+
+
 def test_an_unknown_balance_lists_the_registry_names() -> None:
     assert error(ONE + 'upstreams = "a:1"\nbalance = "leastconn"\n') == (
         "proxy.redis.balance: 'leastconn' is not one of: hash_source, least_connections, "
@@ -190,6 +202,46 @@ def test_a_number_out_of_range_is_quoted_as_written() -> None:
     assert error(ONE + 'upstreams = "a:1"\nidle_timeout_s = -5\n') == (
         "proxy.redis.idle_timeout_s: must be at least 0, got -5")
     assert cli(":1", "a:1", "--connect-timeout-s", "2").connect_timeout_s == 2.0
+
+
+def test_a_number_flag_is_quoted_as_typed_in_any_notation() -> None:
+    # An exponent, a sign or a digit separator was shown converted:
+    # "got 10000000000.0" for a typed 1e10.
+    assert cli_error(":1", "a:1", "--tcp-keepalive-s", "1e10") == (
+        "--tcp-keepalive-s: must be at most 32767, got 1e10")
+    assert cli_error(":1", "a:1", "--tcp-keepalive-probes", "1_000") == (
+        "--tcp-keepalive-probes: must be at most 127, got 1_000")
+    assert cli_error(":1", "a:1", "--connect-timeout-s", "Infinity") == (
+        "--connect-timeout-s: expected a finite number, got Infinity")
+    proxy = cli(":1", "a:1", "--tcp-keepalive-s", "1e1", "--max-connections", "+5")
+    assert (repr(proxy.tcp_keepalive_s), repr(proxy.max_connections)) == ("10.0", "5")
+
+
+def test_unix_mode_is_refused_where_no_listener_is_a_unix_socket() -> None:
+    # It was accepted, and did nothing, on a TCP listener.
+    assert cli_error(":1", "a:1", "--unix-mode", "660") == (
+        "--unix-mode: applies to unix: listeners only (this proxy listens on TCP alone)")
+    assert error(ONE + 'upstreams = "a:1"\nunix_mode = "660"\n') == (
+        "proxy.redis.unix_mode: applies to unix: listeners only (this proxy listens on "
+        "TCP alone)")
+    tcp_and_unix = '[proxy.b]\nlisten = [":1", "unix:/tmp/b.sock"]\nupstreams = "a:1"\n'
+    assert load(tcp_and_unix + 'unix_mode = "660"\n').unix_mode == "660"
+    # From [defaults], one proxy with a unix listener is enough.
+    assert load('[defaults]\nunix_mode = "660"\n' + tcp_and_unix + ONE +
+                'upstreams = "a:1"\n').unix_mode == "660"
+    assert error('[defaults]\nunix_mode = "660"\n' + ONE + 'upstreams = "a:1"\n') == (
+        "defaults.unix_mode: applies to unix: listeners only (every proxy listens on "
+        "TCP alone)")
+
+
+@pytest.mark.parametrize("admin", ["localhost", "127.0.0.1"])
+def test_a_bad_admin_address_lists_only_the_forms_the_admin_api_takes(admin: str) -> None:
+    # unix:/path was listed, and then refused: the admin API listens on TCP.
+    forms = "expected host:port, [ipv6]:port or :port"
+    assert cli_error("--admin", admin) == f"--admin: {admin!r}: {forms}"
+    assert error(f'[server]\nadmin = "{admin}"\n') == f"server.admin: {admin!r}: {forms}"
+    assert cli_error("--admin", "unix:/tmp/a.sock") == (
+        "--admin: the admin API listens on TCP: give host:port")
 
 
 def test_command_line_errors_name_the_flag_or_the_upstream() -> None:
