@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import http.server
 import os
 import re
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -215,20 +217,32 @@ def black_hole() -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def http_server(root: Path) -> Iterator[int]:
-    """Python's http.server on 127.0.0.1 (a plain HTTP app), serving ``root``."""
-    def handler(*args: object) -> http.server.SimpleHTTPRequestHandler:
-        return http.server.SimpleHTTPRequestHandler(*args, directory=str(root))  # type: ignore[arg-type]
+def threaded(handler: Callable[..., socketserver.BaseRequestHandler],
+             wrap: Callable[[socket.socket], socket.socket] | None = None) -> Iterator[int]:
+    """A socketserver on 127.0.0.1 that serves each connection with ``handler`` on
+    a thread of its own, each accepted socket through ``wrap`` (e.g. TLS);
+    yields its port."""
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+        def get_request(self) -> tuple[socket.socket, Any]:
+            sock, addr = super().get_request()
+            return (wrap(sock) if wrap else sock), addr
+
+    with Server(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+            thread.join(5)
+
+
+def http_server(root: Path) -> contextlib.AbstractContextManager[int]:
+    """Python's http.server on 127.0.0.1 (a plain HTTP app), serving ``root``."""
+    return threaded(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root)))
 
 
 def free_port() -> int:

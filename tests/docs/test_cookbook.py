@@ -14,7 +14,6 @@ import socketserver
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from .. import helpers
-from ..helpers import ROOT, ProxyProcess, free_port, proxy_process, wait_until
+from ..helpers import ROOT, ProxyProcess, free_port, proxy_process, threaded, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,27 +76,6 @@ class _Lines(socketserver.StreamRequestHandler):
                 self.wfile.write(b"250 ok %d\r\n" % len(self.received))
         except OSError:
             pass
-
-
-@contextmanager
-def threaded(handler: type[socketserver.BaseRequestHandler],
-             wrap: Callable[[socket.socket], socket.socket] | None = None) -> Iterator[int]:
-    class Server(socketserver.ThreadingTCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-        def get_request(self) -> tuple[socket.socket, object]:
-            sock, addr = super().get_request()
-            return (wrap(sock) if wrap else sock), addr
-
-    with Server(("127.0.0.1", 0), handler) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield server.server_address[1]
-        finally:
-            server.shutdown()
-            thread.join(5)
 
 
 @contextmanager
