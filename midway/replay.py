@@ -74,7 +74,7 @@ from typing import Literal, NoReturn
 
 from .chain.dumpfmt import hexdump
 from .chain.pcapread import PcapReadError, RecordedConnection, read_connections, upstream_legs
-from .config.addresses import format_sockaddr, parse_address, unmapped
+from .config.addresses import format_sockaddr, parse_address, resolve_listen, unmapped
 from .errors import AddressError, MidwayError, describe_oserror
 from .testing import Background
 
@@ -164,6 +164,8 @@ class Replay:
         if timing not in TIMINGS:
             raise ValueError(f"timing must be 'fast' or 'recorded', not {timing!r}")
         self.listen = parse_address(listen, listen=True)
+        if not self.listen.is_unix:
+            resolve_listen(self.listen)  # a name that does not resolve: AddressError now
         self.scripts = load_scripts(capture) if isinstance(capture, str | os.PathLike) \
             else list(capture)
         self.loose = loose

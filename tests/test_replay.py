@@ -217,6 +217,14 @@ def test_cli_names_a_bad_capture(tmp_path: Path) -> None:
     assert bad_listen.returncode == 2 and "invalid choice" in bad_listen.stderr
 
 
+def test_cli_refuses_a_listen_name_that_does_not_resolve(tmp_path: Path) -> None:
+    """As ``midway --listen``: exit 2 naming the host, before the capture is read."""
+    done = replay_cli(str(tmp_path / "none.pcap"), "--listen", "no-such-host.invalid:0")
+    assert done.returncode == 2, done.stderr
+    assert "--listen: cannot resolve 'no-such-host.invalid'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_mismatch_shown_in_docs_faults_md_is_what_replay_logs() -> None:
     """docs/faults.md's example (a client naming another port in its ``Host``
     header) is, after its first line's addresses, the failure replay writes."""
