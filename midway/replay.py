@@ -254,6 +254,11 @@ class Replay:
                 await _goodbye(reader, writer)
         except (ConnectionError, OSError) as exc:
             self._fail(f"client {client}: {exc.strerror or exc}")
+        except asyncio.CancelledError:
+            # stop() ends it (and waits for it): the task ends normally, as the
+            # streams' done callback calls task.exception(), which raises for a
+            # cancelled task: a logged traceback (CPython gh-113538).
+            pass
         finally:
             self._sessions.discard(task)
             writer.close()

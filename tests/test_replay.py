@@ -191,6 +191,31 @@ def test_a_silent_client_is_closed_after_wait_s() -> None:
     assert "no bytes from the client for 0.2 s at byte 0" in run(main()).failures[0]
 
 
+def test_stopping_with_a_session_still_playing_is_quiet() -> None:
+    """stop() (Ctrl-C to ``midway replay``) ends the sessions still waiting on
+    their clients: the client sees the end, and nothing reaches the loop's
+    exception handler (asyncio's streams logged the cancelled session with a
+    traceback)."""
+    async def main() -> tuple[list[dict[str, Any]], bytes]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+        async with Replay(scripts(ping_pong)) as replay:
+            reader, writer = await asyncio.open_connection(*replay.address)
+            writer.write(b"PI")  # the replay waits for the rest of PING
+            await writer.drain()
+            async with asyncio.timeout(5):
+                while not replay.accepted:
+                    await asyncio.sleep(0.01)
+        got = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        for _ in range(3):  # the done callbacks of the session's task
+            await asyncio.sleep(0)
+        return reported, got
+
+    reported, got = run(main())
+    assert (reported, got) == ([], b"")
+
+
 def test_background_replay_for_synchronous_tests() -> None:
     with BackgroundReplay(scripts(ping_pong)) as replay, \
             socket.create_connection(replay.address, timeout=5) as sock:
