@@ -9,53 +9,34 @@ Quick use from Python::
         host, port = proxy.address          # connect your client here
 
 and from a synchronous test: ``with midway.BackgroundProxy(...) as proxy: ...``.
+
+The names are imported on first use (:func:`__getattr__`), not by ``import
+midway``: the command (``python -m midway``, ``midway``) imports this package
+before any code of its own runs, so a Ctrl-C while the library loads reaches
+:mod:`midway.__main__`, which exits 130 without a traceback.
 """
 
-from ._version import __version__
-from .api import Proxy, proxy_config
-from .chain.base import Attachment, ConnectionInfo, Element, Output, Stage
-from .chain.toxics import ToxicError
-from .chain.toxics import config as _toxic_config  # noqa: F401  (registers the toxics table parser)
-from .chain.toxics.live import ToxicExists, ToxicHandle, ToxicNotFound
-from .config.load import config_from_dict, load_config
-from .config.schema import Config, ProxyConfig, ServerConfig
-from .control.connections import ConnectionNotFound, ConnectionToxicHandle, StillConnecting
-from .core.observer import CloseReason, CloseRecord
-from .errors import ConfigError, ListenError, MidwayError, Rejected, UpstreamError
-from .replay import BackgroundReplay, Replay
-from .runtime import Runtime
-from .testing import BackgroundProxy
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "__version__",
-    "Proxy",
-    "BackgroundProxy",
-    "Replay",
-    "BackgroundReplay",
-    "proxy_config",
-    "Runtime",
-    "Config",
-    "ProxyConfig",
-    "ServerConfig",
-    "load_config",
-    "config_from_dict",
-    "Element",
-    "Stage",
-    "Attachment",
-    "Output",
-    "ConnectionInfo",
-    "CloseReason",
-    "CloseRecord",
-    "MidwayError",
-    "ConfigError",
-    "ListenError",
-    "UpstreamError",
-    "Rejected",
-    "ToxicHandle",
-    "ToxicError",
-    "ToxicExists",
-    "ToxicNotFound",
-    "ConnectionToxicHandle",
-    "ConnectionNotFound",
-    "StillConnecting",
-]
+from ._version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from ._public import *  # noqa: F403
+
+
+def __getattr__(name: str) -> Any:
+    """``midway.NAME`` (and ``__all__``): from :mod:`midway._public`, imported
+    once, then kept here (PEP 562)."""
+    if name.startswith("_") and name != "__all__":  # a submodule being imported, a dunder
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    public = importlib.import_module("._public", __name__)
+    if name != "__all__" and name not in public.__all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(public, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__getattr__("__all__")})

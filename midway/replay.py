@@ -74,7 +74,8 @@ from typing import Literal, NoReturn
 
 from .chain.dumpfmt import hexdump
 from .chain.pcapread import PcapReadError, RecordedConnection, read_connections, upstream_legs
-from .config.addresses import format_sockaddr, parse_address, resolve_listen, unmapped
+from .config.addresses import format_sockaddr, parse_address, resolve_listen
+from .core.listener import bind_resolved
 from .errors import AddressError, MidwayError, describe_oserror
 from .testing import Background
 
@@ -164,8 +165,9 @@ class Replay:
         if timing not in TIMINGS:
             raise ValueError(f"timing must be 'fast' or 'recorded', not {timing!r}")
         self.listen = parse_address(listen, listen=True)
-        if not self.listen.is_unix:
-            resolve_listen(self.listen)  # a name that does not resolve: AddressError now
+        # Resolved once, here (a name that does not resolve: AddressError now), and
+        # bound as resolved by start(): a second look-up could answer otherwise.
+        self._resolved = None if self.listen.is_unix else resolve_listen(self.listen)
         self.scripts = load_scripts(capture) if isinstance(capture, str | os.PathLike) \
             else list(capture)
         self.loose = loose
@@ -181,12 +183,16 @@ class Replay:
         self._sessions: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        if self.listen.is_unix:
+        if self._resolved is None:
             assert self.listen.path is not None
             self._server = await asyncio.start_unix_server(self._accept, self.listen.path)
         else:
-            self._server = await asyncio.start_server(
-                self._accept, unmapped(self.listen.host) or None, self.listen.port)
+            sock = bind_resolved(self._resolved, backlog=None)  # start_server listens
+            try:
+                self._server = await asyncio.start_server(self._accept, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         count = len(self.scripts)
         log.info("replay: %d recorded connection%s, listening on %s", count,
                  "" if count == 1 else "s", format_sockaddr(self._server.sockets[0].getsockname()))
@@ -248,6 +254,11 @@ class Replay:
                 await _goodbye(reader, writer)
         except (ConnectionError, OSError) as exc:
             self._fail(f"client {client}: {exc.strerror or exc}")
+        except asyncio.CancelledError:
+            # stop() ends it (and waits for it): the task ends normally, as the
+            # streams' done callback calls task.exception(), which raises for a
+            # cancelled task: a logged traceback (CPython gh-113538).
+            pass
         finally:
             self._sessions.discard(task)
             writer.close()

@@ -1152,7 +1152,9 @@ class Connection(Dialer):
             log.info("conn %d (%s): rejected by %s: %s", self.info.id, self.service.name, name, exc)
             self.finish(CloseReason.REJECTED, str(exc))
         elif isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-            self.finish(CloseReason.RESET, f"client: {describe_oserror(exc)}", "client")
+            # A reset as anywhere else, whose detail says when: not relaying yet.
+            self.finish(CloseReason.RESET, f"client: {describe_oserror(exc)} (in inbound layer "
+                        f"{name})", "client")
         else:
             log.warning("conn %d (%s): inbound layer %s failed (%s); closing this connection",
                         self.info.id, self.service.name, name, exc,

@@ -960,6 +960,46 @@ def test_ctrl_c_while_the_configuration_is_checked_exits_130_without_a_traceback
                                         timeout=TIMEOUT_S))
 
 
+SLOW_LIBRARY = """
+import importlib.abc, pathlib, sys, time
+
+
+class Slow(importlib.abc.MetaPathFinder):  # holds the import of midway.config.load
+    def find_spec(self, name, path, target=None):
+        if name == "midway.config.load":
+            sys.meta_path.remove(self)
+            pathlib.Path(__file__).with_suffix(".started").touch()
+            time.sleep(10)
+        return None
+
+
+sys.meta_path.insert(0, Slow())
+"""
+
+CONSOLE_SCRIPT = """
+import sys
+from midway.__main__ import main
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+"""What pip writes for ``[project.scripts] midway = "midway.__main__:main"``."""
+
+
+@pytest.mark.parametrize("how", ["python -m midway", "console script"])
+def test_ctrl_c_while_midway_itself_imports_exits_130_without_a_traceback(
+        how: str, tmp_path: Path) -> None:
+    """The first fraction of a second of ``midway ...`` is Python importing the
+    library (here held there by a sitecustomize): Ctrl-C then exits 130 too."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_LIBRARY)
+    (tmp_path / "midway-script").write_text(CONSOLE_SCRIPT)
+    command = midway_cmd("--version") if how == "python -m midway" else [
+        sys.executable, str(tmp_path / "midway-script"), "--version"]
+    proc = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _interrupt(proc, lambda: wait_until((tmp_path / "sitecustomize.started").exists,
+                                        timeout=TIMEOUT_S))
+
+
 @pytest.mark.parametrize("name", ["connections", "top"])
 def test_ctrl_c_while_an_admin_client_waits_for_the_api_exits_130_without_a_traceback(
         name: str, upstream: socket.socket) -> None:

@@ -9,7 +9,7 @@ from midway.connections import format_table, sort_rows
 
 def row(id: int, up: int, down: int, age: float, **more: Any) -> dict[str, Any]:
     return {"id": id, "proxy": "p", "worker": 1, "client": f"127.0.0.1:{id}",
-            "upstream": "127.0.0.1:80", "age_s": age, "bytes_up": up, "bytes_down": down,
+            "upstream": "127.0.0.1:80", "upstream_addr": "127.0.0.1:80", "age_s": age, "bytes_up": up, "bytes_down": down,
             "state": "open", "path": "copy", "toxics": [], **more}
 
 
@@ -21,7 +21,8 @@ def test_sorted_by_bytes_both_ways_or_by_age_oldest_first() -> None:
 
 
 def test_a_connecting_row_shows_dashes_for_what_it_has_not_yet() -> None:
-    table = format_table([row(3, 0, 0, 1.04, upstream=None, state="connecting", path="none"),
+    table = format_table([row(3, 0, 0, 1.04, upstream=None, upstream_addr=None, state="connecting",
+                              path="none"),
                           row(12, 1, 2, 0.5, toxics=["latency_downstream", "slicer_upstream"])])
     lines = table.splitlines()
     assert lines[0].split() == ["ID", "PROXY", "WORKER", "CLIENT", "UPSTREAM", "AGE_S",
@@ -31,3 +32,16 @@ def test_a_connecting_row_shows_dashes_for_what_it_has_not_yet() -> None:
     assert lines[2].split()[-1] == "latency_downstream,slicer_upstream"
     column = lines[0].index("STATE")  # aligned: every row's state starts under its title
     assert lines[1][column:].startswith("connecting") and lines[2][column:].startswith("open")
+
+
+def test_the_resolved_address_is_a_column_when_an_upstream_is_a_name() -> None:
+    """As the access log's ``upstream_addr``: which address of a name took the
+    connection; with IP upstreams only it would repeat UPSTREAM, and is left out."""
+    by_name = row(5, 1, 2, 3.0, upstream="web.internal:80", upstream_addr="10.0.0.5:80")
+    connecting = row(6, 0, 0, 0.1, upstream=None, upstream_addr=None, state="connecting")
+    lines = format_table([by_name, connecting, row(7, 0, 0, 0.2)]).splitlines()
+    assert lines[0].split()[3:6] == ["CLIENT", "UPSTREAM", "UPSTREAM_ADDR"]
+    assert lines[1].split()[4:6] == ["web.internal:80", "10.0.0.5:80"]
+    assert lines[2].split()[4:6] == ["-", "-"]
+    assert lines[3].split()[4:6] == ["127.0.0.1:80", "127.0.0.1:80"]
+    assert "UPSTREAM_ADDR" not in format_table([row(7, 0, 0, 0.2), connecting])

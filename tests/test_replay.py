@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,6 +191,31 @@ def test_a_silent_client_is_closed_after_wait_s() -> None:
     assert "no bytes from the client for 0.2 s at byte 0" in run(main()).failures[0]
 
 
+def test_stopping_with_a_session_still_playing_is_quiet() -> None:
+    """stop() (Ctrl-C to ``midway replay``) ends the sessions still waiting on
+    their clients: the client sees the end, and nothing reaches the loop's
+    exception handler (asyncio's streams logged the cancelled session with a
+    traceback)."""
+    async def main() -> tuple[list[dict[str, Any]], bytes]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+        async with Replay(scripts(ping_pong)) as replay:
+            reader, writer = await asyncio.open_connection(*replay.address)
+            writer.write(b"PI")  # the replay waits for the rest of PING
+            await writer.drain()
+            async with asyncio.timeout(5):
+                while not replay.accepted:
+                    await asyncio.sleep(0.01)
+        got = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        for _ in range(3):  # the done callbacks of the session's task
+            await asyncio.sleep(0)
+        return reported, got
+
+    reported, got = run(main())
+    assert (reported, got) == ([], b"")
+
+
 def test_background_replay_for_synchronous_tests() -> None:
     with BackgroundReplay(scripts(ping_pong)) as replay, \
             socket.create_connection(replay.address, timeout=5) as sock:
@@ -223,6 +249,33 @@ def test_cli_refuses_a_listen_name_that_does_not_resolve(tmp_path: Path) -> None
     assert done.returncode == 2, done.stderr
     assert "--listen: cannot resolve 'no-such-host.invalid'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_listen_name_is_resolved_once_and_bound_as_resolved(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name is looked up when the replay is made (to refuse one that does not
+    resolve) and that answer is bound: a second look-up, which could answer
+    another address or none, is never made."""
+    real = socket.getaddrinfo
+    asked: list[object] = []
+
+    def dns(host: str, port: object, *args: Any, **kwargs: Any) -> Any:
+        if host != "replay.test":
+            return real(host, port, *args, **kwargs)
+        asked.append(port)
+        if len(asked) > 1:  # the name's records have changed meanwhile
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+
+    async def main() -> tuple[tuple[str, int], bytes]:
+        async with Replay(scripts(ping_pong), "replay.test:0") as replay:
+            return replay.address, await talk(replay.address, b"PING\r\nGET key\r\n")
+
+    (host, port), got = run(main())
+    assert (host, got) == ("127.0.0.1", b"+PONG\r\n$5\r\nvalue\r\n") and port > 0
+    assert asked == [0]
 
 
 def test_the_mismatch_shown_in_docs_faults_md_is_what_replay_logs() -> None:

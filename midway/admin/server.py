@@ -16,7 +16,10 @@ or hostile one costs a bounded share:
   a burst of connects is not dropped (each drop costs the client a 1 s SYN
   retransmit);
 * at most :data:`MAX_CONNECTIONS` connections are served at once (a thread
-  each); past that a new connection is answered 503 and closed at once;
+  each); a new connection past that takes the place of the one idle longest
+  (waiting for its first request, or a keep-alive's next), which is closed, so
+  idle connections cannot lock anyone out; only when none is idle is it
+  answered 503 and closed at once;
 * a request (line, headers and body) must arrive within :data:`REQUEST_TIMEOUT_S`
   of its first byte, however the client dribbles it (slowloris), or the
   connection is dropped; an idle keep-alive connection is closed after
@@ -79,9 +82,11 @@ BACKLOG: int = ProxyConfig.backlog
 """Length of the admin listener's accept queue: the proxies' default (511,
 nginx's); socketserver's own 5 dropped connects from a burst of 200 clients."""
 MAX_CONNECTIONS = 256
-"""Admin connections served at once, one thread each; a connection past it gets
-503 and is closed.  Toxiproxy has no cap (a goroutine each); a test suite's
-clients need a handful, 256 leaves room for bursts while bounding threads."""
+"""Admin connections served at once, one thread each; a connection past it
+closes the one idle longest in its place (:class:`_Slots`), or when none is
+idle gets 503 and is closed.  Toxiproxy has no cap (a goroutine each); a test
+suite's clients need a handful, 256 leaves room for bursts while bounding
+threads."""
 MAX_BODY = 1 << 20
 """Largest request body (1 MiB): a populate of thousands of proxies fits."""
 REQUEST_TIMEOUT_S = 10.0
@@ -183,7 +188,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.loop = loop
         self.token = token
         self.hosts = hosts
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.slots = _Slots(MAX_CONNECTIONS)
         self._refused_logged_at = -_REFUSED_LOG_EVERY_S
         self._host_logged_at = -_REFUSED_LOG_EVERY_S
         super().__init__(sock.getsockname(), _Handler, bind_and_activate=False)
@@ -194,28 +199,29 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Called by the accept loop: serve on a thread of its own if there is a
-        slot, else answer 503 without blocking and close."""
-        if not self._slots.acquire(blocking=False):
+        slot (or an idle connection to give up its own), else answer 503 without
+        blocking and close."""
+        if not self.slots.take():
             self._refuse(request, client_address)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self.slots.release()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self.slots.release()
 
     def _refuse(self, request: socket.socket, client_address: Any) -> None:
         now = time.monotonic()
         if now - self._refused_logged_at >= _REFUSED_LOG_EVERY_S:
             self._refused_logged_at = now
-            log.warning("admin API: %d connections already open: refusing new ones (503)",
-                        MAX_CONNECTIONS)
+            log.warning("admin API: %d connections already open, none idle: refusing new "
+                        "ones (503)", MAX_CONNECTIONS)
         body = _error_body(f"too many admin connections (at most {MAX_CONNECTIONS})", 503)
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
@@ -251,26 +257,83 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 
+class _Slots:
+    """The connections served at once, at most ``limit`` but for those closed
+    to make room whose threads are still ending, and which of them are idle:
+    blocked waiting for a request to begin, with nothing of it received.  Those
+    are the ones a new connection at the limit may take the place of: a client
+    that keeps connections open and silent (256 of them would have locked
+    everyone else out for :data:`IDLE_TIMEOUT_S`) loses them to the next
+    request, as an HTTP server may close an idle keep-alive connection at any
+    time (RFC 9112 section 9.8; clients retry on another)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._served = 0
+        self._idle: dict[socket.socket, None] = {}  # in the order they became idle
+
+    def take(self) -> bool:
+        """A slot for a new connection: a free one, else the one of the
+        connection idle longest, which is shut down (its thread reads the end of
+        stream and ends).  False when every connection is busy."""
+        with self._lock:
+            if self._served >= self._limit:
+                if not self._idle:
+                    return False
+                oldest = next(iter(self._idle))
+                del self._idle[oldest]
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError as exc:  # the peer has gone already: its thread ends too
+                    log.debug("admin API: closing an idle connection: %s", exc)
+                else:
+                    log.debug("admin API: %d connections open: closed the one idle longest "
+                              "for a new one", self._served)
+            self._served += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._served -= 1
+
+    def idle(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle[sock] = None
+
+    def busy(self, sock: socket.socket) -> bool:
+        """``sock`` is no longer idle; False when :meth:`take` closed it meanwhile."""
+        with self._lock:
+            return self._idle.pop(sock, False) is None
+
+
 class _DeadlineReader(io.RawIOBase):
     """The socket as the raw stream under the handler's ``rfile``: each read
     waits at most what is left of :attr:`deadline` (or :data:`IDLE_TIMEOUT_S`
-    when none is set), so a whole request shares one deadline."""
+    when none is set, the connection idle in ``slots`` meanwhile), so a whole
+    request shares one deadline."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, slots: _Slots) -> None:
         self._sock = sock
+        self._slots = slots
         self.deadline: float | None = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self.deadline is None:
+        if self.deadline is None:  # waiting for a request to begin: idle
             self._sock.settimeout(IDLE_TIMEOUT_S)
-        else:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"request not complete within {REQUEST_TIMEOUT_S:g} s")
-            self._sock.settimeout(left)
+            self._slots.idle(self._sock)
+            try:
+                received = self._sock.recv_into(buffer)
+            finally:
+                evicted = not self._slots.busy(self._sock)
+            return 0 if evicted else received  # closed for a new connection: its end
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"request not complete within {REQUEST_TIMEOUT_S:g} s")
+        self._sock.settimeout(left)
         return self._sock.recv_into(buffer)
 
 
@@ -283,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile.close()  # replaced by one that keeps the request's deadline
-        self._reader = _DeadlineReader(self.connection)
+        self._reader = _DeadlineReader(self.connection, self.server.slots)
         self.rfile = self._buffered = io.BufferedReader(self._reader)
 
     def handle_one_request(self) -> None:

@@ -84,7 +84,8 @@ _LIST_PARSERS: dict[str, ListParser] = {}
 def register_list_parser(key: str, parser: ListParser) -> None:
     """Let the layer that owns a per-proxy list of tables check it: the entries of
     ``toxics`` are toxic types only the chain knows (``midway.chain.toxics.config``
-    registers its parser when imported, which ``import midway`` does), and
+    registers its parser when imported, which the first use of a name of ``midway``
+    does, as does every part of midway that loads a configuration), and
     ``config/`` imports nothing from ``chain/``."""
     if key not in _PROXY_LISTS:
         raise ValueError(f"{key!r} is not a per-proxy list of tables ({', '.join(_PROXY_LISTS)})")

@@ -31,13 +31,14 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from ..config.addresses import Address, privileged_port, resolve_listen
 from ..errors import AddressError, ListenError, describe_oserror
 from .poller import poller_for
 
-__all__ = ["Listener", "open_listening_socket", "bind_tcp", "ACCEPT_BATCH", "RESOURCE_BACKOFF_S",
-           "NODELAY_INHERITED", "SocketOptions", "keepalive_options", "set_options"]
+__all__ = ["Listener", "open_listening_socket", "bind_tcp", "bind_resolved", "ACCEPT_BATCH",
+           "RESOURCE_BACKOFF_S", "NODELAY_INHERITED", "SocketOptions", "keepalive_options", "set_options"]
 
 log = logging.getLogger("midway")
 
@@ -123,20 +124,31 @@ def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
              what: str = "") -> socket.socket:
     """The one place a TCP address becomes a bound socket: the proxies' listeners,
     the admin API's and the supervisor's port reservations, at the sockaddr
-    :func:`~midway.config.addresses.resolve_listen` gives.  SO_REUSEADDR is set
-    (a restart does not wait for TIME_WAIT), SO_REUSEPORT with ``reuse_port``.
-    The socket listens with ``backlog``, or (``None``) is only bound, which holds
-    the port without receiving connections.  Blocking, as made.  Raises
-    :class:`ListenError` naming the address (and ``what`` listens there)."""
+    :func:`~midway.config.addresses.resolve_listen` gives (see
+    :func:`bind_resolved`).  Raises :class:`ListenError` naming the address (and
+    ``what`` listens there)."""
     where = f"cannot listen on {address}{what}"
     try:
-        family, sockaddr, dual = resolve_listen(address)
+        resolved = resolve_listen(address)
     except AddressError as exc:
         raise ListenError(f"{where}: {exc}") from exc
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        return bind_resolved(resolved, backlog=backlog, reuse_port=reuse_port)
     except OSError as exc:
-        raise ListenError(f"{where}: {describe_oserror(exc)}") from exc
+        why = (exc.errno == errno.EACCES and privileged_port(address.port)) or describe_oserror(exc)
+        raise ListenError(f"{where}: {why}") from exc
+
+
+def bind_resolved(resolved: tuple[int, Any, bool], *, backlog: int | None,
+                  reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound where ``resolved`` says (:func:`resolve_listen`'s
+    family, sockaddr and dual stack), for a caller that resolved the address
+    already and must bind what it checked.  SO_REUSEADDR is set (a restart does
+    not wait for TIME_WAIT), SO_REUSEPORT with ``reuse_port``.  The socket
+    listens with ``backlog``, or (``None``) is only bound, which holds the port
+    without receiving connections.  Blocking, as made.  Raises ``OSError``."""
+    family, sockaddr, dual = resolved
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -146,10 +158,9 @@ def bind_tcp(address: Address, *, backlog: int | None, reuse_port: bool = False,
         sock.bind(sockaddr)
         if backlog is not None:
             sock.listen(backlog)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        why = (exc.errno == errno.EACCES and privileged_port(address.port)) or describe_oserror(exc)
-        raise ListenError(f"{where}: {why}") from exc
+        raise
     return sock
 
 

@@ -7,6 +7,7 @@ read its stderr."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import threading
@@ -138,6 +139,38 @@ def test_connections_past_the_cap_get_503_and_the_cap_frees_up(admin: Admin) -> 
             break
         time.sleep(0.1)
     assert reply[:1] == (200,) and reply[2] == {}
+
+
+def test_idle_connections_at_the_cap_give_way_to_a_new_request(admin: Admin) -> None:
+    """A client holding the cap's worth of connections open and silent locks no
+    one out: a new connection takes the place of the one idle longest, closed
+    with a FIN (an idle HTTP connection may be closed at any time), and the
+    others are still served."""
+    request = b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: t\r\n\r\n"
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            held.append(socket.create_connection((admin.host, admin.port), timeout=10))
+        deadline = time.monotonic() + 10
+        while True:  # once the held connections' threads wait for a request
+            status, _, body = raw_request(admin, request)
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status == 200, body
+        poller = select.poll()
+        for sock in held:
+            poller.register(sock, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(1000)]
+        assert len(ready) == 1, ready
+        [closed] = [sock for sock in held if sock.fileno() in ready]
+        assert closed.recv(100) == b""
+        other = held[-1] if closed is not held[-1] else held[0]
+        other.sendall(request)
+        assert read_reply(other)[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_slow_headers_and_slow_bodies_are_dropped_after_the_request_timeout(

@@ -84,6 +84,23 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
+def test_the_table_shows_what_an_upstream_name_resolved_to(echo_port: int) -> None:
+    """``midway connections`` with an upstream given by name: the UPSTREAM_ADDR
+    column is the API's ``upstream_addr``, the loopback address that accepted."""
+    with proxy_process("127.0.0.1:0", f"localhost:{echo_port}", "--admin",
+                       "127.0.0.1:0") as proxy:
+        api = Api(proxy)
+        with socket.create_connection(("127.0.0.1", listen_port(api)), timeout=10) as sock:
+            roundtrip(sock, b"x" * 100)
+            [row] = by_client(api).values()
+            out = cli("--admin", f"127.0.0.1:{api.port}")
+    assert out.returncode == 0, out.stderr
+    head, line = out.stdout.splitlines()
+    assert head.split()[4:6] == ["UPSTREAM", "UPSTREAM_ADDR"]
+    assert line.split()[4:6] == [f"localhost:{echo_port}", row["upstream_addr"]]
+    assert row["upstream_addr"] == f"127.0.0.1:{echo_port}"
+
+
 def test_one_process_lists_kills_and_slows_single_connections(echo_port: int,
                                                               tmp_path: Path) -> None:
     access_log = tmp_path / "access.log"

@@ -183,7 +183,8 @@ def test_a_client_that_sends_nothing_is_closed_after_the_handshake_timeout(pki: 
 
 def test_a_client_that_resets_during_the_handshake_is_a_reset(pki: Pki, tmp_path: Path) -> None:
     """docs/tls.md: a reset during the handshake is a reset (reason ``reset``,
-    no ``tls:`` line), as anywhere else; not a failed handshake."""
+    no ``tls:`` line), as anywhere else, not a failed handshake; its detail
+    names the layer it happened in, as docs/tls.md shows it."""
     access_log = tmp_path / "access.log"
     with echo_server() as up, proxy_process(
             "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
@@ -201,6 +202,9 @@ def test_a_client_that_resets_during_the_handshake_is_a_reset(pki: Pki, tmp_path
         [record] = [json.loads(line) for line in access_log.read_text().splitlines()]
         log = mw.stderr_text()
     assert (record["reason"], record["first_close"]) == ("reset", "client")
+    assert record["detail"] == "client: connection reset by peer (in inbound layer tls)"
+    doc = " ".join((helpers.ROOT / "docs" / "tls.md").read_text(encoding="utf-8").split())
+    assert f"`detail` `{record['detail']}`" in doc
     assert "tls:" not in log, log
 
 
