@@ -28,6 +28,7 @@ An upstream entry is an address, the quick form ``ADDRESS[,weight=N][,backup]``
 from __future__ import annotations
 
 import difflib
+import importlib
 import ipaddress
 import os
 import stat
@@ -79,14 +80,16 @@ other options, already validated: a toxic inherits the proxy's ``seed``) into th
 :class:`ProxyConfig` field of the same name; raises :class:`ConfigError`."""
 
 _LIST_PARSERS: dict[str, ListParser] = {}
+_LIST_OWNERS = {"toxics": "midway.chain.toxics.config"}
+"""The module that registers each list's parser, imported by name the first time
+one is needed (a program may import ``midway.config.load`` alone)."""
 
 
 def register_list_parser(key: str, parser: ListParser) -> None:
     """Let the layer that owns a per-proxy list of tables check it: the entries of
     ``toxics`` are toxic types only the chain knows (``midway.chain.toxics.config``
-    registers its parser when imported, which the first use of a name of ``midway``
-    does, as does every part of midway that loads a configuration), and
-    ``config/`` imports nothing from ``chain/``."""
+    registers its parser when imported; :data:`_LIST_OWNERS` names it, imported
+    on first need), and ``config/`` imports nothing from ``chain/``."""
     if key not in _PROXY_LISTS:
         raise ValueError(f"{key!r} is not a per-proxy list of tables ({', '.join(_PROXY_LISTS)})")
     _LIST_PARSERS[key] = parser
@@ -404,8 +407,9 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     for key in _PROXY_LISTS:
         if key in table:
             parser = _LIST_PARSERS.get(key)
-            if parser is None:  # a program that imported midway.config alone
-                raise ConfigError(_join(path, key), "cannot be checked: no parser is registered")
+            if parser is None:  # nothing imported its owner yet: import it (it registers)
+                importlib.import_module(_LIST_OWNERS[key])
+                parser = _LIST_PARSERS[key]
             kwargs[key] = parser(table[key], _join(path, key), kwargs)
     return ProxyConfig(name=name, **kwargs)
 

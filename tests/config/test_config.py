@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from midway.config.addresses import Address
 from midway.config.load import load_config
 from midway.config.schema import Config, ProxyConfig, ServerConfig, UpstreamConfig
 from midway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str, name: str = "midway.toml") -> Path:
@@ -439,3 +443,18 @@ def test_unreadable_file(tmp_path: Path) -> None:
             load_config(path)
     finally:
         path.chmod(0o600)
+
+
+def test_a_program_importing_the_loader_alone_can_load_toxics(tmp_path: Path) -> None:
+    """``midway.config.load`` imported on its own (no ``midway.NAME`` used, so
+    nothing imported the chain) still checks a proxy's toxics: their parser's
+    module is imported when first needed."""
+    path = write(tmp_path, '[proxy.web]\nlisten = ["127.0.0.1:0"]\nupstreams = ["127.0.0.1:9"]\n'
+                   '[[proxy.web.toxics]]\ntype = "latency"\nattributes = { latency = 5 }\n')
+    program = ("import sys; from midway.config.load import load_config\n"
+               "assert 'midway.chain.toxics.config' not in sys.modules\n"
+               f"print(load_config({str(path)!r}).proxies[0].toxics[0])\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "latency" in done.stdout
