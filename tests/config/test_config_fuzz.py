@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import midway  # noqa: F401  (registers the [[proxy.NAME.toxics]] parser)
 from midway.config.load import config_from_dict, load_config
 from midway.config.schema import (
     Config,
