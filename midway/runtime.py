@@ -24,6 +24,7 @@ from .config.schema import Config, ProxyConfig, ServerConfig, ToxicSpec
 from .config.target import keep_ports
 from .core.accesslog import AccessLog
 from .core.clock import LoopClock
+from .core.listener import Listener
 from .core.observer import CloseReason, Observer, Observers
 from .errors import ConfigError, ListenError
 from .service import ProxyService
@@ -305,14 +306,22 @@ class Runtime:
                 raise
             _pin_ports(service)
             service.enabled = True
-            if not self.stopping:
-                service.start_accepting()
             config = dataclasses.replace(config, listen=service.config.listen)
-        elif config.listen != service.config.listen:
-            service.relisten(config.listen)  # the addresses that stay keep their sockets
+            try:
+                service.reconfigure(config)
+            finally:  # accepting, and saying where it forwards, with the new upstreams
+                if not self.stopping:
+                    service.start_accepting()
+            return service
+        opened: list[Listener] = []
+        if config.listen != service.config.listen:
+            opened = service.relisten(config.listen)  # the addresses that stay keep their sockets
             _pin_ports(service)
             config = dataclasses.replace(config, listen=service.config.listen)
-        service.reconfigure(config)
+        try:
+            service.reconfigure(config)
+        finally:
+            service.announce(opened)
         return service
 
     def enable_proxy(self, name: str, enabled: bool) -> None:
