@@ -627,9 +627,12 @@ class ServerConfig:
     max_connections: int = option(
         0,
         "Most connections served at once by the whole process, all proxies together.  "
-        "Past it every listener stops accepting until a connection closes.",
-        zero="automatic: (open-file limit - 64) / 2, after raising the soft open-file "
-        "limit to the hard one, as HAProxy derives maxconn from ulimit-n",
+        "Past it every listener stops accepting until a connection closes.  midway "
+        "raises the soft open-file limit to the hard one at start, whatever this is "
+        "(a connection holds two descriptors; a value they cannot hold is logged as "
+        "a warning).",
+        zero="automatic: (open-file limit - 64) / 2, as HAProxy derives maxconn from "
+        "ulimit-n",
         minimum=0, metavar="N", cli=False,
     )
     drain_timeout_s: float = option(

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -185,6 +186,51 @@ splice = {"true" if helpers.MODE.path == "splice" else "false"}
         assert wait_until(lambda: _try_roundtrip(proxy.port), timeout=10)
         if server_limit:
             assert "too many open files" in proxy.stderr_text()
+            # ... which the start foretold: the hard limit of 64 cannot hold 1000.
+            assert "server.max_connections = 1000 needs about 2064 open files" \
+                in proxy.stderr_text()
+
+
+def _low_soft_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))
+
+
+@pytest.mark.one_mode
+def test_a_configured_limit_raises_the_soft_descriptor_limit(echo: EchoServer,
+                                                             tmp_path: Path) -> None:
+    """``max_connections = 200`` under a soft open-file limit of 64 (hard 4096,
+    as a shell's ``ulimit -Sn 64`` leaves it): midway raises the soft limit as
+    the automatic limit does, so 150 clients held open at once are each served,
+    none closed for want of a descriptor."""
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+max_connections = 200
+[proxy.many]
+listen = "127.0.0.1:0"
+upstreams = ["127.0.0.1:{echo.port}"]
+backlog = 512
+""")
+    with proxy_process("--config", str(config), preexec=_low_soft_nofile) as proxy:
+        clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+                   for _ in range(150)]
+        try:
+            for i, client in enumerate(clients):
+                client.sendall(b"%03d" % i)
+            answers = [_read(client, 3) for client in clients]
+        finally:
+            for client in clients:
+                client.close()
+        log = proxy.stderr_text()
+    assert answers == [b"%03d" % i for i in range(150)], log
+    assert "too many open files" not in log, log
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n and (chunk := sock.recv(n - len(got))):
+        got += chunk
+    return got
 
 
 def _storm(port: int, clients: int = 150) -> list[socket.socket]:
