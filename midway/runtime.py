@@ -24,6 +24,7 @@ from .config.schema import Config, ProxyConfig, ServerConfig, ToxicSpec
 from .config.target import keep_ports
 from .core.accesslog import AccessLog
 from .core.clock import LoopClock
+from .core.listener import Listener
 from .core.observer import CloseReason, Observer, Observers
 from .errors import ConfigError, ListenError
 from .service import ProxyService
@@ -204,10 +205,20 @@ class Runtime:
                 service.room_changed()
 
     def _set_limit(self) -> None:
-        if self.server.max_connections:
-            self.max_connections = self.server.max_connections
-        else:
-            self.max_connections = auto_max_connections(raise_open_file_limit())
+        # Raised whatever the limit, as HAProxy raises ulimit-n for its maxconn:
+        # a limit of 1000 under a shell's soft 1024 would fail clients past ~480.
+        open_files = raise_open_file_limit()
+        wanted = self.server.max_connections
+        if not wanted:
+            self.max_connections = auto_max_connections(open_files)
+            return
+        self.max_connections = wanted
+        if (needed := 2 * wanted + _FD_RESERVE) > open_files:
+            log.warning("server.max_connections = %d needs about %d open files (two a "
+                        "connection, %d kept back), and the open-file limit is %d: clients "
+                        "will be closed for want of descriptors before the limit is reached; "
+                        "raise the hard limit (ulimit -Hn, systemd's LimitNOFILE)",
+                        wanted, needed, _FD_RESERVE, open_files)
 
     def _open_access_log(self) -> None:
         """Open ``server.access_log`` (if set) as an observer; raises ConfigError."""
@@ -305,14 +316,22 @@ class Runtime:
                 raise
             _pin_ports(service)
             service.enabled = True
-            if not self.stopping:
-                service.start_accepting()
             config = dataclasses.replace(config, listen=service.config.listen)
-        elif config.listen != service.config.listen:
-            service.relisten(config.listen)  # the addresses that stay keep their sockets
+            try:
+                service.reconfigure(config)
+            finally:  # accepting, and saying where it forwards, with the new upstreams
+                if not self.stopping:
+                    service.start_accepting()
+            return service
+        opened: list[Listener] = []
+        if config.listen != service.config.listen:
+            opened = service.relisten(config.listen)  # the addresses that stay keep their sockets
             _pin_ports(service)
             config = dataclasses.replace(config, listen=service.config.listen)
-        service.reconfigure(config)
+        try:
+            service.reconfigure(config)
+        finally:
+            service.announce(opened)
         return service
 
     def enable_proxy(self, name: str, enabled: bool) -> None:

@@ -253,12 +253,14 @@ class ProxyService:
                 listener.set_keepalive(self.keepalive)
         return listeners
 
-    def relisten(self, listen: tuple[Address, ...]) -> None:
+    def relisten(self, listen: tuple[Address, ...]) -> list[Listener]:
         """Listen on ``listen`` instead of :attr:`config`'s addresses, and make it
         the configured list.  A listener whose address stays is left as it is:
         its socket and the clients in its accept queue are never closed, so not
         one connection to it is refused during the change.  Added addresses are
-        opened (accepting if the proxy is), removed ones closed.  An added address
+        opened, not yet accepting: they are returned for :meth:`announce` once
+        the new settings are in (so their log line names the new upstreams);
+        removed ones are closed.  An added address
         may overlap a removed one on the same port (``:8080`` replacing
         ``127.0.0.1:8080``): when it cannot be bound beside them, the removed
         ones are closed first and it is tried again.  All or nothing: on
@@ -266,7 +268,7 @@ class ProxyService:
         taken meanwhile by another process is logged and left out)."""
         if not self.listeners:  # closed (midway is stopping): nothing to move
             self.config = dataclasses.replace(self.config, listen=listen)
-            return
+            return []
         current = list(zip(self.config.listen, self.listeners, strict=True))
         spare = list(current)
         plan: list[Listener | Address] = []  # per new address: its kept listener, or itself
@@ -298,7 +300,7 @@ class ProxyService:
         fresh = iter(opened)
         self.listeners = [next(fresh) if isinstance(a, Address) else a for a in plan]
         self.config = dataclasses.replace(self.config, listen=listen)
-        self._announce(opened)
+        return opened
 
     def _reopen(self, current: list[tuple[Address, Listener]], removed: list[Listener]) -> None:
         """After a failed :meth:`relisten`: open the removed addresses again."""
@@ -315,15 +317,15 @@ class ProxyService:
             pairs.append((address, listener))
         self.listeners = [listener for _, listener in pairs]
         self.config = dataclasses.replace(self.config, listen=tuple(a for a, _ in pairs))
-        self._announce(reopened)
+        self.announce(reopened)
 
     def start_accepting(self) -> None:
         self.accepting = True
-        self._announce(self.listeners)
+        self.announce(self.listeners)
         self._tell_health(self.pool.upstreams)
         self._sync_checks()
 
-    def _announce(self, listeners: Iterable[Listener]) -> None:
+    def announce(self, listeners: Iterable[Listener]) -> None:
         """Start ``listeners`` accepting if the proxy is, saying so."""
         if not self.accepting:
             return

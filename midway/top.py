@@ -179,15 +179,22 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
             return "-"
         return f"{max(0.0, now.total(name, **labels) - before.total(name, **labels)) / dt:.1f}"
 
-    lines = [f"{'PROXY':<14} {'LISTEN':<22} {'UPSTREAM':<28} {'OPEN':>5} {'CONN/S':>7} "
-             f"{'UP B/S':>10} {'DOWN B/S':>10}  CLOSES"]
+    # The text columns widen to their longest value (two listen addresses, a
+    # long name), so that every number stays under its header.
+    texts = {name: (name + ("" if proxy.get("enabled", True) else " (disabled)"),
+                    str(proxy.get("listen", "")), str(proxy.get("upstream", "")))
+             for name, proxy in now.proxies.items()}
+    wide = [max([least, *(len(row[i]) for row in texts.values())])
+            for i, least in enumerate((14, 22, 28))]
+    lines = [f"{'PROXY':<{wide[0]}} {'LISTEN':<{wide[1]}} {'UPSTREAM':<{wide[2]}} {'OPEN':>5} "
+             f"{'CONN/S':>7} {'UP B/S':>10} {'DOWN B/S':>10}  CLOSES"]
     for name in sorted(now.proxies):
         proxy = now.proxies[name]
         closes = ", ".join(f"{ls.get('reason')} {v:.0f}" for n, ls, v in now.metrics
                            if n == "midway_closes_total" and ls.get("proxy") == name and v)
-        state = "" if proxy.get("enabled", True) else " (disabled)"
+        label, listen, upstream = texts[name]
         lines.append(
-            f"{name + state:<14} {proxy.get('listen', ''):<22} {proxy.get('upstream', ''):<28} "
+            f"{label:<{wide[0]}} {listen:<{wide[1]}} {upstream:<{wide[2]}} "
             f"{now.total('midway_connections_active', proxy=name):>5.0f} "
             f"{rate('midway_connections_total', proxy=name):>7} "
             f"{rate('midway_bytes_total', proxy=name, direction='upstream'):>10} "

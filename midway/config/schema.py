@@ -340,7 +340,8 @@ class ProxyConfig:
     max_connections: int = option(
         0,
         "Most connections this proxy serves at once.  Past it the proxy stops "
-        "accepting; new clients wait in the kernel's listen queue until a slot frees.",
+        "accepting; new clients wait in the kernel's listen queue until a slot frees.  "
+        "With workers, each worker counts its own (N workers serve up to N times it).",
         zero="no per-proxy limit (the process-wide server.max_connections still applies)",
         minimum=0, metavar="N",
     )
@@ -564,7 +565,7 @@ class ProxyConfig:
         0,
         "Most live connections from one client IP (an IPv4-mapped IPv6 address "
         "counts as its IPv4 address); past it a new one is closed at accept, "
-        "reason source_limit.",
+        "reason source_limit.  With workers, each worker counts its own.",
         zero="no per-source limit", minimum=0, metavar="N",
     )
 
@@ -627,9 +628,14 @@ class ServerConfig:
     max_connections: int = option(
         0,
         "Most connections served at once by the whole process, all proxies together.  "
-        "Past it every listener stops accepting until a connection closes.",
-        zero="automatic: (open-file limit - 64) / 2, after raising the soft open-file "
-        "limit to the hard one, as HAProxy derives maxconn from ulimit-n",
+        "Past it every listener stops accepting until a connection closes.  With "
+        "workers, each worker process counts its own (N workers serve up to N times "
+        "it, as HAProxy's maxconn was per process with nbproc).  midway "
+        "raises the soft open-file limit to the hard one at start, whatever this is "
+        "(a connection holds two descriptors; a value they cannot hold is logged as "
+        "a warning).",
+        zero="automatic: (open-file limit - 64) / 2, as HAProxy derives maxconn from "
+        "ulimit-n",
         minimum=0, metavar="N", cli=False,
     )
     drain_timeout_s: float = option(

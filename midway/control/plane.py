@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..admin.host import HostError, ProxyView
-from ..config.schema import Config, ProxyConfig, ToxicSpec
+from ..config.schema import Config, ProxyConfig, ServerConfig, ToxicSpec
 from ..config.target import Edit, Target, keep_ports
 from ..errors import ConfigError, ListenError
 from ..metrics import METRICS, Snapshot, cumulative, merge_snapshots, render, retain
@@ -200,7 +200,7 @@ class ControlPlane:
         except ConfigError as exc:
             log.error("reload: %s; still running the previous configuration", exc)
             raise HostError(f"reload: {exc}", 400) from exc
-        before = self._target.config.proxies
+        before, server = self._target.config.proxies, self._target.config.server
         target = merge_reload(self._target, self._loaded, loaded)
         try:
             target, _ = await self._apply(target, frozenset(), reload=True)
@@ -217,7 +217,8 @@ class ControlPlane:
                         "(%r stays in force meanwhile)", key, getattr(target.config.server, key),
                         getattr(loaded.server, key), getattr(target.config.server, key))
         names = [p.name for p in target.config.proxies]
-        log.info("reload: done (%s)", reload_summary(before, target.config.proxies))
+        log.info("reload: done (%s)", reload_summary(before, target.config.proxies,
+                                                          server, target.config.server))
         return {"reloaded": True, "proxies": names, "restart_needed": restart}
 
     # -- state -------------------------------------------------------------------
@@ -375,20 +376,28 @@ def merge_views(per_worker: list[dict[str, ProxyView]]) -> dict[str, ProxyView]:
             for name, view in first.items()}
 
 
-def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig]) -> str:
+def reload_summary(old: Iterable[ProxyConfig], new: Iterable[ProxyConfig],
+                   old_server: ServerConfig | None = None,
+                   new_server: ServerConfig | None = None) -> str:
     """What a reload changed, for its log line: ``2 proxies: db, web; added db;
-    removed cache; changed web (upstreams, idle_timeout_s)`` (``configuration unchanged`` when
-    the file said what was running), then the kept proxies whose files were read
-    again: ``TLS files read again (web)``, ``hooks imported anew (api)``.  Pure."""
+    removed cache; changed [server] (max_connections), web (upstreams,
+    idle_timeout_s)`` (``configuration unchanged`` when the file said what was
+    running), then the kept proxies whose files were read again: ``TLS files
+    read again (web)``, ``hooks imported anew (api)``.  ``[server]`` keys are
+    compared as applied (one that needs a restart keeps its value).  Pure."""
     before = {p.name: p for p in old}
     after = {p.name: p for p in new}
     count = len(after)
     parts = [f"{count} {'proxy' if count == 1 else 'proxies'}: {', '.join(sorted(after)) or 'none'}"]
     added = sorted(after.keys() - before.keys())
     removed = sorted(before.keys() - after.keys())
-    changed = [f"{name} ({', '.join(keys)})" for name in sorted(after.keys() & before.keys())
-               if (keys := [f.name for f in dataclasses.fields(ProxyConfig)
-                            if getattr(before[name], f.name) != getattr(after[name], f.name)])]
+    pairs: list[tuple[str, Any, Any]] = [(name, before[name], after[name])
+                                         for name in sorted(after.keys() & before.keys())]
+    if old_server is not None and new_server is not None:
+        pairs.insert(0, ("[server]", old_server, new_server))
+    changed = [f"{name} ({', '.join(keys)})" for name, was, now in pairs
+               if (keys := [f.name for f in dataclasses.fields(was)
+                            if getattr(was, f.name) != getattr(now, f.name)])]
     if added:
         parts.append(f"added {', '.join(added)}")
     if removed:

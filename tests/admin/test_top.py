@@ -325,3 +325,25 @@ def test_upstreams_show_their_health_and_last_check() -> None:
         ["DOWN", f"10.0.0.6:6379                weight 1 backup active 0 last check {clock} "
                  "failed (connection refused)"],
         ["up", "10.0.0.7:6379                weight 1 active 0 last check none"]]
+
+
+def test_proxy_columns_stay_under_their_headers_when_a_value_is_long() -> None:
+    """A proxy listening on two addresses, a long name or a long upstream list
+    widens its column: every number stays under its header (OPEN, CONN/S)
+    instead of shifting right on that proxy's row."""
+    proxies = {
+        "web": {"listen": "127.0.0.1:18100,127.0.0.1:18102", "upstream": "127.0.0.1:18083",
+                "enabled": True, "upstreams": []},
+        "a-rather-long-proxy-name": {
+            "listen": "[::1]:6380", "upstream": "10.0.0.5:6379,10.0.0.6:6379,10.0.0.7:6379",
+            "enabled": True, "upstreams": []},
+        "db": {"listen": ":5432", "upstream": "db:5432", "enabled": True, "upstreams": []}}
+    metrics = [("midway_connections_active", {"proxy": name}, float(i))
+               for i, name in enumerate(sorted(proxies))]
+    lines = render_lines(Snapshot(0.0, proxies, metrics, []), None, View())
+    header = lines[0]
+    end = header.index("OPEN") + len("OPEN")  # OPEN is right-aligned: its numbers end there
+    rows = {line.split()[0]: line for line in lines[1:4]}
+    assert sorted(rows) == sorted(proxies)
+    for i, name in enumerate(sorted(proxies)):
+        assert rows[name][:end].endswith(f" {i}"), (header, rows[name])

@@ -33,6 +33,13 @@ def directives() -> dict[str, str]:
     return found
 
 
+def commands(key: str) -> list[str]:
+    """Every value of a directive systemd lets repeat (ExecReload, run in order)."""
+    return [line.partition("=")[2].strip()
+            for line in UNIT.read_text(encoding="utf-8").splitlines()
+            if line.partition("=")[0].strip() == key and not line.startswith("#")]
+
+
 def midway_argv(command: str, config: Path) -> list[str]:
     """The unit's ``/usr/bin/env python3 -m midway ...`` as this test runs it."""
     words = shlex.split(command)
@@ -46,7 +53,7 @@ def test_the_unit_runs_midway_as_it_says(tmp_path: Path) -> None:
     unit = directives()
     assert unit["Type"] == "notify"
     assert unit["KillSignal"] == "SIGTERM"
-    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert commands("ExecReload")[-1] == "/bin/kill -HUP $MAINPID"
     config = tmp_path / "midway.toml"
     port = free_port()
     notify_path = str(tmp_path / "notify")
@@ -79,3 +86,25 @@ def test_the_unit_runs_midway_as_it_says(tmp_path: Path) -> None:
             proc.wait(10)
             notify.close()
             log.close()
+
+
+def test_systemctl_reload_fails_on_a_file_that_would_not_load(tmp_path: Path) -> None:
+    """``systemctl reload midway`` runs the ExecReload lines in order and fails at
+    the first that exits non-zero: a broken file fails the check before the
+    SIGHUP (the operator sees the reload fail, and midway keeps running what it
+    ran, as a refused reload always does); a good one passes it."""
+    *checks, signal_line = commands("ExecReload")
+    assert signal_line == "/bin/kill -HUP $MAINPID" and checks
+    config = tmp_path / "midway.toml"
+    good = f'[proxy.web]\nlisten = "127.0.0.1:{free_port()}"\nupstreams = "127.0.0.1:9"\n'
+
+    def reload_checks() -> list[subprocess.CompletedProcess[str]]:
+        return [subprocess.run(midway_argv(line, config), cwd=ROOT, capture_output=True,
+                               text=True, timeout=60) for line in checks]
+
+    config.write_text(good)
+    assert all(done.returncode == 0 for done in reload_checks())
+    config.write_text(good + "max_conections = 5\n")
+    failed = reload_checks()[0]
+    assert failed.returncode != 0
+    assert "proxy.web.max_conections: unknown key" in failed.stderr

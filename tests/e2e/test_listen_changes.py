@@ -6,6 +6,7 @@ listening, addresses removed stop."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import subprocess
@@ -199,3 +200,35 @@ def test_a_failed_change_leaves_a_removed_address_listening() -> None:
         taken.close()
     assert got == b"ping"
     assert addresses == [kept, gone]
+
+
+@pytest.mark.one_mode
+@pytest.mark.parametrize("how", ["relisten", "enable"])
+def test_an_address_added_with_new_upstreams_is_announced_with_them(
+        how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A reload that adds an address and changes the upstreams in one step (or
+    an API update that enables a stopped proxy with new upstreams) logs the
+    new listener as forwarding to the new upstreams, where its connections go,
+    not to the ones it replaced."""
+    kept, added = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+
+    async def main() -> tuple[bytes, int]:
+        async with serve() as old, serve() as new, \
+                midway.Proxy(kept, f"127.0.0.1:{old}") as proxy:
+            assert proxy.runtime is not None
+            name = proxy.config.name
+            if how == "enable":
+                proxy.runtime.enable_proxy(name, False)
+            caplog.clear()
+            proxy.runtime.update_proxy(midway.proxy_config([kept, added], f"127.0.0.1:{new}",
+                                                           name=name), enabled=True)
+            sock = await asyncio.to_thread(
+                socket.create_connection, ("127.0.0.1", int(added.rsplit(":", 1)[1])), 5)
+            return await _echoes(sock), new
+
+    with caplog.at_level(logging.INFO, logger="midway"):
+        got, new = run(main())
+    assert got == b"ping"
+    announced = [r.getMessage() for r in caplog.records if f"listening on {added}" in r.getMessage()]
+    assert len(announced) == 1, announced
+    assert announced[0].endswith(f"forwarding to 127.0.0.1:{new}"), announced

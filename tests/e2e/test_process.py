@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -154,6 +155,22 @@ def _low_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 
+def _limited_config(tmp_path: Path, echo_port: int, server_limit: int) -> Path:
+    """A file with ``[server] max_connections`` and one proxy to the echo server,
+    on the data path of the test's mode."""
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+max_connections = {server_limit}
+[proxy.storm]
+listen = "127.0.0.1:0"
+upstreams = ["127.0.0.1:{echo_port}"]
+backlog = 512
+splice = {"true" if helpers.MODE.path == "splice" else "false"}
+""")
+    return config
+
+
 @pytest.mark.parametrize("server_limit", [0, 1000], ids=["auto-limit", "limit-above-fds"])
 def test_descriptor_exhaustion_neither_kills_nor_spins(echo: EchoServer, tmp_path,  # type: ignore[no-untyped-def]
                                                       server_limit: int) -> None:
@@ -161,16 +178,7 @@ def test_descriptor_exhaustion_neither_kills_nor_spins(echo: EchoServer, tmp_pat
     proxy stops accepting before running out; with a limit above what descriptors
     allow it hits EMFILE, backs off and logs.  Either way it neither dies nor spins,
     and serves again once the storm is over."""
-    config = tmp_path / "midway.toml"
-    config.write_text(f"""
-[server]
-max_connections = {server_limit}
-[proxy.storm]
-listen = "127.0.0.1:0"
-upstreams = ["127.0.0.1:{echo.port}"]
-backlog = 512
-splice = {"true" if helpers.MODE.path == "splice" else "false"}
-""")
+    config = _limited_config(tmp_path, echo.port, server_limit)
     with proxy_process("--config", str(config), preexec=_low_nofile) as proxy:
         storm = _storm(proxy.port)
         time.sleep(0.5)
@@ -185,6 +193,43 @@ splice = {"true" if helpers.MODE.path == "splice" else "false"}
         assert wait_until(lambda: _try_roundtrip(proxy.port), timeout=10)
         if server_limit:
             assert "too many open files" in proxy.stderr_text()
+            # ... which the start foretold: the hard limit of 64 cannot hold 1000.
+            assert "server.max_connections = 1000 needs about 2064 open files" \
+                in proxy.stderr_text()
+
+
+def _low_soft_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))
+
+
+@pytest.mark.one_mode
+def test_a_configured_limit_raises_the_soft_descriptor_limit(echo: EchoServer,
+                                                             tmp_path: Path) -> None:
+    """``max_connections = 200`` under a soft open-file limit of 64 (hard 4096,
+    as a shell's ``ulimit -Sn 64`` leaves it): midway raises the soft limit as
+    the automatic limit does, so 150 clients held open at once are each served,
+    none closed for want of a descriptor."""
+    config = _limited_config(tmp_path, echo.port, 200)
+    with proxy_process("--config", str(config), preexec=_low_soft_nofile) as proxy:
+        clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+                   for _ in range(150)]
+        try:
+            for i, client in enumerate(clients):
+                client.sendall(b"%03d" % i)
+            answers = [_read(client, 3) for client in clients]
+        finally:
+            for client in clients:
+                client.close()
+        log = proxy.stderr_text()
+    assert answers == [b"%03d" % i for i in range(150)], log
+    assert "too many open files" not in log, log
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n and (chunk := sock.recv(n - len(got))):
+        got += chunk
+    return got
 
 
 def _storm(port: int, clients: int = 150) -> list[socket.socket]:
@@ -206,15 +251,7 @@ def test_running_out_of_descriptors_does_not_eject_the_upstream(echo: EchoServer
     allow): that is midway's shortage, not the upstream's failure, so passive
     health does not take the upstream out, and the first client after the storm
     is served at once (not ``no_upstream`` for the 10 s of an ejection)."""
-    config = tmp_path / "midway.toml"
-    config.write_text(f"""
-[server]
-max_connections = 1000
-[proxy.storm]
-listen = "127.0.0.1:0"
-upstreams = ["127.0.0.1:{echo.port}"]
-backlog = 512
-""")
+    config = _limited_config(tmp_path, echo.port, 1000)
     with proxy_process("--config", str(config), preexec=_low_nofile) as proxy:
         storm = _storm(proxy.port)
         assert wait_until(lambda: "too many open files" in proxy.stderr_text(), timeout=10), \

@@ -442,6 +442,32 @@ def test_what_needs_a_restart_is_said_and_kept(tmp_path: Path, echo_port: int) -
         assert proxy.wait(15) == 0
 
 
+@pytest.mark.one_mode
+def test_a_reload_that_changes_server_settings_says_so(tmp_path: Path, echo_port: int) -> None:
+    """A reload changing only ``[server]`` keys (the process-wide limit, the
+    access log's file) applies them and its done line names them, rather than
+    saying the configuration is unchanged."""
+    config, first, second = tmp_path / "midway.toml", tmp_path / "a.log", tmp_path / "b.log"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    write_config(config, {"web": web}, {"access_log": str(first)})
+    with proxy_process("--config", str(config)) as proxy:
+        web["listen"] = f"127.0.0.1:{proxy.port}"
+        write_config(config, {"web": web}, {"access_log": str(second), "max_connections": 1})
+        reload(proxy, 0)
+        line = next(line for line in proxy.stderr_lines if "reload: done" in line)
+        assert "changed [server] (max_connections, access_log)" in line, line
+        assert "configuration unchanged" not in line, line
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as held:
+            assert exchange(held, b"one") == b"one"
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=1) as waiting:
+                waiting.sendall(b"two")
+                with pytest.raises(TimeoutError):  # queued: the limit of 1 is in force
+                    waiting.recv(3)
+        assert wait_until(lambda: second.exists() and second.read_text().count("\n") >= 1)
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
 # -- a user's run: wrk through two workers while the file changes -------------------
 
 NGINX, WRK = shutil.which("nginx"), shutil.which("wrk")
