@@ -448,6 +448,13 @@ class ProxyService:
         observers = self.host.observers
         if observers:
             up, down, up_read, down_read = (0, 0, 0, 0) if relay is None else relay.counts()
+            if observers.counts_only():  # the metrics alone: no record to make
+                observers.connection_counted(
+                    self.config.name, reason._value_, up, down,
+                    None if relay is None else round(relay.connect_time_s, 6),
+                    round(time.time() - info.started_at, 6))
+                self._freed(lease)
+                return
             upstream_addr = None  # as `upstream` for an IP address; for a name, what it resolved to
             if info.upstream_addr is not None and target is not None:
                 upstream_addr = target.text if target.pair is not None \
@@ -466,6 +473,10 @@ class ProxyService:
                 worker=self.host.worker, pid=self.host.pid, route=info.route, sni=info.sni,
                 upstream_addr=upstream_addr,
             ))
+        self._freed(lease)
+
+    def _freed(self, lease: SourceLease | None) -> None:
+        """The end of *closed*: the connection's slots are free."""
         if lease is not None:
             lease.release()
         self.active -= 1

@@ -110,17 +110,24 @@ class Metrics(Observer):
 
     def connection_closed(self, record: CloseRecord) -> None:
         """An accepted connection ended (every accepted one ends exactly once)."""
-        proxy = record.proxy
+        self.connection_counted(record.proxy, record.reason, record.bytes_up, record.bytes_down,
+                                record.connect_time_s, record.duration_s)
+
+    counts_only = True  # the service tells connection_counted, making no record
+
+    def connection_counted(self, proxy: str, reason: str, bytes_up: int, bytes_down: int,
+                           connect_time_s: float | None, duration_s: float) -> None:
+        """An accepted connection ended: what :meth:`connection_closed` counts."""
         key = (proxy,)
         self._active[key] = self._active.get(key, 0) - 1
-        reason = (proxy, record.reason)
-        self._closes[reason] = self._closes.get(reason, 0) + 1
+        closes = (proxy, reason)
+        self._closes[closes] = self._closes.get(closes, 0) + 1
         up, down = (proxy, "upstream"), (proxy, "downstream")
-        self._bytes[up] = self._bytes.get(up, 0) + record.bytes_up
-        self._bytes[down] = self._bytes.get(down, 0) + record.bytes_down
-        if record.connect_time_s is not None:
-            _observe(self._connect, key, self._connect_bounds, record.connect_time_s)
-        _observe(self._duration, key, self._duration_bounds, record.duration_s)
+        self._bytes[up] = self._bytes.get(up, 0) + bytes_up
+        self._bytes[down] = self._bytes.get(down, 0) + bytes_down
+        if connect_time_s is not None:
+            _observe(self._connect, key, self._connect_bounds, connect_time_s)
+        _observe(self._duration, key, self._duration_bounds, duration_s)
 
     def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
         """The health of ``upstream`` changed (or is known for the first time)."""

@@ -43,7 +43,8 @@ FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```", re.M | re.S)
 PYCF_ALLOW_TOP_LEVEL_AWAIT = 0x2000  # ast.PyCF_ALLOW_TOP_LEVEL_AWAIT: the faults.md Python block
 # Flags of other tools that the docs' command lines use (curl, redis-cli, npm, wrk),
 # and `--health-KEY`, the pattern docs/configuration.md names.
-OTHER_FLAGS = {"--cacert", "--resolve", "--pipe", "--prefix", "--latency", "--health-"}
+OTHER_FLAGS = {"--cacert", "--resolve", "--pipe", "--prefix", "--latency", "--health-",
+               "--native"}  # py-spy's (docs/benchmarks.md)
 SUBCOMMANDS = ("replay", "connections", "top")
 
 

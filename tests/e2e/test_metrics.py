@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 import midway
-from midway.core.observer import CloseRecord
+from midway.core.observer import CloseRecord, Observer
 from midway.metrics import Metrics
 from midway.metrics.registry import Sample
 
@@ -35,6 +35,22 @@ class Records:
         self.records.append(record)
 
 
+class Counted(Observer):
+    """An observer that needs no close records (as the metrics): it is told
+    ``connection_counted``, and no record is made while every observer is one."""
+
+    counts_only = True
+
+    def __init__(self) -> None:
+        self.records: list[tuple[object, ...]] = []
+
+    def connection_counted(self, *fields: object) -> None:
+        self.records.append(fields)
+
+    def connection_closed(self, record: CloseRecord) -> None:
+        raise AssertionError("a close record was made for observers that need none")
+
+
 async def answer_by_size(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Read to EOF, then send 2n + 7 bytes and close."""
     received = len(await read_to_eof(reader))
@@ -51,13 +67,13 @@ async def client(host: str, port: int, size: int) -> int:
     return got
 
 
-async def settled(records: Records, n: int, *proxies: midway.Proxy) -> None:
+async def settled(records: Records | Counted, n: int, *proxies: midway.Proxy) -> None:
     async with asyncio.timeout(10):
         while len(records.records) < n or any(p.connections for p in proxies):
             await asyncio.sleep(0.01)
 
 
-async def known_load(metrics: Metrics, records: Records) -> str:
+async def known_load(metrics: Metrics, records: Records | Counted) -> str:
     """Five clients through ``web``, one through ``dead``, whose upstream refuses
     (returned)."""
     refusing = f"127.0.0.1:{free_port()}"
@@ -98,6 +114,28 @@ def test_totals_after_a_known_load_are_exact_and_match_the_access_log() -> None:
         if proxy == "web":
             assert sum(r.bytes_up for r in mine) == up
             assert sum(r.bytes_down for r in mine) == down
+
+
+def test_metrics_alone_count_the_same_without_close_records() -> None:
+    """With only observers that count (the metrics), no close record is made:
+    the totals are the same as beside the access log's records."""
+    metrics, counted = Metrics(), Counted()
+    run(known_load(metrics, counted))
+    text = metrics.render()
+    assert value(text, "midway_bytes_total", proxy="web", direction="upstream") == sum(UP_SIZES)
+    assert value(text, "midway_bytes_total", proxy="web", direction="downstream") == \
+        sum(reply_size(n) for n in UP_SIZES)
+    assert value(text, "midway_closes_total", proxy="web", reason="eof") == len(UP_SIZES)
+    assert value(text, "midway_closes_total", proxy="dead", reason="connect_failed") == 1
+    assert value(text, "midway_connect_seconds_count", proxy="web") == len(UP_SIZES)
+    assert 'midway_connect_seconds_count{proxy="dead"}' not in text
+    for proxy in ("web", "dead"):
+        assert value(text, "midway_connections_active", proxy=proxy) == 0
+    web = [fields for fields in counted.records if fields[0] == "web"]
+    assert sorted(fields[2] for fields in web) == sorted(UP_SIZES)  # bytes_up, each
+    assert all(fields[1] == "eof" and isinstance(fields[4], float) for fields in web)
+    assert [fields[1:5] for fields in counted.records if fields[0] == "dead"] == \
+        [("connect_failed", 0, 0, None)]
 
 
 def test_opened_and_failed_connections_are_counted() -> None:
