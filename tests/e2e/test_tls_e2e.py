@@ -451,3 +451,30 @@ def test_termination_sends_the_agreed_alpn_and_the_sni_in_a_proxy_v2_header(pki:
     assert header is not None, "no PROXY header reached the upstream"
     assert header.authority == "localhost"  # type: ignore[attr-defined]
     assert header.alpn == b"h2"  # type: ignore[attr-defined]
+
+
+def test_a_bad_record_after_the_handshake_is_a_reset_named_as_tls(pki: Pki, tmp_path: Path) -> None:
+    """docs/tls.md: a bad record (or a fatal alert) on an open connection resets
+    both ways, reason ``reset``; the access log's detail says it was TLS, not the
+    errno OpenSSL's error happens to carry (1, which reads "permission denied")."""
+    access_log = tmp_path / "access.log"
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key), "--access-log", str(access_log)) as mw:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        raw = socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"ping\n")
+            assert tls.recv(5) == b"ping\n"  # relayed: the session is open
+            # An application-data record that no key decrypts, on the same socket.
+            with socket.socket(fileno=os.dup(tls.fileno())) as under:
+                under.sendall(b"\x17\x03\x03\x00\x20" + b"x" * 32)
+                under.settimeout(TIMEOUT_S)
+                with pytest.raises(ConnectionResetError):
+                    while under.recv(65536):  # what is left of the session, then the reset
+                        pass
+        assert wait_until(lambda: access_log.exists() and access_log.read_text().strip() != "")
+        [record] = [json.loads(line) for line in access_log.read_text().splitlines()]
+    assert (record["reason"], record["first_close"]) == ("reset", "client"), record
+    assert record["detail"] == "client: tls: decryption failed or bad record mac", record
+
