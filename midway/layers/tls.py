@@ -279,11 +279,26 @@ def _check_keys(config: ProxyConfig) -> None:
                 raise ConfigError(f"{where}.{key}", "needs upstream_tls = true")
     if config.upstream_tls_key and not config.upstream_tls_cert:
         raise ConfigError(f"{where}.upstream_tls_key", "needs upstream_tls_cert")
+    if config.upstream_tls_sni and not _sendable_server_name(config.upstream_tls_sni):
+        raise ConfigError(f"{where}.upstream_tls_sni",
+                          f"{config.upstream_tls_sni!r} is not a host name (labels of 1 "
+                          "to 63 characters, dots between) or an IP address")
     if (config.upstream_tls and config.upstream_tls_verify and not config.upstream_tls_sni
             and any(u.address.is_unix for u in config.upstreams)):
         raise ConfigError(f"{where}.upstream_tls_sni",
                           "a unix-socket upstream has no host name to verify: set "
                           "upstream_tls_sni (or turn upstream_tls_verify off)")
+
+
+def _sendable_server_name(name: str) -> bool:
+    """Whether ``ssl`` can send ``name`` as SNI: ``wrap_bio(server_hostname=)``
+    IDNA-encodes it, refusing an empty label, one over 63 characters, a NUL."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(
+            ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=name)
+    except (UnicodeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def build_tls_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...],

@@ -478,3 +478,17 @@ def test_a_bad_record_after_the_handshake_is_a_reset_named_as_tls(pki: Pki, tmp_
     assert (record["reason"], record["first_close"]) == ("reset", "client"), record
     assert record["detail"] == "client: tls: decryption failed or bad record mac", record
 
+
+@pytest.mark.one_mode
+@pytest.mark.parametrize("name", ["bad..name", ".example.com", "a" * 64 + ".example.com"])
+def test_check_refuses_an_upstream_tls_sni_that_is_no_host_name(name: str) -> None:
+    """Such a name cannot be sent as SNI (Python's ssl refuses to encode it): it
+    used to pass --check, then every connection logged a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "midway", "--check", "127.0.0.1:0", "localhost:1",
+         "--upstream-tls", "--upstream-tls-sni", name],
+        capture_output=True, timeout=TIMEOUT_S, cwd=helpers.ROOT)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert f"--upstream-tls-sni: {name!r} is not a host name" in err, err
+    assert "Traceback" not in err
