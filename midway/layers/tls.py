@@ -46,7 +46,7 @@ from ..errors import ConfigError, TlsFailed
 from .base import InboundLayer, LayerConnection, OutboundLayer
 
 __all__ = ["TlsTermination", "TlsOrigination", "build_tls_layers", "check_tls",
-           "server_context", "client_context", "describe_tls_error"]
+           "certificate_warnings", "server_context", "client_context", "describe_tls_error"]
 
 log = logging.getLogger("midway")
 
@@ -181,27 +181,40 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
                           f"{describe_tls_error(exc, 'peer')}") from exc
 
 
-def _warn_if_out_of_date(path: str, key: str) -> None:
-    """Log a warning when the first certificate of ``path`` (the leaf) has
-    expired or is not valid yet.  It is served all the same (as HAProxy and
-    nginx do): a renewal that comes late must not stop the proxy, but every
-    client will refuse it, so each start and reload says so."""
+def _out_of_date(path: str, key: str) -> str | None:
+    """Why the first certificate of ``path`` (the leaf) will be refused, when it
+    has expired or is not valid yet; None else.  It is served all the same (as
+    HAProxy and nginx do): a renewal that comes late must not stop the proxy, but
+    every client will refuse it, so each start, reload and ``--check`` says so."""
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decode is None:  # not in this Python: nothing to say
-        return
+        return None
     try:
         fields = decode(path)
         not_before, not_after = fields["notBefore"], fields["notAfter"]
         start, end = ssl.cert_time_to_seconds(not_before), ssl.cert_time_to_seconds(not_after)
     except (ssl.SSLError, OSError, KeyError, ValueError):
-        return
+        return None
     now = time.time()
     if now >= end:
-        log.warning("%s: the certificate in %s expired on %s: clients will refuse it; "
-                    "renew it and reload", key, path, not_after)
-    elif now < start:
-        log.warning("%s: the certificate in %s is not valid before %s (is the clock "
-                    "right?): clients will refuse it until then", key, path, not_before)
+        return (f"{key}: the certificate in {path} expired on {not_after}: clients will "
+                "refuse it; renew it and reload")
+    if now < start:
+        return (f"{key}: the certificate in {path} is not valid before {not_before} (is "
+                "the clock right?): clients will refuse it until then")
+    return None
+
+
+def certificate_warnings(config: ProxyConfig) -> list[str]:
+    """What is wrong with the dates of ``config``'s own certificates
+    (``tls_cert``, ``upstream_tls_cert``), in words: logged by
+    :func:`build_tls_layers`, printed by ``--check``."""
+    where = f"proxy.{config.name}"
+    found = [_out_of_date(path, f"{where}.{key}") for key, path in (
+        ("tls_cert", config.tls_cert),
+        ("upstream_tls_cert", config.upstream_tls_cert if config.upstream_tls else ""))
+        if path]
+    return [warning for warning in found if warning is not None]
 
 
 def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
@@ -313,16 +326,14 @@ def build_tls_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...],
     outbound: tuple[OutboundLayer, ...] = ()
     if config.tls_cert:
         inbound = (TlsTermination(server_context(config), config.tls_handshake_timeout_s),)
-        _warn_if_out_of_date(config.tls_cert, f"proxy.{config.name}.tls_cert")
     if config.upstream_tls:
         if not config.upstream_tls_verify:
             log.warning("%s: upstream_tls_verify is off: upstream certificates are not "
                         "checked (anyone on the path can pose as the upstream)", config.name)
         outbound = (TlsOrigination(client_context(config), config.tls_handshake_timeout_s,
                                    config.upstream_tls_sni),)
-        if config.upstream_tls_cert:
-            _warn_if_out_of_date(config.upstream_tls_cert,
-                                 f"proxy.{config.name}.upstream_tls_cert")
+    for warning in certificate_warnings(config):
+        log.warning("%s", warning)
     return inbound, outbound
 
 

@@ -492,3 +492,26 @@ def test_check_refuses_an_upstream_tls_sni_that_is_no_host_name(name: str) -> No
     assert done.returncode == 2, err
     assert f"--upstream-tls-sni: {name!r} is not a host name" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.one_mode
+def test_check_warns_of_an_expired_certificate_and_passes(pki: Pki, tmp_path: Path) -> None:
+    """docs/tls.md: an expired certificate is served (a late renewal must not stop
+    the proxy) with a warning; --check, which an operator runs after a renewal,
+    says it too rather than a bare "configuration OK"."""
+    csr, expired = tmp_path / "old.csr", tmp_path / "old.pem"
+    for argv in (["req", "-new", "-key", str(pki.server_key), "-subj", "/CN=localhost",
+                  "-out", str(csr)],
+                 ["x509", "-req", "-in", str(csr), "-CA", str(pki.ca), "-CAkey",
+                  str(pki.ca.parent / "ca.key"), "-days", "-1", "-out", str(expired)]):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, "-m", "midway", "--check", "127.0.0.1:0", "127.0.0.1:1",
+         "--tls-cert", str(expired), "--tls-key", str(pki.server_key)],
+        capture_output=True, timeout=TIMEOUT_S, cwd=helpers.ROOT)
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert done.stdout.decode() == "midway: configuration OK (1 proxy: default)\n"
+    assert err.startswith(f"midway: warning: proxy.default.tls_cert: the certificate in "
+                          f"{expired} expired on "), err
+    assert err.endswith("GMT: clients will refuse it; renew it and reload\n"), err
