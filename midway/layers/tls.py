@@ -40,7 +40,7 @@ import re
 import ssl
 import time
 
-from ..config.schema import ProxyConfig
+from ..config.schema import TLS_ORIGINATION_KEYS, TLS_TERMINATION_KEYS, ProxyConfig
 from ..core.tlsstream import TlsStream
 from ..errors import ConfigError, TlsFailed
 from .base import InboundLayer, LayerConnection, OutboundLayer
@@ -52,9 +52,6 @@ log = logging.getLogger("midway")
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _SNI_ATTR = "_midway_sni"
-_TERMINATION_KEYS = ("tls_key", "tls_alpn", "tls_client_ca")
-_ORIGINATION_KEYS = ("upstream_tls_ca", "upstream_tls_sni", "upstream_tls_cert",
-                     "upstream_tls_key")
 _ALPN_MAX = 255
 """Longest ALPN protocol name, in bytes (RFC 7301 §3.1: a one-byte length)."""
 
@@ -283,11 +280,11 @@ def _check_keys(config: ProxyConfig) -> None:
     where = f"proxy.{config.name}"
     defaults = ProxyConfig()
     if not config.tls_cert:
-        for key in _TERMINATION_KEYS:
+        for key in TLS_TERMINATION_KEYS:
             if getattr(config, key) != getattr(defaults, key):
                 raise ConfigError(f"{where}.{key}", "needs tls_cert (TLS termination)")
     if not config.upstream_tls:
-        for key in _ORIGINATION_KEYS:
+        for key in TLS_ORIGINATION_KEYS:
             if getattr(config, key) != getattr(defaults, key):
                 raise ConfigError(f"{where}.{key}", "needs upstream_tls = true")
     if config.upstream_tls_key and not config.upstream_tls_cert:
