@@ -44,6 +44,7 @@ from ..config.schema import TLS_ORIGINATION_KEYS, TLS_TERMINATION_KEYS, ProxyCon
 from ..core.tlsstream import TlsStream
 from ..errors import ConfigError, TlsFailed
 from .base import InboundLayer, LayerConnection, OutboundLayer
+from .proxy_protocol import V1_SIGNATURE, V2_SIGNATURE
 
 __all__ = ["TlsTermination", "TlsOrigination", "build_tls_layers", "check_tls",
            "certificate_warnings", "server_context", "client_context", "describe_tls_error"]
@@ -343,6 +344,10 @@ async def _handshake(stream: TlsStream, timeout_s: float, peer: str, prefix: str
     except TimeoutError:
         raise TlsFailed(f"{prefix}handshake timed out after {timeout_s:g} s") from None
     except ssl.SSLError as exc:
+        if peer == "client" and stream.first.startswith((V1_SIGNATURE, V2_SIGNATURE)):
+            # OpenSSL's words would be "wrong version number": say what came.
+            raise TlsFailed(f"{prefix}client sent a PROXY protocol header (behind a load "
+                            "balancer with send-proxy? set proxy_protocol_in)") from exc
         raise TlsFailed(prefix + describe_tls_error(exc, peer)) from exc
 
 

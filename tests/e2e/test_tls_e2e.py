@@ -515,3 +515,27 @@ def test_check_warns_of_an_expired_certificate_and_passes(pki: Pki, tmp_path: Pa
     assert err.startswith(f"midway: warning: proxy.default.tls_cert: the certificate in "
                           f"{expired} expired on "), err
     assert err.endswith("GMT: clients will refuse it; renew it and reload\n"), err
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_proxy_header_on_a_tls_port_is_named_in_the_log(pki: Pki, version: str) -> None:
+    """A balancer with send-proxy in front of a TLS listener without
+    proxy_protocol_in: the log line says what came and what to set, not only
+    that the client "does not speak TLS"."""
+    from midway.layers.proxy_protocol import build_v1, build_v2
+
+    build = build_v1 if version == "v1" else build_v2
+    header = build(("203.0.113.5", 1234), ("192.0.2.1", 443))
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key)) as mw:
+        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as raw:
+            raw.sendall(header + b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00")
+            raw.settimeout(TIMEOUT_S)
+            with contextlib.suppress(ConnectionResetError):
+                while raw.recv(100):
+                    pass
+        assert wait_until(lambda: "tls:" in mw.stderr_text(), 10)
+        log = mw.stderr_text()
+    assert ("tls: client sent a PROXY protocol header (behind a load balancer with "
+            "send-proxy? set proxy_protocol_in)") in log, log
