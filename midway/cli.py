@@ -40,7 +40,7 @@ from .config.load import (
 from .config.schema import Config, HealthConfig, OptionInfo, ProxyConfig, ServerConfig, options_of
 from .control.process import EXIT_OK, EXIT_START_FAILED, loop_factory, serve, setup_logging
 from .errors import ConfigError, ListenError
-from .layers.tls import check_tls
+from .layers.tls import certificate_warnings, check_tls
 from .workers import run_supervisor, worker_count
 
 __all__ = ["main", "build_parser", "preflight", "load", "loop_factory"]
@@ -506,6 +506,9 @@ def _main(argv: list[str]) -> int:
         print(f"midway: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.check:
+        for proxy in config.proxies:  # what a start would log: served, but refused
+            for warning in certificate_warnings(proxy):
+                print(f"midway: warning: {warning}", file=sys.stderr)
         names = ", ".join(p.name for p in config.proxies) or "none yet; admin API"
         print(f"midway: configuration OK ({_proxies(len(config.proxies))}: {names})")
         return EXIT_OK

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import ssl
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -147,6 +148,8 @@ def describe_oserror(exc: BaseException) -> str:
     """A short human description of an OSError (or timeout), without a traceback."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ssl.SSLError):  # an OSError whose errno is OpenSSL's, not the kernel's
+        return "tls: " + (exc.reason or exc.strerror or str(exc)).lower().replace("_", " ")
     if isinstance(exc, OSError):
         if exc.errno in _ERRNO_WORDS:
             return _ERRNO_WORDS[exc.errno]

@@ -47,6 +47,8 @@ from .describe import describe_value
 from .hexbytes import parse_hex
 from .schema import (
     BALANCERS,
+    TLS_ORIGINATION_KEYS,
+    TLS_TERMINATION_KEYS,
     Config,
     HealthConfig,
     OptionInfo,
@@ -359,6 +361,13 @@ def _check_access(kwargs: Mapping[str, Any], path: str) -> None:
             raise ConfigError(_join(path, index), message) from None
 
 
+_TLS_KEY_SETS = (("tls_cert", TLS_TERMINATION_KEYS, "needs tls_cert (TLS termination)"),
+                 ("upstream_tls", TLS_ORIGINATION_KEYS, "needs upstream_tls = true"))
+"""The TLS options that need another: in a proxy's own table without it they are
+refused (midway.layers.tls); inherited from ``[defaults]`` they are dropped, and
+refused in ``[defaults]`` when no proxy has it (as ``proxy_protocol_trusted``)."""
+
+
 def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> ProxyConfig:
     path = f"proxy.{name}"
     problem = proxy_name_problem(name)
@@ -376,6 +385,11 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
                            path)
         rest[key] = value
     kwargs.update(build_options(ProxyConfig, rest, path))
+    for needs, keys, _ in _TLS_KEY_SETS:
+        if not kwargs.get(needs):  # what [defaults] gave for TLS this proxy does not speak
+            for key in keys:
+                if key not in rest:
+                    kwargs.pop(key, None)
     if "allow" in rest or "deny" in rest:
         _check_access(kwargs, path)
     health = _merge_health(defaults.get("health", {}),
@@ -746,6 +760,11 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if defaults.get("unix_mode") and proxies \
             and not any(_has_unix(p.listen) for p in proxies):
         raise ConfigError("defaults.unix_mode", _unix_mode_unused("every proxy"))
+    plain = ProxyConfig()
+    for needs, keys, words in _TLS_KEY_SETS:
+        unused = [k for k in keys if k in defaults and defaults[k] != getattr(plain, k)]
+        if unused and proxies and not any(getattr(p, needs) for p in proxies):
+            raise ConfigError(f"defaults.{unused[0]}", f"{words} in one proxy")
     # TOML itself rejects a table defined twice, so names are unique here; a dict
     # built by code is unique by construction too.
     _check_listeners(proxies)

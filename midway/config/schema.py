@@ -46,6 +46,8 @@ __all__ = [
     "PROXY_PROTOCOL_IN",
     "PROXY_PROTOCOL_OUT",
     "TLS_VERSIONS",
+    "TLS_TERMINATION_KEYS",
+    "TLS_ORIGINATION_KEYS",
     "NAME_MAX_LEN",
     "proxy_name_problem",
     "toxic_name_problem",
@@ -59,6 +61,11 @@ DUMP_MODES = ("off", "text", "hex", "auto")
 PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
 PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
 TLS_VERSIONS = ("1.2", "1.3")
+TLS_TERMINATION_KEYS = ("tls_key", "tls_alpn", "tls_client_ca", "tls_min_version")
+"""Options that mean something only with ``tls_cert`` (termination)."""
+TLS_ORIGINATION_KEYS = ("upstream_tls_ca", "upstream_tls_sni", "upstream_tls_cert",
+                        "upstream_tls_key", "upstream_tls_verify")
+"""Options that mean something only with ``upstream_tls`` (origination)."""
 
 # -- names -------------------------------------------------------------------
 # Proxy and toxic names are path segments of the admin API

@@ -63,8 +63,11 @@ from typing import Any
 
 from .poller import poller_for
 
-__all__ = ["TlsStream", "READ_SIZE", "SEND_CHUNK", "CLOSE_FLUSH_S"]
+__all__ = ["TlsStream", "READ_SIZE", "SEND_CHUNK", "CLOSE_FLUSH_S", "FIRST_BYTES_KEPT"]
 
+FIRST_BYTES_KEPT = 12
+"""How many of the peer's first bytes :attr:`TlsStream.first` keeps: a PROXY v2
+signature's length, enough to tell a PROXY header from TLS."""
 READ_SIZE = 65536
 """Ciphertext bytes per socket read: the relay's read size (four full records)."""
 
@@ -90,7 +93,7 @@ class TlsStream:
 
     __slots__ = ("sock", "obj", "incoming", "outgoing", "out", "consumed", "held", "partial",
                  "eof", "eof_told", "truncated", "sent_close", "aborting", "closed", "established",
-                 "_flusher", "_loop")
+                 "first", "_flusher", "_loop")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None = None, initial: bytes = b"") -> None:
@@ -101,6 +104,8 @@ class TlsStream:
                                     server_hostname=server_hostname)
         if initial:
             self.incoming.write(initial)
+        self.first = bytes(initial[:FIRST_BYTES_KEPT])
+        """The peer's first bytes, for the words of a failed handshake."""
         self.out = bytearray()
         """Ciphertext not yet taken by the kernel."""
         self.consumed = 0
@@ -143,6 +148,8 @@ class TlsStream:
                     self.incoming.write_eof()
                 else:
                     self.incoming.write(_RECV_VIEW[:n])
+                    if not self.first:
+                        self.first = bytes(_RECV_VIEW[:min(n, FIRST_BYTES_KEPT)])
                 continue
             except ssl.SSLError:
                 self.out += self.outgoing.read()  # the alert that says why, if it fits

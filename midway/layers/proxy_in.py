@@ -135,7 +135,9 @@ class ProxyProtocolIn:
             conn.set_client(*source)
             conn.set_local(*destination)
         if header.authority:
-            conn.route["sni"] = header.authority
+            # In the form a ClientHello's name takes (clienthello.py): DNS names
+            # are case-insensitive, and HAProxy passes the client's as typed.
+            conn.route["sni"] = header.authority.lower().removesuffix(".")
         if header.alpn:
             # The protocol the balancer agreed with the client, when it terminated
             # TLS; a TLS termination after this layer sets its own (even none).

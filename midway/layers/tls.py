@@ -40,21 +40,19 @@ import re
 import ssl
 import time
 
-from ..config.schema import ProxyConfig
+from ..config.schema import TLS_ORIGINATION_KEYS, TLS_TERMINATION_KEYS, ProxyConfig
 from ..core.tlsstream import TlsStream
 from ..errors import ConfigError, TlsFailed
 from .base import InboundLayer, LayerConnection, OutboundLayer
+from .proxy_protocol import V1_SIGNATURE, V2_SIGNATURE
 
 __all__ = ["TlsTermination", "TlsOrigination", "build_tls_layers", "check_tls",
-           "server_context", "client_context", "describe_tls_error"]
+           "certificate_warnings", "server_context", "client_context", "describe_tls_error"]
 
 log = logging.getLogger("midway")
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _SNI_ATTR = "_midway_sni"
-_TERMINATION_KEYS = ("tls_key", "tls_alpn", "tls_client_ca")
-_ORIGINATION_KEYS = ("upstream_tls_ca", "upstream_tls_sni", "upstream_tls_cert",
-                     "upstream_tls_key")
 _ALPN_MAX = 255
 """Longest ALPN protocol name, in bytes (RFC 7301 §3.1: a one-byte length)."""
 
@@ -181,27 +179,40 @@ def _load_chain(context: ssl.SSLContext, where: str, cert_key: str, cert: str,
                           f"{describe_tls_error(exc, 'peer')}") from exc
 
 
-def _warn_if_out_of_date(path: str, key: str) -> None:
-    """Log a warning when the first certificate of ``path`` (the leaf) has
-    expired or is not valid yet.  It is served all the same (as HAProxy and
-    nginx do): a renewal that comes late must not stop the proxy, but every
-    client will refuse it, so each start and reload says so."""
+def _out_of_date(path: str, key: str) -> str | None:
+    """Why the first certificate of ``path`` (the leaf) will be refused, when it
+    has expired or is not valid yet; None else.  It is served all the same (as
+    HAProxy and nginx do): a renewal that comes late must not stop the proxy, but
+    every client will refuse it, so each start, reload and ``--check`` says so."""
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decode is None:  # not in this Python: nothing to say
-        return
+        return None
     try:
         fields = decode(path)
         not_before, not_after = fields["notBefore"], fields["notAfter"]
         start, end = ssl.cert_time_to_seconds(not_before), ssl.cert_time_to_seconds(not_after)
     except (ssl.SSLError, OSError, KeyError, ValueError):
-        return
+        return None
     now = time.time()
     if now >= end:
-        log.warning("%s: the certificate in %s expired on %s: clients will refuse it; "
-                    "renew it and reload", key, path, not_after)
-    elif now < start:
-        log.warning("%s: the certificate in %s is not valid before %s (is the clock "
-                    "right?): clients will refuse it until then", key, path, not_before)
+        return (f"{key}: the certificate in {path} expired on {not_after}: clients will "
+                "refuse it; renew it and reload")
+    if now < start:
+        return (f"{key}: the certificate in {path} is not valid before {not_before} (is "
+                "the clock right?): clients will refuse it until then")
+    return None
+
+
+def certificate_warnings(config: ProxyConfig) -> list[str]:
+    """What is wrong with the dates of ``config``'s own certificates
+    (``tls_cert``, ``upstream_tls_cert``), in words: logged by
+    :func:`build_tls_layers`, printed by ``--check``."""
+    where = f"proxy.{config.name}"
+    found = [_out_of_date(path, f"{where}.{key}") for key, path in (
+        ("tls_cert", config.tls_cert),
+        ("upstream_tls_cert", config.upstream_tls_cert if config.upstream_tls else ""))
+        if path]
+    return [warning for warning in found if warning is not None]
 
 
 def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
@@ -270,20 +281,35 @@ def _check_keys(config: ProxyConfig) -> None:
     where = f"proxy.{config.name}"
     defaults = ProxyConfig()
     if not config.tls_cert:
-        for key in _TERMINATION_KEYS:
+        for key in TLS_TERMINATION_KEYS:
             if getattr(config, key) != getattr(defaults, key):
                 raise ConfigError(f"{where}.{key}", "needs tls_cert (TLS termination)")
     if not config.upstream_tls:
-        for key in _ORIGINATION_KEYS:
+        for key in TLS_ORIGINATION_KEYS:
             if getattr(config, key) != getattr(defaults, key):
                 raise ConfigError(f"{where}.{key}", "needs upstream_tls = true")
     if config.upstream_tls_key and not config.upstream_tls_cert:
         raise ConfigError(f"{where}.upstream_tls_key", "needs upstream_tls_cert")
+    if config.upstream_tls_sni and not _sendable_server_name(config.upstream_tls_sni):
+        raise ConfigError(f"{where}.upstream_tls_sni",
+                          f"{config.upstream_tls_sni!r} is not a host name (labels of 1 "
+                          "to 63 characters, dots between) or an IP address")
     if (config.upstream_tls and config.upstream_tls_verify and not config.upstream_tls_sni
             and any(u.address.is_unix for u in config.upstreams)):
         raise ConfigError(f"{where}.upstream_tls_sni",
                           "a unix-socket upstream has no host name to verify: set "
                           "upstream_tls_sni (or turn upstream_tls_verify off)")
+
+
+def _sendable_server_name(name: str) -> bool:
+    """Whether ``ssl`` can send ``name`` as SNI: ``wrap_bio(server_hostname=)``
+    IDNA-encodes it, refusing an empty label, one over 63 characters, a NUL."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(
+            ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=name)
+    except (UnicodeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def build_tls_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...],
@@ -298,16 +324,14 @@ def build_tls_layers(config: ProxyConfig) -> tuple[tuple[InboundLayer, ...],
     outbound: tuple[OutboundLayer, ...] = ()
     if config.tls_cert:
         inbound = (TlsTermination(server_context(config), config.tls_handshake_timeout_s),)
-        _warn_if_out_of_date(config.tls_cert, f"proxy.{config.name}.tls_cert")
     if config.upstream_tls:
         if not config.upstream_tls_verify:
             log.warning("%s: upstream_tls_verify is off: upstream certificates are not "
                         "checked (anyone on the path can pose as the upstream)", config.name)
         outbound = (TlsOrigination(client_context(config), config.tls_handshake_timeout_s,
                                    config.upstream_tls_sni),)
-        if config.upstream_tls_cert:
-            _warn_if_out_of_date(config.upstream_tls_cert,
-                                 f"proxy.{config.name}.upstream_tls_cert")
+    for warning in certificate_warnings(config):
+        log.warning("%s", warning)
     return inbound, outbound
 
 
@@ -320,6 +344,10 @@ async def _handshake(stream: TlsStream, timeout_s: float, peer: str, prefix: str
     except TimeoutError:
         raise TlsFailed(f"{prefix}handshake timed out after {timeout_s:g} s") from None
     except ssl.SSLError as exc:
+        if peer == "client" and stream.first.startswith((V1_SIGNATURE, V2_SIGNATURE)):
+            # OpenSSL's words would be "wrong version number": say what came.
+            raise TlsFailed(f"{prefix}client sent a PROXY protocol header (behind a load "
+                            "balancer with send-proxy? set proxy_protocol_in)") from exc
         raise TlsFailed(prefix + describe_tls_error(exc, peer)) from exc
 
 

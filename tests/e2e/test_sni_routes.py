@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 import midway
-from midway.layers.proxy_protocol import ProxyProtocolParser, build_v1
+from midway.layers.proxy_protocol import ProxyProtocolParser, build_v1, build_v2
 from tests.layers.fixtures import load
 
 from ..helpers import read_to_eof, run, serve
@@ -120,6 +120,28 @@ def test_behind_a_proxy_header_the_sni_is_sent_on_as_the_authority() -> None:
         assert sent is not None
         assert (sent.source, sent.authority) == (("203.0.113.5", 1234), "api.example.test")
         assert parser.rest == hello
+    run(main())
+
+
+def test_an_authority_is_the_sni_in_the_clienthello_s_form() -> None:
+    """A received v2 AUTHORITY (what HAProxy saw, as the client typed it) is the
+    access log's ``sni`` lower-cased and without its trailing dot, as a name read
+    from a ClientHello is: one service, one ``sni``, whichever way it came."""
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        records = Records()
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"B", got)) as b, \
+                midway.Proxy("127.0.0.1:0", observers=[records], routes=routes(a, b),
+                             proxy_protocol_in="v2", proxy_protocol_trusted=["127.0.0.1"],
+                             proxy_protocol_out="v2") as proxy:
+            header = build_v2(("203.0.113.5", 1234), ("192.0.2.1", 443),
+                              authority="API.Example.TEST.")
+            assert await exchange(proxy.port, header + b"plain") == b"A"
+            record = await records.one()
+        assert (record.route, record.sni) == ("api", "api.example.test")
+        [(_, data)] = got
+        sent = ProxyProtocolParser("v2").feed(data)
+        assert sent is not None and sent.authority == "api.example.test"
     run(main())
 
 

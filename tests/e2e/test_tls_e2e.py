@@ -455,3 +455,91 @@ def test_termination_sends_the_agreed_alpn_and_the_sni_in_a_proxy_v2_header(pki:
     assert header is not None, "no PROXY header reached the upstream"
     assert header.authority == "localhost"  # type: ignore[attr-defined]
     assert header.alpn == b"h2"  # type: ignore[attr-defined]
+
+
+def test_a_bad_record_after_the_handshake_is_a_reset_named_as_tls(pki: Pki, tmp_path: Path) -> None:
+    """docs/tls.md: a bad record (or a fatal alert) on an open connection resets
+    both ways, reason ``reset``; the access log's detail says it was TLS, not the
+    errno OpenSSL's error happens to carry (1, which reads "permission denied")."""
+    access_log = tmp_path / "access.log"
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key), "--access-log", str(access_log)) as mw:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        raw = socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"ping\n")
+            assert tls.recv(5) == b"ping\n"  # relayed: the session is open
+            # An application-data record that no key decrypts, on the same socket.
+            with socket.socket(fileno=os.dup(tls.fileno())) as under:
+                under.sendall(b"\x17\x03\x03\x00\x20" + b"x" * 32)
+                under.settimeout(TIMEOUT_S)
+                with pytest.raises(ConnectionResetError):
+                    while under.recv(65536):  # what is left of the session, then the reset
+                        pass
+        assert wait_until(lambda: access_log.exists() and access_log.read_text().strip() != "")
+        [record] = [json.loads(line) for line in access_log.read_text().splitlines()]
+    assert (record["reason"], record["first_close"]) == ("reset", "client"), record
+    assert record["detail"] == "client: tls: decryption failed or bad record mac", record
+
+
+@pytest.mark.one_mode
+@pytest.mark.parametrize("name", ["bad..name", ".example.com", "a" * 64 + ".example.com"])
+def test_check_refuses_an_upstream_tls_sni_that_is_no_host_name(name: str) -> None:
+    """Such a name cannot be sent as SNI (Python's ssl refuses to encode it): it
+    used to pass --check, then every connection logged a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "midway", "--check", "127.0.0.1:0", "localhost:1",
+         "--upstream-tls", "--upstream-tls-sni", name],
+        capture_output=True, timeout=TIMEOUT_S, cwd=helpers.ROOT)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert f"--upstream-tls-sni: {name!r} is not a host name" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.one_mode
+def test_check_warns_of_an_expired_certificate_and_passes(pki: Pki, tmp_path: Path) -> None:
+    """docs/tls.md: an expired certificate is served (a late renewal must not stop
+    the proxy) with a warning; --check, which an operator runs after a renewal,
+    says it too rather than a bare "configuration OK"."""
+    csr, expired = tmp_path / "old.csr", tmp_path / "old.pem"
+    for argv in (["req", "-new", "-key", str(pki.server_key), "-subj", "/CN=localhost",
+                  "-out", str(csr)],
+                 ["x509", "-req", "-in", str(csr), "-CA", str(pki.ca), "-CAkey",
+                  str(pki.ca.parent / "ca.key"), "-days", "-1", "-out", str(expired)]):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, "-m", "midway", "--check", "127.0.0.1:0", "127.0.0.1:1",
+         "--tls-cert", str(expired), "--tls-key", str(pki.server_key)],
+        capture_output=True, timeout=TIMEOUT_S, cwd=helpers.ROOT)
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert done.stdout.decode() == "midway: configuration OK (1 proxy: default)\n"
+    assert err.startswith(f"midway: warning: proxy.default.tls_cert: the certificate in "
+                          f"{expired} expired on "), err
+    assert err.endswith("GMT: clients will refuse it; renew it and reload\n"), err
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_proxy_header_on_a_tls_port_is_named_in_the_log(pki: Pki, version: str) -> None:
+    """A balancer with send-proxy in front of a TLS listener without
+    proxy_protocol_in: the log line says what came and what to set, not only
+    that the client "does not speak TLS"."""
+    from midway.layers.proxy_protocol import build_v1, build_v2
+
+    build = build_v1 if version == "v1" else build_v2
+    header = build(("203.0.113.5", 1234), ("192.0.2.1", 443))
+    with echo_server() as up, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{up}", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key)) as mw:
+        with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as raw:
+            raw.sendall(header + b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00")
+            raw.settimeout(TIMEOUT_S)
+            with contextlib.suppress(ConnectionResetError):
+                while raw.recv(100):
+                    pass
+        assert wait_until(lambda: "tls:" in mw.stderr_text(), 10)
+        log = mw.stderr_text()
+    assert ("tls: client sent a PROXY protocol header (behind a load balancer with "
+            "send-proxy? set proxy_protocol_in)") in log, log

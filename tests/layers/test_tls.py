@@ -53,7 +53,8 @@ def test_keys_are_loaded_with_their_defaults() -> None:
 
 
 def test_a_key_of_termination_without_tls_cert_is_refused() -> None:
-    for key, value in [("tls_key", "k.pem"), ("tls_alpn", ["h2"]), ("tls_client_ca", "ca.pem")]:
+    for key, value in [("tls_key", "k.pem"), ("tls_alpn", ["h2"]), ("tls_client_ca", "ca.pem"),
+                       ("tls_min_version", "1.3")]:
         err = refused(proxy(**{key: value}))
         assert (err.path, err.message) == (f"proxy.web.{key}", "needs tls_cert (TLS termination)")
 
@@ -61,6 +62,36 @@ def test_a_key_of_termination_without_tls_cert_is_refused() -> None:
 def test_a_key_of_origination_without_upstream_tls_is_refused() -> None:
     err = refused(proxy(upstream_tls_sni="example.com"))
     assert (err.path, err.message) == ("proxy.web.upstream_tls_sni", "needs upstream_tls = true")
+    err = refused(proxy(upstream_tls_verify=False))
+    assert (err.path, err.message) == ("proxy.web.upstream_tls_verify", "needs upstream_tls = true")
+
+
+def test_tls_keys_in_defaults_need_one_proxy_that_uses_them(pki: Pki) -> None:
+    """As proxy_protocol_trusted: [defaults] may hold the TLS keys of the proxies
+    that speak TLS while others do not; a key no proxy can use is refused."""
+    defaults = {"tls_alpn": ["http/1.1"], "tls_min_version": "1.3",
+                "upstream_tls_ca": str(pki.ca)}
+
+    def load(**first: Any) -> tuple[ProxyConfig, ...]:
+        return config_from_dict({
+            "defaults": defaults,
+            "proxy": {"a": {"listen": "127.0.0.1:0", "upstreams": "localhost:1", **first},
+                      "b": {"listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1"}}}).proxies
+
+    a, b = load(tls_cert=str(pki.server_chain), upstream_tls=True)
+    for config in (a, b):
+        check_tls(config)  # b inherits keys it does not use: that is fine
+    assert (a.tls_alpn, a.tls_min_version, a.upstream_tls_ca) == (("http/1.1",), "1.3",
+                                                                   str(pki.ca))
+    assert build_tls_layers(b) == ((), ())
+    with pytest.raises(ConfigError) as caught:
+        load(upstream_tls=True)
+    assert (caught.value.path, caught.value.message) == (
+        "defaults.tls_alpn", "needs tls_cert (TLS termination) in one proxy")
+    with pytest.raises(ConfigError) as caught:
+        load(tls_cert=str(pki.server_chain))
+    assert (caught.value.path, caught.value.message) == (
+        "defaults.upstream_tls_ca", "needs upstream_tls = true in one proxy")
 
 
 def test_the_loader_refuses_a_version_and_a_timeout_out_of_range() -> None:
