@@ -73,7 +73,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from typing import Any, Protocol
 
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
@@ -97,10 +97,11 @@ from .errors import ListenError, Rejected, TlsFailed, describe_oserror, tracebac
 from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
+from .layers.tls import TlsOrigination
 from .upstream.access import AccessList, SourceLease, SourceLimiter, client_ip
-from .upstream.checker import Check, check_once, run_checks
+from .upstream.checker import Secure, check_once, run_checks
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
-from .upstream.health import CheckSchedule, HealthMachine
+from .upstream.health import CheckSchedule, HealthMachine, HealthSettings
 from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
 
 __all__ = ["ProxyService", "ServiceHost", "Connection", "Phase", "FAILURE_LOG_INTERVAL_S"]
@@ -190,8 +191,12 @@ class ProxyService:
         self.retries: int | None = None if config.retries < 0 else config.retries
         self.keepalive: SocketOptions = _keepalive(config)
         """The keepalive options of both sockets of a connection (``()``: off)."""
-        self.check: Check = check_once
+        self.check: Callable[[Address, HealthSettings, Secure | None],
+                             Awaitable[str | None]] = check_once
         """One active health check (injectable for tests)."""
+        self._secure: Secure | None = None
+        """The TLS handshake of this proxy's upstream connections, which its
+        active checks make too (``upstream_tls``); None without it."""
         self._checks: dict[Address, tuple[asyncio.Task[None], HealthMachine, float]] = {}
         """The running checker of each checked upstream, its machine and interval."""
         self._given_layers = (tuple(inbound), tuple(outbound))
@@ -643,10 +648,14 @@ class ProxyService:
         for address, upstream in wanted.items():
             if address not in self._checks:
                 task = loop.create_task(run_checks(address, upstream.health,
-                                                   CheckSchedule(interval), clock, self.check),
+                                                   CheckSchedule(interval), clock, self._check),
                                         name=f"check {address} of {self.name}")
                 task.add_done_callback(self._checker_ended)
                 self._checks[address] = (task, upstream.health, interval)
+
+    async def _check(self, address: Address, settings: HealthSettings) -> str | None:
+        # The layers of now, not of the checker's start: a reload may turn TLS on.
+        return await self.check(address, settings, self._secure)
 
     def _checker_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -678,6 +687,8 @@ class ProxyService:
         inbound, outbound = build_layers(config)
         given_in, given_out = self._given_layers
         self.inbound, self.outbound = (*inbound, *given_in), (*outbound, *given_out)
+        self._secure = next((layer.secure for layer in self.outbound
+                             if isinstance(layer, TlsOrigination)), None)
         sets: dict[str, UpstreamSet] = {}
         for spec in config.routes:
             specs = [UpstreamSpec(address) for address in spec.upstreams]
