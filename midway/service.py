@@ -73,7 +73,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from typing import Any, Protocol
 
 from .chain.base import DIRECTIONS, Attachment, ConnectionInfo, Direction, Element, Stage
@@ -97,10 +97,11 @@ from .errors import ListenError, Rejected, TlsFailed, describe_oserror, tracebac
 from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
+from .layers.tls import TlsOrigination
 from .upstream.access import AccessList, SourceLease, SourceLimiter, client_ip
-from .upstream.checker import Check, check_once, run_checks
+from .upstream.checker import Secure, check_once, run_checks
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
-from .upstream.health import CheckSchedule, HealthMachine
+from .upstream.health import CheckSchedule, HealthMachine, HealthSettings
 from .upstream.state import UpstreamSet, UpstreamSpec, UpstreamState
 
 __all__ = ["ProxyService", "ServiceHost", "Connection", "Phase", "FAILURE_LOG_INTERVAL_S"]
@@ -190,10 +191,16 @@ class ProxyService:
         self.retries: int | None = None if config.retries < 0 else config.retries
         self.keepalive: SocketOptions = _keepalive(config)
         """The keepalive options of both sockets of a connection (``()``: off)."""
-        self.check: Check = check_once
+        self.check: Callable[[Address, HealthSettings, Secure | None],
+                             Awaitable[str | None]] = check_once
         """One active health check (injectable for tests)."""
-        self._checks: dict[Address, tuple[asyncio.Task[None], HealthMachine, float]] = {}
-        """The running checker of each checked upstream, its machine and interval."""
+        self._secure: Secure | None = None
+        """The TLS handshake of this proxy's upstream connections, which its
+        active checks make too (``upstream_tls``); None without it."""
+        self._checks: dict[tuple[str, Address],
+                           tuple[asyncio.Task[None], HealthMachine, float]] = {}
+        """The running checker of each checked upstream (by its set's name, the
+        proxy's or a route's, and its address), its machine and interval."""
         self._given_layers = (tuple(inbound), tuple(outbound))
         self.inbound: tuple[InboundLayer, ...] = ()
         self.outbound: tuple[OutboundLayer, ...] = ()
@@ -638,28 +645,37 @@ class ProxyService:
     # -- health: active checks, and what observers hear ------------------------
 
     def _sync_checks(self) -> None:
-        """Run one checker per checked upstream while accepting, none otherwise.
-        A checker is kept while its upstream keeps its address (so its state)
-        and the interval stays; any other is cancelled (its check's socket
-        closes), and a missing one started."""
-        wanted = {u.address: u for u in self.pool.checked()} if self.accepting else {}
-        interval = self.pool.health.interval_s
-        for address, (task, machine, every) in list(self._checks.items()):
-            upstream = wanted.get(address)
+        """Run one checker per checked upstream, of the proxy's own upstreams and
+        of each SNI route's, while accepting, none otherwise.  A checker is kept
+        while its upstream keeps its address in its set (so its state) and the
+        interval stays; any other is cancelled (its check's socket closes), and a
+        missing one started."""
+        wanted: dict[tuple[str, Address], tuple[UpstreamState, float]] = {}
+        if self.accepting:
+            for pool in (self.pool, *self._route_sets.values()):
+                wanted.update(((pool.proxy, u.address), (u, pool.health.interval_s))
+                              for u in pool.checked())
+        for key, (task, machine, every) in list(self._checks.items()):
+            upstream, interval = wanted.get(key, (None, 0.0))
             if upstream is None or upstream.health is not machine or every != interval:
                 task.cancel()
-                del self._checks[address]
+                del self._checks[key]
         if not wanted:
             return
         loop = asyncio.get_running_loop()
         clock = LoopClock()
-        for address, upstream in wanted.items():
-            if address not in self._checks:
+        for key, (upstream, interval) in wanted.items():
+            if key not in self._checks:
+                where, address = key
                 task = loop.create_task(run_checks(address, upstream.health,
-                                                   CheckSchedule(interval), clock, self.check),
-                                        name=f"check {address} of {self.name}")
+                                                   CheckSchedule(interval), clock, self._check),
+                                        name=f"check {address} of {where}")
                 task.add_done_callback(self._checker_ended)
-                self._checks[address] = (task, upstream.health, interval)
+                self._checks[key] = (task, upstream.health, interval)
+
+    async def _check(self, address: Address, settings: HealthSettings) -> str | None:
+        # The layers of now, not of the checker's start: a reload may turn TLS on.
+        return await self.check(address, settings, self._secure)
 
     def _checker_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -691,6 +707,8 @@ class ProxyService:
         inbound, outbound = build_layers(config)
         given_in, given_out = self._given_layers
         self.inbound, self.outbound = (*inbound, *given_in), (*outbound, *given_out)
+        self._secure = next((layer.secure for layer in self.outbound
+                             if isinstance(layer, TlsOrigination)), None)
         sets: dict[str, UpstreamSet] = {}
         for spec in config.routes:
             specs = [UpstreamSpec(address) for address in spec.upstreams]
@@ -699,7 +717,8 @@ class ProxyService:
                 pool = UpstreamSet(f"{config.name} route {spec.name}", specs,
                                    balance=spec.balance, health=health_settings(config.health))
             else:
-                pool.reconfigure(specs, balance=spec.balance)
+                pool.reconfigure(specs, balance=spec.balance,
+                                 health=health_settings(config.health))
             sets[spec.name] = pool
         self._route_sets = sets
         self.routes = SniRoutes((pattern, _Route(spec.name, sets[spec.name]))

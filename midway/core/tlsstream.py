@@ -167,6 +167,29 @@ class TlsStream:
             except (BlockingIOError, InterruptedError):
                 await _ready(loop, self.sock, write=True)
 
+    # -- for a short exchange outside the relay (an active health check) -------
+
+    async def sendall(self, data: bytes) -> None:
+        """Send all of ``data``, waiting on the relay's poller while the kernel
+        takes no more.  Raises :class:`OSError` as :meth:`send` does."""
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.send(view):]
+            except (BlockingIOError, InterruptedError):
+                await _ready(loop, self.sock, write=True)
+
+    async def receive(self, size: int) -> bytes:
+        """At most ``size`` plaintext bytes, waiting until some arrive; ``b""`` at
+        the end of the stream.  Raises :class:`OSError` as :meth:`recv` does."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return self.recv(size)
+            except (BlockingIOError, InterruptedError):
+                await _ready(loop, self.sock, write=False)
+
     # -- what the handshake told ----------------------------------------------
 
     def alpn(self) -> str | None:

@@ -37,9 +37,11 @@ import base64
 import binascii
 import logging
 import re
+import socket
 import ssl
 import time
 
+from ..config.addresses import Address
 from ..config.schema import TLS_ORIGINATION_KEYS, TLS_TERMINATION_KEYS, ProxyConfig
 from ..core.tlsstream import TlsStream
 from ..errors import ConfigError, TlsFailed
@@ -387,9 +389,15 @@ class TlsOrigination:
         self.server_name = server_name
 
     async def connect(self, conn: LayerConnection) -> None:
-        address = conn.upstream_address
+        conn.replace_upstream(await self.secure(conn.upstream_socket, conn.upstream_address))
+
+    async def secure(self, sock: socket.socket, address: Address) -> TlsStream:
+        """The handshake with ``address`` on ``sock`` (connected): the stream,
+        which owns ``sock`` from then on.  Active health checks make it too, so
+        that they check what a connection needs.  Raises :class:`TlsFailed`
+        (the message starts ``upstream ADDRESS: ``); on failure the caller still
+        owns ``sock``."""
         name = self.server_name or (None if address.is_unix else address.host)
-        stream = TlsStream(conn.upstream_socket, self.context, server_side=False,
-                           server_hostname=name)
+        stream = TlsStream(sock, self.context, server_side=False, server_hostname=name)
         await _handshake(stream, self.handshake_timeout_s, "upstream", f"upstream {address}: ")
-        conn.replace_upstream(stream)
+        return stream

@@ -13,16 +13,20 @@ reconfigure or stop; cancelling closes the check's socket.
 from __future__ import annotations
 
 import asyncio
+import functools
+import socket
 from collections.abc import Awaitable, Callable
 
 from ..config.addresses import Address
 from ..core.clock import Clock
-from ..errors import UpstreamError, describe_oserror
+from ..core.poller import poller_for
+from ..core.tlsstream import TlsStream
+from ..errors import TlsFailed, UpstreamError, describe_oserror
 from .dial import DialFailure, dial
 from .expect import ExpectMatcher, Verdict
 from .health import CheckSchedule, HealthMachine, HealthSettings
 
-__all__ = ["check_once", "run_checks", "Check", "NoVerdict", "READ_SIZE"]
+__all__ = ["check_once", "run_checks", "Check", "Secure", "NoVerdict", "READ_SIZE"]
 
 READ_SIZE = 4096
 """Bytes asked of each read of a check reply: a reply worth checking is short, and
@@ -31,6 +35,11 @@ the matcher bounds what is kept anyway."""
 Check = Callable[[Address, HealthSettings], Awaitable[str | None]]
 """``check(address, settings)`` → None when it passed, else why it failed (a
 :class:`NoVerdict` when it could not be made)."""
+
+Secure = Callable[[socket.socket, Address], Awaitable[TlsStream]]
+"""``secure(sock, address)``: the TLS handshake a proxy's connections make on their
+upstream socket (``upstream_tls``; :meth:`~midway.layers.tls.TlsOrigination.secure`),
+the stream owning ``sock`` once it returns; raises :class:`~midway.errors.TlsFailed`."""
 
 
 class NoVerdict(str):
@@ -41,34 +50,55 @@ class NoVerdict(str):
     __slots__ = ()
 
 
-async def check_once(address: Address, settings: HealthSettings) -> str | None:
+async def check_once(address: Address, settings: HealthSettings,
+                     secure: Secure | None = None) -> str | None:
     """Run one check of ``address``: None if it passed, else the reason in a few
     words (``connection refused``, ``connect timed out after 2 s``, ``closed before
-    sending b'+PONG' (no reply)``).  Never raises for a network failure."""
+    sending b'+PONG' (no reply)``).  With ``secure`` (the proxy originates TLS),
+    the check makes the connections' handshake, then sends and reads over TLS,
+    as HAProxy checks an ``ssl`` server: a failed handshake fails the check.
+    Never raises for a network failure."""
     loop = asyncio.get_running_loop()
     matcher = ExpectMatcher(settings.expect)
-    connected = False
+    connected = handshaking = False
     try:
         async with asyncio.timeout(settings.timeout_s):
             # The timeout above covers the whole check; given to the dialer too, it
             # shares it among a name's addresses as for a client's connection.
             sock = await dial(address, settings.timeout_s)
             connected = True
+            stream: TlsStream | socket.socket = sock
+            sendall: Callable[[bytes], Awaitable[None]]
+            receive: Callable[[int], Awaitable[bytes]]
             try:
+                if secure is None:
+                    sendall = functools.partial(loop.sock_sendall, sock)
+                    receive = functools.partial(loop.sock_recv, sock)
+                else:
+                    handshaking = True
+                    stream = tls = await secure(sock, address)
+                    handshaking = False
+                    sendall, receive = tls.sendall, tls.receive
                 if settings.send:
-                    await loop.sock_sendall(sock, settings.send)
+                    await sendall(settings.send)
                 while matcher.verdict is Verdict.NEED_MORE:
-                    data = await loop.sock_recv(sock, READ_SIZE)
+                    data = await receive(READ_SIZE)
                     if data:
                         matcher.feed(data)
                     else:
                         matcher.eof()
             finally:
-                sock.close()
+                if secure is not None:  # the handshake waited on the relay's poller
+                    poller_for(loop).forget(sock.fileno())
+                stream.close()  # a TLS stream sends its close_notify
     except TimeoutError:
         if not connected:
             return f"connect timed out after {settings.timeout_s:g} s"
+        if handshaking:
+            return f"TLS handshake timed out after {settings.timeout_s:g} s"
         matcher.timed_out()
+    except TlsFailed as exc:
+        return str(exc).removeprefix(f"upstream {address}: ")
     except UpstreamError as exc:
         # The dialer's message starts with the address, which the log line names already.
         reason = str(exc).removeprefix(f"{address}: ")

@@ -663,14 +663,15 @@ def test_checkers_follow_the_upstreams_and_stop_with_the_proxy() -> None:
                 service = proxy.service
                 assert service.checkers == 2
                 await until(lambda: all(u["last_check"] for u in service.pool.snapshot()))
-                kept = service._checks[service.pool.upstreams[0].address][0]
+                own = service.pool.proxy  # checkers are keyed by set (proxy or route) and address
+                kept = service._checks[own, service.pool.upstreams[0].address][0]
                 machine = service.pool.upstreams[0].health
                 proxy.runtime.update_proxy(midway.proxy_config(
                     "127.0.0.1:0", [a, c], name=proxy.config.name, health=health))
                 assert service.checkers == 2
-                assert service._checks[service.pool.upstreams[0].address][0] is kept
+                assert service._checks[own, service.pool.upstreams[0].address][0] is kept
                 assert service.pool.upstreams[0].health is machine
-                assert {str(addr) for addr in service._checks} == {a, c}
+                assert {str(addr) for _, addr in service._checks} == {a, c}
                 await until(lambda: all(u["last_check"] for u in service.pool.snapshot()))
                 tasks = [task for task, _, _ in service._checks.values()]
                 service.close_listeners()

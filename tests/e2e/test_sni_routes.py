@@ -17,6 +17,7 @@ from midway.layers.proxy_protocol import ProxyProtocolParser, build_v1, build_v2
 from tests.layers.fixtures import load
 
 from ..helpers import read_to_eof, run, serve
+from .test_failover import _closed_port
 from .test_proxy_protocol_e2e import Records, exchange
 
 AFTER = b"\x17\x03\x03\x00\x04data"
@@ -160,4 +161,29 @@ def test_route_upstream_sets_survive_a_reconfigure_by_name() -> None:
             assert await exchange(proxy.port, load("clienthello_curl")) == b"A"
             # The removed route's names now match nothing, and there is no default.
             assert await exchange(proxy.port, load("clienthello_openssl")) == b""
+    run(main())
+
+
+def test_a_route_upstream_passive_health_ejected_is_brought_back_by_active_checks() -> None:
+    """With active checks on, a passively ejected upstream waits for its checks
+    (docs/balancing.md: "checks will bring it back").  A route's upstreams were
+    never checked, so a route whose server was down for three clients stayed
+    closed (no_upstream) for good once the server was back."""
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        port = _closed_port()
+        hello = load("clienthello_curl")
+        route = [{"name": "api", "sni": "api.example.test", "upstreams": f"127.0.0.1:{port}"}]
+        async with midway.Proxy("127.0.0.1:0", routes=route,
+                                health={"interval_s": 0.1, "rise": 1}) as proxy:
+            [pool] = proxy.service._route_sets.values()
+            for _ in range(3):  # eject_after: 3 refused connects
+                assert await exchange(proxy.port, hello) == b""
+            assert not pool.upstreams[0].up
+            server = await asyncio.start_server(named_backend(b"A", got), "127.0.0.1", port)
+            async with server:
+                async with asyncio.timeout(5):
+                    while not pool.upstreams[0].up:
+                        await asyncio.sleep(0.05)
+                assert await exchange(proxy.port, hello) == b"A"
     run(main())

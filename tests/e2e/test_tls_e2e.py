@@ -28,6 +28,7 @@ import pytest
 from .. import helpers
 from ..helpers import http_server, proxy_process, sha256, wait_until
 from ..tlspki import Pki, make_pki
+from .test_balancing import _api_upstreams
 
 pytestmark = pytest.mark.per_loop
 
@@ -543,3 +544,40 @@ def test_a_proxy_header_on_a_tls_port_is_named_in_the_log(pki: Pki, version: str
         log = mw.stderr_text()
     assert ("tls: client sent a PROXY protocol header (behind a load balancer with "
             "send-proxy? set proxy_protocol_in)") in log, log
+
+
+@pytest.mark.parametrize("cert", ["verified", "wrong"])
+def test_active_checks_of_a_tls_upstream_run_over_tls(pki: Pki, cert: str) -> None:
+    """docs/balancing.md: with upstream_tls an active check does what a connection
+    does, the handshake (verified) and then send/expect over TLS, as HAProxy checks
+    an ``ssl`` server.  In plaintext a TLS server never answered the check: the
+    upstream was marked down at the first one and every client closed
+    (no_upstream), although its connections would have worked; and a certificate
+    that does not verify must fail the check in words."""
+    _needs("openssl")
+    cert_file, key_file = ((pki.server_cert, pki.server_key) if cert == "verified"
+                           else (pki.other_cert, pki.other_key))
+    with s_server(cert_file, key_file) as up, proxy_process(
+            "127.0.0.1:0", f"localhost:{up}", "--upstream-tls", "--upstream-tls-ca", str(pki.ca),
+            "--admin", "127.0.0.1:0", "--health-interval-s", "0.2", "--health-send", r"midway\n",
+            "--health-expect", "yawdim") as mw:
+        assert wait_until(lambda: any("admin API" in line for line in mw.stderr_lines), 10)
+        admin = int(next(line for line in mw.stderr_lines
+                         if "admin API" in line).rsplit(":", 1)[1])
+
+        def checks() -> list[dict[str, object]]:
+            return [u["last_check"] for u in _api_upstreams(admin).values()]
+
+        if cert == "wrong":
+            assert wait_until(lambda: "is down" in mw.stderr_text(), 10), mw.stderr_text()
+            down = next(x for x in mw.stderr_text().splitlines() if "is down" in x)
+            assert ("is down: certificate verify failed: self-signed certificate "
+                    "(1 check)") in down, down
+            return
+        assert wait_until(lambda: checks()[0] is not None, 10)
+        seen: list[dict[str, object]] = []
+        while len(seen) < 3:  # three checks in a row pass: the reply was decrypted
+            assert wait_until(lambda: checks()[0] not in seen, 10)
+            seen.append(checks()[0])
+        assert [c["passed"] for c in seen] == [True] * 3, seen
+        assert "is down" not in mw.stderr_text(), mw.stderr_text()
