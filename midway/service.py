@@ -57,7 +57,7 @@ A service owns one active health checker per upstream while
 each, jittered): started when it starts accepting, kept across a reconfigure for
 an upstream whose address and interval stay, cancelled when its listeners close.
 Health changes are logged by the upstream set and told to observers
-(``upstream_health``).
+(``upstream_health``; ``route_upstream_health`` for an SNI route's upstream).
 
 A service talks to what runs it only through :class:`ServiceHost` (connection
 ids, the admission gate, observers, ``reuse_port``), which
@@ -329,7 +329,7 @@ class ProxyService:
     def start_accepting(self) -> None:
         self.accepting = True
         self.announce(self.listeners)
-        self._tell_health(self.pool.upstreams)
+        self._tell_health()
         self._sync_checks()
 
     def announce(self, listeners: Iterable[Listener]) -> None:
@@ -591,21 +591,30 @@ class ProxyService:
         for direction in DIRECTIONS:
             set_stages(relay, direction, _stages(elements, rec.attached, direction))
 
+    def upstream_sets(self) -> list[tuple[str | None, UpstreamSet]]:
+        """The proxy's own upstream set (route None), then each SNI route's, by
+        the route's name."""
+        return [(None, self.pool), *self._route_sets.items()]
+
     def upstream_addresses(self) -> set[str]:
         """Every upstream's address as configured, the SNI routes' included
         (the ``upstream`` label of its metrics)."""
-        addresses = {str(u.address) for u in self.pool.upstreams}
-        addresses.update(str(u.address) for pool in self._route_sets.values()
-                         for u in pool.upstreams)
-        return addresses
+        return {u.text for _, pool in self.upstream_sets() for u in pool.upstreams}
+
+    def upstream_views(self) -> list[dict[str, Any]]:
+        """For the admin API's ``upstreams``: each upstream's state
+        (:meth:`UpstreamSet.snapshot`) with its ``route``, the proxy's own first
+        (``route`` None), then each SNI route's (its name)."""
+        return [{"address": entry["address"], "route": route, **entry}
+                for route, pool in self.upstream_sets() for entry in pool.snapshot()]
 
     def reconfigure(self, config: ProxyConfig) -> None:
         """Use new settings and upstreams for new connections.  An upstream whose
         address stays keeps its state (active connections, counters, health).
         Listen addresses must be rebound by the runtime (see
         :meth:`Runtime.update_proxy <midway.runtime.Runtime.update_proxy>`)."""
+        before = self._told()
         self._configure_layers(config)  # first: certificates are read again, and may fail
-        before = {u.address for u in self.pool.upstreams}
         self.pool.reconfigure(_specs(config), balance=config.balance,
                               health=health_settings(config.health),
                               empty_ok=bool(config.routes))
@@ -639,7 +648,7 @@ class ProxyService:
         for address in [a for a in self._failing if a not in kept]:
             del self._failing[address]
         if self.accepting:
-            self._tell_health([u for u in self.pool.upstreams if u.address not in before])
+            self._tell_health(before)
         self._sync_checks()
 
     # -- health: active checks, and what observers hear ------------------------
@@ -694,11 +703,33 @@ class ProxyService:
         if observers:
             observers.upstream_health(self.name, str(address), up)
 
-    def _tell_health(self, upstreams: Iterable[UpstreamState]) -> None:
+    def _route_health(self, route: str) -> Callable[[Address, bool], None]:
+        """The ``on_health`` of SNI route ``route``'s upstream set."""
+        def changed(address: Address, up: bool) -> None:
+            observers = self.host.observers
+            if observers:
+                observers.route_upstream_health(self.name, route, str(address), up)
+        return changed
+
+    def _told(self) -> set[tuple[str | None, Address]]:
+        """Each upstream as (its route, None for the proxy's own; its address)."""
+        return {(route, u.address) for route, pool in self.upstream_sets()
+                for u in pool.upstreams}
+
+    def _tell_health(self, told: Set[tuple[str | None, Address]] = frozenset()) -> None:
+        """Tell the observers the health of every upstream, the SNI routes'
+        included, but those in ``told`` (:meth:`_told`: they know them)."""
         observers = self.host.observers
-        if observers:
-            for upstream in upstreams:
-                observers.upstream_health(self.name, str(upstream.address), upstream.up)
+        if not observers:
+            return
+        for route, pool in self.upstream_sets():
+            for u in pool.upstreams:
+                if (route, u.address) in told:
+                    continue
+                if route is None:
+                    observers.upstream_health(self.name, u.text, u.up)
+                else:
+                    observers.route_upstream_health(self.name, route, u.text, u.up)
 
     def _configure_layers(self, config: ProxyConfig) -> None:
         """The layers and SNI routes of ``config``, for new connections.  A route
@@ -715,7 +746,8 @@ class ProxyService:
             pool = self._route_sets.get(spec.name)
             if pool is None:
                 pool = UpstreamSet(f"{config.name} route {spec.name}", specs,
-                                   balance=spec.balance, health=health_settings(config.health))
+                                   balance=spec.balance, health=health_settings(config.health),
+                                   on_health=self._route_health(spec.name))
             else:
                 pool.reconfigure(specs, balance=spec.balance,
                                  health=health_settings(config.health))

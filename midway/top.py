@@ -200,8 +200,9 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
             f"{rate('midway_bytes_total', proxy=name, direction='upstream'):>10} "
             f"{rate('midway_bytes_total', proxy=name, direction='downstream'):>10}  {closes}")
         for up in proxy.get("upstreams") or []:
+            route = f"route {up['route']} " if up.get("route") else ""  # an SNI route's
             lines.append(f"  {'up' if up.get('state') == 'up' else 'DOWN':<4} "
-                         f"{up.get('address', ''):<28} "
+                         f"{up.get('address', ''):<28} {route}"
                          f"weight {up.get('weight', '')}{' backup' if up.get('backup') else ''} "
                          f"active {up.get('active', '')} last check "
                          f"{_last_check(up.get('last_check'))}")

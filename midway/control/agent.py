@@ -229,7 +229,7 @@ class WorkerAgent:
             name: ProxyView(name, service.enabled, tuple(service.addresses),
                             tuple(toxic_json(t) for t in list_toxics(service)),
                             tuple(e.name for e in service.elements),
-                            tuple(service.pool.snapshot()))
+                            tuple(service.upstream_views()))
             for name, service in self.runtime.services.items()
         }
 
@@ -237,12 +237,16 @@ class WorkerAgent:
         self.metrics.forget(self._keep())
         return self.metrics.snapshot()
 
-    def _keep(self) -> dict[str, set[str]]:
+    def _keep(self) -> dict[str, set[tuple[str, ...]]]:
         """The proxies that still have series (serving or draining), and their
-        upstreams."""
-        keep: dict[str, set[str]] = {}
+        upstreams' (:data:`~midway.metrics.Keep`)."""
+        keep: dict[str, set[tuple[str, ...]]] = {}
         for service in self.runtime.all_services():
-            keep.setdefault(service.name, set()).update(service.upstream_addresses())
+            kept = keep.setdefault(service.name, set())
+            for route, pool in service.upstream_sets():
+                kept.update((u.text,) for u in pool.upstreams)
+                if route is not None:
+                    kept.update((route, u.text) for u in pool.upstreams)
         return keep
 
     def _connections(self, command: ListConnections) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ from ..admin.host import HostError, ProxyView
 from ..config.schema import Config, ProxyConfig, ServerConfig, ToxicSpec
 from ..config.target import Edit, Target, keep_ports
 from ..errors import ConfigError, ListenError
-from ..metrics import METRICS, Snapshot, cumulative, merge_snapshots, render, retain
+from ..metrics import METRICS, Snapshot, cumulative, identity, merge_snapshots, render, retain
 from ..upstream.state import merge_snapshots as merge_upstreams
 from . import notify
 from .commands import (
@@ -297,13 +297,10 @@ class ControlPlane:
         ended = [cumulative(s) for key, s in self._scraped.items() if key not in scraped]
         self._scraped = scraped
         live = merge_snapshots(list(scraped.values()))
-        keep: dict[str, set[str]] = {}
+        keep: dict[str, set[tuple[str, ...]]] = {}
         for spec in METRICS:
-            at = spec.labels.index("upstream") if "upstream" in spec.labels else None
             for labels, _ in live["metrics"].get(spec.name, ()):
-                upstreams = keep.setdefault(labels[0], set())
-                if at is not None:
-                    upstreams.add(labels[at])
+                keep.setdefault(labels[0], set()).add(identity(spec, labels))
         self._ended = retain(merge_snapshots([self._ended, *ended]), keep)
         return render(merge_snapshots([live, self._ended]))
 

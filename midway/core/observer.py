@@ -6,8 +6,9 @@ phases (:mod:`midway.service`): a connection was accepted
 (:meth:`~Observer.connect_failed`, any number of times per connection),
 exactly once, the connection ended (:meth:`~Observer.connection_closed`, with a
 :class:`CloseRecord`), and, apart from any connection, an upstream's health is
-known or changed (:meth:`~Observer.upstream_health`).  The access log (and later metrics) are observers; the relay
-never knows which ones exist.  :class:`Observers` is the list a runtime holds: it
+known or changed (:meth:`~Observer.upstream_health`, and
+:meth:`~Observer.route_upstream_health` for an SNI route's).  The access log
+(and later metrics) are observers; the relay never knows which ones exist.  :class:`Observers` is the list a runtime holds: it
 tells each observer in turn, and one that raises is logged and skipped, never
 allowed to break the connection.
 """
@@ -179,7 +180,13 @@ class Observer:
     def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
         """``upstream`` (its address as configured) of ``proxy`` is now up (or
         down): told when a proxy starts, for each upstream a reconfigure adds, and on
-        every change of health (``midway_upstream_up``)."""
+        every change of health (``midway_upstream_up``).  The upstreams of an SNI
+        route are told by :meth:`route_upstream_health` instead."""
+
+    def route_upstream_health(self, proxy: str, route: str, upstream: str, up: bool) -> None:
+        """``upstream`` of the SNI route ``route`` (its ``name``) of ``proxy`` is
+        now up (or down), each route's upstreams having their own health: told as
+        :meth:`upstream_health` is (``midway_route_upstream_up``)."""
 
 
 class Observers(list[Observer]):
@@ -197,23 +204,28 @@ class Observers(list[Observer]):
                     log.exception("an observer failed on connection %d", info.id)
 
     def connect_failed(self, proxy: str, upstream: str, failure: str, detail: str) -> None:
-        for observer in self:
-            method = getattr(observer, "connect_failed", None)
-            if method is not None:
-                try:
-                    method(proxy, upstream, failure, detail)
-                except Exception:
-                    log.exception("an observer failed on a connect failure of %s", proxy)
+        self._tell("connect_failed", (proxy, upstream, failure, detail),
+                   f"a connect failure of {proxy}")
 
     def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
+        self._tell("upstream_health", (proxy, upstream, up),
+                   f"the health of {upstream} of {proxy}")
+
+    def route_upstream_health(self, proxy: str, route: str, upstream: str, up: bool) -> None:
+        self._tell("route_upstream_health", (proxy, route, upstream, up),
+                   f"the health of {upstream} of route {route} of {proxy}")
+
+    def _tell(self, event: str, args: tuple[object, ...], what: str) -> None:
+        """Call ``event`` with ``args`` on each observer that has it (not the hot
+        path: per failure or health change); one that raises is logged, naming
+        ``what`` it was told."""
         for observer in self:
-            method = getattr(observer, "upstream_health", None)
+            method = getattr(observer, event, None)
             if method is not None:
                 try:
-                    method(proxy, upstream, up)
+                    method(*args)
                 except Exception:
-                    log.exception("an observer failed on the health of %s of %s", upstream,
-                                  proxy)
+                    log.exception("an observer failed on %s", what)
 
     def connection_closed(self, record: CloseRecord) -> None:
         for observer in self:

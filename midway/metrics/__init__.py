@@ -22,11 +22,12 @@ from .registry import (
     Sample,
     Snapshot,
     cumulative,
+    identity,
     merge_snapshots,
     retain,
 )
 from .table import METRICS, Kind, Merge, MetricSpec
 
 __all__ = ["Metrics", "Collector", "Sample", "Snapshot", "merge_snapshots", "render",
-           "retain", "cumulative", "Keep",
+           "retain", "cumulative", "identity", "Keep",
            "CONTENT_TYPE", "METRICS", "MetricSpec", "Kind", "Merge"]

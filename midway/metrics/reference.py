@@ -80,13 +80,23 @@ runs, and the counter never goes back when that connection closes.
 
 With `workers = N`, each worker process counts its own connections and the
 supervisor adds them up before answering `/metrics`: counters and histograms
-are summed, and so is `midway_connections_active`.  `midway_upstream_up` is
-different: each worker judges an upstream's health on its own (its own checks,
+are summed, and so is `midway_connections_active`.  `midway_upstream_up` (and
+`midway_route_upstream_up`) is different: each worker judges an upstream's health on its own (its own checks,
 its own passive ejections), so the workers may briefly disagree.  `/metrics`
 shows the **lowest** value over the workers that know the upstream: `1` means
 every worker sends it traffic, `0` means at least one does not.  This keeps the
 metric 0 or 1, so an alert on `midway_upstream_up == 0` fires as soon as any
 share of the traffic avoids an upstream.
+
+## SNI routes
+
+The upstreams of `[[proxy.NAME.routes]]` (docs/tls.md) each have their own
+health, per route: it is in `midway_route_upstream_up`, labelled `proxy`,
+`route` (the route's `name`) and `upstream`, not in `midway_upstream_up`, whose
+series (the proxy's own upstreams) are the same with routes or without.  An
+address in two routes has a series in each.  Their failed connects are in
+`midway_connect_failures_total` by address, as the proxy's own are.  An alert on
+any upstream down: `midway_upstream_up == 0 or midway_route_upstream_up == 0`.
 
 Counters start at zero when midway starts and never go back while it runs.  A
 worker that dies is restarted from zero, but the supervisor keeps what it had
@@ -103,7 +113,7 @@ which Prometheus treats as a counter reset.
 
 A proxy removed (by a reload or `DELETE /proxies/NAME`) disappears from
 `/metrics` once its last connection has closed, and so does an upstream removed
-from a proxy: their series end (Prometheus marks them stale) rather than stay
+from a proxy or from one of its routes: their series end (Prometheus marks them stale) rather than stay
 frozen, so `midway_upstream_up == 0` does not keep firing for an upstream that
 is gone.  A proxy added again under the same name may start again from zero.
 

@@ -4,14 +4,17 @@ and the merge of the workers' snapshots.
 Theory of operation
 -------------------
 :class:`Metrics` is an :class:`~midway.core.observer.Observer`.  The runtime tells
-it three things and nothing else:
+it these things and nothing else:
 
 * ``connection_opened(proxy)`` at accept,
 * ``connect_failed(proxy, upstream, reason)`` after each failed attempt to dial
   an upstream,
 * ``connection_closed(record)`` once per accepted connection, with its
   :class:`~midway.core.observer.CloseRecord` (reason, delivered bytes, connect
-  time, duration).
+  time, duration),
+* ``upstream_health(proxy, upstream, up)`` and, for an SNI route's upstream,
+  ``route_upstream_health(proxy, route, upstream, up)`` when its health is
+  known or changes.
 
 Each event costs a handful of dict updates (and a ``bisect`` per histogram): the
 relay never calls into metrics, so the cost per byte is zero.  Bytes of
@@ -24,7 +27,7 @@ loses a byte and the counter never goes back.
 
 :meth:`Metrics.snapshot` gives a plain, JSON-able dict; :func:`merge_snapshots`
 combines the snapshots of N workers as :data:`~.table.METRICS` says (add, or the
-minimum for ``upstream_up``); :func:`~.exposition.render` writes any snapshot,
+minimum for the ``upstream_up`` gauges); :func:`~.exposition.render` writes any snapshot,
 one worker's or a merged one, in Prometheus's text format.
 
 Snapshot shape (``format`` 1)::
@@ -53,7 +56,7 @@ from .exposition import render
 from .table import BY_NAME, METRICS, Kind, Merge, MetricSpec, Snapshot
 
 __all__ = ["Metrics", "Collector", "Sample", "Snapshot", "merge_snapshots",
-           "retain", "cumulative", "Keep", "SNAPSHOT_FORMAT"]
+           "retain", "cumulative", "identity", "Keep", "SNAPSHOT_FORMAT"]
 
 log = logging.getLogger("midway")
 
@@ -64,9 +67,11 @@ Labels = tuple[str, ...]
 Sample = tuple[str, Labels, float]
 """``(metric name, label values, value)``: one value a collector contributes."""
 Collector = Callable[[], Iterable[Sample]]
-Keep = Mapping[str, Collection[str]]
-"""The proxies whose series a worker still shows, each with its upstreams'
-addresses (as configured): what :meth:`Metrics.forget` and :func:`retain` keep."""
+Keep = Mapping[str, Collection[tuple[str, ...]]]
+"""The proxies whose series a worker still shows, each with the identity
+(:func:`identity`) of every upstream series it keeps: ``(address,)`` for each
+upstream, the SNI routes' included, and ``(route, address)`` for each route's:
+what :meth:`Metrics.forget` and :func:`retain` keep."""
 
 _DIRECTIONS = ("upstream", "downstream")
 
@@ -88,6 +93,7 @@ class Metrics(Observer):
         self._closes = self._values["midway_closes_total"]
         self._failures = self._values["midway_connect_failures_total"]
         self._up = self._values["midway_upstream_up"]
+        self._route_up = self._values["midway_route_upstream_up"]
         self._connect = self._histograms["midway_connect_seconds"]
         self._connect_bounds = BY_NAME["midway_connect_seconds"].buckets
         self._duration = self._histograms["midway_connection_seconds"]
@@ -132,6 +138,10 @@ class Metrics(Observer):
     def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
         """The health of ``upstream`` changed (or is known for the first time)."""
         self._up[(proxy, upstream)] = 1 if up else 0
+
+    def route_upstream_health(self, proxy: str, route: str, upstream: str, up: bool) -> None:
+        """The health of ``upstream`` of SNI route ``route`` changed (or is known)."""
+        self._route_up[(proxy, route, upstream)] = 1 if up else 0
 
     # -- setup ----------------------------------------------------------------
 
@@ -278,11 +288,23 @@ def cumulative(snapshot: Snapshot) -> Snapshot:
         if BY_NAME[name].kind is not Kind.GAUGE}}
 
 
+_IDENTITY = ("route", "upstream")
+"""The labels that name an upstream series within its proxy."""
+
+
+def identity(spec: MetricSpec, labels: Sequence[str]) -> tuple[str, ...]:
+    """Which upstream a series of ``spec`` is about, within its proxy: the values
+    of its ``route`` and ``upstream`` labels, in that order (``()`` for a series
+    about the whole proxy)."""
+    return tuple(labels[i] for i, name in enumerate(spec.labels) if name in _IDENTITY)
+
+
 def _kept(spec: MetricSpec, labels: Sequence[str], keep: Keep) -> bool:
-    upstreams = keep.get(labels[0])  # every metric's first label is the proxy
-    if upstreams is None:
+    kept = keep.get(labels[0])  # every metric's first label is the proxy
+    if kept is None:
         return False
-    return "upstream" not in spec.labels or labels[spec.labels.index("upstream")] in upstreams
+    key = identity(spec, labels)
+    return not key or key in kept
 
 
 def _combine(spec: MetricSpec, current: Any, value: Any, index: int) -> Any:

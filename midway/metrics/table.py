@@ -35,8 +35,9 @@ class Merge(enum.StrEnum):
     SUM = "sum"
     """Add: each worker counts its own connections (counters, histograms, active)."""
     MIN = "min"
-    """The lowest value any worker reports: for ``upstream_up``, 1 only if every
-    worker that knows the upstream considers it up."""
+    """The lowest value any worker reports: for ``upstream_up`` (and
+    ``route_upstream_up``), 1 only if every worker that knows the upstream
+    considers it up."""
 
 
 CONNECT_BUCKETS_S: tuple[float, ...] = (
@@ -131,6 +132,17 @@ METRICS: tuple[MetricSpec, ...] = (
         merge=Merge.MIN,
         notes="Each worker keeps its own view of health; across workers the lowest "
               "value is shown, so 0 means at least one worker sends it no traffic.",
+    ),
+    MetricSpec(
+        "midway_route_upstream_up", Kind.GAUGE,
+        "1 if the upstream of an SNI route is considered up (health checks), 0 if not.",
+        ("proxy", "route", "upstream"),
+        merge=Merge.MIN,
+        notes="The upstreams of `[[proxy.NAME.routes]]`, each route with its own health "
+              "state: `route` is the route's name. Kept apart from `midway_upstream_up` "
+              "(the proxy's own upstreams, whose series stay as they are), so an address "
+              "in two routes, or in a route and the proxy's own list, has one series for "
+              "each. Across workers the lowest value, as `midway_upstream_up`.",
     ),
     MetricSpec(
         "midway_connect_seconds", Kind.HISTOGRAM,

@@ -157,7 +157,7 @@ class HealthMachine:
     ``on_change`` receives every :class:`HealthChange` (default: logged)."""
 
     __slots__ = ("settings", "label", "_now", "_on_change", "_health", "_run", "_passive",
-                 "_ejected_until", "last_check")
+                 "_probation", "_ejected_until", "last_check")
 
     def __init__(
         self,
@@ -174,6 +174,7 @@ class HealthMachine:
         self._health = settings.rise  # up, and down at the first failing check
         self._run = 0  # consecutive check results of the same kind, for the log line
         self._passive = 0  # consecutive passive failures
+        self._probation = False  # back after eject_s: one failure ejects it again
         self._ejected_until: float | None = None
         self.last_check: tuple[float, bool, str] | None = None
         """(time, passed, reason) of the last active check; None before the first."""
@@ -220,6 +221,7 @@ class HealthMachine:
             self._health = top
             if not was_up:
                 self._passive = 0
+                self._probation = False
                 return self._emit(True, f"check passed ({_plural(self._run, 'check')})")
         return None
 
@@ -250,19 +252,23 @@ class HealthMachine:
         self._passive += 1
         if self._passive < s.eject_after:
             return None
-        count = _plural(self._passive, "connect")
+        # On probation the count was left one short: say so, not "3 in a row".
+        why = (f"{reason} (failed again on probation)" if self._probation else
+               f"{reason} ({_plural(self._passive, 'connect')} failed in a row)")
         self._passive = 0
+        self._probation = False
         if s.active:
             self._health = 0
             self._run = 0
-            return self._emit(False, f"{reason} ({count} failed in a row); checks will bring it back")
+            return self._emit(False, f"{why}; checks will bring it back")
         self._ejected_until = self._now() + s.eject_s
-        return self._emit(False, f"{reason} ({count} failed in a row); ejected for {s.eject_s:g} s")
+        return self._emit(False, f"{why}; ejected for {s.eject_s:g} s")
 
     def connection_ok(self) -> None:
         """A connection to this upstream ended without counting as a failure:
         the consecutive count (and any probation) starts over."""
         self._passive = 0
+        self._probation = False
 
     # -- internals ----------------------------------------------------------
 
@@ -271,6 +277,7 @@ class HealthMachine:
         self._ejected_until = None
         # Probation: one more failure ejects it again.
         self._passive = max(0, self.settings.eject_after - 1)
+        self._probation = True
         self._emit(True, f"trying it again after {rested:g} s ejected")
 
     def _emit(self, up: bool, why: str) -> HealthChange:

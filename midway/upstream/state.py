@@ -151,14 +151,17 @@ def merge_snapshots(per_worker: Sequence[Sequence[dict[str, Any]]]) -> list[dict
     ``connect_failures`` add up; ``state`` is ``down`` when any worker has the
     upstream down (as ``midway_upstream_up`` takes the minimum: that worker
     sends it no client); ``last_check`` is the latest of any worker's.  Entries
-    are matched by address, in the first worker's order (an address only some
-    workers have yet, in the middle of a change, comes after).  Pure."""
-    merged: dict[str, dict[str, Any]] = {}
+    are matched by ``route`` (an SNI route's upstreams have their own state;
+    absent or None for the proxy's own) and address, in the first worker's
+    order (one only some workers have yet, in the middle of a change, comes
+    after).  Pure."""
+    merged: dict[tuple[str | None, str], dict[str, Any]] = {}
     for entries in per_worker:
         for entry in entries:
-            into = merged.get(entry["address"])
+            where = (entry.get("route"), entry["address"])
+            into = merged.get(where)
             if into is None:
-                merged[entry["address"]] = dict(entry)
+                merged[where] = dict(entry)
                 continue
             for key in ("active", "connects", "connect_failures"):
                 into[key] += entry[key]

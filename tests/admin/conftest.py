@@ -128,6 +128,22 @@ def round_trip(port: int, payload: bytes = b"ping", timeout: float = 5.0) -> byt
         return got
 
 
+def checked_route(*upstreams: str) -> str:
+    """TOML for proxy web: active checks every 0.1 s (down at the first failed
+    one), and the SNI route api (``api.example.test``) to ``upstreams``."""
+    listed = ", ".join(f'"{u}"' for u in upstreams)
+    return f"""
+[proxy.web.health]
+interval_s = 0.1
+fall = 1
+
+[[proxy.web.routes]]
+name = "api"
+sni = "api.example.test"
+upstreams = [{listed}]
+"""
+
+
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -17,7 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..helpers import needs, proxy_process, wait_until
-from .conftest import Admin, EchoServer, Reply, port_of, refused, round_trip
+from ..layers.fixtures import load
+from ..metrics.support import parse, value
+from .conftest import Admin, EchoServer, Reply, checked_route, port_of, refused, round_trip
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -348,6 +350,57 @@ def test_a_live_scrape_passes_promtool(admin: Admin, echo: EchoServer) -> None:
                             capture_output=True, timeout=30, check=False)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
     assert result.stdout + result.stderr == b""  # no lint remark either
+
+
+def test_sni_route_upstreams_are_in_the_api_and_the_metrics(tmp_path: Path,
+                                                              echo: EchoServer) -> None:
+    """Two workers, a route with a live and a dead upstream: GET /proxies/web
+    lists the route's upstreams with their health (``route`` names it, null for
+    the proxy's own), midway_route_upstream_up has them, midway_upstream_up
+    keeps only the proxy's own, and the scrape passes promtool."""
+    dead = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+admin = "127.0.0.1:0"
+workers = 2
+
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = "{echo.address}"
+{checked_route(echo.address, dead)}""")
+    with proxy_process("--config", str(config)) as process:
+        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
+        api = Admin(process)
+        line = next(line for line in process.stderr_lines if "admin API" in line)
+        api.port = int(line.rsplit(":", 1)[1])
+
+        def upstreams() -> list[tuple[object, ...]]:
+            reply = api.get("/proxies/web")
+            return [(u["route"], u["address"], u["state"]) for u in reply.json["upstreams"]] \
+                if reply.status == 200 else []
+
+        assert wait_until(lambda: upstreams() == [
+            (None, echo.address, "up"), ("api", echo.address, "up"), ("api", dead, "down")],
+            timeout=10), upstreams()
+        listen = api.get("/proxies/web").json["listen"]
+        hello = load("clienthello_curl")
+        assert round_trip(port_of(listen), hello) == hello  # the route's live upstream
+        entries = api.get("/proxies").json["web"]["upstreams"]
+        assert [u["connects"] for u in entries] == [0, 1, 0]
+        reply = api.request("GET", "/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+        text = reply.body.decode()
+        assert value(text, "midway_route_upstream_up", proxy="web", route="api",
+                     upstream=dead) == 0
+        assert value(text, "midway_route_upstream_up", proxy="web", route="api",
+                     upstream=echo.address) == 1
+        assert [s.labels for s in parse(text)["midway_upstream_up"].samples] == [
+            {"proxy": "web", "upstream": echo.address}]
+        if shutil.which("promtool") is not None:
+            result = subprocess.run(["promtool", "check", "metrics"], input=reply.body,
+                                    capture_output=True, timeout=30, check=False)
+            assert result.returncode == 0, (result.stdout + result.stderr).decode()
+            assert result.stdout + result.stderr == b""
 
 
 # -- toxics --------------------------------------------------------------------

@@ -318,13 +318,17 @@ def test_upstreams_show_their_health_and_last_check() -> None:
         {"address": "10.0.0.6:6379", "weight": 1, "backup": True, "state": "down", "active": 0,
          "last_check": {"at": at, "passed": False, "reason": "connection refused"}},
         {"address": "10.0.0.7:6379", "weight": 1, "backup": False, "state": "up", "active": 0,
-         "last_check": None}]), None, View())
+         "last_check": None},
+        {"address": "10.0.0.7:6379", "route": "api", "weight": 1, "backup": False,
+         "state": "down", "active": 0, "last_check": None}]), None, View())
     clock = time.strftime("%H:%M:%S", time.localtime(at))
     assert [line.split(None, 1) for line in lines if line.startswith("  ")] == [
         ["up", f"10.0.0.5:6379                weight 3 active 2 last check {clock} ok"],
         ["DOWN", f"10.0.0.6:6379                weight 1 backup active 0 last check {clock} "
                  "failed (connection refused)"],
-        ["up", "10.0.0.7:6379                weight 1 active 0 last check none"]]
+        ["up", "10.0.0.7:6379                weight 1 active 0 last check none"],
+        # An SNI route's upstream, with its own health, says its route.
+        ["DOWN", "10.0.0.7:6379                route api weight 1 active 0 last check none"]]
 
 
 def test_proxy_columns_stay_under_their_headers_when_a_value_is_long() -> None:

@@ -32,7 +32,7 @@ from midway.chain.toxics import TOXICS
 
 from ..helpers import ProxyProcess, free_port, http_server, needs
 from ..helpers import wait_until as _wait_until
-from .conftest import Admin, EchoServer, port_of, round_trip
+from .conftest import Admin, EchoServer, checked_route, port_of, round_trip
 from .screenshots import save_small_png
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,7 +87,9 @@ class Midway:
 
 
 def start_midway(tmp_path: Path, echo: EchoServer, admin_port: int = 0,
-                 extra: str = "") -> Midway:
+                 extra: str = "", web: str = "") -> Midway:
+    """midway with proxies web and cache to ``echo``; ``extra`` goes in
+    ``[server]``, ``web`` after ``[proxy.web]``."""
     config = tmp_path / "midway.toml"
     config.write_text(f"""
 [server]
@@ -96,7 +98,7 @@ admin = "127.0.0.1:{admin_port}"
 [proxy.web]
 listen = "127.0.0.1:0"
 upstreams = "{echo.address}"
-
+{web}
 [proxy.cache]
 listen = "127.0.0.1:0"
 upstreams = "{echo.address}"
@@ -207,6 +209,27 @@ def test_page_loads_clean_and_lists_the_proxies(browser: Any, midway: Midway,
 
 
 SCREENSHOT_WIDTH = 1024
+
+
+def test_an_sni_route_s_upstreams_are_shown_with_their_route(browser: Any, tmp_path: Path,
+                                                             echo: EchoServer) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    running = start_midway(tmp_path, echo, web=checked_route(dead))
+    try:
+        open_page(browser, running)
+
+        def rows() -> list[list[str]]:
+            found: list[list[str]] = browser.execute_script(
+                "return [...document.querySelectorAll('section.proxy[data-proxy=\"web\"] "
+                "table.upstreams tbody tr')].map(tr => [...tr.cells].map(td => td.textContent))")
+            return [row[:2] for row in found]
+
+        # The route's upstream, down, says its route; the proxy's own says none.
+        assert wait_until(lambda: rows() == [[echo.address, "up"],
+                                             [f"{dead} (route api)", "down"]], UI_WAIT_S), rows()
+        assert console_errors(browser) == []
+    finally:
+        running.process.stop()
 
 
 def screenshot(browser: Any, midway: Midway, path: Path) -> None:

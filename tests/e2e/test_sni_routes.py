@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import midway
+from midway.config.addresses import parse_address
 from midway.layers.proxy_protocol import ProxyProtocolParser, build_v1, build_v2
 from tests.layers.fixtures import load
 
@@ -186,4 +187,58 @@ def test_a_route_upstream_passive_health_ejected_is_brought_back_by_active_check
                     while not pool.upstreams[0].up:
                         await asyncio.sleep(0.05)
                 assert await exchange(proxy.port, hello) == b"A"
+    run(main())
+
+
+class Health:
+    """An observer of the health of the proxy's own upstreams (route None) and of
+    its routes' (``route_upstream_health``)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str | None, str, bool]] = []
+
+    def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
+        self.events.append((None, upstream, up))
+
+    def route_upstream_health(self, proxy: str, route: str, upstream: str, up: bool) -> None:
+        self.events.append((route, upstream, up))
+
+    def connection_closed(self, record: midway.CloseRecord) -> None:
+        pass
+
+
+def test_a_route_upstream_health_is_told_to_observers_as_the_route_s() -> None:
+    """At start, on each change and for an upstream a reconfigure adds, as the
+    proxy's own upstreams are told (midway_route_upstream_up): a route whose
+    server went down was invisible to the metrics and the admin API."""
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        dead = f"127.0.0.1:{_closed_port()}"
+        health = Health()
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"D", got)) as d:
+            route = [{"name": "api", "sni": "api.example.test",
+                      "upstreams": [f"127.0.0.1:{a}", dead]}]
+            async with midway.Proxy("127.0.0.1:0", f"127.0.0.1:{d}", routes=route,
+                                    observers=[health],
+                                    health={"interval_s": 0.05, "fall": 1}) as proxy:
+                assert health.events[:3] == [(None, f"127.0.0.1:{d}", True),
+                                             ("api", f"127.0.0.1:{a}", True), ("api", dead, True)]
+                async with asyncio.timeout(5):
+                    while ("api", dead, False) not in health.events:
+                        await asyncio.sleep(0.02)
+                for _ in range(3):  # the checks took the dead one out of the route
+                    assert await exchange(proxy.port, load("clienthello_curl")) == b"A"
+                views = proxy.service.upstream_views()
+                assert [(v["route"], v["address"], v["state"]) for v in views] == [
+                    (None, f"127.0.0.1:{d}", "up"), ("api", f"127.0.0.1:{a}", "up"),
+                    ("api", dead, "down")]
+                assert views[1]["connects"] == 3
+                told = len(health.events)
+                config = proxy.service.config
+                added = dataclasses.replace(config.routes[0], upstreams=(
+                    *config.routes[0].upstreams, parse_address(f"127.0.0.1:{d}", listen=False)))
+                assert proxy.runtime is not None
+                proxy.runtime.update_proxy(dataclasses.replace(config, routes=(added,)))
+                assert ("api", f"127.0.0.1:{d}", True) in health.events[told:]
+        assert all(route == "api" for route, upstream, _ in health.events if upstream == dead)
     run(main())

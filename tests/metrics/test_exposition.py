@@ -28,6 +28,7 @@ def busy() -> Metrics:
     metrics.connection_opened(opened("web"))
     metrics.connect_failed("web", "10.0.0.9:80", "refused")
     metrics.upstream_health("web", "10.0.0.1:80", True)
+    metrics.route_upstream_health("web", "api", "10.0.0.2:443", False)
     metrics.connection_closed(closed(bytes_up=3, bytes_down=4))
     return metrics
 

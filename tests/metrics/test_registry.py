@@ -210,6 +210,40 @@ def test_merging_takes_the_lowest_upstream_health() -> None:
     assert value(text, "midway_upstream_up", proxy="web", upstream="c:80") == 1
 
 
+def test_a_route_upstream_has_its_own_gauge_merged_to_the_lowest() -> None:
+    """An SNI route's upstreams are in midway_route_upstream_up{proxy,route,upstream};
+    midway_upstream_up (the proxy's own upstreams) keeps its series as they were,
+    even for an address that is in both."""
+    one, two = Metrics(), Metrics()
+    one.upstream_health("web", "a:80", True)
+    one.route_upstream_health("web", "api", "a:80", False)
+    two.route_upstream_health("web", "api", "a:80", True)
+    one.route_upstream_health("web", "www", "b:80", True)
+    text = render(merge_snapshots([one.snapshot(), two.snapshot()]))
+    assert [s.labels for s in parse(text)["midway_upstream_up"].samples] == [
+        {"proxy": "web", "upstream": "a:80"}]
+    assert value(text, "midway_upstream_up", proxy="web", upstream="a:80") == 1
+    assert value(text, "midway_route_upstream_up", proxy="web", route="api",
+                 upstream="a:80") == 0
+    assert value(text, "midway_route_upstream_up", proxy="web", route="www",
+                 upstream="b:80") == 1
+
+
+def test_forgetting_keeps_a_route_upstream_by_its_route_and_address() -> None:
+    # b:80 moved from route api to route www: the api series ends, or its 0 would
+    # keep an alert firing for an upstream that route no longer has.
+    metrics = Metrics()
+    metrics.declare_proxy("web", ["b:80"])
+    metrics.route_upstream_health("web", "api", "b:80", False)
+    metrics.route_upstream_health("web", "www", "b:80", True)
+    keep = {"web": {("b:80",), ("www", "b:80")}}
+    kept = retain(metrics.snapshot(), keep)
+    metrics.forget(keep)
+    assert metrics.snapshot() == kept
+    assert series(kept, "midway_route_upstream_up") == {("web", "www", "b:80"): 1}
+    assert series(kept, "midway_connect_failures_total") == {("web", "b:80"): 0}
+
+
 def test_merging_one_snapshot_changes_nothing_and_none_gives_empty_metrics() -> None:
     metrics = Metrics()
     known_sequence(metrics)
@@ -235,6 +269,7 @@ def test_every_declared_metric_is_counted_by_some_event() -> None:
     metrics = Metrics()
     known_sequence(metrics)
     metrics.upstream_health("web", "a:80", True)
+    metrics.route_upstream_health("web", "api", "b:80", True)
     snap = metrics.snapshot()
     for spec in METRICS:
         assert snap["metrics"][spec.name], f"{spec.name} has no series"
@@ -249,7 +284,7 @@ def test_forgetting_drops_removed_proxies_and_upstreams_and_retain_agrees() -> N
     metrics.connect_failed("web", "10.0.0.2:80")
     metrics.upstream_health("web", "10.0.0.2:80", False)
     metrics.connection_opened(opened("web"))
-    keep = {"web": {"10.0.0.1:80"}}
+    keep = {"web": {("10.0.0.1:80",)}}
     kept = retain(metrics.snapshot(), keep)
     metrics.forget(keep)
     assert metrics.snapshot() == kept

@@ -96,19 +96,25 @@ def test_passive_ejection_and_cool_down_without_checks() -> None:
 
 
 def test_after_a_cool_down_one_failure_ejects_again_until_a_good_connection() -> None:
-    m, clock, _ = machine(eject_after=3, eject_s=10.0)
+    m, clock, changes = machine(eject_after=3, eject_s=10.0)
     for _ in range(3):
         m.connect_failed("connection refused")
     clock.t += 10
     assert m.up
     m.connect_failed("connection refused")  # probation: once is enough
     assert not m.up
+    # The line says what happened: one failure, not three in a row.
+    assert changes[-1].text == (f"{LABEL} is down: connection refused (failed again on "
+                                "probation); ejected for 10 s")
     clock.t += 10
     assert m.up
     m.connection_ok()  # a good connection ends probation
     m.connect_failed("connection refused")
     m.connect_failed("connection refused")
     assert m.up
+    m.connect_failed("connection refused")  # off probation: counted in a row again
+    assert changes[-1].text.endswith("connection refused (3 connects failed in a row); "
+                                     "ejected for 10 s")
 
 
 def test_a_good_connection_resets_the_passive_count() -> None:

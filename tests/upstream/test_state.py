@@ -191,6 +191,12 @@ def test_workers_snapshots_merge_into_one_list() -> None:
     assert b["state"] == "up" and b["active"] == 1 and b["last_check"] is None
     assert c["active"] == 2 and a["weight"] == 2
     assert merge_snapshots([]) == []
+    # An SNI route's upstream is its own entry, even at an address the proxy's
+    # own upstreams (route None) have too.
+    own, routed = entry("a:1", 1), {**entry("a:1", 2, "down"), "route": "api"}
+    merged = merge_snapshots([[{**own, "route": None}, routed], [{**own, "route": None}, routed]])
+    assert [(m["route"], m["active"], m["state"]) for m in merged] == [
+        (None, 2, "up"), ("api", 4, "down")]
 
 
 @pytest.mark.parametrize("weight", [-1, 257])

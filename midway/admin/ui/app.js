@@ -248,7 +248,9 @@ function renderProxy(box, proxy) {
     upstreams.tBodies[0].replaceChildren(...proxy.upstreams.map((u) => {
       const row = el("tr");
       const up = u.state === "up";
-      row.append(el("td", u.address), el("td", up ? "up" : "down", up ? {} : { class: "down-state" }),
+      // An SNI route's upstream has its own health: say whose it is.
+      const where = u.route == null ? u.address : `${u.address} (route ${u.route})`;
+      row.append(el("td", where), el("td", up ? "up" : "down", up ? {} : { class: "down-state" }),
                  el("td", u.weight), el("td", u.backup ? "yes" : ""), el("td", u.active),
                  el("td", formatCheck(u.last_check)));
       return row;
