@@ -309,6 +309,16 @@ def _health(table: Mapping[str, Any], path: str) -> HealthConfig:
 _HEX_KEYS = {"send_hex": "send", "expect_hex": "expect"}
 """Each hex key and the text key it stands in for: a table gives one of the two."""
 
+_CHECK_KEYS = ("timeout_s", "rise", "fall", "send", "expect", "send_hex", "expect_hex")
+"""The ``[proxy.NAME.health]`` keys of active checks alone: refused in a proxy's
+own table while its ``interval_s`` is 0 (they would do nothing), and in
+``[defaults.health]`` when no proxy checks (as ``unix_mode``)."""
+
+
+def _checks_off(who: str) -> str:
+    return (f"needs interval_s: active checks are off in {who} without it, so this key "
+            "would do nothing")
+
 
 def health_settings(health: HealthConfig) -> HealthSettings:
     """The health machine's settings for a validated ``[proxy.NAME.health]``.
@@ -416,6 +426,10 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     health = _merge_health(defaults.get("health", {}),
                            _table(table.get("health", {}), _join(path, "health")))
     kwargs["health"] = _health(health, _join(path, "health"))
+    own_health = table.get("health", {})
+    for key in _CHECK_KEYS:
+        if key in own_health and not kwargs["health"].interval_s:
+            raise ConfigError(_join(path, f"health.{key}"), _checks_off("this proxy"))
     routes = _routes(table[_ROUTES], f"{path}.{_ROUTES}", kwargs.get("balance", "round_robin")) \
         if _ROUTES in table else ()
     for key in _PROXY_ONLY_KEYS:
@@ -785,6 +799,10 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if defaults.get("unix_mode") and proxies \
             and not any(_has_unix(p.listen) for p in proxies):
         raise ConfigError("defaults.unix_mode", _unix_mode_unused("every proxy"))
+    for key in _CHECK_KEYS:
+        if key in defaults.get("health", {}) and proxies \
+                and not any(p.health.interval_s for p in proxies):
+            raise ConfigError(f"defaults.health.{key}", _checks_off("every proxy"))
     for key, (has_phase, why) in _PHASE_TIMEOUTS.items():
         if key in defaults and proxies and not any(has_phase(p) for p in proxies):
             raise ConfigError(f"defaults.{key}", why.format(who="every proxy"))

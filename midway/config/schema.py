@@ -221,7 +221,9 @@ class HealthConfig:
     interval_s: float = option(
         0.0,
         "Seconds between active checks of each upstream (each spread by ±5 %, the "
-        "first at a random point of the first interval).",
+        "first at a random point of the first interval).  The other keys of active "
+        "checks (all but eject_after and eject_s) need it: in a proxy's own table "
+        "while it is 0 they are refused ([defaults.health]: when no proxy checks).",
         unit="seconds", zero="no active checks", minimum=0, metavar="SECONDS",
     )
     timeout_s: float = option(
