@@ -30,12 +30,16 @@ TIMEOUT_S = 10.0
 answer 503 within its own 10 s)."""
 
 COLUMNS = (("ID", "id"), ("PROXY", "proxy"), ("WORKER", "worker"), ("CLIENT", "client"),
-           ("UPSTREAM", "upstream"), ("UPSTREAM_ADDR", "upstream_addr"), ("AGE_S", "age_s"),
+           ("SNI", "sni"), ("ROUTE", "route"), ("UPSTREAM", "upstream"), ("UPSTREAM_ADDR", "upstream_addr"), ("AGE_S", "age_s"),
            ("BYTES_UP", "bytes_up"), ("BYTES_DOWN", "bytes_down"), ("STATE", "state"),
            ("PATH", "path"), ("TOXICS", "toxics"))
 """The table's columns: a title and the API's key.  ``UPSTREAM_ADDR`` is shown
 only when it says more than ``UPSTREAM``: when some row's upstream is a name,
-the address it resolved to (for an IP address it is the same text)."""
+the address it resolved to (for an IP address it is the same text).  ``SNI``
+and ``ROUTE`` are shown only when some row has one (TLS names, SNI routes)."""
+
+_SOMETIMES = ("sni", "route")
+"""The columns left out when no row has a value."""
 
 
 class UnreachableAdmin(Exception):
@@ -119,7 +123,9 @@ def _cell(value: Any) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as aligned columns under a header line (see :data:`COLUMNS`)."""
     resolved = any(row.get("upstream_addr") not in (None, row.get("upstream")) for row in rows)
-    columns = [c for c in COLUMNS if resolved or c[1] != "upstream_addr"]
+    shown = {key for key in _SOMETIMES if any(row.get(key) is not None for row in rows)}
+    columns = [c for c in COLUMNS if (resolved or c[1] != "upstream_addr")
+               and (c[1] not in _SOMETIMES or c[1] in shown)]
     table = [[title for title, _ in columns]]
     table += [[_cell(row.get(key)) for _, key in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]

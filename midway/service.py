@@ -907,7 +907,7 @@ class Connection(Dialer):
 
     __slots__ = ("service", "client", "info", "phase", "started", "attached", "failures",
                  "pending", "_route", "upstream", "work", "cancelled", "client_end",
-                 "upstream_end", "lease", "spare")
+                 "upstream_end", "lease", "spare", "layer")
 
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
@@ -958,6 +958,9 @@ class Connection(Dialer):
         self.spare: list[Any] = _NO_CANDIDATES
         """The upstreams not tried yet when one accepted, while an outbound layer
         runs: the next to try if its TLS handshake fails."""
+        self.layer: InboundLayer | OutboundLayer | None = None
+        """The layer running in the inbound or outbound phase: what the
+        connection is waiting for (``GET /connections``' ``state``)."""
 
     # -- inbound, route, choose, dial ------------------------------------------
 
@@ -966,6 +969,7 @@ class Connection(Dialer):
         layer: InboundLayer | None = None
         try:
             for layer in self.service.inbound:
+                self.layer = layer
                 await layer.accept(self)
         except Exception as exc:
             self.work = None
@@ -1085,6 +1089,7 @@ class Connection(Dialer):
             if attached is None:
                 self.phase = Phase.OUTBOUND
                 for layer in self.service.outbound:
+                    self.layer = layer
                     await layer.connect(self)
                 if self.service._failing:
                     self.service._upstream_recovered(self.target)

@@ -46,8 +46,10 @@ SORT_KEYS = ("age_s", "bytes_up", "bytes_down", "proxy", "client", "id")
 DESCENDING = ("age_s", "bytes_up", "bytes_down")
 """Sorted largest first (the oldest, the busiest); ``id`` smallest first, as a number."""
 CONNECTION_COLUMNS = (("id", 8), ("proxy", 12), ("client", 22), ("upstream", 22),
-                      ("age_s", 8), ("bytes_up", 10), ("bytes_down", 10), ("state", 10),
+                      ("age_s", 8), ("bytes_up", 10), ("bytes_down", 10), ("state", 23),
                       ("path", 10), ("toxics", 24))
+"""Each column's key and width; ``state``'s holds the longest state whole
+(``half-closed by upstream``; midway.control.connections)."""
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

@@ -345,6 +345,19 @@ def test_check_refuses_trusted_networks_without_proxy_protocol_in(form: str,
     assert "configuration OK" not in result.stdout
 
 
+@pytest.mark.parametrize(("flag", "words"), [
+    ("--proxy-protocol-timeout-s", "needs proxy_protocol_in (v1, v2 or any)"),
+    ("--sni-peek-timeout-s", "needs SNI routes ([[proxy.NAME.routes]], in a configuration file)"),
+    ("--tls-handshake-timeout-s", "needs tls_cert (termination) or upstream_tls = true"),
+])
+def test_check_refuses_a_timeout_of_a_phase_the_proxy_does_not_have(flag: str,
+                                                                      words: str) -> None:
+    result = run("--check", "127.0.0.1:0", "h:1", flag, "2")
+    assert result.returncode == EXIT_USAGE
+    assert assert_one_clean_line(result.stderr).startswith(f"midway: {flag}: {words}")
+    assert "configuration OK" not in result.stdout
+
+
 # --- exit 1: serving could not start ----------------------------------------------
 
 

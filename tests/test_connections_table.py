@@ -45,3 +45,22 @@ def test_the_resolved_address_is_a_column_when_an_upstream_is_a_name() -> None:
     assert lines[2].split()[4:6] == ["-", "-"]
     assert lines[3].split()[4:6] == ["127.0.0.1:80", "127.0.0.1:80"]
     assert "UPSTREAM_ADDR" not in format_table([row(7, 0, 0, 0.2), connecting])
+
+
+def test_sni_and_route_are_columns_when_a_connection_has_them() -> None:
+    """The API's ``sni`` and ``route``: the server name a TLS client asked for and
+    the SNI route that took it; with no TLS names at all they would be columns of
+    dashes, and are left out."""
+    routed = row(8, 5, 9, 2.0, sni="api.example.test", route="api")
+    by_default = row(9, 1, 1, 1.0, sni="legacy.example.test", route=None)
+    peeking = row(10, 0, 0, 0.1, upstream=None, upstream_addr=None, sni=None, route=None,
+                  state="reading ClientHello", path="none")
+    lines = format_table([routed, by_default, peeking]).splitlines()
+    assert lines[0].split()[3:7] == ["CLIENT", "SNI", "ROUTE", "UPSTREAM"]
+    assert lines[1].split()[4:6] == ["api.example.test", "api"]
+    assert lines[2].split()[4:6] == ["legacy.example.test", "-"]
+    assert lines[3].split()[4:7] == ["-", "-", "-"]
+    column = lines[0].index("STATE")  # a state of several words is one aligned cell
+    assert lines[3][column:].startswith("reading ClientHello  none")
+    assert lines[0].split()[3:5] == ["CLIENT", "SNI"] and "ROUTE" not in format_table([by_default])
+    assert "SNI" not in format_table([row(7, 0, 0, 0.2), peeking])

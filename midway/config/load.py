@@ -309,6 +309,16 @@ def _health(table: Mapping[str, Any], path: str) -> HealthConfig:
 _HEX_KEYS = {"send_hex": "send", "expect_hex": "expect"}
 """Each hex key and the text key it stands in for: a table gives one of the two."""
 
+_CHECK_KEYS = ("timeout_s", "rise", "fall", "send", "expect", "send_hex", "expect_hex")
+"""The ``[proxy.NAME.health]`` keys of active checks alone: refused in a proxy's
+own table while its ``interval_s`` is 0 (they would do nothing), and in
+``[defaults.health]`` when no proxy checks (as ``unix_mode``)."""
+
+
+def _checks_off(who: str) -> str:
+    return (f"needs interval_s: active checks are off in {who} without it, so this key "
+            "would do nothing")
+
 
 def health_settings(health: HealthConfig) -> HealthSettings:
     """The health machine's settings for a validated ``[proxy.NAME.health]``.
@@ -368,6 +378,27 @@ refused (midway.layers.tls); inherited from ``[defaults]`` they are dropped, and
 refused in ``[defaults]`` when no proxy has it (as ``proxy_protocol_trusted``)."""
 
 
+_PHASE_TIMEOUTS: dict[str, tuple[Callable[[ProxyConfig], bool], str]] = {
+    "proxy_protocol_timeout_s": (
+        lambda p: p.proxy_protocol_in != "off",
+        "needs proxy_protocol_in (v1, v2 or any): it bounds the reading of a PROXY "
+        "header, and {who} reads none"),
+    "sni_peek_timeout_s": (
+        lambda p: bool(p.routes) and not p.tls_cert,
+        "needs SNI routes ([[proxy.NAME.routes]], in a configuration file) without "
+        "tls_cert: it bounds the peek at a TLS ClientHello, and {who} peeks at none (with "
+        "tls_cert, routes take the handshake's server name, within tls_handshake_timeout_s)"),
+    "tls_handshake_timeout_s": (
+        lambda p: bool(p.tls_cert or p.upstream_tls),
+        "needs tls_cert (termination) or upstream_tls = true: it bounds a TLS handshake, "
+        "and {who} makes none"),
+}
+"""Timeouts of a phase a proxy may not have, whether it has it, and why the
+timeout would do nothing without it: set in a proxy's own table they are refused
+there (as ``unix_mode`` without a unix listener); inherited from ``[defaults]``
+they are ignored, and refused in ``[defaults]`` when no proxy has the phase."""
+
+
 def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> ProxyConfig:
     path = f"proxy.{name}"
     problem = proxy_name_problem(name)
@@ -395,6 +426,10 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     health = _merge_health(defaults.get("health", {}),
                            _table(table.get("health", {}), _join(path, "health")))
     kwargs["health"] = _health(health, _join(path, "health"))
+    own_health = table.get("health", {})
+    for key in _CHECK_KEYS:
+        if key in own_health and not kwargs["health"].interval_s:
+            raise ConfigError(_join(path, f"health.{key}"), _checks_off("this proxy"))
     routes = _routes(table[_ROUTES], f"{path}.{_ROUTES}", kwargs.get("balance", "round_robin")) \
         if _ROUTES in table else ()
     for key in _PROXY_ONLY_KEYS:
@@ -425,7 +460,11 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
                 importlib.import_module(_LIST_OWNERS[key])
                 parser = _LIST_PARSERS[key]
             kwargs[key] = parser(table[key], _join(path, key), kwargs)
-    return ProxyConfig(name=name, **kwargs)
+    config = ProxyConfig(name=name, **kwargs)
+    for key, (has_phase, why) in _PHASE_TIMEOUTS.items():
+        if key in rest and not has_phase(config):
+            raise ConfigError(_join(path, key), why.format(who="this proxy"))
+    return config
 
 
 def _has_unix(listen: typing.Iterable[Address]) -> bool:
@@ -760,6 +799,13 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if defaults.get("unix_mode") and proxies \
             and not any(_has_unix(p.listen) for p in proxies):
         raise ConfigError("defaults.unix_mode", _unix_mode_unused("every proxy"))
+    for key in _CHECK_KEYS:
+        if key in defaults.get("health", {}) and proxies \
+                and not any(p.health.interval_s for p in proxies):
+            raise ConfigError(f"defaults.health.{key}", _checks_off("every proxy"))
+    for key, (has_phase, why) in _PHASE_TIMEOUTS.items():
+        if key in defaults and proxies and not any(has_phase(p) for p in proxies):
+            raise ConfigError(f"defaults.{key}", why.format(who="every proxy"))
     plain = ProxyConfig()
     for needs, keys, words in _TLS_KEY_SETS:
         unused = [k for k in keys if k in defaults and defaults[k] != getattr(plain, k)]

@@ -221,7 +221,9 @@ class HealthConfig:
     interval_s: float = option(
         0.0,
         "Seconds between active checks of each upstream (each spread by ±5 %, the "
-        "first at a random point of the first interval).",
+        "first at a random point of the first interval).  The other keys of active "
+        "checks (all but eject_after and eject_s) need it: in a proxy's own table "
+        "while it is 0 they are refused ([defaults.health]: when no proxy checks).",
         unit="seconds", zero="no active checks", minimum=0, metavar="SECONDS",
     )
     timeout_s: float = option(
@@ -450,7 +452,8 @@ class ProxyConfig:
         10.0,
         "Longest a TLS handshake may take: a client's (termination, counted from "
         "accept) and an upstream's (origination, from the connect).  Past it the "
-        "connection is closed (reason tls_failed).",
+        "connection is closed (reason tls_failed).  Refused on a proxy with neither "
+        "tls_cert nor upstream_tls ([defaults]: when no proxy has either).",
         unit="seconds", minimum=0.001, metavar="SECONDS",
         provenance="Go's http.DefaultTransport TLSHandshakeTimeout",
     )
@@ -599,7 +602,8 @@ class ProxyConfig:
     proxy_protocol_timeout_s: float = option(
         5.0,
         "How long a connection may take to send its whole PROXY header; past it the "
-        "connection is closed (bad_proxy_header).",
+        "connection is closed (bad_proxy_header).  Refused where proxy_protocol_in is "
+        "off ([defaults]: when it is off in every proxy).",
         unit="seconds", minimum=0.001, metavar="SECONDS",
         provenance="the PROXY protocol specification asks for at least 3 s (one TCP "
         "retransmission); nginx's proxy_protocol_timeout is 30 s",
@@ -616,7 +620,9 @@ class ProxyConfig:
         5.0,
         "With [[proxy.NAME.routes]], how long a client may take to send its whole TLS "
         "ClientHello (which names the server the route is chosen by); past it the "
-        "connection is closed (peek_timeout).",
+        "connection is closed (peek_timeout).  Refused on a proxy without routes (the "
+        "command line has none), or with tls_cert, whose routes take the handshake's "
+        "server name ([defaults]: when no proxy peeks).",
         unit="seconds", minimum=0.001, metavar="SECONDS",
         provenance="HAProxy's documented tcp-request inspect-delay 5s for SNI routing "
         "(nginx's preread_timeout is 30 s)",

@@ -2,8 +2,9 @@
 (``/connections``): read from its runtime's services, answered as plain data.
 
 A connection is in one of two places in a :class:`~midway.service.ProxyService`:
-``connecting`` (accepted, not relaying yet: state ``connecting``, path ``none``)
-or ``live`` (a :class:`~midway.core.relay.Relay` and its record).  Its state
+``connecting`` (accepted, not relaying yet: path ``none``, its state what it
+waits for, from its phase and layer: :data:`WAITING`) or ``live`` (a
+:class:`~midway.core.relay.Relay` and its record).  A live one's state
 comes from the relay's two directions (:meth:`~midway.core.relay.Relay.ends`): a
 client that sent its FIN has half-closed, and so has an upstream that did.  Byte counts are the relay's delivered counts, as in the access log
 (one ioctl per direction per connection listed: for a listing, not a loop).
@@ -23,9 +24,9 @@ from ..core.observer import CloseReason
 from ..core.relay import Relay
 from ..errors import MidwayError, at_callers_line
 from ..runtime import Runtime
-from ..service import Connection, ProxyService
+from ..service import Connection, Phase, ProxyService
 
-__all__ = ["connection_json", "list_connections", "find_connection", "close_connection",
+__all__ = ["connection_json", "WAITING", "list_connections", "find_connection", "close_connection",
            "add_connection_toxic", "connection_toxics", "ConnectionNotFound", "StillConnecting",
            "ConnectionToxicHandle", "KILLED_DETAIL"]
 
@@ -33,6 +34,19 @@ KILLED_DETAIL = "closed through the admin API"
 """The access log's ``detail`` of a connection closed by ``DELETE /connections/ID``."""
 
 Found = tuple[ProxyService, Relay[ConnectionInfo] | Connection]
+
+WAITING = {"proxy_protocol_in": "reading PROXY header", "sni": "reading ClientHello",
+           "tls": "TLS handshake", "proxy_protocol_out": "sending PROXY header",
+           "upstream_tls": "upstream TLS handshake"}
+"""The ``state`` of a connection in the inbound or outbound phase, by the name
+of the layer it is in.  In *dial* it is ``connecting`` (to an upstream), in
+*open* ``opening`` (the chain elements' ``on_open``)."""
+
+
+def _waiting(conn: Connection) -> str:
+    if conn.phase is Phase.INBOUND or conn.phase is Phase.OUTBOUND:
+        return WAITING.get(conn.layer.name, conn.layer.name) if conn.layer else conn.phase.value
+    return "opening" if conn.phase is Phase.OPEN else "connecting"
 
 
 def _state(relay: Relay[ConnectionInfo]) -> str:
@@ -63,12 +77,14 @@ def connection_json(service: ProxyService, item: Relay[ConnectionInfo] | Connect
         return {"id": info.id, "proxy": service.name, "worker": worker, "client": info.client,
                 "upstream": info.upstream, "upstream_addr": upstream_addr,
                 "age_s": round(now - info.started_at, 3), "bytes_up": item.bytes_up,
-                "bytes_down": item.bytes_down, "state": _state(item), "path": item.path,
-                "toxics": _toxics(iter(attached))}
+                "bytes_down": item.bytes_down, "state": _state(item), "phase": Phase.RELAY.value,
+                "path": item.path, "toxics": _toxics(iter(attached)), "sni": info.sni,
+                "route": info.route}
     return {"id": info.id, "proxy": service.name, "worker": worker, "client": info.client,
             "upstream": info.upstream, "upstream_addr": None,
             "age_s": round(now - info.started_at, 3), "bytes_up": 0, "bytes_down": 0,
-            "state": "connecting", "path": "none", "toxics": _toxics(iter(item.attached))}
+            "state": _waiting(item), "phase": item.phase.value, "path": "none",
+            "toxics": _toxics(iter(item.attached)), "sni": info.sni, "route": info.route}
 
 
 def _all(runtime: Runtime, proxy: str = "") -> Iterator[Found]:

@@ -351,3 +351,16 @@ def test_proxy_columns_stay_under_their_headers_when_a_value_is_long() -> None:
     assert sorted(rows) == sorted(proxies)
     for i, name in enumerate(sorted(proxies)):
         assert rows[name][:end].endswith(f" {i}"), (header, rows[name])
+
+
+def test_a_state_of_several_words_is_shown_whole() -> None:
+    """States such as ``half-closed by upstream`` or ``reading PROXY header``
+    were cut to ten characters (``half-close``, ``reading PR``)."""
+    states = ["half-closed by upstream", "reading PROXY header", "upstream TLS handshake"]
+    rows = [{**connection(i, 1), "state": state} for i, state in enumerate(states, 1)]
+    lines = render_lines(snapshot(rows), None, View(sort="id"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("ID "))
+    column = lines[start].index("STATE")
+    for line, state in zip(lines[start + 1:], states, strict=True):
+        assert line[column:].startswith(state + " "), line
+        assert line[column:].split()[len(state.split())] == "copy"  # PATH follows it

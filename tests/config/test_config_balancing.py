@@ -77,18 +77,19 @@ SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 
 
 def test_hex_keys_give_binary_bytes_and_replace_the_defaults_text_keys() -> None:
-    proxy = load(ONE + 'upstreams = "a:1"\n[proxy.redis.health]\n'
+    proxy = load(ONE + 'upstreams = "a:1"\n[proxy.redis.health]\ninterval_s = 2\n'
                        'send_hex = "00 00 00 08 04 D2 16 2f"\nexpect_hex = "4e"\n')
     assert health_settings(proxy.health).send == SSL_REQUEST
     assert health_settings(proxy.health).expect == b"N"
     # One setting written two ways: the proxy's hex key replaces the defaults'
     # text key (and the other way round) instead of clashing with it.
-    inherited = load('[defaults.health]\nsend = "PING"\nexpect_hex = "2b"\n' + ONE +
+    inherited = load('[defaults.health]\ninterval_s = 2\nsend = "PING"\nexpect_hex = "2b"\n' + ONE +
                      'upstreams = "a:1"\n[proxy.redis.health]\nsend_hex = "ff"\n'
                      'expect = "+PONG"\n')
     settings = health_settings(inherited.health)
     assert (settings.send, settings.expect) == (b"\xff", b"+PONG")
-    kept = load('[defaults.health]\nexpect_hex = "2b"\n' + ONE + 'upstreams = "a:1"\n')
+    kept = load('[defaults.health]\ninterval_s = 2\nexpect_hex = "2b"\n' + ONE +
+                'upstreams = "a:1"\n')
     assert health_settings(kept.health).expect == b"+"
 
 
@@ -153,15 +154,16 @@ def cli_error(*argv: str) -> str:
 
 
 def test_the_health_flags_decode_toml_escapes() -> None:
-    proxy = cli(":1", "a:1", "--health-send", r"PING\r\n\u00e9", "--health-expect", "+PONG")
+    proxy = cli(":1", "a:1", "--health-interval-s", "2", "--health-send", r"PING\r\n\u00e9",
+                "--health-expect", "+PONG")
     assert proxy.health.send == "PING\r\né" and proxy.health.expect == "+PONG"
     assert cli_error(":1", "a:1", "--health-send", r"\q").startswith(
         "--health-send: '\\\\q': unknown escape \\q")
 
 
 def test_the_hex_health_flags_take_hex_and_name_themselves() -> None:
-    proxy = cli(":1", "a:1", "--health-send-hex", "00 00 00 08 04 d2 16 2f",
-                "--health-expect-hex", "4E")
+    proxy = cli(":1", "a:1", "--health-interval-s", "2", "--health-send-hex",
+                "00 00 00 08 04 d2 16 2f", "--health-expect-hex", "4E")
     assert health_settings(proxy.health).send == SSL_REQUEST
     assert health_settings(proxy.health).expect == b"N"
     assert cli_error(":1", "a:1", "--health-send-hex", "0g") == (
@@ -172,6 +174,35 @@ def test_the_hex_health_flags_take_hex_and_name_themselves() -> None:
     assert cli_error(":1", "a:1", "--health-send", "PING", "--health-send-hex", "00") == (
         "--health-send-hex: give --health-send (text) or --health-send-hex (bytes in hex), "
         "not both")
+
+
+@pytest.mark.parametrize("key", ["timeout_s", "rise", "fall", "send", "expect", "send_hex",
+                                 "expect_hex"])
+def test_a_check_key_is_refused_while_checks_are_off(key: str) -> None:
+    """``--health-send PING`` without ``--health-interval-s`` was accepted, and
+    no check ever ran (as unix_mode without a unix listener)."""
+    value = {"timeout_s": "1", "rise": "2", "fall": "2"}.get(key, "50")
+    flag = "--health-" + key.replace("_", "-")
+    assert cli_error(":1", "a:1", flag, value) == (
+        f"{flag}: needs interval_s: active checks are off in this proxy without it, so "
+        "this key would do nothing")
+    text = f"{key} = {value}" if key in ("timeout_s", "rise", "fall") else f'{key} = "{value}"'
+    assert error(ONE + f'upstreams = "a:1"\n[proxy.redis.health]\n{text}\n').startswith(
+        f"proxy.redis.health.{key}: needs interval_s")
+    assert error(ONE + f'upstreams = "a:1"\n[proxy.redis.health]\ninterval_s = 0\n{text}\n'
+                 ).startswith(f"proxy.redis.health.{key}: needs interval_s")
+    checked = cli(":1", "a:1", "--health-interval-s", "2", flag, value).health
+    assert str(getattr(checked, key)) in (value, f"{value}.0")  # taken with checks on
+
+
+def test_a_check_key_in_defaults_needs_one_proxy_that_checks() -> None:
+    other = '[proxy.b]\nlisten = ":2"\nupstreams = "a:1"\n'
+    checked = ONE + 'upstreams = "a:1"\n[proxy.redis.health]\ninterval_s = 2\n'
+    # b inherits a send it does not use (its checks are off): that is fine.
+    assert load('[defaults.health]\nsend = "PING"\n' + other + checked).health.send == "PING"
+    assert error('[defaults.health]\nsend = "PING"\n' + other) == (
+        "defaults.health.send: needs interval_s: active checks are off in every proxy "
+        "without it, so this key would do nothing")
 
 
 @pytest.mark.parametrize("escape", [r"\U00110000", r"\ud800", r"\uDFFF"])

@@ -106,6 +106,56 @@ def test_trusted_networks_in_defaults_need_one_proxy_that_reads_a_header() -> No
     assert "proxy_protocol_in is off in every proxy" in caught.value.message
 
 
+ROUTE = [{"sni": "a.example.com", "upstreams": "127.0.0.1:2"}]
+
+
+@pytest.mark.parametrize(("key", "table", "words"), [
+    ("proxy_protocol_timeout_s", {}, "needs proxy_protocol_in (v1, v2 or any)"),
+    ("proxy_protocol_timeout_s", {"proxy_protocol_in": "off"}, "needs proxy_protocol_in"),
+    ("sni_peek_timeout_s", {}, "needs SNI routes ([[proxy.NAME.routes]]"),
+    ("sni_peek_timeout_s", {"routes": ROUTE, "tls_cert": "cert.pem"},
+     "this proxy peeks at none (with tls_cert, routes take the handshake's server name"),
+    ("tls_handshake_timeout_s", {}, "needs tls_cert (termination) or upstream_tls = true"),
+])
+def test_a_timeout_of_a_phase_the_proxy_does_not_have_is_refused(
+        key: str, table: dict[str, Any], words: str) -> None:
+    """It was accepted, and bounded nothing: no header read, no ClientHello
+    peeked, no handshake made (as unix_mode without a unix listener)."""
+    exc = error(upstreams="127.0.0.1:1", **table, **{key: 2})
+    assert exc.path == f"proxy.p.{key}" and words in exc.message, exc
+
+
+def test_a_timeout_of_a_phase_the_proxy_has_is_taken() -> None:
+    config = proxy(upstreams="127.0.0.1:1", proxy_protocol_in="v1",
+                   proxy_protocol_trusted=["10.0.0.0/8"], proxy_protocol_timeout_s=2,
+                   routes=ROUTE, sni_peek_timeout_s=3, upstream_tls=True,
+                   tls_handshake_timeout_s=4)
+    assert (config.proxy_protocol_timeout_s, config.sni_peek_timeout_s,
+            config.tls_handshake_timeout_s) == (2, 3, 4)
+
+
+@pytest.mark.parametrize(("key", "phase"), [
+    ("proxy_protocol_timeout_s", {"proxy_protocol_in": "v2",
+                                  "proxy_protocol_trusted": ["10.0.0.0/8"]}),
+    ("sni_peek_timeout_s", {"routes": ROUTE}),
+    ("tls_handshake_timeout_s", {"upstream_tls": True}),
+])
+def test_a_phase_timeout_in_defaults_needs_one_proxy_with_the_phase(
+        key: str, phase: dict[str, Any]) -> None:
+    def load(**first: Any) -> Any:
+        return config_from_dict({
+            "defaults": {key: 2},
+            "proxy": {"a": {"listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1", **first},
+                      "b": {"listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1"}}})
+
+    a, b = load(**phase).proxies  # b inherits a timeout it does not use: that is fine
+    assert getattr(a, key) == getattr(b, key) == 2
+    with pytest.raises(ConfigError) as caught:
+        load()
+    assert caught.value.path == f"defaults.{key}"
+    assert "every proxy" in caught.value.message, caught.value
+
+
 def test_routes_do_not_belong_in_defaults() -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_dict({"defaults": {"routes": []}})

@@ -88,6 +88,40 @@ def test_without_a_default_an_unrouted_client_is_closed_with_no_route() -> None:
     run(main())
 
 
+def test_a_connection_is_listed_in_the_phase_it_is_in_then_with_its_route() -> None:
+    """``GET /connections`` (here ``list_connections``) named every connection not
+    relaying yet ``connecting``, even one midway was reading a PROXY header or a
+    ClientHello from; ``midway connections`` shows the SNI and the route."""
+    from midway.connections import format_table
+
+    async def main() -> None:
+        got: list[tuple[bytes, bytes]] = []
+        async with serve(named_backend(b"A", got)) as a, serve(named_backend(b"B", got)) as b, \
+                midway.Proxy("127.0.0.1:0", f"127.0.0.1:{a}", routes=routes(a, b),
+                             proxy_protocol_in="v1",
+                             proxy_protocol_trusted=["127.0.0.1"]) as proxy:
+            async def listed(state: str) -> dict[str, Any]:
+                async with asyncio.timeout(5):
+                    while not (rows := proxy.list_connections()) or rows[0]["state"] != state:
+                        await asyncio.sleep(0.01)
+                return rows[0]
+
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            first = await listed("reading PROXY header")
+            assert (first["phase"], first["sni"], first["route"]) == ("inbound", None, None)
+            writer.write(build_v1(("192.0.2.7", 5000), ("192.0.2.1", 443)))
+            assert (await listed("reading ClientHello"))["phase"] == "inbound"
+            writer.write(load("clienthello_curl"))
+            relaying = await listed("open")
+            assert (relaying["phase"], relaying["sni"], relaying["route"]) == (
+                "relay", "api.example.test", "api")
+            head, line = format_table([relaying]).splitlines()
+            assert head.split()[3:6] == ["CLIENT", "SNI", "ROUTE"]
+            assert line.split()[3:6] == ["192.0.2.7:5000", "api.example.test", "api"]
+            writer.close()
+    run(main())
+
+
 def test_a_clienthello_that_does_not_come_in_time_is_closed() -> None:
     async def main() -> None:
         got: list[tuple[bytes, bytes]] = []

@@ -8,6 +8,7 @@ TLS never splices, so each test runs once per event loop (``per_loop``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
+import midway
+
 from .. import helpers
-from ..helpers import http_server, proxy_process, sha256, wait_until
+from ..helpers import http_server, proxy_process, run, serve, sha256, wait_until
 from ..tlspki import Pki, make_pki
 from .test_balancing import _api_upstreams
 
@@ -581,3 +584,33 @@ def test_active_checks_of_a_tls_upstream_run_over_tls(pki: Pki, cert: str) -> No
             seen.append(checks()[0])
         assert [c["passed"] for c in seen] == [True] * 3, seen
         assert "is down" not in mw.stderr_text(), mw.stderr_text()
+
+
+def test_a_connection_in_its_handshake_is_listed_as_such_then_with_its_sni(pki: Pki) -> None:
+    """``GET /connections`` (``list_connections``) said ``connecting`` of a client
+    midway was still doing its TLS handshake with; once relaying, its SNI shows."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def main() -> None:
+        async with serve(hold) as up, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{up}", tls_cert=str(pki.server_cert),
+                tls_key=str(pki.server_key)) as proxy:
+            async def listed(state: str) -> dict[str, object]:
+                async with asyncio.timeout(5):
+                    while not (rows := proxy.list_connections()) or rows[0]["state"] != state:
+                        await asyncio.sleep(0.01)
+                return rows[0]
+
+            quiet = await asyncio.open_connection(proxy.host, proxy.port)
+            assert (await listed("TLS handshake"))["phase"] == "inbound"
+            quiet[1].close()
+            client = ssl.create_default_context(cafile=str(pki.ca))
+            _, writer = await asyncio.open_connection(proxy.host, proxy.port, ssl=client,
+                                                      server_hostname="localhost")
+            relaying = await listed("open")
+            assert (relaying["phase"], relaying["sni"], relaying["route"]) == (
+                "relay", "localhost", None)
+            writer.close()
+    run(main())
