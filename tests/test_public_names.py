@@ -1,0 +1,54 @@
+"""``import midway`` as a library user meets it: the names are imported on first
+use (PEP 562), yet the package looks and type-checks as if they were all there,
+each check in a fresh interpreter (an earlier import in this one would hide a
+lazy name that is never loaded)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_submodule_is_an_attribute_after_import_midway_as_before_the_names_were_lazy() -> None:
+    done = _fresh("import midway\n"
+                  "print(midway.chain.hooks.HookElement.__name__, midway.testing.__name__)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["HookElement", "midway.testing"]
+
+
+def test_a_misspelt_name_is_still_an_attribute_error() -> None:
+    done = _fresh("import midway\nmidway.Proxxy")
+    assert "AttributeError: module 'midway' has no attribute 'Proxxy'" in done.stderr
+
+
+def test_dir_lists_the_public_names_and_not_the_packages_own_imports() -> None:
+    done = _fresh("import midway; print(' '.join(dir(midway)))")
+    names = set(done.stdout.split())
+    assert {"Proxy", "BackgroundProxy", "add_toxic"} & names == {"Proxy", "BackgroundProxy"}
+    assert not {"Any", "TYPE_CHECKING", "importlib"} & names
+
+
+def test_mypy_flags_a_misspelt_name_and_types_the_real_ones(tmp_path: Path) -> None:
+    pytest.importorskip("mypy")
+    user = tmp_path / "user.py"
+    user.write_text("import midway\n"
+                    "proxy: midway.BackgroundProxy = midway.BackgroundProxy('127.0.0.1:0', ':1')\n"
+                    "version: str = midway.__version__\n"
+                    "names: list[str] = midway.__all__\n"
+                    "midway.Proxxy\n")
+    done = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir",
+                           str(tmp_path / "cache"), str(user)],
+                          cwd=tmp_path, env={"MYPYPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.count("error:") == 1, done.stdout
+    assert 'user.py:5: error: Module has no attribute "Proxxy"' in done.stdout
