@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +53,28 @@ def test_mypy_flags_a_misspelt_name_and_types_the_real_ones(tmp_path: Path) -> N
                           capture_output=True, text=True, timeout=300)
     assert done.stdout.count("error:") == 1, done.stdout
     assert 'user.py:5: error: Module has no attribute "Proxxy"' in done.stdout
+
+
+@pytest.mark.parametrize(("error", "attrs"), [
+    (lambda m: m.ConfigError("proxy.r.listen", "bad address"), {"path": "proxy.r.listen"}),
+    (lambda m: m.ToxicError("latency", "must be >= 0"), {"field": "latency"}),
+    (lambda m: m.ToxicExists("slow"), {}),
+    (lambda m: m.ToxicNotFound("slow"), {}),
+    (lambda m: m.ConnectionNotFound(7, "web"), {}),
+    (lambda m: m.StillConnecting(7), {}),
+    (lambda m: m.Rejected("busy"), {}),
+])
+def test_the_errors_pickle_and_copy_whole(error: Any, attrs: dict[str, str]) -> None:
+    """As multiprocessing, concurrent.futures and copy handle them (a worker's
+    ConfigError reaching the parent process)."""
+    import copy
+    import pickle
+
+    import midway
+
+    raised = error(midway)
+    for again in (pickle.loads(pickle.dumps(raised)), copy.copy(raised)):
+        assert type(again) is type(raised) and str(again) == str(raised)
+        assert again.args == raised.args
+        for name, value in attrs.items():
+            assert getattr(again, name) == value
