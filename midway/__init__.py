@@ -17,6 +17,7 @@ before any code of its own runs, so a Ctrl-C while the library loads reaches
 """
 
 import importlib as _importlib
+from types import ModuleType as _ModuleType
 from typing import TYPE_CHECKING
 from typing import Any as _Any
 
@@ -53,7 +54,11 @@ def _submodules() -> set[str]:
 
 
 def __dir__() -> list[str]:
-    """The public names, the dunders and the submodules, not this file's imports."""
-    own = {name for name in globals() if name.startswith("__")}
+    """The public names, the dunders and the submodules imported so far (as the
+    eager import listed them: ``help(midway)`` gets each one, and importing
+    :mod:`midway.pytest_plugin` needs pytest), not this file's imports."""
     public = _importlib.import_module("._public", __name__).__all__
-    return sorted({*own, *public, *_submodules()} - {"__getattr__", "__dir__"})
+    own = {name for name, value in globals().items()
+           if name.startswith("__")
+           or not name.startswith("_") and isinstance(value, _ModuleType)}
+    return sorted({*own, *public} - {"__getattr__", "__dir__"})

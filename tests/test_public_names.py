@@ -36,7 +36,14 @@ def test_dir_lists_the_public_names_and_not_the_packages_own_imports() -> None:
     done = _fresh("import midway; print(' '.join(dir(midway)))")
     names = set(done.stdout.split())
     assert {"Proxy", "BackgroundProxy", "add_toxic"} & names == {"Proxy", "BackgroundProxy"}
-    assert not {"Any", "TYPE_CHECKING", "importlib"} & names
+    assert not {"Any", "TYPE_CHECKING", "importlib", "_importlib", "_public"} & names
+    assert {"chain", "testing"} <= names  # imported by the public names
+
+
+def test_help_works_without_pytest_though_the_plugin_module_needs_it() -> None:
+    done = _fresh("import sys\nsys.modules['pytest'] = None\nimport midway, pydoc\n"
+                  "print('Proxy' in pydoc.render_doc(midway))")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True\n", "")
 
 
 def test_mypy_flags_a_misspelt_name_and_types_the_real_ones(tmp_path: Path) -> None:
