@@ -16,27 +16,49 @@ before any code of its own runs, so a Ctrl-C while the library loads reaches
 :mod:`midway.__main__`, which exits 130 without a traceback.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from types import ModuleType as _ModuleType
+from typing import TYPE_CHECKING
+from typing import Any as _Any
 
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from ._public import *  # noqa: F403
+    from ._public import __all__ as __all__
+else:  # hidden from type checkers, which would take any name for one of its (Any)
+
+    def __getattr__(name: str) -> _Any:
+        """``midway.NAME`` (and ``__all__``): from :mod:`midway._public`, imported
+        once, then kept here (PEP 562).  A submodule's name (``midway.chain``)
+        imports the public names too, so that what ``import midway`` gave before
+        they were lazy (every submodule they load) is there as it was."""
+        if name.startswith("_") and name != "__all__":  # a dunder, or a submodule importing
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        public = _importlib.import_module("._public", __name__)
+        if name in _submodules():
+            return _importlib.import_module(f".{name}", __name__)
+        if name != "__all__" and name not in public.__all__:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(public, name)
+        globals()[name] = value
+        return value
 
 
-def __getattr__(name: str) -> Any:
-    """``midway.NAME`` (and ``__all__``): from :mod:`midway._public`, imported
-    once, then kept here (PEP 562)."""
-    if name.startswith("_") and name != "__all__":  # a submodule being imported, a dunder
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    public = importlib.import_module("._public", __name__)
-    if name != "__all__" and name not in public.__all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(public, name)
-    globals()[name] = value
-    return value
+def _submodules() -> set[str]:
+    """The public submodules' names (``chain``, ``testing``, ...)."""
+    import pkgutil  # here, not at the top: ``import midway`` stays quick
+
+    return {module.name for module in pkgutil.iter_modules(__path__)  # noqa: F405 (the package's own)
+            if not module.name.startswith("_")}
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__getattr__("__all__")})
+    """The public names, the dunders and the submodules imported so far (as the
+    eager import listed them: ``help(midway)`` gets each one, and importing
+    :mod:`midway.pytest_plugin` needs pytest), not this file's imports."""
+    public = _importlib.import_module("._public", __name__).__all__
+    own = {name for name, value in globals().items()
+           if name.startswith("__")
+           or not name.startswith("_") and isinstance(value, _ModuleType)}
+    return sorted({*own, *public} - {"__getattr__", "__dir__"})

@@ -34,6 +34,22 @@ R = TypeVar("R")
 class MidwayError(Exception):
     """Base class of every error midway raises on purpose."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take their parts (``ConfigError(path, message)``) and pass
+        # Exception one formatted message, which is all ``args`` keeps: the default
+        # reduction would call them with it alone, so pickle (multiprocessing, a
+        # process pool) and copy failed or nested the message.  Rebuilt as they
+        # are instead: the same args and attributes, no __init__ run.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[MidwayError], args: tuple[Any, ...],
+             state: dict[str, Any]) -> MidwayError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(MidwayError):
     """The configuration is invalid.  ``path`` names the offending key, e.g.

@@ -447,6 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"midway replay: cannot read {args.capture}: {describe_oserror(exc)}",
               file=sys.stderr)
         return 2
+    if not replay.scripts:  # every client would be closed: a wrong file, surely
+        print(f"midway replay: {args.capture}: no TCP connection recorded, nothing to replay",
+              file=sys.stderr)
+        return 2
     setup_logging(args.log_level)
     return asyncio.run(_serve(replay))
 

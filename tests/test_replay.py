@@ -243,6 +243,16 @@ def test_cli_names_a_bad_capture(tmp_path: Path) -> None:
     assert bad_listen.returncode == 2 and "invalid choice" in bad_listen.stderr
 
 
+def test_cli_refuses_a_capture_with_no_connection_to_replay(tmp_path: Path) -> None:
+    import struct
+    header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101)  # raw IP, no packet
+    (tmp_path / "empty.pcap").write_bytes(header + bytes(10))  # and a record cut short
+    result = replay_cli(str(tmp_path / "empty.pcap"))
+    assert (result.returncode, result.stderr) == (
+        2, f"midway replay: {tmp_path / 'empty.pcap'}: no TCP connection recorded, nothing "
+           "to replay\n")
+
+
 def test_cli_refuses_a_listen_name_that_does_not_resolve(tmp_path: Path) -> None:
     """As ``midway --listen``: exit 2 naming the host, before the capture is read."""
     done = replay_cli(str(tmp_path / "none.pcap"), "--listen", "no-such-host.invalid:0")

@@ -214,6 +214,9 @@ def _import_target(spec: str, path: str, fresh: bool = False) -> object:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(path, f"hook {spec!r}: expected MODULE:ATTR, e.g. 'examples.rewrite:rewrite'")
+    if "/" in module_name and not module_name.endswith(".py"):  # a path, yet no hook file
+        raise ConfigError(path, f"hook {spec!r}: {module_name!r} is neither a module name nor "
+                                "a file ending in .py")
     try:
         if module_name.endswith(".py"):
             module = _import_file(module_name)
@@ -238,7 +241,8 @@ def _import_target(spec: str, path: str, fresh: bool = False) -> object:
                                 f"{_describe(exc)}") from exc
     except FileNotFoundError as exc:
         raise ConfigError(path, f"hook {spec!r}: no file {module_name!r}") from exc
-    except Exception as exc:  # the module's own code failed: say where
+    except (Exception, SystemExit) as exc:  # the module's own code failed: say where
+        # (a sys.exit() in it included, which would end midway, mid-reload too)
         raise ConfigError(path, f"hook {spec!r}: importing {module_name!r} failed: "
                                 f"{_describe(exc)}") from exc
     target: object = module

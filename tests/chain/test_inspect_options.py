@@ -142,3 +142,21 @@ def test_check_imports_hooks_and_names_the_flag_or_key(tmp_path: Path) -> None:
                       'hooks = ["examples.rewrite:rewrite"]\npcap = "x.pcap"\n')
     result = midway_cli("--config", str(config), "--check")
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_a_hook_file_that_exits_while_importing_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(3)\n")
+    result = midway_cli("127.0.0.1:0", "127.0.0.1:1", "--hook", f"{tmp_path}/quits.py:H",
+                        "--check")
+    assert result.returncode == 2
+    assert result.stderr == (f"midway: --hook: hook '{tmp_path}/quits.py:H': importing "
+                             f"'{tmp_path}/quits.py' failed: SystemExit: 3 "
+                             f"({tmp_path}/quits.py:2)\n")
+
+
+@pytest.mark.parametrize("name", ["./examples", "examples/rewrite.txt"])
+def test_a_hook_path_that_is_no_python_file_says_so(name: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_elements(proxy(hooks=[f"{name}:X"]))
+    assert caught.value.message == (f"hook '{name}:X': {name!r} is neither a module name "
+                                    "nor a file ending in .py")

@@ -389,6 +389,25 @@ def test_a_reload_imports_an_edited_hook_module_anew(tmp_path: Path, echo_port: 
 
 
 @pytest.mark.one_mode
+def test_a_reloaded_hook_that_calls_sys_exit_is_refused_and_midway_goes_on(
+        tmp_path: Path, echo_port: int) -> None:
+    hook = tmp_path / "quitter.py"
+    hook.write_text("def on_data(direction, data, ctx):\n    return None\n")
+    config = tmp_path / "midway.toml"
+    write_config(config, {"web": {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}",
+                                  "hooks": [f"{hook}:on_data"]}})
+    with proxy_process("--config", str(config)) as proxy:
+        hook.write_text("import sys\nsys.exit(0)\n")
+        proxy.signal(signal.SIGHUP)
+        assert wait_until(lambda: count(proxy, "SystemExit: 0") > 0, timeout=10), \
+            proxy.stderr_text()
+        assert "still running the previous configuration" in proxy.stderr_text()
+        assert roundtrip(proxy.port) == b"ping"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
 def test_sighup_without_a_file_changes_nothing(echo_port: int) -> None:
     with proxy_process("127.0.0.1:0", f"127.0.0.1:{echo_port}") as proxy:
         proxy.signal(signal.SIGHUP)
