@@ -90,7 +90,9 @@ def timed_roundtrip(port: int, payload: bytes = b"ping") -> tuple[bytes, float]:
 def records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    # Complete lines only: read while a worker writes, the last one may be half there.
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n")]
 
 
 def load(port: int, connections: int, size: int = 1000) -> None:

@@ -118,7 +118,9 @@ def test_each_record_and_log_line_names_its_worker_and_ids_are_unique(
     def records() -> list[dict[str, object]]:
         if not access_log.exists():
             return []
-        return [json.loads(line) for line in access_log.read_text().splitlines()]
+        # Complete lines only: read while a worker writes, the last may be half there.
+        return [json.loads(line) for line in access_log.read_text().splitlines(keepends=True)
+                if line.endswith("\n")]
 
     with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
                     "--access-log", str(access_log)) as (proxy, _):
