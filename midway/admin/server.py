@@ -57,6 +57,7 @@ import io
 import ipaddress
 import json
 import logging
+import select
 import socket
 import sys
 import threading
@@ -275,13 +276,14 @@ class _Slots:
 
     def take(self) -> bool:
         """A slot for a new connection: a free one, else the one of the
-        connection idle longest, which is shut down (its thread reads the end of
-        stream and ends).  False when every connection is busy."""
+        connection idle longest (with no request bytes waiting), which is shut
+        down (its thread reads the end of stream and ends).  False when every
+        connection is busy."""
         with self._lock:
             if self._served >= self._limit:
-                if not self._idle:
+                oldest = self._idlest()
+                if oldest is None:
                     return False
-                oldest = next(iter(self._idle))
                 del self._idle[oldest]
                 try:
                     oldest.shutdown(socket.SHUT_RDWR)
@@ -292,6 +294,29 @@ class _Slots:
                               "for a new one", self._served)
             self._served += 1
             return True
+
+    def _idlest(self) -> socket.socket | None:
+        """The connection idle longest that is idle indeed: one marked idle
+        whose thread has not yet woken to read the request bytes already
+        waiting in its receive buffer is busy, not a slot to take.  A
+        connection its peer has closed, or that is broken, is idle: its thread
+        is about to end anyway.  Called with the lock held, so it never blocks:
+        one poll without a timeout (a socket with a timeout would wait in
+        ``recv`` even with ``MSG_DONTWAIT``), then a peek only at the readable."""
+        poller = select.poll()
+        for sock in self._idle:
+            poller.register(sock, select.POLLIN)
+        readable = {fd for fd, _ in poller.poll(0)}
+        for sock in self._idle:
+            if sock.fileno() not in readable:
+                return sock  # nothing of a request received
+            try:
+                waiting = sock.recv(1, socket.MSG_PEEK)  # returns at once: readable
+            except OSError:
+                return sock  # broken: its thread sees it too and ends
+            if not waiting:
+                return sock  # closed by the peer
+        return None
 
     def release(self) -> None:
         with self._lock:

@@ -120,8 +120,12 @@ def test_connections_past_the_cap_get_503_and_the_cap_frees_up(admin: Admin) -> 
     try:
         for _ in range(MAX_CONNECTIONS):
             sock = socket.create_connection((admin.host, admin.port), timeout=10)
-            sock.sendall(b"GET /version HTTP/1.1\r\n")  # a request begun, never finished
             held.append(sock)
+            # Served, so it holds a slot of its own (a connection of an earlier
+            # test whose thread is still ending could have had it refused):
+            sock.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: t\r\n\r\n")
+            assert read_reply(sock)[0] == 200
+            sock.sendall(b"GET /version HTTP/1.1\r\n")  # a request begun, never finished
         status, headers, body = raw_request(
             admin, b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: t\r\n\r\n")
         assert status == 503
@@ -286,3 +290,40 @@ def test_ambiguous_framing_and_headers_get_400_and_close(admin: Admin, head: byt
         assert (status, json.loads(body)["error"].split(":")[0]) == (400, error)
         assert closed_by_server(sock)  # the GET behind it is never answered
     assert admin.get("/proxies").json == {}
+
+
+def test_at_the_cap_only_a_connection_with_nothing_received_gives_way() -> None:
+    """The slots' own bookkeeping, driven directly: a connection marked idle
+    whose request bytes already wait in its receive buffer (its thread not yet
+    woken to read them) is busy, not the one to close for a newcomer; one with
+    nothing received is closed, and when every connection has bytes waiting the
+    newcomer is refused."""
+    from midway.admin.server import _Slots
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    for pair in pairs:
+        for sock in pair:
+            sock.settimeout(5)
+    try:
+        slots = _Slots(2)
+        (ours_a, peer_a), (ours_b, peer_b), (ours_c, peer_c) = pairs
+        assert slots.take() and slots.take()
+        slots.idle(ours_a)  # idle longest, but its request has arrived
+        slots.idle(ours_b)  # idle, nothing received
+        peer_a.sendall(b"GET / HTTP/1.1\r\n")
+        assert slots.take()  # in b's place, not a's
+        assert ours_b.recv(1) == b""  # b was shut down
+        assert ours_a.recv(100) == b"GET / HTTP/1.1\r\n"  # a is untouched
+        assert not slots.busy(ours_b) and slots.busy(ours_a)
+        slots.release()  # b's thread ends
+        slots.idle(ours_c)
+        peer_c.sendall(b"G")
+        assert not slots.take()  # c has bytes waiting: no slot
+        slots.idle(ours_a)  # a waits for its next request; its client leaves
+        peer_a.close()
+        assert slots.take()  # a connection its peer closed gives way
+        assert slots.busy(ours_c) and not slots.busy(ours_a)
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
