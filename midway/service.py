@@ -218,7 +218,7 @@ class ProxyService:
         self.accepted = 0
         self.active = 0
         self.accepting = False
-        self._gated = False
+        self.gated = False
         """Whether the gate has said no since the listeners last resumed (only
         then can a freed slot have a listener to resume)."""
         self.enabled = True
@@ -357,8 +357,8 @@ class ProxyService:
 
     def room_changed(self) -> None:
         """A slot may have freed up: resume listeners paused at a limit."""
-        if self._gated and self.accepting and self._can_accept():
-            self._gated = False
+        if self.gated and self.accepting and self._can_accept():
+            self.gated = False
             for listener in self.listeners:
                 listener.resume()
 
@@ -367,7 +367,7 @@ class ProxyService:
         limit = self.config.max_connections
         if self.accepting and (limit == 0 or self.active < limit) and self.host.has_room():
             return True
-        self._gated = True  # the listener pauses itself: room_changed resumes it
+        self.gated = True  # the listener pauses itself: room_changed resumes it
         return False
 
     @property
@@ -912,7 +912,8 @@ class Connection(Dialer):
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
         loop = listener.loop
-        self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve)
+        self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve,
+                       poller=listener.poller, deadlines=listener.deadlines)
         self.service = service
         self.client = client
         self.phase = _ACCEPT
@@ -1182,6 +1183,8 @@ class Connection(Dialer):
                 splice=config.splice,
                 loop=self.loop,
                 client_prefix=self.pending,
+                poller=self.poller,
+                deadlines=self.deadlines,
             )
         except OSError as exc:
             # A relay that cannot be made (a backstop: it opens no descriptor
