@@ -98,7 +98,7 @@ from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
 from .layers.tls import TlsOrigination
-from .upstream.access import AccessList, SourceLease, SourceLimiter, client_ip
+from .upstream.access import AccessList, SourceLimiter, client_ip
 from .upstream.checker import Secure, check_once, run_checks
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
 from .upstream.health import CheckSchedule, HealthMachine, HealthSettings
@@ -433,7 +433,7 @@ class ProxyService:
     def _closed(self, info: ConnectionInfo, attached: Attached, target: UpstreamState | None,
                 failures: Sequence[_Failure], reason: CloseReason, detail: str, first_close: str,
                 reset: bool, relay: Relay[ConnectionInfo] | None,
-                lease: SourceLease | None) -> None:
+                lease: str | None) -> None:
         """The *closed* phase, for every connection: fill in how it ended, tell the
         elements, the upstream's state and the observers, free the slot."""
         info.first_close = first_close
@@ -482,10 +482,10 @@ class ProxyService:
             ))
         self._freed(lease)
 
-    def _freed(self, lease: SourceLease | None) -> None:
+    def _freed(self, lease: str | None) -> None:
         """The end of *closed*: the connection's slots are free."""
         if lease is not None:
-            lease.release()
+            self.sources.give_back(lease)
         self.active -= 1
         self.host.connection_closed()
         if self.retired:
@@ -768,7 +768,7 @@ class ProxyService:
         if self.access is not None and not self.access.allows(host):
             log.debug("conn %d (%s): %s is denied", conn.info.id, self.name, host)
             return CloseReason.DENIED, f"{host} is not allowed"
-        lease = self.sources.acquire(host)
+        lease = self.sources.take(host)
         if lease is None:
             log.debug("conn %d (%s): %s is at its limit", conn.info.id, self.name, host)
             return CloseReason.SOURCE_LIMIT, f"{host} has {self.sources.limit} connections open"
@@ -865,7 +865,7 @@ class _Relayed:
     __slots__ = ("attached", "target", "failures", "lease", "own")
 
     def __init__(self, attached: Attached, target: UpstreamState,
-                 failures: list[_Failure] | None, lease: SourceLease | None) -> None:
+                 failures: list[_Failure] | None, lease: str | None) -> None:
         self.attached = attached
         self.target = target
         self.failures = failures
@@ -954,8 +954,9 @@ class Connection(Dialer):
         self.client_end: Stream | None = None
         self.upstream_end: Stream | None = None
         """Streams that replaced the sockets for the relay (TLS), when a layer did."""
-        self.lease: SourceLease | None = None
-        """This connection's count against its source (released at *closed*)."""
+        self.lease: str | None = None
+        """This connection's count against its source: the key
+        :meth:`SourceLimiter.take` counted it under (given back at *closed*)."""
         self.spare: list[Any] = _NO_CANDIDATES
         """The upstreams not tried yet when one accepted, while an outbound layer
         runs: the next to try if its TLS handshake fails."""
@@ -1054,7 +1055,7 @@ class Connection(Dialer):
         info = self.info
         address = target.address
         info.upstream = target.text
-        if not address.is_unix:
+        if address.path is None:  # not address.is_unix (a call less)
             info.upstream_addr = target.pair or _ip_pair(_peername(sock))
             if service.elements or service.outbound:
                 # An element or a layer may read it, maybe after the socket is
@@ -1064,7 +1065,10 @@ class Connection(Dialer):
             else:  # only a live reader (the admin API) may ask: when it does
                 info.upstream_local_from(sock)
             if service.config.tcp_nodelay:
-                _nodelay(sock)
+                try:  # _nodelay, inline
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
             if service.keepalive:
                 _set_options(sock, service.keepalive)
         if service.outbound:

@@ -940,7 +940,12 @@ class Relay(Core, Generic[InfoT]):
         timers = self.timers
         if timers.half_closed_at is None:  # timers.half_closed, inline (once a connection)
             timers.half_closed_at = self.loop.time()
-        self._arm()
+        timers.last_activity = self.c_last_activity  # _arm, inline: C mode, started, open
+        deadline = timers.next_deadline()
+        if deadline is not None:
+            self._deadlines.schedule(deadline, self)
+        else:
+            self._deadlines.cancel(self)
 
     def _c_end(self) -> None:
         """C mode: both directions ended, every byte delivered."""
