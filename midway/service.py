@@ -931,7 +931,8 @@ class Connection(Dialer):
             listener=text,
             started_at=time.time(),
             sequence=service.accepted,
-            client_addr=_ip_pair(addr),
+            # _ip_pair, inline for an IPv4 address (accept's (str, int) already):
+            client_addr=addr if type(addr) is tuple and len(addr) == 2 else _ip_pair(addr),
             local_addr=local,
         )
         client.setblocking(False)
@@ -997,7 +998,13 @@ class Connection(Dialer):
         if pool is None:
             return
         addr = self.info.client_addr  # read now: a PROXY header may have replaced it
-        candidates = pool.order(_key(addr[0]) if addr is not None else "", service.retries)
+        if addr is None:
+            key = ""
+        else:  # _key, inline for the common case
+            key = addr[0]
+            if key.startswith(_MAPPED_PREFIX):
+                key = _key(key)
+        candidates = pool.order(key, service.retries)
         if not candidates:  # every upstream down or drained: logged once by the pool
             self.finish(CloseReason.NO_UPSTREAM, "no upstream is up")
             return
@@ -1075,8 +1082,8 @@ class Connection(Dialer):
             self.work = self.loop.create_task(self._prepare(None))
             return
         self.phase = _OPEN
-        try:
-            attached = self._attach_all()
+        try:  # (no elements, the common case: no call)
+            attached = self._attach_all() if service.elements else _NO_ATTACHMENTS
         except Exception as exc:
             self._element_failed(exc)
             return
