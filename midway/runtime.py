@@ -437,7 +437,8 @@ class Runtime:
                     done.set()
         if not self.stopping:
             for service in self.services.values():
-                service.room_changed()
+                if service.gated:  # room_changed's own test, without its call
+                    service.room_changed()
 
 
 def _close_elements(service: ProxyService) -> None:

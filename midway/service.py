@@ -98,7 +98,7 @@ from .layers.base import InboundLayer, LayerRefused, OutboundLayer
 from .layers.registry import build_layers
 from .layers.routes import SniRoutes
 from .layers.tls import TlsOrigination
-from .upstream.access import AccessList, SourceLease, SourceLimiter, client_ip
+from .upstream.access import AccessList, SourceLimiter, client_ip
 from .upstream.checker import Secure, check_once, run_checks
 from .upstream.dial import Dialer, DialFailure, Resolver, loop_resolver
 from .upstream.health import CheckSchedule, HealthMachine, HealthSettings
@@ -218,7 +218,7 @@ class ProxyService:
         self.accepted = 0
         self.active = 0
         self.accepting = False
-        self._gated = False
+        self.gated = False
         """Whether the gate has said no since the listeners last resumed (only
         then can a freed slot have a listener to resume)."""
         self.enabled = True
@@ -357,8 +357,8 @@ class ProxyService:
 
     def room_changed(self) -> None:
         """A slot may have freed up: resume listeners paused at a limit."""
-        if self._gated and self.accepting and self._can_accept():
-            self._gated = False
+        if self.gated and self.accepting and self._can_accept():
+            self.gated = False
             for listener in self.listeners:
                 listener.resume()
 
@@ -367,7 +367,7 @@ class ProxyService:
         limit = self.config.max_connections
         if self.accepting and (limit == 0 or self.active < limit) and self.host.has_room():
             return True
-        self._gated = True  # the listener pauses itself: room_changed resumes it
+        self.gated = True  # the listener pauses itself: room_changed resumes it
         return False
 
     @property
@@ -433,7 +433,7 @@ class ProxyService:
     def _closed(self, info: ConnectionInfo, attached: Attached, target: UpstreamState | None,
                 failures: Sequence[_Failure], reason: CloseReason, detail: str, first_close: str,
                 reset: bool, relay: Relay[ConnectionInfo] | None,
-                lease: SourceLease | None) -> None:
+                lease: str | None) -> None:
         """The *closed* phase, for every connection: fill in how it ended, tell the
         elements, the upstream's state and the observers, free the slot."""
         info.first_close = first_close
@@ -482,10 +482,10 @@ class ProxyService:
             ))
         self._freed(lease)
 
-    def _freed(self, lease: SourceLease | None) -> None:
+    def _freed(self, lease: str | None) -> None:
         """The end of *closed*: the connection's slots are free."""
         if lease is not None:
-            lease.release()
+            self.sources.give_back(lease)
         self.active -= 1
         self.host.connection_closed()
         if self.retired:
@@ -768,7 +768,7 @@ class ProxyService:
         if self.access is not None and not self.access.allows(host):
             log.debug("conn %d (%s): %s is denied", conn.info.id, self.name, host)
             return CloseReason.DENIED, f"{host} is not allowed"
-        lease = self.sources.acquire(host)
+        lease = self.sources.take(host)
         if lease is None:
             log.debug("conn %d (%s): %s is at its limit", conn.info.id, self.name, host)
             return CloseReason.SOURCE_LIMIT, f"{host} has {self.sources.limit} connections open"
@@ -865,7 +865,7 @@ class _Relayed:
     __slots__ = ("attached", "target", "failures", "lease", "own")
 
     def __init__(self, attached: Attached, target: UpstreamState,
-                 failures: list[_Failure] | None, lease: SourceLease | None) -> None:
+                 failures: list[_Failure] | None, lease: str | None) -> None:
         self.attached = attached
         self.target = target
         self.failures = failures
@@ -912,7 +912,8 @@ class Connection(Dialer):
     def __init__(self, service: ProxyService, client: socket.socket, addr: object,
                  listener: Listener) -> None:
         loop = listener.loop
-        self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve)
+        self.init_dial(loop, _NO_CANDIDATES, service.config.connect_timeout_s, service.resolve,
+                       poller=listener.poller, deadlines=listener.deadlines)
         self.service = service
         self.client = client
         self.phase = _ACCEPT
@@ -930,7 +931,8 @@ class Connection(Dialer):
             listener=text,
             started_at=time.time(),
             sequence=service.accepted,
-            client_addr=_ip_pair(addr),
+            # _ip_pair, inline for an IPv4 address (accept's (str, int) already):
+            client_addr=addr if type(addr) is tuple and len(addr) == 2 else _ip_pair(addr),
             local_addr=local,
         )
         client.setblocking(False)
@@ -953,8 +955,9 @@ class Connection(Dialer):
         self.client_end: Stream | None = None
         self.upstream_end: Stream | None = None
         """Streams that replaced the sockets for the relay (TLS), when a layer did."""
-        self.lease: SourceLease | None = None
-        """This connection's count against its source (released at *closed*)."""
+        self.lease: str | None = None
+        """This connection's count against its source: the key
+        :meth:`SourceLimiter.take` counted it under (given back at *closed*)."""
         self.spare: list[Any] = _NO_CANDIDATES
         """The upstreams not tried yet when one accepted, while an outbound layer
         runs: the next to try if its TLS handshake fails."""
@@ -995,7 +998,13 @@ class Connection(Dialer):
         if pool is None:
             return
         addr = self.info.client_addr  # read now: a PROXY header may have replaced it
-        candidates = pool.order(_key(addr[0]) if addr is not None else "", service.retries)
+        if addr is None:
+            key = ""
+        else:  # _key, inline for the common case
+            key = addr[0]
+            if key.startswith(_MAPPED_PREFIX):
+                key = _key(key)
+        candidates = pool.order(key, service.retries)
         if not candidates:  # every upstream down or drained: logged once by the pool
             self.finish(CloseReason.NO_UPSTREAM, "no upstream is up")
             return
@@ -1053,7 +1062,7 @@ class Connection(Dialer):
         info = self.info
         address = target.address
         info.upstream = target.text
-        if not address.is_unix:
+        if address.path is None:  # not address.is_unix (a call less)
             info.upstream_addr = target.pair or _ip_pair(_peername(sock))
             if service.elements or service.outbound:
                 # An element or a layer may read it, maybe after the socket is
@@ -1063,15 +1072,18 @@ class Connection(Dialer):
             else:  # only a live reader (the admin API) may ask: when it does
                 info.upstream_local_from(sock)
             if service.config.tcp_nodelay:
-                _nodelay(sock)
+                try:  # _nodelay, inline
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
             if service.keepalive:
                 _set_options(sock, service.keepalive)
         if service.outbound:
             self.work = self.loop.create_task(self._prepare(None))
             return
         self.phase = _OPEN
-        try:
-            attached = self._attach_all()
+        try:  # (no elements, the common case: no call)
+            attached = self._attach_all() if service.elements else _NO_ATTACHMENTS
         except Exception as exc:
             self._element_failed(exc)
             return
@@ -1182,6 +1194,8 @@ class Connection(Dialer):
                 splice=config.splice,
                 loop=self.loop,
                 client_prefix=self.pending,
+                poller=self.poller,
+                deadlines=self.deadlines,
             )
         except OSError as exc:
             # A relay that cannot be made (a backstop: it opens no descriptor

@@ -67,11 +67,17 @@ class Deadlines:
     def schedule(self, when: float, owner: Timed) -> None:
         """Call ``owner.deadline_passed()`` at loop time ``when``, replacing the
         owner's earlier deadline if it has one."""
-        if owner.deadline_token:
-            self.cancel(owner)
+        owners, heap = self._owners, self._heap
+        token = owner.deadline_token
+        if token:  # cancel, inline: the earlier tuple is left stale in the heap
+            del owners[token]
+            stale = len(heap) - len(owners)
+            if stale > _REBUILD_MIN and stale * 2 > len(heap):
+                self._rebuild()
+                heap = self._heap
         token = owner.deadline_token = next(self._tokens)
-        self._owners[token] = owner
-        heapq.heappush(self._heap, (when, token))
+        owners[token] = owner
+        heapq.heappush(heap, (when, token))
         if self._timer is None or when < self._timer_at:
             self._arm(when)
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..config.addresses import Address, privileged_port, resolve_listen
 from ..errors import AddressError, ListenError, describe_oserror
+from .deadlines import deadlines_for
 from .poller import poller_for
 
 __all__ = ["Listener", "open_listening_socket", "bind_tcp", "bind_resolved", "ACCEPT_BATCH",
@@ -200,6 +201,8 @@ class Listener:
         self.sock = sock
         self.loop = loop or asyncio.get_running_loop()
         self.poller = poller_for(self.loop)
+        self.deadlines = deadlines_for(self.loop)
+        """The loop's deadlines, for the connections accepted here."""
         self._fd = sock.fileno()
         self._accept = sock._accept  # type: ignore[attr-defined]  # the C call, no wrapper
         self._kind = (int(sock.family), int(sock.type), sock.proto)

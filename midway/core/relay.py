@@ -99,9 +99,9 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..errors import describe_oserror
 from . import splice as _splice
 from .accel import Core
-from .deadlines import deadlines_for
+from .deadlines import Deadlines, deadlines_for
 from .observer import CloseReason
-from .poller import poller_for
+from .poller import LoopPoller, Poller, poller_for
 from .streams import Endpoint, can_splice, pending
 from .timers import ConnectionTimers
 
@@ -648,9 +648,11 @@ class Relay(Core, Generic[InfoT]):
         loop: asyncio.AbstractEventLoop | None = None,
         client_prefix: bytes = b"",
         upstream_prefix: bytes = b"",
+        poller: Poller | LoopPoller | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
-        self.poller = poller_for(self.loop)
+        self.poller = poller if poller is not None else poller_for(self.loop)
         self.client = client
         self.upstream = upstream
         self.info = info
@@ -673,7 +675,7 @@ class Relay(Core, Generic[InfoT]):
         """Whether the connection ended with an RST (set when it closes)."""
         self._prefixes = (client_prefix, upstream_prefix)
         self._closing: tuple[CloseReason, str] | None = None
-        self._deadlines = deadlines_for(self.loop)
+        self._deadlines = deadlines if deadlines is not None else deadlines_for(self.loop)
         self.deadline_token = 0
         """The idle or half-close deadline scheduled (see :mod:`midway.core.deadlines`)."""
         self._ended = 0
@@ -808,7 +810,10 @@ class Relay(Core, Generic[InfoT]):
                 self._engine = None
                 self._make_flows()  # relay in Python then
             else:
-                self._arm()
+                # _arm, inline (once a connection): only the idle deadline can be set yet.
+                timers = self.timers
+                if timers.idle_timeout_s > 0:
+                    self._deadlines.schedule(self.c_last_activity + timers.idle_timeout_s, self)
                 return
         up, down = self._up, self._down
         assert up is not None and down is not None
@@ -932,8 +937,15 @@ class Relay(Core, Generic[InfoT]):
 
     def _c_half(self) -> None:
         """C mode: the first direction ended (its FIN passed on)."""
-        self.timers.half_closed(self.loop.time())
-        self._arm()
+        timers = self.timers
+        if timers.half_closed_at is None:  # timers.half_closed, inline (once a connection)
+            timers.half_closed_at = self.loop.time()
+        timers.last_activity = self.c_last_activity  # _arm, inline: C mode, started, open
+        deadline = timers.next_deadline()
+        if deadline is not None:
+            self._deadlines.schedule(deadline, self)
+        else:
+            self._deadlines.cancel(self)
 
     def _c_end(self) -> None:
         """C mode: both directions ended, every byte delivered."""

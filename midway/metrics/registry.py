@@ -131,9 +131,20 @@ class Metrics(Observer):
         up, down = (proxy, "upstream"), (proxy, "downstream")
         self._bytes[up] = self._bytes.get(up, 0) + bytes_up
         self._bytes[down] = self._bytes.get(down, 0) + bytes_down
+        # Each histogram, inline (twice a connection).  Prometheus buckets are
+        # "less than or equal": bisect_left finds the first bound >= value; past
+        # the last bound it is the +Inf bucket.
         if connect_time_s is not None:
-            _observe(self._connect, key, self._connect_bounds, connect_time_s)
-        _observe(self._duration, key, self._duration_bounds, duration_s)
+            histogram = self._connect.get(key)
+            if histogram is None:
+                histogram = self._connect[key] = _empty_histogram(self._connect_bounds)
+            histogram[bisect_left(self._connect_bounds, connect_time_s)] += 1
+            histogram[-1] += connect_time_s
+        histogram = self._duration.get(key)
+        if histogram is None:
+            histogram = self._duration[key] = _empty_histogram(self._duration_bounds)
+        histogram[bisect_left(self._duration_bounds, duration_s)] += 1
+        histogram[-1] += duration_s
 
     def upstream_health(self, proxy: str, upstream: str, up: bool) -> None:
         """The health of ``upstream`` changed (or is known for the first time)."""
@@ -216,17 +227,6 @@ class Metrics(Observer):
 
 def _empty_histogram(bounds: Sequence[float]) -> list[float]:
     return [0] * (len(bounds) + 1) + [0.0]
-
-
-def _observe(series: dict[Labels, list[float]], key: Labels, bounds: Sequence[float],
-             value: float) -> None:
-    histogram = series.get(key)
-    if histogram is None:
-        histogram = series[key] = _empty_histogram(bounds)
-    # Prometheus buckets are "less than or equal": bisect_left finds the first
-    # bound >= value; past the last bound it is the +Inf bucket.
-    histogram[bisect_left(bounds, value)] += 1
-    histogram[-1] += value
 
 
 def _checked_sample(sample: Sample) -> Sample:

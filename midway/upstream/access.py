@@ -191,7 +191,7 @@ class SourceLease:
     def release(self) -> None:
         limiter, self._limiter = self._limiter, None
         if limiter is not None:
-            limiter._release(self.key)
+            limiter.give_back(self.key)
 
 
 class SourceLimiter:
@@ -210,12 +210,20 @@ class SourceLimiter:
     def acquire(self, host: str | IPAddress) -> SourceLease | None:
         """Count one more connection from ``host``; None (and nothing counted) when
         that would pass the limit: the caller closes it with ``source_limit``."""
-        key = source_key(host)
+        key = self.take(host)
+        return None if key is None else SourceLease(self, key)
+
+    def take(self, host: str | IPAddress) -> str | None:
+        """:meth:`acquire` without the lease object (the service's, once a
+        connection): the key counted, to be given to :meth:`give_back` exactly
+        once; None when the limit is reached."""
+        # source_key, inline for an IPv4 string
+        key = host if type(host) is str and ":" not in host else source_key(host)
         count = self._counts.get(key, 0)
         if self.limit and count >= self.limit:
             return None
         self._counts[key] = count + 1
-        return SourceLease(self, key)
+        return key
 
     def live(self, host: str | IPAddress) -> int:
         """Connections open now from ``host``."""
@@ -225,7 +233,8 @@ class SourceLimiter:
         """How many distinct sources have a connection open."""
         return len(self._counts)
 
-    def _release(self, key: str) -> None:
+    def give_back(self, key: str) -> None:
+        """The connection :meth:`take` counted under ``key`` has ended."""
         count = self._counts[key] - 1
         if count:
             self._counts[key] = count

@@ -10,6 +10,11 @@ which covers its name lookup and every address the lookup returned.
   dialled by readiness callbacks alone: a non-blocking ``connect``, a writer on the
   relay's poller (:func:`midway.core.poller.poller_for`) and one deadline
   (:mod:`midway.core.deadlines`: no loop timer of its own).  No task, no future.
+  An upstream on the same host (loopback) has usually completed the handshake
+  inside ``connect`` already, though a non-blocking ``connect`` still says
+  "in progress": one ``getsockopt(TCP_INFO)`` tells, and such a dial ends there,
+  with no writer, no wake-up and no deadline.  Addresses whose handshakes take a
+  round trip stop being asked after a few misses (then once in a while).
 * **Host names** are resolved for each connection (DNS changes are followed) by an
   injectable :data:`Resolver`, by default the loop's ``getaddrinfo`` (which runs off
   the loop); the task that awaits it ends there, and every address returned is then
@@ -122,6 +127,21 @@ ADDRESS_MIN_S = 2.0
 """The least time one address of a name is given before the next one is tried
 (unless less is left of the connect timeout): Go's ``net`` dialer's minimum."""
 
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+_ESTABLISHED = b"\x01"
+"""``tcpi_state``, the first byte of ``struct tcp_info``, of an established
+connection (TCP_ESTABLISHED in linux/tcp_states.h)."""
+_MISSES: dict[Any, int] = {}
+"""Socket addresses whose connects were still under way when ``connect``
+returned, by how many times in a row: a remote upstream, whose handshake takes a
+round trip.  After :data:`_MISS_LIMIT` of them it is asked once in
+:data:`_REPROBE_EVERY` connects only (a system call each time saved), in case
+it is local after all."""
+_MISS_LIMIT = 8
+_REPROBE_EVERY = 256
+_MISSES_MAX = 4096
+"""Addresses remembered at most (names may resolve to ever new ones)."""
+
 # One syscall for a non-blocking socket where the platform allows it.
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
@@ -185,9 +205,14 @@ class Dialer:
                  "task")
 
     def init_dial(self, loop: asyncio.AbstractEventLoop, candidates: list[Any],
-                  connect_timeout_s: float, resolve: Resolver) -> None:
+                  connect_timeout_s: float, resolve: Resolver, *,
+                  poller: Poller | LoopPoller | None = None,
+                  deadlines: Deadlines | None = None) -> None:
+        """``poller`` and ``deadlines``: the loop's (:func:`poller_for`,
+        :func:`deadlines_for`), when the caller has them at hand (the listener
+        does: two look-ups a connection saved)."""
         self.loop = loop
-        self.poller: Poller | LoopPoller = poller_for(loop)
+        self.poller: Poller | LoopPoller = poller if poller is not None else poller_for(loop)
         self.connect_timeout_s = connect_timeout_s
         self.resolve = resolve
         self.candidates = candidates
@@ -204,7 +229,7 @@ class Dialer:
         """When the current name's connect timeout passes (0: no timeout)."""
         self.detail = ""
         """Each of the current name's addresses tried so far, and how it failed."""
-        self.deadlines: Deadlines = deadlines_for(loop)
+        self.deadlines: Deadlines = deadlines if deadlines is not None else deadlines_for(loop)
         self.deadline_token = 0
         """The connect timeout scheduled (0: none)."""
         self.task: asyncio.Task[None] | None = None
@@ -278,6 +303,23 @@ class Dialer:
             self._connected(sock)
             return None
         if err in _IN_PROGRESS:
+            if family != socket.AF_UNIX and _TCP_INFO is not None:
+                # An upstream on this host has, nearly always, completed the
+                # handshake inside connect() itself: then it is connected now,
+                # with no writer, no wake-up and no connect timer.  An address
+                # that keeps missing is asked only now and then (see _MISSES).
+                misses = _MISSES.get(sockaddr, 0)
+                if misses < _MISS_LIMIT or not misses % _REPROBE_EVERY:
+                    if sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1) == _ESTABLISHED:
+                        if misses:
+                            del _MISSES[sockaddr]
+                        if self.deadline_token:
+                            self.deadlines.cancel(self)
+                        self.dial_connected(sock, self.target)
+                        return None
+                if len(_MISSES) >= _MISSES_MAX and sockaddr not in _MISSES:
+                    _MISSES.clear()
+                _MISSES[sockaddr] = misses + 1
             self.sock = sock
             self.poller.add_writer(sock.fileno(), self._on_writable)
             if not self.deadline_token:

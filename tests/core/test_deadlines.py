@@ -118,6 +118,23 @@ def test_a_mostly_stale_heap_is_rebuilt() -> None:
     assert fired == [str(i) for i in range(900, 1000)]
 
 
+def test_rescheduling_alone_keeps_the_heap_bounded() -> None:
+    """A connection that keeps moving its deadline (each re-arm leaves the
+    earlier tuple stale) does not grow the heap without bound, and only its
+    last deadline fires."""
+    loop, deadlines, fired = make()
+    others = [Owner(f"other{i}", fired) for i in range(10)]
+    for i, other in enumerate(others):
+        deadlines.schedule(1_000_000.0 + i, other)
+    busy = Owner("busy", fired)
+    for i in range(10_000):
+        deadlines.schedule(100.0 + i, busy)
+    assert len(deadlines) == 11
+    assert len(deadlines._heap) < 2 * 11 + 70
+    loop.advance(10_099.0)
+    assert fired == ["busy"]
+
+
 def test_the_callback_may_schedule_again_and_an_error_goes_to_the_loop() -> None:
     loop, deadlines, fired = make()
 

@@ -209,9 +209,62 @@ def test_a_name_whose_addresses_all_fail_names_each_failure() -> None:
     run(main())
 
 
-def test_reset_right_after_accept_stops_the_dial() -> None:
+def test_a_loopback_upstream_is_connected_when_connect_returns() -> None:
+    """A non-blocking connect to a loopback listener says "in progress" but the
+    handshake is done: the dial ends inside ``dial_next``, before the loop runs,
+    with no writer registered and no connect deadline left scheduled."""
+    async def main() -> None:
+        server = socket.create_server(("127.0.0.1", 0))
+        d = Recorder([Address("127.0.0.1", server.getsockname()[1])])
+        d.dial_next()
+        assert d.events == [("connected", str(Address("127.0.0.1",
+                                                       server.getsockname()[1])), "")]
+        assert len(d.poller) == 0 and len(d.deadlines) == 0
+        sock = d.done.result()
+        assert sock is not None
+        conn, _ = server.accept()
+        sock.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        for s in (sock, conn, server):
+            s.close()
+    run(main())
+
+
+def test_an_address_that_keeps_missing_is_asked_only_now_and_then(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream whose handshake takes a round trip (here: one that never
+    answers) is asked ``TCP_INFO`` only until it has missed a few times; the
+    dial then waits for the writer as before, and still times out."""
+    from midway.upstream import dial as dial_module
+    asked: list[int] = []
+    real = socket.socket.getsockopt
+
+    def counting(sock: socket.socket, *args: Any) -> Any:
+        if args[:2] == (socket.IPPROTO_TCP, socket.TCP_INFO):
+            asked.append(1)
+        return real(sock, *args)
+
+    monkeypatch.setattr(socket.socket, "getsockopt", counting)
+    monkeypatch.setattr(dial_module, "_MISSES", {})
+
+    async def main() -> None:
+        with black_hole() as (host, port):
+            for _ in range(dial_module._MISS_LIMIT + 4):
+                d = Recorder([Address(host, port)], timeout_s=0.05)
+                assert await d.result() is None
+                assert d.events[0][0] == "timed_out"
+    run(main())
+    assert len(asked) == dial_module._MISS_LIMIT
+
+
+def test_reset_right_after_accept_stops_the_dial(monkeypatch: pytest.MonkeyPatch) -> None:
     """An upstream that accepts and resets before the relay begins: RESET, and the
-    next upstream is not tried (it would replay a connection the first one took)."""
+    next upstream is not tried (it would replay a connection the first one took).
+    (A remote upstream's case: its handshake completes after ``connect`` returns,
+    which here the dialer is made to believe by not asking.)"""
+    from midway.upstream import dial as dial_module
+    monkeypatch.setattr(dial_module, "_TCP_INFO", None)
+
     async def main() -> None:
         server = socket.create_server(("127.0.0.1", 0))
         other = socket.create_server(("127.0.0.1", 0))
