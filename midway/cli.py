@@ -205,6 +205,12 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
         group.add_argument(_flag(prefix + field.name), **kwargs)
 
 
+_FILE_ONLY = {_flag(f.name): f.name for cls in (ProxyConfig, ServerConfig)
+              for f, info in options_of(cls) if not info.cli}
+"""The flags of the options that only a configuration file sets (``cli=False``),
+each to its key: typed anyway, the error says where the option goes."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, naming the closest flag for a mistyped one, as a mistyped key of
     the file gets the closest key."""
@@ -216,7 +222,11 @@ class _Parser(argparse.ArgumentParser):
                      if w.startswith("--")]
             close = difflib.get_close_matches(flags[0], self._option_string_actions, n=1) \
                 if flags else []
-            if close:
+            key = _FILE_ONLY.get(flags[0]) if flags else None
+            if key is not None:  # an option the quick form has no use for
+                message = (f"{flags[0]}: not a flag of the quick form; set {key} in a "
+                           "configuration file (--config FILE, docs/configuration.md)")
+            elif close:
                 message += f"; did you mean {close[0]!r}?"
         super().error(message)
 

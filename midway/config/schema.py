@@ -620,10 +620,10 @@ class ProxyConfig:
         5.0,
         "With [[proxy.NAME.routes]], how long a client may take to send its whole TLS "
         "ClientHello (which names the server the route is chosen by); past it the "
-        "connection is closed (peek_timeout).  Refused on a proxy without routes (the "
-        "command line has none), or with tls_cert, whose routes take the handshake's "
-        "server name ([defaults]: when no proxy peeks).",
-        unit="seconds", minimum=0.001, metavar="SECONDS",
+        "connection is closed (peek_timeout).  Refused on a proxy without routes, or "
+        "with tls_cert, whose routes take the handshake's server name ([defaults]: "
+        "when no proxy peeks).  Not a flag: routes are declared in a file only.",
+        unit="seconds", minimum=0.001, metavar="SECONDS", cli=False,
         provenance="HAProxy's documented tcp-request inspect-delay 5s for SNI routing "
         "(nginx's preread_timeout is 30 s)",
     )
