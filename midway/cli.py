@@ -426,7 +426,6 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
     cannot share is not asked of them.  An error names what the user typed:
     the flag when it came from the command line, the key when it came from the
     file.  Raises :class:`ConfigError`."""
-    proxy_flags, server_flags = _split(args)
     try:
         check_server_outputs(config.server)
         check_admin_port(config.server)
@@ -438,15 +437,24 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
             check_tls(proxy)
         check_resolved_listeners(config.proxies)
     except ConfigError as exc:
-        key = exc.path.rsplit(".", 1)[-1]
-        typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
-                 else not args.config)
-        if typed and key.startswith("listen"):  # LISTEN, whose address the message names
-            raise ConfigError("", exc.message) from exc
-        if typed:
-            raise ConfigError("", f"{_flag(key)}: {exc.message}") from exc
-        raise
+        typed = _as_typed(exc, args)
+        if typed is exc:
+            raise
+        raise typed from exc
     loop_factory(config.server.loop)
+
+
+def _as_typed(exc: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """``exc`` naming the flag when the value came from the command line (as
+    ``exc`` itself when it came from the file)."""
+    key = exc.path.rsplit(".", 1)[-1]
+    typed = (key.partition("[")[0] in _split(args)[1] if exc.path.startswith("server.")
+             else not args.config)
+    if typed and key.startswith("listen"):  # LISTEN, whose address the message names
+        return ConfigError("", exc.message)
+    if typed:
+        return ConfigError("", f"{_flag(key)}: {exc.message}")
+    return exc
 
 
 def _proxies(count: int) -> str:
@@ -530,7 +538,7 @@ def _main(argv: list[str]) -> int:
         if workers > 1:
             return run_supervisor(config, workers, loader)
         with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(serve(config, loader))
+            return runner.run(serve(config, loader, lambda exc: _as_typed(exc, args)))
     except (ListenError, ConfigError) as exc:
         log.error("%s", exc)
         return EXIT_START_FAILED if isinstance(exc, ListenError) else EXIT_USAGE

@@ -383,6 +383,26 @@ def test_the_sni_peek_timeout_of_a_file_with_routes_is_accepted(tmp_path: Path) 
 # --- exit 1: serving could not start ----------------------------------------------
 
 
+@pytest.mark.parametrize("form", ["quick", "config"])
+def test_a_capture_that_cannot_be_written_at_start_names_what_was_typed(
+        form: str, tmp_path: Path) -> None:
+    """--check passes (the directory may be written), the start fails writing the
+    capture's header: the one line names --pcap when the flag gave it, the key
+    when the file did, as --check's errors do."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    path = tmp_path / "m.toml"
+    path.write_text('[proxy.web]\nlisten = "127.0.0.1:0"\nupstreams = "127.0.0.1:1"\n'
+                    'pcap = "/dev/full"\n')
+    where = ["--config", str(path)] if form == "config" else [
+        "127.0.0.1:0", "127.0.0.1:1", "--pcap", "/dev/full"]
+    result = run(*where)
+    assert result.returncode == EXIT_START_FAILED
+    line = assert_one_clean_line(result.stderr)
+    start = "proxy.web.pcap" if form == "config" else "--pcap"
+    assert line.endswith(f"{start}: cannot open /dev/full: No space left on device"), line
+
+
 def test_listen_address_in_use(busy_port: int) -> None:
     result = run(f"127.0.0.1:{busy_port}", "127.0.0.1:80")
     assert result.returncode == EXIT_START_FAILED
