@@ -37,7 +37,17 @@ else:  # hidden from type checkers, which would take any name for one of its (An
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         public = _importlib.import_module("._public", __name__)
         if name in _submodules():
-            return _importlib.import_module(f".{name}", __name__)
+            try:
+                return _importlib.import_module(f".{name}", __name__)
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").partition(".")[0] == __name__:
+                    raise  # a module of midway's own is missing: a broken install
+                # A submodule needing what is not installed (pytest_plugin,
+                # pytest): no such attribute, so hasattr() and getattr(m, n, d)
+                # answer; ``import midway.NAME`` still raises the ImportError.
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r} "
+                                     f"(midway.{name} needs {exc.name}, which is not "
+                                     "installed)", name=name) from exc
         if name != "__all__" and name not in public.__all__:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(public, name)

@@ -205,6 +205,12 @@ def _add_schema_flags(group: argparse._ArgumentGroup, cls: type, prefix: str = "
         group.add_argument(_flag(prefix + field.name), **kwargs)
 
 
+_FILE_ONLY = {_flag(f.name): f.name for cls in (ProxyConfig, ServerConfig)
+              for f, info in options_of(cls) if not info.cli}
+"""The flags of the options that only a configuration file sets (``cli=False``),
+each to its key: typed anyway, the error says where the option goes."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, naming the closest flag for a mistyped one, as a mistyped key of
     the file gets the closest key."""
@@ -216,7 +222,11 @@ class _Parser(argparse.ArgumentParser):
                      if w.startswith("--")]
             close = difflib.get_close_matches(flags[0], self._option_string_actions, n=1) \
                 if flags else []
-            if close:
+            key = _FILE_ONLY.get(flags[0]) if flags else None
+            if key is not None:  # an option the quick form has no use for
+                message = (f"{flags[0]}: not a flag of the quick form; set {key} in a "
+                           "configuration file (--config FILE, docs/configuration.md)")
+            elif close:
                 message += f"; did you mean {close[0]!r}?"
         super().error(message)
 
@@ -416,7 +426,6 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
     cannot share is not asked of them.  An error names what the user typed:
     the flag when it came from the command line, the key when it came from the
     file.  Raises :class:`ConfigError`."""
-    proxy_flags, server_flags = _split(args)
     try:
         check_server_outputs(config.server)
         check_admin_port(config.server)
@@ -428,15 +437,24 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
             check_tls(proxy)
         check_resolved_listeners(config.proxies)
     except ConfigError as exc:
-        key = exc.path.rsplit(".", 1)[-1]
-        typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
-                 else not args.config)
-        if typed and key.startswith("listen"):  # LISTEN, whose address the message names
-            raise ConfigError("", exc.message) from exc
-        if typed:
-            raise ConfigError("", f"{_flag(key)}: {exc.message}") from exc
-        raise
+        typed = _as_typed(exc, args)
+        if typed is exc:
+            raise
+        raise typed from exc
     loop_factory(config.server.loop)
+
+
+def _as_typed(exc: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """``exc`` naming the flag when the value came from the command line (as
+    ``exc`` itself when it came from the file)."""
+    key = exc.path.rsplit(".", 1)[-1]
+    typed = (key.partition("[")[0] in _split(args)[1] if exc.path.startswith("server.")
+             else not args.config)
+    if typed and key.startswith("listen"):  # LISTEN, whose address the message names
+        return ConfigError("", exc.message)
+    if typed:
+        return ConfigError("", f"{_flag(key)}: {exc.message}")
+    return exc
 
 
 def _proxies(count: int) -> str:
@@ -520,7 +538,7 @@ def _main(argv: list[str]) -> int:
         if workers > 1:
             return run_supervisor(config, workers, loader)
         with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(serve(config, loader))
+            return runner.run(serve(config, loader, lambda exc: _as_typed(exc, args)))
     except (ListenError, ConfigError) as exc:
         log.error("%s", exc)
         return EXIT_START_FAILED if isinstance(exc, ListenError) else EXIT_USAGE

@@ -347,7 +347,6 @@ def test_check_refuses_trusted_networks_without_proxy_protocol_in(form: str,
 
 @pytest.mark.parametrize(("flag", "words"), [
     ("--proxy-protocol-timeout-s", "needs proxy_protocol_in (v1, v2 or any)"),
-    ("--sni-peek-timeout-s", "needs SNI routes ([[proxy.NAME.routes]], in a configuration file)"),
     ("--tls-handshake-timeout-s", "needs tls_cert (termination) or upstream_tls = true"),
 ])
 def test_check_refuses_a_timeout_of_a_phase_the_proxy_does_not_have(flag: str,
@@ -358,7 +357,50 @@ def test_check_refuses_a_timeout_of_a_phase_the_proxy_does_not_have(flag: str,
     assert "configuration OK" not in result.stdout
 
 
+@pytest.mark.parametrize("value", ["2", "abc"])
+def test_a_file_only_option_typed_as_a_flag_says_where_it_goes(value: str) -> None:
+    """sni_peek_timeout_s bounds the peek of SNI routes, which only a file
+    declares: the quick form offers no flag (it could only ever be refused),
+    and one typed anyway, whatever its value, says where the option goes."""
+    assert "--sni-peek-timeout-s" not in run("--help").stdout
+    result = run("--check", "127.0.0.1:0", "h:1", "--sni-peek-timeout-s", value)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.splitlines()[-1] == (
+        "midway: error: --sni-peek-timeout-s: not a flag of the quick form; set "
+        "sni_peek_timeout_s in a configuration file (--config FILE, docs/configuration.md)")
+    assert "Traceback" not in result.stderr
+
+
+def test_the_sni_peek_timeout_of_a_file_with_routes_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[proxy.tls]\nlisten = "127.0.0.1:0"\nsni_peek_timeout_s = 2\n'
+                    '[[proxy.tls.routes]]\nsni = "a.example.com"\nupstreams = "127.0.0.1:2"\n')
+    result = run("--check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+
+
 # --- exit 1: serving could not start ----------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["quick", "config"])
+def test_a_capture_that_cannot_be_written_at_start_names_what_was_typed(
+        form: str, tmp_path: Path) -> None:
+    """--check passes (the directory may be written), the start fails writing the
+    capture's header: the one line names --pcap when the flag gave it, the key
+    when the file did, as --check's errors do."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    path = tmp_path / "m.toml"
+    path.write_text('[proxy.web]\nlisten = "127.0.0.1:0"\nupstreams = "127.0.0.1:1"\n'
+                    'pcap = "/dev/full"\n')
+    where = ["--config", str(path)] if form == "config" else [
+        "127.0.0.1:0", "127.0.0.1:1", "--pcap", "/dev/full"]
+    result = run(*where)
+    assert result.returncode == EXIT_START_FAILED
+    line = assert_one_clean_line(result.stderr)
+    start = "proxy.web.pcap" if form == "config" else "--pcap"
+    assert line.endswith(f"{start}: cannot open /dev/full: No space left on device"), line
 
 
 def test_listen_address_in_use(busy_port: int) -> None:

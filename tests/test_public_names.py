@@ -46,6 +46,22 @@ def test_help_works_without_pytest_though_the_plugin_module_needs_it() -> None:
     assert (done.returncode, done.stdout, done.stderr) == (0, "True\n", "")
 
 
+def test_the_plugin_module_without_pytest_is_no_attribute_yet_its_import_says_why() -> None:
+    """hasattr() and getattr() with a default answer (they catch AttributeError
+    alone: the ImportError used to escape them), and the import still fails
+    naming what is missing."""
+    done = _fresh("import sys\nsys.modules['pytest'] = None\nimport midway\n"
+                  "print(hasattr(midway, 'pytest_plugin'), getattr(midway, 'pytest_plugin', 0))\n"
+                  "try:\n    midway.pytest_plugin\nexcept AttributeError as exc:\n"
+                  "    print(exc)\n"
+                  "import midway.pytest_plugin")
+    assert done.stdout.splitlines() == [
+        "False 0", "module 'midway' has no attribute 'pytest_plugin' (midway.pytest_plugin "
+        "needs pytest, which is not installed)"], done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "ModuleNotFoundError: import of pytest halted; None in sys.modules")
+
+
 def test_mypy_flags_a_misspelt_name_and_types_the_real_ones(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     user = tmp_path / "user.py"

@@ -656,8 +656,9 @@ class HookContext:
             async with asyncio.timeout(timeout):
                 await self._call("on_connect", self)
         except TimeoutError:  # ours: the hook's own errors arrive as HookError
+            # The service's log line says the connection is closed: not twice.
             raise HookError(f"hook {self._element.spec}: on_connect still running after "
-                            f"{timeout:g} s; closing the connection") from None
+                            f"{timeout:g} s") from None
         if self._refusal is not None:
             raise Rejected(f"hook {self._element.spec}: {self._refusal}")
 

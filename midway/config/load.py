@@ -398,6 +398,20 @@ timeout would do nothing without it: set in a proxy's own table they are refused
 there (as ``unix_mode`` without a unix listener); inherited from ``[defaults]``
 they are ignored, and refused in ``[defaults]`` when no proxy has the phase."""
 
+_CAPTURE = "needs pcap (a capture file): it {what}, and {{who}} captures nothing"
+_OUTPUT_LIMITS: dict[str, tuple[Callable[[ProxyConfig], bool], str]] = {
+    "pcap_max_bytes": (lambda p: bool(p.pcap),
+                       _CAPTURE.format(what="bounds the capture file before it rotates")),
+    "pcap_keep": (lambda p: bool(p.pcap),
+                  _CAPTURE.format(what="counts the rotated capture files kept")),
+    "dump_max_bytes": (
+        lambda p: p.dump != "off" or bool(p.dump_file),
+        "needs dump (or dump_file): it bounds what the dump shows of each chunk, and "
+        "{who} dumps nothing"),
+}
+"""The limits of an output a proxy may not write (a capture, a dump), refused
+and ignored as :data:`_PHASE_TIMEOUTS` are."""
+
 
 def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> ProxyConfig:
     path = f"proxy.{name}"
@@ -461,7 +475,7 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
                 parser = _LIST_PARSERS[key]
             kwargs[key] = parser(table[key], _join(path, key), kwargs)
     config = ProxyConfig(name=name, **kwargs)
-    for key, (has_phase, why) in _PHASE_TIMEOUTS.items():
+    for key, (has_phase, why) in (_PHASE_TIMEOUTS | _OUTPUT_LIMITS).items():
         if key in rest and not has_phase(config):
             raise ConfigError(_join(path, key), why.format(who="this proxy"))
     return config
@@ -803,7 +817,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         if key in defaults.get("health", {}) and proxies \
                 and not any(p.health.interval_s for p in proxies):
             raise ConfigError(f"defaults.health.{key}", _checks_off("every proxy"))
-    for key, (has_phase, why) in _PHASE_TIMEOUTS.items():
+    for key, (has_phase, why) in (_PHASE_TIMEOUTS | _OUTPUT_LIMITS).items():
         if key in defaults and proxies and not any(has_phase(p) for p in proxies):
             raise ConfigError(f"defaults.{key}", why.format(who="every proxy"))
     plain = ProxyConfig()

@@ -506,7 +506,8 @@ class ProxyConfig:
     )
     dump_max_bytes: int = option(
         4096,
-        "Bytes of each chunk the dump shows; the rest are counted, not shown.",
+        "Bytes of each chunk the dump shows; the rest are counted, not shown.  "
+        "Refused without dump or dump_file ([defaults]: when no proxy dumps).",
         unit="bytes", zero="show every byte", minimum=0, metavar="BYTES",
         provenance="one page: 256 lines of hexdump -C",
     )
@@ -522,12 +523,14 @@ class ProxyConfig:
         0,
         "Rotate the capture when it would grow past this size: PATH is renamed "
         "PATH.1 (PATH.1 to PATH.2, and so on) and a new PATH begins.  Must be at "
-        "least 40 (one header and one packet record) when not 0.",
+        "least 40 (one header and one packet record) when not 0.  Refused without "
+        "pcap ([defaults]: when no proxy captures).",
         unit="bytes", zero="one file, never rotated", minimum=0, metavar="BYTES",
     )
     pcap_keep: int = option(
         4,
-        "Rotated capture files kept (PATH.1 ... PATH.N); older ones are deleted.",
+        "Rotated capture files kept (PATH.1 ... PATH.N); older ones are deleted.  "
+        "Refused without pcap ([defaults]: when no proxy captures).",
         zero="keep none: a full capture starts over", minimum=0, metavar="N",
         provenance="the 'rotate 4' of Debian's logrotate.conf",
     )
@@ -620,10 +623,10 @@ class ProxyConfig:
         5.0,
         "With [[proxy.NAME.routes]], how long a client may take to send its whole TLS "
         "ClientHello (which names the server the route is chosen by); past it the "
-        "connection is closed (peek_timeout).  Refused on a proxy without routes (the "
-        "command line has none), or with tls_cert, whose routes take the handshake's "
-        "server name ([defaults]: when no proxy peeks).",
-        unit="seconds", minimum=0.001, metavar="SECONDS",
+        "connection is closed (peek_timeout).  Refused on a proxy without routes, or "
+        "with tls_cert, whose routes take the handshake's server name ([defaults]: "
+        "when no proxy peeks).  Not a flag: routes are declared in a file only.",
+        unit="seconds", minimum=0.001, metavar="SECONDS", cli=False,
         provenance="HAProxy's documented tcp-request inspect-delay 5s for SNI routing "
         "(nginx's preread_timeout is 30 s)",
     )

@@ -193,10 +193,13 @@ class Reloads:
             log.debug("reload refused: %s", exc.message)
 
 
-async def serve(config: Config, loader: Loader | None = None) -> int:
+async def serve(config: Config, loader: Loader | None = None,
+                typed: Callable[[ConfigError], ConfigError] | None = None) -> int:
     """Run ``config`` in this process until SIGTERM/SIGINT; drain; return an exit
     code.  ``loader`` re-reads the configuration file on SIGHUP and ``POST
-    /reload`` (``None``: started from the command line, nothing to re-read)."""
+    /reload`` (``None``: started from the command line, nothing to re-read).
+    ``typed`` words a start's :class:`ConfigError` as the user gave the value
+    (the flag rather than the key)."""
     agent = WorkerAgent(Target(config))
     runtime = agent.runtime
     reloads = Reloads()
@@ -212,7 +215,7 @@ async def serve(config: Config, loader: Loader | None = None) -> int:
         await agent.start()
         plane.started(agent.running())
     except (ListenError, ConfigError) as exc:
-        log.error("%s", exc)
+        log.error("%s", typed(exc) if typed and isinstance(exc, ConfigError) else exc)
         if admin is not None:
             await admin.stop()
         await runtime.shutdown(0)

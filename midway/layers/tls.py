@@ -44,7 +44,7 @@ import time
 from ..config.addresses import Address
 from ..config.schema import TLS_ORIGINATION_KEYS, TLS_TERMINATION_KEYS, ProxyConfig
 from ..core.tlsstream import TlsStream
-from ..errors import ConfigError, TlsFailed
+from ..errors import ConfigError, TlsFailed, describe_oserror
 from .base import InboundLayer, LayerConnection, OutboundLayer
 from .proxy_protocol import V1_SIGNATURE, V2_SIGNATURE
 
@@ -351,6 +351,12 @@ async def _handshake(stream: TlsStream, timeout_s: float, peer: str, prefix: str
             raise TlsFailed(f"{prefix}client sent a PROXY protocol header (behind a load "
                             "balancer with send-proxy? set proxy_protocol_in)") from exc
         raise TlsFailed(prefix + describe_tls_error(exc, peer)) from exc
+    except OSError as exc:
+        if peer == "client":
+            raise  # a client's reset is a reset (docs/tls.md), in any phase
+        # An upstream that accepts, then resets mid-handshake, failed the
+        # handshake: the next upstream is tried, as for a bad certificate.
+        raise TlsFailed(prefix + describe_oserror(exc)) from exc
 
 
 class TlsTermination:

@@ -111,6 +111,38 @@ def test_checks_before_start(options: dict[str, object], path: str, message: str
     assert caught.value.path == path and message in caught.value.message
 
 
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("pcap_max_bytes", 1000, "needs pcap (a capture file)"),
+    ("pcap_keep", 2, "needs pcap (a capture file)"),
+    ("dump_max_bytes", 64, "needs dump (or dump_file)"),
+])
+def test_a_limit_of_an_output_the_proxy_does_not_write_is_refused(
+        key: str, value: int, words: str) -> None:
+    """It was accepted, and limited nothing: no capture or dump was written (as
+    a phase's timeout without the phase, the key is refused in the proxy's
+    table or as a flag, and in [defaults] only when no proxy writes the output)."""
+    with pytest.raises(ConfigError) as caught:
+        proxy(**{key: value})
+    assert caught.value.path == f"proxy.p.{key}" and words in caught.value.message
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ConfigError) as caught:
+        from_cli(flag, str(value))
+    assert str(caught.value).startswith(f"{flag}: {words}"), caught.value
+    output = {"dump": "hex"} if key.startswith("dump") else {"pcap": "x.pcap"}
+    assert getattr(proxy(**output, **{key: value}), key) == value
+
+    def load(**first: object) -> object:
+        return config_from_dict({
+            "defaults": {key: value},
+            "proxy": {"a": {"listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1", **first},
+                      "b": {"listen": "127.0.0.1:0", "upstreams": "127.0.0.1:1"}}})
+
+    load(**output)  # b inherits a limit it does not use: that is fine
+    with pytest.raises(ConfigError) as caught:
+        load()
+    assert caught.value.path == f"defaults.{key}" and "every proxy" in caught.value.message
+
+
 def test_with_workers_each_writes_a_capture_of_its_own() -> None:
     from midway.config.schema import Config
     from midway.control.agent import localize

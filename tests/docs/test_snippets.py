@@ -337,8 +337,8 @@ def test_architecture_module_table_names_existing_modules() -> None:
 
 
 def test_readme_names_the_keys_that_have_no_flag() -> None:
-    """"Every option of the configuration file is also a flag, except three":
-    the three are the schema's options without a flag and the table keys
+    """"Every option of the configuration file is also a flag, except four":
+    the four are the schema's options without a flag and the table keys
     without one (configuration.md's ``—``)."""
     without = {f.name for cls in (schema.ServerConfig, schema.ProxyConfig)
                for f, info in schema.options_of(cls) if not info.cli}
@@ -347,9 +347,9 @@ def test_readme_names_the_keys_that_have_no_flag() -> None:
     assert {key for key, flag in re.findall(r"^\| `(\w+)` \| (\S+) \|", reference, re.M)
             if flag == "—"} <= without
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
-    sentence = readme[readme.index("is also a flag, except three:"):]
+    sentence = readme[readme.index("is also a flag, except four:"):]
     sentence = sentence[:sentence.index("`midway --help` lists them")]
-    assert without <= set(re.findall(r"`(\w+)`", sentence)) and len(without) == 3, sentence
+    assert without <= set(re.findall(r"`(\w+)`", sentence)) and len(without) == 4, sentence
 
 
 def test_every_extra_installed_exists() -> None:

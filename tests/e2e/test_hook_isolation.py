@@ -311,6 +311,10 @@ def test_an_on_connect_that_never_returns_is_bounded(monkeypatch: pytest.MonkeyP
     assert "on_connect" in record.detail and "0.5 s" in record.detail, record.detail
     messages = [r.getMessage() for r in handler.records if r.levelno >= logging.ERROR]
     assert len(messages) == 1 and f"{HOOKS}:Forever" in messages[0], messages
+    # Said once: "...after 0.5 s; closing the connection); closing this connection" was twice.
+    assert messages[0].endswith(f"a chain element failed on open (hook {HOOKS}:Forever: "
+                                "on_connect still running after 0.5 s); closing this "
+                                "connection"), messages[0]
 
 
 def test_a_client_reset_during_on_connect_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:

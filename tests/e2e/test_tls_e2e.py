@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,8 +50,8 @@ def _needs(tool: str) -> None:
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[int]:
-    """A plain TCP echo server (one connection at a time is enough here)."""
+def tcp_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A plain TCP server that ``handle``s one connection at a time (enough here)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(TIMEOUT_S)
 
@@ -61,8 +61,7 @@ def echo_server() -> Iterator[int]:
                 conn, _ = listener.accept()
                 with conn:
                     conn.settimeout(TIMEOUT_S)
-                    while data := conn.recv(65536):
-                        conn.sendall(data)
+                    handle(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -71,6 +70,16 @@ def echo_server() -> Iterator[int]:
     finally:
         listener.close()
         thread.join(5)
+
+
+def _echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def echo_server() -> contextlib.AbstractContextManager[int]:
+    """A plain TCP echo server."""
+    return tcp_server(_echo)
 
 
 @contextlib.contextmanager
@@ -301,6 +310,64 @@ def test_the_last_upstreams_failed_handshake_is_a_failed_attempt_too(
         assert record["attempts"] == 1, record
         assert [f["failure"] for f in record["failures"]] == ["tls_failed"], record
     assert third["reason"] == "no_upstream", third
+    assert "Traceback" not in log
+
+
+def _read_then_reset(conn: socket.socket) -> None:
+    conn.recv(65536)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def resetting_server() -> contextlib.AbstractContextManager[int]:
+    """A TCP upstream that accepts, reads what comes (a ClientHello), then resets."""
+    return tcp_server(_read_then_reset)
+
+
+def test_an_upstream_reset_during_the_handshake_is_a_failed_attempt(
+        pki: Pki, tmp_path: Path) -> None:
+    """docs/tls.md: an upstream that accepts, then resets during midway's
+    handshake with it, is a failed handshake like any other: the next upstream
+    serves the client, and the attempt counts (log line, access log
+    ``failures``), not a reset passed on to the client."""
+    _needs("openssl")
+    access = tmp_path / "access.log"
+    with resetting_server() as bad, s_server(pki.server_cert, pki.server_key) as good, \
+            proxy_process("127.0.0.1:0", f"localhost:{bad}", f"localhost:{good}",
+                          "--upstream-tls", "--upstream-tls-ca", str(pki.ca),
+                          "--access-log", str(access)) as mw:
+        for _ in range(4):  # round robin: at least two of them start with the bad one
+            assert reversed_line(mw) == b"yawdim"
+        assert wait_until(lambda: len(access.read_text().splitlines()) == 4, 10)
+        log = mw.stderr_text()
+    line = next(x for x in log.splitlines() if "trying the next one" in x)
+    assert f"upstream localhost:{bad} failed: connection reset by peer (tls_failed)" in line, line
+    records = [json.loads(x) for x in access.read_text().splitlines()]
+    assert {r["reason"] for r in records} == {"eof"}, records
+    retried = [r for r in records if r["failures"]]
+    assert retried, records
+    for record in retried:
+        assert record["upstream"] == f"localhost:{good}", record
+        assert [(f["upstream"], f["failure"]) for f in record["failures"]] == [
+            (f"localhost:{bad}", "tls_failed")], record
+    assert "Traceback" not in log
+
+
+def test_the_last_upstreams_reset_during_the_handshake_closes_as_tls_failed(
+        tmp_path: Path) -> None:
+    access = tmp_path / "access.log"
+    with resetting_server() as bad, proxy_process(
+            "127.0.0.1:0", f"127.0.0.1:{bad}", "--upstream-tls", "--health-eject-after", "2",
+            "--access-log", str(access)) as mw:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
+                assert plain.recv(100) == b""  # closed with a FIN, nothing relayed
+        assert wait_until(lambda: "is down" in mw.stderr_text(), 10), mw.stderr_text()
+        assert wait_until(lambda: len(access.read_text().splitlines()) == 2, 10)
+        log = mw.stderr_text()
+    assert f"upstream 127.0.0.1:{bad} of proxy default is down: connection reset by peer" in log
+    for record in (json.loads(x) for x in access.read_text().splitlines()):
+        assert (record["reason"], record["upstream"]) == ("tls_failed", None), record
+        assert [f["failure"] for f in record["failures"]] == ["tls_failed"], record
     assert "Traceback" not in log
 
 
