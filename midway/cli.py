@@ -29,6 +29,7 @@ from .config.load import (
     admin_token,
     build_options,
     check_admin,
+    check_admin_listeners,
     check_admin_port,
     check_listen_paths,
     check_resolved_listeners,
@@ -427,6 +428,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
             check_elements(proxy)
             check_tls(proxy)
         check_resolved_listeners(config.proxies)
+        check_admin_listeners(config.server, config.proxies)
     except ConfigError as exc:
         key = exc.path.rsplit(".", 1)[-1]
         typed = (key.partition("[")[0] in server_flags if exc.path.startswith("server.")
