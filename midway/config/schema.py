@@ -663,7 +663,8 @@ class ServerConfig:
     access_log: str = option(
         "",
         "Write one JSON line per finished connection to this file ('-' for standard "
-        "output).",
+        "output), appending; opened again at each reload (SIGHUP), so logrotate may "
+        "rename it first.",
         zero="(empty) no access log", metavar="PATH|-",
     )
     log_level: str = option(

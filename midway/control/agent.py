@@ -190,10 +190,13 @@ class WorkerAgent:
                 runtime.add_proxy(config, enabled=enabled)
             except ListenError as exc:
                 raise ListenError(f"{config.name}: {exc}") from exc
+        reopen = reload and steps.server.access_log == runtime.server.access_log
         if steps.server != runtime.server:
             if steps.server.log_level != runtime.server.log_level:
                 log.setLevel(steps.server.log_level.upper())
             runtime.set_server(steps.server)
+        if reopen:  # after logrotate renamed it: write to the path, not the old file
+            runtime.reopen_access_log()
 
     def _change(self, service: ProxyService, change: ProxyPlan, *, reload: bool) -> None:
         """One proxy: what can fail first (elements, binding), then the rest."""
