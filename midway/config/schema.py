@@ -500,8 +500,9 @@ class ProxyConfig:
     )
     dump_file: str = option(
         "",
-        "Write the dump to this file (appending) instead of standard output; given "
-        "alone, it turns the dump on in auto mode.",
+        "Write the dump to this file (appending; opened again at each reload, so "
+        "logrotate may rename it first) instead of standard output; given alone, it "
+        "turns the dump on in auto mode.",
         zero="(empty) standard output", metavar="PATH",
     )
     dump_max_bytes: int = option(

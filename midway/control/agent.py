@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..admin.host import ProxyView
+from ..chain.dump import reopen_dump_files
 from ..chain.registry import rebuild_elements
 from ..chain.toxics.config import build_toxic
 from ..chain.toxics.live import (
@@ -195,8 +196,10 @@ class WorkerAgent:
             if steps.server.log_level != runtime.server.log_level:
                 log.setLevel(steps.server.log_level.upper())
             runtime.set_server(steps.server)
-        if reopen:  # after logrotate renamed it: write to the path, not the old file
+        if reopen:  # after logrotate renamed them: write to the path, not the old file
             runtime.reopen_access_log()
+        if reload:
+            reopen_dump_files()
 
     def _change(self, service: ProxyService, change: ProxyPlan, *, reload: bool) -> None:
         """One proxy: what can fail first (elements, binding), then the rest."""
