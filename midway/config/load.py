@@ -145,9 +145,10 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
             raise ConfigError(path, f"expected true or false, got {describe_value(value)}")
         return value
     written = value  # a refusal quotes a number as written: -5, not -5.0
+    words = "".join(f" or {word!r}" for word, _ in info.words)  # retries: " or 'all'"
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
+            raise ConfigError(path, f"expected a whole number{words}, got {describe_value(value)}")
         value = int(value)  # a flag's value keeps its text for the refusal alone
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -163,6 +164,9 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
             raise ConfigError(path, f"{value!r} is not one of: {choices}")
         return value
     if info.minimum is not None and value < info.minimum:
+        if info.minimum < 0 and info.minimum in dict(info.words).values():
+            # A negative minimum is only a word's value (retries' all = -1).
+            raise ConfigError(path, f"must be at least 0{words}, got {written!r}")
         raise ConfigError(path, f"must be at least {info.minimum:g}, got {written!r}")
     if info.maximum is not None and value > info.maximum:
         raise ConfigError(path, f"must be at most {info.maximum:g}, got {written!r}")
