@@ -29,6 +29,7 @@ from .config.load import (
     admin_token,
     build_options,
     check_admin,
+    check_admin_listeners,
     check_admin_port,
     check_listen_paths,
     check_resolved_listeners,
@@ -436,6 +437,7 @@ def preflight(config: Config, args: argparse.Namespace) -> None:
             check_elements(proxy)
             check_tls(proxy)
         check_resolved_listeners(config.proxies)
+        check_admin_listeners(config.server, config.proxies)
     except ConfigError as exc:
         typed = _as_typed(exc, args)
         if typed is exc:

@@ -204,6 +204,22 @@ class Runtime:
             for service in self.services.values():
                 service.room_changed()
 
+    def reopen_access_log(self) -> None:
+        """Open the access log's path again, as a reload does, so that lines go
+        to the file now at the path (logrotate renamed the old one) rather than
+        to the renamed one.  Raises :class:`ConfigError` if it cannot be opened
+        (the old one is kept)."""
+        old = self._access_log
+        if old is None or self.server.access_log == "-":
+            return
+        try:
+            self._open_access_log()
+        except ConfigError:
+            self._access_log = old
+            raise
+        old.close()
+        self.observers.remove(old)
+
     def _set_limit(self) -> None:
         # Raised whatever the limit, as HAProxy raises ulimit-n for its maxconn:
         # a limit of 1000 under a shell's soft 1024 would fail clients past ~480.

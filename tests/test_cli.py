@@ -63,6 +63,13 @@ def good_config(tmp_path: Path) -> Path:
     return path
 
 
+def unused_port() -> int:
+    """A loopback port nothing listens on (free when this returns)."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        return int(unused.getsockname()[1])
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     """A loopback port some other socket is already listening on."""
@@ -502,24 +509,55 @@ def test_an_unresolvable_listen_host_is_refused_alike_at_check_and_start(
                            "resolve 'no-such-host.invalid' ("), line
 
 
+def localhost_bound(port: int) -> tuple[str, str]:
+    """What localhost binds here (127.0.0.1, or ::1 first on some systems):
+    the host and the address as written."""
+    host = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM,
+                              flags=socket.AI_PASSIVE)[0][4][0]
+    return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def refused_config(check: list[str], path: Path, text: str) -> str:
+    """The one line midway refuses the configuration ``text`` with (exit 2)."""
+    path.write_text(text)
+    result = run(*check, "--config", str(path))
+    assert result.returncode == EXIT_USAGE, result
+    return assert_one_clean_line(result.stderr)
+
+
 @pytest.mark.parametrize("check", [["--check"], []])
 def test_listeners_whose_names_resolve_to_one_address_conflict_at_check_and_start(
         check: list[str], tmp_path: Path) -> None:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    # What localhost binds here (127.0.0.1, or ::1 first on some systems).
-    host = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM,
-                              flags=socket.AI_PASSIVE)[0][4][0]
-    same = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    path = tmp_path / "midway.toml"
-    path.write_text(f'[proxy.a]\nlisten = "localhost:{port}"\nupstreams = ["127.0.0.1:80"]\n'
-                    f'[proxy.b]\nlisten = "{same}"\nupstreams = ["127.0.0.1:80"]\n')
-    result = run(*check, "--config", str(path))
+    port = unused_port()
+    host, same = localhost_bound(port)
+    line = refused_config(check, tmp_path / "midway.toml",
+                          f'[proxy.a]\nlisten = "localhost:{port}"\nupstreams = ["127.0.0.1:80"]\n'
+                          f'[proxy.b]\nlisten = "{same}"\nupstreams = ["127.0.0.1:80"]\n')
+    assert line == (f"midway: proxy.b.listen[0]: {same} conflicts with localhost:{port} already "
+                    f"used by proxy.a (both are {host})")
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+@pytest.mark.parametrize("listen", ["{same}", ":{port}", "localhost:{port}"])
+def test_an_admin_address_a_proxy_listens_on_is_refused_at_check_and_start(
+        check: list[str], listen: str, tmp_path: Path) -> None:
+    port = unused_port()
+    _, same = localhost_bound(port)
+    listen = listen.format(port=port, same=same)
+    line = refused_config(check, tmp_path / "midway.toml",
+                          f'[server]\nadmin = "{same}"\n[proxy.web]\n'
+                          f'listen = ["127.0.0.1:0", "{listen}"]\nupstreams = ["127.0.0.1:80"]\n')
+    assert line == (f"midway: server.admin: {same} conflicts with {listen}, the listen address "
+                    "of proxy web (proxy.web.listen[1]): give the admin API a port of its own")
+
+
+def test_an_admin_flag_on_the_listen_address_names_the_flag() -> None:
+    port = unused_port()
+    result = run("--check", f"127.0.0.1:{port}", "127.0.0.1:80", "--admin", f"127.0.0.1:{port}")
     assert result.returncode == EXIT_USAGE, result
-    assert assert_one_clean_line(result.stderr) == (
-        f"midway: proxy.b.listen[0]: {same} conflicts with localhost:{port} already used by "
-        f"proxy.a (both are {host})")
+    assert assert_one_clean_line(result.stderr).startswith(
+        f"midway: --admin: 127.0.0.1:{port} conflicts with 127.0.0.1:{port}, the listen address "
+        "of proxy default")
 
 
 def test_an_unresolvable_listen_host_in_a_file_is_named_by_its_key(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "DumpElement",
     "DumpWriter",
     "open_dump_writer",
+    "reopen_dump_files",
 ]
 
 log = logging.getLogger("midway")
@@ -226,6 +227,31 @@ _WRITERS: dict[str, DumpWriter] = {}
 _WRITERS_LOCK = threading.Lock()
 
 
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+
+
+def reopen_dump_files() -> None:
+    """Open every dump file again at its path (a reload does, as for the access
+    log): after logrotate renamed one, what follows goes to a new file there.
+    The new file takes the writer's descriptor (``dup2``), so a chunk being
+    written goes whole to one file or the other.  A file that cannot be opened
+    is logged and the dump goes on into the old one."""
+    with _WRITERS_LOCK:  # a writer in _WRITERS is not closed (release pops it first)
+        for writer in _WRITERS.values():
+            if not writer.owned:
+                continue
+            try:
+                fd = os.open(writer.target, _FILE_FLAGS, 0o644)
+            except OSError as exc:
+                log.error("dump: cannot open %s again (%s); the dump goes on into the file "
+                          "open before", writer.target, exc.strerror or exc)
+                continue
+            try:
+                os.dup2(fd, writer.fd, inheritable=False)
+            finally:
+                os.close(fd)
+
+
 def open_dump_writer(target: str) -> DumpWriter:
     """The shared writer for ``target``: a file path (appended to, created if
     missing) or ``"-"`` for standard output.  Call :meth:`DumpWriter.release`
@@ -240,7 +266,7 @@ def open_dump_writer(target: str) -> DumpWriter:
                 except (AttributeError, ValueError, OSError):
                     fd, owned = 1, False  # sys.stdout replaced (tests): the process's own
             else:
-                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                fd = os.open(key, _FILE_FLAGS, 0o644)
                 owned = True
             writer = _WRITERS[key] = DumpWriter(fd, target=key, owned=owned)
         writer.users += 1

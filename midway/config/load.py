@@ -61,7 +61,7 @@ from .schema import (
 )
 
 __all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "health_bytes",
-           "check_admin", "check_admin_port", "check_writable", "check_server_outputs",
+           "check_admin", "check_admin_port", "check_admin_listeners", "check_writable", "check_server_outputs",
            "check_workers", "check_resolved_listeners", "admin_token", "register_list_parser",
            "ListParser", "file_mode"]
 
@@ -145,9 +145,10 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
             raise ConfigError(path, f"expected true or false, got {describe_value(value)}")
         return value
     written = value  # a refusal quotes a number as written: -5, not -5.0
+    words = "".join(f" or {word!r}" for word, _ in info.words)  # retries: " or 'all'"
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected a whole number, got {describe_value(value)}")
+            raise ConfigError(path, f"expected a whole number{words}, got {describe_value(value)}")
         value = int(value)  # a flag's value keeps its text for the refusal alone
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -163,6 +164,9 @@ def _coerce(value: Any, kind: Any, info: OptionInfo, path: str) -> Any:
             raise ConfigError(path, f"{value!r} is not one of: {choices}")
         return value
     if info.minimum is not None and value < info.minimum:
+        if info.minimum < 0 and info.minimum in dict(info.words).values():
+            # A negative minimum is only a word's value (retries' all = -1).
+            raise ConfigError(path, f"must be at least 0{words}, got {written!r}")
         raise ConfigError(path, f"must be at least {info.minimum:g}, got {written!r}")
     if info.maximum is not None and value > info.maximum:
         raise ConfigError(path, f"must be at most {info.maximum:g}, got {written!r}")
@@ -754,16 +758,48 @@ def check_resolved_listeners(proxies: typing.Iterable[ProxyConfig]) -> None:
             if address.is_unix or address.port == 0:
                 continue
             try:
-                family, sockaddr, _ = resolve_listen(address)
+                bound = _bound(address)
             except AddressError:
                 continue  # check_listen_paths says so
-            bound = (family, sockaddr[0], address.port)
             for where, other, other_bound in seen:
                 if bound == other_bound and not (address.is_ip_literal and other.is_ip_literal):
                     raise ConfigError(f"proxy.{proxy.name}.listen[{i}]",
                                       f"{address} conflicts with {other} already used by "
-                                      f"{where} (both are {sockaddr[0]})")
+                                      f"{where} (both are {bound[1]})")
             seen.append((f"proxy.{proxy.name}", address, bound))
+
+
+def _bound(address: Address) -> tuple[int, str, int]:
+    """What TCP ``address`` binds, as (family, host, port).  Raises
+    :class:`AddressError` when its name does not resolve."""
+    family, sockaddr, _ = resolve_listen(address)
+    return family, str(sockaddr[0]), address.port
+
+
+def check_admin_listeners(server: ServerConfig, proxies: typing.Iterable[ProxyConfig]) -> None:
+    """The admin API's address is no proxy's listener: both could not bind
+    (``127.0.0.1:8474`` and ``:8474`` too, or a name that resolves to it).
+    Raises :class:`ConfigError` for ``server.admin``."""
+    if not server.admin:
+        return
+    admin = parse_address(server.admin, listen=True)
+    try:
+        admin_bound = _bound(admin) if admin.port else None
+    except AddressError:
+        admin_bound = None  # check_admin_port says so
+    for proxy in proxies:
+        for i, address in enumerate(proxy.listen):
+            same = _conflict(admin, address)
+            if not same and admin_bound and not address.is_unix and address.port:
+                try:
+                    same = _bound(address) == admin_bound
+                except AddressError:
+                    pass  # check_listen_paths says so
+            if same:
+                raise ConfigError("server.admin",
+                                  f"{server.admin} conflicts with {address}, the listen "
+                                  f"address of proxy {proxy.name} (proxy.{proxy.name}.listen"
+                                  f"[{i}]): give the admin API a port of its own")
 
 
 def check_server_outputs(server: ServerConfig) -> None:

@@ -61,7 +61,8 @@ _REQUIRED_PROXY_KEYS = (
     ("listen", "`LISTEN` (1st argument)", "address, or list of addresses",
      "Where to accept clients: `host:port`, `[v6]:port`, `:port` (every interface) "
      "or `unix:/path`.  Port 0 picks a free port.  No two listeners, in any proxy, "
-     "may share an address (`:6380` conflicts with `127.0.0.1:6380`)."),
+     "may share an address (`:6380` conflicts with `127.0.0.1:6380`), and none may "
+     "take the admin API's."),
     ("upstreams", "`UPSTREAM ...` (further arguments)", "upstream entry, or list of them",
      "Where to forward each connection: `host:port`, `[v6]:port` or `unix:/path` "
      "(port 1-65535, host required).  Several are used as `balance` says; a name is "
@@ -218,6 +219,11 @@ def render_reference() -> str:
         "",
         "Units are part of the key names (`_s` is seconds); a number of seconds may have",
         "a fraction.",
+        "",
+        "A relative file path (`tls_cert`, `access_log`, a hook's `FILE.py`, ...) is taken",
+        "from the directory midway runs in, not the configuration file's, as HAProxy",
+        "does: under systemd that is `/` unless the unit sets `WorkingDirectory`, so",
+        "give absolute paths there (`--check` run elsewhere would look in another place).",
         "",
         "## `[server]`: the whole process",
         "",

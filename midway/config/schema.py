@@ -500,8 +500,9 @@ class ProxyConfig:
     )
     dump_file: str = option(
         "",
-        "Write the dump to this file (appending) instead of standard output; given "
-        "alone, it turns the dump on in auto mode.",
+        "Write the dump to this file (appending; opened again at each reload, so "
+        "logrotate may rename it first) instead of standard output; given alone, it "
+        "turns the dump on in auto mode.",
         zero="(empty) standard output", metavar="PATH",
     )
     dump_max_bytes: int = option(
@@ -666,7 +667,8 @@ class ServerConfig:
     access_log: str = option(
         "",
         "Write one JSON line per finished connection to this file ('-' for standard "
-        "output).",
+        "output), appending; opened again at each reload (SIGHUP), so logrotate may "
+        "rename it first.",
         zero="(empty) no access log", metavar="PATH|-",
     )
     log_level: str = option(

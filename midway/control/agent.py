@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..admin.host import ProxyView
+from ..chain.dump import reopen_dump_files
 from ..chain.registry import rebuild_elements
 from ..chain.toxics.config import build_toxic
 from ..chain.toxics.live import (
@@ -190,10 +191,15 @@ class WorkerAgent:
                 runtime.add_proxy(config, enabled=enabled)
             except ListenError as exc:
                 raise ListenError(f"{config.name}: {exc}") from exc
+        reopen = reload and steps.server.access_log == runtime.server.access_log
         if steps.server != runtime.server:
             if steps.server.log_level != runtime.server.log_level:
                 log.setLevel(steps.server.log_level.upper())
             runtime.set_server(steps.server)
+        if reopen:  # after logrotate renamed them: write to the path, not the old file
+            runtime.reopen_access_log()
+        if reload:
+            reopen_dump_files()
 
     def _change(self, service: ProxyService, change: ProxyPlan, *, reload: bool) -> None:
         """One proxy: what can fail first (elements, binding), then the rest."""

@@ -228,6 +228,9 @@ def test_server_option_in_a_proxy_is_unknown_there(tmp_path: Path) -> None:
         ("balance = 1", "proxy.a.balance", "expected a string"),
         ("idle_timeout_s = inf", "proxy.a.idle_timeout_s", "expected a finite number"),
         ("idle_timeout_s = nan", "proxy.a.idle_timeout_s", "expected a finite number"),
+        # An option that takes a word too names it.
+        ('retries = "some"', "proxy.a.retries",
+         "expected a whole number or 'all', got the string \"some\""),
     ],
 )
 def test_wrong_type(tmp_path: Path, line: str, path: str, words: str) -> None:
@@ -273,7 +276,9 @@ def test_negative_server_timeout(tmp_path: Path) -> None:
     ("line", "path", "words"),
     [("backlog = 0", "proxy.a.backlog", "must be at least 1"),
      ("backlog = 65536", "proxy.a.backlog", "must be at most 65535"),
-     ("max_connections = -1", "proxy.a.max_connections", "must be at least 0")],
+     ("max_connections = -1", "proxy.a.max_connections", "must be at least 0"),
+     # retries' all is -1 inside: the user is told of 0 and the word, not of -1.
+     ("retries = -3", "proxy.a.retries", "must be at least 0 or 'all', got -3")],
 )
 def test_out_of_range(tmp_path: Path, line: str, path: str, words: str) -> None:
     err = load_error(tmp_path, _ONE_PROXY + line + "\n")

@@ -487,6 +487,40 @@ def test_a_reload_that_changes_server_settings_says_so(tmp_path: Path, echo_port
         assert proxy.wait(15) == 0
 
 
+@pytest.mark.one_mode
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_after_logrotate_writes_the_access_log_and_dump_at_their_paths(
+        tmp_path: Path, echo_port: int, workers: int) -> None:
+    """logrotate renames the access log and the dump file, then reloads (its
+    postrotate `kill -HUP`): the lines that follow go to new files at the paths,
+    not to the renamed ones."""
+    config, access_log, dump = tmp_path / "midway.toml", tmp_path / "access.log", tmp_path / "dump"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}",
+           "dump_file": str(dump)}
+    server = {"access_log": str(access_log), "workers": workers, "admin": "127.0.0.1:0"}
+    write_config(config, {"web": web}, server)
+
+    def lines(path: Path, text: str = "") -> int:
+        return sum(text in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+    with proxy_process("--config", str(config)) as proxy:
+        port, api = port_of(proxy, "web"), admin_port(proxy)
+        for _ in range(4):
+            assert roundtrip(port) == b"ping"
+        assert wait_until(lambda: lines(access_log) == 4 and lines(dump, " close") == 4)
+        for path in (access_log, dump):
+            path.rename(f"{path}.1")
+        reload(proxy, 0)
+        assert post(api, "/reload")[0] == 200  # the API's reload alike
+        for _ in range(6):
+            assert roundtrip(port) == b"ping"
+        assert wait_until(lambda: lines(access_log) == 6 and lines(dump, " close") == 6)
+        assert lines(tmp_path / "access.log.1") == 4
+        assert lines(tmp_path / "dump.1", " open: ") == 4
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
 # -- a user's run: wrk through two workers while the file changes -------------------
 
 NGINX, WRK = shutil.which("nginx"), shutil.which("wrk")
