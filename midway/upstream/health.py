@@ -192,6 +192,13 @@ class HealthMachine:
             self._end_ejection()
         return self._health >= self.settings.rise
 
+    def ejected(self) -> bool:
+        """Down by a passive ejection (active checks off) whose ``eject_s`` has
+        not run out: down on the evidence of failed connects alone, which an
+        upstream that restarts soon proves stale (see
+        :meth:`~midway.upstream.state.UpstreamSet.order`'s panic rule)."""
+        return self._ejected_until is not None and self._now() < self._ejected_until
+
     def replace_settings(self, settings: HealthSettings) -> None:
         """A reconfigure: keep the state, clamp the counter into the new range."""
         was_up = self._health >= self.settings.rise

@@ -186,7 +186,8 @@ class UpstreamSet:
     upstream: the service then never asks this set for an order)."""
 
     __slots__ = ("proxy", "balance", "balancer", "health", "upstreams", "_now", "_rng",
-                 "_on_change", "_on_health", "_said_all_down", "_balancer_feedback")
+                 "_on_change", "_on_health", "_said_all_down", "_balancer_feedback",
+                 "_said_panic", "_panic_turn")
 
     def __init__(
         self,
@@ -209,6 +210,8 @@ class UpstreamSet:
         self._rng = rng
         self._on_change = on_change
         self._said_all_down = False
+        self._said_panic = False
+        self._panic_turn = 0
         self.balance = balance
         self.balancer: Balancer = create(balance, rng=rng)
         self.health = health if health is not None else HealthSettings()
@@ -229,15 +232,40 @@ class UpstreamSet:
         else:
             found = self.balancer.order(upstreams, key)
         if not found:
-            if not self._said_all_down:
-                self._said_all_down = True
-                log.warning("proxy %s: no upstream is up; new clients are closed (no_upstream)",
-                            self.proxy)
-            return found
-        if self._said_all_down:
-            self._said_all_down = False
+            found = self._panic()
+            if not found:
+                if not self._said_all_down:
+                    self._said_all_down = True
+                    self._said_panic = False
+                    log.warning("proxy %s: no upstream is up; new clients are closed "
+                                "(no_upstream)", self.proxy)
+                return found
+            if not self._said_panic:
+                self._said_panic = self._said_all_down = True
+                log.warning("proxy %s: no upstream is up; dialling those ejected by passive "
+                            "health anyway until one is back", self.proxy)
+        elif self._said_all_down:
+            self._said_all_down = self._said_panic = False
             log.info("proxy %s: an upstream is up again", self.proxy)
         return found if retries is None else found[: retries + 1]
+
+    def _panic(self) -> list[UpstreamState]:
+        """The panic rule (nginx's, and Envoy's panic threshold at its
+        extreme): when nothing is eligible and the upstreams left out are down
+        only by passive ejection, each new connection dials them anyway, in
+        turn (primaries before backups), rather than refusing every client until
+        ``eject_s`` runs out.  A lone upstream that restarted is then used again
+        at once, not 10 s later.  An upstream down by active checks, or drained
+        (weight 0), is never dialled: the checks and the operator have the last
+        word.  Their state is untouched: still down, counted as such
+        (``midway_upstream_up``), and back as passive health says."""
+        candidates = [u for u in self.upstreams if u.weight > 0 and u.health.ejected()]
+        primaries = [u for u in candidates if not u.backup]
+        found = primaries or candidates
+        if len(found) > 1:
+            turn = self._panic_turn = (self._panic_turn + 1) % len(found)
+            found = found[turn:] + found[:turn]
+        return found
 
     def reconfigure(self, specs: Sequence[UpstreamSpec], *, balance: str | None = None,
                     health: HealthSettings | None = None, empty_ok: bool = False) -> None:

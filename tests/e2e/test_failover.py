@@ -192,3 +192,41 @@ def test_a_connection_refused_after_the_dial_gives_its_upstream_slot_back() -> N
             assert (state["connects"], state["active"]) == (1, 0)
         assert records.records[0].reason == "rejected" and records.records[0].attempts == 1
     run(main())
+
+
+def test_a_lone_upstream_that_restarts_serves_the_next_client_at_once() -> None:
+    """Its process died: three clients fail (connect_failed) and passive health
+    ejects it for eject_s (10 s); it is back within a second, and the very next
+    client is served, not closed with no_upstream for the rest of the 10 s (the
+    panic rule, docs/balancing.md; nginx and HAProxy without checks behave so)."""
+    async def main() -> tuple[list[midway.CloseRecord], list[str]]:
+        records = Records()
+        with _midway_log() as log:
+            async with serve() as port:
+                pass  # the upstream's address, now with nothing listening
+            async with midway.Proxy("127.0.0.1:0", f"127.0.0.1:{port}",
+                                    observers=[records]) as proxy:
+                for _ in range(3):  # a client that waits for a greeting (nothing sent)
+                    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+                    assert await asyncio.wait_for(reader.read(), 5) == b""  # a FIN
+                    writer.close()
+                await records.wait(3)
+                assert any(" is down: connection refused" in line for line in log.lines)
+                server = await asyncio.start_server(_echo, "127.0.0.1", port)
+                try:
+                    assert await _request(proxy.port) == b"ping"
+                finally:
+                    server.close()
+                await records.wait(4)
+        return records.records, log.lines
+
+    records, lines = run(main())
+    assert [r.reason for r in records] == ["connect_failed"] * 3 + ["eof"]
+    assert sum(" is down: " in line for line in lines) == 1, lines
+    assert any("dialling those ejected by passive health anyway" in line for line in lines)
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(await reader.read())
+    await writer.drain()
+    writer.close()

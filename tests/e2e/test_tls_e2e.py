@@ -285,7 +285,9 @@ def test_the_last_upstreams_failed_handshake_is_a_failed_attempt_too(
     """docs/tls.md: a failed upstream handshake counts towards passive health and
     is listed in the access log's ``failures``, also when no upstream is left to
     try: a lone upstream whose certificate never verifies is ejected after
-    ``eject_after`` connections, as a refusing one is, not \"connects again\"."""
+    ``eject_after`` connections, as a refusing one is, not \"connects again\";
+    being the only one, it is still dialled (the panic rule, docs/balancing.md),
+    and each such attempt fails the same way without a new ejection."""
     _needs("openssl")
     access = tmp_path / "access.log"
     with s_server(pki.other_cert, pki.other_key) as bad, proxy_process(
@@ -296,20 +298,21 @@ def test_the_last_upstreams_failed_handshake_is_a_failed_attempt_too(
                 assert plain.recv(100) == b""  # closed, nothing relayed
         assert wait_until(lambda: "is down" in mw.stderr_text(), 10), mw.stderr_text()
         with socket.create_connection(("127.0.0.1", mw.port), TIMEOUT_S) as plain:
-            assert plain.recv(100) == b""  # ejected: closed at once, no_upstream
+            assert plain.recv(100) == b""  # ejected, dialled anyway: tls_failed again
         assert wait_until(lambda: len(access.read_text().splitlines()) == 3, 10)
         log = mw.stderr_text()
     down = next(x for x in log.splitlines() if "is down" in x)
     assert f"upstream 127.0.0.1:{bad} of proxy default is down: certificate verify failed" in down
     assert f"upstream 127.0.0.1:{bad} failed: certificate verify failed" in log
     assert "connects again" not in log, log
-    first, second, third = (json.loads(x) for x in access.read_text().splitlines())
-    for record in (first, second):
+    records = [json.loads(x) for x in access.read_text().splitlines()]
+    for record in records:
         assert record["reason"] == "tls_failed", record
         assert record["upstream"] is None, record
         assert record["attempts"] == 1, record
         assert [f["failure"] for f in record["failures"]] == ["tls_failed"], record
-    assert third["reason"] == "no_upstream", third
+    assert log.count(" is down: ") == 1, log
+    assert "dialling those ejected by passive health anyway" in log, log
     assert "Traceback" not in log
 
 

@@ -203,3 +203,49 @@ def test_workers_snapshots_merge_into_one_list() -> None:
 def test_weight_out_of_range(weight: int) -> None:
     with pytest.raises(ValueError, match="weight: must be 0-256"):
         UpstreamSpec(A, weight=weight)
+
+
+def test_when_every_upstream_is_ejected_they_are_dialled_anyway(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The panic rule: a lone upstream that failed a few connects (it was
+    restarting) is still dialled, not refused for eject_s; it stays down in its
+    state, failures meanwhile do not extend the ejection, and the outage is said
+    once."""
+    s, clock, changes = pool(UpstreamSpec(A), health=HealthSettings(eject_after=2, eject_s=10.0))
+    a = s.upstreams[0]
+    with caplog.at_level(logging.INFO, logger="midway"):
+        a.connect_failed("connection refused")
+        a.connect_failed("connection refused")
+        assert not a.up
+        for _ in range(5):
+            assert s.order("192.0.2.1") == [a]
+            a.connect_failed("connection refused")  # still failing: no new ejection
+        clock.t += 10
+        assert a.up and s.order("192.0.2.1") == [a]
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("proxy redis: no upstream is up; dialling those ejected by passive "
+                      "health anyway until one is back") == 1
+    assert said.count("proxy redis: an upstream is up again") == 1
+    assert [change.up for change in changes] == [False, True]  # one ejection, then back
+
+
+def test_panic_takes_turns_primaries_first_and_never_a_drained_or_checked_down_one() -> None:
+    s, _, _ = pool(UpstreamSpec(A), UpstreamSpec(B), UpstreamSpec(C, backup=True),
+                   health=HealthSettings(eject_after=1))
+    for u in s.upstreams:
+        u.connect_failed("connection refused")
+    firsts = [s.order("")[0].address for _ in range(4)]
+    assert sorted(firsts, key=str) == [A, A, B, B]  # in turn, the backup only after them
+    assert [u.address for u in s.order("")][2:] == []  # primaries only, as eligible()
+    s.upstreams[0].weight = 0  # drained: never dialled
+    assert {u.address for u in s.order("")} == {B}
+    checked, _, _ = pool(UpstreamSpec(A), health=HealthSettings(interval_s=1.0, fall=1))
+    checked.upstreams[0].health.check_failed("connection refused")
+    assert checked.order("") == []  # down by active checks: refused (no_upstream)
+
+
+def test_a_backup_is_dialled_in_panic_only_when_no_primary_is_ejected() -> None:
+    s, _, _ = pool(UpstreamSpec(A, weight=0), UpstreamSpec(C, backup=True),
+                   health=HealthSettings(eject_after=1))
+    s.upstreams[1].connect_failed("connection refused")
+    assert [u.address for u in s.order("")] == [C]
