@@ -195,6 +195,7 @@ class Runtime:
                 self._open_access_log()
             except ConfigError:
                 self.config = dataclasses.replace(self.config, server=previous)
+                self._access_log = old  # still written, and closed at the stop
                 raise
             if old is not None:
                 old.close()

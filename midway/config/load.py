@@ -97,11 +97,21 @@ def register_list_parser(key: str, parser: ListParser) -> None:
     _LIST_PARSERS[key] = parser
 
 
+MAX_CONFIG_BYTES = 16 << 20
+"""The largest configuration file read (16 MiB, far above any real one): a
+path to an endless stream (``/dev/zero``, a FIFO nobody closes) is refused
+instead of read forever."""
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a TOML configuration file."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError("", f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: "
+                                  "not a configuration file")
+        data = tomllib.loads(raw.decode())
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -426,6 +426,15 @@ def test_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.timeout(20)
+def test_an_endless_file_is_refused_not_read_forever() -> None:
+    """``--config /dev/zero`` (or a FIFO that never ends): refused once past
+    the size no configuration reaches, naming the path."""
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero")
+    assert str(info.value) == "/dev/zero is larger than 16 MiB: not a configuration file"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     with pytest.raises(ConfigError) as info:

@@ -508,3 +508,55 @@ def test_process_wide_limit_spans_proxies() -> None:
                 await runtime.shutdown(0)
 
     run(main())
+
+
+def test_an_access_log_that_cannot_be_opened_at_a_reload_keeps_the_old_one(
+        tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """set_server with a new access log that fails to open (the disk filled
+    between the check and the open): refused, and the old log stays the one
+    written, closed and replaced by the next change as before (it was left
+    written but forgotten, so a later change wrote both files)."""
+    from midway import runtime as runtime_module
+    from midway.config.schema import Config, ServerConfig
+    from midway.errors import ConfigError
+
+    first, second, third = (tmp_path / f"{name}.log" for name in ("first", "second", "third"))
+
+    async def main() -> None:
+        async with serve() as port:
+            config = Config(server=ServerConfig(access_log=str(first)),
+                            proxies=(midway.proxy_config("127.0.0.1:0", f"127.0.0.1:{port}",
+                                                         "web"),))
+            runtime = midway.Runtime(config)
+            await runtime.start()
+            (address,) = runtime.services["web"].addresses
+            host, _, p = address.rpartition(":")
+
+            async def one() -> None:
+                reader, writer = await asyncio.open_connection(host, int(p))
+                writer.write_eof()
+                assert await read_to_eof(reader) == b""
+                writer.close()
+                async with asyncio.timeout(5):
+                    while runtime.active:  # its close recorded
+                        await asyncio.sleep(0.01)
+
+            real = runtime_module.AccessLog
+
+            def failing(path: str) -> object:
+                if path == str(second):
+                    raise OSError(28, "No space left on device")
+                return real(path)
+
+            monkeypatch.setattr(runtime_module, "AccessLog", failing)
+            with pytest.raises(ConfigError, match="No space left on device"):
+                runtime.set_server(ServerConfig(access_log=str(second)))
+            await one()
+            runtime.set_server(ServerConfig(access_log=str(third)))
+            await one()
+            await runtime.shutdown(0)
+
+    run(main())
+    assert len(first.read_text().splitlines()) == 1  # the one before the change only
+    assert len(third.read_text().splitlines()) == 1
+    assert not second.exists()
