@@ -1000,6 +1000,22 @@ def test_example_drop_command(redis_port: int) -> None:
     run(main())
 
 
+def test_example_drop_command_reply_from_its_docstring_ends_the_line() -> None:
+    """The docstring's ``MIDWAY_DROP_REPLY=... python -m midway ...`` line, run by
+    bash as a user types it, gives a reply that ends in CR LF (in plain quotes it
+    ended in the four characters ``\\r\\n``, and a client waiting for the line end hung)."""
+    import examples.drop_command
+    line = next(line.strip() for line in (examples.drop_command.__doc__ or "").splitlines()
+                if "MIDWAY_DROP_REPLY=" in line and "python -m midway" in line)
+    show = "python -c 'import sys; from examples.drop_command import DropCommand as D; " \
+           "sys.stdout.write(D.reply.format(command=\"QUIT\"))'"
+    result = subprocess.run(["bash", "-c", line.replace("python -m midway ...", show)],
+                            cwd=ROOT, capture_output=True, timeout=30,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"502 QUIT not allowed\r\n"
+
+
 @pytest.mark.per_loop
 def test_the_examples_are_referenced_from_the_readme_and_run_from_the_root() -> None:
     readme = (ROOT / "README.md").read_text()
