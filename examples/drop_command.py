@@ -20,7 +20,10 @@ those back together.)  Choose the commands with ``MIDWAY_DROP`` (comma
 separated, case does not matter; default ``FLUSHALL,FLUSHDB``) and the answer
 with ``MIDWAY_DROP_REPLY`` (``{command}`` is replaced; default a Redis error)::
 
-    MIDWAY_DROP=QUIT MIDWAY_DROP_REPLY='502 {command} not allowed\\r\\n' python -m midway ...
+    MIDWAY_DROP=QUIT MIDWAY_DROP_REPLY=$'502 {command} not allowed\\r\\n' python -m midway ...
+
+(``$'...'``: the shell turns ``\\r\\n`` into the line end the client waits for;
+in plain quotes the reply would end in those four characters.)
 
 How: the client's side is framed as lines (``framing`` per direction; the
 server's replies pass as they come).  A dropped line is answered with

@@ -385,6 +385,10 @@ class BackgroundReplay(Background[Replay]):
         return self.call(lambda: list(self.service.failures))
 
     @property
+    def accepted(self) -> int:
+        return self.call(lambda: self.service.accepted)
+
+    @property
     def completed(self) -> int:
         return self.call(lambda: self.service.completed)
 

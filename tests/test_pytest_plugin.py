@@ -5,6 +5,7 @@ passes with it."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +42,20 @@ def installed() -> None:
 
 def test_readme_example_passes(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, readme_example())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_readme_example_passes_from_a_checkout(tmp_path: Path) -> None:
+    """docs/faults.md: without installing, the checkout on PYTHONPATH and ``-p
+    midway.pytest_plugin`` (the installed entry point turned off, as it is absent
+    there)."""
+    (tmp_path / "test_example.py").write_text(readme_example())
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:midway",
+         "-p", "midway.pytest_plugin", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
 

@@ -738,6 +738,8 @@ def _proxy_config(name: str, listen: str, upstream: str,
         config = config_from_dict({"proxy": {name: table}}).proxies[0]
     except ConfigError as exc:
         key = exc.path.removeprefix(f"proxy.{name}").lstrip(".") or "name"
+        if key.startswith("upstreams"):  # the body's field is Toxiproxy's "upstream"
+            key = "upstream" + key.removeprefix("upstreams")
         raise ApiError(f"{BAD_BODY}: {key}: {exc.message}", 400) from None
     if base is not None:
         config = dataclasses.replace(base, listen=config.listen, upstreams=config.upstreams)

@@ -603,7 +603,8 @@ class HookContext:
         if self._impl is None:
             try:
                 self._impl = element.target()  # type: ignore[operator]
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too, as in _call: this connection only
+                exc.__traceback__ = _from_the_hook(exc.__traceback__)
                 raise HookError(f"hook {element.spec}: creating its per-connection object "
                                 f"failed: {type(exc).__name__}: {exc}") from exc
         method: Callable[..., Any] = getattr(self._impl, name)

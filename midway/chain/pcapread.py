@@ -14,7 +14,8 @@ Theory of operation
 :func:`read_packets` walks the classic format (draft-ietf-opsawg-pcap): either
 byte order, microsecond or nanosecond timestamps, and the link types a Linux
 capture uses (raw IP as midway writes it, Ethernet with VLAN tags, Linux
-cooked v1, BSD loopback).  pcapng is refused with a hint (``editcap -F pcap``).
+cooked v1 and v2, BSD loopback); another link type is refused, naming it, and
+pcapng with a hint (``editcap -F pcap``).
 
 :func:`read_connections` groups TCP segments by their two endpoints and
 reassembles each direction by sequence number: a segment that repeats bytes
@@ -59,6 +60,11 @@ _PCAPNG_MAGIC = 0x0A0D0D0A  # section header block type (pcapng spec §4.1)
 # or a function of the frame that finds it.
 LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LINUX_SLL = 0, 1, 101, 113
 LINKTYPE_IPV4, LINKTYPE_IPV6 = 228, 229
+LINKTYPE_LINUX_SLL2 = 276  # what `tcpdump -i any` writes since libpcap 1.10
+LINKTYPES = {LINKTYPE_NULL: "BSD loopback", LINKTYPE_ETHERNET: "Ethernet",
+             LINKTYPE_RAW: "raw IP", LINKTYPE_LINUX_SLL: "Linux cooked",
+             LINKTYPE_IPV4: "raw IPv4", LINKTYPE_IPV6: "raw IPv6",
+             LINKTYPE_LINUX_SLL2: "Linux cooked v2"}
 _ETHERTYPE_IPV4, _ETHERTYPE_IPV6, _ETHERTYPE_VLAN = 0x0800, 0x86DD, 0x8100
 _IPPROTO_TCP = 6
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
@@ -113,8 +119,8 @@ class RecordedConnection:
 
 def read_packets(f: BinaryIO) -> Iterator[tuple[float, int, bytes]]:
     """``(time, link type, frame)`` for every record of a classic pcap file.
-    Raises :class:`PcapReadError` for anything else (pcapng included) or a file
-    cut inside a header; a last record cut short (a capture still being
+    Raises :class:`PcapReadError` for anything else (pcapng, a link type not
+    in :data:`LINKTYPES`) or a file cut inside a header; a last record cut short (a capture still being
     written) ends the iteration."""
     head = f.read(24)
     if len(head) < 24:
@@ -126,6 +132,9 @@ def read_packets(f: BinaryIO) -> Iterator[tuple[float, int, bytes]]:
         raise PcapReadError(f"not a pcap file (magic {magic:#010x})")
     order, ticks = _MAGICS[magic]
     linktype = struct.unpack(order + "I", head[20:24])[0] & 0x0FFFFFFF
+    if linktype not in LINKTYPES:
+        raise PcapReadError(f"link type {linktype} is not one that is read "
+                            f"({', '.join(LINKTYPES.values())})")
     record = struct.Struct(order + "IIII")
     while True:
         header = f.read(record.size)
@@ -148,6 +157,10 @@ def _ip_payload(linktype: int, frame: bytes) -> bytes | None:
         if len(frame) < 16:
             return None
         ethertype, offset = struct.unpack_from("!H", frame, 14)[0], 16
+    elif linktype == LINKTYPE_LINUX_SLL2:  # protocol first, then 18 bytes to the packet
+        if len(frame) < 20:
+            return None
+        ethertype, offset = struct.unpack_from("!H", frame, 0)[0], 20
     elif linktype == LINKTYPE_ETHERNET:
         if len(frame) < 14:
             return None

@@ -156,8 +156,14 @@ def test_create_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
         reply = admin.post("/proxies", raw=bad)
         assert reply.status == 400, bad
         assert reply.json["error"].startswith("bad request body"), reply.json
-    reply = admin.post("/proxies", {"name": "x", "upstream": "no-port"})
-    assert reply.status == 400 and "upstream" in reply.json["error"]
+    # The error names the body's field, as for listen[0] (it named the config
+    # file's key, upstreams[0], a field the client never sent).
+    for upstream, key in (("no-port", "upstream[0]"), (f"{echo.address},no-port", "upstream[1]")):
+        reply = admin.post("/proxies", {"name": "x", "upstream": upstream})
+        assert reply.status == 400
+        assert reply.json["error"].startswith(f"bad request body: {key}: 'no-port': "), reply.json
+    reply = admin.post("/proxies", {"name": "x", "upstream": echo.address, "listen": "no-port"})
+    assert reply.json["error"].startswith("bad request body: listen[0]: 'no-port': "), reply.json
     assert admin.get("/proxies").json == before
 
 

@@ -118,6 +118,35 @@ def test_ethernet_frames_and_big_endian_files() -> None:
     assert conn.bytes_from(True) == b"abcdef"
 
 
+def linktype_file(linktype: int, frames: list[bytes]) -> bytes:
+    data = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype)
+    for frame in frames:
+        data += struct.pack("<IIII", 1, 0, len(frame), len(frame)) + frame
+    return data
+
+
+def test_linux_cooked_v2_frames_as_tcpdump_i_any_writes_them() -> None:
+    # tcpdump -i any (libpcap 1.10 on) writes LINKTYPE_LINUX_SLL2: protocol, 2
+    # reserved bytes, interface index, ARPHRD type, packet type, address length
+    # and 8 address bytes.  Such a capture read as no TCP connection at all.
+    def sll2(protocol: int, packet: bytes) -> bytes:
+        return struct.pack("!HHIHBB8s", protocol, 0, 1, 772, 0, 6, b"") + packet
+
+    data = linktype_file(276, [sll2(0x0800, raw_segment(CLIENT, SERVER, 1, 0x18, b"abc")),
+                               sll2(0x0806, b"arp" * 10),
+                               sll2(0x0800, raw_segment(SERVER, CLIENT, 1, 0x18, b"ok")),
+                               b"short"])
+    [conn] = read_connections(io.BytesIO(data))
+    assert (conn.bytes_from(True), conn.bytes_from(False)) == (b"abc", b"ok")
+
+
+def test_a_link_type_not_read_is_named() -> None:
+    # It read as "no TCP connection recorded", whatever the file held.
+    with pytest.raises(PcapReadError, match=r"link type 147 is not one that is read \(.*"
+                                            r"Linux cooked v2\)"):
+        read_connections(io.BytesIO(linktype_file(147, [raw_segment(CLIENT, SERVER, 1, 0x18)])))
+
+
 def test_the_upstream_leg_of_each_proxied_connection() -> None:
     # midway writes both handshakes of a connection together, client leg first;
     # two connections accepted back to back must not pair the wrong legs.
@@ -170,5 +199,16 @@ def test_garbage_never_raises_anything_but_a_read_error(tail: bytes, cut: int) -
                                                      strict=False)) + data[24 + cut:]
     try:
         read_connections(io.BytesIO(data))
+    except PcapReadError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(linktype=st.sampled_from([0, 1, 101, 113, 228, 229, 276]),
+       frames=st.lists(st.binary(max_size=80), max_size=6))
+def test_garbage_frames_of_every_link_type_read_as_nothing_or_segments(
+        linktype: int, frames: list[bytes]) -> None:
+    try:
+        read_connections(io.BytesIO(linktype_file(linktype, frames)))
     except PcapReadError:
         pass

@@ -16,6 +16,8 @@ process: no socket is bound."""
 
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
 import json
 import re
@@ -159,6 +161,41 @@ def test_command_line_passes_check(args: list[str], tmp_path: Path, pki: Callabl
 @pytest.mark.parametrize("body", blocks("python"))
 def test_python_block_compiles(body: str) -> None:
     compile(body, "<doc>", "exec", flags=PYCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+def unbound_modules(body: str) -> set[str]:
+    """Names a block uses as ``NAME.attribute`` (a module: ``pytest.raises``,
+    ``midway.Proxy``) that it neither imports nor binds.  A user who copies the
+    block gets a ``NameError`` there; placeholders (``UPSTREAM``, ``MyHook``,
+    ``fetch_status``) are plain names, not attribute bases, and pass."""
+    tree = ast.parse(body)
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return {node.value.id for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id not in bound}
+
+
+@pytest.mark.parametrize("body", blocks("python"))
+def test_python_block_imports_what_it_uses(body: str) -> None:
+    """faults.md's per-connection pytest example called ``pytest.raises`` with no
+    ``import pytest``: copied into a test file it failed with a NameError."""
+    assert unbound_modules(body) == set()
+
+
+def test_unbound_modules_sees_a_missing_import() -> None:
+    assert unbound_modules("def test(x):\n    with pytest.raises(E):\n        x.y()\n") == {"pytest"}
+    assert unbound_modules("import pytest\nwith pytest.raises(E) as e:\n    e.value\n") == set()
 
 
 @pytest.mark.parametrize("body", blocks("json"))

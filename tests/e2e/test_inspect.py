@@ -377,6 +377,19 @@ class RefusesBadly:
         raise KeyError("no such tenant")
 
 
+class FailsToStart:
+    def __init__(self) -> None:
+        raise LookupError("no such tenant")
+
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> bytes:
+        return data
+
+
+class ExitsOnStart(FailsToStart):
+    def __init__(self) -> None:
+        raise SystemExit(3)
+
+
 @pytest.mark.per_loop
 @pytest.mark.parametrize(("hook", "message", "traceback_has"), [
     ("Explode", "hook tests.e2e.test_inspect:Explode raised in on_data: ValueError: "
@@ -386,6 +399,13 @@ class RefusesBadly:
      'raise ValueError("the hook cannot handle boom")'),
     ("RefusesBadly", "hook tests.e2e.test_inspect:RefusesBadly raised in on_connect: "
                      "KeyError: 'no such tenant'", 'raise KeyError("no such tenant")'),
+    # Made at the first data: its traceback had midway's frame above the hook's,
+    # and a SystemExit was logged as midway's own failure, the hook unnamed.
+    ("FailsToStart", "hook tests.e2e.test_inspect:FailsToStart: creating its per-connection "
+                     "object failed: LookupError: no such tenant",
+     'raise LookupError("no such tenant")'),
+    ("ExitsOnStart", "hook tests.e2e.test_inspect:ExitsOnStart: creating its per-connection "
+                     "object failed: SystemExit: 3", "raise SystemExit(3)"),
     ("ReturnsText", "hook tests.e2e.test_inspect:ReturnsText: on_data returned str; "
                     "return bytes (encode it)", None),
 ])
@@ -418,6 +438,23 @@ def test_a_failing_hook_is_logged_as_its_own_error_not_midways(
                 assert "runner.py" not in text and "service.py" not in text, text
                 assert "midway/chain/hooks.py" not in text, text   # where midway called it
                 assert "concurrent/futures" not in text, text      # the pool's thread
+
+    run(main())
+
+
+def test_a_hook_failing_in_on_connect_closes_as_a_refusal_does() -> None:
+    """docs/inspection.md, Errors: before relaying began nothing of the client's
+    was lost, so a hook raising in ``on_connect`` closes the client with a FIN,
+    as a refusal does (the docs said every failing hook resets its connection)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", hooks=[f"{HOOKS}:RefusesBadly"]) as proxy:
+            with midway_log():
+                reader, writer = await asyncio.open_connection(*proxy.address)
+                try:
+                    assert await read_to_eof(reader, timeout=5) == b""   # no ConnectionResetError
+                finally:
+                    writer.close()
 
     run(main())
 
@@ -961,6 +998,22 @@ def test_example_drop_command(redis_port: int) -> None:
                     assert await read_exactly(reader, len(answer)) == answer
 
     run(main())
+
+
+def test_example_drop_command_reply_from_its_docstring_ends_the_line() -> None:
+    """The docstring's ``MIDWAY_DROP_REPLY=... python -m midway ...`` line, run by
+    bash as a user types it, gives a reply that ends in CR LF (in plain quotes it
+    ended in the four characters ``\\r\\n``, and a client waiting for the line end hung)."""
+    import examples.drop_command
+    line = next(line.strip() for line in (examples.drop_command.__doc__ or "").splitlines()
+                if "MIDWAY_DROP_REPLY=" in line and "python -m midway" in line)
+    show = "python -c 'import sys; from examples.drop_command import DropCommand as D; " \
+           "sys.stdout.write(D.reply.format(command=\"QUIT\"))'"
+    result = subprocess.run(["bash", "-c", line.replace("python -m midway ...", show)],
+                            cwd=ROOT, capture_output=True, timeout=30,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"502 QUIT not allowed\r\n"
 
 
 @pytest.mark.per_loop
