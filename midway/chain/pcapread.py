@@ -120,8 +120,8 @@ class RecordedConnection:
 def read_packets(f: BinaryIO) -> Iterator[tuple[float, int, bytes]]:
     """``(time, link type, frame)`` for every record of a classic pcap file.
     Raises :class:`PcapReadError` for anything else (pcapng, a link type not
-    in :data:`LINKTYPES`) or a file cut inside a header; a last record cut short (a capture still being
-    written) ends the iteration."""
+    in :data:`LINKTYPES`) or a file cut inside a header; a last record cut
+    short (a capture still being written) ends the iteration."""
     head = f.read(24)
     if len(head) < 24:
         raise PcapReadError(f"not a pcap file: {len(head)} bytes, shorter than its header")

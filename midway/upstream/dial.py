@@ -38,7 +38,8 @@ replay a connection this one already took.
 The connected socket is handed over still registered on the poller: removing the
 writer only updates the poller's table, and the relay's first ``add_reader`` turns
 the kernel's interest from writable to readable in one ``epoll_ctl`` (see
-:mod:`midway.core.poller`).
+:mod:`midway.core.poller`).  A dial that ended inside ``connect`` hands over a
+socket never registered: the relay's one ``epoll_ctl`` adds it.
 
 A :class:`Dialer` is subclassed by the object that owns the connection (the
 service's per-connection object), so that a connection is one allocation; it is
@@ -313,9 +314,7 @@ class Dialer:
                     if sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1) == _ESTABLISHED:
                         if misses:
                             del _MISSES[sockaddr]
-                        if self.deadline_token:
-                            self.deadlines.cancel(self)
-                        self.dial_connected(sock, self.target)
+                        self._connected(sock)
                         return None
                 if len(_MISSES) >= _MISSES_MAX and sockaddr not in _MISSES:
                     _MISSES.clear()

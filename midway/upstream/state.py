@@ -186,8 +186,8 @@ class UpstreamSet:
     upstream: the service then never asks this set for an order)."""
 
     __slots__ = ("proxy", "balance", "balancer", "health", "upstreams", "_now", "_rng",
-                 "_on_change", "_on_health", "_said_all_down", "_balancer_feedback",
-                 "_said_panic", "_panic_turn")
+                 "_on_change", "_on_health", "_outage", "_balancer_feedback",
+                 "_panic_turn")
 
     def __init__(
         self,
@@ -209,8 +209,9 @@ class UpstreamSet:
         self._now = now
         self._rng = rng
         self._on_change = on_change
-        self._said_all_down = False
-        self._said_panic = False
+        self._outage = ""
+        """What was said of the outage under way: "" (none), "closed" (clients
+        refused, no_upstream) or "panic" (ejected upstreams dialled anyway)."""
         self._panic_turn = 0
         self.balance = balance
         self.balancer: Balancer = create(balance, rng=rng)
@@ -234,18 +235,17 @@ class UpstreamSet:
         if not found:
             found = self._panic()
             if not found:
-                if not self._said_all_down:
-                    self._said_all_down = True
-                    self._said_panic = False
+                if self._outage != "closed":
+                    self._outage = "closed"
                     log.warning("proxy %s: no upstream is up; new clients are closed "
                                 "(no_upstream)", self.proxy)
                 return found
-            if not self._said_panic:
-                self._said_panic = self._said_all_down = True
+            if self._outage != "panic":
+                self._outage = "panic"
                 log.warning("proxy %s: no upstream is up; dialling those ejected by passive "
                             "health anyway until one is back", self.proxy)
-        elif self._said_all_down:
-            self._said_all_down = self._said_panic = False
+        elif self._outage:
+            self._outage = ""
             log.info("proxy %s: an upstream is up again", self.proxy)
         return found if retries is None else found[: retries + 1]
 

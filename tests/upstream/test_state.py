@@ -249,3 +249,20 @@ def test_a_backup_is_dialled_in_panic_only_when_no_primary_is_ejected() -> None:
                    health=HealthSettings(eject_after=1))
     s.upstreams[1].connect_failed("connection refused")
     assert [u.address for u in s.order("")] == [C]
+
+
+def test_an_outage_that_turns_from_panic_to_refusal_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Dialling the ejected upstreams, then none left to dial (drained in a
+    reload): clients are refused now, and the log says that too."""
+    s, _, _ = pool(UpstreamSpec(A), health=HealthSettings(eject_after=1))
+    with caplog.at_level(logging.INFO, logger="midway"):
+        s.upstreams[0].connect_failed("connection refused")
+        assert s.order("")  # panic
+        s.upstreams[0].weight = 0
+        assert s.order("") == []
+        assert s.order("") == []
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["proxy redis: no upstream is up; dialling those ejected by passive "
+                    "health anyway until one is back",
+                    "proxy redis: no upstream is up; new clients are closed (no_upstream)"]
