@@ -116,6 +116,9 @@ most once per this many seconds (with the count of the ones not logged): a dead
 upstream behind a busy proxy would otherwise log once per connection.  10 s is
 nginx's ``fail_timeout``, the window over which it counts an upstream's failures."""
 
+MARKED_DOWN_DETAIL = "the upstream was marked down"
+"""The ``detail`` of a connection reset by ``on_marked_down = "reset"``."""
+
 _MAPPED_PREFIX = "::ffff:"
 """An IPv4 client of a dual-stack listener: keyed as its IPv4 address."""
 
@@ -448,10 +451,14 @@ class ProxyService:
                 except Exception:
                     log.exception("conn %d (%s): an element's on_close failed", info.id, self.name)
         if target is not None and info.upstream is not None:  # connected(): closed() too
-            # The upstream's own socket failed (not the client's: an upstream that
-            # half-closed first is not to blame for a client's reset).
-            target.closed(reset_before_response=relay is not None and reason is CloseReason.RESET
-                          and relay.failed_side == "upstream" and relay.bytes_down == 0)
+            if reason is CloseReason.UPSTREAM_DOWN:  # cut by midway: no verdict
+                target.abandoned()
+            else:
+                # The upstream's own socket failed (not the client's: an upstream that
+                # half-closed first is not to blame for a client's reset).
+                target.closed(reset_before_response=relay is not None
+                              and reason is CloseReason.RESET
+                              and relay.failed_side == "upstream" and relay.bytes_down == 0)
         observers = self.host.observers
         if observers:
             up, down, up_read, down_read = (0, 0, 0, 0) if relay is None else relay.counts()
@@ -702,6 +709,8 @@ class ProxyService:
         observers = self.host.observers
         if observers:
             observers.upstream_health(self.name, str(address), up)
+        if not up:
+            self._marked_down(self.pool, address)
 
     def _route_health(self, route: str) -> Callable[[Address, bool], None]:
         """The ``on_health`` of SNI route ``route``'s upstream set."""
@@ -709,7 +718,26 @@ class ProxyService:
             observers = self.host.observers
             if observers:
                 observers.route_upstream_health(self.name, route, str(address), up)
+            pool = self._route_sets.get(route)
+            if not up and pool is not None:
+                self._marked_down(pool, address)
         return changed
+
+    def _marked_down(self, pool: UpstreamSet, address: Address) -> None:
+        """With ``on_marked_down = "reset"``: reset every relayed connection to
+        the upstream of ``pool`` at ``address``, which was just marked down, so
+        that its clients reconnect to one that is up."""
+        if self.config.health.on_marked_down != "reset":
+            return
+        target = next((u for u in pool.upstreams if u.address == address), None)
+        cut = [relay for relay, rec in self.live.items() if rec.target is target]
+        if not cut:
+            return
+        log.warning("%s: upstream %s is down: resetting its %d open connection%s "
+                    "(on_marked_down = \"reset\")", self.name, address, len(cut),
+                    "" if len(cut) == 1 else "s")
+        for relay in cut:
+            relay.abort(CloseReason.UPSTREAM_DOWN, MARKED_DOWN_DETAIL)
 
     def _told(self) -> set[tuple[str | None, Address]]:
         """Each upstream as (its route, None for the proxy's own; its address)."""

@@ -59,6 +59,7 @@ BALANCERS = tuple(available())
 """The ``balance`` names: the balancer registry's (midway.upstream.balancers)."""
 DUMP_MODES = ("off", "text", "hex", "auto")
 PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
+ON_MARKED_DOWN = ("keep", "reset")
 PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
 TLS_VERSIONS = ("1.2", "1.3")
 TLS_TERMINATION_KEYS = ("tls_key", "tls_alpn", "tls_client_ca", "tls_min_version")
@@ -286,6 +287,16 @@ class HealthConfig:
         "when active checks are off (with them, rise passing checks bring it back).",
         unit="seconds", minimum=0, metavar="SECONDS",
         provenance="nginx's default fail_timeout",
+    )
+    on_marked_down: str = option(
+        "keep",
+        "What happens to the open connections of an upstream when it is marked down "
+        "(by active checks or passive ejection): keep (they go on until they end) or "
+        "reset (each is reset both ways at once, reason upstream_down, so that its "
+        "clients reconnect to an upstream that is up; HAProxy's on-marked-down "
+        "shutdown-sessions).",
+        choices=ON_MARKED_DOWN, metavar="WHAT",
+        provenance="HAProxy's default (sessions are kept)",
     )
 
 

@@ -73,6 +73,9 @@ class CloseReason(enum.StrEnum):
     KILLED = "killed"
     """Closed through the admin API (``DELETE /connections/ID``): a FIN where
     nothing was in flight, else (or with ``?reset=true``) a reset."""
+    UPSTREAM_DOWN = "upstream_down"
+    """With ``on_marked_down = "reset"``: the upstream was marked down (health
+    checks or passive ejection) and its open connections were reset."""
 
 
 @dataclass

@@ -108,9 +108,10 @@ class UpstreamState:
         self.active += 1
 
     def abandoned(self) -> None:
-        """A connection :meth:`connected` counted was given up before it was
-        relayed (its TLS handshake failed, told by :meth:`connect_failed`): one
-        less active, and no verdict of its own on the upstream's health."""
+        """A connection :meth:`connected` counted was given up without a verdict
+        of its own on the upstream's health: before it was relayed (its TLS
+        handshake failed, told by :meth:`connect_failed`), or cut by midway
+        because the upstream was marked down.  One less active."""
         if self.active > 0:
             self.active -= 1
 

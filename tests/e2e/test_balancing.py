@@ -209,6 +209,99 @@ def test_an_upstream_that_never_answers_the_check_is_marked_down() -> None:
     assert f'midway_upstream_up{{proxy="default",upstream="{address}"}} 0' in metrics
 
 
+class Hangable:
+    """An upstream like a redis-server that can be SIGSTOPped: it greets each
+    client with ``name``, answers ``PING`` lines with ``+PONG`` (the health
+    check) and echoes every other line, until :attr:`hung`: then it answers
+    nothing, though its sockets stay open."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.hung = False
+        self.address = ""
+        self._server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if not self.hung:
+                writer.write(self.name)
+            while line := await reader.readline():
+                if not self.hung:
+                    writer.write(b"+PONG\r\n" if line == b"PING\r\n" else line)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> Hangable:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+@pytest.mark.parametrize("on_marked_down", ["keep", "reset"])
+def test_the_open_connections_of_a_hung_upstream_are_reset_once_it_is_marked_down(
+        on_marked_down: str) -> None:
+    """A client holds a connection to upstream a, which then hangs (as a
+    SIGSTOPped redis-server does).  The checks mark it down.  With
+    ``on_marked_down = "reset"`` the client's connection is reset at once
+    (reason upstream_down) and its reconnect reaches b; with the default
+    ``keep`` it stays open, and a answers on it again once it wakes up."""
+    interval, timeout = 0.2, 0.2
+
+    async def main() -> tuple[bytes, bool, bytes, list[midway.CloseRecord], list[str], int]:
+        health, records = Health(), Records()
+        async with Hangable(b"a") as a, Hangable(b"b") as b:
+            with _midway_log() as log:
+                async with midway.Proxy(
+                        "127.0.0.1:0", [a.address, b.address], observers=[health, records],
+                        health={"interval_s": interval, "timeout_s": timeout, "fall": 1,
+                                "send": "PING\r\n", "expect": "+PONG",
+                                "on_marked_down": on_marked_down}) as proxy:
+                    before = 0  # connections that reached b, closed
+                    while True:  # round robin: find a connection on a
+                        reader, writer = await connect(proxy)
+                        if await asyncio.wait_for(reader.read(1), 5) == b"a":
+                            break
+                        writer.close()
+                        before += 1
+                        assert before < 4, "round robin never chose a"
+                    await records.wait(before, 5)
+                    a.hung = True
+                    await until(lambda: health.went_down(a.address) is not None, 5)
+                    reset = False
+                    try:
+                        got = await asyncio.wait_for(reader.read(100), 2 * interval + 1)
+                    except ConnectionResetError:
+                        reset, got = True, b""
+                    except TimeoutError:  # kept open: a answers once awake
+                        a.hung = False
+                        writer.write(b"still there?\n")
+                        got = await asyncio.wait_for(reader.readline(), 5)
+                    writer.close()
+                    fresh = await landed(proxy)
+                    await records.wait(before + 2, 5)
+                    return (got, reset, fresh, records.records[before:], log.lines,
+                            proxy.service.pool.upstreams[0].active)
+
+    got, reset, fresh, records, lines, a_active = run(main())
+    assert fresh == b"b"  # new clients go to the upstream that is up
+    if on_marked_down == "reset":
+        assert reset and got == b""
+        assert records[0].reason == "upstream_down" and records[0].upstream is not None
+        assert records[0].detail == "the upstream was marked down"
+        assert any("is down: resetting its 1 open connection" in line for line in lines), lines
+    else:
+        assert not reset and got == b"still there?\n"
+        assert records[0].reason != "upstream_down"
+        assert not any("resetting its" in line for line in lines), lines
+    assert a_active == 0  # counted out either way
+
+
 SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 """PostgreSQL's SSLRequest: length 8, code 80877103 (protocol docs, 55.2.10)."""
 
