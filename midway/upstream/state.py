@@ -278,8 +278,10 @@ class UpstreamSet:
             self.balance = balance
         if health is not None and health != self.health:
             self.health = health
+            kept = {spec.address for spec in specs}
             for u in self.upstreams:
-                u.health.replace_settings(health)
+                if u.address in kept:  # a removed one is not told it is up again
+                    u.health.replace_settings(health)
         self._apply(specs, {u.address: u for u in self.upstreams})
 
     def checked(self) -> list[UpstreamState]:
