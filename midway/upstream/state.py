@@ -284,6 +284,14 @@ class UpstreamSet:
                     u.health.replace_settings(health)
         self._apply(specs, {u.address: u for u in self.upstreams})
 
+    def settle(self) -> None:
+        """Notice each passive ejection whose ``eject_s`` has run out, as the next
+        connection's look would (logged and told to the observers then): a scrape
+        of an idle proxy then shows such an upstream up, as ``GET /proxies`` does,
+        rather than down until a client comes."""
+        for u in self.upstreams:
+            u.health.up  # noqa: B018 (the look is what ends an ejection)
+
     def checked(self) -> list[UpstreamState]:
         """The upstreams an active checker should probe (all, when checks are on)."""
         return list(self.upstreams) if self.health.active else []

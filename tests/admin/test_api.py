@@ -409,6 +409,46 @@ upstreams = "{echo.address}"
             assert result.stdout + result.stderr == b""
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upstream_up_comes_back_when_an_ejection_ends_on_an_idle_proxy(
+        tmp_path: Path, echo: EchoServer, workers: int) -> None:
+    """A passively ejected upstream is up again once eject_s has run out; a
+    scrape says so even when no client has come since (and GET /proxies has not
+    been asked): midway_upstream_up does not keep an alert firing for it."""
+    dead = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+admin = "127.0.0.1:0"
+workers = {workers}
+
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = ["{dead}", "{echo.address}"]
+
+[proxy.web.health]
+eject_after = 1
+eject_s = 0.5
+""")
+    with proxy_process("--config", str(config)) as process:
+        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
+        api = Admin(process)
+        line = next(line for line in process.stderr_lines if "admin API" in line)
+        api.port = int(line.rsplit(":", 1)[1])
+
+        def dead_up() -> float:
+            return value(api.get("/metrics").body.decode(), "midway_upstream_up",
+                         proxy="web", upstream=dead)
+
+        port = port_of(api.get("/proxies/web").json["listen"])
+        for _ in range(2 * workers):  # round-robin: each worker dials the dead one first
+            assert round_trip(port) == b"ping"  # retried on the live one
+        assert dead_up() == 0
+        assert wait_until(lambda: dead_up() == 1, timeout=5), "still 0 after eject_s"
+        states = [u["state"] for u in api.get("/proxies/web").json["upstreams"]]
+        assert states == ["up", "up"]
+
+
 # -- toxics --------------------------------------------------------------------
 
 
