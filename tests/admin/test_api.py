@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..helpers import needs, proxy_process, wait_until
+from ..helpers import ProxyProcess, needs, proxy_process, wait_until
 from ..layers.fixtures import load
 from ..metrics.support import parse, value
 from .conftest import Admin, EchoServer, Reply, checked_route, port_of, refused, round_trip
@@ -38,6 +38,16 @@ def create(admin: Admin, name: str, upstream: str, **fields: object) -> dict[str
 def error(reply: Reply, status: int, message: str) -> None:
     assert reply.status == status, reply.body
     assert reply.json == {"error": message, "status": status}
+
+
+def admin_of(process: ProxyProcess) -> Admin:
+    """The admin API of a midway started with ``admin = "127.0.0.1:0"`` in its
+    file, at the port its start-up line names."""
+    assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
+    api = Admin(process)
+    line = next(line for line in process.stderr_lines if "admin API" in line)
+    api.port = int(line.rsplit(":", 1)[1])
+    return api
 
 
 # -- server --------------------------------------------------------------------
@@ -376,10 +386,7 @@ listen = "127.0.0.1:0"
 upstreams = "{echo.address}"
 {checked_route(echo.address, dead)}""")
     with proxy_process("--config", str(config)) as process:
-        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
-        api = Admin(process)
-        line = next(line for line in process.stderr_lines if "admin API" in line)
-        api.port = int(line.rsplit(":", 1)[1])
+        api = admin_of(process)
 
         def upstreams() -> list[tuple[object, ...]]:
             reply = api.get("/proxies/web")
@@ -431,10 +438,7 @@ eject_after = 1
 eject_s = 0.5
 """)
     with proxy_process("--config", str(config)) as process:
-        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
-        api = Admin(process)
-        line = next(line for line in process.stderr_lines if "admin API" in line)
-        api.port = int(line.rsplit(":", 1)[1])
+        api = admin_of(process)
 
         def dead_up() -> float:
             return value(api.get("/metrics").body.decode(), "midway_upstream_up",
@@ -753,10 +757,7 @@ name = "future"
 at_s = 600
 """)
     with proxy_process("--config", str(config)) as process:
-        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
-        api = Admin(process)
-        line = next(line for line in process.stderr_lines if "admin API" in line)
-        api.port = int(line.rsplit(":", 1)[1])
+        api = admin_of(process)
 
         def names() -> list[str]:
             return [t["name"] for t in api.get("/proxies/web/toxics").json]
