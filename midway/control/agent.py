@@ -240,6 +240,9 @@ class WorkerAgent:
         }
 
     def _collect(self, command: CollectMetrics) -> dict[str, Any]:
+        for service in self.runtime.all_services():
+            for _, pool in service.upstream_sets():
+                pool.settle()
         self.metrics.forget(self._keep())
         return self.metrics.snapshot()
 

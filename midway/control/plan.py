@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config.load import listeners_conflict
 from ..config.schema import ProxyConfig, ServerConfig, ToxicSpec
 from ..config.target import Target, keep_ports
 
@@ -135,7 +136,28 @@ def plan(old: Target, new: Target, *, reset: frozenset[str] = frozenset(),
         if (change.listen or change.settings or change.elements or change.toxics
                 or change.enable is not None or change.reset or change.certificates):
             result.change.append(change)
+    result.change = _givers_first(result.change)
     return result
+
+
+def _givers_first(changes: list[ProxyPlan]) -> list[ProxyPlan]:
+    """``changes`` in file order, except that a proxy taking a listen address
+    that another changed proxy gives up (or one overlapping it) comes after that
+    one: binding it first would fail with "address already in use" and undo the
+    whole change.  Two proxies that swap addresses cannot both go first; they
+    keep the file's order (and that reload fails, as it did)."""
+    def waits(taker: ProxyPlan, giver: ProxyPlan) -> bool:
+        taken = [a for a in taker.new.listen if a not in taker.old.listen]
+        freed = [a for a in giver.old.listen if a not in giver.new.listen]
+        return any(listeners_conflict(a, b) for a in taken for b in freed)
+
+    pending, ordered = list(changes), []
+    while pending:
+        ready = next((c for c in pending
+                      if not any(waits(c, g) for g in pending if g is not c)), pending[0])
+        pending.remove(ready)
+        ordered.append(ready)
+    return ordered
 
 
 def _proxy_plan(old: ProxyConfig, new: ProxyConfig, *, reload: bool) -> ProxyPlan:

@@ -200,12 +200,15 @@ class ControlPlane:
         except ConfigError as exc:
             log.error("reload: %s; still running the previous configuration", exc)
             raise HostError(f"reload: {exc}", 400) from exc
-        before, server = self._target.config.proxies, self._target.config.server
-        target = merge_reload(self._target, self._loaded, loaded)
+        running = self._target
+        before, server = running.config.proxies, running.config.server
+        target = merge_reload(running, self._loaded, loaded)
         try:
             target, _ = await self._apply(target, frozenset(), reload=True)
         except HostError as exc:
-            log.error("reload: %s", exc.message)
+            # Refused everywhere (an address in use): nothing changed, as for a bad file.
+            log.error("reload: %s%s", exc.message, "; still running the previous configuration"
+                      if self._target is running else "")
             raise
         self._loaded = loaded
         self.reloads += 1

@@ -131,7 +131,9 @@ METRICS: tuple[MetricSpec, ...] = (
         ("proxy", "upstream"),
         merge=Merge.MIN,
         notes="Each worker keeps its own view of health; across workers the lowest "
-              "value is shown, so 0 means at least one worker sends it no traffic.",
+              "value is shown, so 0 means at least one worker sends it no traffic. "
+              "A passive ejection that has run its `eject_s` shows as 1 at the next "
+              "scrape, whether or not a client came since.",
     ),
     MetricSpec(
         "midway_route_upstream_up", Kind.GAUGE,

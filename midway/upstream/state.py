@@ -279,9 +279,19 @@ class UpstreamSet:
             self.balance = balance
         if health is not None and health != self.health:
             self.health = health
+            kept = {spec.address for spec in specs}
             for u in self.upstreams:
-                u.health.replace_settings(health)
+                if u.address in kept:  # a removed one is not told it is up again
+                    u.health.replace_settings(health)
         self._apply(specs, {u.address: u for u in self.upstreams})
+
+    def settle(self) -> None:
+        """Notice each passive ejection whose ``eject_s`` has run out, as the next
+        connection's look would (logged and told to the observers then): a scrape
+        of an idle proxy then shows such an upstream up, as ``GET /proxies`` does,
+        rather than down until a client comes."""
+        for u in self.upstreams:
+            u.health.up  # noqa: B018 (the look is what ends an ejection)
 
     def checked(self) -> list[UpstreamState]:
         """The upstreams an active checker should probe (all, when checks are on)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..helpers import needs, proxy_process, wait_until
+from ..helpers import ProxyProcess, needs, proxy_process, wait_until
 from ..layers.fixtures import load
 from ..metrics.support import parse, value
 from .conftest import Admin, EchoServer, Reply, checked_route, port_of, refused, round_trip
@@ -38,6 +38,16 @@ def create(admin: Admin, name: str, upstream: str, **fields: object) -> dict[str
 def error(reply: Reply, status: int, message: str) -> None:
     assert reply.status == status, reply.body
     assert reply.json == {"error": message, "status": status}
+
+
+def admin_of(process: ProxyProcess) -> Admin:
+    """The admin API of a midway started with ``admin = "127.0.0.1:0"`` in its
+    file, at the port its start-up line names."""
+    assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
+    api = Admin(process)
+    line = next(line for line in process.stderr_lines if "admin API" in line)
+    api.port = int(line.rsplit(":", 1)[1])
+    return api
 
 
 # -- server --------------------------------------------------------------------
@@ -376,10 +386,7 @@ listen = "127.0.0.1:0"
 upstreams = "{echo.address}"
 {checked_route(echo.address, dead)}""")
     with proxy_process("--config", str(config)) as process:
-        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
-        api = Admin(process)
-        line = next(line for line in process.stderr_lines if "admin API" in line)
-        api.port = int(line.rsplit(":", 1)[1])
+        api = admin_of(process)
 
         def upstreams() -> list[tuple[object, ...]]:
             reply = api.get("/proxies/web")
@@ -407,6 +414,43 @@ upstreams = "{echo.address}"
                                     capture_output=True, timeout=30, check=False)
             assert result.returncode == 0, (result.stdout + result.stderr).decode()
             assert result.stdout + result.stderr == b""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upstream_up_comes_back_when_an_ejection_ends_on_an_idle_proxy(
+        tmp_path: Path, echo: EchoServer, workers: int) -> None:
+    """A passively ejected upstream is up again once eject_s has run out; a
+    scrape says so even when no client has come since (and GET /proxies has not
+    been asked): midway_upstream_up does not keep an alert firing for it."""
+    dead = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "midway.toml"
+    config.write_text(f"""
+[server]
+admin = "127.0.0.1:0"
+workers = {workers}
+
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = ["{dead}", "{echo.address}"]
+
+[proxy.web.health]
+eject_after = 1
+eject_s = 0.5
+""")
+    with proxy_process("--config", str(config)) as process:
+        api = admin_of(process)
+
+        def dead_up() -> float:
+            return value(api.get("/metrics").body.decode(), "midway_upstream_up",
+                         proxy="web", upstream=dead)
+
+        port = port_of(api.get("/proxies/web").json["listen"])
+        for _ in range(2 * workers):  # round-robin: each worker dials the dead one first
+            assert round_trip(port) == b"ping"  # retried on the live one
+        assert dead_up() == 0
+        assert wait_until(lambda: dead_up() == 1, timeout=5), "still 0 after eject_s"
+        states = [u["state"] for u in api.get("/proxies/web").json["upstreams"]]
+        assert states == ["up", "up"]
 
 
 # -- toxics --------------------------------------------------------------------
@@ -713,10 +757,7 @@ name = "future"
 at_s = 600
 """)
     with proxy_process("--config", str(config)) as process:
-        assert wait_until(lambda: any("admin API" in line for line in process.stderr_lines))
-        api = Admin(process)
-        line = next(line for line in process.stderr_lines if "admin API" in line)
-        api.port = int(line.rsplit(":", 1)[1])
+        api = admin_of(process)
 
         def names() -> list[str]:
             return [t["name"] for t in api.get("/proxies/web/toxics").json]

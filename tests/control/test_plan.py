@@ -156,3 +156,22 @@ def test_a_reload_keeps_what_the_api_made_and_the_file_wins_on_its_own() -> None
     # A proxy the file had and no longer has goes; one the API made stays.
     gone = merge_reload(running, file_before, Config())
     assert [p.name for p in gone.config.proxies] == ["made-by-api"]
+
+
+def test_a_proxy_that_gives_up_an_address_is_changed_before_the_one_taking_it() -> None:
+    """Whatever the order of the file: the taker would bind an address still held."""
+    old = target(proxy("a", listen="127.0.0.1:8000"),
+                 proxy("b", listen=["127.0.0.1:8001", "127.0.0.1:8002"]),
+                 proxy("c", listen="127.0.0.1:8003"))
+    new = target(proxy("a", listen=["127.0.0.1:8000", "[::]:8002"]),  # overlaps b's
+                 proxy("b", listen="127.0.0.1:8001"),
+                 proxy("c", listen="127.0.0.1:8004"))
+    assert [c.new.name for c in plan(old, new).change] == ["b", "a", "c"]
+    # Back again: a gives up, b takes; already in order.
+    assert [c.new.name for c in plan(new, old).change] == ["a", "b", "c"]
+
+
+def test_two_proxies_swapping_addresses_keep_the_file_order() -> None:
+    old = target(proxy("a", listen="127.0.0.1:8000"), proxy("b", listen="127.0.0.1:8001"))
+    new = target(proxy("a", listen="127.0.0.1:8001"), proxy("b", listen="127.0.0.1:8000"))
+    assert [c.new.name for c in plan(old, new).change] == ["a", "b"]

@@ -306,6 +306,61 @@ def test_a_broken_file_changes_nothing_and_names_the_key(tmp_path: Path, echo_po
 
 
 @pytest.mark.one_mode
+def test_an_address_in_use_changes_nothing_and_says_so(tmp_path: Path, echo_port: int) -> None:
+    """A listen address another program holds is found only when binding: the
+    reload is refused as a bad file is, with the same words."""
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    write_config(config, {"web": web})
+    with socket.create_server(("127.0.0.1", 0)) as other, \
+            proxy_process("--config", str(config)) as proxy:
+        port, taken = port_of(proxy, "web"), other.getsockname()[1]
+        write_config(config, {"web": {**web, "listen": [f"127.0.0.1:{port}",
+                                                          f"127.0.0.1:{taken}"]}})
+        proxy.signal(signal.SIGHUP)
+        assert wait_until(lambda: count(proxy, f"reload: web: cannot listen on 127.0.0.1:{taken}:"
+                                               " address already in use; still running the "
+                                               "previous configuration")), proxy.stderr_text()
+        assert roundtrip(port) == b"ping"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_address_moves_between_proxies_in_either_order_of_the_file(
+        tmp_path: Path, echo_port: int, workers: int) -> None:
+    """One proxy gives up a listen address that another takes, whichever comes
+    first in the file: the reload binds it after it is freed (it failed with
+    'address already in use' when the taker came first), and back again."""
+    config = tmp_path / "midway.toml"
+    upstream = f"127.0.0.1:{echo_port}"
+    moving, first, second = (helpers.free_port() for _ in range(3))
+
+    def write(holder: str) -> None:
+        write_config(config, {
+            name: {"listen": [f"127.0.0.1:{own}", *([f"127.0.0.1:{moving}"]
+                                                     if name == holder else [])],
+                   "upstreams": upstream}
+            for name, own in (("a", first), ("b", second))}, {"workers": workers})
+
+    write("b")
+    with proxy_process("--config", str(config)) as proxy:
+        assert wait_until(lambda: count(proxy, "b: listening on") == workers * 2, timeout=15)
+        done = 0
+        for holder in ("a", "b", "a"):  # from b to a (a first in the file), back, again
+            write(holder)
+            reload(proxy, done)
+            done += 1
+            assert count(proxy, "already in use") == 0, proxy.stderr_text()
+            assert roundtrip(moving) == b"ping"
+            assert wait_until(lambda h=holder: count(proxy, f"{h}: listening on 127.0.0.1:"
+                                                            f"{moving}") > 0)
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
 def test_a_removed_proxy_drains_then_is_closed(tmp_path: Path, echo_port: int) -> None:
     config, access_log = tmp_path / "midway.toml", tmp_path / "access.log"
     upstream = f"127.0.0.1:{echo_port}"

@@ -221,8 +221,9 @@ def test_a_reload_refuses_a_port_another_program_shares_with_reuseport(
             midway.signal(signal.SIGHUP)
             assert wait_until(lambda: "reload: " in midway.stderr_text()
                               and "SIGHUP" in midway.stderr_text(), timeout=30)
-            assert wait_until(lambda: f"127.0.0.1:{port}: address already in use"
-                              in midway.stderr_text(), timeout=10), midway.stderr_text()
+            assert wait_until(lambda: f"127.0.0.1:{port}: address already in use; still "
+                              "running the previous configuration" in midway.stderr_text(),
+                              timeout=10), midway.stderr_text()
             with connect(midway.port) as client:
                 assert roundtrip(client, b"still") == b"still"
     finally:

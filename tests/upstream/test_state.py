@@ -99,6 +99,24 @@ def test_reconfigure_keeps_state_by_address() -> None:
     assert [u.address for u in s.upstreams] == [C]
 
 
+def test_a_reconfigure_that_removes_a_down_upstream_does_not_call_it_up() -> None:
+    # A reload that drops a dead upstream and turns active checks off at once:
+    # only the upstreams kept take the new settings, so the removed one is neither
+    # logged as "up: active checks turned off" nor told to observers as up.
+    told: list[tuple[Address, bool]] = []
+    s, _, changes = pool(UpstreamSpec(A), UpstreamSpec(B), UpstreamSpec(C),
+                         health=HealthSettings(interval_s=2.0),
+                         on_health=lambda address, up: told.append((address, up)))
+    _, b, c = s.upstreams
+    b.health.check_failed("connection refused")
+    c.health.check_failed("connection refused")
+    assert told == [(B, False), (C, False)]
+    s.reconfigure([UpstreamSpec(A), UpstreamSpec(C)], health=HealthSettings())
+    assert [ch.text for ch in changes[2:]] == [
+        "upstream 10.0.0.7:6379 of proxy redis is up: active checks turned off"]
+    assert told[2:] == [(C, True)]
+
+
 def test_reconfigure_keeps_the_balancer_unless_balance_changes() -> None:
     s, _, _ = pool(UpstreamSpec(A), UpstreamSpec(B), UpstreamSpec(C))
     assert s.order("")[0].address == A
