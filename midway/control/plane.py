@@ -142,6 +142,11 @@ class ControlPlane:
 
     async def _apply(self, target: Target, reset: frozenset[str], *,
                      reload: bool) -> tuple[Target, Applied | None]:
+        # Port 0 keeps the port a proxy has (a worker's plan would too, but the
+        # supervisor's reservation would first bind a new one).
+        now = {p.name: p.listen for p in self._target.config.proxies}
+        target = _pin(target, {p.name: keep_ports(p.listen, now[p.name])
+                               for p in target.config.proxies if p.name in now})
         try:
             target = self.fleet.reserve(target)
         except ListenError as exc:

@@ -439,3 +439,25 @@ def test_a_worker_killed_with_connections_open_keeps_the_counters_and_docs_say_h
         assert value(after, "midway_connection_seconds_count", **labels) == closes
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(20) == 0
+
+
+def test_an_update_with_port_0_keeps_the_port_with_workers_as_in_one_process(
+        echo_port: int) -> None:
+    """docs/faults.md: "Port 0 in an update keeps the port the proxy has", also
+    when the upstream changes with it (which restarts the proxy).  With workers
+    the supervisor reserves the addresses first: it bound a new ephemeral port
+    for ``127.0.0.1:0``, so a client of the old port was refused."""
+    with supervised("--admin", "127.0.0.1:0", "--workers", "2") as (proxy, _):
+        api = Api(proxy)
+        assert wait_until(lambda: any("started 2 workers" in line
+                                      for line in proxy.stderr_lines), timeout=30)
+        status, created = api.request("POST", "/proxies", {
+            "name": "p", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1"})
+        assert status == 201, created
+        for change in ({"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{echo_port}"},
+                       {"listen": "127.0.0.1:0"}):
+            status, shown = api.request("PATCH", "/proxies/p", change)
+            assert (status, shown["listen"]) == (200, created["listen"]), (change, shown)
+        port = int(created["listen"].rsplit(":", 1)[1])
+        assert timed_roundtrip(port)[0] == b"ping"
+
