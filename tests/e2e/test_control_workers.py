@@ -461,3 +461,18 @@ def test_an_update_with_port_0_keeps_the_port_with_workers_as_in_one_process(
         port = int(created["listen"].rsplit(":", 1)[1])
         assert timed_roundtrip(port)[0] == b"ping"
 
+
+def test_a_unix_listener_through_the_api_with_workers_names_the_body_field(
+        tmp_path: Path) -> None:
+    """A unix-socket listener needs ``workers = 1``: through the API the 400
+    names the body's field, ``listen[0]``, as every other bad address does (it
+    named the configuration file's ``proxy.NAME.listen[0]``)."""
+    path = tmp_path / "l.sock"
+    with supervised("--admin", "127.0.0.1:0", "--workers", "2") as (proxy, _):
+        api = Api(proxy)
+        status, answer = api.request("POST", "/proxies", {
+            "name": "u", "listen": f"unix:{path}", "upstream": "127.0.0.1:1"})
+        assert (status, answer) == (400, {
+            "error": f"bad request body: listen[0]: unix:{path}: unix-socket listeners "
+                     "need workers = 1", "status": 400})
+        assert api.request("GET", "/proxies") == (200, {})
