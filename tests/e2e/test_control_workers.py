@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import ProxyProcess, needs, threaded_echo, wait_until
+from ..helpers import ProxyProcess, needs, threaded, threaded_echo, wait_until
 from ..metrics.support import value
 from .test_reload import write_config
 from .test_workers import children, supervised
@@ -476,3 +477,52 @@ def test_a_unix_listener_through_the_api_with_workers_names_the_body_field(
             "error": f"bad request body: listen[0]: unix:{path}: unix-socket listeners "
                      "need workers = 1", "status": 400})
         assert api.request("GET", "/proxies") == (200, {})
+
+
+class EndlessDownload(socketserver.BaseRequestHandler):
+    """Sends to its client until the client goes away."""
+
+    def handle(self) -> None:
+        self.request.settimeout(60)
+        with contextlib.suppress(OSError):
+            while True:
+                self.request.sendall(b"d" * 65536)
+
+
+def test_the_clients_of_a_killed_worker_see_the_end_its_kernel_gives_and_docs_say_so() -> None:
+    """docs/guarantees.md and docs/metrics.md: a worker killed by SIGKILL cannot
+    reset its connections; the kernel closes its sockets, and a client that had
+    nothing unread by midway gets a FIN, even in the middle of a download (the
+    docs said 'their clients see a reset').  The other worker's go on."""
+    with threaded(EndlessDownload) as upstream, supervised(
+            "127.0.0.1:0", f"127.0.0.1:{upstream}", "--workers", "2",
+            "--admin", "127.0.0.1:0") as (proxy, pids):
+        first = both_up(proxy)
+        pids |= set(first.values())
+        api = Api(proxy)
+        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        clients = []
+        try:
+            for _ in range(20):  # 20 on one worker: odds of 2**-19
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                assert clients[-1].recv(65536)  # each download is flowing
+            assert wait_until(lambda: len(api.request("GET", "/connections")[1]) == 20,
+                              timeout=10)
+            worker_of = {int(c["client"].rsplit(":", 1)[1]): c["worker"]
+                         for c in api.request("GET", "/connections")[1]}
+            os.kill(first[2], signal.SIGKILL)
+            ends = []
+            for client in clients:
+                if worker_of[client.getsockname()[1]] == 2:
+                    while chunk := client.recv(1 << 20):
+                        assert set(chunk) == {ord("d")}
+                    ends.append("fin")
+                else:
+                    assert client.recv(65536)  # worker 1's go on
+            assert ends and set(ends) == {"fin"}
+        finally:
+            for client in clients:
+                client.close()
+        docs = Path(__file__).parents[2] / "docs"
+        assert "killed by SIGKILL" in (docs / "guarantees.md").read_text()
+        assert "clients see a reset" not in (docs / "metrics.md").read_text()
