@@ -49,6 +49,10 @@ class Api:
         line = next(line for line in proxy.stderr_lines if "admin API" in line)
         self.port = int(line.rsplit(":", 1)[1])
 
+    def listen_port(self, proxy: str = "default") -> int:
+        """The port ``proxy`` listens on, as the API reports it."""
+        return int(self.request("GET", f"/proxies/{proxy}")[1]["listen"].rsplit(":", 1)[1])
+
     def request(self, method: str, path: str, body: Any = None,
                 headers: dict[str, str] | None = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -140,7 +144,7 @@ def test_metrics_add_up_both_workers_to_exactly_the_access_log(echo_port: int,
                     "--admin", "127.0.0.1:0", "--access-log", str(access_log)) as (proxy, _):
         both_up(proxy)
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         load(port, 40, size=777)
         assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
         status, body = api.request("GET", "/metrics")
@@ -170,7 +174,7 @@ def test_the_upstreams_list_counts_the_connections_of_every_worker(echo_port: in
                     "--admin", "127.0.0.1:0") as (proxy, _):
         both_up(proxy)
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
 
         def upstream() -> dict[str, Any]:
             status, shown = api.request("GET", "/proxies/default")
@@ -226,7 +230,7 @@ def test_a_worker_killed_during_an_api_call_makes_it_fail_and_comes_back_with_th
         first = both_up(proxy)
         pids |= set(first.values())
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         # Worker 2: the route reads the live toxics from worker 1 (the first that
         # runs) before it sends the change to both.
         victim = first[2]
@@ -306,7 +310,7 @@ def test_a_worker_killed_during_a_reload_comes_back_with_the_new_configuration(
             first = both_up(proxy)
             pids |= set(first.values())
             api = Api(proxy)
-            port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+            port = api.listen_port()
             write_config(config, {"default": {"listen": f"127.0.0.1:{port}",
                                               "upstreams": [b]}}, server_table)
             victim = first[2]
@@ -342,7 +346,7 @@ def test_the_proxies_upstream_figures_add_up_both_workers(echo_port: int,
                     "--health-eject-after", "0") as (proxy, _):
         both_up(proxy)
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         load(port, 40, size=10)
         assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
         got = records(access_log)
@@ -371,7 +375,7 @@ def test_counters_do_not_go_back_when_a_worker_is_restarted(echo_port: int,
         first = both_up(proxy)
         pids |= set(first.values())
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         load(port, 40, size=10)
         assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
         assert {r["worker"] for r in records(access_log)} == {1, 2}
@@ -398,17 +402,25 @@ def test_counters_do_not_go_back_when_a_worker_is_restarted(echo_port: int,
         assert proxy.wait(20) == 0
 
 
+@contextlib.contextmanager
+def killable_workers(upstream: int) -> Iterator[tuple[ProxyProcess, set[int], dict[int, int],
+                                                      Api]]:
+    """Two workers in front of ``upstream``, with the API: (midway, the pids to
+    kill at the end, worker number -> pid, the API)."""
+    with supervised("127.0.0.1:0", f"127.0.0.1:{upstream}", "--workers", "2",
+                    "--admin", "127.0.0.1:0") as (proxy, pids):
+        first = both_up(proxy)
+        pids |= set(first.values())
+        yield proxy, pids, first, Api(proxy)
+
+
 def test_a_worker_killed_with_connections_open_keeps_the_counters_and_docs_say_how(
         echo_port: int) -> None:
     """kill -9 of a worker holding connections: no counter goes back, the gauge
     drops to what is really open, and the dead worker's connections are the
     documented gap between accepted and closed (docs/metrics.md, Workers)."""
-    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
-                    "--admin", "127.0.0.1:0") as (proxy, pids):
-        first = both_up(proxy)
-        pids |= set(first.values())
-        api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+    with killable_workers(echo_port) as (proxy, pids, first, api):
+        port = api.listen_port()
         held = []
         for i in range(20):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -494,13 +506,9 @@ def test_the_clients_of_a_killed_worker_see_the_end_its_kernel_gives_and_docs_sa
     reset its connections; the kernel closes its sockets, and a client that had
     nothing unread by midway gets a FIN, even in the middle of a download (the
     docs said 'their clients see a reset').  The other worker's go on."""
-    with threaded(EndlessDownload) as upstream, supervised(
-            "127.0.0.1:0", f"127.0.0.1:{upstream}", "--workers", "2",
-            "--admin", "127.0.0.1:0") as (proxy, pids):
-        first = both_up(proxy)
-        pids |= set(first.values())
-        api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+    with threaded(EndlessDownload) as upstream, \
+            killable_workers(upstream) as (proxy, pids, first, api):
+        port = api.listen_port()
         clients = []
         try:
             for _ in range(20):  # 20 on one worker: odds of 2**-19
