@@ -268,6 +268,8 @@ class Supervisor:
             reloads.stopping = True
             notify.notify(notify.STOPPING)
             self._stop()
+            if admin is not None:  # as one process: no change while draining
+                await admin.stop()
             await asyncio.gather(*keepers, return_exceptions=True)
         except ListenError as exc:  # the admin API could not bind
             log.error("%s", exc)

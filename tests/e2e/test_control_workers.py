@@ -534,3 +534,28 @@ def test_the_clients_of_a_killed_worker_see_the_end_its_kernel_gives_and_docs_sa
         docs = Path(__file__).parents[2] / "docs"
         assert "killed by SIGKILL" in (docs / "guarantees.md").read_text()
         assert "clients see a reset" not in (docs / "metrics.md").read_text()
+
+
+def test_the_admin_api_stops_when_the_drain_starts_with_workers_as_in_one_process(
+        echo_port: int) -> None:
+    """SIGTERM: one process closes its admin API before it drains.  The
+    supervisor served it on through the drain and took changes: a proxy
+    created then answered 201 with an address whose clients hung until the
+    drain timeout, a reload was applied.  Now its port refuses, as in one
+    process, while the open connections drain as before."""
+    with killable_workers(echo_port) as (proxy, _, _, api):
+        port = api.listen_port()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+            proxy.signal(signal.SIGTERM)
+
+            def admin_refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", api.port), timeout=2).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            assert wait_until(admin_refused, timeout=10), proxy.stderr_text()
+            held.sendall(b"still")
+            assert held.recv(16) == b"still"  # the drain goes on
+        assert proxy.wait(30) == 0
