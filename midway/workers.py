@@ -113,11 +113,12 @@ class Reservations:
     def __init__(self) -> None:
         self._held: dict[tuple[str, int], socket.socket] = {}
 
-    def reserve(self, target: Target) -> Target:
+    def reserve(self, target: Target, *, start: bool = False) -> Target:
         """Hold every address of ``target`` (those held already are kept);
         returns it with port 0 replaced by the real port.  All or nothing:
-        raises :class:`ListenError` naming the proxy and the address, or
-        :class:`~midway.errors.ConfigError` for a unix-socket listener."""
+        raises :class:`ListenError` naming the proxy and the address as one
+        process does (``proxy NAME: ...`` at the ``start``, ``NAME: ...`` for a
+        change), or :class:`~midway.errors.ConfigError` for a unix-socket listener."""
         check_workers(dataclasses.replace(target.config.server, workers=0),
                       target.config.proxies)
         new: dict[tuple[str, int], socket.socket] = {}
@@ -131,7 +132,8 @@ class Reservations:
                         try:
                             sock = self._bind(address)
                         except ListenError as exc:
-                            raise ListenError(f"proxy {proxy.name}: {exc}") from exc
+                            named = f"proxy {proxy.name}" if start else proxy.name
+                            raise ListenError(f"{named}: {exc}") from exc
                         new[(address.host, sock.getsockname()[1])] = sock
                     listen.append(dataclasses.replace(address, port=sock.getsockname()[1]))
                 proxies.append(dataclasses.replace(proxy, listen=tuple(listen)))
@@ -237,7 +239,8 @@ class Supervisor:
     # -- running ------------------------------------------------------------------
 
     async def run(self) -> int:
-        target = self.reservations.reserve(Target(self.config))  # raises: nothing started
+        # Raises: nothing started.
+        target = self.reservations.reserve(Target(self.config), start=True)
         # Not inheritable (os.pipe's default): only the supervisor holds the
         # write end, and a worker inherits the read end alone (pass_fds).
         self._alive_read, self._alive_write = os.pipe()

@@ -210,8 +210,10 @@ class ControlPlane:
         try:
             target, _ = await self._apply(target, frozenset(), reload=True)
         except HostError as exc:
-            log.error("reload: %s", exc.message)
-            raise
+            # A 503: some worker missed what the others now run.
+            kept = "" if exc.status == 503 else "; still running the previous configuration"
+            log.error("reload: %s%s", exc.message, kept)
+            raise HostError(f"reload: {exc.message}", exc.status) from exc
         self._loaded = loaded
         self.reloads += 1
         for callback in self.reloaded:
