@@ -63,7 +63,7 @@ from .schema import (
 __all__ = ["load_config", "config_from_dict", "build_options", "health_settings", "health_bytes",
            "check_admin", "check_admin_port", "check_admin_listeners", "check_writable", "check_server_outputs",
            "check_workers", "check_resolved_listeners", "admin_token", "register_list_parser",
-           "ListParser", "file_mode"]
+           "ListParser", "file_mode", "listeners_conflict"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -620,7 +620,7 @@ def _families(address: Address) -> set[str]:
     return {"v4", "v6"}  # a host name: it may resolve to either
 
 
-def _conflict(a: Address, b: Address) -> bool:
+def listeners_conflict(a: Address, b: Address) -> bool:
     """Whether two listeners cannot both bind (same port, overlapping addresses)."""
     if a.is_unix or b.is_unix:
         return a.path == b.path
@@ -635,7 +635,7 @@ def _check_listeners(proxies: list[ProxyConfig]) -> None:
     for p in proxies:
         for i, addr in enumerate(p.listen):
             for where, other in seen:
-                if _conflict(addr, other):
+                if listeners_conflict(addr, other):
                     raise ConfigError(
                         f"proxy.{p.name}.listen[{i}]",
                         f"{addr} conflicts with {other} already used by {where}",
@@ -808,7 +808,7 @@ def check_admin_listeners(server: ServerConfig, proxies: typing.Iterable[ProxyCo
         admin_bound = None  # check_admin_port says so
     for proxy in proxies:
         for i, address in enumerate(proxy.listen):
-            same = _conflict(admin, address)
+            same = listeners_conflict(admin, address)
             if not same and admin_bound and not address.is_unix and address.port:
                 try:
                     same = _bound(address) == admin_bound

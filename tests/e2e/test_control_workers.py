@@ -561,3 +561,42 @@ def test_the_admin_api_stops_when_the_drain_starts_with_workers_as_in_one_proces
             held.sendall(b"still")
             assert held.recv(16) == b"still"  # the drain goes on
         assert proxy.wait(30) == 0
+
+
+def test_two_proxies_cannot_share_an_address_with_workers_as_in_one_process(
+        echo_port: int) -> None:
+    """One process answers 500 'address already in use' to a proxy created,
+    populated or moved onto another proxy's address.  With workers, the
+    supervisor's reservations (SO_REUSEPORT among themselves) let it: both
+    proxies listened on the port and the kernel split their clients."""
+    with supervised("--admin", "127.0.0.1:0", "--workers", "2") as (proxy, _):
+        api = Api(proxy)
+        assert wait_until(lambda: any("started 2 workers" in line
+                                      for line in proxy.stderr_lines), timeout=30)
+        status, first = api.request("POST", "/proxies", {
+            "name": "first", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{echo_port}"})
+        assert status == 201, first
+        taken = first["listen"]
+        port = taken.rsplit(":", 1)[1]
+        in_use = {"error": f"second: cannot listen on {taken}: address already in use",
+                  "status": 500}
+        for listen in (taken, f":{port}"):
+            assert api.request("POST", "/proxies", {
+                "name": "second", "listen": listen, "upstream": "127.0.0.1:1"}) == (
+                500, {**in_use, "error": in_use["error"].replace(taken, listen)})
+            assert api.request("POST", "/populate", [{
+                "name": "second", "listen": listen, "upstream": "127.0.0.1:1"}])[0] == 500
+        status, _ = api.request("POST", "/proxies", {
+            "name": "second", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1"})
+        assert status == 201
+        assert api.request("PATCH", "/proxies/second", {"listen": taken}) == (500, in_use)
+        assert sorted(api.request("GET", "/proxies")[1]) == ["first", "second"]
+        assert api.request("GET", "/proxies/first")[1]["listen"] == taken
+        for _ in range(20):  # every client reaches the first proxy's upstream
+            assert timed_roundtrip(int(port))[0] == b"ping"
+        # A disabled proxy listens nowhere: its address may be taken, and
+        # enabling it then is what fails, naming it.
+        assert api.request("PATCH", "/proxies/first", {"enabled": False})[0] == 200
+        assert api.request("PATCH", "/proxies/second", {"listen": taken})[0] == 200
+        assert api.request("PATCH", "/proxies/first", {"enabled": True}) == (500, {
+            **in_use, "error": in_use["error"].replace("second", "first")})
