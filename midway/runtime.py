@@ -67,7 +67,8 @@ class Runtime:
     :class:`~midway.core.observer.CloseRecord` for every finished connection.
     ``ids`` numbers the connections (1, 2, 3, ... by default; a worker's come from
     :class:`midway.workers.ConnectionIds`, unique across the workers) and
-    ``worker`` is the worker number each record names (1 for a single process)."""
+    ``worker`` is the worker number each record names (1 for a single process);
+    ``reuse_port``: this is one of several worker processes sharing the listeners."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class Runtime:
         elements: dict[str, list[Element]] | None = None,
         ids: Iterator[int] | None = None,
         worker: int = 1,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
         self.services: dict[str, ProxyService] = {}
@@ -92,8 +94,11 @@ class Runtime:
         self._access_log: AccessLog | None = None
         self.started = False
         self.stopping = False
-        self.reuse_port = config.server.workers != 1
-        """Bind with SO_REUSEPORT: other worker processes share the listeners."""
+        self.reuse_port = reuse_port
+        """Bind with SO_REUSEPORT: other worker processes share the listeners
+        (set by a worker of several, never from ``[server] workers``: a
+        single process, ``workers = auto`` on one CPU or a library's runtime,
+        shares its ports with no one)."""
         self._timelines: dict[str, asyncio.Task[None]] = {}
         self._timeline_of: dict[str, Timeline] = {}
         self._draining: dict[ProxyService, asyncio.Event] = {}

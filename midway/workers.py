@@ -72,8 +72,8 @@ import time
 from dataclasses import dataclass, field
 
 from .config.addresses import Address
-from .config.load import check_workers
-from .config.schema import Config
+from .config.load import check_workers, listeners_conflict
+from .config.schema import Config, ProxyConfig
 from .config.target import Target
 from .control import notify
 from .control.channel import Begin, Channel
@@ -112,12 +112,15 @@ class Reservations:
 
     def __init__(self) -> None:
         self._held: dict[tuple[str, int], socket.socket] = {}
+        self._serving: dict[str, tuple[Address, ...]] = {}
+        """The enabled proxies' addresses of the target last in force."""
 
-    def reserve(self, target: Target) -> Target:
+    def reserve(self, target: Target, *, start: bool = False) -> Target:
         """Hold every address of ``target`` (those held already are kept);
         returns it with port 0 replaced by the real port.  All or nothing:
-        raises :class:`ListenError` naming the proxy and the address, or
-        :class:`~midway.errors.ConfigError` for a unix-socket listener."""
+        raises :class:`ListenError` naming the proxy and the address as one
+        process does (``proxy NAME: ...`` at the ``start``, ``NAME: ...`` for a
+        change), or :class:`~midway.errors.ConfigError` for a unix-socket listener."""
         check_workers(dataclasses.replace(target.config.server, workers=0),
                       target.config.proxies)
         new: dict[tuple[str, int], socket.socket] = {}
@@ -131,10 +134,13 @@ class Reservations:
                         try:
                             sock = self._bind(address)
                         except ListenError as exc:
-                            raise ListenError(f"proxy {proxy.name}: {exc}") from exc
+                            named = f"proxy {proxy.name}" if start else proxy.name
+                            raise ListenError(f"{named}: {exc}") from exc
                         new[(address.host, sock.getsockname()[1])] = sock
                     listen.append(dataclasses.replace(address, port=sock.getsockname()[1]))
                 proxies.append(dataclasses.replace(proxy, listen=tuple(listen)))
+            _refuse_shared([p for p in proxies if p.name not in target.disabled],
+                           self._serving, start)
         except BaseException:
             for sock in new.values():
                 sock.close()
@@ -159,7 +165,10 @@ class Reservations:
         return bind_tcp(address, backlog=None, reuse_port=True)
 
     def release(self, target: Target) -> None:
-        """Let go of every address ``target`` does not listen on."""
+        """Let go of every address ``target`` (the target now in force) does not
+        listen on."""
+        self._serving = {p.name: p.listen for p in target.config.proxies
+                         if p.name not in target.disabled}
         used = {(a.host, a.port) for p in target.config.proxies for a in p.listen}
         for key in [k for k in self._held if k not in used]:
             self._held.pop(key).close()
@@ -168,6 +177,27 @@ class Reservations:
         for sock in self._held.values():
             sock.close()
         self._held.clear()
+
+
+def _refuse_shared(proxies: list[ProxyConfig], serving: dict[str, tuple[Address, ...]],
+                   start: bool) -> None:
+    """Two proxies on one address (or overlapping ones, ``:8080`` and
+    ``127.0.0.1:8080``) would share it through the reservations' SO_REUSEPORT,
+    the kernel splitting their clients: refused as one process's bind refuses
+    it, naming the proxy that asks for an address it is not ``serving`` yet.
+    ``proxies`` are the enabled ones (a disabled proxy listens nowhere, as in
+    one process)."""
+    seen: list[tuple[ProxyConfig, Address]] = []
+    for proxy in proxies:
+        for address in proxy.listen:
+            for other_proxy, other in seen:
+                if other_proxy is not proxy and listeners_conflict(address, other):
+                    newer, asked = (other_proxy, other) \
+                        if address in serving.get(proxy.name, ()) \
+                        and other not in serving.get(other_proxy.name, ()) else (proxy, address)
+                    named = f"proxy {newer.name}" if start else newer.name
+                    raise ListenError(f"{named}: cannot listen on {asked}: address already in use")
+            seen.append((proxy, address))
 
 
 @dataclass(eq=False)
@@ -237,7 +267,8 @@ class Supervisor:
     # -- running ------------------------------------------------------------------
 
     async def run(self) -> int:
-        target = self.reservations.reserve(Target(self.config))  # raises: nothing started
+        # Raises: nothing started.
+        target = self.reservations.reserve(Target(self.config), start=True)
         # Not inheritable (os.pipe's default): only the supervisor holds the
         # write end, and a worker inherits the read end alone (pass_fds).
         self._alive_read, self._alive_write = os.pipe()
@@ -268,6 +299,8 @@ class Supervisor:
             reloads.stopping = True
             notify.notify(notify.STOPPING)
             self._stop()
+            if admin is not None:  # as one process: no change while draining
+                await admin.stop()
             await asyncio.gather(*keepers, return_exceptions=True)
         except ListenError as exc:  # the admin API could not bind
             log.error("%s", exc)

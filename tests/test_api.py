@@ -49,6 +49,17 @@ def test_background_proxy_start_errors_reach_the_caller() -> None:
     taken.close()
 
 
+@pytest.mark.parametrize("option", ["workers", "drain_timeout_s", "access_log"])
+def test_a_server_option_given_to_a_proxy_says_it_is_the_midway_processs(option: str) -> None:
+    """``Proxy(workers=2)`` runs one proxy in the caller's process: the error says
+    the option is [server]'s (it said 'unknown key', and for drain_timeout_s
+    'did you mean idle_timeout_s?')."""
+    with pytest.raises(midway.ConfigError) as caught:
+        midway.BackgroundProxy("127.0.0.1:0", "127.0.0.1:9", **{option: 2})
+    assert str(caught.value) == (
+        f"proxy.default.{option}: a [server] key (the whole midway process's), not a proxy's")
+
+
 def test_a_defect_keeps_its_frames_and_a_low_level_cause_is_kept() -> None:
     import traceback
 

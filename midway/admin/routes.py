@@ -57,8 +57,14 @@ from ..chain.toxics import TOXICS, ToxicError, make_toxic
 from ..chain.toxics.base import Toxic
 from ..chain.toxics.config import build_toxic, toxic_spec
 from ..chain.toxics.live import toxic_json
-from ..config.load import config_from_dict
-from ..config.schema import DEFAULT_TOXIC_STREAM, DEFAULT_TOXICITY, ProxyConfig, ToxicSpec
+from ..config.load import check_workers, config_from_dict
+from ..config.schema import (
+    DEFAULT_TOXIC_STREAM,
+    DEFAULT_TOXICITY,
+    ProxyConfig,
+    ServerConfig,
+    ToxicSpec,
+)
 from ..config.target import Edit, Target
 from ..errors import ConfigError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -231,7 +237,7 @@ class ToxiproxyAPI:
         if not upstream:
             raise ApiError(f"{MISSING_FIELD}: upstream", 400)
         listen = listen or DEFAULT_LISTEN
-        config = _proxy_config(name, listen, upstream)
+        config = _proxy_config(name, listen, upstream, self.host.target.config.server)
         enabled = True if fields["enabled"] is None else fields["enabled"]
 
         def create(target: Target) -> Edit:
@@ -268,7 +274,7 @@ class ToxiproxyAPI:
         # changed (Toxiproxy would keep the new address on the disabled proxy).
         listen = listen if listen is not None else self._listen(current, view)
         upstream = upstream if upstream is not None else self._upstream(current)
-        config = _proxy_config(name, listen, upstream, base=current)
+        config = _proxy_config(name, listen, upstream, target.config.server, base=current)
 
         def move(target: Target) -> Edit:
             base = self._proxy(target, name)
@@ -317,6 +323,7 @@ class ToxiproxyAPI:
         items = _parse(body)
         if not isinstance(items, list):
             raise ApiError(f"{BAD_BODY}: expected a JSON array of proxies", 400)
+        server = self.host.target.config.server
         plans: list[tuple[ProxyConfig, str, str, bool]] = []
         names: set[str] = set()
         for i, item in enumerate(items, 1):
@@ -334,7 +341,8 @@ class ToxiproxyAPI:
             names.add(name)
             listen = listen or DEFAULT_LISTEN
             enabled = True if fields["enabled"] is None else fields["enabled"]
-            plans.append((_proxy_config(name, listen, upstream), listen, upstream, enabled))
+            plans.append((_proxy_config(name, listen, upstream, server), listen, upstream,
+                          enabled))
         return plans
 
     def _populate(self, target: Target, views: dict[str, ProxyView],
@@ -729,13 +737,15 @@ def _upstream_entries(text: str) -> list[str]:
     return entries
 
 
-def _proxy_config(name: str, listen: str, upstream: str,
+def _proxy_config(name: str, listen: str, upstream: str, server: ServerConfig,
                   base: ProxyConfig | None = None) -> ProxyConfig:
-    """Validate a proxy's name and addresses (comma-separated lists allowed)."""
+    """Validate a proxy's name and addresses (comma-separated lists allowed),
+    for the running ``server`` (with workers, no unix-socket listener)."""
     table = {"listen": [a.strip() for a in listen.split(",")],
              "upstreams": _upstream_entries(upstream)}
     try:
         config = config_from_dict({"proxy": {name: table}}).proxies[0]
+        check_workers(server, (config,))
     except ConfigError as exc:
         key = exc.path.removeprefix(f"proxy.{name}").lstrip(".") or "name"
         if key.startswith("upstreams"):  # the body's field is Toxiproxy's "upstream"

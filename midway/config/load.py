@@ -63,7 +63,7 @@ from .schema import (
 __all__ = ["load_config", "listeners_conflict", "config_from_dict", "build_options", "health_settings", "health_bytes",
            "check_admin", "check_admin_port", "check_admin_listeners", "check_writable", "check_server_outputs",
            "check_workers", "check_resolved_listeners", "admin_token", "register_list_parser",
-           "ListParser", "file_mode"]
+           "ListParser", "file_mode", "listeners_conflict"]
 
 _TOP_KEYS = ("server", "defaults", "proxy")
 _PROXY_ONLY_KEYS = ("listen", "upstreams")
@@ -75,6 +75,9 @@ _PROXY_LISTS = ("toxics",)
 _ROUTES = "routes"
 """``[[proxy.NAME.routes]]``: SNI routes, checked here (:func:`_routes`)."""
 _ROUTE_KEYS = ("name", "sni", "upstreams", "balance")
+_SERVER_ONLY_KEYS = frozenset(f.name for f, _ in options_of(ServerConfig)) - frozenset(
+    f.name for f, _ in options_of(ProxyConfig))
+"""The [server] keys a proxy does not have (``max_connections`` is in both)."""
 
 ListParser = Callable[[Any, str, Mapping[str, Any]], tuple[Any, ...]]
 """Validates one per-proxy list of tables (the value, its key path, and the proxy's
@@ -122,7 +125,13 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data)
 
 
-def _unknown(key: str, valid: typing.Iterable[str], path: str) -> ConfigError:
+def _unknown(key: str, valid: typing.Iterable[str], path: str, *,
+             proxy: bool = False) -> ConfigError:
+    """``proxy``: ``path`` is a proxy's table (or [defaults]), where a key of
+    [server] is said to be one (``workers`` there would be 'did you mean ...')."""
+    if proxy and key in _SERVER_ONLY_KEYS:
+        return ConfigError(_join(path, key),
+                           "a [server] key (the whole midway process's), not a proxy's")
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(_join(path, key), f"unknown key{hint}")
@@ -190,7 +199,7 @@ def build_options(cls: type, table: Mapping[str, Any], path: str) -> dict[str, A
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key not in opts:
-            raise _unknown(key, opts, path)
+            raise _unknown(key, opts, path, proxy=cls is ProxyConfig)
         out[key] = _coerce(value, hints[key], opts[key], _join(path, key))
     return out
 
@@ -441,7 +450,7 @@ def _proxy(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
             continue
         if key not in opts:
             raise _unknown(key, [*_PROXY_ONLY_KEYS, *_PROXY_LISTS, *_PROXY_TABLES, _ROUTES, *opts],
-                           path)
+                           path, proxy=True)
         rest[key] = value
     kwargs.update(build_options(ProxyConfig, rest, path))
     for needs, keys, _ in _TLS_KEY_SETS:

@@ -116,7 +116,8 @@ class WorkerAgent:
         enabled = tuple(p for p in config.proxies if p.name not in target.disabled)
         self._later = [p for p in config.proxies if p.name in target.disabled]
         self.runtime = Runtime(dataclasses.replace(config, proxies=enabled),
-                               observers=[self.metrics, *observers], ids=ids, worker=number)
+                               observers=[self.metrics, *observers], ids=ids, worker=number,
+                               reuse_port=count > 1)
         self.metrics.add_collector(self._live_bytes)
         self._commands: dict[type[Command], Callable[[Any], Any]] = {
             Apply: self._apply,

@@ -142,6 +142,11 @@ class ControlPlane:
 
     async def _apply(self, target: Target, reset: frozenset[str], *,
                      reload: bool) -> tuple[Target, Applied | None]:
+        # Port 0 keeps the port a proxy has (a worker's plan would too, but the
+        # supervisor's reservation would first bind a new one).
+        now = {p.name: p.listen for p in self._target.config.proxies}
+        target = _pin(target, {p.name: keep_ports(p.listen, now[p.name])
+                               for p in target.config.proxies if p.name in now})
         try:
             target = self.fleet.reserve(target)
         except ListenError as exc:
@@ -206,10 +211,12 @@ class ControlPlane:
         try:
             target, _ = await self._apply(target, frozenset(), reload=True)
         except HostError as exc:
-            # Refused everywhere (an address in use): nothing changed, as for a bad file.
-            log.error("reload: %s%s", exc.message, "; still running the previous configuration"
-                      if self._target is running else "")
-            raise
+            # Refused everywhere (an address in use): nothing changed, as for a bad
+            # file.  A 503: some worker missed what the others now run.
+            kept = "; still running the previous configuration" \
+                if self._target is running and exc.status != 503 else ""
+            log.error("reload: %s%s", exc.message, kept)
+            raise HostError(f"reload: {exc.message}", exc.status) from exc
         self._loaded = loaded
         self.reloads += 1
         for callback in self.reloaded:

@@ -104,7 +104,8 @@ counted at the last scrape and goes on adding it, so the sums do not drop (a
 drop would look like a reset to `rate()` and `increase()`, which would then
 count the whole total again); what the dead worker counted after the last
 scrape is lost.  The connections a dead worker had open die with it (their
-clients see a reset) and are never counted as closed: they stay in
+clients see the end the kernel gives them, usually a FIN even mid-transfer:
+docs/guarantees.md, "A killed process") and are never counted as closed: they stay in
 `midway_connections_total` but in no `midway_closes_total` or
 `midway_connection_seconds`, and leave `midway_connections_active` at once, so
 from then on accepted minus closed exceeds `midway_connections_active` by their

@@ -197,9 +197,16 @@ def test_unknown_key_in_server_and_defaults(
     assert str(err) == f"{table}.{key}: unknown key; did you mean {suggestion!r}?"
 
 
-def test_server_option_in_a_proxy_is_unknown_there(tmp_path: Path) -> None:
-    err = load_error(tmp_path, _ONE_PROXY + "drain_timeout_s = 5\n")
-    assert err.path == "proxy.a.drain_timeout_s"
+@pytest.mark.parametrize("where", ["proxy", "defaults"])
+@pytest.mark.parametrize("line", ["drain_timeout_s = 5", "workers = 2", "admin = ':1'"])
+def test_a_server_option_in_a_proxy_or_defaults_is_said_to_be_one(
+        tmp_path: Path, where: str, line: str) -> None:
+    """Not 'unknown key; did you mean idle_timeout_s?' for drain_timeout_s."""
+    text = _ONE_PROXY + line + "\n" if where == "proxy" else f"[defaults]\n{line}\n"
+    err = load_error(tmp_path, text)
+    key = line.split(" ")[0]
+    assert err.path == ("proxy.a." if where == "proxy" else "defaults.") + key
+    assert err.message == "a [server] key (the whole midway process's), not a proxy's"
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import ProxyProcess, needs, threaded_echo, wait_until
+from ..helpers import ProxyProcess, needs, threaded, threaded_echo, wait_until
 from ..metrics.support import value
 from .test_reload import write_config
 from .test_workers import children, supervised
@@ -47,6 +48,10 @@ class Api:
                           timeout=20), proxy.stderr_text()
         line = next(line for line in proxy.stderr_lines if "admin API" in line)
         self.port = int(line.rsplit(":", 1)[1])
+
+    def listen_port(self, proxy: str = "default") -> int:
+        """The port ``proxy`` listens on, as the API reports it."""
+        return int(self.request("GET", f"/proxies/{proxy}")[1]["listen"].rsplit(":", 1)[1])
 
     def request(self, method: str, path: str, body: Any = None,
                 headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -139,7 +144,7 @@ def test_metrics_add_up_both_workers_to_exactly_the_access_log(echo_port: int,
                     "--admin", "127.0.0.1:0", "--access-log", str(access_log)) as (proxy, _):
         both_up(proxy)
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         load(port, 40, size=777)
         assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
         status, body = api.request("GET", "/metrics")
@@ -169,7 +174,7 @@ def test_the_upstreams_list_counts_the_connections_of_every_worker(echo_port: in
                     "--admin", "127.0.0.1:0") as (proxy, _):
         both_up(proxy)
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
 
         def upstream() -> dict[str, Any]:
             status, shown = api.request("GET", "/proxies/default")
@@ -225,7 +230,7 @@ def test_a_worker_killed_during_an_api_call_makes_it_fail_and_comes_back_with_th
         first = both_up(proxy)
         pids |= set(first.values())
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         # Worker 2: the route reads the live toxics from worker 1 (the first that
         # runs) before it sends the change to both.
         victim = first[2]
@@ -305,7 +310,7 @@ def test_a_worker_killed_during_a_reload_comes_back_with_the_new_configuration(
             first = both_up(proxy)
             pids |= set(first.values())
             api = Api(proxy)
-            port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+            port = api.listen_port()
             write_config(config, {"default": {"listen": f"127.0.0.1:{port}",
                                               "upstreams": [b]}}, server_table)
             victim = first[2]
@@ -341,7 +346,7 @@ def test_the_proxies_upstream_figures_add_up_both_workers(echo_port: int,
                     "--health-eject-after", "0") as (proxy, _):
         both_up(proxy)
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         load(port, 40, size=10)
         assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
         got = records(access_log)
@@ -370,7 +375,7 @@ def test_counters_do_not_go_back_when_a_worker_is_restarted(echo_port: int,
         first = both_up(proxy)
         pids |= set(first.values())
         api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+        port = api.listen_port()
         load(port, 40, size=10)
         assert wait_until(lambda: len(records(access_log)) == 40, timeout=10)
         assert {r["worker"] for r in records(access_log)} == {1, 2}
@@ -397,17 +402,25 @@ def test_counters_do_not_go_back_when_a_worker_is_restarted(echo_port: int,
         assert proxy.wait(20) == 0
 
 
+@contextlib.contextmanager
+def killable_workers(upstream: int) -> Iterator[tuple[ProxyProcess, set[int], dict[int, int],
+                                                      Api]]:
+    """Two workers in front of ``upstream``, with the API: (midway, the pids to
+    kill at the end, worker number -> pid, the API)."""
+    with supervised("127.0.0.1:0", f"127.0.0.1:{upstream}", "--workers", "2",
+                    "--admin", "127.0.0.1:0") as (proxy, pids):
+        first = both_up(proxy)
+        pids |= set(first.values())
+        yield proxy, pids, first, Api(proxy)
+
+
 def test_a_worker_killed_with_connections_open_keeps_the_counters_and_docs_say_how(
         echo_port: int) -> None:
     """kill -9 of a worker holding connections: no counter goes back, the gauge
     drops to what is really open, and the dead worker's connections are the
     documented gap between accepted and closed (docs/metrics.md, Workers)."""
-    with supervised("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "2",
-                    "--admin", "127.0.0.1:0") as (proxy, pids):
-        first = both_up(proxy)
-        pids |= set(first.values())
-        api = Api(proxy)
-        port = int(api.request("GET", "/proxies/default")[1]["listen"].rsplit(":", 1)[1])
+    with killable_workers(echo_port) as (proxy, pids, first, api):
+        port = api.listen_port()
         held = []
         for i in range(20):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -439,3 +452,151 @@ def test_a_worker_killed_with_connections_open_keeps_the_counters_and_docs_say_h
         assert value(after, "midway_connection_seconds_count", **labels) == closes
         proxy.signal(signal.SIGTERM)
         assert proxy.wait(20) == 0
+
+
+def test_an_update_with_port_0_keeps_the_port_with_workers_as_in_one_process(
+        echo_port: int) -> None:
+    """docs/faults.md: "Port 0 in an update keeps the port the proxy has", also
+    when the upstream changes with it (which restarts the proxy).  With workers
+    the supervisor reserves the addresses first: it bound a new ephemeral port
+    for ``127.0.0.1:0``, so a client of the old port was refused."""
+    with supervised("--admin", "127.0.0.1:0", "--workers", "2") as (proxy, _):
+        api = Api(proxy)
+        assert wait_until(lambda: any("started 2 workers" in line
+                                      for line in proxy.stderr_lines), timeout=30)
+        status, created = api.request("POST", "/proxies", {
+            "name": "p", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1"})
+        assert status == 201, created
+        for change in ({"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{echo_port}"},
+                       {"listen": "127.0.0.1:0"}):
+            status, shown = api.request("PATCH", "/proxies/p", change)
+            assert (status, shown["listen"]) == (200, created["listen"]), (change, shown)
+        port = int(created["listen"].rsplit(":", 1)[1])
+        assert timed_roundtrip(port)[0] == b"ping"
+
+
+def test_a_unix_listener_through_the_api_with_workers_names_the_body_field(
+        tmp_path: Path) -> None:
+    """A unix-socket listener needs ``workers = 1``: through the API the 400
+    names the body's field, ``listen[0]``, as every other bad address does (it
+    named the configuration file's ``proxy.NAME.listen[0]``)."""
+    path = tmp_path / "l.sock"
+    with supervised("--admin", "127.0.0.1:0", "--workers", "2") as (proxy, _):
+        api = Api(proxy)
+        status, answer = api.request("POST", "/proxies", {
+            "name": "u", "listen": f"unix:{path}", "upstream": "127.0.0.1:1"})
+        assert (status, answer) == (400, {
+            "error": f"bad request body: listen[0]: unix:{path}: unix-socket listeners "
+                     "need workers = 1", "status": 400})
+        assert api.request("GET", "/proxies") == (200, {})
+
+
+class EndlessDownload(socketserver.BaseRequestHandler):
+    """Sends to its client until the client goes away."""
+
+    def handle(self) -> None:
+        self.request.settimeout(60)
+        with contextlib.suppress(OSError):
+            while True:
+                self.request.sendall(b"d" * 65536)
+
+
+def test_the_clients_of_a_killed_worker_see_the_end_its_kernel_gives_and_docs_say_so() -> None:
+    """docs/guarantees.md and docs/metrics.md: a worker killed by SIGKILL cannot
+    reset its connections; the kernel closes its sockets, and a client that had
+    nothing unread by midway gets a FIN, even in the middle of a download (the
+    docs said 'their clients see a reset').  The other worker's go on."""
+    with threaded(EndlessDownload) as upstream, \
+            killable_workers(upstream) as (proxy, pids, first, api):
+        port = api.listen_port()
+        clients = []
+        try:
+            for _ in range(20):  # 20 on one worker: odds of 2**-19
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                assert clients[-1].recv(65536)  # each download is flowing
+            assert wait_until(lambda: len(api.request("GET", "/connections")[1]) == 20,
+                              timeout=10)
+            worker_of = {int(c["client"].rsplit(":", 1)[1]): c["worker"]
+                         for c in api.request("GET", "/connections")[1]}
+            os.kill(first[2], signal.SIGKILL)
+            ends = []
+            for client in clients:
+                if worker_of[client.getsockname()[1]] == 2:
+                    while chunk := client.recv(1 << 20):
+                        assert set(chunk) == {ord("d")}
+                    ends.append("fin")
+                else:
+                    assert client.recv(65536)  # worker 1's go on
+            assert ends and set(ends) == {"fin"}
+        finally:
+            for client in clients:
+                client.close()
+        docs = Path(__file__).parents[2] / "docs"
+        assert "killed by SIGKILL" in (docs / "guarantees.md").read_text()
+        assert "clients see a reset" not in (docs / "metrics.md").read_text()
+
+
+def test_the_admin_api_stops_when_the_drain_starts_with_workers_as_in_one_process(
+        echo_port: int) -> None:
+    """SIGTERM: one process closes its admin API before it drains.  The
+    supervisor served it on through the drain and took changes: a proxy
+    created then answered 201 with an address whose clients hung until the
+    drain timeout, a reload was applied.  Now its port refuses, as in one
+    process, while the open connections drain as before."""
+    with killable_workers(echo_port) as (proxy, _, _, api):
+        port = api.listen_port()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+            proxy.signal(signal.SIGTERM)
+
+            def admin_refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", api.port), timeout=2).close()
+                except ConnectionRefusedError:
+                    return True
+                except ConnectionResetError:  # queued as the socket closed: try again
+                    return False
+                return False
+
+            assert wait_until(admin_refused, timeout=10), proxy.stderr_text()
+            held.sendall(b"still")
+            assert held.recv(16) == b"still"  # the drain goes on
+        assert proxy.wait(30) == 0
+
+
+def test_two_proxies_cannot_share_an_address_with_workers_as_in_one_process(
+        echo_port: int) -> None:
+    """One process answers 500 'address already in use' to a proxy created,
+    populated or moved onto another proxy's address.  With workers, the
+    supervisor's reservations (SO_REUSEPORT among themselves) let it: both
+    proxies listened on the port and the kernel split their clients."""
+    with supervised("--admin", "127.0.0.1:0", "--workers", "2") as (proxy, _):
+        api = Api(proxy)
+        assert wait_until(lambda: any("started 2 workers" in line
+                                      for line in proxy.stderr_lines), timeout=30)
+        status, first = api.request("POST", "/proxies", {
+            "name": "first", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{echo_port}"})
+        assert status == 201, first
+        taken = first["listen"]
+        port = taken.rsplit(":", 1)[1]
+        in_use = {"error": f"second: cannot listen on {taken}: address already in use",
+                  "status": 500}
+        for listen in (taken, f":{port}"):
+            assert api.request("POST", "/proxies", {
+                "name": "second", "listen": listen, "upstream": "127.0.0.1:1"}) == (
+                500, {**in_use, "error": in_use["error"].replace(taken, listen)})
+            assert api.request("POST", "/populate", [{
+                "name": "second", "listen": listen, "upstream": "127.0.0.1:1"}])[0] == 500
+        status, _ = api.request("POST", "/proxies", {
+            "name": "second", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1"})
+        assert status == 201
+        assert api.request("PATCH", "/proxies/second", {"listen": taken}) == (500, in_use)
+        assert sorted(api.request("GET", "/proxies")[1]) == ["first", "second"]
+        assert api.request("GET", "/proxies/first")[1]["listen"] == taken
+        for _ in range(20):  # every client reaches the first proxy's upstream
+            assert timed_roundtrip(int(port))[0] == b"ping"
+        # A disabled proxy listens nowhere: its address may be taken, and
+        # enabling it then is what fails, naming it.
+        assert api.request("PATCH", "/proxies/first", {"enabled": False})[0] == 200
+        assert api.request("PATCH", "/proxies/second", {"listen": taken})[0] == 200
+        assert api.request("PATCH", "/proxies/first", {"enabled": True}) == (500, {
+            **in_use, "error": in_use["error"].replace("second", "first")})

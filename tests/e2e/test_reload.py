@@ -327,6 +327,32 @@ def test_an_address_in_use_changes_nothing_and_says_so(tmp_path: Path, echo_port
 
 
 @pytest.mark.one_mode
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_onto_a_taken_address_says_nothing_changed(tmp_path: Path, echo_port: int,
+                                                            workers: str) -> None:
+    """A file whose new listen address another program holds is refused, and
+    said as every refused reload is: the log line ends 'still running the
+    previous configuration' and the API's error begins 'reload: ' (neither
+    did), and with workers as in one process ('proxy web: ...' there)."""
+    config = tmp_path / "midway.toml"
+    web = {"listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}
+    server = {"admin": "127.0.0.1:0", "workers": int(workers)}
+    write_config(config, {"web": web}, server)
+    with proxy_process("--config", str(config)) as proxy, \
+            socket.create_server(("127.0.0.1", 0)) as taken:
+        port, api = port_of(proxy, "web"), admin_port(proxy)
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        write_config(config, {"web": {**web, "listen": busy}}, server)
+        status, body = post(api, "/reload")
+        assert (status, body) == (500, {"error": f"reload: web: cannot listen on {busy}: "
+                                                 "address already in use", "status": 500})
+        assert wait_until(lambda: count(proxy, "still running the previous configuration"))
+        assert roundtrip(port) == b"ping"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+
+
+@pytest.mark.one_mode
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_address_moves_between_proxies_in_either_order_of_the_file(
         tmp_path: Path, echo_port: int, workers: int) -> None:

@@ -5,6 +5,7 @@ drain and exit when their supervisor is killed."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import ROOT, ProxyProcess, proxy_process, threaded_echo, wait_until
+import midway
+
+from ..helpers import ROOT, ProxyProcess, proxy_process, run, threaded_echo, wait_until
 
 pytestmark = [pytest.mark.one_mode, pytest.mark.timeout(120)]
 
@@ -176,6 +179,43 @@ def test_a_single_process_names_itself_worker_1(echo_port: int, tmp_path: Path) 
     assert [r["id"] for r in got] == [1, 2, 3]
     assert {(r["worker"], r["pid"]) for r in got} == {(1, proxy.pid)}
 
+
+
+def test_workers_auto_on_one_cpu_is_a_single_process_that_nothing_can_join(
+        echo_port: int) -> None:
+    """README: "a single process (workers = 1) does not set SO_REUSEPORT, and
+    nothing can join it".  ``--workers auto`` allowed one CPU (taskset, a
+    container's cpuset) runs one process too, but set SO_REUSEPORT, so another
+    program of the same user could take a share of its clients."""
+    with proxy_process("127.0.0.1:0", f"127.0.0.1:{echo_port}", "--workers", "auto",
+                       preexec=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+                       ) as proxy:
+        assert children(proxy.pid) == set()  # no supervisor: one process
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError) as caught:
+                other.bind(("127.0.0.1", proxy.port))
+            assert caught.value.errno == errno.EADDRINUSE
+        with connect(proxy.port) as client:
+            assert roundtrip(client, b"x") == b"x"
+
+
+def test_a_library_runtime_of_a_workers_file_sets_no_reuseport(echo_port: int) -> None:
+    """``midway.Runtime`` runs one process whatever ``[server] workers`` says:
+    its listeners are not shared either."""
+    config = midway.config_from_dict({"server": {"workers": 2}, "proxy": {"a": {
+        "listen": "127.0.0.1:0", "upstreams": f"127.0.0.1:{echo_port}"}}})
+
+    async def main() -> int:
+        runtime = midway.Runtime(config)
+        await runtime.start()
+        try:
+            sock = runtime.services["a"].listeners[0].sock
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        finally:
+            await runtime.shutdown(0)
+
+    assert run(main()) == 0
 
 
 def _shared_listener() -> socket.socket:
