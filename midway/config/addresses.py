@@ -83,7 +83,24 @@ def parse_address(text: str, *, listen: bool, unix: bool = True) -> Address:
         raise AddressError(f"{text!r}: port must be between {low} and 65535")
     if not host and not listen:
         raise AddressError(f"{text!r}: an upstream needs a host, e.g. 127.0.0.1:{port}")
+    if host and not text.startswith("["):
+        _check_host_name(text, host)
     return Address(host=host, port=port)
+
+
+def _check_host_name(text: str, host: str) -> None:
+    """Refuse a host that no lookup could take: ``getaddrinfo`` encodes a name
+    with IDNA, which fails on an empty label (``a..b``), one over 63 characters or
+    a lone surrogate (it raised UnicodeError at bind or dial time), and no name
+    holds whitespace or a control character."""
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise AddressError(f"{text!r}: host {host!r} is not a host name "
+                           f"(it holds whitespace or an unprintable character)")
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        reason = exc.__cause__ or exc
+        raise AddressError(f"{text!r}: host {host!r} is not a host name ({reason})") from None
 
 
 def format_sockaddr(addr: object) -> str:

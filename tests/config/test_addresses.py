@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from midway.config.addresses import Address, parse_address
 from midway.errors import AddressError
@@ -26,6 +28,9 @@ from midway.errors import AddressError
         ("[2001:db8::5]:443", "2001:db8::5", 443),
         ("[fe80::1%eth0]:22", "fe80::1%eth0", 22),
         ("  127.0.0.1:8080\n", "127.0.0.1", 8080),
+        ("bücher.example:80", "bücher.example", 80),
+        ("example.com.:80", "example.com.", 80),
+        ("redis_1:6379", "redis_1", 6379),
     ],
 )
 def test_host_and_port(text: str, host: str, port: int, listen: bool) -> None:
@@ -88,6 +93,14 @@ def test_is_ip_literal_tells_whether_a_lookup_is_needed(text: str, ip_literal: b
         ("[::1:80", True, "expected [ipv6-address]:port"),
         ("[127.0.0.1]:80", True, "'127.0.0.1' is not an IPv6 address"),
         ("[nothost]:80", True, "'nothost' is not an IPv6 address"),
+        # host names no lookup can take (getaddrinfo raised UnicodeError at bind or dial)
+        ("a..b:80", False, "host 'a..b' is not a host name (label empty or too long)"),
+        ("a..b:80", True, "host 'a..b' is not a host name (label empty or too long)"),
+        ("x" * 64 + ".example:80", False, "is not a host name (label empty or too long)"),
+        (".example:80", False, "is not a host name (label empty or too long)"),
+        ("\udc80:80", True, "is not a host name (it holds whitespace or an unprintable"),
+        ("redis internal:80", False, "host 'redis internal' is not a host name"),
+        ("10.0.0.\x005:80", False, "is not a host name"),
     ],
 )
 def test_bad_address_says_what_is_wrong(text: str, listen: bool, words: str) -> None:
@@ -141,3 +154,23 @@ def test_str_round_trips(text: str) -> None:
     addr = parse_address(text, listen=True)
     assert str(addr) == text
     assert parse_address(str(addr), listen=True) == addr
+
+
+# --- any text -------------------------------------------------------------------
+
+
+_hosts = st.text(st.sampled_from("ab.-_ü:[]% \x00\udc80") | st.characters(), max_size=70)
+_texts = st.text(max_size=80) | st.builds("{}:{}".format, _hosts, st.integers(0, 70000))
+
+
+@given(_texts, st.booleans())
+def test_any_text_is_an_address_or_an_address_error(text: str, listen: bool) -> None:
+    """What is accepted can be handed to getaddrinfo, which encodes a name with IDNA
+    (a host it could not encode raised UnicodeError at bind or dial time)."""
+    try:
+        addr = parse_address(text, listen=listen)
+    except AddressError as exc:
+        assert str(exc)
+        return
+    if not addr.is_unix:
+        addr.host.split("%", 1)[0].encode("idna")
