@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ def parse_address(text: str, *, listen: bool, unix: bool = True) -> Address:
         path = text[len("unix:"):]
         if not path:
             raise AddressError("unix: address needs a path, e.g. unix:/run/midway.sock")
+        _check_unix_path(text, path)
         return Address(path=path)
     if text.startswith("["):
         end = text.find("]")
@@ -101,6 +103,26 @@ def _check_host_name(text: str, host: str) -> None:
     except UnicodeError as exc:
         reason = exc.__cause__ or exc
         raise AddressError(f"{text!r}: host {host!r} is not a host name ({reason})") from None
+
+
+_SUN_PATH_MAX = 107
+"""The longest unix socket path, in bytes: ``sockaddr_un``'s ``sun_path`` is 108
+on Linux, less the terminating NUL Python's ``bind`` and ``connect`` need."""
+
+
+def _check_unix_path(text: str, path: str) -> None:
+    """Refuse a path no ``bind``/``connect`` could take (a NUL was a ValueError
+    traceback at start; a long path passed --check and failed at bind)."""
+    if "\0" in path:
+        raise AddressError(f"{text!r}: a unix socket path cannot hold a NUL character")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeError:
+        raise AddressError(f"{text!r}: the path is not a file name this system can "
+                           f"encode") from None
+    if size > _SUN_PATH_MAX:
+        raise AddressError(f"{text!r}: a unix socket path is at most {_SUN_PATH_MAX} "
+                           f"bytes (sockaddr_un), this one has {size}")
 
 
 def format_sockaddr(addr: object) -> str:
