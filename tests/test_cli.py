@@ -120,6 +120,34 @@ def test_bad_listen_is_named() -> None:
     assert "LISTEN '127.0.0.1:http'" in line and "is not a number" in line
 
 
+@pytest.mark.parametrize("listen", ["a..b:0", "x" * 64 + ".example:0"])
+def test_a_listen_host_no_lookup_can_take_is_a_usage_error(listen: str) -> None:
+    # It was a traceback (UnicodeError from the IDNA codec inside getaddrinfo), exit 1.
+    result = run(listen, "127.0.0.1:80")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert f"LISTEN {listen!r}" in line and "is not a host name" in line
+
+
+def test_a_unix_path_with_a_nul_is_a_usage_error(tmp_path: Path) -> None:
+    # TOML's \\u0000 escape: it was a ValueError traceback at start (--check passed).
+    config = tmp_path / "nul.toml"
+    config.write_text('[proxy.a]\nlisten = "unix:/tmp/a\\u0000b"\nupstreams = "127.0.0.1:1"\n')
+    for check in ((), ("--check",)):
+        result = run("--config", str(config), *check)
+        assert result.returncode == EXIT_USAGE
+        line = assert_one_clean_line(result.stderr)
+        assert "proxy.a.listen" in line and "cannot hold a NUL character" in line
+
+
+def test_an_upstream_host_no_lookup_can_take_is_refused_by_check() -> None:
+    # --check passed it; every connection then waited out connect_timeout_s.
+    result = run("127.0.0.1:0", "a..b:6379", "--check")
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result.stderr)
+    assert "UPSTREAM 'a..b:6379'" in line and "label empty or too long" in line
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [

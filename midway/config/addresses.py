@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ def parse_address(text: str, *, listen: bool, unix: bool = True) -> Address:
         path = text[len("unix:"):]
         if not path:
             raise AddressError("unix: address needs a path, e.g. unix:/run/midway.sock")
+        _check_unix_path(text, path)
         return Address(path=path)
     if text.startswith("["):
         end = text.find("]")
@@ -83,7 +85,44 @@ def parse_address(text: str, *, listen: bool, unix: bool = True) -> Address:
         raise AddressError(f"{text!r}: port must be between {low} and 65535")
     if not host and not listen:
         raise AddressError(f"{text!r}: an upstream needs a host, e.g. 127.0.0.1:{port}")
+    if host and not text.startswith("["):
+        _check_host_name(text, host)
     return Address(host=host, port=port)
+
+
+def _check_host_name(text: str, host: str) -> None:
+    """Refuse a host that no lookup could take: ``getaddrinfo`` encodes a name
+    with IDNA, which fails on an empty label (``a..b``), one over 63 characters or
+    a lone surrogate (it raised UnicodeError at bind or dial time), and no name
+    holds whitespace or a control character."""
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise AddressError(f"{text!r}: host {host!r} is not a host name "
+                           f"(it holds whitespace or an unprintable character)")
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        reason = exc.__cause__ or exc
+        raise AddressError(f"{text!r}: host {host!r} is not a host name ({reason})") from None
+
+
+_SUN_PATH_MAX = 107
+"""The longest unix socket path, in bytes: ``sockaddr_un``'s ``sun_path`` is 108
+on Linux, less the terminating NUL Python's ``bind`` and ``connect`` need."""
+
+
+def _check_unix_path(text: str, path: str) -> None:
+    """Refuse a path no ``bind``/``connect`` could take (a NUL was a ValueError
+    traceback at start; a long path passed --check and failed at bind)."""
+    if "\0" in path:
+        raise AddressError(f"{text!r}: a unix socket path cannot hold a NUL character")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeError:
+        raise AddressError(f"{text!r}: the path is not a file name this system can "
+                           f"encode") from None
+    if size > _SUN_PATH_MAX:
+        raise AddressError(f"{text!r}: a unix socket path is at most {_SUN_PATH_MAX} "
+                           f"bytes (sockaddr_un), this one has {size}")
 
 
 def format_sockaddr(addr: object) -> str:

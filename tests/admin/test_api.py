@@ -174,6 +174,14 @@ def test_create_errors_change_nothing(admin: Admin, echo: EchoServer) -> None:
         assert reply.json["error"].startswith(f"bad request body: {key}: 'no-port': "), reply.json
     reply = admin.post("/proxies", {"name": "x", "upstream": echo.address, "listen": "no-port"})
     assert reply.json["error"].startswith("bad request body: listen[0]: 'no-port': "), reply.json
+    # A host no lookup can take (a lone surrogate: JSON allows it; an empty label) is
+    # the body's error too: it was a 500 with a UnicodeError and a traceback in the log.
+    for listen, upstream, key in (("\ud800:0", echo.address, "listen[0]"),
+                                  ("127.0.0.1:0", "a..b:1", "upstream[0]")):
+        reply = admin.post("/proxies", {"name": "x", "upstream": upstream, "listen": listen})
+        assert reply.status == 400, reply.json
+        assert reply.json["error"].startswith(f"bad request body: {key}: "), reply.json
+        assert "is not a host name" in reply.json["error"], reply.json
     assert admin.get("/proxies").json == before
 
 

@@ -3,9 +3,12 @@ gets for a bad address."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from midway.config.addresses import Address, parse_address
 from midway.errors import AddressError
@@ -26,6 +29,9 @@ from midway.errors import AddressError
         ("[2001:db8::5]:443", "2001:db8::5", 443),
         ("[fe80::1%eth0]:22", "fe80::1%eth0", 22),
         ("  127.0.0.1:8080\n", "127.0.0.1", 8080),
+        ("bücher.example:80", "bücher.example", 80),
+        ("example.com.:80", "example.com.", 80),
+        ("redis_1:6379", "redis_1", 6379),
     ],
 )
 def test_host_and_port(text: str, host: str, port: int, listen: bool) -> None:
@@ -35,7 +41,8 @@ def test_host_and_port(text: str, host: str, port: int, listen: bool) -> None:
 
 
 @pytest.mark.parametrize("listen", [True, False])
-@pytest.mark.parametrize("text", ["unix:/run/midway.sock", "unix:relative.sock", "unix:@x y"])
+@pytest.mark.parametrize("text", ["unix:/run/midway.sock", "unix:relative.sock", "unix:@x y",
+                                  "unix:/" + "s" * 106])
 def test_unix_path(text: str, listen: bool) -> None:
     addr = parse_address(text, listen=listen)
     assert addr.is_unix
@@ -88,6 +95,20 @@ def test_is_ip_literal_tells_whether_a_lookup_is_needed(text: str, ip_literal: b
         ("[::1:80", True, "expected [ipv6-address]:port"),
         ("[127.0.0.1]:80", True, "'127.0.0.1' is not an IPv6 address"),
         ("[nothost]:80", True, "'nothost' is not an IPv6 address"),
+        # host names no lookup can take (getaddrinfo raised UnicodeError at bind or dial)
+        ("a..b:80", False, "host 'a..b' is not a host name (label empty or too long)"),
+        ("a..b:80", True, "host 'a..b' is not a host name (label empty or too long)"),
+        ("x" * 64 + ".example:80", False, "is not a host name (label empty or too long)"),
+        (".example:80", False, "is not a host name (label empty or too long)"),
+        ("\udc80:80", True, "is not a host name (it holds whitespace or an unprintable"),
+        ("redis internal:80", False, "host 'redis internal' is not a host name"),
+        ("10.0.0.\x005:80", False, "is not a host name"),
+        # unix paths no bind or connect can take (a NUL was a ValueError traceback at
+        # start; a long path passed --check)
+        ("unix:/run/a\x00b.sock", True, "a unix socket path cannot hold a NUL character"),
+        ("unix:/" + "s" * 107, False, "a unix socket path is at most 107 bytes (sockaddr_un), "
+                                      "this one has 108"),
+        ("unix:/run/\ud800", True, "the path is not a file name this system can encode"),
     ],
 )
 def test_bad_address_says_what_is_wrong(text: str, listen: bool, words: str) -> None:
@@ -141,3 +162,28 @@ def test_str_round_trips(text: str) -> None:
     addr = parse_address(text, listen=True)
     assert str(addr) == text
     assert parse_address(str(addr), listen=True) == addr
+
+
+# --- any text -------------------------------------------------------------------
+
+
+_hosts = st.text(st.sampled_from("ab.-_ü:[]% \x00\udc80") | st.characters(), max_size=70)
+_texts = (st.text(max_size=80) | st.builds("{}:{}".format, _hosts, st.integers(0, 70000))
+          | st.builds("unix:{}".format, st.text(st.sampled_from("/a\x00\udc80\ud800")
+                                                | st.characters(), max_size=120)))
+
+
+@given(_texts, st.booleans())
+def test_any_text_is_an_address_or_an_address_error(text: str, listen: bool) -> None:
+    """What is accepted can be handed to getaddrinfo, which encodes a name with IDNA
+    (a host it could not encode raised UnicodeError at bind or dial time), or to a
+    unix socket's bind or connect."""
+    try:
+        addr = parse_address(text, listen=listen)
+    except AddressError as exc:
+        assert str(exc)
+        return
+    if addr.path is not None:
+        assert "\0" not in addr.path and len(os.fsencode(addr.path)) <= 107
+    else:
+        addr.host.split("%", 1)[0].encode("idna")
