@@ -35,7 +35,9 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
 
 
-def _leaf(where: Path, name: str, subject: str, ca: Path, ca_key: Path, san: str) -> None:
+def leaf(where: Path, name: str, subject: str, ca: Path, ca_key: Path, san: str) -> None:
+    """A leaf certificate ``where/NAME.pem`` (key ``NAME.key``) for ``subject`` and
+    the subjectAltName ``san``, signed by ``ca`` (its key ``ca_key``)."""
     key, csr, cert = where / f"{name}.key", where / f"{name}.csr", where / f"{name}.pem"
     _openssl("req", "-new", *_EC, "-subj", subject, "-keyout", str(key), "-out", str(csr))
     ext = where / f"{name}.ext"
@@ -50,8 +52,8 @@ def make_pki(where: Path) -> Pki:
     ca, ca_key = where / "ca.pem", where / "ca.key"
     _openssl("req", "-x509", *_EC, "-days", "1", "-subj", "/CN=midway test CA",
              "-keyout", str(ca_key), "-out", str(ca))
-    _leaf(where, "server", "/CN=localhost", ca, ca_key, "DNS:localhost,IP:127.0.0.1")
-    _leaf(where, "client", "/CN=test client", ca, ca_key, "DNS:client.test")
+    leaf(where, "server", "/CN=localhost", ca, ca_key, "DNS:localhost,IP:127.0.0.1")
+    leaf(where, "client", "/CN=test client", ca, ca_key, "DNS:client.test")
     other, other_key = where / "other.pem", where / "other.key"
     _openssl("req", "-x509", *_EC, "-days", "1", "-subj", "/CN=localhost",
              "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",

@@ -74,7 +74,7 @@ _PROXY_LISTS = ("toxics",)
 """Per-proxy keys holding a list of tables, each checked by its own parser."""
 _ROUTES = "routes"
 """``[[proxy.NAME.routes]]``: SNI routes, checked here (:func:`_routes`)."""
-_ROUTE_KEYS = ("name", "sni", "upstreams", "balance")
+_ROUTE_KEYS = ("name", "sni", "upstreams", "balance", "tls_cert", "tls_key")
 _SERVER_ONLY_KEYS = frozenset(f.name for f, _ in options_of(ServerConfig)) - frozenset(
     f.name for f, _ in options_of(ProxyConfig))
 """The [server] keys a proxy does not have (``max_connections`` is in both)."""
@@ -575,9 +575,18 @@ def _routes(value: Any, path: str, balance: str) -> tuple[RouteSpec, ...]:
         if label in names:
             raise ConfigError(f"{where}.name", f"{label!r} already names {names[label]}")
         names[label] = where
+        files = {}
+        for key in ("tls_cert", "tls_key"):
+            if key in route:
+                if not isinstance(route[key], str) or not route[key]:
+                    raise ConfigError(f"{where}.{key}", "expected a file's path, got "
+                                                        f"{describe_value(route[key])}")
+                files[key] = route[key]
+        if "tls_key" in files and "tls_cert" not in files:
+            raise ConfigError(f"{where}.tls_key", "needs the route's tls_cert")
         out.append(RouteSpec(name=label, sni=tuple(sni), balance=route_balance,
                              upstreams=_addresses(route["upstreams"], f"{where}.upstreams",
-                                                  listen=False)))
+                                                  listen=False), **files))
     return tuple(out)
 
 

@@ -315,6 +315,11 @@ class RouteSpec:
     upstreams: tuple[Address, ...]
     balance: str = "round_robin"
     """The route's own balancer (default: the proxy's ``balance``)."""
+    tls_cert: str = ""
+    """With termination (the proxy's ``tls_cert``): the certificate (and chain)
+    served to clients whose server name takes this route; empty = the proxy's."""
+    tls_key: str = ""
+    """``tls_cert``'s private key, when not in that file."""
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from ..core.tlsstream import TlsStream
 from ..errors import ConfigError, TlsFailed, describe_oserror
 from .base import InboundLayer, LayerConnection, OutboundLayer
 from .proxy_protocol import V1_SIGNATURE, V2_SIGNATURE
+from .routes import SniRoutes
 
 __all__ = ["TlsTermination", "TlsOrigination", "build_tls_layers", "check_tls",
            "certificate_warnings", "server_context", "client_context", "describe_tls_error"]
@@ -207,11 +208,12 @@ def _out_of_date(path: str, key: str) -> str | None:
 
 def certificate_warnings(config: ProxyConfig) -> list[str]:
     """What is wrong with the dates of ``config``'s own certificates
-    (``tls_cert``, ``upstream_tls_cert``), in words: logged by
+    (``tls_cert``, the routes' ``tls_cert``, ``upstream_tls_cert``), in words: logged by
     :func:`build_tls_layers`, printed by ``--check``."""
     where = f"proxy.{config.name}"
     found = [_out_of_date(path, f"{where}.{key}") for key, path in (
         ("tls_cert", config.tls_cert),
+        *((f"routes[{i}].tls_cert", route.tls_cert) for i, route in enumerate(config.routes)),
         ("upstream_tls_cert", config.upstream_tls_cert if config.upstream_tls else ""))
         if path]
     return [warning for warning in found if warning is not None]
@@ -227,22 +229,49 @@ def _load_ca(context: ssl.SSLContext, key: str, path: str) -> None:
 
 
 def server_context(config: ProxyConfig) -> ssl.SSLContext:
-    """The termination context of ``config`` (``tls_cert`` set).  Raises
-    :class:`ConfigError` naming the key of a file that cannot be used."""
+    """The termination context of ``config`` (``tls_cert`` set), serving
+    ``tls_cert``, or the ``tls_cert`` of the SNI route a server name takes when
+    that route has one.  Raises :class:`ConfigError` naming the key of a file
+    that cannot be used."""
     where = f"proxy.{config.name}"
+    context = _server_context(config, where, config.tls_cert, config.tls_key)
+    if not any(route.tls_cert for route in config.routes):
+        context.sni_callback = _remember_sni
+        return context
+    # A route without a certificate of its own maps to None (the proxy's), so that
+    # the route a name takes (the most specific) decides, as for its upstreams.
+    own = {route.name: _server_context(config, f"{where}.routes[{i}]", route.tls_cert,
+                                       route.tls_key) if route.tls_cert else None
+           for i, route in enumerate(config.routes)}
+    chosen = SniRoutes((pattern, own[route.name]) for route in config.routes
+                       for pattern in route.sni)
+
+    def choose(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None,
+               context: ssl.SSLContext) -> None:
+        _remember_sni(obj, name, context)
+        found = chosen.match(name)
+        if found is not None:
+            obj.context = found
+
+    context.sni_callback = choose
+    return context
+
+
+def _server_context(config: ProxyConfig, where: str, cert: str, key: str) -> ssl.SSLContext:
+    """A termination context of ``config``'s settings, serving ``cert`` (with
+    ``key``); the file keys are named under ``where`` in errors."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = _VERSIONS[config.tls_min_version]
-    _load_chain(context, where, "tls_cert", config.tls_cert, "tls_key", config.tls_key)
+    _load_chain(context, where, "tls_cert", cert, "tls_key", key)
     if config.tls_alpn:
         for i, name in enumerate(config.tls_alpn):
             if len(name.encode("utf-8")) > _ALPN_MAX:
-                raise ConfigError(f"{where}.tls_alpn[{i}]",
+                raise ConfigError(f"proxy.{config.name}.tls_alpn[{i}]",
                                   f"an ALPN protocol name is at most {_ALPN_MAX} bytes")
         context.set_alpn_protocols(list(config.tls_alpn))
     if config.tls_client_ca:
-        _load_ca(context, f"{where}.tls_client_ca", config.tls_client_ca)
+        _load_ca(context, f"proxy.{config.name}.tls_client_ca", config.tls_client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
-    context.sni_callback = _remember_sni
     return context
 
 
@@ -286,6 +315,12 @@ def _check_keys(config: ProxyConfig) -> None:
         for key in TLS_TERMINATION_KEYS:
             if getattr(config, key) != getattr(defaults, key):
                 raise ConfigError(f"{where}.{key}", "needs tls_cert (TLS termination)")
+        for i, route in enumerate(config.routes):
+            if route.tls_cert:
+                raise ConfigError(f"{where}.routes[{i}].tls_cert",
+                                  "needs the proxy's tls_cert (TLS termination): without "
+                                  "it the backend makes the handshake, with its own "
+                                  "certificate")
     if not config.upstream_tls:
         for key in TLS_ORIGINATION_KEYS:
             if getattr(config, key) != getattr(defaults, key):

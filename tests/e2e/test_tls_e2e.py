@@ -30,7 +30,7 @@ import midway
 
 from .. import helpers
 from ..helpers import http_server, proxy_process, run, serve, sha256, wait_until
-from ..tlspki import Pki, make_pki
+from ..tlspki import Pki, leaf, make_pki
 from .test_balancing import _api_upstreams
 
 pytestmark = pytest.mark.per_loop
@@ -488,6 +488,102 @@ def test_a_reload_reads_a_renewed_certificate_with_an_unchanged_configuration(
                           in mw.stderr_text(), 10), mw.stderr_text()
         assert _served_certificate(mw.port) == after
         assert "Traceback" not in mw.stderr_text()
+
+
+def _verified_by_name(port: int, ca: Path, name: str | None) -> tuple[str, bytes]:
+    """Connect with TLS asking for ``name`` (none: no SNI), verifying the served
+    certificate against ``ca`` and, with a name, for that name (as curl does);
+    returns the certificate's common name and the first line the app sends."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = name is not None
+    raw = socket.create_connection(("127.0.0.1", port), TIMEOUT_S)
+    with context.wrap_socket(raw, server_hostname=name) as tls:
+        cert = tls.getpeercert()
+        assert cert is not None
+        common = next(v for rdn in cert["subject"] for k, v in rdn if k == "commonName")
+        tls.sendall(b"hello\n")
+        line = tls.recv(100)
+    return common, line
+
+
+def test_each_route_serves_its_own_certificate_to_its_names(pki: Pki, tmp_path: Path) -> None:
+    """One terminating port, three certificates: api.test's, one for shop.test
+    and *.shop.test, and the proxy's (localhost) for any other name or none.
+    Each client verifies the certificate for the name it asked, and reaches the
+    route's upstream; a route without a certificate serves the proxy's."""
+    ca_key = pki.ca.parent / "ca.key"
+    leaf(tmp_path, "api", "/CN=api.test", pki.ca, ca_key, "DNS:api.test")
+    leaf(tmp_path, "shop", "/CN=shop.test", pki.ca, ca_key, "DNS:shop.test,DNS:*.shop.test")
+    shop = tmp_path / "shop-with-key.pem"  # the key in the certificate's file
+    shop.write_bytes((tmp_path / "shop.pem").read_bytes() + (tmp_path / "shop.key").read_bytes())
+
+    def answering(name: bytes) -> Callable[[socket.socket], None]:
+        def handle(conn: socket.socket) -> None:
+            conn.recv(100)
+            conn.sendall(name)
+        return handle
+
+    with tcp_server(answering(b"default")) as default, tcp_server(answering(b"api")) as api, \
+            tcp_server(answering(b"shop")) as shop_app, \
+            tcp_server(answering(b"plain")) as plain:
+        config = tmp_path / "midway.toml"
+        config.write_text(f"""
+[proxy.web]
+listen = "127.0.0.1:0"
+upstreams = "127.0.0.1:{default}"
+tls_cert = "{pki.server_cert}"
+tls_key = "{pki.server_key}"
+
+[[proxy.web.routes]]
+sni = "api.test"
+tls_cert = "{tmp_path / 'api.pem'}"
+tls_key = "{tmp_path / 'api.key'}"
+upstreams = "127.0.0.1:{api}"
+
+[[proxy.web.routes]]
+sni = ["shop.test", "*.shop.test"]
+tls_cert = "{shop}"
+upstreams = "127.0.0.1:{shop_app}"
+
+[[proxy.web.routes]]
+sni = "localhost"
+upstreams = "127.0.0.1:{plain}"
+""")
+        with proxy_process("--config", str(config)) as mw:
+            got = {name: _verified_by_name(mw.port, pki.ca, name)
+                   for name in ("api.test", "API.TEST", "shop.test", "eu.shop.test",
+                                "localhost", None)}
+            assert "Traceback" not in mw.stderr_text()
+    assert got == {
+        "api.test": ("api.test", b"api"), "API.TEST": ("api.test", b"api"),
+        "shop.test": ("shop.test", b"shop"), "eu.shop.test": ("shop.test", b"shop"),
+        "localhost": ("localhost", b"plain"),  # a route without a certificate
+        None: ("localhost", b"default"),
+    }
+
+
+@pytest.mark.one_mode
+def test_check_names_a_route_s_bad_key_and_a_route_certificate_without_termination(
+        pki: Pki, tmp_path: Path) -> None:
+    def check(proxy_tls: str, route_tls: str) -> str:
+        config = tmp_path / "midway.toml"
+        config.write_text(f'[proxy.web]\nlisten = "127.0.0.1:0"\nupstreams = "127.0.0.1:1"\n'
+                          f'{proxy_tls}\n[[proxy.web.routes]]\nsni = "api.test"\n'
+                          f'upstreams = "127.0.0.1:2"\n{route_tls}\n')
+        done = subprocess.run([sys.executable, "-m", "midway", "--check", "--config",
+                               str(config)], capture_output=True, timeout=TIMEOUT_S,
+                              cwd=helpers.ROOT)
+        assert done.returncode == 2 and "Traceback" not in done.stderr.decode(), done
+        return done.stderr.decode()
+
+    proxy = f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"'
+    wrong = check(proxy, f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.other_key}"')
+    assert ("proxy.web.routes[0].tls_key: the private key does not match the certificate "
+            f"in {pki.server_cert}") in wrong
+    alone = check("", f'tls_cert = "{pki.server_cert}"')
+    assert "proxy.web.routes[0].tls_cert: needs the proxy's tls_cert" in alone
+    key_only = check(proxy, f'tls_key = "{pki.server_key}"')
+    assert "proxy.web.routes[0].tls_key: needs the route's tls_cert" in key_only
 
 
 def test_termination_sends_the_agreed_alpn_and_the_sni_in_a_proxy_v2_header(pki: Pki) -> None:
