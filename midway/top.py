@@ -50,6 +50,9 @@ CONNECTION_COLUMNS = (("id", 8), ("proxy", 12), ("client", 22), ("upstream", 22)
                       ("path", 10), ("toxics", 24))
 """Each column's key and width; ``state``'s holds the longest state whole
 (``half-closed by upstream``; midway.control.connections)."""
+WORKER_COLUMN = ("worker", 6)
+"""Shown after ``proxy`` when a connection is served by a worker other than the
+first (``--workers N``), as ``midway connections`` shows it."""
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -225,10 +228,13 @@ def render_lines(now: Snapshot, before: Snapshot | None, view: View) -> list[str
     view.selected_id = ids[view.selected] if shown else None
     lines.append(f"CONNECTIONS {len(shown)} of {len(now.connections)}  sort: {view.sort}  "
                  f"proxy: {view.proxy or 'all'}")
-    lines.append(" ".join(f"{key.upper():<{width}}" for key, width in CONNECTION_COLUMNS))
+    columns: tuple[tuple[str, int], ...] = CONNECTION_COLUMNS
+    if any(c.get("worker", 1) != 1 for c in now.connections):
+        columns = (*columns[:2], WORKER_COLUMN, *columns[2:])
+    lines.append(" ".join(f"{key.upper():<{width}}" for key, width in columns))
     for c in shown:
         cells = []
-        for key, width in CONNECTION_COLUMNS:
+        for key, width in columns:
             value = c.get(key, "")
             if key == "age_s" and isinstance(value, int | float):
                 value = f"{value:.1f}s"

@@ -364,3 +364,18 @@ def test_a_state_of_several_words_is_shown_whole() -> None:
     for line, state in zip(lines[start + 1:], states, strict=True):
         assert line[column:].startswith(state + " "), line
         assert line[column:].split()[len(state.split())] == "copy"  # PATH follows it
+
+
+def test_with_workers_each_connection_shows_its_worker() -> None:
+    """One process: no WORKER column; a connection of worker 2: the column, after
+    PROXY, with each row's worker under it."""
+    alone = render_lines(snapshot([{**connection(1, 1), "worker": 1}]), None, View())
+    assert "WORKER" not in next(line for line in alone if line.startswith("ID "))
+    lines = render_lines(snapshot([{**connection(1, 1), "worker": 1},
+                                   {**connection(2, 1), "worker": 2}]), None, View(sort="id"))
+    header = next(line for line in lines if line.startswith("ID "))
+    assert header.split()[:4] == ["ID", "PROXY", "WORKER", "CLIENT"]
+    rows = [line.split() for line in lines[lines.index(header) + 1:]]
+    assert [(row[0], row[2]) for row in rows] == [("1", "1"), ("2", "2")]
+    at = header.index("WORKER")
+    assert all(line[at:at + 6].strip() in ("1", "2") for line in lines[lines.index(header) + 1:])
