@@ -442,6 +442,53 @@ def test_a_failing_hook_is_logged_as_its_own_error_not_midways(
     run(main())
 
 
+class FailsAtClose:
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> None:
+        return None
+
+    def on_close(self, ctx: HookContext, reason: str) -> None:
+        raise KeyError("no such session")
+
+
+class FailsAtCloseAsync(FailsAtClose):
+    async def on_close(self, ctx: HookContext, reason: str) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        raise KeyError("no such session")
+
+
+class FailsAtCloseInThread(FailsAtClose):
+    blocking = True
+
+
+@pytest.mark.per_loop
+@pytest.mark.parametrize("hook", ["FailsAtClose", "FailsAtCloseAsync", "FailsAtCloseInThread"])
+def test_a_hook_failing_in_on_close_is_logged_with_its_own_traceback(hook: str) -> None:
+    """An error in ``on_close`` (sync, async or in the pool) is logged once, naming
+    the hook, with the hook's own frames only, as for the other callbacks: the
+    traceback began in midway's hooks.py (or asyncio, or the pool's thread)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", hooks=[f"{HOOKS}:{hook}"]) as proxy:
+            with midway_log() as log_records:
+                async with connect(proxy) as (reader, writer):
+                    writer.write(b"hello")
+                    writer.write_eof()
+                    assert await read_to_eof(reader, timeout=5) == b"hello"
+                async with asyncio.timeout(5):      # an async on_close runs after the close
+                    while not any(r.levelno >= logging.ERROR for r in log_records.records):
+                        await asyncio.sleep(0.01)
+            errors = [r for r in log_records.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+            assert f"hook {HOOKS}:{hook} raised in on_close" in errors[0].getMessage()
+            assert errors[0].exc_info is not None
+            text = logging.Formatter().formatException(errors[0].exc_info)
+            assert 'raise KeyError("no such session")' in text
+            assert "midway/chain/hooks.py" not in text, text
+            assert "asyncio" not in text and "concurrent/futures" not in text, text
+
+    run(main())
+
+
 def test_a_hook_failing_in_on_connect_closes_as_a_refusal_does() -> None:
     """docs/inspection.md, Errors: before relaying began nothing of the client's
     was lost, so a hook raising in ``on_connect`` closes the client with a FIN,
