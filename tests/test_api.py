@@ -159,3 +159,40 @@ def test_proxies_run_one_after_another_leave_no_descriptor_or_loop_behind() -> N
     finally:
         stop.set()
         server.close()
+
+
+class _Shout:
+    def on_data(self, direction: str, data: bytes, ctx: object) -> bytes:
+        return data.upper() if direction == "downstream" else data
+
+
+def test_background_proxy_adds_and_removes_an_element_live_from_the_test_thread() -> None:
+    """``Proxy.add_element``/``remove_element`` apply to open connections; a
+    synchronous test had only ``proxy.proxy.add_element``, which touches the
+    proxy's loop from another thread.  BackgroundProxy runs them on its loop."""
+    import socket
+    import threading
+
+    from midway.chain.hooks import HookElement
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(100):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    with midway.BackgroundProxy("127.0.0.1:0", f"127.0.0.1:{server.getsockname()[1]}") as proxy, \
+            socket.create_connection(proxy.address, timeout=5) as client:
+        client.sendall(b"quiet")
+        assert client.recv(100) == b"quiet"
+        element = HookElement(_Shout)
+        proxy.add_element(element)
+        client.sendall(b"loud")
+        assert client.recv(100) == b"LOUD"
+        proxy.remove_element(element)
+        client.sendall(b"quiet again")
+        assert client.recv(100) == b"quiet again"
+    server.close()
