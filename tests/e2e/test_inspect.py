@@ -763,6 +763,59 @@ def test_pcap_records_an_upstream_reset_as_rsts(tmp_path: Path) -> None:
     assert rst_from == sorted([ports["upstream"], ports["listen"]])
 
 
+async def answer_then_fin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(100)
+    writer.write(b"the answer")
+    writer.write_eof()
+    await reader.read()          # until the client (through midway) goes away
+
+
+@pytest.mark.per_loop
+@needs_tshark
+@pytest.mark.parametrize("who_resets", ["client", "upstream"])
+def test_pcap_rst_comes_from_the_peer_that_reset_even_after_the_other_half_closed(
+        tmp_path: Path, who_resets: str) -> None:
+    """The side that half-closed first is not the one that reset: the server
+    answers and sends its FIN, then the client resets (or the client sends its
+    FIN, then the server resets).  The capture stamped the RSTs by who closed
+    first, so both came from the wrong end of their legs."""
+    path = tmp_path / "rst.pcap"
+    ports: dict[str, int] = {}
+
+    async def main() -> None:
+        handler = answer_then_fin if who_resets == "client" else reset_after_reading
+        async with serve(handler) as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", pcap=str(path)) as proxy:
+            ports["upstream"], ports["listen"] = port, proxy.port
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            ports["client"] = writer.get_extra_info("sockname")[1]
+            writer.write(b"hello")
+            if who_resets == "client":
+                assert await read_to_eof(reader, timeout=5) == b"the answer"
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            else:
+                writer.write_eof()
+                with contextlib.suppress(ConnectionResetError):
+                    await read_to_eof(reader, timeout=5)
+                writer.close()
+            async with asyncio.timeout(5):
+                while proxy.connections:
+                    await asyncio.sleep(0.01)
+
+    run(main())
+    rows = fields(path, [], "tcp.flags.reset == 1", "tcp.srcport", "tcp.dstport")
+    rst = [tuple(int(p) for p in row.split("\t")) for row in rows]
+    listen, upstream, client = ports["listen"], ports["upstream"], ports["client"]
+    if who_resets == "client":    # the client on its leg, midway towards the server
+        assert len(rst) == 2 and (client, listen) in rst, rst
+        assert [dst for src, dst in rst if src != client] == [upstream], rst
+    else:                         # the server on its leg, midway towards the client
+        assert len(rst) == 2 and (listen, client) in rst, rst
+        assert [src for src, dst in rst if src != listen] == [upstream], rst
+
+
 @pytest.mark.per_loop
 @needs_tshark
 @needs_redis
