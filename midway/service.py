@@ -444,6 +444,7 @@ class ProxyService:
         # The relay resets the sockets for RESET and ERROR, and for an element's
         # Output.reset, which it does not yet tell apart from Output.close.
         info.reset = reset
+        info.reset_by = ((relay is not None and relay.failed_side) or "proxy") if reset else None
         for attachment in attached.values():
             if attachment.on_close is not None:
                 try:

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from .api import Proxy
+from .chain.base import Element
 from .chain.toxics import Toxic
 from .chain.toxics.live import ToxicHandle
 from .control.connections import ConnectionToxicHandle
@@ -146,6 +147,19 @@ class BackgroundProxy(Background[Proxy]):
     @property
     def proxy(self) -> Proxy:
         return self.service
+
+    # -- chain elements: Proxy's methods, run on the proxy's loop ----------------
+
+    @at_callers_line
+    def add_element(self, element: Element, index: int | None = None) -> None:
+        """:meth:`Proxy.add_element <midway.Proxy.add_element>`, thread-safe: open
+        connections get the element too."""
+        self.call(lambda: self.proxy.add_element(element, index))
+
+    @at_callers_line
+    def remove_element(self, element: Element) -> None:
+        """:meth:`Proxy.remove_element <midway.Proxy.remove_element>`, thread-safe."""
+        self.call(lambda: self.proxy.remove_element(element))
 
     # -- fault injection: Proxy's methods, run on the proxy's loop ---------------
 

@@ -96,3 +96,103 @@ def test_a_handle_outliving_its_background_proxy_is_gone() -> None:
     assert not handle.active
     with pytest.raises(midway.MidwayError, match="not running"):
         proxy.add_toxic("latency", latency=100)
+
+
+def test_proxies_run_one_after_another_leave_no_descriptor_or_loop_behind() -> None:
+    """A test suite runs a proxy per test, each on a loop of its own
+    (``asyncio.run``, ``BackgroundProxy``): once a proxy that carried a connection
+    has stopped and its loop closed, the loop and the relay's epoll descriptors
+    are gone.  They were kept for good (two descriptors per test with the compiled
+    relay, one in pure Python), by the idle timeout's timer left armed on the
+    closed loop, until a long suite ran out of descriptors."""
+    import asyncio
+    import gc
+    import socket
+    import threading
+    import weakref
+
+    from .helpers import fd_count
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def echo() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(conn.recv(100))
+
+    threading.Thread(target=echo, daemon=True).start()
+    upstream = f"127.0.0.1:{server.getsockname()[1]}"
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def one_test() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        async with midway.Proxy("127.0.0.1:0", upstream) as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.read(100), 5) == b"ping"
+            writer.close()
+
+    def one_sync_test() -> None:
+        with midway.BackgroundProxy("127.0.0.1:0", upstream) as proxy, \
+                socket.create_connection(proxy.address, timeout=5) as client:
+            client.sendall(b"ping")
+            assert client.recv(100) == b"ping"
+
+    try:
+        asyncio.run(one_test())
+        one_sync_test()
+        for _ in range(3):
+            gc.collect()
+        before = fd_count()
+        for _ in range(5):
+            asyncio.run(one_test())
+            one_sync_test()
+        for _ in range(3):  # a loop freed by one collection frees its poller in the next
+            gc.collect()
+        assert fd_count() == before
+        assert [ref for ref in loops if ref() is not None] == []
+    finally:
+        stop.set()
+        server.close()
+
+
+class _Shout:
+    def on_data(self, direction: str, data: bytes, ctx: object) -> bytes:
+        return data.upper() if direction == "downstream" else data
+
+
+def test_background_proxy_adds_and_removes_an_element_live_from_the_test_thread() -> None:
+    """``Proxy.add_element``/``remove_element`` apply to open connections; a
+    synchronous test had only ``proxy.proxy.add_element``, which touches the
+    proxy's loop from another thread.  BackgroundProxy runs them on its loop."""
+    import socket
+    import threading
+
+    from midway.chain.hooks import HookElement
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(100):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    with midway.BackgroundProxy("127.0.0.1:0", f"127.0.0.1:{server.getsockname()[1]}") as proxy, \
+            socket.create_connection(proxy.address, timeout=5) as client:
+        client.sendall(b"quiet")
+        assert client.recv(100) == b"quiet"
+        element = HookElement(_Shout)
+        proxy.add_element(element)
+        client.sendall(b"loud")
+        assert client.recv(100) == b"LOUD"
+        proxy.remove_element(element)
+        client.sendall(b"quiet again")
+        assert client.recv(100) == b"quiet again"
+    server.close()

@@ -10,6 +10,7 @@ import asyncio
 import io
 import random
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -178,6 +179,33 @@ def test_a_recorded_reset_is_replayed_as_a_reset() -> None:
             writer.close()
 
     run(main())
+
+
+def test_a_client_that_resets_where_the_recorded_one_did_has_played_it_to_the_end() -> None:
+    """The recorded client read the answer and the server's FIN, then reset (an
+    aborted download, a client killed): the same client now is a complete replay,
+    not a failure ("Connection reset by peer")."""
+    def client_aborts(conv: TcpConversation) -> None:
+        conv.data(True, b"GET /\r\n", T0)
+        conv.data(False, b"the answer", T0 + 0.1)
+        conv.fin(False, T0 + 0.1)
+        conv.reset(True, T0 + 0.2)
+
+    async def main() -> Replay:
+        async with Replay(scripts(client_aborts)) as replay:
+            reader, writer = await asyncio.open_connection(*replay.address)
+            writer.write(b"GET /\r\n")
+            assert await read_to_eof(reader, timeout=5) == b"the answer"
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            async with asyncio.timeout(5):
+                while replay.completed + len(replay.failures) < 1:
+                    await asyncio.sleep(0.01)
+            return replay
+
+    replay = run(main())
+    assert replay.failures == [] and replay.completed == 1
 
 
 def test_a_silent_client_is_closed_after_wait_s() -> None:

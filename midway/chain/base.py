@@ -77,7 +77,7 @@ class ConnectionInfo:
 
     __slots__ = ("id", "proxy", "_client", "_peer", "listener", "upstream", "client_addr",
                  "local_addr", "upstream_addr", "_upstream_local", "_upstream_sock", "started_at",
-                 "sequence", "_extra", "first_close", "close_detail", "reset", "alpn",
+                 "sequence", "_extra", "first_close", "close_detail", "reset", "reset_by", "alpn",
                  "proxy_header", "sni", "route")
 
     def __init__(
@@ -98,6 +98,7 @@ class ConnectionInfo:
         close_detail: str = "",
         reset: bool = False,
         *,
+        reset_by: str | None = None,
         peer: object = None,
         alpn: str | None = None,
         proxy_header: ProxyHeader | None = None,
@@ -138,6 +139,11 @@ class ConnectionInfo:
         self.reset = reset
         """Set when the connection has ended: ``True`` when its sockets were aborted
         with a TCP RST rather than closed with a FIN."""
+        self.reset_by = reset_by
+        """Set when the connection has ended with a reset: whose reset it was,
+        ``client`` or ``upstream`` (that peer reset its socket) or ``proxy``
+        (midway's own: a timeout, a toxic, a hook); ``None`` when not reset.  Not
+        always :attr:`first_close`: a server may send its FIN, then the client reset."""
         self.alpn = alpn
         """The application protocol agreed with the client by ALPN (``h2``): by
         midway's own handshake when it terminates TLS (``None`` when none was

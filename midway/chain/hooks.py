@@ -194,6 +194,12 @@ def _from_the_hook(tb: types.TracebackType | None) -> types.TracebackType | None
     return start if start is not None else tb
 
 
+def _log_callback_error(spec: str, what: str, exc: BaseException) -> None:
+    """A callback run as a task of its own failed: one line, the hook's frames only."""
+    exc.__traceback__ = _from_the_hook(exc.__traceback__)
+    log.error("hook %s raised in %s", spec, what, exc_info=exc)
+
+
 def _cancelled_by_us() -> bool:
     """In an ``except CancelledError``: was the running task itself cancelled (the
     relay closing), rather than user code raising ``CancelledError``?"""
@@ -428,9 +434,9 @@ class HookElement(Element):
             except asyncio.CancelledError as exc:
                 if _cancelled_by_us():
                     raise
-                log.error("hook %s raised in %s", self.spec, what, exc_info=exc)
+                _log_callback_error(self.spec, what, exc)
             except BaseException as exc:  # SystemExit too: one callback, not the process
-                log.error("hook %s raised in %s", self.spec, what, exc_info=exc)
+                _log_callback_error(self.spec, what, exc)
 
         task = asyncio.get_running_loop().create_task(bounded())
         self._tasks.add(task)
@@ -687,6 +693,7 @@ class HookContext:
             if held > HOOK_SLOW_CALL_S:
                 element._slow("on_close", held)
         except BaseException as exc:  # SystemExit too: one callback, not the process
+            exc.__traceback__ = _from_the_hook(exc.__traceback__)
             log.error("conn %d (%s): hook %s raised in on_close", info.id, info.proxy,
                       element.spec, exc_info=exc)
             return

@@ -310,8 +310,7 @@ class PcapCapture:
             # midway is the server side of the client leg, the client side of the other.
             midway_is_client = leg == UPSTREAM_LEG
             if info.reset:
-                peer = CLIENT_LEG if leg == CLIENT_LEG else UPSTREAM_LEG
-                by_peer = info.first_close == peer
+                by_peer = info.reset_by == leg  # else midway's RST on this leg
                 _safely(conv.reset, midway_is_client != by_peer, now)
             elif (leg, midway_is_client) not in legs.fins:
                 legs.fins.add((leg, midway_is_client))

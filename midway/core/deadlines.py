@@ -16,7 +16,9 @@ earliest entry.  Cancelling removes the owner from the dictionary (so a finished
 connection is not kept alive by its cancelled deadline) and leaves the tuple,
 skipped when it comes up.  Stale tuples are counted, and once they are more than
 half of the heap it is rebuilt without them (asyncio's own rule for its cancelled
-timers), so memory stays proportional to the live deadlines.
+timers), so memory stays proportional to the live deadlines.  Once no deadline is
+left the heap is emptied and the loop timer dropped: a timer holds its loop, which
+a closed loop's cached :class:`Deadlines` would otherwise keep alive for good.
 
 An owner (:class:`Timed`) has a ``deadline_token`` attribute (0: nothing scheduled)
 and a ``deadline_passed()`` method, called from the loop once ``loop.time()`` has
@@ -88,6 +90,9 @@ class Deadlines:
             owner.deadline_token = 0
             owners = self._owners
             del owners[token]
+            if not owners:
+                self._idle()
+                return
             stale = len(self._heap) - len(owners)
             if stale > _REBUILD_MIN and stale * 2 > len(self._heap):
                 self._rebuild()
@@ -124,17 +129,28 @@ class Deadlines:
             except BaseException as exc:
                 loop.call_exception_handler({
                     "message": f"Exception in deadline callback of {owner!r}", "exception": exc})
-        if heap:
+        if not owners:
+            self._idle()
+        elif heap:
             self._arm(heap[0][0])
+
+    def _idle(self) -> None:
+        """No deadline left: the heap emptied and the loop timer cancelled and
+        dropped.  A timer handle holds its loop, and this object, the loop's in a
+        weakly keyed cache, would then keep the loop (and its poller's epoll)
+        alive for good once it closed."""
+        self._heap = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _rebuild(self) -> None:
         owners = self._owners
         live = [entry for entry in self._heap if entry[1] in owners]
         heapq.heapify(live)
         self._heap = live
-        if not live and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if not live:
+            self._idle()
         # Otherwise a timer armed for a cancelled entry stays: it finds nothing due
         # and re-arms for the earliest live one.
 

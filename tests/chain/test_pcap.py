@@ -83,8 +83,10 @@ class Connection:
                 await stage.data(data, out)
                 assert out.sent == data
 
-    def close(self, reason: str, *, reset: bool = False, first_close: str = "client") -> None:
+    def close(self, reason: str, *, reset: bool = False, first_close: str = "client",
+              reset_by: str | None = None) -> None:
         self.info.reset, self.info.first_close = reset, first_close
+        self.info.reset_by = reset_by if reset_by is not None or not reset else first_close
         assert self.head is not None and self.head.on_close is not None
         self.head.on_close(self.info, reason)
 
@@ -177,13 +179,15 @@ def test_the_head_dates_a_chunk_by_the_wall_clock_time_it_was_read(tmp_path: Pat
     assert reply == pytest.approx(T0 + 1.0001, abs=1e-6)
 
 
-@pytest.mark.parametrize(("first_close", "rst_from"), [
+@pytest.mark.parametrize(("reset_by", "rst_from"), [
     ("client", [CLIENT[1], MIDWAY[1]]),      # client reset; midway resets the upstream
     ("upstream", [LISTENER[1], SERVER[1]]),  # server reset; midway resets the client
     ("proxy", [LISTENER[1], MIDWAY[1]]),     # midway aborted both
 ])
+@pytest.mark.parametrize("first_close", ["client", "upstream", "proxy"])
 def test_a_reset_is_an_rst_from_the_side_that_reset(
-        tmp_path: Path, first_close: str, rst_from: list[int]) -> None:
+        tmp_path: Path, reset_by: str, rst_from: list[int], first_close: str) -> None:
+    """Whoever closed first (a FIN before the reset): the RST is the resetter's."""
     path = tmp_path / "r.pcap"
     cap = capture(path)
     conn = Connection(cap, info())
@@ -192,7 +196,7 @@ def test_a_reset_is_an_rst_from_the_side_that_reset(
         await conn.through("upstream", b"hello")
 
     run(main())
-    conn.close("reset", reset=True, first_close=first_close)
+    conn.close("reset", reset=True, first_close=first_close, reset_by=reset_by)
     cap.close()
     assert sorted(int(p) for p in fields(path, "tcp.flags.reset == 1", "tcp.srcport")) == \
         sorted(rst_from)

@@ -115,6 +115,21 @@ def test_bad_toml_toxic_names_its_key(toxic: Any, path: str, words: str) -> None
     assert words in exc.message
 
 
+@pytest.mark.parametrize(("toxic", "words"), [
+    ({"type": "latency", "latency": 300}, "an attribute of latency: attributes = { latency = 300 }"),
+    ({"type": "bandwidth", "rate": 10}, "an attribute of bandwidth: attributes = { rate = 10 }"),
+    ({"type": "timeout", "first_n": 2}, "a condition: conditions = { first_n = 2 }"),
+    ({"type": "latency", "tpye": "x"}, "unknown key; did you mean 'type'?"),
+])
+def test_a_toxic_attribute_or_condition_written_flat_says_where_it_goes(
+        toxic: Any, words: str) -> None:
+    """``--toxic latency:latency=300`` is flat; a table written the same way got
+    only "unknown key", not where the key belongs."""
+    exc = config_error(toxic)
+    assert exc.path == f"proxy.p.toxics[0].{next(k for k in toxic if k != 'type')}"
+    assert words in exc.message, exc.message
+
+
 def test_toxics_must_be_a_list_and_belong_to_a_proxy() -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"proxy": {"p": {"listen": ":1", "upstreams": "h:1",

@@ -95,6 +95,24 @@ def test_rescheduling_replaces_and_cancel_drops_without_keeping_the_owner() -> N
     assert fired == ["moved"] and moved.deadline_token == 0
 
 
+def test_no_deadline_left_drops_the_loop_timer_which_holds_the_loop() -> None:
+    """Once every deadline is cancelled or has fired, no loop timer is kept (a
+    timer holds its loop: a closed loop would stay alive, its epoll open)."""
+    loop, deadlines, fired = make()
+    a, b = Owner("a", fired), Owner("b", fired)
+    deadlines.schedule(5.0, a)
+    deadlines.schedule(9.0, b)
+    deadlines.cancel(b)
+    deadlines.cancel(a)
+    assert loop.armed() == [] and deadlines._timer is None and deadlines._heap == []
+    deadlines.schedule(5.0, a)
+    deadlines.schedule(9.0, b)
+    deadlines.cancel(b)            # a stale tuple after a's, which then fires
+    loop.advance(5.0)
+    assert fired == ["a"]
+    assert loop.armed() == [] and deadlines._timer is None and deadlines._heap == []
+
+
 def test_one_loop_timer_rearmed_only_for_an_earlier_deadline() -> None:
     loop, deadlines, fired = make()
     for i in range(100):

@@ -442,6 +442,53 @@ def test_a_failing_hook_is_logged_as_its_own_error_not_midways(
     run(main())
 
 
+class FailsAtClose:
+    def on_data(self, direction: str, data: bytes, ctx: HookContext) -> None:
+        return None
+
+    def on_close(self, ctx: HookContext, reason: str) -> None:
+        raise KeyError("no such session")
+
+
+class FailsAtCloseAsync(FailsAtClose):
+    async def on_close(self, ctx: HookContext, reason: str) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        raise KeyError("no such session")
+
+
+class FailsAtCloseInThread(FailsAtClose):
+    blocking = True
+
+
+@pytest.mark.per_loop
+@pytest.mark.parametrize("hook", ["FailsAtClose", "FailsAtCloseAsync", "FailsAtCloseInThread"])
+def test_a_hook_failing_in_on_close_is_logged_with_its_own_traceback(hook: str) -> None:
+    """An error in ``on_close`` (sync, async or in the pool) is logged once, naming
+    the hook, with the hook's own frames only, as for the other callbacks: the
+    traceback began in midway's hooks.py (or asyncio, or the pool's thread)."""
+    async def main() -> None:
+        async with serve() as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", hooks=[f"{HOOKS}:{hook}"]) as proxy:
+            with midway_log() as log_records:
+                async with connect(proxy) as (reader, writer):
+                    writer.write(b"hello")
+                    writer.write_eof()
+                    assert await read_to_eof(reader, timeout=5) == b"hello"
+                async with asyncio.timeout(5):      # an async on_close runs after the close
+                    while not any(r.levelno >= logging.ERROR for r in log_records.records):
+                        await asyncio.sleep(0.01)
+            errors = [r for r in log_records.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+            assert f"hook {HOOKS}:{hook} raised in on_close" in errors[0].getMessage()
+            assert errors[0].exc_info is not None
+            text = logging.Formatter().formatException(errors[0].exc_info)
+            assert 'raise KeyError("no such session")' in text
+            assert "midway/chain/hooks.py" not in text, text
+            assert "asyncio" not in text and "concurrent/futures" not in text, text
+
+    run(main())
+
+
 def test_a_hook_failing_in_on_connect_closes_as_a_refusal_does() -> None:
     """docs/inspection.md, Errors: before relaying began nothing of the client's
     was lost, so a hook raising in ``on_connect`` closes the client with a FIN,
@@ -714,6 +761,59 @@ def test_pcap_records_an_upstream_reset_as_rsts(tmp_path: Path) -> None:
     rst_from = sorted(int(p) for p in fields(path, [], "tcp.flags.reset == 1", "tcp.srcport"))
     # The server reset the upstream leg; midway reset the client's.
     assert rst_from == sorted([ports["upstream"], ports["listen"]])
+
+
+async def answer_then_fin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(100)
+    writer.write(b"the answer")
+    writer.write_eof()
+    await reader.read()          # until the client (through midway) goes away
+
+
+@pytest.mark.per_loop
+@needs_tshark
+@pytest.mark.parametrize("who_resets", ["client", "upstream"])
+def test_pcap_rst_comes_from_the_peer_that_reset_even_after_the_other_half_closed(
+        tmp_path: Path, who_resets: str) -> None:
+    """The side that half-closed first is not the one that reset: the server
+    answers and sends its FIN, then the client resets (or the client sends its
+    FIN, then the server resets).  The capture stamped the RSTs by who closed
+    first, so both came from the wrong end of their legs."""
+    path = tmp_path / "rst.pcap"
+    ports: dict[str, int] = {}
+
+    async def main() -> None:
+        handler = answer_then_fin if who_resets == "client" else reset_after_reading
+        async with serve(handler) as port, midway.Proxy(
+                "127.0.0.1:0", f"127.0.0.1:{port}", pcap=str(path)) as proxy:
+            ports["upstream"], ports["listen"] = port, proxy.port
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            ports["client"] = writer.get_extra_info("sockname")[1]
+            writer.write(b"hello")
+            if who_resets == "client":
+                assert await read_to_eof(reader, timeout=5) == b"the answer"
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            else:
+                writer.write_eof()
+                with contextlib.suppress(ConnectionResetError):
+                    await read_to_eof(reader, timeout=5)
+                writer.close()
+            async with asyncio.timeout(5):
+                while proxy.connections:
+                    await asyncio.sleep(0.01)
+
+    run(main())
+    rows = fields(path, [], "tcp.flags.reset == 1", "tcp.srcport", "tcp.dstport")
+    rst = [tuple(int(p) for p in row.split("\t")) for row in rows]
+    listen, upstream, client = ports["listen"], ports["upstream"], ports["client"]
+    if who_resets == "client":    # the client on its leg, midway towards the server
+        assert len(rst) == 2 and (client, listen) in rst, rst
+        assert [dst for src, dst in rst if src != client] == [upstream], rst
+    else:                         # the server on its leg, midway towards the client
+        assert len(rst) == 2 and (listen, client) in rst, rst
+        assert [src for src, dst in rst if src != listen] == [upstream], rst
 
 
 @pytest.mark.per_loop

@@ -86,6 +86,21 @@ def parse_toxic_tables(value: Any, path: str, *, seed: int = 0) -> tuple[ToxicSp
     return tuple(specs)
 
 
+def _where_it_goes(table: Mapping[str, Any], key: str) -> str:
+    """The hint for an unknown key of a toxic table: a toxic's attribute or a
+    condition written flat, as ``--toxic`` takes them, or the closest key."""
+    kind = table.get("type")
+    cls = TOXICS.get(kind) if isinstance(kind, str) else None
+    value = table[key]
+    shown = repr(value) if isinstance(value, str) else value
+    if cls is not None and key in {f.name for f in fields(cls.attributes_class)}:
+        return f"; an attribute of {cls.type}: attributes = {{ {key} = {shown} }}"
+    if key in _SPEC_CONDITIONS or key == "client_cidr":
+        return f"; a condition: conditions = {{ {key} = {shown} }}"
+    close = difflib.get_close_matches(str(key), TABLE_KEYS, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_toxic_table(table: Any, path: str, *, seed: int = 0) -> ToxicSpec:
     """Validate one toxic table; see the module doc for its keys.  ``seed``: the
     proxy's (0: none)."""
@@ -93,9 +108,7 @@ def parse_toxic_table(table: Any, path: str, *, seed: int = 0) -> ToxicSpec:
         raise ConfigError(path, f"expected a table, got {describe_value(table)}")
     for key in table:
         if key not in TABLE_KEYS:
-            close = difflib.get_close_matches(str(key), TABLE_KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}.{key}", f"unknown key{hint}")
+            raise ConfigError(f"{path}.{key}", f"unknown key{_where_it_goes(table, key)}")
     if "type" not in table:
         raise ConfigError(f"{path}.type", "missing (required)")
     at_s = _seconds(table.get("at_s", 0.0), f"{path}.at_s")
