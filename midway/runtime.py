@@ -24,6 +24,7 @@ from .config.schema import Config, ProxyConfig, ServerConfig, ToxicSpec
 from .config.target import keep_ports
 from .core.accesslog import AccessLog
 from .core.clock import LoopClock
+from .core.deadlines import deadlines_for
 from .core.listener import Listener
 from .core.observer import CloseReason, Observer, Observers
 from .errors import ConfigError, ListenError
@@ -170,6 +171,7 @@ class Runtime:
         for service in [*self.services.values(), *self._draining]:
             _close_elements(service)
         self._draining.clear()
+        deadlines_for(asyncio.get_running_loop()).release()  # its timer holds the loop
 
     def close_all(self, detail: str = "proxy stopping") -> None:
         """End every open connection of every proxy now, with the reason

@@ -16,9 +16,11 @@ earliest entry.  Cancelling removes the owner from the dictionary (so a finished
 connection is not kept alive by its cancelled deadline) and leaves the tuple,
 skipped when it comes up.  Stale tuples are counted, and once they are more than
 half of the heap it is rebuilt without them (asyncio's own rule for its cancelled
-timers), so memory stays proportional to the live deadlines.  Once no deadline is
-left the heap is emptied and the loop timer dropped: a timer holds its loop, which
-a closed loop's cached :class:`Deadlines` would otherwise keep alive for good.
+timers), so memory stays proportional to the live deadlines.  When the timer fires
+with no deadline left, or :meth:`Deadlines.release` is called with none (a runtime
+that stopped), the heap is emptied and the loop timer dropped: a timer holds its
+loop, which a closed loop's cached :class:`Deadlines` would otherwise keep alive
+for good.  A cancel leaves the timer (the next connection would arm it again).
 
 An owner (:class:`Timed`) has a ``deadline_token`` attribute (0: nothing scheduled)
 and a ``deadline_passed()`` method, called from the loop once ``loop.time()`` has
@@ -90,9 +92,6 @@ class Deadlines:
             owner.deadline_token = 0
             owners = self._owners
             del owners[token]
-            if not owners:
-                self._idle()
-                return
             stale = len(self._heap) - len(owners)
             if stale > _REBUILD_MIN and stale * 2 > len(self._heap):
                 self._rebuild()
@@ -133,6 +132,12 @@ class Deadlines:
             self._idle()
         elif heap:
             self._arm(heap[0][0])
+
+    def release(self) -> None:
+        """If no deadline is left, drop the loop timer (:meth:`_idle`): called when
+        a runtime stops, so that its loop can be collected once closed."""
+        if not self._owners:
+            self._idle()
 
     def _idle(self) -> None:
         """No deadline left: the heap emptied and the loop timer cancelled and

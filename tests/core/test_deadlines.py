@@ -96,14 +96,17 @@ def test_rescheduling_replaces_and_cancel_drops_without_keeping_the_owner() -> N
 
 
 def test_no_deadline_left_drops_the_loop_timer_which_holds_the_loop() -> None:
-    """Once every deadline is cancelled or has fired, no loop timer is kept (a
-    timer holds its loop: a closed loop would stay alive, its epoll open)."""
+    """Once every deadline has fired, or is cancelled and the runtime released
+    them, no loop timer is kept (a timer holds its loop: a closed loop would stay
+    alive, its epoll open)."""
     loop, deadlines, fired = make()
     a, b = Owner("a", fired), Owner("b", fired)
     deadlines.schedule(5.0, a)
     deadlines.schedule(9.0, b)
     deadlines.cancel(b)
     deadlines.cancel(a)
+    assert len(loop.armed()) == 1  # kept: the next connection would arm one again
+    deadlines.release()  # a runtime that stopped
     assert loop.armed() == [] and deadlines._timer is None and deadlines._heap == []
     deadlines.schedule(5.0, a)
     deadlines.schedule(9.0, b)
